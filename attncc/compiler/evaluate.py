@@ -1,0 +1,160 @@
+"""Evaluate IR with torch: dense masks, the reference's scores, exact per-tile evaluation.
+
+Values are tensors that broadcast against each other: pass `q` as `[..., Q, 1]` and `kv` as
+`[..., 1, KV]` and a mask comes back as `[..., Q, KV]`. Integer arithmetic is int64 with torch's
+floor semantics for `//` and `%`; float arithmetic is in `float_dtype` (float64 for the oracle).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from ..dsl import ir
+from ..dsl.pattern import Pattern
+from ..dsl.trace import PatternError
+
+_FUNCS: dict[str, Callable] = {
+    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
+    "sqrt": torch.sqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "abs": torch.abs, "neg": torch.neg, "not": torch.logical_not,
+}
+_BINARY: dict[str, Callable] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
+    "floordiv": lambda a, b: torch.div(a, b, rounding_mode="floor"), "mod": torch.remainder,
+    "pow": torch.pow, "min": torch.minimum, "max": torch.maximum,
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "and": torch.logical_and, "or": torch.logical_or,
+}
+
+
+def evaluate(node: ir.Node, env: Mapping[str, torch.Tensor], params: Mapping[str, ir.Value],
+             buffers: Mapping[str, torch.Tensor], *, float_dtype: torch.dtype = torch.float64,
+             check_bounds: bool = True) -> torch.Tensor:
+    """The value of `node` with variables from `env` (int64 / float tensors, broadcastable).
+
+    Buffer indices are checked against the buffer's shape (a PatternError, never a wrap-around)
+    unless `check_bounds` is False (inside torch transforms such as vmap, where values are opaque).
+    """
+    device = next((t.device for t in env.values() if isinstance(t, torch.Tensor)), None)
+    memo: dict[int, torch.Tensor] = {}
+
+    def num(x: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "float" and not x.is_floating_point():
+            return x.to(float_dtype)
+        if kind == "int" and x.dtype == torch.bool:
+            return x.long()
+        return x
+
+    def promote(*xs: torch.Tensor) -> list[torch.Tensor]:
+        if any(x.is_floating_point() for x in xs):
+            return [x.to(float_dtype) for x in xs]
+        if any(x.dtype != torch.bool for x in xs):
+            return [num(x, "int") for x in xs]
+        return list(xs)
+
+    for n in ir.walk(node):
+        if isinstance(n, ir.Var):
+            if n.name not in env:
+                raise PatternError(f"variable {n.name!r} has no value here")
+            val = env[n.name]
+        elif isinstance(n, ir.Const):
+            dtype = torch.bool if isinstance(n.value, bool) else torch.int64 if isinstance(n.value, int) else float_dtype
+            val = torch.tensor(n.value, dtype=dtype, device=device)
+        elif isinstance(n, ir.Param):
+            dtype = torch.int64 if n.kind == "int" else float_dtype
+            val = torch.tensor(params[n.name], dtype=dtype, device=device)
+        elif isinstance(n, ir.Load):
+            val = _load(n, buffers, [memo[id(i)] for i in n.index], device, float_dtype, check_bounds)
+        else:
+            args = [memo[id(a)] for a in n.args]
+            o = n.op
+            if o in _FUNCS:
+                x = args[0]
+                if o in ir.FLOAT_FUNCS:
+                    x = num(x, "float")
+                elif o in ("abs", "neg"):
+                    x = num(x, "int")
+                val = _FUNCS[o](x)
+            elif o == "where":
+                a, b = promote(args[1], args[2])
+                val = torch.where(args[0].bool(), a, b)
+            elif o in ("and", "or"):
+                val = _BINARY[o](args[0].bool(), args[1].bool())
+            elif o == "truediv":
+                val = torch.true_divide(num(args[0], "float"), num(args[1], "float"))
+            else:
+                a, b = promote(*args)
+                if o in ("floordiv", "mod") and not a.is_floating_point() and check_bounds and bool((b == 0).any()):
+                    raise PatternError(f"integer division by zero in {n}")
+                val = _BINARY[o](a, b)
+        memo[id(n)] = val
+    return memo[id(node)]
+
+
+def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, check_bounds) -> torch.Tensor:
+    buf = buffers.get(n.buffer)
+    if buf is None:
+        raise PatternError(f"buffer {n.buffer!r} has no tensor; bind it first")
+    if buf.dim() != len(index):
+        raise PatternError(f"buffer {n.buffer!r} has {buf.dim()} dims but is indexed with {len(index)}")
+    if device is not None and buf.device != device:
+        buf = buf.to(device)
+    index = [i.long() for i in index]
+    if check_bounds:
+        for d, i in enumerate(index):
+            lo, hi = int(i.min()), int(i.max())
+            if lo < 0 or hi >= buf.shape[d]:
+                raise PatternError(f"index {n.index[d]} of buffer {n.buffer!r} reaches {lo if lo < 0 else hi}, "
+                                   f"outside dim {d} of size {buf.shape[d]}")
+    val = buf[tuple(index)]
+    if val.is_floating_point():
+        return val.to(float_dtype)
+    return val if val.dtype == torch.bool else val.long()
+
+
+def block_as_token_mask(pattern: Pattern) -> ir.Node:
+    """The block predicate read at token level: `block[qb := q // BQ, kb := kv // BK]`."""
+    bq, bk = pattern.block_size
+    qb, kb = ir.op("floordiv", ir.Var("q"), ir.const(bq)), ir.op("floordiv", ir.Var("kv"), ir.const(bk))
+    return ir.substitute(pattern.block, lambda n: qb if n is ir.Var("qb") else kb if n is ir.Var("kb") else None)
+
+
+def token_mask(pattern: Pattern) -> ir.Node:
+    """The full token-level mask: the mask and the block predicate at its own granularity."""
+    return ir.op("and", pattern.mask, block_as_token_mask(pattern))
+
+
+def index_env(B: int, H: int, Q: int, KV: int, device=None) -> dict[str, torch.Tensor]:
+    """b, h, q, kv as int64 tensors shaped to broadcast to [B, H, Q, KV]."""
+    ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)
+    return {"b": ar(B).view(B, 1, 1, 1), "h": ar(H).view(1, H, 1, 1),
+            "q": ar(Q).view(1, 1, Q, 1), "kv": ar(KV).view(1, 1, 1, KV)}
+
+
+def dense_mask(pattern: Pattern, B: int, H: int, Q: int, KV: int, device=None) -> torch.Tensor:
+    """bool [B, H, Q, KV]: which pairs attend (B or H of 1 when the pattern ignores b or h)."""
+    pattern.require_bound()
+    m = evaluate(token_mask(pattern), index_env(B, H, Q, KV, device), pattern.params, pattern.buffers)
+    return m.bool().expand(B, H, Q, KV)
+
+
+def as_flex_mods(pattern: Pattern) -> tuple[Callable, Callable | None]:
+    """(mask_mod, score_mod) callables with FlexAttention's signatures computing this pattern.
+
+    The block predicate is folded into the mask at the pattern's block size.
+    """
+    pattern.require_bound()
+    mask_ir = token_mask(pattern)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        env = {"b": b, "h": h, "q": q_idx, "kv": kv_idx}
+        return evaluate(mask_ir, env, pattern.params, pattern.buffers, float_dtype=torch.float32,
+                        check_bounds=False).bool()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        env = {"score": score, "b": b, "h": h, "q": q_idx, "kv": kv_idx}
+        return evaluate(pattern.score, env, pattern.params, pattern.buffers, float_dtype=score.dtype,
+                        check_bounds=False)
+
+    return mask_mod, (score_mod if pattern.has_score_mod else None)

@@ -1,0 +1,17 @@
+"""ALiBi (Press et al. 2022): `score + slope[h] * (kv - q)`, causal, slope_h = 2^(-8(h+1)/H)."""
+import torch
+
+from ..dsl.pattern import Pattern
+
+
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """float32 [H]: slope_h = 2^(-8 (h + 1) / H)."""
+    h = torch.arange(num_heads, dtype=torch.float32, device=device)
+    return torch.exp2(-8.0 * (h + 1) / num_heads)
+
+
+def alibi(num_heads: int, causal: bool = True, device=None) -> Pattern:
+    """score = score + slope[h] * (kv - q); mask = q >= kv when causal."""
+    slope = alibi_slopes(num_heads, device)
+    mask = (lambda b, h, q, kv: q >= kv) if causal else None
+    return Pattern(mask, lambda s, b, h, q, kv: s + slope[h] * (kv - q), name="alibi")

@@ -1,0 +1,15 @@
+"""Causal attention: a query attends to itself and every earlier key, `q >= kv`.
+
+With Q_LEN != KV_LEN the indices are absolute (no implicit alignment); for decode-style
+bottom-right alignment use `causal(offset=KV_LEN - Q_LEN)`: `q + offset >= kv`.
+"""
+from ..dsl.pattern import Pattern
+from ..dsl.trace import param
+
+
+def causal(offset: int = 0) -> Pattern:
+    """mask = q + offset >= kv (offset is a param: changing it never recompiles)."""
+    if offset == 0:
+        return Pattern(lambda b, h, q, kv: q >= kv, name="causal")
+    off = param("offset", offset)
+    return Pattern(lambda b, h, q, kv: q + off >= kv, name="causal")

@@ -1,0 +1,9 @@
+"""Prefix LM (T5/UniLM): bidirectional over the first P tokens, causal after: `kv < P or q >= kv`."""
+from ..dsl.pattern import Pattern
+from ..dsl.trace import param
+
+
+def prefix_lm(prefix: int) -> Pattern:
+    """mask = kv < P or q >= kv."""
+    P = param("P", prefix)
+    return Pattern(lambda b, h, q, kv: (kv < P) | (q >= kv), name="prefix_lm")

@@ -1,0 +1,14 @@
+"""Sliding-window causal attention (Longformer/Mistral): `q >= kv and q - kv <= W`.
+
+Each query sees itself and the W keys before it. `W` is a param: rebinding never recompiles.
+"""
+from ..dsl.pattern import Pattern
+from ..dsl.trace import param
+
+
+def sliding_window(window: int, causal: bool = True) -> Pattern:
+    """mask = q >= kv and q - kv <= W (or |q - kv| <= W when causal=False)."""
+    W = param("W", window)
+    if causal:
+        return Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv <= W), name="sliding_window")
+    return Pattern(lambda b, h, q, kv: abs(q - kv) <= W, name="sliding_window")

@@ -1,0 +1,79 @@
+"""The public entry points: reference(), create_mask()."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..compiler import evaluate
+from ..dsl.pattern import Pattern
+from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
+
+_REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the reference
+
+
+def _pattern(pattern) -> Pattern:
+    if pattern is None:
+        return Pattern()
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern must be an attncc.Pattern (or None for full attention), got {type(pattern).__name__}")
+    return pattern
+
+
+def create_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
+                device=None) -> torch.Tensor:
+    """Dense bool mask [B, H, Q_LEN, KV_LEN]; B or H None broadcasts (size 1).
+
+    B/H may be None only if the pattern does not read b/h (otherwise a ValueError: the mask
+    would silently be wrong for every other batch or head).
+    """
+    pattern = _pattern(pattern)
+    sizes = {}
+    for name, var, value in (("B", "b", B), ("H", "h", H), ("Q_LEN", "q", Q_LEN), ("KV_LEN", "kv", KV_LEN)):
+        if value is None and var in ("b", "h"):
+            if var in pattern.free_vars():
+                raise ValueError(f"{name}=None, but the pattern depends on {var}; pass {name}")
+            value = 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        sizes[name] = value
+    return evaluate.dense_mask(pattern, sizes["B"], sizes["H"], sizes["Q_LEN"], sizes["KV_LEN"], device)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None,
+              scale: float | None = None, return_lse: bool = False):
+    """Dense attention in float64 on the inputs' device: the oracle every kernel is checked against.
+
+    q [B, Hq, Q, D], k [B, Hkv, KV, D], v [B, Hkv, KV, Dv] -> out float64 [B, Hq, Q, Dv]
+    (and lse float64 [B, Hq, Q], natural log). Rows with no live key give zeros and lse = -inf.
+    """
+    s = check_qkv(q, k, v, REFERENCE_DTYPES)
+    pattern = _pattern(pattern)
+    pattern.require_bound()
+    scale = check_scale(scale, s.D)
+    out = torch.empty(s.B, s.Hq, s.Q, s.Dv, dtype=torch.float64, device=q.device)
+    lse = torch.empty(s.B, s.Hq, s.Q, dtype=torch.float64, device=q.device)
+    mask_ir = evaluate.token_mask(pattern)
+    heads = max(1, min(s.Hq, _REFERENCE_CHUNK // (s.Q * s.KV)))
+    for b in range(s.B):
+        for h0 in range(0, s.Hq, heads):
+            h1 = min(s.Hq, h0 + heads)
+            kv_heads = torch.arange(h0, h1, device=q.device) // s.group
+            qf = q[b, h0:h1].double()
+            kf, vf = k[b, kv_heads].double(), v[b, kv_heads].double()
+            env = evaluate.index_env(1, h1 - h0, s.Q, s.KV, q.device)
+            env["b"] = env["b"] + b
+            env["h"] = env["h"] + h0
+            scores = scale * (qf @ kf.transpose(-1, -2)).unsqueeze(0)
+            if pattern.has_score_mod:
+                scores = evaluate.evaluate(pattern.score, {**env, "score": scores},
+                                           pattern.params, pattern.buffers).double()
+            live = evaluate.evaluate(mask_ir, env, pattern.params, pattern.buffers).bool()
+            scores = scores.expand(1, h1 - h0, s.Q, s.KV).masked_fill(~live, -math.inf)[0]
+            row_max = scores.amax(-1, keepdim=True)
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            p = torch.exp(scores - row_max)
+            denom = p.sum(-1, keepdim=True)
+            out[b, h0:h1] = torch.where(denom > 0, (p @ vf) / denom.clamp_min(1e-300), 0.0)
+            lse[b, h0:h1] = torch.where(denom > 0, denom.log() + row_max, -math.inf).squeeze(-1)
+    return (out, lse) if return_lse else out
