@@ -8,3 +8,11 @@ from . import patterns
 __version__ = "0.1.0"
 
 __all__ = ["Pattern", "PatternError", "IRError", "param", "create_mask", "reference", "patterns"]
+
+
+def __getattr__(name):
+    # attncc.testing needs hypothesis (a test extra), so it is imported on first use only
+    if name == "testing":
+        import importlib
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module 'attncc' has no attribute {name!r}")

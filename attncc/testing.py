@@ -1,0 +1,141 @@
+"""Property testing of patterns against the float64 oracle.
+
+`check_pattern(pat)` runs the compiled kernel on random inputs of random shapes (odd lengths,
+Q_LEN != KV_LEN, GQA, several head dims) and compares output and LSE with `attncc.reference`.
+`random_patterns()` is a hypothesis strategy over random IR patterns for attncc's own tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .dsl import ir
+from .dsl.pattern import Pattern
+
+# relative error bounds of ||out - ref|| / ||ref|| per input dtype (DESIGN.md section 7)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class CheckReport:
+    """What check_pattern ran: one row per example (shape, dtype, errors)."""
+    pattern: Pattern
+    rows: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        worst = max((r["out_err"] for r in self.rows), default=float("nan"))
+        return f"{len(self.rows)} examples passed for {self.pattern!r}; worst relative error {worst:.2e}"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+
+
+def compare(pattern: Pattern, q, k, v, scale=None) -> dict:
+    """Run the kernel and the oracle on (q, k, v); return errors; raise AssertionError on mismatch."""
+    from .runtime.api import attention, reference
+
+    out, lse = attention(q, k, v, pattern, scale=scale, return_lse=True)
+    ref, ref_lse = reference(q, k, v, pattern, scale=scale, return_lse=True)
+    tol = TOLERANCE[q.dtype]
+    if torch.isnan(out).any() or torch.isnan(lse).any():
+        raise AssertionError(f"NaN in output for {pattern!r} with q {tuple(q.shape)}, k {tuple(k.shape)}")
+    empty = torch.isinf(ref_lse)
+    if not torch.equal(torch.isinf(lse.double()) & (lse < 0), empty):
+        raise AssertionError(f"rows with no live key differ from the reference (lse must be -inf exactly there)")
+    if empty.any() and out.double()[empty].abs().max() > 0:
+        raise AssertionError("a row with no live key has a non-zero output")
+    out_err = _rel(out.double(), ref)
+    lse_err = _rel(lse.double()[~empty], ref_lse[~empty]) if (~empty).any() else 0.0
+    row = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "out_err": out_err, "lse_err": lse_err}
+    if not (out_err <= tol and lse_err <= tol):
+        raise AssertionError(f"{pattern!r}: relative error out {out_err:.2e}, lse {lse_err:.2e} > {tol:.0e} for {row}")
+    return row
+
+
+@st.composite
+def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64)):
+    """(B, Hq, Hkv, Q_LEN, KV_LEN, D): odd lengths, cross lengths and GQA included."""
+    hkv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    q_len = draw(st.integers(1, max_len))
+    kv_len = draw(st.one_of(st.just(q_len), st.integers(1, max_len)))
+    return draw(st.integers(1, 2)), hkv * group, hkv, q_len, kv_len, draw(st.sampled_from(head_dims))
+
+
+def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max_examples: int = 10,
+                  max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0) -> CheckReport:
+    """Property-test `pattern`: kernel vs `attncc.reference` on random shapes and inputs.
+
+    Runs on `device` (default: CUDA if available, else CPU through Triton's interpreter, where keep
+    `max_len` small). Raises AssertionError with the failing (shrunk) example; returns a CheckReport.
+    Patterns whose buffers bound the sequence length need `max_len` within the buffers' size.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = CheckReport(pattern)
+
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(shape=shapes(max_len, head_dims), dtype=st.sampled_from(list(dtypes)), data_seed=st.integers(0, 2**31 - 1))
+    def run(shape, dtype, data_seed):
+        B, Hq, Hkv, Q, KV, D = shape
+        gen = torch.Generator().manual_seed(data_seed ^ seed)
+        q = torch.randn(B, Hq, Q, D, generator=gen).to(device, dtype)
+        k = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
+        v = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
+        report.rows.append(compare(pattern, q, k, v))
+
+    run()
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Random patterns for attncc's own property tests.
+
+_Q, _KV, _H = ir.Var("q"), ir.Var("kv"), ir.Var("h")
+
+
+@st.composite
+def affine_masks(draw, depth: int = 2) -> ir.Node:
+    """Random boolean IR over q, kv (and h): affine comparisons, modular terms, and/or/not."""
+    if depth == 0 or draw(st.booleans()):
+        a, c = draw(st.sampled_from([(1, -1), (1, 0), (0, 1), (2, -1), (1, -2), (-1, 1)]))
+        d = draw(st.integers(-40, 40))
+        lhs = ir.op("add", ir.op("add", ir.op("mul", ir.const(a), _Q), ir.op("mul", ir.const(c), _KV)), ir.const(d))
+        kind = draw(st.sampled_from(["cmp", "cmp", "mod", "abs", "head"]))
+        if kind == "mod":
+            m = draw(st.integers(2, 5))
+            return ir.op("eq", ir.op("mod", lhs, ir.const(m)), ir.const(draw(st.integers(0, m - 1))))
+        if kind == "abs":
+            return ir.op("le", ir.op("abs", ir.op("sub", _Q, _KV)), ir.const(draw(st.integers(0, 48))))
+        if kind == "head":
+            return ir.op("ge", ir.op("sub", _Q, ir.op("mul", _H, ir.const(draw(st.integers(1, 20))))), _KV)
+        return ir.op(draw(st.sampled_from(["ge", "gt", "le", "lt"])), lhs, ir.const(0))
+    how = draw(st.sampled_from(["and", "or", "not"]))
+    if how == "not":
+        return ir.op("not", draw(affine_masks(depth - 1)))
+    return ir.op(how, draw(affine_masks(depth - 1)), draw(affine_masks(depth - 1)))
+
+
+_SCORE = ir.Var("score")
+SCORE_MODS = {
+    "none": _SCORE,
+    "softcap": ir.op("mul", ir.const(5.0), ir.op("tanh", ir.op("truediv", _SCORE, ir.const(5.0)))),
+    "alibi": ir.op("add", _SCORE, ir.op("mul", ir.op("truediv", ir.const(1.0), ir.op("add", _H, ir.const(2))),
+                                        ir.op("sub", _KV, _Q))),
+    "relpos": ir.op("add", _SCORE, ir.op("mul", ir.const(0.01), ir.op("abs", ir.op("sub", _Q, _KV)))),
+}
+
+
+@st.composite
+def random_patterns(draw) -> Pattern:
+    """A random Pattern: an affine/modular mask and one of SCORE_MODS."""
+    mask = draw(affine_masks())
+    score = SCORE_MODS[draw(st.sampled_from(sorted(SCORE_MODS)))]
+    return Pattern.from_ir(mask=mask, score=score)
+
