@@ -33,7 +33,8 @@ class Node:
     _table: dict = {}
 
     def __new__(cls, *fields):
-        key = (cls,) + tuple((type(f), f) for f in fields)
+        # floats by repr: 0.0 == -0.0 and nan != nan would otherwise merge or split nodes
+        key = (cls,) + tuple((type(f), repr(f) if type(f) is float else f) for f in fields)
         node = Node._table.get(key)
         if node is None:
             node = object.__new__(cls)
@@ -215,6 +216,8 @@ def _fold(name: str, args: tuple) -> Node | None:
     try:
         value = _FOLD[name](*(a.value for a in args))
     except (ZeroDivisionError, ValueError, OverflowError):
+        return None
+    if isinstance(value, complex):  # e.g. (-8.0) ** 0.5: not a real constant, leave it unfolded
         return None
     kind = kind_of(Op(name, args))
     if kind == "float":
