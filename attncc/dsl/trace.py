@@ -36,6 +36,16 @@ def _user_frame():
     return frame
 
 
+def _traceback_location(tb) -> str:
+    """`file:line` of the innermost traceback entry outside attncc's machinery and torch."""
+    where = "<unknown>"
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
 def user_location() -> str:
     """`file:line` of the innermost stack frame outside attncc's machinery and torch."""
     frame = _user_frame()
@@ -118,8 +128,8 @@ class Proxy:
     def __rand__(self, o): return _apply("and", o, self)
     def __or__(self, o): return _apply("or", self, o)
     def __ror__(self, o): return _apply("or", o, self)
-    def __xor__(self, o): return _apply("ne", self, o)
-    def __rxor__(self, o): return _apply("ne", o, self)
+    def __xor__(self, o): return _apply("xor", self, o)
+    def __rxor__(self, o): return _apply("xor", o, self)
     def __invert__(self): return _apply("not", self)
     __hash__ = object.__hash__
 
@@ -189,10 +199,13 @@ class Proxy:
         if func is torch.Tensor.__getitem__:
             return _buffer_load(args[0], args[1])
         handler = _TORCH_HANDLERS.get(func)
+        name = getattr(func, "__name__", repr(func))
         if handler is None:
-            name = getattr(func, "__name__", repr(func))
             raise _fail(f"torch function {name} is not supported in patterns")
-        return handler(*args, **kwargs)
+        try:
+            return handler(*args, **kwargs)
+        except TypeError as e:  # wrong arity or an unsupported keyword (e.g. torch.add(alpha=))
+            raise _fail(f"torch function {name} called with unsupported arguments ({e})") from None
 
 
 def _lift(x: Any, tracer: Tracer | None) -> ir.Node:
@@ -214,7 +227,10 @@ def _context(args) -> tuple[Tracer | None, dict]:
     for a in args:
         if isinstance(a, Proxy):
             tracer = tracer or a.tracer
-            params.update(a.params)
+            for name, value in a.params.items():
+                old = params.setdefault(name, value)
+                if old != value or type(old) is not type(value):
+                    raise _fail(f"param {name!r} declared twice with different defaults {old!r} and {value!r}")
     return tracer, params
 
 
@@ -223,9 +239,10 @@ def _apply(name: str, *args: Any) -> Proxy:
     nodes = [_lift(a, tracer) for a in args]
     if name in ir.ARITH or name in ("neg", "abs", "min", "max") or name in ir.FLOAT_FUNCS:
         nodes = [_bool_as_int(n) for n in nodes]
-    if name in ("and", "or", "not"):
+    if name in ("and", "or", "not", "xor"):
         if any(ir.kind_of(n) in ("int", "float") for n in nodes):
-            raise _fail("bitwise &, |, ~ on integers is not supported; they mean and/or/not on masks")
+            raise _fail("bitwise &, |, ^, ~ on integers is not supported; they mean and/or/xor/not on masks")
+        name = "ne" if name == "xor" else name
     if name == "where":
         nodes = [nodes[0]] + ([_bool_as_int(n) for n in nodes[1:]]
                               if any(ir.kind_of(n) in ("int", "float") for n in nodes[1:]) else nodes[1:])
@@ -243,7 +260,8 @@ def _as_float(x: Proxy) -> Proxy:
     return x if ir.kind_of(x.node) == "float" else _apply("mul", x, 1.0)
 
 
-def _clamp(x, lo=None, hi=None):
+def _clamp(x, min=None, max=None):  # torch's keyword names
+    lo, hi = min, max
     if lo is not None:
         x = _apply("max", x, lo)
     if hi is not None:
@@ -274,11 +292,11 @@ def _where(cond, a=None, b=None):
 
 
 def _unary(name):
-    return lambda x, *a, **k: _apply(name, x)
+    return lambda x: _apply(name, x)
 
 
 def _binary(name):
-    return lambda x, y, *a, **k: _apply(name, x, y)
+    return lambda x, y: _apply(name, x, y)
 
 
 _TORCH_HANDLERS: dict = {
@@ -309,6 +327,13 @@ for _name, _op in [("add", "add"), ("radd", "add"), ("sub", "sub"), ("mul", "mul
         _TORCH_HANDLERS[_method] = (lambda o: lambda s, x: _apply(o, x, s))(_op)
     else:
         _TORCH_HANDLERS[_method] = (lambda o: lambda s, x: _apply(o, s, x))(_op)
+# Tensor methods reached from those operators with a real 0-dim tensor on the left (`t + q_idx`).
+for _name, _op in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("true_divide", "truediv"),
+                   ("floor_divide", "floordiv"), ("remainder", "mod"), ("pow", "pow"), ("eq", "eq"),
+                   ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
+                   ("minimum", "min"), ("maximum", "max"), ("logical_and", "and"), ("logical_or", "or")]:
+    _TORCH_HANDLERS[getattr(torch.Tensor, _name)] = _binary(_op)
+_TORCH_HANDLERS[torch.Tensor.div] = _div
 _TORCH_HANDLERS = {k: v for k, v in _TORCH_HANDLERS.items() if v is not None}
 
 
@@ -367,16 +392,20 @@ def trace(fn: Callable, var_names: tuple[str, ...], tracer: Tracer, what: str) -
     """Call `fn` with one proxy per name in `var_names` and return the IR it builds."""
     if not callable(fn):
         raise PatternError(f"{what} must be callable, got {type(fn).__name__}")
-    try:
-        n_params = len([p for p in inspect.signature(fn).parameters.values()
-                        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-    except (TypeError, ValueError):
-        n_params = len(var_names)
-    if n_params < len(var_names):
-        raise PatternError(f"{what} must take {len(var_names)} arguments ({', '.join(var_names)}), "
-                           f"{getattr(fn, '__name__', fn)!r} takes {n_params}")
     proxies = [Proxy(ir.Var(v), tracer) for v in var_names]
-    out = fn(*proxies)
+    try:
+        inspect.signature(fn).bind(*proxies)
+    except TypeError as e:
+        code = getattr(fn, "__code__", None)
+        where = f" (at {code.co_filename}:{code.co_firstlineno})" if code else ""
+        raise PatternError(f"{what} must take {len(var_names)} arguments ({', '.join(var_names)}); "
+                           f"{getattr(fn, '__name__', fn)!r} cannot: {e}{where}") from None
+    except ValueError:  # no signature (some builtins): let the call decide
+        pass
+    try:
+        out = fn(*proxies)
+    except TypeError as e:  # e.g. torch.maximum(q_idx): torch rejects the arity before dispatch
+        raise PatternError(f"{what} cannot be traced: {e} (at {_traceback_location(e.__traceback__)})") from None
     if isinstance(out, Proxy):
         tracer.add_params(out.params)
         return out.node
