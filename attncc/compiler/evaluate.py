@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..dsl import ir
-from ..dsl.pattern import Pattern
+from ..dsl.pattern import Pattern, block_at_tokens
 from ..dsl.trace import PatternError
 
 _FUNCS: dict[str, Callable] = {
@@ -85,6 +85,8 @@ def evaluate(node: ir.Node, env: Mapping[str, torch.Tensor], params: Mapping[str
                 val = torch.true_divide(num(args[0], "float"), num(args[1], "float"))
             else:
                 a, b = promote(*args)
+                if o == "pow" and ir.kind_of(n) == "float":  # e.g. q ** -1 is 1 / q, not 0
+                    a, b = a.to(float_dtype), b.to(float_dtype)
                 if o in ("floordiv", "mod") and not a.is_floating_point() and check_bounds and bool((b == 0).any()):
                     raise PatternError(f"integer division by zero in {n}")
                 val = _BINARY[o](a, b)
@@ -115,9 +117,7 @@ def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, c
 
 def block_as_token_mask(pattern: Pattern) -> ir.Node:
     """The block predicate read at token level: `block[qb := q // BQ, kb := kv // BK]`."""
-    bq, bk = pattern.block_size
-    qb, kb = ir.op("floordiv", ir.Var("q"), ir.const(bq)), ir.op("floordiv", ir.Var("kv"), ir.const(bk))
-    return ir.substitute(pattern.block, lambda n: qb if n is ir.Var("qb") else kb if n is ir.Var("kb") else None)
+    return block_at_tokens(pattern.block, pattern.block_size)
 
 
 def token_mask(pattern: Pattern) -> ir.Node:

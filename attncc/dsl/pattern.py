@@ -158,7 +158,13 @@ class Pattern:
             raise PatternError(f"cannot combine block predicates of block sizes {self.block_size} "
                                f"and {other.block_size}")
         block_size = self.block_size if self.has_block_mask else other.block_size
-        mask = ir.op(how, self.mask, o_mask)
+        if how == "or" and (self.has_block_mask or other.has_block_mask):
+            # (m1 and blk1) or (m2 and blk2) is not (m1 or m2) and (blk1 or blk2): fold each side's
+            # block predicate into its mask; the union of the predicates stays as a sound block filter.
+            mask = ir.op("or", ir.op("and", self.mask, block_at_tokens(self.block, self.block_size)),
+                         ir.op("and", o_mask, block_at_tokens(o_block, other.block_size)))
+        else:
+            mask = ir.op(how, self.mask, o_mask)
         block = ir.op(how, self.block, o_block)
         name = f"{self.name} {'&' if how == 'and' else '|'} {other.name}" if self.name and other.name else None
         return Pattern.from_ir(mask, score, block, params, buffers, name, block_size)
@@ -177,6 +183,10 @@ class Pattern:
     def __hash__(self) -> int:
         return hash(self._key())
 
+    def __reduce__(self):
+        return (Pattern.from_ir, (self.mask, self.score, self.block, self.params, self.buffers,
+                                  self.name, self.block_size))
+
     def __str__(self) -> str:
         lines = [f"# {self.name}"] if self.name else []
         lines += [f"param {k} = {ir.format_const(v)}" for k, v in self.params.items()]
@@ -194,6 +204,13 @@ class Pattern:
     def __repr__(self) -> str:
         body = "; ".join(line for line in str(self).splitlines() if not line.startswith("#"))
         return f"Pattern({self.name + ': ' if self.name else ''}{body})"
+
+
+def block_at_tokens(block: ir.Node, block_size: tuple[int, int]) -> ir.Node:
+    """A block predicate read at token level: `block` with qb := q // BQ, kb := kv // BK."""
+    bq, bk = block_size
+    qb, kb = ir.op("floordiv", ir.Var("q"), ir.const(bq)), ir.op("floordiv", ir.Var("kv"), ir.const(bk))
+    return ir.substitute(block, lambda n: qb if n is ir.Var("qb") else kb if n is ir.Var("kb") else None)
 
 
 def _check_expr(node: ir.Node, allowed_vars: tuple, what: str, kinds: tuple) -> None:
