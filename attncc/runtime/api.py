@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..compiler import evaluate
+from ..dsl import ir
 from ..dsl.pattern import Pattern
 from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
 
@@ -28,10 +29,11 @@ def create_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int, KV_L
     would silently be wrong for every other batch or head).
     """
     pattern = _pattern(pattern)
+    mask_vars = ir.free_vars(evaluate.token_mask(pattern))  # a score mod reading h is no concern here
     sizes = {}
     for name, var, value in (("B", "b", B), ("H", "h", H), ("Q_LEN", "q", Q_LEN), ("KV_LEN", "kv", KV_LEN)):
         if value is None and var in ("b", "h"):
-            if var in pattern.free_vars():
+            if var in mask_vars:
                 raise ValueError(f"{name}=None, but the pattern depends on {var}; pass {name}")
             value = 1
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
