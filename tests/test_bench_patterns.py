@@ -1,0 +1,130 @@
+"""The benchmark suite's two definitions of each pattern (attncc and FlexAttention functions) agree."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc.compiler.evaluate import evaluate, token_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import patterns as bp  # noqa: E402
+
+
+@pytest.mark.parametrize("name", bp.NAMES)
+def test_flex_mask_equals_attncc_mask_dense(name):
+    n, heads = 256, 4
+    pat = bp.build(name, n, heads, sizes=bp.SMOKE)
+    want = ac.create_mask(pat.attncc, 1, heads, n, n)
+    if pat.mask_mod is None:
+        assert bool(want.all())
+        return
+    ar = torch.arange
+    got = pat.mask_mod(ar(1).view(1, 1, 1, 1), ar(heads).view(1, heads, 1, 1),
+                       ar(n).view(1, 1, n, 1), ar(n).view(1, 1, 1, n)).expand(1, heads, n, n)
+    assert torch.equal(got, want)
+    assert 0 < int(got.sum()) < got.numel()  # the smoke sizes keep every mask non-trivial
+
+
+def _sample_pairs(n: int, count: int = 100_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random pairs plus pairs at every offset q - kv near the patterns' thresholds."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, n, (count,), generator=gen)
+    kv = torch.randint(0, n, (count,), generator=gen)
+    offsets = torch.tensor([d + e for d in (0, 1024, 2048, 8 * 128) for e in range(-9, 10)])
+    q2 = torch.randint(0, n, (len(offsets), 400), generator=gen)
+    kv2 = q2 - offsets.view(-1, 1)
+    keep = (kv2 >= 0) & (kv2 < n)
+    return torch.cat([q, q2[keep]]), torch.cat([kv, kv2[keep]])
+
+
+@pytest.mark.parametrize("name", bp.NAMES)
+def test_flex_mask_equals_attncc_mask_at_benchmark_sizes(name):
+    n, heads = 8192, 16
+    pat = bp.build(name, n, heads)
+    q, kv = _sample_pairs(n)
+    b, h = torch.zeros_like(q), torch.randint(0, heads, q.shape, generator=torch.Generator().manual_seed(1))
+    want = evaluate(token_mask(pat.attncc), {"b": b, "h": h, "q": q, "kv": kv},
+                    pat.attncc.params, pat.attncc.buffers).bool().expand(q.shape)
+    got = torch.ones_like(want) if pat.mask_mod is None else pat.mask_mod(b, h, q, kv)
+    assert torch.equal(got, want)
+
+
+def test_benchmark_definitions_spelled_out():
+    """Spot values straight from BENCHMARKS.md, independent of both definitions."""
+    n = 8192
+    one = lambda name, q, kv: bool(bp.build(name, n, 16).mask_mod(*map(torch.tensor, (0, 0, q, kv))))
+    assert one("swa1024", 5000, 5000 - 1024) and not one("swa1024", 5000, 5000 - 1025)
+    assert not one("swa1024", 5000, 5001)
+    assert one("prefixlm2048", 10, 2047) and not one("prefixlm2048", 10, 2048)
+    assert one("dilated", 3000, 3000 - 2048) and not one("dilated", 3000, 3000 - 2052)
+    assert one("dilated", 3000, 3004) and not one("dilated", 3000, 3002)
+    # natten2d: the query at pixel (0, 0) sees the clamped 17x17 window rows 0..16, cols 0..16
+    assert one("natten2d", 0, 16 * 128 + 16) and not one("natten2d", 0, 17 * 128)
+    assert not one("natten2d", 0, 17)
+    lengths = bp.document_lengths(n)
+    ends = torch.tensor(lengths).cumsum(0)
+    assert one("document", int(ends[0]) - 1, 0) and not one("document", int(ends[0]), int(ends[0]) - 1)
+    alibi = bp.build("alibi", n, 16)
+    score = alibi.score_mod(torch.tensor(0.0), 0, torch.tensor(3), torch.tensor(10), torch.tensor(4))
+    assert math.isclose(float(score), -6 * 2 ** (-8 * 4 / 16), rel_tol=1e-6)
+
+
+def _dense_attention(q, k, v, pat: bp.BenchPattern) -> torch.Tensor:
+    """float64 softmax attention straight from the FlexAttention functions."""
+    B, H, N, D = q.shape
+    ar = torch.arange
+    idx = ar(B).view(B, 1, 1, 1), ar(H).view(1, H, 1, 1), ar(N).view(1, 1, N, 1), ar(N).view(1, 1, 1, N)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    if pat.score_mod is not None:
+        s = pat.score_mod(s, *idx).double()
+    if pat.mask_mod is not None:
+        s = s.masked_fill(~pat.mask_mod(*idx), -math.inf)
+    return torch.softmax(s, -1) @ v.double()
+
+
+@pytest.mark.parametrize("name", bp.NAMES)
+def test_flex_functions_give_the_reference_output(name):
+    n, heads, d = 256, 4, 16
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen, dtype=torch.float64) * 2 for _ in range(3))
+    pat = bp.build(name, n, heads, sizes=bp.SMOKE)
+    torch.testing.assert_close(_dense_attention(q, k, v, pat), ac.reference(q, k, v, pat.attncc),
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["causal", "document", "natten2d", "dilated", "full"])
+def test_count_live_pairs_in_chunks(name):
+    n, heads = 256, 3
+    pat = bp.build(name, n, heads, sizes=bp.SMOKE)
+    count, per_b, per_h = bp.count_live_pairs(pat.mask_mod, 2, heads, n, n, budget=5000)
+    assert count == int(ac.create_mask(pat.attncc, 2, heads, n, n).sum())
+    assert not per_b and not per_h
+
+
+def test_count_live_pairs_per_head_and_odd_lengths():
+    mask = lambda b, h, q, kv: (q - kv <= 3 * h) & (q >= kv) & (b == 0)
+    count, per_b, per_h = bp.count_live_pairs(mask, 2, 4, 37, 41, budget=100)
+    ar = torch.arange
+    dense = mask(ar(2).view(2, 1, 1, 1), ar(4).view(1, 4, 1, 1), ar(37).view(1, 1, 37, 1), ar(41).view(1, 1, 1, 41))
+    assert (count, per_b, per_h) == (int(dense.sum()), True, True)
+    assert bp.count_live_pairs(lambda b, h, q, kv: q < 5, 1, 2, 37, 41)[0] == 2 * 5 * 41
+
+
+def test_document_lengths():
+    lengths = bp.document_lengths(8192)
+    assert sum(lengths) == 8192 and lengths == bp.document_lengths(8192)
+    assert all(256 <= x < 3072 for x in lengths[:-1]) and 1 <= lengths[-1] < 3072
+    assert len(lengths) > 2
+    assert bp.document_lengths(100, 256, 3072) == [100]
+    with pytest.raises(ValueError, match="low < high"):
+        bp.document_lengths(10, 5, 5)
+
+
+def test_unknown_pattern_and_bad_canvas():
+    with pytest.raises(ValueError, match="unknown pattern"):
+        bp.build("nope", 256, 2)
+    with pytest.raises(ValueError, match="N must be 8192"):
+        bp.build("natten2d", 8000, 2)
