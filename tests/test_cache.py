@@ -46,7 +46,7 @@ key, src_file, marker_dir, go_file = json.loads(sys.argv[1]), *sys.argv[2:5]
 
 def generate():
     (pathlib.Path(marker_dir) / f"generated-{os.getpid()}").touch()
-    time.sleep(0.2)  # keep every racer inside the miss path at once
+    time.sleep(0.5)  # keep every racer inside the miss path at once
     return pathlib.Path(src_file).read_text()
 
 if go_file:
