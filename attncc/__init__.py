@@ -1,5 +1,6 @@
 """attncc: an attention-pattern compiler. See README.md and DESIGN.md."""
 from .dsl.ir import IRError
+from .dsl.parse import DSLError, parse
 from .dsl.pattern import Pattern
 from .dsl.trace import PatternError, param
 from .runtime.api import create_mask, reference
@@ -8,6 +9,7 @@ from . import patterns
 __version__ = "0.1.0"
 
 __all__ = ["Pattern", "PatternError", "IRError", "param", "create_mask", "reference", "patterns"]
+__all__ += ["parse", "DSLError"]
 
 
 def __getattr__(name):
