@@ -1,4 +1,6 @@
-"""The benchmark suite's two definitions of each pattern (attncc and FlexAttention functions) agree."""
+"""The benchmark suite: its two definitions of each pattern (attncc, FlexAttention) agree, and the
+harness (benchmarks/suite.py) guards, records and reports rows correctly (with stand-in kernels)."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from attncc.compiler.evaluate import evaluate, token_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import patterns as bp  # noqa: E402
+from benchmarks import suite  # noqa: E402
 
 
 @pytest.mark.parametrize("name", bp.NAMES)
@@ -128,3 +131,63 @@ def test_unknown_pattern_and_bad_canvas():
         bp.build("nope", 256, 2)
     with pytest.raises(ValueError, match="N must be 8192"):
         bp.build("natten2d", 8000, 2)
+
+
+class _Compiled:
+    config = {"path": "stand-in", "BLOCK_M": 64}
+
+
+def _stand_in(monkeypatch, attention):
+    monkeypatch.setattr(ac, "attention", attention, raising=False)
+    monkeypatch.setattr(ac, "compile", lambda *a, **k: _Compiled(), raising=False)
+
+
+def _run(tmp_path, *extra):
+    result = suite.main(["--smoke", "--device", "cpu", "--shapes", "odd", "--cpu-reps", "1",
+                         "--out-dir", str(tmp_path), *extra])
+    saved = json.loads(next(tmp_path.glob("*-cpu-smoke.json")).read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"], default=str))
+    return result, next(tmp_path.glob("*-cpu-smoke.md")).read_text()
+
+
+def test_suite_times_a_correct_kernel_and_refuses_gradients(tmp_path, monkeypatch):
+    def attention(q, k, v, pattern, **kw):
+        if q.requires_grad:
+            raise NotImplementedError("no backward yet")
+        return ac.reference(q, k, v, pattern).to(q.dtype)
+    _stand_in(monkeypatch, attention)
+    result, md = _run(tmp_path, "--patterns", "causal,document", "--backward")
+    causal, document = result["rows"]
+    assert causal["live_pairs"] == 2 * 250 * 251 // 2
+    for row in (causal, document):
+        assert row["guard"]["fwd"]["ok"] and row["fwd"]["attncc"]["tflops"] > 0
+        assert row["fwd_bwd"]["attncc"]["status"] == "n/a"
+        assert row["attncc_config"]["path"] == "stand-in"
+    assert causal["guard"]["fwd"]["vs"] == "flex" and causal["fwd_bwd"]["cudnn"]["tflops"] > 0
+    assert document["fwd"]["cudnn"]["status"] == "none"
+    assert md.rstrip().splitlines()[-1].startswith("| document | B1 H2 N250 D32 | n/a |")
+    assert "first call of a new pattern" in md and "stand-in (BLOCK_M=64)" in md
+
+
+def test_suite_marks_a_wrong_kernel_failed_and_checks_gradients(tmp_path, monkeypatch):
+    def attention(q, k, v, pattern, **kw):  # ignores the mask: wrong for causal
+        return ac.reference(q, k, v, None).to(q.dtype)
+    _stand_in(monkeypatch, attention)
+    result, md = _run(tmp_path, "--patterns", "full,causal", "--backward", "--no-first-call")
+    full, causal = result["rows"]
+    assert full["fwd"]["attncc"]["tflops"] > 0 and full["guard"]["fwd_bwd"]["ok"]
+    assert full["guard"]["fwd_bwd"]["vs"] == "cudnn"  # flex has no CPU backward: the next anchor
+    for key in ("fwd", "fwd_bwd"):
+        entry = causal[key]["attncc"]
+        assert entry["status"] == "FAILED" and "ms" not in entry and entry["rel_err"] > 0.1
+    assert causal["guard"]["fwd"]["attncc_vs_reference[b=0]"] > 0.1
+    assert causal["guard"]["fwd"]["flex_vs_reference[b=0]"] < 2e-2
+    assert "| causal | B1 H2 N250 D32 | FAILED (rel" in md
+
+
+def test_suite_records_row_errors_and_goes_on(tmp_path, monkeypatch):
+    _stand_in(monkeypatch, lambda q, k, v, pattern, **kw: ac.reference(q, k, v, pattern).to(q.dtype))
+    result, md = _run(tmp_path, "--patterns", "natten2d,swa1024", "--no-first-call")
+    natten, swa = result["rows"]
+    assert "N must be 256" in natten["error"] and swa["guard"]["fwd"]["ok"]
+    assert "odd/natten2d: ValueError" in md

@@ -1,0 +1,518 @@
+"""The benchmark suite of shared/BENCHMARKS.md: attncc against FlexAttention and SDPA (cuDNN, flash).
+
+    python benchmarks/suite.py                       # default rows, forward
+    python benchmarks/suite.py --backward            # forward and forward+backward
+    python benchmarks/suite.py --shapes main --patterns causal,document
+    python benchmarks/suite.py --smoke               # tiny shapes; on CPU attncc runs in Triton's interpreter
+
+Every row is measured in this one process against the anchors of the same run: random normal bf16
+inputs, `triton.testing.do_bench` medians (a plain timer on CPU). Before attncc is timed its output
+(and gradients) must match FlexAttention's (else SDPA's, else `ac.reference` on batch 0) within
+--tol, or the row says FAILED instead of a time. Effective TFLOP/s = 4·D·live pairs / time
+(forward+backward: 3.5×), live pairs counted exactly per (b, h). Results go to
+benchmarks/results/<date>-<gpu>.{json,md} (and $OUT when set), rewritten after every row.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import re
+import secrets
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import attncc as ac  # noqa: E402
+from benchmarks import patterns as bp  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    Hq: int
+    Hkv: int
+    N: int
+    D: int
+
+    def label(self) -> str:
+        heads = f"H{self.Hq}" if self.Hq == self.Hkv else f"Hq{self.Hq}/Hkv{self.Hkv}"
+        return f"B{self.B} {heads} N{self.N} D{self.D}"
+
+
+SHAPES = {"main": Shape(4, 16, 16, 8192, 128), "d64": Shape(4, 16, 16, 8192, 64),
+          "gqa": Shape(4, 32, 8, 8192, 128), "long": Shape(1, 16, 16, 32768, 128),
+          "odd": Shape(4, 16, 16, 8000, 128)}
+SMOKE_SHAPES = {"main": Shape(1, 2, 2, 256, 32), "d64": Shape(1, 2, 2, 256, 16),
+                "gqa": Shape(1, 4, 2, 256, 32), "long": Shape(1, 2, 2, 512, 32),
+                "odd": Shape(1, 2, 2, 250, 32)}
+EXTRA_PATTERNS = ("full", "causal", "document", "swa1024")  # default for every shape but main
+IMPLS = ("attncc", "flex", "cudnn", "fa2")
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}
+BWD_FACTOR = 3.5  # forward+backward FLOPs per forward FLOP
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    device: torch.device
+    sizes: bp.Sizes
+    flex: Callable
+    block_mask: Callable
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One attention implementation for one row: fn(q, k, v) -> out, run inside scope()."""
+    fn: Callable
+    scope: Callable = contextlib.nullcontext
+
+
+# ---------------------------------------------------------------- measuring
+
+def sync(ctx: Context) -> None:
+    if ctx.cuda:
+        torch.cuda.synchronize(ctx.device)
+
+
+def bench_ms(ctx: Context, fn: Callable, grads: list[torch.Tensor] | None = None) -> float:
+    """Median time of fn() in ms: do_bench on CUDA, else a plain timer over --cpu-reps runs."""
+    if ctx.cuda:
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=ctx.args.warmup, rep=ctx.args.rep,
+                                             grad_to_none=grads, return_mode="median"))
+    times = []
+    for _ in range(ctx.args.cpu_reps):
+        for t in grads or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float32 (NaN anywhere gives NaN, which never passes a guard)."""
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def describe(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def failure(ctx: Context, exc: Exception) -> dict:
+    """The record of an exception; NotImplementedError means 'not supported' (n/a), not an error."""
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    if isinstance(exc, NotImplementedError):
+        return {"status": "n/a", "why": describe(exc)}
+    return {"status": "error", "error": describe(exc)}
+
+
+def timed(ms: float, flops: float) -> dict:
+    return {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
+
+
+# ---------------------------------------------------------------- implementations
+
+def setup_flex(device: torch.device) -> tuple[Callable, Callable]:
+    """(flex_attention, create_block_mask): compiled on CUDA (recompile limits raised), eager on CPU."""
+    if device.type != "cuda":
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention, create_block_mask
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 4096)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def block_mask(mask_mod, B, H, Q, KV, device):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return create_block_mask(mask_mod, B, H, Q, KV, device=device, _compile=True)
+    return flex, block_mask
+
+
+def make_impls(ctx: Context, pat: bp.BenchPattern, shape: Shape, per_b: bool, per_h: bool,
+               row: dict) -> dict[str, Impl | dict]:
+    """Each implementation of this row, or the record saying why it has none."""
+    gqa = shape.Hq != shape.Hkv
+    opts = {"kernel_options": ctx.args.kernel_options} if ctx.args.kernel_options else {}
+    impls: dict[str, Impl | dict] = {"attncc": Impl(lambda q, k, v: ac.attention(q, k, v, pat.attncc, **opts))}
+    try:
+        start = time.perf_counter()
+        bm = None if pat.mask_mod is None else ctx.block_mask(
+            pat.mask_mod, shape.B if per_b else None, shape.Hq if per_h else None, shape.N, shape.N, ctx.device)
+        sync(ctx)
+        row["flex_block_mask_s"] = time.perf_counter() - start
+        impls["flex"] = Impl(lambda q, k, v: ctx.flex(q, k, v, score_mod=pat.score_mod, block_mask=bm,
+                                                      enable_gqa=gqa))
+    except Exception as exc:  # noqa: BLE001 - recorded in the row
+        impls["flex"] = failure(ctx, exc)
+    for name, backend in SDPA_BACKENDS.items():
+        if pat.sdpa_causal is None:
+            impls[name] = {"status": "none"}
+            continue
+        extra = {"enable_gqa": True} if gqa else {}
+        scope = (lambda b=backend: sdpa_kernel(b)) if ctx.cuda else (lambda: sdpa_kernel(SDPBackend.MATH))
+        impls[name] = Impl(lambda q, k, v, c=pat.sdpa_causal, e=extra: F.scaled_dot_product_attention(
+            q, k, v, is_causal=c, **e), scope)
+    return impls
+
+
+def attncc_config(pat: bp.BenchPattern, q, k, v) -> dict:
+    try:
+        return dict(ac.compile(pat.attncc, q, k, v).config)
+    except Exception as exc:  # noqa: BLE001 - recorded in the row
+        return {"path": "?", "error": describe(exc)}
+
+
+# ---------------------------------------------------------------- one row
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda h: torch.randn(shape.B, h, shape.N, shape.D, generator=gen, device=device, dtype=torch.bfloat16)
+    return randn(shape.Hq), randn(shape.Hkv), randn(shape.Hkv)
+
+
+def oracle(pat: bp.BenchPattern, qkv, dout: torch.Tensor | None) -> list[torch.Tensor]:
+    """ac.reference on batch 0 in float64: [out], or [dq, dk, dv] for the upstream gradient dout."""
+    q, k, v = (t[:1].detach().double().requires_grad_(dout is not None) for t in qkv)
+    out = ac.reference(q, k, v, pat.attncc)
+    if dout is None:
+        return [out]
+    out.backward(dout[:1].double())
+    return [q.grad, k.grad, v.grad]
+
+
+def max_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    return max(errs) if all(e == e for e in errs) else math.nan
+
+
+def guard(row: dict, pat: bp.BenchPattern, got: list, refs: dict, qkv, dout, key: str, tol: float) -> bool:
+    """Record attncc's error against the first anchor that ran, else against the float64 oracle
+    on batch 0; when it fails against an anchor at a modest size, also both against the oracle."""
+    if refs:
+        ref_name, want = next(iter(refs.items()))
+        err = max_rel_err(got, want)
+    else:
+        ref_name = "reference[b=0]"
+        err = max_rel_err([g[:1] for g in got], oracle(pat, qkv, dout))
+    record = row.setdefault("guard", {})[key] = {"vs": ref_name, "rel_err": err, "tol": tol, "ok": err < tol}
+    if refs and not err < tol and qkv[0].shape[2] ** 2 <= 1 << 26:
+        exact = oracle(pat, qkv, dout)
+        record["attncc_vs_reference[b=0]"] = max_rel_err([g[:1] for g in got], exact)
+        record[f"{ref_name}_vs_reference[b=0]"] = max_rel_err([w[:1] for w in want], exact)
+    return err < tol
+
+
+def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, flops: float, backward: bool):
+    """Measure every implementation for one pass (forward, or forward+backward) into row[key]."""
+    key, tol = ("fwd_bwd", ctx.args.grad_tol) if backward else ("fwd", ctx.args.tol)
+    entries = row[key]
+    dout = None
+    if backward:
+        qkv = [t.detach().clone().requires_grad_() for t in qkv]
+        dout = torch.randn_like(qkv[0])
+    refs, results = {}, {}
+    for name in ("flex", "cudnn", "fa2", "attncc"):
+        impl = impls[name]
+        if not isinstance(impl, Impl):
+            entries[name] = impl
+            continue
+        try:
+            start = time.perf_counter()
+            with impl.scope():
+                out = impl.fn(*qkv)
+                if backward:
+                    out.backward(dout)
+                    out = [t.grad.clone() for t in qkv]
+                    for t in qkv:
+                        t.grad = None
+                else:
+                    out = [out]
+            sync(ctx)
+            entries[name] = {"first_s": time.perf_counter() - start}
+        except Exception as exc:  # noqa: BLE001 - recorded in the row
+            entries[name] = failure(ctx, exc)
+            continue
+        if name != "attncc":
+            refs = refs or {name: out}
+        elif not guard(row, pat, out, refs, qkv, dout, key, tol):
+            entries[name] = {"status": "FAILED", **row["guard"][key]}
+            continue
+        results[name] = impl
+    del refs
+    for name, impl in results.items():
+        step = (lambda f=impl.fn: f(*qkv).backward(dout)) if backward else (lambda f=impl.fn: f(*qkv))
+        try:
+            with impl.scope():
+                ms = bench_ms(ctx, step, qkv if backward else None)
+            entries[name].update(timed(ms, flops * (BWD_FACTOR if backward else 1.0)))
+        except Exception as exc:  # noqa: BLE001 - recorded in the row
+            entries[name] = failure(ctx, exc)
+
+
+def run_row(ctx: Context, shape_name: str, shape: Shape, name: str) -> dict:
+    row = {"pattern": name, "shape": shape_name, "dims": asdict(shape), "fwd": {}, "fwd_bwd": {}}
+    start = time.perf_counter()
+    try:
+        pat = bp.build(name, shape.N, shape.Hq, ctx.device, ctx.sizes)
+        row["params"] = pat.params
+        live, per_b, per_h = bp.count_live_pairs(pat.mask_mod, shape.B, shape.Hq, shape.N, shape.N, ctx.device)
+        row.update(live_pairs=live, density=live / (shape.B * shape.Hq * shape.N * shape.N))
+        qkv = make_inputs(shape, ctx.device)
+        row["attncc_config"] = attncc_config(pat, *qkv)
+        impls = make_impls(ctx, pat, shape, per_b, per_h, row)
+        flops = 4.0 * shape.D * live
+        run_pass(ctx, row, pat, impls, qkv, flops, backward=False)
+        if ctx.args.backward:
+            run_pass(ctx, row, pat, impls, qkv, flops, backward=True)
+    except Exception as exc:  # noqa: BLE001 - recorded in the row, the run goes on
+        row["error"] = failure(ctx, exc).get("error") or describe(exc)
+    row["row_s"] = time.perf_counter() - start
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------- first call of a new pattern
+
+def first_call(ctx: Context, shape: Shape) -> dict:
+    """Seconds to the first result of a never-seen pattern (random constants, so no cache can hold
+    it), for attncc (trace + block mask + codegen + compile + run) and FlexAttention (block mask +
+    compile + run), then the same call again."""
+    window = shape.N // 16 + secrets.randbelow(max(1, shape.N // 16))
+    sink = 16 + secrets.randbelow(64)
+
+    def sink_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((q_idx - kv_idx <= window) | (kv_idx < sink))
+
+    q, k, v = make_inputs(shape, ctx.device, seed=1)
+    res: dict = {"pattern": f"(q >= kv) & ((q - kv <= {window}) | (kv < {sink}))", "shape": shape.label()}
+    runs = {
+        "attncc": lambda: ac.attention(q, k, v, ac.Pattern(sink_window, name="first_call")),
+        "flex": lambda: ctx.flex(q, k, v, block_mask=ctx.block_mask(sink_window, None, None, shape.N, shape.N,
+                                                                    ctx.device), enable_gqa=shape.Hq != shape.Hkv),
+    }
+    outs = {}
+    for name, fn in runs.items():
+        try:
+            sync(ctx)
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                outs[name] = fn()
+                sync(ctx)
+                times.append(time.perf_counter() - start)
+            res[name] = {"first_s": times[0], "second_s": times[1]}
+        except Exception as exc:  # noqa: BLE001 - recorded
+            res[name] = failure(ctx, exc)
+    if len(outs) == 2:
+        res["rel_err"] = rel_err(outs["attncc"], outs["flex"])
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+def cell(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    if "tflops" in entry:
+        x = entry["tflops"]
+        return f"{x:.0f}" if x >= 10 else f"{x:.3g}"
+    status = entry.get("status")
+    if status == "FAILED":
+        return f"FAILED (rel {entry['rel_err']:.2g})"
+    return {"none": "—", "n/a": "n/a"}.get(status, "error")
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    if a and b and "tflops" in a and "tflops" in b:
+        return f"{a['tflops'] / b['tflops']:.2f}×"
+    return "—"
+
+
+def config_text(cfg: dict | None) -> str:
+    if not cfg:
+        return "—"
+    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("path", "error"))
+    return f"{cfg.get('path', '?')}" + (f" ({rest})" if rest else "") + (" (compile error)" if "error" in cfg else "")
+
+
+def table(rows: list[dict], key: str) -> list[str]:
+    lines = ["| pattern | shape | attncc TFLOP/s | flex TFLOP/s | cuDNN | FA2 | attncc/flex | attncc/cuDNN | attncc path/config |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r.get(key, {})
+        label = Shape(**r["dims"]).label()
+        if "error" in r and not e:
+            lines.append(f"| {r['pattern']} | {label} | error | | | | | | |")
+            continue
+        lines.append(f"| {r['pattern']} | {label} | {cell(e.get('attncc'))} | {cell(e.get('flex'))} | "
+                     f"{cell(e.get('cudnn'))} | {cell(e.get('fa2'))} | {ratio(e.get('attncc'), e.get('flex'))} | "
+                     f"{ratio(e.get('attncc'), e.get('cudnn'))} | {config_text(r.get('attncc_config'))} |")
+    return lines
+
+
+def first_call_text(fc: dict) -> str:
+    def one(e: dict) -> str:
+        if "first_s" in e:
+            return f"{e['first_s']:.3f} s (again: {1e3 * e['second_s']:.2f} ms)"
+        return e.get("error") or e.get("why") or "?"
+    err = f"; rel err {fc['rel_err']:.2g}" if "rel_err" in fc else ""
+    return (f"first call of a new pattern `{fc['pattern']}` ({fc['shape']}): attncc {one(fc['attncc'])}, "
+            f"FlexAttention {one(fc['flex'])}{err}")
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    timing = (f"do_bench median, warmup {s['warmup']} ms, rep {s['rep']} ms" if result["device"] != "cpu"
+              else f"CPU timer, median of {s['cpu_reps']} runs; SDPA columns run the MATH backend on CPU")
+    out = [f"# attncc benchmark suite: {result['date']}, {result['gpu']}{' (smoke)' if s['smoke'] else ''}", "",
+           f"- torch {result['torch']}, triton {result['triton']}, attncc {result['attncc']} (git {result['git']})",
+           f"- command: `{result['command']}`",
+           f"- {timing}; bf16 random normal inputs; effective TFLOP/s = 4·D·live pairs / time "
+           f"(forward+backward ×{BWD_FACTOR}); attncc guarded against FlexAttention (rel err < {s['tol']}, "
+           f"gradients < {s['grad_tol']})"]
+    if result.get("first_call"):
+        out.append(f"- {first_call_text(result['first_call'])}")
+    problems = [f"- {r['shape']}/{r['pattern']}: {r['error']}" for r in result["rows"] if "error" in r]
+    problems += [f"- {r['shape']}/{r['pattern']} {key} {name}: {e.get('error') or e.get('why')}"
+                 for r in result["rows"] for key in ("fwd", "fwd_bwd") for name, e in r[key].items()
+                 if e.get("status") in ("error", "n/a")]
+    if problems:
+        out += ["", "## Errors and unsupported cases", ""] + problems
+    out += ["", "## Forward (effective TFLOP/s)", ""] + table(result["rows"], "fwd")
+    if s["backward"]:
+        out += ["", "## Forward+backward (effective TFLOP/s)", ""] + table(result["rows"], "fwd_bwd")
+    return "\n".join(out) + "\n"
+
+
+def output_paths(args, gpu: str, date: str) -> list[Path]:
+    stem = f"{date}-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}" + ("-smoke" if args.smoke else "") \
+        + (f"-{args.tag}" if args.tag else "")
+    name, i = stem, 1
+    while (args.out_dir / f"{name}.json").exists():
+        i += 1
+        name = f"{stem}-{i}"
+    dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    return [d / name for d in dirs]
+
+
+def write(result: dict, bases: list[Path]) -> str:
+    text = markdown(result)
+    for base in bases:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        base.with_suffix(".md").write_text(text)
+    return text
+
+
+# ---------------------------------------------------------------- driver
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--patterns", default=None,
+                   help=f"comma list of {', '.join(bp.NAMES)} for every shape (default: all on main, "
+                        f"{', '.join(EXTRA_PATTERNS)} on the others)")
+    p.add_argument("--backward", action="store_true", help="also measure forward+backward")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and scaled pattern sizes (runs on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=float, default=25.0, help="do_bench warmup, ms")
+    p.add_argument("--rep", type=float, default=100.0, help="do_bench repetition time, ms")
+    p.add_argument("--cpu-reps", type=int, default=2, help="timed runs per measurement on CPU")
+    p.add_argument("--tol", type=float, default=2e-2, help="guard: max rel err of attncc's output")
+    p.add_argument("--grad-tol", type=float, default=5e-2, help="guard: max rel err of attncc's gradients")
+    p.add_argument("--kernel-options", type=json.loads, default=None, help="JSON dict for ac.attention")
+    p.add_argument("--no-first-call", dest="first_call", action="store_false",
+                   help="skip the first-call timing of a new pattern")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--tag", default="", help="suffix for the result file names")
+    args = p.parse_args(argv)
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    args.shape_names = [s for s in args.shapes.split(",") if s]
+    bad = [s for s in args.shape_names if s not in shapes]
+    names = args.patterns.split(",") if args.patterns else []
+    bad += [n for n in names if n not in bp.NAMES]
+    if bad:
+        p.error(f"unknown shape(s)/pattern(s): {', '.join(bad)}")
+    args.rows = [(s, n) for s in args.shape_names
+                 for n in (names or (bp.NAMES if s == "main" else EXTRA_PATTERNS))]
+    return args
+
+
+def git_describe() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import triton
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    flex, block_mask = setup_flex(device)
+    ctx = Context(args, device, bp.SMOKE if args.smoke else bp.BENCH, flex, block_mask)
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    gpu = torch.cuda.get_device_name(device) if ctx.cuda else "cpu"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {"date": now.strftime("%Y-%m-%d"), "time_utc": now.strftime("%H:%M:%S"), "gpu": gpu,
+              "device": str(device), "torch": torch.__version__, "triton": triton.__version__,
+              "attncc": ac.__version__, "git": git_describe(),
+              "command": shlex.join(["python"] + (sys.argv if argv is None else ["benchmarks/suite.py"] + argv)),
+              "settings": {"smoke": args.smoke, "backward": args.backward, "warmup": args.warmup, "rep": args.rep,
+                           "cpu_reps": args.cpu_reps, "tol": args.tol, "grad_tol": args.grad_tol,
+                           "kernel_options": args.kernel_options, "sizes": asdict(ctx.sizes)},
+              "rows": [], "first_call": None}
+    bases = output_paths(args, gpu, result["date"])
+    for i, (shape_name, name) in enumerate(args.rows, 1):
+        row = run_row(ctx, shape_name, shapes[shape_name], name)
+        result["rows"].append(row)
+        summary = " ".join(f"{impl}={cell(row['fwd'].get(impl))}" for impl in IMPLS)
+        print(f"[{i}/{len(args.rows)}] {shape_name} {name}: {summary}"
+              f"{' error: ' + row['error'] if 'error' in row else ''} ({row['row_s']:.1f} s)",
+              file=sys.stderr, flush=True)
+        write(result, bases)
+    if args.first_call:
+        result["first_call"] = first_call(ctx, shapes[args.shape_names[0]])
+    text = write(result, bases)
+    print(f"written: {', '.join(str(b) + '.{json,md}' for b in bases)}", file=sys.stderr)
+    print(text, end="")
+    return result
+
+
+if __name__ == "__main__":
+    main()
