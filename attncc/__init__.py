@@ -4,12 +4,14 @@ from .dsl.parse import DSLError, parse
 from .dsl.pattern import Pattern
 from .dsl.trace import PatternError, param
 from .runtime.api import create_mask, reference
+from .runtime.api import attention, compile
 from . import patterns
 
 __version__ = "0.1.0"
 
 __all__ = ["Pattern", "PatternError", "IRError", "param", "create_mask", "reference", "patterns"]
 __all__ += ["parse", "DSLError"]
+__all__ += ["attention", "compile"]
 
 
 def __getattr__(name):

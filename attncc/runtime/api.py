@@ -79,3 +79,48 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
             out[b, h0:h1] = torch.where(denom > 0, (p @ vf) / denom.clamp_min(1e-300), 0.0)
             lse[b, h0:h1] = torch.where(denom > 0, denom.log() + row_max, -math.inf).squeeze(-1)
     return (out, lse) if return_lse else out
+
+
+def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
+    from .autograd import check_no_grad
+    from .kernel import check_options, choose_path, choose_tiles
+
+    s = check_qkv(q, k, v)
+    for name, d in (("q", s.D), ("v", s.Dv)):
+        if not 16 <= d <= 256:
+            raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
+    check_no_grad(q, k, v)
+    pattern = _pattern(pattern)
+    pattern.require_bound()
+    options = check_options(kernel_options)
+    tiles = choose_tiles(s, q.dtype, q.device, options)
+    return pattern, s, check_scale(scale, s.D), tiles, choose_path(pattern, s, q, options, return_lse)
+
+
+def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+            scale: float | None = None, kernel_options: dict | None = None):
+    """A Kernel for `pattern` at these inputs' shapes, dtype and device (q [B,Hq,Q,D], k/v [B,Hkv,KV,D]).
+
+    `kern.source` is the generated Triton source, `kern.config` the tiles/warps/stages and path,
+    `kern.block_mask` the BlockMask, `kern(q, k, v)` runs it. kernel_options may set BLOCK_M,
+    BLOCK_N, num_warps, num_stages and backend ("auto", or "attncc" to never dispatch to SDPA).
+    """
+    from .kernel import Kernel
+
+    pattern, s, scale, tiles, path = _prepare(pattern, q, k, v, scale, kernel_options, False)
+    return Kernel(pattern, s, q.device, scale, tiles, path)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
+              scale: float | None = None, return_lse: bool = False, kernel_options: dict | None = None):
+    """Attention of q [B,Hq,Q,D] over k, v [B,Hkv,KV,D|Dv] under `pattern` (None: full attention).
+
+    Returns out [B,Hq,Q,Dv] in q's dtype, and lse float32 [B,Hq,Q] (natural log) when return_lse.
+    Rows with no live key give zeros and lse = -inf. CPU tensors run the same generated kernel in
+    Triton's interpreter. Kernels, and block masks per (pattern values, shapes, buffer versions),
+    are cached: a repeated call does no compilation or mask building.
+    """
+    from .kernel import Kernel
+
+    pattern, s, scale, tiles, path = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
+    return Kernel(pattern, s, q.device, scale, tiles, path)(q, k, v, return_lse=return_lse)

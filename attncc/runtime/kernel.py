@@ -1,0 +1,295 @@
+"""Kernel: a compiled forward attention for one pattern and one specialisation.
+
+A Kernel pairs a generated module (cached on disk and in memory by `cache.py`, keyed by the
+pattern's IR, the buffers' dtypes/ranks, the tile config and the versions) with the block-mask
+metadata for concrete shapes. Metadata is cached per (pattern incl. param values, shapes, tiles,
+device, buffer identity and version), so calling again does no work, a new param value or
+buffer content rebuilds only the metadata, and no new value ever regenerates or recompiles code.
+"""
+from __future__ import annotations
+
+import math
+import types
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.codegen import BufferSpec, TileConfig, generate_forward
+from ..compiler.evaluate import token_mask
+from ..dsl.ir import TRUE, Load, Var, op, walk
+from ..dsl.pattern import Pattern
+from . import cache
+from .inputs import Shapes
+
+_META_CACHE_SIZE = 64
+_PARTIAL_WEIGHT = 1.5  # a PARTIAL tile costs about this many FULL ones (mask code, bounds)
+_INT32_LIMIT = 2 ** 31
+_CAUSAL = op("ge", Var("q"), Var("kv"))
+
+
+@dataclass(frozen=True)
+class KernelMeta:
+    """Block-mask metadata in the form the generated kernel reads.
+
+    full_num / partial_num / order: int32 [B|1, H|1, QB]; full_idx / partial_idx: int32
+    [B|1, H|1, QB, width] (ascending kv tile indices); stride_b / stride_h: element strides of the
+    [.., QB] arrays, 0 on a broadcast dim. A ragged last kv tile (KV_LEN % BLOCK_N != 0) is always
+    in the partial list, so the FULL loop never reads past KV_LEN. `order` lists each head's query
+    tiles heaviest first. *_contiguous: every row's list is first..first+count-1.
+    """
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    partial_num: torch.Tensor
+    partial_idx: torch.Tensor
+    order: torch.Tensor
+    stride_b: int
+    stride_h: int
+    full_contiguous: bool
+    partial_contiguous: bool
+    buffers: dict
+
+
+def _contiguous(num: torch.Tensor, idx: torch.Tensor) -> bool:
+    """Whether every row's (ascending) list of `num` entries is a run of consecutive tiles."""
+    if idx.shape[-1] == 0:
+        return True
+    last = idx.gather(-1, (num.long() - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return bool(((num == 0) | (last - idx[..., 0] == num - 1)).all())
+
+
+def _widen(idx: torch.Tensor, width: int) -> torch.Tensor:
+    if idx.shape[-1] >= width:
+        return idx
+    pad = idx.new_zeros(*idx.shape[:-1], width - idx.shape[-1])
+    return torch.cat([idx, pad], -1)
+
+
+def kernel_meta(bm, KV_LEN: int, buffers: dict) -> KernelMeta:
+    """KernelMeta from a BlockMask built for the kernel's tiles (see the class docstring)."""
+    full_num, full_idx = bm.full_kv_num.int(), bm.full_kv_idx.int()
+    part_num, part_idx = bm.partial_kv_num.int(), bm.partial_kv_idx.int()
+    if KV_LEN % bm.BLOCK_N and full_idx.shape[-1]:
+        last = KV_LEN // bm.BLOCK_N  # the ragged tile
+        tail = full_idx.gather(-1, (full_num.long() - 1).clamp_min(0)[..., None])[..., 0]
+        ragged = (full_num > 0) & (tail == last)
+        if bool(ragged.any()):
+            full_num = full_num - ragged.int()
+            part_idx = _widen(part_idx, part_idx.shape[-1] + 1)
+            slot = part_num.long()[..., None]
+            part_idx = part_idx.scatter(-1, slot, torch.where(ragged[..., None], last, part_idx.gather(-1, slot)))
+            part_num = part_num + ragged.int()
+    full_idx, part_idx = _widen(full_idx, 1), _widen(part_idx, 1)
+    weight = full_num.float() + _PARTIAL_WEIGHT * part_num.float()
+    order = torch.argsort(-weight, dim=-1, stable=True).int()
+    Bm, Hm, QB = full_num.shape
+    return KernelMeta(
+        full_num=full_num.contiguous(), full_idx=full_idx.contiguous(),
+        partial_num=part_num.contiguous(), partial_idx=part_idx.contiguous(), order=order.contiguous(),
+        stride_b=Hm * QB if Bm > 1 else 0, stride_h=QB if Hm > 1 else 0,
+        full_contiguous=_contiguous(full_num, full_idx), partial_contiguous=_contiguous(part_num, part_idx),
+        buffers=buffers)
+
+
+def check_score_buffers(pattern: Pattern, s: Shapes, device: torch.device) -> None:
+    """PatternError when a score mod's buffer index may leave its buffer (the block-mask builder
+    checks the mask's): the interval analysis of `L == L` for each load L over one whole tile."""
+    from ..compiler.blockmask import classify
+
+    loads = [n for n in walk(pattern.score) if isinstance(n, Load)]
+    if loads:
+        probe = TRUE
+        for node in loads:
+            probe = op("and", probe, op("eq", node, node))
+        probe = Pattern.from_ir(mask=probe, params=pattern.params, buffers=pattern.buffers)
+        classify(probe, s.B, s.Hq, s.Q, s.KV, s.Q, s.KV, device, refine=False)
+
+
+def _buffer_key(t: torch.Tensor) -> tuple:
+    return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+
+
+class _MetaCache:
+    """LRU of (BlockMask, KernelMeta) per pattern value, shapes, tiles and buffer versions."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.builds = 0
+
+    def get(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device):
+        key = (pattern.mask, pattern.block, pattern.block_size, tuple(pattern.params.items()),
+               tuple((n, _buffer_key(t)) for n, t in pattern.buffers.items()),
+               s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, str(device))
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            return hit[1:]
+        from ..compiler.blockmask import build_block_mask
+
+        bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, device)
+        check_score_buffers(pattern, s, device)
+        buffers = {n: t.to(device) for n, t in pattern.buffers.items()}
+        meta = kernel_meta(bm, s.KV, buffers)
+        self.builds += 1
+        # the key holds ids: keep the buffers alive with the entry so an id is never reused
+        self.entries[key] = (dict(pattern.buffers), bm, meta)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return bm, meta
+
+
+META_CACHE = _MetaCache(_META_CACHE_SIZE)
+
+
+_MODULES: dict[tuple, types.ModuleType] = {}
+
+
+def kernel_module(pattern: Pattern, config: TileConfig, *, interpret: bool) -> types.ModuleType:
+    """The generated forward module for `pattern` and `config` (disk- and memory-cached)."""
+    import attncc
+
+    memo = (pattern.mask, pattern.score, pattern.block, pattern.block_size if pattern.has_block_mask else None,
+            tuple((n, pattern.param_kind(n)) for n in pattern.params),
+            tuple((n, t.dtype, t.dim()) for n, t in pattern.buffers.items()), config, interpret)
+    if memo in _MODULES:
+        return _MODULES[memo]
+    specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
+    parts = {
+        "kind": "forward",
+        "mask": str(token_mask(pattern)),
+        "score": str(pattern.score),
+        "params": ",".join(f"{n}:{pattern.param_kind(n)}" for n in pattern.params),
+        "buffers": ",".join(f"{b.name}:{b.dtype}:{b.ndim}" for b in specs.values()),
+        "config": str(config),
+    }
+    module = _MODULES[memo] = cache.load_kernel_module(
+        parts, lambda: generate_forward(pattern, specs, config, attncc.__version__), interpret=interpret)
+    return module
+
+
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when the kernel's int32 in-head offsets cannot overflow, else a contiguous copy."""
+    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:]))
+    return t if reach < _INT32_LIMIT else t.contiguous()
+
+
+def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+class Kernel:
+    """A compiled attention forward for one pattern: `.source`, `.config`, `.block_mask`, `__call__`.
+
+    `config` holds the tiles, warps, stages and the path: "attncc" (the generated kernel) or
+    "sdpa-cudnn" (SDPA's cuDNN backend, chosen only for plain full or equal-length causal
+    attention with no score mod on CUDA). `predicted_ms` is None until the cost model exists.
+    """
+
+    def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
+                 tiles: TileConfig, path: str):
+        self.pattern = pattern
+        self.scale = scale
+        self.tiles = tiles
+        self.path = path
+        self.device = device
+        self.interpret = device.type != "cuda"
+        self.module = kernel_module(pattern, tiles, interpret=self.interpret)
+        self.block_mask, self._meta = META_CACHE.get(pattern, shapes, tiles, device)
+        self._shapes = shapes
+        self.predicted_ms = None
+
+    @property
+    def config(self) -> dict:
+        t = self.tiles
+        return {"path": self.path, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
+                "num_warps": t.num_warps, "num_stages": t.num_stages}
+
+    @property
+    def source(self) -> str:
+        """The generated Python/Triton source this kernel runs (for the sdpa path too: the fallback)."""
+        return cache.source_of(self.module)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
+        """out [B, Hq, Q, Dv] in q's dtype (and lse float32 [B, Hq, Q] when return_lse)."""
+        from .inputs import check_qkv
+
+        s = check_qkv(q, k, v)
+        if self.path == "sdpa-cudnn" and not return_lse:
+            return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)
+        meta = self._meta
+        if s != self._shapes or q.device != self.device:
+            _, meta = META_CACHE.get(self.pattern, s, self.tiles, q.device)
+        q, k, v = (_kernel_layout(t) for t in (q, k, v))
+        dtype = q.dtype
+        if self.interpret and dtype == torch.bfloat16:
+            # Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16):
+            # on CPU only, run the same kernel on float32 copies and round the output back
+            q, k, v = q.float(), k.float(), v.float()
+        out, lse = self.module.forward(q, k, v, meta, self.scale, self.pattern.params, meta.buffers)
+        out = out.to(dtype)
+        return (out, lse) if return_lse else out
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.pattern!r}, {self.config})"
+
+
+_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "backend")
+_BACKENDS = ("auto", "attncc")
+
+
+def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> TileConfig:
+    """The tile rule until the cost model lands (options override any field).
+
+    CPU (Triton's interpreter): 32x32 tiles, so small test shapes still span several tiles.
+    CUDA, 16-bit: 128x64, 4 warps, 3 stages for D <= 128 (the best plain-pointer configs measured
+    on the H100, BENCHMARKS.md); 64x64, 4 warps, 2 stages above (register pressure).
+    CUDA, float32: 64x32, 4 warps, 2 stages (twice the bytes per element).
+    """
+    D = max(s.D, s.Dv)
+    if device.type != "cuda":
+        base = TileConfig(32, 32, 4, 1)
+    elif dtype == torch.float32:
+        base = TileConfig(64, 32, 4, 2)
+    elif D <= 128:
+        base = TileConfig(128, 64, 4, 3)
+    else:
+        base = TileConfig(64, 64, 4, 2)
+    fields = {k: options.get(k, getattr(base, k)) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    for k, val in fields.items():
+        ok = isinstance(val, int) and not isinstance(val, bool) and val >= 1
+        if k.startswith("BLOCK") or k == "num_warps":
+            ok = ok and val & (val - 1) == 0 and (val >= 16 or k == "num_warps")
+        if not ok:
+            raise ValueError(f"kernel_options[{k!r}] = {val!r} is not valid "
+                             f"({'a power of two >= 16' if k.startswith('BLOCK') else 'a power of two' if k == 'num_warps' else 'an int >= 1'})")
+    return TileConfig(**fields)
+
+
+def check_options(options) -> dict:
+    """kernel_options as a dict; unknown keys or backends are a ValueError naming them."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
+    if options.get("backend", "auto") not in _BACKENDS:
+        raise ValueError(f"kernel_options['backend'] must be one of {_BACKENDS}, got {options['backend']!r}")
+    return options
+
+
+def choose_path(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool) -> str:
+    """"sdpa-cudnn" for plain full or equal-length causal attention on CUDA (no score mod, no
+    params or buffers, 16-bit, no GQA, no LSE wanted) when cuDNN is there; else "attncc"."""
+    plain = (not pattern.has_score_mod and not pattern.has_block_mask and not pattern.params
+             and not pattern.buffers)
+    causal = pattern.mask is _CAUSAL and s.Q == s.KV
+    if (options.get("backend", "auto") == "auto" and plain and (pattern.mask is TRUE or causal)
+            and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and s.Hq == s.Hkv
+            and s.D == s.Dv and s.D % 8 == 0 and s.D <= 128 and not return_lse
+            and torch.backends.cudnn.is_available()):
+        return "sdpa-cudnn"
+    return "attncc"
+

@@ -1,0 +1,199 @@
+"""The generated forward kernels in Triton's interpreter (CPU) against the float64 oracle."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attncc as ac
+from attncc.compiler.codegen import TileConfig, nonneg
+from attncc.dsl import ir
+from attncc.runtime import cache
+from attncc.runtime.api import attention, compile
+from attncc.runtime.kernel import META_CACHE, kernel_meta
+from attncc.testing import compare, random_patterns, shapes
+
+def SETTINGS(n):
+    return settings(max_examples=n, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+def qkv(B, Hq, Hkv, Q, KV, D, dtype=torch.float32, Dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Q, D, generator=g).to(dtype), torch.randn(B, Hkv, KV, D, generator=g).to(dtype),
+            torch.randn(B, Hkv, KV, Dv or D, generator=g).to(dtype))
+
+
+@SETTINGS(30)
+@given(pattern=random_patterns(), shape=shapes(max_len=200), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=st.integers(0, 1000))
+def test_random_patterns_match_reference(pattern, shape, dtype, seed):
+    """Affine/modular masks (floor // and % on negative operands), softcap/alibi/relpos score mods,
+    odd lengths, Q_LEN != KV_LEN, GQA, D in 16/24/32/64: out and lse vs the oracle, empty rows."""
+    compare(pattern, *qkv(*shape, dtype=dtype, seed=seed))
+
+
+@SETTINGS(8)
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=6), softcap=st.booleans(),
+       causal=st.booleans(), seed=st.integers(0, 1000))
+def test_document_buffer_matches_reference(lengths, softcap, causal, seed):
+    doc = ac.patterns.lengths_to_ids(lengths).to(torch.int32)
+    pat = ac.patterns.document(doc, causal=causal)
+    if softcap:
+        pat = pat & ac.patterns.softcap(20.0, causal=False)
+    N = len(doc)
+    compare(pat, *qkv(1, 2, 1, N, N, 32, seed=seed))
+
+
+def test_alibi_reads_a_float_buffer_per_head():
+    compare(ac.patterns.alibi(4), *qkv(2, 4, 2, 70, 70, 16))
+
+
+def test_fully_masked_rows_give_zeros_and_minus_inf():
+    # rows q < 40 see no key; the score mod sends odd keys to -inf, so odd rows under `kv == q` die too
+    late = ac.Pattern(lambda b, h, q, kv: (q >= kv + 40) | (kv == q))
+    dead_scores = ac.Pattern(score_mod=lambda s, b, h, q, kv: torch.where(kv % 2 == 0, s, -math.inf))
+    pat = ac.Pattern(lambda b, h, q, kv: q >= kv + 40)
+    for p in (pat, late & dead_scores):
+        q, k, v = qkv(1, 2, 2, 75, 75, 16)
+        out, lse = attention(q, k, v, p, return_lse=True)
+        assert not out.isnan().any() and not lse.isnan().any()
+        compare(p, q, k, v)
+    out, lse = attention(q, k, v, pat, return_lse=True)
+    assert torch.equal(lse[:, :, :40], torch.full_like(lse[:, :, :40], -math.inf))
+    assert out[:, :, :40].abs().max() == 0
+
+
+def test_non_contiguous_inputs_and_head_dims():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 50, 3, 40, generator=g).transpose(1, 2)  # [B, H, N, D] view of [B, N, H, D]
+    k = torch.randn(1, 3, 64, 40, generator=g)[..., ::2, :]  # every other key
+    v = torch.randn(1, 3, 32, 48, generator=g).transpose(-1, -2).contiguous().transpose(-1, -2)
+    compare(ac.patterns.causal(), q, k, v)
+
+
+def test_float16_and_bfloat16_outputs_keep_the_input_dtype():
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = qkv(1, 2, 1, 33, 47, 16, dtype=dtype)
+        out = attention(q, k, v, ac.patterns.sliding_window(9, causal=False))
+        assert out.dtype == dtype
+        ref = ac.reference(q, k, v, ac.patterns.sliding_window(9, causal=False))
+        assert (out.double() - ref).norm() / ref.norm() < 2e-2
+
+
+def test_lengths_of_one_and_tile_options():
+    for Q, KV, opts in ((1, 1, None), (1, 90, {"BLOCK_M": 16, "BLOCK_N": 64}), (90, 1, {"BLOCK_N": 16})):
+        q, k, v = qkv(1, 1, 1, Q, KV, 16)
+        out, lse = attention(q, k, v, ac.patterns.causal(), return_lse=True, kernel_options=opts)
+        ref, ref_lse = ac.reference(q, k, v, ac.patterns.causal(), return_lse=True)
+        assert torch.allclose(out.double(), ref, atol=1e-5)
+        assert torch.equal(lse.isinf(), ref_lse.isinf())
+    kern = compile(None, q, k, v, kernel_options={"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8})
+    assert kern.config == {"path": "attncc", "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
+
+
+def test_ragged_full_tile_moves_to_the_partial_loop():
+    q, k, v = qkv(1, 1, 1, 40, 70, 16)  # KV 70 = 2 whole 32-tiles + a ragged one, all live
+    kern = compile(None, q, k, v)
+    meta = kern._meta
+    assert meta.full_num.flatten().tolist() == [2, 2] and meta.partial_num.flatten().tolist() == [1, 1]
+    assert meta.partial_idx[..., 0].flatten().tolist() == [2, 2]
+    compare(ac.Pattern(), q, k, v)
+
+
+def test_non_contiguous_tile_lists():
+    N = 128
+    stripes = (torch.arange(N) // 32) % 2  # tokens alternate between two "documents" every 32
+    pat = ac.Pattern(lambda b, h, q, kv: stripes[q] == stripes[kv])
+    q, k, v = qkv(1, 2, 2, N, N, 16)
+    kern = compile(pat, q, k, v)
+    assert not kern._meta.full_contiguous
+    compare(pat, q, k, v)
+
+
+def test_kernel_meta_contiguity_and_order():
+    class BM:  # a hand-made block mask: 1 query-tile row per head, 4 kv tiles
+        BLOCK_M = BLOCK_N = 16
+    bm = BM()
+    bm.full_kv_num = torch.tensor([[[2, 0, 1]]], dtype=torch.int32)
+    bm.full_kv_idx = torch.tensor([[[[1, 2], [0, 0], [3, 0]]]], dtype=torch.int32)
+    bm.partial_kv_num = torch.tensor([[[1, 3, 0]]], dtype=torch.int32)
+    bm.partial_kv_idx = torch.tensor([[[[0, 0, 0], [0, 1, 3], [0, 0, 0]]]], dtype=torch.int32)
+    meta = kernel_meta(bm, 64, {})
+    assert meta.full_contiguous and not meta.partial_contiguous
+    assert meta.order.flatten().tolist() == [1, 0, 2]  # weights 3.5, 4.5, 1 -> heaviest first
+    assert meta.stride_b == meta.stride_h == 0
+
+
+def test_param_rebinding_reuses_the_kernel_and_rebuilds_only_metadata():
+    pat = ac.patterns.sliding_window(30)
+    q, k, v = qkv(1, 2, 1, 96, 96, 16)
+    compare(pat, q, k, v)
+    generated, builds = cache.stats()["generated"], META_CACHE.builds
+    module = compile(pat, q, k, v).module
+    attention(q, k, v, pat)
+    assert META_CACHE.builds == builds  # the same call again: no block-mask work
+    for W in (7, 64):
+        pat2 = pat.bind(W=W)
+        compare(pat2, q, k, v)
+        assert compile(pat2, q, k, v).module is module
+    assert cache.stats()["generated"] == generated
+    assert META_CACHE.builds == builds + 2
+    # the param is a runtime argument Triton never specialises on (so no GPU recompile either)
+    assert "'p_W']" in next(line for line in compile(pat, q, k, v).source.splitlines() if "do_not_specialize" in line)
+
+
+def test_changed_buffer_content_rebuilds_metadata():
+    doc = ac.patterns.lengths_to_ids([30, 30, 36])
+    pat = ac.patterns.document(doc)
+    q, k, v = qkv(1, 1, 1, 96, 96, 16)
+    compare(pat, q, k, v)
+    builds = META_CACHE.builds
+    doc.copy_(ac.patterns.lengths_to_ids([50, 46]))  # in place: same tensor, new version
+    compare(pat, q, k, v)
+    assert META_CACHE.builds == builds + 1
+
+
+def test_source_is_the_generated_module():
+    pat = ac.patterns.dilated(20, 3) & ac.patterns.softcap(10.0, causal=False)
+    q, k, v = qkv(1, 1, 1, 50, 50, 16)
+    kern = compile(pat, q, k, v)
+    src = kern.source
+    assert "floormod(" in src and "def forward(" in src and "@triton.jit" in src
+    assert src == cache.source_of(kern.module)
+    builtins_compile = __builtins__["compile"] if isinstance(__builtins__, dict) else __builtins__.compile
+    builtins_compile(src, "<kernel>", "exec")
+
+
+def test_sign_analysis_picks_plain_or_floor_operators():
+    q, kv, W = ir.Var("q"), ir.Var("kv"), ir.Param("W", "int")
+    assert nonneg(ir.op("floordiv", q, ir.const(4))) and nonneg(ir.op("mod", ir.op("sub", q, kv), ir.const(4)))
+    assert not nonneg(ir.op("sub", q, kv)) and not nonneg(W) and not nonneg(ir.op("mod", q, W))
+    blocky = ac.Pattern(lambda b, h, q, kv: q // 16 == kv // 16)
+    qq, kk, vv = qkv(1, 1, 1, 40, 40, 16)
+    src = compile(blocky, qq, kk, vv).source
+    assert "((q // 16) == (kv // 16))" in src and "def floordiv" not in src
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = qkv(1, 2, 1, 20, 20, 16)
+    with pytest.raises(NotImplementedError, match="backward"):
+        attention(q.clone().requires_grad_(), k, v)
+    with torch.no_grad():
+        attention(q.clone().requires_grad_(), k, v)
+    with pytest.raises(ValueError, match="q has head dim 8"):
+        attention(*qkv(1, 1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="v has head dim 300"):
+        attention(*qkv(1, 1, 1, 8, 8, 16, Dv=300))
+    with pytest.raises(ValueError, match="dtype"):
+        attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="kernel_options"):
+        attention(q, k, v, kernel_options={"BLOCK_K": 32})
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        attention(q, k, v, kernel_options={"BLOCK_M": 48})
+    with pytest.raises(ValueError, match="pattern"):
+        attention(q, k, v, "causal")
+    with pytest.raises(ValueError, match="doc"):  # a buffer shorter than the sequence
+        attention(q, k, v, ac.patterns.document(torch.zeros(10, dtype=torch.long)))
+    with pytest.raises(ValueError, match="slope"):  # a score-mod buffer with too few heads
+        attention(q, k, v, ac.patterns.alibi(1))
