@@ -24,3 +24,42 @@ def ascii_mask(mask: torch.Tensor, max_size: int = 64) -> str:
     for lr, tr in zip(live.tolist(), total.tolist()):
         rows.append("".join("#" if l == t else "." if l == 0 else "+" for l, t in zip(lr, tr)))
     return "\n".join(rows)
+
+
+def ascii_block_map(classes: torch.Tensor, max_size: int = 64) -> str:
+    """An int [QB, KB] block map (0 empty, 1 partial, 2 full) as text: '#' full, '+' partial, '.' empty.
+
+    Downsampled like ascii_mask: a cell is '#' if all its tiles are full, '.' if all are empty.
+    """
+    if classes.dim() != 2:
+        raise ValueError(f"ascii_block_map needs a 2-D [QB, KB] block map, got shape {tuple(classes.shape)}")
+    full = ascii_mask(classes == 2, max_size).splitlines()
+    empty = ascii_mask(classes == 0, max_size).splitlines()
+    return "\n".join("".join("#" if f == "#" else "." if e == "#" else "+" for f, e in zip(fr, er))
+                     for fr, er in zip(full, empty))
+
+
+def save_png(path: str, mask: torch.Tensor, block_map: torch.Tensor | None = None, title: str = "") -> None:
+    """Write a picture of a bool [Q, KV] mask, and beside it an int [QB, KB] block map if given."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    if mask.dim() != 2:
+        raise ValueError(f"save_png needs a 2-D [Q, KV] mask, got shape {tuple(mask.shape)}")
+    panels = 1 if block_map is None else 2
+    fig = Figure(figsize=(5 * panels, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes[0].imshow(mask.cpu().numpy(), cmap=ListedColormap(["#f4f4f4", "#1f4e9c"]), vmin=0, vmax=1,
+                   interpolation="nearest")
+    axes[0].set(title=f"mask ({mask.shape[0]} x {mask.shape[1]})", xlabel="kv", ylabel="q")
+    if block_map is not None:
+        axes[1].imshow(block_map.cpu().numpy(), cmap=ListedColormap(["#f4f4f4", "#f0a030", "#1f4e9c"]),
+                       vmin=0, vmax=2, interpolation="nearest")
+        counts = [int((block_map == c).sum()) for c in (2, 1, 0)]
+        axes[1].set(title="blocks: {} full (blue), {} partial (orange), {} empty".format(*counts),
+                    xlabel="kv block", ylabel="q block")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100)

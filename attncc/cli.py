@@ -1,0 +1,341 @@
+"""The `attncc` command: show, viz, check, explain and bench a pattern.
+
+PATTERN is a quoted DSL text (`"mask = q >= kv"`), a pattern file (`causal.attn`), or
+`module:function` naming a Python mask_mod(b, h, q_idx, kv_idx), a score_mod(score, b, h, q_idx,
+kv_idx), a Pattern, or a function of no arguments returning a Pattern (`attncc.patterns:causal`).
+Exit codes: 0 ok, 1 a failure (or a feature this version does not have yet), 2 bad input.
+
+Verbs light up as the library grows: each looks for the function it needs (`attncc.compile`,
+`attncc.create_block_mask`, `attncc.testing.check_pattern`, `attncc.explain`, benchmarks/run.py)
+and says clearly when it is not there.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors run the generated kernels in Triton's interpreter
+
+import attncc as ac  # noqa: E402
+from attncc.dsl import ir  # noqa: E402
+from attncc.viz import ascii_block_map, ascii_mask, save_png  # noqa: E402
+
+_MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+class InputError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+class Missing(RuntimeError):
+    """A feature this version of attncc does not have yet (exit code 1)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a pattern.
+
+def load_pattern(spec: str, binds: list[str] = ()) -> ac.Pattern:
+    """The Pattern named by a DSL text, a pattern file, or `module:function`; then --bind values."""
+    if _MODULE_FUNCTION.fullmatch(spec) and not os.path.exists(spec):
+        pattern = _from_python(spec)
+    elif os.path.isfile(spec):
+        try:
+            pattern = ac.parse(Path(spec).read_text())
+        except ac.DSLError as e:
+            raise InputError(f"{spec}: {e}") from None
+    elif spec.endswith(".attn"):
+        raise InputError(f"no such pattern file: {spec}")
+    else:
+        pattern = ac.parse(spec)
+    return _bind(pattern, binds)
+
+
+def _from_python(spec: str) -> ac.Pattern:
+    module_name, attr = spec.split(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(f"cannot import {module_name!r}: {e}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise InputError(f"module {module_name!r} has no attribute {attr!r}")
+    if isinstance(obj, ac.Pattern):
+        return obj
+    if not callable(obj):
+        raise InputError(f"{spec} is a {type(obj).__name__}, not a function or Pattern")
+    try:
+        required = [p for p in inspect.signature(obj).parameters.values()
+                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    except (TypeError, ValueError):
+        raise InputError(f"cannot read the signature of {spec}") from None
+    if len(required) == 4:
+        return ac.Pattern(mask_mod=obj)
+    if len(required) == 5:
+        return ac.Pattern(score_mod=obj)
+    if len(required) == 0:
+        result = obj()
+        if isinstance(result, ac.Pattern):
+            return result
+        raise InputError(f"{spec}() returned {type(result).__name__}, not an attncc.Pattern")
+    raise InputError(f"{spec} takes {len(required)} required arguments; expected a mask_mod (b, h, q_idx, "
+                     "kv_idx), a score_mod (score, b, h, q_idx, kv_idx) or a function of none returning a Pattern")
+
+
+def _bind(pattern: ac.Pattern, binds: list[str]) -> ac.Pattern:
+    """`NAME=VALUE`: a number for a param, comma-separated numbers (a 1-D tensor) for a buffer."""
+    values = {}
+    for item in binds:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise InputError(f"--bind {item!r}: expected NAME=VALUE")
+        try:
+            numbers = [_number(x) for x in text.split(",")]
+        except ValueError:
+            raise InputError(f"--bind {item!r}: VALUE must be a number or comma-separated numbers") from None
+        if name in pattern.buffers:
+            values[name] = torch.tensor(numbers)
+        elif len(numbers) == 1:
+            values[name] = numbers[0]
+        else:
+            raise InputError(f"--bind {item!r}: {name!r} is not a buffer of this pattern, so it takes one number")
+    return pattern.bind(**values) if values else pattern
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _require_values(pattern: ac.Pattern) -> None:
+    missing = pattern.unbound_buffers()
+    if missing:
+        raise InputError(f"buffer(s) {', '.join(missing)} have no values; give them with "
+                         f"--bind {missing[0]}=0,0,1,1,... (one number per index)")
+
+
+def _feature(module, name: str):
+    """`module.name` if this version of attncc has it, else None."""
+    try:
+        return getattr(module, name, None)
+    except ImportError:  # a lazily imported submodule whose dependencies are not installed
+        return None
+
+
+def _inputs(args, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q [B, H, Q, D], k, v [B, H, KV, D] for the sizes on the command line."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, args.heads, n, args.head_dim) for n in (args.q_len, args.kv_len, args.kv_len)]
+    return tuple(torch.randn(s, generator=gen).to(device, dtype) for s in shapes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Verbs. Each returns an exit code.
+
+def cmd_show(pattern: ac.Pattern, args) -> int:
+    print(f"== pattern\n{pattern}\n\n== IR (node : kind)")
+    parts = [("mask", pattern.mask), ("score", pattern.score)] + [("block", pattern.block)] * pattern.has_block_mask
+    for what, node in parts:
+        print(f"{what} =\n{ir_tree(node)}")
+    compile_ = _feature(ac, "compile")
+    if compile_ is None:
+        print("\n(no generated source: this version of attncc has no code generator yet; attncc.compile is missing)")
+        return 0
+    _require_values(pattern)
+    q, k, v = _inputs(args, device="cpu")
+    kernel = compile_(pattern, q, k, v)
+    print(f"\n== generated Triton source for q {list(q.shape)}, k/v {list(k.shape)} {q.dtype}")
+    config = getattr(kernel, "config", None)
+    if config is not None:
+        print(f"# config: {config}")
+    print(kernel.source)
+    return 0
+
+
+def ir_tree(node: ir.Node, depth: int = 1) -> str:
+    """The IR as an indented tree, one node a line with its kind."""
+    if isinstance(node, ir.Op):
+        label = node.op
+    elif isinstance(node, ir.Load):
+        label = f"load {node.buffer}"
+    else:
+        label = f"{type(node).__name__.lower()} {node}"
+    lines = [f"{'  ' * depth}{label} : {ir.kind_of(node)}"]
+    lines += [ir_tree(c, depth + 1) for c in node.children()]
+    return "\n".join(lines)
+
+
+def cmd_viz(pattern: ac.Pattern, args) -> int:
+    _require_values(pattern)
+    if not 0 <= args.head < args.heads:
+        raise InputError(f"--head {args.head} is outside 0..{args.heads - 1}")
+    heads = args.heads if "h" in pattern.free_vars() else None
+    head = args.head if heads else 0
+    mask = ac.create_mask(pattern, 1, heads, args.q_len, args.kv_len)[0, head]
+    live = mask.float().mean().item()
+    print(f"== mask, {args.q_len} x {args.kv_len} tokens, head {args.head}: {live:.1%} of pairs attend "
+          "('#' attends, '.' does not, '+' a downsampled cell with both)")
+    print(ascii_mask(mask, args.width))
+    blocks = None
+    create_block_mask = _feature(ac, "create_block_mask")
+    if create_block_mask is None:
+        print("\n(no block map: this version of attncc has no attncc.create_block_mask yet)")
+    else:
+        bm = create_block_mask(pattern, 1, heads, args.q_len, args.kv_len, block_size=args.block)
+        dense = bm.to_dense()
+        blocks = dense[0, head if dense.shape[1] > 1 else 0]
+        counts = [int((blocks == c).sum()) for c in (2, 1, 0)]
+        print(f"\n== block map, block size {args.block}: {counts[0]} full '#', {counts[1]} partial '+', "
+              f"{counts[2]} empty '.'")
+        print(ascii_block_map(blocks, args.width))
+    if args.output:
+        save_png(args.output, mask, blocks, title=pattern.name or "")
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def cmd_check(pattern: ac.Pattern, args) -> int:
+    _require_values(pattern)
+    testing = _feature(ac, "testing")
+    check_pattern = _feature(testing, "check_pattern") if testing is not None else None
+    try:
+        if check_pattern is not None:
+            print(check_pattern(pattern, max_examples=args.examples, max_len=args.q_len))
+            return 0
+        print(_check_reference(pattern, args))
+    except AssertionError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    print("kernels are not checked yet: this version of attncc has no attncc.testing.check_pattern")
+    return 0
+
+
+def _check_reference(pattern: ac.Pattern, args) -> str:
+    """ac.reference against a plain dense softmax built from create_mask and the flex-style score mod."""
+    from attncc.compiler.evaluate import as_flex_mods
+
+    q, k, v = (x.double() for x in _inputs(args, device="cpu"))
+    out, lse = ac.reference(q, k, v, pattern, return_lse=True)
+    B, H, Q, KV = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    _, score_mod = as_flex_mods(pattern)
+    if score_mod is not None:
+        idx = [torch.arange(n).view(*(n if i == d else 1 for i in range(4))) for d, n in enumerate((B, H, Q, KV))]
+        scores = score_mod(scores, *idx)
+    live = ac.create_mask(pattern, B, H, Q, KV)
+    p = torch.softmax(scores.masked_fill(~live, -math.inf), -1).nan_to_num(0.0)
+    expected = p @ v
+    err = ((out - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+    empty = ~live.any(-1)
+    if err > 1e-10 or not torch.equal(torch.isinf(lse), empty) or out[empty].abs().sum() > 0:
+        raise AssertionError(f"ac.reference differs from a dense softmax: relative error {err:.2e}")
+    return f"reference matches a dense softmax on q {list(q.shape)}, k/v {list(k.shape)}: relative error {err:.1e}"
+
+
+def cmd_explain(pattern: ac.Pattern, args) -> int:
+    explain = _feature(ac, "explain")
+    if explain is None:
+        raise Missing("this version of attncc has no cost model yet (attncc.explain is missing)")
+    _require_values(pattern)
+    print(explain(pattern, *_inputs(args)))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    runner = Path(ac.__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not runner.is_file():
+        raise Missing(f"the benchmark suite is not available: {runner} does not exist")
+    return subprocess.call([sys.executable, str(runner), *args.rest])
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attncc", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str, sizes: bool = True) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.add_argument("pattern", metavar="PATTERN", help="DSL text, a .attn file, or module:function")
+        p.add_argument("--bind", action="append", default=[], metavar="NAME=VALUE",
+                       help="a param's value, or a buffer's values as comma-separated numbers (repeatable)")
+        if sizes:
+            p.add_argument("--q-len", type=_positive, default=128, help="query length (default 128)")
+            p.add_argument("--kv-len", type=_positive, default=None, help="key length (default: --q-len)")
+            p.add_argument("--heads", type=_positive, default=2, help="query heads (default 2)")
+            p.add_argument("--head-dim", type=_positive, default=64, help="head dim D (default 64)")
+            p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                           help="input dtype (default: bfloat16 on a GPU, float32 on CPU)")
+        return p
+
+    verb("show", "print the pattern, its IR and the generated Triton source")
+    viz = verb("viz", "draw the mask and the block map (ASCII, or a PNG with -o)")
+    viz.add_argument("-o", "--output", metavar="FILE.png", help="write a PNG picture")
+    viz.add_argument("--block", type=_block, default=128, help="block size, N or BQ,BK (default 128)")
+    viz.add_argument("--head", type=int, default=0, help="which head to draw (default 0)")
+    viz.add_argument("--width", type=_positive, default=64, help="ASCII picture size in cells (default 64)")
+    check = verb("check", "property-test the pattern's kernels against the float64 reference")
+    check.add_argument("--examples", type=_positive, default=5, help="random examples (default 5)")
+    check.set_defaults(q_len=64)
+    verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
+    bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/run.py)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _block(text: str) -> int | tuple[int, int]:
+    sizes = [_positive(x) for x in text.split(",")]
+    if len(sizes) > 2:
+        raise argparse.ArgumentTypeError(f"block size is N or BQ,BK, got {text}")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+COMMANDS = {"show": cmd_show, "viz": cmd_viz, "check": cmd_check, "explain": cmd_explain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.verb == "bench":
+            return cmd_bench(args)
+        if args.kv_len is None:
+            args.kv_len = args.q_len
+        pattern = load_pattern(args.pattern, args.bind)
+        return COMMANDS[args.verb](pattern, args)
+    except (ac.DSLError, ac.PatternError, InputError) as e:
+        print(f"attncc {args.verb}: {e}", file=sys.stderr)
+        return 2
+    except Missing as e:
+        print(f"attncc {args.verb}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a failure inside attncc or the user's code: say what, without a traceback
+        print(f"attncc {args.verb}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
