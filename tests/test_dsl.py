@@ -109,6 +109,14 @@ def test_catalogue_round_trips(p):
     assert back.bind(**p.buffers) == p
 
 
+def test_traced_params_named_like_statements_round_trip():
+    n, bs = ac.param("nan", 2), ac.param("block_size", 3)
+    p = ac.Pattern(lambda b, h, q, kv: (q - kv) % bs < n)
+    assert ac.parse(str(p)) == p
+    p = ac.Pattern(score_mod=lambda s, b, h, q, kv: s + float("nan"))
+    assert ac.parse(str(p)) == p and str(p) == "score = score + nan"
+
+
 def test_traced_block_predicate_round_trips():
     p = ac.Pattern(lambda b, h, q, kv: q >= kv, block_mask_mod=lambda b, h, qb, kb: (qb - kb) % 3 != 1,
                    block_size=(32, 64))

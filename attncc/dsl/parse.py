@@ -156,7 +156,7 @@ class _Builder:
             raise self.error(f"param {names[0]} needs a default value: `param {names[0]} = 1`"
                              if head == "param" else f"expected `{head} = ...`", _pos(names[0]))
         for n in names:
-            if n in _RESERVED or n in STATEMENTS or n in CONSTANTS:
+            if n in _RESERVED:
                 raise self.error(f"{str(n)!r} is a reserved name and cannot be a {head}'s name", _pos(n))
             if n in self.params or n in self.buffers:
                 raise self.error(f"{str(n)!r} is declared twice", _pos(n))
@@ -289,10 +289,10 @@ class _Builder:
 
     def _variable(self, tok: lark.Token) -> ir.Node:
         name = str(tok)
+        if name in self.params:  # before CONSTANTS: a param may be called `nan`
+            return self.params[name]
         if name in CONSTANTS:
             return ir.const(CONSTANTS[name])
-        if name in self.params:
-            return self.params[name]
         var = ALIASES.get(name, name)
         if var in ir.ALL_VARS:
             allowed = CONTEXT_VARS[self.context]
