@@ -36,13 +36,15 @@ def run(x):
 KEY = {"pattern": "causal", "spec": "D=64,fp32", "config": "BQ=32,BK=32"}
 
 # A separate interpreter: waits for a go-file if given, loads KEY with a generate() that
-# leaves a marker, runs the kernel and prints its stats as JSON.
+# leaves a marker, runs the kernel and prints its stats as JSON. It takes the parent's source
+# fingerprint, so that files edited meanwhile in this shared working tree do not change the key.
 CHILD = r'''
 import json, os, pathlib, sys, time
 import torch
 from attncc.runtime import cache
 
-key, src_file, marker_dir, go_file = json.loads(sys.argv[1]), *sys.argv[2:5]
+key, src_file, marker_dir, go_file, fingerprint = json.loads(sys.argv[1]), *sys.argv[2:6]
+cache._source_fingerprint = lambda: fingerprint
 
 def generate():
     (pathlib.Path(marker_dir) / f"generated-{os.getpid()}").touch()
@@ -89,7 +91,8 @@ def spawn(root, tmp_path, go_file=""):
     src_file = tmp_path / "src.py"
     src_file.write_text(SRC)
     env = dict(os.environ, ATTNCC_CACHE_DIR=str(root))
-    args = [sys.executable, "-c", CHILD, json.dumps(KEY), str(src_file), str(tmp_path), go_file]
+    args = [sys.executable, "-c", CHILD, json.dumps(KEY), str(src_file), str(tmp_path), go_file,
+            cache._source_fingerprint()]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -236,6 +239,11 @@ def test_key_covers_parts_versions_and_gpu(fresh, monkeypatch):
         seen.add(cache.cache_key(KEY))
     assert len(seen) == 6
     assert cache.cache_key(KEY) == base
+    fingerprints = []
+    for _ in range(2):
+        cache._source_fingerprint.cache_clear()
+        fingerprints.append(cache._source_fingerprint())
+    assert fingerprints[0] == fingerprints[1]  # deterministic over the same files
 
 
 def test_new_version_uses_a_new_file(fresh, monkeypatch):
