@@ -166,6 +166,7 @@ def test_racing_processes_all_succeed_and_leave_a_valid_file(fresh, tmp_path):
         assert r["stats"]["corrupt_regenerated"] == 0
     assert len(list(tmp_path.glob("generated-*"))) >= 2  # they really raced
     path = entry_path(fresh)
+    assert {r["file"] for r in reports} == {str(path)}
     assert cache._decode(path.read_bytes()) == SRC
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp files left
 
