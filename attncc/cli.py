@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ac.DSLError, ac.PatternError, InputError) as e:
         print(f"attncc {args.verb}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`attncc show ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Missing as e:
         print(f"attncc {args.verb}: {e}", file=sys.stderr)
         return 1

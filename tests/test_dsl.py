@@ -117,6 +117,11 @@ def test_traced_params_named_like_statements_round_trip():
     assert ac.parse(str(p)) == p and str(p) == "score = score + nan"
 
 
+def test_a_multi_line_name_prints_as_one_comment():
+    p = ac.Pattern(lambda b, h, q, kv: q >= kv, name="two\nlines")
+    assert str(p) == "# two lines\nmask = q >= kv" and ac.parse(str(p)) == p
+
+
 def test_traced_block_predicate_round_trips():
     p = ac.Pattern(lambda b, h, q, kv: q >= kv, block_mask_mod=lambda b, h, qb, kb: (qb - kb) % 3 != 1,
                    block_size=(32, 64))

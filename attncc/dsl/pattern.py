@@ -188,7 +188,7 @@ class Pattern:
                                   self.name, self.block_size))
 
     def __str__(self) -> str:
-        lines = [f"# {self.name}"] if self.name else []
+        lines = [f"# {' '.join(self.name.splitlines())}"] if self.name else []  # one comment line
         lines += [f"param {k} = {ir.format_const(v)}" for k, v in self.params.items()]
         lines += [f"buffer {k}" for k in self.buffers]
         if self.mask is not ir.TRUE or not self.has_score_mod:
