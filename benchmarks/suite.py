@@ -19,8 +19,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
-import re
 import secrets
 import shlex
 import statistics
@@ -41,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import attncc as ac  # noqa: E402
 from benchmarks import patterns as bp  # noqa: E402
+from benchmarks.report import cell, output_paths, write  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -182,9 +181,9 @@ def make_impls(ctx: Context, pat: bp.BenchPattern, shape: Shape, per_b: bool, pe
     return impls
 
 
-def attncc_config(pat: bp.BenchPattern, q, k, v) -> dict:
+def attncc_config(pat: bp.BenchPattern, q, k, v, options: dict | None) -> dict:
     try:
-        return dict(ac.compile(pat.attncc, q, k, v).config)
+        return dict(ac.compile(pat.attncc, q, k, v, **({"kernel_options": options} if options else {})).config)
     except Exception as exc:  # noqa: BLE001 - recorded in the row
         return {"path": "?", "error": describe(exc)}
 
@@ -197,13 +196,19 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0):
     return randn(shape.Hq), randn(shape.Hkv), randn(shape.Hkv)
 
 
+def corner(ts: list[torch.Tensor], group: int) -> list[torch.Tensor]:
+    """Batch 0, kv head 0 and the `group` query heads that read it, of [out] or [dq, dk, dv]."""
+    return [t[:1, :group if i == 0 else 1] for i, t in enumerate(ts)]
+
+
 def oracle(pat: bp.BenchPattern, qkv, dout: torch.Tensor | None) -> list[torch.Tensor]:
-    """ac.reference on batch 0 in float64: [out], or [dq, dk, dv] for the upstream gradient dout."""
-    q, k, v = (t[:1].detach().double().requires_grad_(dout is not None) for t in qkv)
+    """ac.reference in float64 on corner(qkv) (exact there): [out], or [dq, dk, dv] for dout."""
+    group = qkv[0].shape[1] // qkv[1].shape[1]
+    q, k, v = (t.detach().double().requires_grad_(dout is not None) for t in corner(list(qkv), group))
     out = ac.reference(q, k, v, pat.attncc)
     if dout is None:
         return [out]
-    out.backward(dout[:1].double())
+    out.backward(dout[:1, :q.shape[1]].double())
     return [q.grad, k.grad, v.grad]
 
 
@@ -215,18 +220,32 @@ def max_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 def guard(row: dict, pat: bp.BenchPattern, got: list, refs: dict, qkv, dout, key: str, tol: float) -> bool:
     """Record attncc's error against the first anchor that ran, else against the float64 oracle
     on batch 0; when it fails against an anchor at a modest size, also both against the oracle."""
+    group = qkv[0].shape[1] // qkv[1].shape[1]
     if refs:
         ref_name, want = next(iter(refs.items()))
         err = max_rel_err(got, want)
     else:
-        ref_name = "reference[b=0]"
-        err = max_rel_err([g[:1] for g in got], oracle(pat, qkv, dout))
+        ref_name = "reference[corner]"
+        err = max_rel_err(corner(got, group), oracle(pat, qkv, dout))
     record = row.setdefault("guard", {})[key] = {"vs": ref_name, "rel_err": err, "tol": tol, "ok": err < tol}
-    if refs and not err < tol and qkv[0].shape[2] ** 2 <= 1 << 26:
-        exact = oracle(pat, qkv, dout)
-        record["attncc_vs_reference[b=0]"] = max_rel_err([g[:1] for g in got], exact)
-        record[f"{ref_name}_vs_reference[b=0]"] = max_rel_err([w[:1] for w in want], exact)
+    if refs and not err < tol and dout is None and qkv[0].shape[2] ** 2 <= 1 << 26:
+        exact = oracle(pat, qkv, None)
+        record["attncc_vs_reference[corner]"] = max_rel_err(corner(got, group), exact)
+        record[f"{ref_name}_vs_reference[corner]"] = max_rel_err(corner(want, group), exact)
     return err < tol
+
+
+def first_run(impl: Impl, qkv: list[torch.Tensor], dout: torch.Tensor | None) -> list[torch.Tensor]:
+    """One call: [out], or the gradients [dq, dk, dv] for the upstream gradient dout."""
+    with impl.scope():
+        out = impl.fn(*qkv)
+        if dout is None:
+            return [out]
+        out.backward(dout)
+    grads = [t.grad for t in qkv]
+    for t in qkv:
+        t.grad = None
+    return grads
 
 
 def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, flops: float, backward: bool):
@@ -245,15 +264,7 @@ def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, fl
             continue
         try:
             start = time.perf_counter()
-            with impl.scope():
-                out = impl.fn(*qkv)
-                if backward:
-                    out.backward(dout)
-                    out = [t.grad.clone() for t in qkv]
-                    for t in qkv:
-                        t.grad = None
-                else:
-                    out = [out]
+            out = first_run(impl, qkv, dout)
             sync(ctx)
             entries[name] = {"first_s": time.perf_counter() - start}
         except Exception as exc:  # noqa: BLE001 - recorded in the row
@@ -261,7 +272,14 @@ def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, fl
             continue
         if name != "attncc":
             refs = refs or {name: out}
-        elif not guard(row, pat, out, refs, qkv, dout, key, tol):
+            results[name] = impl
+            continue
+        try:
+            ok = guard(row, pat, out, refs, qkv, dout, key, tol)
+        except Exception as exc:  # noqa: BLE001 - an unchecked kernel is not timed
+            entries[name] = {"status": "error", "error": f"guard: {describe(exc)}"}
+            continue
+        if not ok:
             entries[name] = {"status": "FAILED", **row["guard"][key]}
             continue
         results[name] = impl
@@ -277,7 +295,8 @@ def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, fl
 
 
 def run_row(ctx: Context, shape_name: str, shape: Shape, name: str) -> dict:
-    row = {"pattern": name, "shape": shape_name, "dims": asdict(shape), "fwd": {}, "fwd_bwd": {}}
+    row = {"pattern": name, "shape": shape_name, "label": shape.label(), "dims": asdict(shape),
+           "fwd": {}, "fwd_bwd": {}}
     start = time.perf_counter()
     try:
         pat = bp.build(name, shape.N, shape.Hq, ctx.device, ctx.sizes)
@@ -285,7 +304,7 @@ def run_row(ctx: Context, shape_name: str, shape: Shape, name: str) -> dict:
         live, per_b, per_h = bp.count_live_pairs(pat.mask_mod, shape.B, shape.Hq, shape.N, shape.N, ctx.device)
         row.update(live_pairs=live, density=live / (shape.B * shape.Hq * shape.N * shape.N))
         qkv = make_inputs(shape, ctx.device)
-        row["attncc_config"] = attncc_config(pat, *qkv)
+        row["attncc_config"] = attncc_config(pat, *qkv, ctx.args.kernel_options)
         impls = make_impls(ctx, pat, shape, per_b, per_h, row)
         flops = 4.0 * shape.D * live
         run_pass(ctx, row, pat, impls, qkv, flops, backward=False)
@@ -334,102 +353,6 @@ def first_call(ctx: Context, shape: Shape) -> dict:
     if len(outs) == 2:
         res["rel_err"] = rel_err(outs["attncc"], outs["flex"])
     return res
-
-
-# ---------------------------------------------------------------- report
-
-def cell(entry: dict | None) -> str:
-    if not entry:
-        return "—"
-    if "tflops" in entry:
-        x = entry["tflops"]
-        return f"{x:.0f}" if x >= 10 else f"{x:.3g}"
-    status = entry.get("status")
-    if status == "FAILED":
-        return f"FAILED (rel {entry['rel_err']:.2g})"
-    return {"none": "—", "n/a": "n/a"}.get(status, "error")
-
-
-def ratio(a: dict | None, b: dict | None) -> str:
-    if a and b and "tflops" in a and "tflops" in b:
-        return f"{a['tflops'] / b['tflops']:.2f}×"
-    return "—"
-
-
-def config_text(cfg: dict | None) -> str:
-    if not cfg:
-        return "—"
-    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("path", "error"))
-    return f"{cfg.get('path', '?')}" + (f" ({rest})" if rest else "") + (" (compile error)" if "error" in cfg else "")
-
-
-def table(rows: list[dict], key: str) -> list[str]:
-    lines = ["| pattern | shape | attncc TFLOP/s | flex TFLOP/s | cuDNN | FA2 | attncc/flex | attncc/cuDNN | attncc path/config |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        e = r.get(key, {})
-        label = Shape(**r["dims"]).label()
-        if "error" in r and not e:
-            lines.append(f"| {r['pattern']} | {label} | error | | | | | | |")
-            continue
-        lines.append(f"| {r['pattern']} | {label} | {cell(e.get('attncc'))} | {cell(e.get('flex'))} | "
-                     f"{cell(e.get('cudnn'))} | {cell(e.get('fa2'))} | {ratio(e.get('attncc'), e.get('flex'))} | "
-                     f"{ratio(e.get('attncc'), e.get('cudnn'))} | {config_text(r.get('attncc_config'))} |")
-    return lines
-
-
-def first_call_text(fc: dict) -> str:
-    def one(e: dict) -> str:
-        if "first_s" in e:
-            return f"{e['first_s']:.3f} s (again: {1e3 * e['second_s']:.2f} ms)"
-        return e.get("error") or e.get("why") or "?"
-    err = f"; rel err {fc['rel_err']:.2g}" if "rel_err" in fc else ""
-    return (f"first call of a new pattern `{fc['pattern']}` ({fc['shape']}): attncc {one(fc['attncc'])}, "
-            f"FlexAttention {one(fc['flex'])}{err}")
-
-
-def markdown(result: dict) -> str:
-    s = result["settings"]
-    timing = (f"do_bench median, warmup {s['warmup']} ms, rep {s['rep']} ms" if result["device"] != "cpu"
-              else f"CPU timer, median of {s['cpu_reps']} runs; SDPA columns run the MATH backend on CPU")
-    out = [f"# attncc benchmark suite: {result['date']}, {result['gpu']}{' (smoke)' if s['smoke'] else ''}", "",
-           f"- torch {result['torch']}, triton {result['triton']}, attncc {result['attncc']} (git {result['git']})",
-           f"- command: `{result['command']}`",
-           f"- {timing}; bf16 random normal inputs; effective TFLOP/s = 4·D·live pairs / time "
-           f"(forward+backward ×{BWD_FACTOR}); attncc guarded against FlexAttention (rel err < {s['tol']}, "
-           f"gradients < {s['grad_tol']})"]
-    if result.get("first_call"):
-        out.append(f"- {first_call_text(result['first_call'])}")
-    problems = [f"- {r['shape']}/{r['pattern']}: {r['error']}" for r in result["rows"] if "error" in r]
-    problems += [f"- {r['shape']}/{r['pattern']} {key} {name}: {e.get('error') or e.get('why')}"
-                 for r in result["rows"] for key in ("fwd", "fwd_bwd") for name, e in r[key].items()
-                 if e.get("status") in ("error", "n/a")]
-    if problems:
-        out += ["", "## Errors and unsupported cases", ""] + problems
-    out += ["", "## Forward (effective TFLOP/s)", ""] + table(result["rows"], "fwd")
-    if s["backward"]:
-        out += ["", "## Forward+backward (effective TFLOP/s)", ""] + table(result["rows"], "fwd_bwd")
-    return "\n".join(out) + "\n"
-
-
-def output_paths(args, gpu: str, date: str) -> list[Path]:
-    stem = f"{date}-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}" + ("-smoke" if args.smoke else "") \
-        + (f"-{args.tag}" if args.tag else "")
-    name, i = stem, 1
-    while (args.out_dir / f"{name}.json").exists():
-        i += 1
-        name = f"{stem}-{i}"
-    dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    return [d / name for d in dirs]
-
-
-def write(result: dict, bases: list[Path]) -> str:
-    text = markdown(result)
-    for base in bases:
-        base.parent.mkdir(parents=True, exist_ok=True)
-        base.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        base.with_suffix(".md").write_text(text)
-    return text
 
 
 # ---------------------------------------------------------------- driver
@@ -494,10 +417,11 @@ def main(argv: list[str] | None = None) -> dict:
               "attncc": ac.__version__, "git": git_describe(),
               "command": shlex.join(["python"] + (sys.argv if argv is None else ["benchmarks/suite.py"] + argv)),
               "settings": {"smoke": args.smoke, "backward": args.backward, "warmup": args.warmup, "rep": args.rep,
-                           "cpu_reps": args.cpu_reps, "tol": args.tol, "grad_tol": args.grad_tol,
+                           "cpu_reps": args.cpu_reps, "bwd_factor": BWD_FACTOR, "tol": args.tol, "grad_tol": args.grad_tol,
                            "kernel_options": args.kernel_options, "sizes": asdict(ctx.sizes)},
               "rows": [], "first_call": None}
-    bases = output_paths(args, gpu, result["date"])
+    suffix = ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else "")
+    bases = output_paths(args.out_dir, gpu, result["date"], suffix)
     for i, (shape_name, name) in enumerate(args.rows, 1):
         row = run_row(ctx, shape_name, shapes[shape_name], name)
         result["rows"].append(row)

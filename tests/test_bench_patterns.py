@@ -142,8 +142,8 @@ def _stand_in(monkeypatch, attention):
     monkeypatch.setattr(ac, "compile", lambda *a, **k: _Compiled(), raising=False)
 
 
-def _run(tmp_path, *extra):
-    result = suite.main(["--smoke", "--device", "cpu", "--shapes", "odd", "--cpu-reps", "1",
+def _run(tmp_path, *extra, shapes="odd"):
+    result = suite.main(["--smoke", "--device", "cpu", "--shapes", shapes, "--cpu-reps", "1",
                          "--out-dir", str(tmp_path), *extra])
     saved = json.loads(next(tmp_path.glob("*-cpu-smoke.json")).read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"], default=str))
@@ -180,8 +180,8 @@ def test_suite_marks_a_wrong_kernel_failed_and_checks_gradients(tmp_path, monkey
     for key in ("fwd", "fwd_bwd"):
         entry = causal[key]["attncc"]
         assert entry["status"] == "FAILED" and "ms" not in entry and entry["rel_err"] > 0.1
-    assert causal["guard"]["fwd"]["attncc_vs_reference[b=0]"] > 0.1
-    assert causal["guard"]["fwd"]["flex_vs_reference[b=0]"] < 2e-2
+    assert causal["guard"]["fwd"]["attncc_vs_reference[corner]"] > 0.1
+    assert causal["guard"]["fwd"]["flex_vs_reference[corner]"] < 2e-2
     assert "| causal | B1 H2 N250 D32 | FAILED (rel" in md
 
 
@@ -191,3 +191,18 @@ def test_suite_records_row_errors_and_goes_on(tmp_path, monkeypatch):
     natten, swa = result["rows"]
     assert "N must be 256" in natten["error"] and swa["guard"]["fwd"]["ok"]
     assert "odd/natten2d: ValueError" in md
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_suite_checks_gqa_gradients_against_the_oracle(tmp_path, monkeypatch, wrong):
+    """No anchor has a CPU backward for alibi: attncc's GQA gradients are checked on the oracle."""
+    def attention(q, k, v, pattern, **kw):
+        out = ac.reference(q, k, v, pattern).to(q.dtype)
+        return out + (q - q.detach()) if wrong else out  # right output, wrong dq
+    _stand_in(monkeypatch, attention)
+    result, _ = _run(tmp_path, "--patterns", "alibi", "--backward", "--no-first-call", shapes="gqa")
+    (row,) = result["rows"]
+    assert row["guard"]["fwd"]["vs"] == "flex" and row["guard"]["fwd"]["ok"]
+    check = row["guard"]["fwd_bwd"]
+    assert check["vs"] == "reference[corner]" and check["ok"] is not wrong
+    assert ("tflops" in row["fwd_bwd"]["attncc"]) is not wrong

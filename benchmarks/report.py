@@ -1,0 +1,102 @@
+"""The suite's report: a markdown summary with one table per pass, and the result files."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+
+def cell(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    if "tflops" in entry:
+        x = entry["tflops"]
+        return f"{x:.0f}" if x >= 10 else f"{x:.3g}"
+    status = entry.get("status")
+    if status == "FAILED":
+        return f"FAILED (rel {entry['rel_err']:.2g})"
+    return {"none": "—", "n/a": "n/a"}.get(status, "error")
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    if a and b and "tflops" in a and "tflops" in b:
+        return f"{a['tflops'] / b['tflops']:.2f}×"
+    return "—"
+
+
+def config_text(cfg: dict | None) -> str:
+    if not cfg:
+        return "—"
+    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("path", "error"))
+    return f"{cfg.get('path', '?')}" + (f" ({rest})" if rest else "") + (" (compile error)" if "error" in cfg else "")
+
+
+def table(rows: list[dict], key: str) -> list[str]:
+    lines = ["| pattern | shape | attncc TFLOP/s | flex TFLOP/s | cuDNN | FA2 | attncc/flex | attncc/cuDNN | attncc path/config |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r.get(key, {})
+        label = r["label"]
+        if "error" in r and not e:
+            lines.append(f"| {r['pattern']} | {label} | error | | | | | | |")
+            continue
+        lines.append(f"| {r['pattern']} | {label} | {cell(e.get('attncc'))} | {cell(e.get('flex'))} | "
+                     f"{cell(e.get('cudnn'))} | {cell(e.get('fa2'))} | {ratio(e.get('attncc'), e.get('flex'))} | "
+                     f"{ratio(e.get('attncc'), e.get('cudnn'))} | {config_text(r.get('attncc_config'))} |")
+    return lines
+
+
+def first_call_text(fc: dict) -> str:
+    def one(e: dict) -> str:
+        if "first_s" in e:
+            return f"{e['first_s']:.3f} s (again: {1e3 * e['second_s']:.2f} ms)"
+        return e.get("error") or e.get("why") or "?"
+    err = f"; rel err {fc['rel_err']:.2g}" if "rel_err" in fc else ""
+    return (f"first call of a new pattern `{fc['pattern']}` ({fc['shape']}): attncc {one(fc['attncc'])}, "
+            f"FlexAttention {one(fc['flex'])}{err}")
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    timing = (f"do_bench median, warmup {s['warmup']} ms, rep {s['rep']} ms" if result["device"] != "cpu"
+              else f"CPU timer, median of {s['cpu_reps']} runs; SDPA columns run the MATH backend on CPU")
+    out = [f"# attncc benchmark suite: {result['date']}, {result['gpu']}{' (smoke)' if s['smoke'] else ''}", "",
+           f"- torch {result['torch']}, triton {result['triton']}, attncc {result['attncc']} (git {result['git']})",
+           f"- command: `{result['command']}`",
+           f"- {timing}; bf16 random normal inputs; effective TFLOP/s = 4·D·live pairs / time "
+           f"(forward+backward ×{s['bwd_factor']}); attncc guarded against FlexAttention (rel err < {s['tol']}, "
+           f"gradients < {s['grad_tol']})"]
+    if result.get("first_call"):
+        out.append(f"- {first_call_text(result['first_call'])}")
+    problems = [f"- {r['shape']}/{r['pattern']}: {r['error']}" for r in result["rows"] if "error" in r]
+    problems += [f"- {r['shape']}/{r['pattern']} {key} {name}: {e.get('error') or e.get('why')}"
+                 for r in result["rows"] for key in ("fwd", "fwd_bwd") for name, e in r[key].items()
+                 if e.get("status") in ("error", "n/a")]
+    if problems:
+        out += ["", "## Errors and unsupported cases", ""] + problems
+    out += ["", "## Forward (effective TFLOP/s)", ""] + table(result["rows"], "fwd")
+    if s["backward"]:
+        out += ["", "## Forward+backward (effective TFLOP/s)", ""] + table(result["rows"], "fwd_bwd")
+    return "\n".join(out) + "\n"
+
+
+def output_paths(out_dir: Path, gpu: str, date: str, suffix: str) -> list[Path]:
+    """out_dir/<date>-<gpu><suffix> (numbered when taken), and the same name under $OUT if set."""
+    stem = f"{date}-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}{suffix}"
+    name, i = stem, 1
+    while (out_dir / f"{name}.json").exists():
+        i += 1
+        name = f"{stem}-{i}"
+    dirs = [out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    return [d / name for d in dirs]
+
+
+def write(result: dict, bases: list[Path]) -> str:
+    """Write result as <base>.json and <base>.md for every base; returns the markdown."""
+    text = markdown(result)
+    for base in bases:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        base.with_suffix(".md").write_text(text)
+    return text
