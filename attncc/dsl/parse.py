@@ -30,6 +30,8 @@ _BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "truediv", "//": "floordiv",
 _CHAINS = {"or_test": "or", "and_test": "and", "bor": "or", "band": "and"}
 _CHAIN_HINT = (" (comparisons do not chain, and `&`, `|` bind tighter than comparisons as in Python: "
                "write `a < b and c < d` or `(a < b) & (c < d)`)")
+_TERMINAL_WORDS = {"NAME": "a name", "NUMBER": "a number", "COMPARE": "a comparison", "ADDOP": "+ or -",
+                   "MULOP": "*, /, // or %", "$END": "end of text"}
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 Pos = tuple[int, int]
@@ -91,9 +93,13 @@ class _Builder:
             hint = " (strings, attributes and other Python syntax are not part of the language)" \
                 if char in "'\".:;{}`\\@$?!" else ""
             raise self.error(f"unexpected character {char!r}{hint}", (e.line, e.column)) from None
-        except lark.exceptions.UnexpectedEOF:
-            raise self.error("unexpected end of text", self._end()) from None
         except lark.exceptions.UnexpectedToken as e:
+            stack = e.interactive_parser.parser_state.value_stack if e.interactive_parser else []
+            if len(stack) >= 2 and isinstance(stack[-2], lark.Tree) and isinstance(stack[-1], lark.Token) \
+                    and stack[-1].type == "NAME" and stack[-1] not in STATEMENTS:
+                # `mask = q kv`: the name after a complete expression was read as a new statement
+                raise self.error(f"unexpected name {str(stack[-1])!r} after a complete expression "
+                                 "(is an operator missing before it?)", _pos(stack[-1])) from None
             if e.token.type == "$END":
                 raise self.error(f"unexpected end of text; expected {self._expected(e.expected)}",
                                  self._end()) from None
@@ -103,11 +109,10 @@ class _Builder:
 
     @staticmethod
     def _expected(names) -> str:
-        terminals = {t.name: t for t in _parser().terminals}
-        shown = sorted({repr(terminals[n].pattern.value) if n in terminals and
-                        terminals[n].pattern.type == "str" else {"NAME": "a name", "NUMBER": "a number", "$END": "end of text"}.get(n, n)
-                        for n in names})
-        return ", ".join(shown[:10]) + (", ..." if len(shown) > 10 else "")
+        """Terminal names as a reader knows them: `'('`, `a name`, ..."""
+        literals = {t.name: repr(t.pattern.value) for t in _parser().terminals if t.pattern.type == "str"}
+        shown = sorted({literals.get(n) or _TERMINAL_WORDS.get(n, n) for n in names})
+        return ", ".join(shown)
 
     # -- statements
     def pattern(self) -> Pattern:
