@@ -331,3 +331,21 @@ def test_hostile_texts_are_rejected_without_running_anything(text, monkeypatch):
     with pytest.raises(DSLError) as info:
         ac.parse(text)
     assert info.value.line >= 1 and info.value.column >= 1
+
+
+TOKENS = ["mask", "score", "block", "param", "buffer", "block_size", "=", "q", "kv", "b", "h", "qb", "kb",
+          "score", "W", "doc", "doc[q]", "1", "0", "-1", "2.5", "1e3", "inf", "true", "(", ")", ",", "+", "-",
+          "*", "/", "//", "%", "**", "<", ">=", "==", "!=", "and", "or", "not", "&", "|", "~", "where(",
+          "min(", "clamp(", "tanh(", "abs(", "[", "]", "\n", "#", "0 ** 0.5", "2 ** 63"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=25))
+def test_any_token_soup_gives_a_pattern_or_a_dsl_error(tokens):
+    text = "param W = 3\nbuffer doc\n" + " ".join(tokens)
+    try:
+        p = ac.parse(text)
+    except DSLError as e:
+        assert 1 <= e.line <= text.count("\n") + 1 and e.column >= 1
+        return
+    assert ac.parse(str(p)) == p
