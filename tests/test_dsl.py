@@ -1,5 +1,6 @@
 """The text DSL: round trips through the printer, errors with positions, equivalence with traced
 Python, and that a text can do nothing but describe a pattern."""
+import inspect
 import math
 
 import pytest
@@ -107,6 +108,12 @@ def test_catalogue_round_trips(p):
     assert back.params == p.params and back.name == p.name
     assert back.unbound_buffers() == list(p.buffers)
     assert back.bind(**p.buffers) == p
+
+
+def test_every_catalogue_family_is_round_tripped():
+    families = {n for n in ac.patterns.__all__
+                if inspect.signature(getattr(ac.patterns, n)).return_annotation in (ac.Pattern, "Pattern")}
+    assert families and families <= {p.name for p in _catalogue()}, "add new catalogue patterns to _catalogue()"
 
 
 def test_traced_params_named_like_statements_round_trip():
