@@ -55,6 +55,9 @@ def load_pattern(spec: str, binds: list[str] = ()) -> ac.Pattern:
             raise InputError(f"{spec}: {e}") from None
     elif spec.endswith(".attn"):
         raise InputError(f"no such pattern file: {spec}")
+    elif "=" not in spec:
+        raise InputError(f"{spec!r} is not a file, module:function or pattern text; PATTERN is DSL text such as "
+                         "'mask = q >= kv', a .attn file, or module:function such as attncc.patterns:causal")
     else:
         pattern = ac.parse(spec)
     return _bind(pattern, binds)

@@ -71,6 +71,7 @@ def test_pattern_from_text_file_and_python(user_module):
 
 @pytest.mark.parametrize("spec,words", [
     ("missing.attn", "no such pattern file"),
+    ("causal", "not a file, module:function or pattern text"),
     ("no_such_module_xyz:f", "cannot import"),
     ("my_masks:nothing", "has no attribute"),
     ("my_masks:needs_args", "2 required arguments"),
