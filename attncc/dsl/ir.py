@@ -229,6 +229,10 @@ def _fold(name: str, args: tuple) -> Node | None:
     return const(value)
 
 
+def _bool(n: Node) -> bool:
+    return kind_of(n) == "bool"
+
+
 def _is(n: Node, value) -> bool:
     return isinstance(n, Const) and type(n.value) is type(value) and n.value == value
 
@@ -269,24 +273,20 @@ def _simplify(name: str, args: tuple) -> Node | None:
             return Const(0)
     if name in ("floordiv", "truediv") and _is(b, 1) and is_int and name == "floordiv":
         return a
-    if name in ("neg", "not") and isinstance(a, Op) and a.op == name:
+    # and/or/not may return an operand only if it is a boolean: an integer buffer read (kind
+    # "any") used as a truth value is not the same value as the truth value itself
+    if name in ("neg", "not") and isinstance(a, Op) and a.op == name and (name == "neg" or _bool(a.args[0])):
         return a.args[0]
     if name in LOGIC and isinstance(b, Op) and b.op == name:  # keep chains left-associated
         return op(name, op(name, a, b.args[0]), b.args[1])
-    if name == "and":
-        if a is TRUE or a is b:
-            return b
-        if b is TRUE:
+    if name in LOGIC:
+        absorbing, neutral = (FALSE, TRUE) if name == "and" else (TRUE, FALSE)
+        if a is absorbing or b is absorbing:
+            return absorbing
+        if _bool(a) and (b is neutral or a is b):
             return a
-        if a is FALSE or b is FALSE:
-            return FALSE
-    if name == "or":
-        if a is FALSE or a is b:
+        if _bool(b) and a is neutral:
             return b
-        if b is FALSE:
-            return a
-        if a is TRUE or b is TRUE:
-            return TRUE
     if name in COMPARE and a is b and is_int:
         return TRUE if name in ("eq", "le", "ge") else FALSE
     if name in ("min", "max") and a is b:
