@@ -225,7 +225,7 @@ def _check_expr(node: ir.Node, allowed_vars: tuple, what: str, kinds: tuple) -> 
 
 
 def _block_size(bs) -> tuple[int, int]:
-    pair = (bs, bs) if isinstance(bs, int) else tuple(bs)
+    pair = (bs, bs) if isinstance(bs, int) else tuple(bs) if isinstance(bs, (tuple, list)) else ()
     if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in pair):
         raise PatternError(f"block_size must be a positive int or a pair of them, got {bs!r}")
     return pair

@@ -321,7 +321,7 @@ _TORCH_HANDLERS: dict = {
 for _name, _op in [("add", "add"), ("radd", "add"), ("sub", "sub"), ("mul", "mul"), ("rmul", "mul"),
                    ("truediv", "truediv"), ("floordiv", "floordiv"), ("mod", "mod"), ("pow", "pow"),
                    ("eq", "eq"), ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "gt"), ("ge", "ge"),
-                   ("and", "and"), ("or", "or")]:
+                   ("and", "and"), ("or", "or"), ("xor", "xor")]:
     _method = getattr(torch.Tensor, f"__{_name}__")
     if _name.startswith("r"):
         _TORCH_HANDLERS[_method] = (lambda o: lambda s, x: _apply(o, x, s))(_op)

@@ -53,7 +53,8 @@ def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> Shapes:
     if Dk != D:
         raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
     if Hq % Hkv:
-        raise ValueError(f"GQA needs query heads ({Hq}) to be a multiple of kv heads ({Hkv})")
+        raise ValueError(f"q has {Hq} heads, not a multiple of the {Hkv} heads of k and v "
+                         "(GQA: query head h reads kv head h // (Hq // Hkv))")
     return Shapes(B, Hq, Hkv, Q, KV, D, Dv)
 
 
