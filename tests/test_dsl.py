@@ -22,7 +22,7 @@ PARAM_VALUES = {"W": 16, "cap": 30.0}
 
 def _expr(draw, kind: str, depth: int, index_vars: tuple, with_score: bool) -> ir.Node:
     """A random well-typed expression of `kind` ("int", "float", "bool"), built with ir.op."""
-    leaf = depth <= 0 or draw(st.integers(0, 3)) == 0
+    leaf = depth <= 0 or draw(st.integers(0, 5)) == 0
     sub = lambda k: _expr(draw, k, depth - 1, index_vars, with_score)
     if kind == "int":
         if leaf:
@@ -35,7 +35,7 @@ def _expr(draw, kind: str, depth: int, index_vars: tuple, with_score: bool) -> i
         name = draw(st.sampled_from(["add", "sub", "mul", "floordiv", "mod", "neg", "abs", "min", "max",
                                      "where", "pow", "load"]))
         if name == "load":
-            return ir.load("doc", (sub("int"),))
+            return ir.load("doc", (sub("int"),)) if draw(st.booleans()) else ir.load("rel", (sub("int"), sub("int")))
         if name == "pow":
             return ir.op("pow", sub("int"), ir.const(draw(st.integers(0, 3))))
         if name == "where":
@@ -57,7 +57,10 @@ def _expr(draw, kind: str, depth: int, index_vars: tuple, with_score: bool) -> i
             return ir.op(name, sub("float"))
         return ir.op(name, sub("float"), sub(draw(st.sampled_from(["int", "float"]))))
     if leaf:
-        return ir.const(draw(st.booleans()))
+        if draw(st.integers(0, 3)) == 0:
+            return ir.const(draw(st.booleans()))
+        return ir.op(draw(st.sampled_from(ir.COMPARE)), ir.Var(draw(st.sampled_from(index_vars))),
+                     _expr(draw, "int", 0, index_vars, with_score))
     name = draw(st.sampled_from(["lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not", "where", "beq"]))
     if name in ("and", "or", "not"):
         return ir.op(name, *(sub("bool") for _ in range(ir.OPS[name])))
@@ -79,7 +82,7 @@ def patterns(draw):
                    if isinstance(n, ir.Const) and type(n.value) is int))
     name = draw(st.sampled_from([None, "random pattern"]))
     block_size = draw(st.sampled_from([128, 64, (32, 64)]))
-    return ac.Pattern.from_ir(mask, score, block, PARAM_VALUES, {"doc": None}, name, block_size)
+    return ac.Pattern.from_ir(mask, score, block, PARAM_VALUES, {"doc": None, "rel": None}, name, block_size)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
