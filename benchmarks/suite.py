@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import secrets
 import shlex
 import statistics
@@ -31,9 +32,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+if not torch.cuda.is_available():  # attncc's kernels run on CPU tensors in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -405,8 +409,6 @@ def main(argv: list[str] | None = None) -> dict:
     import triton
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     flex, block_mask = setup_flex(device)
     ctx = Context(args, device, bp.SMOKE if args.smoke else bp.BENCH, flex, block_mask)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
