@@ -210,7 +210,6 @@ def test_explain_and_bench_say_what_is_missing(capsys, monkeypatch):
     monkeypatch.setattr(ac, "explain", lambda p, q, k, v: f"report for {p.name} at {tuple(q.shape)}", raising=False)
     code, out, _ = run(capsys, "explain", "# swa\n" + SWA, "--q-len", "50", "--heads", "4")
     assert code == 0 and "report for swa at (1, 4, 50, 64)" in out
-    monkeypatch.setattr(cli, "__file__", "/nonexistent/attncc/cli.py")
     monkeypatch.setattr(ac, "__file__", "/nonexistent/attncc/__init__.py")
     code, _, err = run(capsys, "bench")
     assert code == 1 and "benchmarks/run.py does not exist" in err

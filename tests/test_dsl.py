@@ -277,7 +277,7 @@ def test_errors_carry_line_column_and_caret(text, line, column, words):
     with pytest.raises(DSLError) as info:
         ac.parse(text)
     e = info.value
-    assert isinstance(e, ValueError) and e is not None
+    assert isinstance(e, ValueError)
     assert (e.line, e.column) == (line, column), str(e)
     assert words in e.message, str(e)
     rendered = str(e).splitlines()
