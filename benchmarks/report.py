@@ -57,6 +57,21 @@ def first_call_text(fc: dict) -> str:
             f"FlexAttention {one(fc['flex'])}{err}")
 
 
+def problem_lines(rows: list[dict]) -> list[str]:
+    """One line per distinct (what, message), naming the rows it happened in."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        where = f"{r['shape']}/{r['pattern']}"
+        if "error" in r:
+            seen.setdefault(("row", r["error"]), []).append(where)
+        for key in ("fwd", "fwd_bwd"):
+            for name, e in r[key].items():
+                if e.get("status") in ("error", "n/a"):
+                    seen.setdefault((f"{name} {key}", e.get("error") or e.get("why")), []).append(where)
+    return [f"- {what}: {msg} ({'all rows' if len(at) == len(rows) > 1 else ', '.join(at)})"
+            for (what, msg), at in seen.items()]
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     timing = (f"do_bench median, warmup {s['warmup']} ms, rep {s['rep']} ms" if result["device"] != "cpu"
@@ -69,10 +84,7 @@ def markdown(result: dict) -> str:
            f"gradients < {s['grad_tol']})"]
     if result.get("first_call"):
         out.append(f"- {first_call_text(result['first_call'])}")
-    problems = [f"- {r['shape']}/{r['pattern']}: {r['error']}" for r in result["rows"] if "error" in r]
-    problems += [f"- {r['shape']}/{r['pattern']} {key} {name}: {e.get('error') or e.get('why')}"
-                 for r in result["rows"] for key in ("fwd", "fwd_bwd") for name, e in r[key].items()
-                 if e.get("status") in ("error", "n/a")]
+    problems = problem_lines(result["rows"])
     if problems:
         out += ["", "## Errors and unsupported cases", ""] + problems
     out += ["", "## Forward (effective TFLOP/s)", ""] + table(result["rows"], "fwd")

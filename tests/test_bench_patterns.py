@@ -167,6 +167,7 @@ def test_suite_times_a_correct_kernel_and_refuses_gradients(tmp_path, monkeypatc
     assert document["fwd"]["cudnn"]["status"] == "none"
     assert md.rstrip().splitlines()[-1].startswith("| document | B1 H2 N250 D32 | n/a |")
     assert "first call of a new pattern" in md and "stand-in (BLOCK_M=64)" in md
+    assert "- attncc fwd_bwd: NotImplementedError: no backward yet (all rows)" in md
 
 
 def test_suite_marks_a_wrong_kernel_failed_and_checks_gradients(tmp_path, monkeypatch):
@@ -190,7 +191,7 @@ def test_suite_records_row_errors_and_goes_on(tmp_path, monkeypatch):
     result, md = _run(tmp_path, "--patterns", "natten2d,swa1024", "--no-first-call")
     natten, swa = result["rows"]
     assert "N must be 256" in natten["error"] and swa["guard"]["fwd"]["ok"]
-    assert "odd/natten2d: ValueError" in md
+    assert "- row: ValueError: natten2d is defined" in md and "(odd/natten2d)" in md
 
 
 @pytest.mark.parametrize("wrong", [False, True])
