@@ -98,6 +98,13 @@ def sync(ctx: Context) -> None:
         torch.cuda.synchronize(ctx.device)
 
 
+def fresh_compiler(ctx: Context) -> None:
+    """Drop torch.compile's caches before a new mask: each row compiles its own masks anyway, and
+    a long list of earlier entries would add guard checks to every later flex call."""
+    if ctx.cuda:
+        torch._dynamo.reset()
+
+
 def bench_ms(ctx: Context, fn: Callable, grads: list[torch.Tensor] | None = None) -> float:
     """Median time of fn() in ms: do_bench on CUDA, else a plain timer over --cpu-reps runs."""
     if ctx.cuda:
@@ -302,6 +309,7 @@ def run_row(ctx: Context, shape_name: str, shape: Shape, name: str) -> dict:
     row = {"pattern": name, "shape": shape_name, "label": shape.label(), "dims": asdict(shape),
            "fwd": {}, "fwd_bwd": {}}
     start = time.perf_counter()
+    fresh_compiler(ctx)
     try:
         pat = bp.build(name, shape.N, shape.Hq, ctx.device, ctx.sizes)
         row["params"] = pat.params
@@ -335,6 +343,7 @@ def first_call(ctx: Context, shape: Shape) -> dict:
         return (q_idx >= kv_idx) & ((q_idx - kv_idx <= window) | (kv_idx < sink))
 
     q, k, v = make_inputs(shape, ctx.device, seed=1)
+    fresh_compiler(ctx)
     res: dict = {"pattern": f"(q >= kv) & ((q - kv <= {window}) | (kv < {sink}))", "shape": shape.label()}
     runs = {
         "attncc": lambda: ac.attention(q, k, v, ac.Pattern(sink_window, name="first_call")),
