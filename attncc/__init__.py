@@ -5,6 +5,8 @@ from .dsl.pattern import Pattern
 from .dsl.trace import PatternError, param
 from .runtime.api import create_mask, reference
 from .runtime.api import attention, compile
+from .compiler.blockmask import BlockMask
+from .runtime.api import create_block_mask
 from . import patterns
 
 __version__ = "0.1.0"
@@ -12,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = ["Pattern", "PatternError", "IRError", "param", "create_mask", "reference", "patterns"]
 __all__ += ["parse", "DSLError"]
 __all__ += ["attention", "compile"]
+__all__ += ["create_block_mask", "BlockMask"]
 
 
 def __getattr__(name):

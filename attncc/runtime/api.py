@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..compiler import evaluate
+from ..compiler.blockmask import BlockMask, build_block_mask
 from ..dsl import ir
 from ..dsl.pattern import Pattern
 from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
@@ -124,3 +125,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
     pattern, s, scale, tiles, path = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
     return Kernel(pattern, s, q.device, scale, tiles, path)(q, k, v, return_lse=return_lse)
+
+
+def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
+                      block_size: int | tuple[int, int] = 128, device=None) -> BlockMask:
+    """Every tile of the mask classified EMPTY / PARTIAL / FULL, as the kernels' index lists.
+
+    block_size: int or (BLOCK_M, BLOCK_N) (query rows, key columns per tile). B or H None
+    broadcasts, allowed only when the mask ignores b or h. device: where the lists live (default:
+    the pattern's buffers' device, else CPU). Built symbolically in O(tiles): no dense mask.
+    """
+    pattern = _pattern(pattern)
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in pair):
+        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
+    return build_block_mask(pattern, B, H, Q_LEN, KV_LEN, pair[0], pair[1], device)
