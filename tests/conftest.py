@@ -3,8 +3,11 @@ import os
 import pytest
 import torch
 
-# Generated kernels run on CPU tensors through Triton's interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Generated kernels run on CPU tensors through Triton's interpreter. Not on a GPU machine: there
+# the interpreter would also patch the kernels compiled for CUDA (attncc loads a separate
+# interpreted module for CPU tensors by itself).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

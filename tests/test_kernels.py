@@ -81,6 +81,13 @@ def test_float16_and_bfloat16_outputs_keep_the_input_dtype():
         assert (out.double() - ref).norm() / ref.norm() < 2e-2
 
 
+def test_scales_of_any_sign():
+    pat = ac.patterns.causal() & ac.patterns.softcap(5.0, causal=False)
+    for scale in (-0.3, 0.0, 2.0):
+        compare(ac.patterns.sliding_window(20), *qkv(1, 1, 1, 50, 50, 16), scale=scale)
+        compare(pat, *qkv(1, 1, 1, 50, 50, 16), scale=scale)
+
+
 def test_lengths_of_one_and_tile_options():
     for Q, KV, opts in ((1, 1, None), (1, 90, {"BLOCK_M": 16, "BLOCK_N": 64}), (90, 1, {"BLOCK_N": 16})):
         q, k, v = qkv(1, 1, 1, Q, KV, 16)
