@@ -1,0 +1,228 @@
+"""The IR: evaluation against plain Python, value-preserving simplification, interning, type rules,
+and a printer whose text means the same expression."""
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from attncc import PatternError
+from attncc.compiler import evaluate as ev
+from attncc.dsl import ir
+from ir_terms import BUFFERS, PY, SCORES, TERMS, build, build_raw, py_eval
+
+PROPERTY = settings(max_examples=150, deadline=None)
+
+# Every combination of these values is one evaluation point; variables are flat [N] tensors.
+POINTS = [dict(b=b, h=h, q=q, kv=kv, score=s)
+          for b in (0, 1) for h in (0, 2) for q in (0, 1, 3, 6) for kv in (0, 2, 5, 7) for s in SCORES]
+ENV = {k: torch.tensor([p[k] for p in POINTS], dtype=torch.float64 if k == "score" else torch.int64)
+       for k in POINTS[0]}
+q, kv, score = ir.Var("q"), ir.Var("kv"), ir.Var("score")
+
+
+def evaluate(node: ir.Node) -> torch.Tensor:
+    return torch.broadcast_to(ev.evaluate(node, ENV, {}, BUFFERS), (len(POINTS),))
+
+
+def python_values(term, points=POINTS) -> torch.Tensor:
+    return torch.tensor([float(py_eval(term, p)) for p in points], dtype=torch.float64)
+
+
+def assert_values(actual: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
+    if kind == "bool":
+        assert actual.dtype == torch.bool
+    elif kind == "int":
+        assert actual.dtype == torch.int64
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["int", "float", "bool"])
+@PROPERTY
+@given(data=st.data())
+def test_evaluate_simplified_and_raw_match_python(kind, data):
+    """evaluate(ir.op-built IR) == evaluate(ir.Op-built, unsimplified IR) == plain Python, everywhere."""
+    term = data.draw(TERMS[kind]())
+    expected = python_values(term)
+    simplified, raw = build(term), build_raw(term)
+    for node in (raw, simplified):
+        assert_values(evaluate(node), expected, "float" if kind == "float" else ir.kind_of(node))
+
+
+@pytest.mark.parametrize("kind", ["int", "float", "bool"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_printed_text_reads_back_as_the_same_expression(kind, data):
+    """to_text is Python-like: evaluating the printed text as Python gives the term's values,
+    so precedence and parentheses are right (the parser's round trip relies on it)."""
+    term = data.draw(TERMS[kind]())
+    text = ir.to_text(build(term))
+    names = {**PY, "true": True, "false": False, "inf": math.inf, **{k: t.tolist() for k, t in BUFFERS.items()}}
+    for p in POINTS[::37]:
+        got, want = eval(text, {"__builtins__": {}}, {**names, **p}), py_eval(term, p)  # noqa: S307
+        assert got == want or (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-9), text
+
+
+@PROPERTY
+@given(term=st.one_of(TERMS["int"](), TERMS["float"](), TERMS["bool"]()))
+def test_interning(term):
+    """The same expression built twice is the same object; copies and pickles keep identity."""
+    a, b = build(term), build(term)
+    assert a is b and hash(a) == hash(b) and str(a) == str(b)
+    assert build_raw(term) is build_raw(term)
+    assert copy.copy(a) is a and copy.deepcopy(a) is a
+    pair = copy.deepcopy([a, build_raw(term)])
+    assert pair[0] is a and pair[1] is build_raw(term)
+    assert pickle.loads(pickle.dumps(a)) is a
+    assert pickle.loads(pickle.dumps((a, build_raw(term)))) == (a, build_raw(term))
+
+
+def test_constants_are_distinct_by_type_and_sign():
+    assert len({id(ir.const(1)), id(ir.const(True)), id(ir.const(1.0))}) == 3
+    assert ir.const(0.0) is not ir.const(-0.0)
+    assert ir.to_text(ir.op("neg", ir.const(0.0))) == "-0.0"
+    assert ir.const(math.nan) is ir.const(math.nan)
+    assert ir.kind_of(ir.const(True)) == "bool" and ir.kind_of(ir.const(2)) == "int"
+
+
+one, zero = ir.const(1), ir.const(0)
+x = ir.op("add", q, kv)
+c = ir.op("lt", q, kv)
+SIMPLIFICATIONS = [
+    (ir.op("sub", x, x), zero), (ir.op("add", x, zero), x), (ir.op("add", zero, x), x),
+    (ir.op("sub", x, zero), x), (ir.op("mul", x, one), x), (ir.op("mul", one, x), x),
+    (ir.op("mul", x, zero), zero), (ir.op("floordiv", x, one), x),
+    (ir.op("neg", ir.op("neg", x)), x), (ir.op("not", ir.op("not", c)), c),
+    (ir.op("and", c, ir.TRUE), c), (ir.op("and", ir.TRUE, c), c), (ir.op("and", c, ir.FALSE), ir.FALSE),
+    (ir.op("or", c, ir.FALSE), c), (ir.op("or", ir.TRUE, c), ir.TRUE), (ir.op("and", c, c), c),
+    (ir.op("eq", x, x), ir.TRUE), (ir.op("lt", x, x), ir.FALSE), (ir.op("ge", x, x), ir.TRUE),
+    (ir.op("min", x, x), x), (ir.op("where", ir.TRUE, x, q), x), (ir.op("where", ir.FALSE, x, q), q),
+    (ir.op("where", c, x, x), x),
+    (ir.op("floordiv", ir.const(-7), ir.const(2)), ir.const(-4)),
+    (ir.op("mod", ir.const(-7), ir.const(2)), ir.const(1)),
+    (ir.op("mod", ir.const(7), ir.const(-2)), ir.const(-1)),
+    (ir.op("truediv", ir.const(1), ir.const(2)), ir.const(0.5)),
+    (ir.op("add", ir.const(1), ir.const(2.0)), ir.const(3.0)),
+    (ir.op("pow", ir.const(2), ir.const(-1)), ir.const(0.5)),
+    (ir.op("and", c, ir.op("gt", q, one)), ir.Op("and", (c, ir.Op("gt", (q, one))))),  # nothing to do
+]
+
+
+@pytest.mark.parametrize("built,expected", SIMPLIFICATIONS, ids=[str(e[0]) for e in SIMPLIFICATIONS])
+def test_simplification_rules(built, expected):
+    assert built is expected
+
+
+@pytest.mark.parametrize("name,torch_fn", [
+    ("mul", lambda s: s * 0.0),   # inf * 0 is nan, not 0
+    ("sub", lambda s: s - s),     # inf - inf is nan
+    ("eq", lambda s: s == s),     # nan != nan
+    ("truediv", lambda s: s / s),
+])
+def test_no_float_simplification_that_changes_inf_or_nan(name, torch_fn):
+    node = ir.op(name, score, ir.const(0.0) if name == "mul" else score)
+    assert isinstance(node, ir.Op)
+    s = torch.tensor([math.inf, math.nan, 2.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(ev.evaluate(node, {"score": s}, {}, {}), torch_fn(s), equal_nan=True)
+
+
+_IREAD = ("load", "ibuf", ("op", "mod", (("var", "q"), ("const", 8))))  # values 3, -2, 0, 7, ...
+
+
+@pytest.mark.parametrize("term", [
+    ("op", "eq", (("op", "and", (("const", True), _IREAD)), ("const", True))),
+    ("op", "eq", (("op", "or", (_IREAD, ("const", False))), ("const", True))),
+    ("op", "eq", (("op", "and", (_IREAD, _IREAD)), ("const", True))),
+    ("op", "ne", (("op", "not", (("op", "not", (_IREAD,)),)), ("const", False))),
+], ids=["and_true", "or_false", "and_self", "not_not"])
+def test_logic_on_integer_buffer_reads_keeps_truth_values(term):
+    """`true and ibuf[q]` is a truth value; simplifying it to the integer read changes `== true`."""
+    expected = python_values(term)
+    assert_values(evaluate(build_raw(term)), expected, "bool")
+    assert_values(evaluate(build(term)), expected, "bool")
+
+
+def test_left_associated_logic_chains():
+    a, b, d = ir.op("lt", q, kv), ir.op("gt", q, one), ir.op("ne", kv, zero)
+    assert ir.op("and", a, ir.op("and", b, d)) is ir.op("and", ir.op("and", a, b), d)
+
+
+def test_division_by_zero_is_not_folded_and_fails_at_evaluation():
+    n = ir.op("floordiv", ir.const(1), ir.const(0))
+    assert isinstance(n, ir.Op)
+    with pytest.raises(PatternError, match="division by zero"):
+        ev.evaluate(ir.op("mod", q, ir.op("sub", kv, kv)), ENV, {}, {})
+    assert torch.isneginf(ev.evaluate(ir.op("log", ir.const(0.0)), ENV, {}, {}))
+
+
+def test_pow_with_negative_exponent_is_float():
+    val = ev.evaluate(ir.op("pow", q, ir.const(-1)), {"q": torch.tensor([1, 2, 4])}, {}, {})
+    assert ir.kind_of(ir.op("pow", q, ir.const(-1))) == "float"
+    torch.testing.assert_close(val, torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
+    assert ir.kind_of(ir.op("pow", q, ir.const(2))) == "int"
+    assert torch.equal(ev.evaluate(ir.op("pow", q, ir.const(2)), {"q": torch.tensor([-3, 2])}, {}, {}),
+                       torch.tensor([9, 4]))
+
+
+@pytest.mark.parametrize("build_bad,match", [
+    (lambda: ir.op("and", q, kv), "booleans"),
+    (lambda: ir.op("add", ir.TRUE, q), "numbers"),
+    (lambda: ir.op("lt", c, q), "numbers"),
+    (lambda: ir.op("eq", c, q), "boolean with a number"),
+    (lambda: ir.op("where", q, q, kv), "condition"),
+    (lambda: ir.op("where", c, c, q), "branches"),
+    (lambda: ir.op("add", q), "argument"),
+    (lambda: ir.op("not", c, c), "argument"),
+    (lambda: ir.op("frobnicate", q), "unknown operator"),
+    (lambda: ir.load("doc", (ir.op("truediv", q, ir.const(2)),)), "integer"),
+    (lambda: ir.Var("z"), "unknown variable"),
+    (lambda: ir.const("1"), "constants"),
+])
+def test_type_errors(build_bad, match):
+    with pytest.raises(ir.IRError, match=match):
+        build_bad()
+
+
+def test_kinds():
+    assert ir.kind_of(ir.op("truediv", q, kv)) == "float"
+    assert ir.kind_of(ir.op("add", q, score)) == "float"
+    assert ir.kind_of(ir.op("floordiv", q, kv)) == "int"
+    assert ir.kind_of(ir.load("doc", (q,))) == "any"
+    assert ir.kind_of(ir.op("add", ir.load("doc", (q,)), one)) == "any"
+    assert ir.kind_of(ir.op("exp", q)) == "float"
+
+
+def test_walk_substitute_and_queries():
+    w = ir.Param("W", "int")
+    shared = ir.op("sub", q, kv)
+    e = ir.op("and", ir.op("lt", shared, w), ir.op("eq", ir.load("doc", (q,)), ir.load("doc", (shared,))))
+    order = list(ir.walk(e))
+    assert len(order) == len(set(map(id, order))) and order[-1] is e
+    assert all(order.index(ch) < order.index(n) for n in order for ch in n.children())
+    assert ir.free_vars(e) == {"q", "kv"} and set(ir.params_of(e)) == {"W"} and ir.buffers_of(e) == {"doc"}
+    swapped = ir.substitute(e, lambda n: kv if n is q else q if n is kv else None)
+    assert swapped is ir.op("and", ir.op("lt", ir.op("sub", kv, q), w),
+                            ir.op("eq", ir.load("doc", (kv,)), ir.load("doc", (ir.op("sub", kv, q),))))
+    assert ir.buffers_of(ir.rename_buffers(e, {"doc": "doc2"})) == {"doc2"}
+    # substitution re-simplifies: q := kv makes q - kv vanish
+    assert ir.substitute(shared, lambda n: kv if n is q else None) is zero
+
+
+@pytest.mark.parametrize("node,text", [
+    (ir.op("sub", q, ir.op("sub", kv, one)), "q - (kv - 1)"),
+    (ir.op("sub", ir.op("sub", q, kv), one), "q - kv - 1"),
+    (ir.op("mul", ir.op("add", q, kv), ir.const(2)), "(q + kv) * 2"),
+    (ir.op("floordiv", ir.op("neg", q), ir.const(2)), "-q // 2"),
+    (ir.op("neg", ir.op("floordiv", q, ir.const(2))), "-(q // 2)"),
+    (ir.op("not", ir.op("and", c, ir.op("gt", kv, one))), "not (q < kv and kv > 1)"),
+    (ir.op("or", ir.op("and", c, c), ir.op("not", c)), "q < kv or not q < kv"),
+    (ir.op("where", c, ir.op("min", q, kv), ir.op("abs", kv)), "where(q < kv, min(q, kv), abs(kv))"),
+    (ir.op("eq", ir.op("lt", q, kv), ir.op("gt", q, one)), "(q < kv) == (q > 1)"),
+    (ir.op("mul", ir.const(30.0), ir.op("tanh", ir.op("truediv", score, ir.const(30.0)))),
+     "30.0 * tanh(score / 30.0)"),
+    (ir.op("add", score, ir.const(-math.inf)), "score + -inf"),
+])
+def test_printer(node, text):
+    assert str(node) == text

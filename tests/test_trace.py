@@ -1,0 +1,304 @@
+"""Tracing FlexAttention-style functions: random functions trace to IR that computes what calling
+them computes; buffers and params; every untraceable construct is a PatternError at the user's line."""
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import attncc as ac
+from attncc import PatternError
+from attncc.compiler import evaluate as ev
+from attncc.dsl import ir
+from ir_terms import BBUF, FBUF, IBUF, SCORES, as_function, bool_terms, float_terms
+
+B, H, Q, KV = 2, 3, 6, 7
+IDX = (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
+       torch.arange(Q).view(1, 1, Q, 1), torch.arange(KV).view(1, 1, 1, KV))
+SCORE = torch.tensor(SCORES, dtype=torch.float64).repeat(B * H * Q * KV // len(SCORES) + 1)[:B * H * Q * KV]
+SCORE = SCORE.view(B, H, Q, KV)
+_SOURCE = open(__file__).read().splitlines()
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Real-tensor runs of the random functions compute int / int in float64, as the IR does."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@settings(max_examples=120, deadline=None)
+@given(term=bool_terms(score=False), seed=st.integers(0, 2 ** 16))
+def test_random_mask_function_traces_to_what_it_computes(term, seed):
+    f = as_function(term, seed)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return f({"b": b, "h": h, "q": q_idx, "kv": kv_idx})
+
+    pat = ac.Pattern(mask_mod=mask_mod)
+    expected = torch.broadcast_to(torch.as_tensor(mask_mod(*IDX)), (B, H, Q, KV))
+    assert torch.equal(ac.create_mask(pat, B, H, Q, KV), expected)
+    assert {id(t) for t in pat.buffers.values()} <= {id(IBUF), id(FBUF), id(BBUF)}
+
+
+@settings(max_examples=120, deadline=None)
+@given(term=float_terms(), seed=st.integers(0, 2 ** 16))
+def test_random_score_function_traces_to_what_it_computes(term, seed):
+    f = as_function(term, seed)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return f({"score": score, "b": b, "h": h, "q": q_idx, "kv": kv_idx})
+
+    pat = ac.Pattern(score_mod=score_mod)
+    b, h, q, kv = IDX
+    got = ev.evaluate(pat.score, {"b": b, "h": h, "q": q, "kv": kv, "score": SCORE}, pat.params, pat.buffers)
+    expected = torch.as_tensor(score_mod(SCORE, *IDX), dtype=torch.float64)
+    torch.testing.assert_close(torch.broadcast_to(got, (B, H, Q, KV)).double(),
+                               torch.broadcast_to(expected, (B, H, Q, KV)), rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def test_supported_spellings():
+    def mask(b, h, q_idx, kv_idx):
+        a = torch.div(q_idx, 2, rounding_mode="floor") == torch.floor_divide(q_idx, 2)
+        c = (q_idx.float() / 2 <= kv_idx.to(torch.float32)) ^ torch.tensor(True)
+        d = torch.clip(q_idx - kv_idx, min=-2, max=2).abs() < torch.tensor(2)
+        e = torch.logical_not(torch.remainder(kv_idx, 3) == 0) | (q_idx.to(torch.int64) == 0)
+        return a & c & d & e & ~(kv_idx > 5)
+
+    qi, ki = IDX[2], IDX[3]
+    expected = (~((qi / 2) <= ki)) & ((qi - ki).clamp(-2, 2).abs() < 2) & ((ki % 3 != 0) | (qi == 0)) & (ki <= 5)
+    assert torch.equal(ac.create_mask(ac.Pattern(mask), None, None, Q, KV)[0, 0], expected[0, 0])
+
+
+def test_scalars_and_zero_dim_tensors_are_constants():
+    limit = torch.tensor(3)
+    pat = ac.Pattern(lambda b, h, q, kv: (q - kv < limit) & (2 * q >= kv + 1.5) & True)
+    assert str(pat.mask) == "q - kv < 3 and 2 * q >= kv + 1.5" and not pat.buffers
+
+
+# ----------------------------------------------------------------------------------------------
+# Buffers and params
+
+def test_buffers_are_named_after_the_users_variables():
+    doc = torch.tensor([0, 0, 1, 1, 1, 2])
+    anc = torch.rand(6, 6) > 0.5
+    slopes = torch.tensor([0.5, 0.25, 0.125])
+    pat = ac.Pattern(lambda b, h, q, kv: (doc[q] == doc[kv]) & anc[q, kv] & anc[0, kv],
+                     lambda s, b, h, q, kv: s + slopes[h] * (kv - q))
+    assert set(pat.buffers) == {"doc", "anc", "slopes"}
+    assert pat.buffers["doc"] is doc and pat.buffers["anc"] is anc
+    assert str(pat.mask) == "doc[q] == doc[kv] and anc[q, kv] and anc[0, kv]"
+    assert str(pat.score) == "score + slopes[h] * (kv - q)"
+    expected = (doc[:, None] == doc[None]) & anc & anc[0][None]
+    assert torch.equal(ac.create_mask(pat, None, 3, 6, 6)[0, 0], expected)
+
+
+def test_unnamed_and_same_named_buffers_get_distinct_names():
+    bufs = [torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 2, 1])]
+    pat = ac.Pattern(lambda b, h, q, kv: bufs[0][q] + bufs[1][kv] + bufs[0][kv] > 5)
+    assert len(pat.buffers) == 2 and {id(t) for t in pat.buffers.values()} == {id(t) for t in bufs}
+    n0 = next(k for k, t in pat.buffers.items() if t is bufs[0])
+    n1 = next(k for k, t in pat.buffers.items() if t is bufs[1])
+    assert str(pat.mask) == f"{n0}[q] + {n1}[kv] + {n0}[kv] > 5"
+
+
+def test_params():
+    W = ac.param("W", 2)
+    off = ac.param("off", 1)
+    doc = torch.tensor([0, 0, 1, 1, 1, 2])
+    pat = ac.Pattern(lambda b, h, q, kv: (q - kv <= W) & (doc[q] == doc[kv - off + 1]) & (q >= kv))
+    assert pat.params == {"W": 2, "off": 1} and isinstance(pat.mask, ir.Op)
+    assert ir.Param("W", "int") in set(ir.walk(pat.mask))
+    i = torch.arange(6)
+    for w in (0, 2, 5):
+        expected = (i[:, None] - i[None] <= w) & (doc[:, None] == doc[None]) & (i[:, None] >= i[None])
+        assert torch.equal(ac.create_mask(pat.bind(W=w), None, None, 6, 6)[0, 0], expected)
+    cap = ac.param("cap", 20.0)
+    assert ac.Pattern(score_mod=lambda s, b, h, q, kv: cap * torch.tanh(s / cap)).params == {"cap": 20.0}
+
+
+@pytest.mark.parametrize("name,default,match", [("q", 1, "invalid param name"), ("1x", 1, "invalid param name"),
+                                                ("W", True, "int or float"), ("W", "3", "int or float")])
+def test_bad_params(name, default, match):
+    with pytest.raises(PatternError, match=match):
+        ac.param(name, default)
+
+
+# ----------------------------------------------------------------------------------------------
+# Untraceable constructs: PatternError naming the construct and the user's file:line
+
+def line_of(marker: str) -> int:
+    return next(i + 1 for i, text in enumerate(_SOURCE) if text.rstrip().endswith(f"# {marker}"))
+
+
+def assert_error_at(err: pytest.ExceptionInfo, marker: str) -> None:
+    where = f"{os.path.basename(__file__)}:{line_of(marker)}"
+    assert re.search(rf"{re.escape(where)}\b", str(err.value)), (where, str(err.value))
+
+
+def m_if(b, h, q, kv):
+    if q > kv:  # E-if
+        return True
+    return False
+
+
+def m_item(b, h, q, kv):
+    return q.item() > 3  # E-item
+
+
+def m_sin(b, h, q, kv):
+    return torch.sin(q) > 0  # E-sin
+
+
+def m_and_ints(b, h, q, kv):
+    return (q & kv) == 0  # E-and
+
+
+def m_or_ints(b, h, q, kv):
+    return (q | 1) == kv  # E-or
+
+
+def m_not_int(b, h, q, kv):
+    return ~q == kv  # E-not
+
+
+def m_xor_ints(b, h, q, kv):
+    return (q ^ kv) > 0  # E-xor
+
+
+def m_slice(b, h, q, kv):
+    return ANC[q, :]  # E-slice
+
+
+def m_where2(b, h, q, kv):
+    return torch.where(q > kv, q, 0) == torch.where(q > kv)  # E-where
+
+
+def m_max1(b, h, q, kv):
+    return torch.maximum(q) > kv  # E-max1
+
+
+def m_alpha(b, h, q, kv):
+    return torch.add(q, kv, alpha=2) > 3  # E-alpha
+
+
+def m_int(b, h, q, kv):
+    return int(q) > 3  # E-int
+
+
+def m_float(b, h, q, kv):
+    return float(kv) > 3  # E-float
+
+
+def m_list_index(b, h, q, kv):
+    return [True, False][q]  # E-index
+
+
+def m_range(b, h, q, kv):
+    return len(range(q)) > 0  # E-range
+
+
+def m_chain(b, h, q, kv):
+    return 0 <= q < kv  # E-chain
+
+
+def m_and_keyword(b, h, q, kv):
+    return (q > 1) and (kv > 1)  # E-kw
+
+
+def m_attr(b, h, q, kv):
+    return q.long() > kv  # E-attr
+
+
+def m_trunc(b, h, q, kv):
+    return torch.div(q, 2, rounding_mode="trunc") > kv  # E-trunc
+
+
+def m_fmod(b, h, q, kv):
+    return torch.fmod(q - kv, 3) == 0  # E-fmod
+
+
+def m_tensor_arith(b, h, q, kv):
+    return DOC + q > kv  # E-arith
+
+
+def m_wrong_dims(b, h, q, kv):
+    return ANC[q] > 0  # E-dims
+
+
+def m_complex(b, h, q, kv):
+    return CPLX[q] == CPLX[kv]  # E-complex
+
+
+def m_param_clash(b, h, q, kv):
+    return (q - kv < ac.param("W", 3)) & (kv - q < ac.param("W", 5))  # E-clash
+
+
+def m_mod3(b, h, q):  # E-arity3
+    return q > 0
+
+
+def m_extra(b, h, q, kv, window):  # E-extra
+    return q - kv < window
+
+
+ANC = torch.ones(4, 4, dtype=torch.bool)
+DOC = torch.tensor([0, 0, 1, 1])
+CPLX = torch.zeros(4, dtype=torch.complex64)
+
+ERRORS = [
+    (m_if, "E-if", "`if`"), (m_item, "E-item", r"\.item\(\)"), (m_sin, "E-sin", "sin"),
+    (m_and_ints, "E-and", "bitwise"), (m_or_ints, "E-or", "bitwise"), (m_not_int, "E-not", "bitwise"),
+    (m_xor_ints, "E-xor", "bitwise"), (m_slice, "E-slice", "slice"), (m_where2, "E-where", "three arguments"),
+    (m_max1, "E-max1", "maximum"), (m_alpha, "E-alpha", "add.*alpha"), (m_int, "E-int", r"int\(\)"),
+    (m_float, "E-float", r"float\(\)"), (m_list_index, "E-index", "Python integer"),
+    (m_range, "E-range", "Python integer"), (m_chain, "E-chain", "chained comparison"),
+    (m_and_keyword, "E-kw", "`and`"), (m_attr, "E-attr", r"\.long"), (m_trunc, "E-trunc", "trunc"),
+    (m_fmod, "E-fmod", "fmod"), (m_tensor_arith, "E-arith", r"shape \(4,\)"),
+    (m_wrong_dims, "E-dims", "2 dims"), (m_complex, "E-complex", "complex64"),
+    (m_param_clash, "E-clash", "'W'.*3.*5"), (m_mod3, "E-arity3", "4 arguments"),
+    (m_extra, "E-extra", "4 arguments.*window"),
+]
+
+
+@pytest.mark.parametrize("fn,marker,match", ERRORS, ids=[e[1] for e in ERRORS])
+def test_untraceable_constructs(fn, marker, match):
+    with pytest.raises(PatternError, match=match) as err:
+        ac.Pattern(mask_mod=fn)
+    assert_error_at(err, marker)
+
+
+def s_wrong_arity(b, h, q, kv):  # E-score-arity
+    return q
+
+
+def s_if(score, b, h, q, kv):
+    return score if score > 0 else -score  # E-score-if
+
+
+@pytest.mark.parametrize("fn,marker,match", [(s_wrong_arity, "E-score-arity", "score_mod must take 5"),
+                                             (s_if, "E-score-if", "`if`")])
+def test_untraceable_score_mods(fn, marker, match):
+    with pytest.raises(PatternError, match=match) as err:
+        ac.Pattern(score_mod=fn)
+    assert_error_at(err, marker)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mask_mod=lambda b, h, q, kv: q - kv), "mask must be bool"),
+    (dict(mask_mod=lambda b, h, q, kv: [q > kv]), "returned list"),
+    (dict(score_mod=lambda s, b, h, q, kv: s > 0), "score must be"),
+    (dict(block_mask_mod=lambda b, h, qb, kb: qb - kb), "block must be bool"),
+    (dict(mask_mod=3), "callable"),
+])
+def test_bad_results(kwargs, match):
+    with pytest.raises(PatternError, match=match):
+        ac.Pattern(**kwargs)
+
+
+def test_param_defaults_must_agree_across_mods():
+    with pytest.raises(PatternError, match="'W'"):
+        ac.Pattern(lambda b, h, q, kv: q - kv < ac.param("W", 3), lambda s, b, h, q, kv: s * ac.param("W", 4))
