@@ -105,6 +105,17 @@ def test_unnamed_and_same_named_buffers_get_distinct_names():
     assert str(pat.mask) == f"{n0}[q] + {n1}[kv] + {n0}[kv] > 5"
 
 
+def test_buffer_reads_must_use_integer_indices_of_the_right_rank():
+    doc, weight, flag = torch.tensor([0, 0, 1, 1]), torch.tensor([0.5, 1.7, 2.2, 3.9]), torch.tensor([1, 0, 1, 1]) > 0
+    for index_buf in (weight, flag):
+        pat = ac.Pattern(lambda b, h, q, kv: doc[index_buf[q]] == doc[kv])
+        with pytest.raises(PatternError, match="index_buf\\[q\\] of buffer 'doc' is torch.(float64|bool), not an integer"):
+            ac.create_mask(pat, None, None, 4, 4)
+    pat = ac.patterns.document(doc)
+    with pytest.raises(PatternError, match="'doc' has 2 dims but is indexed with 1"):
+        ac.create_mask(pat.bind(doc=doc[None]), None, None, 4, 4)
+
+
 def test_params():
     W = ac.param("W", 2)
     off = ac.param("off", 1)

@@ -102,6 +102,9 @@ def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, c
         raise PatternError(f"buffer {n.buffer!r} has {buf.dim()} dims but is indexed with {len(index)}")
     if device is not None and buf.device != device:
         buf = buf.to(device)
+    for d, i in enumerate(index):  # e.g. doc[slopes[h]]: torch would refuse, never truncate
+        if i.is_floating_point() or i.dtype == torch.bool:
+            raise PatternError(f"index {n.index[d]} of buffer {n.buffer!r} is {i.dtype}, not an integer")
     index = [i.long() for i in index]
     if check_bounds:
         for d, i in enumerate(index):
