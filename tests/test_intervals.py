@@ -118,3 +118,9 @@ def test_strided_index_bounds_are_not_claimed_attained():
     w = torch.tensor([0, 5] * 16)   # even positions 0, odd 5: w[2q] is always 0
     pat = Pattern(lambda b, h, q, kv: w[(2 * q).clamp(max=31)] == 5)
     assert int((classes(pat, 15, 8, 4, 8, refine=True) != 0).sum()) == 0
+
+
+def test_huge_integer_buffers_are_evaluated_exactly():
+    ids = torch.tensor([2 ** 60, 2 ** 60 + 1] * 8)   # equal in float64, different in int64
+    pat = Pattern(lambda b, h, q, kv: ids[q] == ids[kv])
+    assert torch.equal(classes(pat, 16, 16, 1, 1, refine=True), tile_truth(pat, 1, 1, 16, 16, 1, 1))

@@ -43,14 +43,28 @@ class BlockMask:
                  full_q_num, full_q_idx, partial_q_num, partial_q_idx,
                  full_kv_contiguous: bool, partial_kv_contiguous: bool,
                  mask_mod: Callable | None = None):
+        """The *_idx may be tensors or functions making them: built on first use, then kept
+        (a forward-only user never pays for the backward's lists)."""
         self.Q_LEN, self.KV_LEN, self.BLOCK_M, self.BLOCK_N = Q_LEN, KV_LEN, BLOCK_M, BLOCK_N
         self.B, self.H = full_kv_num.shape[0], full_kv_num.shape[1]
-        self.full_kv_num, self.full_kv_idx = full_kv_num, full_kv_idx
-        self.partial_kv_num, self.partial_kv_idx = partial_kv_num, partial_kv_idx
-        self.full_q_num, self.full_q_idx = full_q_num, full_q_idx
-        self.partial_q_num, self.partial_q_idx = partial_q_num, partial_q_idx
+        self.full_kv_num, self.partial_kv_num = full_kv_num, partial_kv_num
+        self.full_q_num, self.partial_q_num = full_q_num, partial_q_num
+        self._idx = {"full_kv_idx": full_kv_idx, "partial_kv_idx": partial_kv_idx,
+                     "full_q_idx": full_q_idx, "partial_q_idx": partial_q_idx}
         self.full_kv_contiguous, self.partial_kv_contiguous = full_kv_contiguous, partial_kv_contiguous
         self.mask_mod = mask_mod
+
+    def _index(name: str):
+        def get(self) -> torch.Tensor:
+            value = self._idx[name]
+            if callable(value):
+                value = self._idx[name] = value()
+            return value
+        return property(get, doc=f"{name}: int32 index lists (see the class docstring)")
+
+    full_kv_idx, partial_kv_idx = _index("full_kv_idx"), _index("partial_kv_idx")
+    full_q_idx, partial_q_idx = _index("full_q_idx"), _index("partial_q_idx")
+    del _index
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -72,7 +86,7 @@ class BlockMask:
         lists = {}
         for name, grid in (("kv", tc), ("q", tc.transpose())):
             for kind, value in (("full", FULL), ("partial", PARTIAL)):
-                num, idx, contiguous = grid.lists(value)
+                num, contiguous, idx = grid.lists(value)
                 lists[f"{kind}_{name}_num"], lists[f"{kind}_{name}_idx"] = num, idx
                 if name == "kv":
                     lists[f"{kind}_kv_contiguous"] = contiguous
@@ -176,9 +190,10 @@ class TileClasses:
         grid[b, h, i, :, j, :] = self.fine
         return grid.view(B, H, QI * S, KJ * S)[:, :, :self.QB, :self.KB]
 
-    def lists(self, value: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Per row (b, h, q-tile): num int32 [B, H, QB], idx int32 [B, H, QB, max(1, max num)]
-        (ascending positions of `value`, 0 past num), and whether every row is contiguous."""
+    def lists(self, value: int) -> tuple[torch.Tensor, bool, Callable[[], torch.Tensor]]:
+        """Per row (b, h, q-tile) the positions of `value`: num int32 [B, H, QB], whether every
+        row is contiguous, and a function building idx int32 [B, H, QB, max(1, max num)]
+        (ascending, 0 past num). Counts are O(super-tiles + mixed tiles); idx is O(its size)."""
         B, H, QI, KJ = self.coarse.shape
         S, QB, KB, dev = self.S, self.QB, self.KB, self.coarse.device
         col0 = torch.arange(KJ, device=dev) * S
@@ -190,32 +205,35 @@ class TileClasses:
         num, first, last = (x.repeat_interleave(S, dim=2).reshape(-1) for x in (num, first, last))
         if self.coords.shape[0]:
             b, h, i, j = self.coords.T
-            rows = (((b * H + h) * QI + i) * S)[:, None] + torch.arange(S, device=dev)
+            rows = ((((b * H + h) * QI + i) * S)[:, None] + torch.arange(S, device=dev)).flatten()
             fhit = self.fine == value
             k = torch.arange(S, device=dev)
-            num.scatter_add_(0, rows.flatten(), fhit.sum(-1).flatten())
-            f = torch.where(fhit, k, KB).amin(-1) + (j * S)[:, None]
-            l = torch.where(fhit, k, -KB - S).amax(-1) + (j * S)[:, None]
-            first.scatter_reduce_(0, rows.flatten(), f.flatten(), "amin")
-            last.scatter_reduce_(0, rows.flatten(), l.flatten(), "amax")
+            num.scatter_add_(0, rows, fhit.sum(-1).flatten())
+            first.scatter_reduce_(0, rows, (torch.where(fhit, k, KB).amin(-1) + (j * S)[:, None]).flatten(), "amin")
+            last.scatter_reduce_(0, rows, (torch.where(fhit, k, -KB - S).amax(-1) + (j * S)[:, None]).flatten(), "amax")
         num, first, last = (x.view(B, H, QI * S)[:, :, :QB] for x in (num, first, last))
         contiguous = (num == 0) | (last - first + 1 == num)
+        num = num.int()
+        return num, bool(contiguous.all()), lambda: self._indices(value, num, first.int(), contiguous)
+
+    def _indices(self, value: int, num: torch.Tensor, first: torch.Tensor, contiguous: torch.Tensor) -> torch.Tensor:
+        """idx int32 [B, H, QB, max(1, max num)]: first + j on contiguous rows, explicit elsewhere."""
+        B, H, QB = num.shape
         width = max(1, int(num.max()))
-        ar = torch.arange(width, device=dev, dtype=torch.int32)
-        idx = torch.empty(B, H, QB, width, dtype=torch.int32, device=dev)
-        n, f0 = num.int().unsqueeze(-1), first.int().unsqueeze(-1)
-        step = max(1, _ROW_BUDGET // width)
+        ar = torch.arange(width, device=num.device, dtype=torch.int32)
+        idx = torch.empty(B, H, QB, width, dtype=torch.int32, device=num.device)
+        step = max(1, _ROW_BUDGET // (B * H * width))
         for r0 in range(0, QB, step):
             sl = (slice(None), slice(None), slice(r0, r0 + step))
-            torch.add(f0[sl], ar, out=idx[sl]).masked_fill_(ar >= n[sl], 0)
+            n, f = num[sl].unsqueeze(-1), first[sl].unsqueeze(-1)
+            torch.add(f, ar, out=idx[sl]).masked_fill_(ar >= n, 0)
         scattered = (~contiguous).nonzero()
         if scattered.numel():
             rows, cols = self._positions(scattered, value)
-            start = torch.cumsum(num[tuple(scattered.T)], 0) - num[tuple(scattered.T)]
-            rank = torch.arange(rows.numel(), device=dev) - start[rows]
+            counts = num[tuple(scattered.T)].long()
+            rank = torch.arange(rows.numel(), device=num.device) - (torch.cumsum(counts, 0) - counts)[rows]
             idx[(*scattered[rows].T, rank)] = cols.int()
-        return num.int(), idx, bool(contiguous.all())
-
+        return idx
 
     def _positions(self, rows: torch.Tensor, value: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every (row, column) holding `value` in the rows [n, 3] (b, h, q-tile), sorted.

@@ -1,8 +1,9 @@
 """Tri-state analysis of a mask over tiles: interval evaluation of the IR, vectorised with torch.
 
 A tile is the box `q in [q_lo, q_hi] x kv in [kv_lo, kv_hi]` (ragged last tiles clipped to the
-lengths) with `b`, `h` fixed. `analyse` evaluates a boolean IR expression over every tile of a
-chunk at once; all tensors broadcast to `[B, H, R, KB]` (R q-tiles, KB kv-tiles).
+lengths) with `b`, `h` fixed. `analyse` evaluates a boolean IR expression over many tiles at
+once; all tensors broadcast to the layout of the `Box` (a chunk of tile rows [B, H, R, KB], or
+the [P, S, S] tiles of P super-tiles). Values are float64: integers are exact below 2**53.
 
 - A number becomes a `Num`: bounds `lo <= value <= hi` on the tile, whether both bounds are
   *attained* by some pair, whether every integer between them is (*dense*), which of `q`, `kv`
@@ -93,10 +94,10 @@ class Tri:
 
 
 class Box:
-    """The tiles of one chunk, and what evaluation needs: params, buffers, range tables.
+    """Tiles and what evaluation needs: params, buffers, range tables (shared across chunks).
 
-    q_lo/q_hi: float64 [1, 1, R, 1]; kv_lo/kv_hi: float64 [1, 1, 1, KB]; b: [B, 1, 1, 1];
-    h: [1, H, 1, 1]. `tables` caches range-min/max tables of buffers across chunks.
+    q_lo, q_hi, kv_lo, kv_hi, b, h: float64 tensors broadcasting to the tile layout, e.g.
+    [1, 1, R, 1], [1, 1, 1, KB], [B, 1, 1, 1], [1, H, 1, 1] for a chunk of R rows of tiles.
     """
 
     def __init__(self, q_lo, q_hi, kv_lo, kv_hi, b, h, params, buffers, tables: dict):
@@ -117,10 +118,6 @@ def point(box: Box, value, is_int: bool) -> Num:
     return Num(v, v, True, True, frozenset(), is_int, (0, 0, v) if is_int else None, const)
 
 
-def unknown(box: Box, deps: frozenset, is_int: bool) -> Num:
-    return Num(box.tensor(-INF), box.tensor(INF), False, False, deps, is_int)
-
-
 def _scaled(a, lo: torch.Tensor, hi: torch.Tensor):
     """Bounds of a*x for x in [lo, hi] (a a python number or a tensor)."""
     if isinstance(a, torch.Tensor):
@@ -131,10 +128,6 @@ def _scaled(a, lo: torch.Tensor, hi: torch.Tensor):
     if a == 1:
         return lo, hi
     return (a * lo, a * hi) if a > 0 else (a * hi, a * lo)
-
-
-def _is_zero(a) -> bool:
-    return not isinstance(a, torch.Tensor) and a == 0
 
 
 def _lin_dense(a, c, nq: torch.Tensor, nk: torch.Tensor) -> Flag:
@@ -165,7 +158,7 @@ def linear(box: Box, a, c, r) -> Num:
     r_t = r if isinstance(r, torch.Tensor) else box.tensor(r)
     lo, hi = r_t + lq + lk, r_t + hq + hk
     dense = _lin_dense(a, c, box.nq, box.nk)
-    deps = frozenset(v for v, coef in (("q", a), ("kv", c)) if not _is_zero(coef))
+    deps = frozenset(v for v, coef in (("q", a), ("kv", c)) if isinstance(coef, torch.Tensor) or coef != 0)
     const = r if not deps and not isinstance(r, torch.Tensor) else None
     return Num(lo, hi, True, dense, deps, True, (a, c, r_t), const)
 
@@ -219,12 +212,8 @@ def mul(box: Box, x: Num, y: Num) -> Num:
     return _corners(box, torch.mul, x, y, x.is_int and y.is_int)
 
 
-def _spans_zero(y: Num) -> Flag:
-    return (y.lo <= 0) & (y.hi >= 0)
-
-
 def _divide(box: Box, f, x: Num, y: Num, is_int: bool) -> Num:
-    bad = _spans_zero(y)
+    bad = (y.lo <= 0) & (y.hi >= 0)
     safe = Num(torch.where(bad, 1.0, y.lo), torch.where(bad, 1.0, y.hi), y.att, y.dense, y.deps, y.is_int)
     r = _corners(box, f, x, safe, is_int)
     if not bool(bad.any()):
@@ -311,7 +300,7 @@ def power(box: Box, x: Num, y: Num) -> Num:
     is_int = x.is_int and y.is_int
     if y.const is not None and y.const >= 0 and bool((x.lo >= 0).all()):
         return _fix_nan(box, Num(x.lo ** y.const, x.hi ** y.const, x.att, False, x.deps, is_int))
-    return unknown(box, x.deps | y.deps, is_int)
+    return Num(box.tensor(-INF), box.tensor(INF), False, False, x.deps | y.deps, is_int)
 
 
 def where_num(box: Box, c: Tri, x: Num, y: Num) -> Num:
@@ -419,6 +408,15 @@ def _range(box: Box, name: str, dim: int, kind: str, points: list, start: torch.
     return out
 
 
+def _huge(box: Box, name: str) -> bool:
+    """Whether an integer buffer holds values float64 cannot represent exactly (|x| > 2**53)."""
+    key = (name, "huge")
+    if key not in box.tables:
+        buf = box.buffers[name]
+        box.tables[key] = buf.dtype == torch.int64 and bool(buf.abs().max() > 2 ** 53)
+    return box.tables[key]
+
+
 def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
     buf = box.buffers.get(node.buffer)
     if buf is None:
@@ -432,10 +430,12 @@ def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
             raise PatternError(f"index {node.index[d]} of buffer {node.buffer!r} may reach "
                                f"{int(bad) if bad.is_integer() else bad}, outside dim {d} of size {buf.shape[d]}")
     is_int = not buf.is_floating_point()
+    deps = frozenset().union(*(i.deps for i in index))
+    if is_int and _huge(box, node.buffer):   # not exact in float64: leave it to exact evaluation
+        return Num(box.tensor(-INF), box.tensor(INF), False, False, deps, True)
     varying = [d for d, i in enumerate(index) if i.deps]
     if not varying:
         return point(box, buf[tuple(i.lo.long() for i in index)].double(), is_int)
-    deps = frozenset().union(*(i.deps for i in index))
     if len(varying) > 1:
         lo, hi = buf.min().double(), buf.max().double()
         return Num(lo, hi, False, False, deps, is_int)
@@ -459,6 +459,10 @@ def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
 
 _MONOTONE = {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
              "sqrt": torch.sqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+_NUMERIC = {"add": add, "sub": lambda box, x, y: add(box, x, y, sign=-1), "neg": neg, "mul": mul,
+            "truediv": lambda box, x, y: _divide(box, torch.true_divide, x, y, False),
+            "floordiv": floordiv, "mod": mod, "abs": absolute, "pow": power,
+            "min": lambda box, x, y: minmax(box, x, y, True), "max": lambda box, x, y: minmax(box, x, y, False)}
 
 
 def analyse(node: ir.Node, box: Box) -> Tri:
@@ -505,24 +509,8 @@ def _eval(n: ir.Node, args: list, box: Box):
     x = [as_num(box, a) for a in args]
     if o in ir.COMPARE:
         return compare(box, o, *x)
-    if o in ("add", "sub"):
-        return add(box, *x, sign=1 if o == "add" else -1)
-    if o == "neg":
-        return neg(box, x[0])
-    if o == "mul":
-        return mul(box, *x)
-    if o == "truediv":
-        return _divide(box, torch.true_divide, x[0], x[1], False)
-    if o == "floordiv":
-        return floordiv(box, *x)
-    if o == "mod":
-        return mod(box, *x)
-    if o == "abs":
-        return absolute(box, x[0])
-    if o in ("min", "max"):
-        return minmax(box, *x, is_min=o == "min")
-    if o == "pow":
-        return power(box, *x)
     if o in _MONOTONE:
         return monotone(box, _MONOTONE[o], x[0])
+    if o in _NUMERIC:
+        return _NUMERIC[o](box, *x)
     raise PatternError(f"the block classifier does not know operator {o!r}")
