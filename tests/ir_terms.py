@@ -26,7 +26,7 @@ SCORES = (-3.0, -0.5, 0.0, 0.25, 1.0, 2.5)
 
 MAX_DEPTH = 4
 _INT_CONSTS = st.sampled_from([0, 1, -1, 2, -3, 5, 7, -7])
-_FLOAT_CONSTS = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.5, -3.0, 1e-3])
+_FLOAT_CONSTS = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.5, -3.0, 1e-3, math.inf, -math.inf, math.nan])
 _CMP = st.sampled_from(ir.COMPARE)
 
 

@@ -59,7 +59,7 @@ def test_printed_text_reads_back_as_the_same_expression(kind, data):
     so precedence and parentheses are right (the parser's round trip relies on it)."""
     term = data.draw(TERMS[kind]())
     text = ir.to_text(build(term))
-    names = {**PY, "true": True, "false": False, "inf": math.inf, **{k: t.tolist() for k, t in BUFFERS.items()}}
+    names = {**PY, "true": True, "false": False, "inf": math.inf, "nan": math.nan, **{k: t.tolist() for k, t in BUFFERS.items()}}
     for p in POINTS[::37]:
         got, want = eval(text, {"__builtins__": {}}, {**names, **p}), py_eval(term, p)  # noqa: S307
         assert got == want or (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-9), text
@@ -226,3 +226,26 @@ def test_walk_substitute_and_queries():
 ])
 def test_printer(node, text):
     assert str(node) == text
+
+
+def test_long_and_or_chains_build_and_print_without_deep_recursion():
+    """A mask built in a Python loop (`m = m | (kv == i)`) can be thousands of terms long."""
+    terms = [ir.op("eq", kv, ir.const(3 * i)) for i in range(2000)]
+    appended = ir.FALSE
+    for t in terms:
+        appended = ir.op("or", appended, t)
+    text = str(appended)
+    assert text.startswith("kv == 0 or kv == 3 or") and text.count(" or ") == 1999
+    live = ev.evaluate(appended, {"kv": torch.arange(12)}, {}, {})
+    assert live.tolist() == [i % 3 == 0 for i in range(12)]
+    prepended = ir.FALSE
+    for t in reversed(terms[:300]):
+        prepended = ir.op("or", t, prepended)  # re-associated to the left, one term at a time
+    assert str(prepended) == " or ".join(f"kv == {3 * i}" for i in range(300))
+
+
+def test_folding_min_max_propagates_nan_like_torch():
+    for name in ("min", "max"):
+        for args in ((ir.const(0), ir.const(math.nan)), (ir.const(math.nan), ir.const(1.0))):
+            assert math.isnan(ev.evaluate(ir.op(name, *args), {}, {}, {}).item())
+    assert ir.op("max", ir.const(2), ir.const(3.5)) is ir.const(3.5)

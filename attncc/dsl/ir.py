@@ -205,7 +205,10 @@ _FOLD: dict[str, Callable] = {
     "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
     "and": lambda a, b: a and b, "or": lambda a, b: a or b, "not": lambda a: not a,
-    "min": min, "max": max, "neg": lambda a: -a, "abs": abs,
+    # min/max propagate nan like torch.minimum/maximum (Python's min(0, nan) is 0)
+    "min": lambda a, b: a + b if a != a or b != b else min(a, b),
+    "max": lambda a, b: a + b if a != a or b != b else max(a, b),
+    "neg": lambda a: -a, "abs": abs,
     "where": lambda c, a, b: a if c else b,
     "exp": math.exp, "exp2": lambda a: 2.0 ** a, "log": math.log, "log2": math.log2,
     "sqrt": math.sqrt, "tanh": math.tanh, "sigmoid": lambda a: 1.0 / (1.0 + math.exp(-a)),
@@ -278,7 +281,13 @@ def _simplify(name: str, args: tuple) -> Node | None:
     if name in ("neg", "not") and isinstance(a, Op) and a.op == name and (name == "neg" or _bool(a.args[0])):
         return a.args[0]
     if name in LOGIC and isinstance(b, Op) and b.op == name:  # keep chains left-associated
-        return op(name, op(name, a, b.args[0]), b.args[1])
+        operands = []
+        while isinstance(b, Op) and b.op == name:  # iteratively: chains may be thousands long
+            operands.append(b.args[1])
+            b = b.args[0]
+        for x in [b] + operands[::-1]:
+            a = op(name, a, x)
+        return a
     if name in LOGIC:
         absorbing, neutral = (FALSE, TRUE) if name == "and" else (TRUE, FALSE)
         if a is absorbing or b is absorbing:
@@ -386,9 +395,21 @@ def _prec(n: Node) -> int:
     return _ATOM
 
 
-@lru_cache(maxsize=None)
+_TEXT: dict[Node, str] = {}
+
+
 def to_text(node: Node) -> str:
     """Canonical DSL text of an expression; `parse` reads it back to the identical node."""
+    text = _TEXT.get(node)
+    if text is None:
+        for n in walk(node):  # children first, so printing never recurses deeply (long and/or chains)
+            if n not in _TEXT:
+                _TEXT[n] = _text(n)
+        text = _TEXT[node]
+    return text
+
+
+def _text(node: Node) -> str:
     if isinstance(node, Var):
         return node.name
     if isinstance(node, Const):
