@@ -8,11 +8,13 @@ Lowering conventions (inside the generated `mask_mod` / `score_mod` jit function
 - `score` is the float32 score tile in natural units (`scale * q.k`).
 - A param `W` is the scalar kernel argument `p_W`; a buffer `doc` is `buf_doc` (pointer) with
   strides `buf_doc_s0, ...`; loads are converted to float32 (floats) or bool (bools).
+- `x / y` with y constant over the tile (params, b, h) is `x * (1.0 / y)`: one reciprocal.
 - `//` and `%` follow torch's floor semantics; Triton's truncate towards zero, so the general
   case calls the `floordiv`/`floormod` helpers and operands proved non-negative by `nonneg`
   use the plain operators.
-- `tanh` is `2 sigmoid(2x) - 1` and `a ** b` (non-integer b) is `exp2(b log2 a)` (a > 0):
-  both run in Triton's interpreter, unlike libdevice.
+- `tanh` calls the `tanh` helper: the GPU's `tanh.approx.f32` for 16-bit inputs on CUDA
+  (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1`, which also runs in Triton's interpreter
+  (libdevice does not). `a ** b` (non-integer b) is `exp2(b log2 a)` (a > 0).
 """
 from __future__ import annotations
 
@@ -96,11 +98,20 @@ def floormod(a, b):
     """a % b with the sign of b (torch semantics; Triton's % takes the sign of a)."""
     rem = a % b
     return tl.where((rem != 0) & ((rem < 0) != (b < 0)), rem + b, rem)''',
+    "tanh": '''@triton.jit
+def tanh(x, FAST_TANH: tl.constexpr):
+    """tanh(x): one MUFU instruction (max rel. error ~2^-11) when FAST_TANH, else exact-ish."""
+    if FAST_TANH:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0''',
 }
 
 _FLOAT_FN = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2",
-             "sqrt": "tl.sqrt", "sigmoid": "tl.sigmoid"}
+             "sqrt": "tl.sqrt"}
 _CMP = {o: ir.SYMBOL[o] for o in ir.COMPARE}
+_TILE_VARS = frozenset({"q", "kv", "score"})  # what varies inside a tile
 _FLOAT_BUFFERS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -147,6 +158,8 @@ class _Lowering:
         if o in ("add", "sub", "mul"):
             return f"({a[0]} {ir.SYMBOL[o]} {a[1]})"
         if o == "truediv":
+            if not ir.free_vars(n.args[1]) & _TILE_VARS:  # a per-program scalar: one reciprocal
+                return f"({self._float(n.args[0])} * (1.0 / {self._float(n.args[1])}))"
             return f"({self._float(n.args[0])} / {self._float(n.args[1])})"
         if o in ("floordiv", "mod"):
             return self._floor_op(n, a)
@@ -169,7 +182,10 @@ class _Lowering:
         if o == "where":
             return f"tl.where({a[0]}, {a[1]}, {a[2]})"
         if o == "tanh":
-            return f"(2.0 * tl.sigmoid(2.0 * {self._float(n.args[0])}) - 1.0)"
+            self.helpers.add("tanh")
+            return f"tanh({self._float(n.args[0])}, FAST_TANH)"
+        if o == "sigmoid":  # not tl.sigmoid: a triton.language @jit function (see the template)
+            return f"(1.0 / (1.0 + tl.exp(-{self._float(n.args[0])})))"
         if o in _FLOAT_FN:
             return f"{_FLOAT_FN[o]}({self._float(n.args[0])})"
         raise ir.IRError(f"no Triton lowering for operator {o!r}")
@@ -244,9 +260,10 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
     extra = [f"p_{p}" for p in params]
     for spec in bufs:
         extra += [f"buf_{spec.name}"] + [f"buf_{spec.name}_s{d}" for d in range(spec.ndim)]
-    extra_args = "".join(f", {a}" for a in extra)
-    helpers: set[str] = set()
     mask = token_mask(pattern)
+    fast_tanh = any(isinstance(n, ir.Op) and n.op == "tanh" for e in (mask, pattern.score) for n in ir.walk(e))
+    extra_args = "".join(f", {a}" for a in extra) + (", FAST_TANH" if fast_tanh else "")
+    helpers: set[str] = set()
     mask_fn = lower_function("mask_mod", "b, h, q, kv" + extra_args, mask, f"mask = {mask}",
                              buffers, helpers)
     score_fn = lower_function("score_mod", "score, b, h, q, kv" + extra_args, pattern.score,
@@ -257,6 +274,8 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
         launch_extra.append(f"buf_{spec.name}={t}.view(torch.uint8)" if spec.dtype == torch.bool
                             else f"buf_{spec.name}={t}")
         launch_extra += [f"buf_{spec.name}_s{d}={t}.stride({d})" for d in range(spec.ndim)]
+    if fast_tanh:
+        launch_extra.append("FAST_TANH=q.is_cuda and q.dtype != torch.float32")
     holes = {
         "VERSION": version,
         "PATTERN": "\n".join("    " + line for line in str(pattern).splitlines()),
@@ -265,7 +284,7 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
         "MASK_MOD": mask_fn,
         "SCORE_MOD": score_fn,
         "EXTRA_ARGS": extra_args,
-        "EXTRA_PARAMS": "".join(f"\n    {a}," for a in extra),
+        "EXTRA_PARAMS": "".join(f"\n    {a}," for a in extra) + ("\n    FAST_TANH: tl.constexpr," if fast_tanh else ""),
         "NO_SPECIALIZE": ", ".join(repr(a) for a in ["Q_LEN", "KV_LEN", "FULL_WIDTH", "PARTIAL_WIDTH"] + [f"p_{p}" for p in params]),
         "HAS_SCORE_MOD": str(pattern.has_score_mod),
         "LAUNCH_EXTRA": "".join(f"\n        {a}," for a in launch_extra),
