@@ -404,6 +404,21 @@ def test_block_predicate_and_block_size():
             ac.Pattern(block_mask_mod=lambda b, h, qb, kb: qb == kb, block_size=bad)
 
 
+def test_block_predicate_reading_a_selection_buffer():
+    """MoBA/NSA-style gating: a per-head top-k choice of key blocks, as a bool [H, QB, KB] buffer."""
+    g = torch.Generator().manual_seed(5)
+    chosen = torch.rand(3, 4, 5, generator=g) > 0.5
+    lag = ac.param("lag", 1)
+    gated = ac.Pattern(lambda b, h, q, kv: q + lag >= kv, block_mask_mod=lambda b, h, qb, kb: chosen[h, qb, kb],
+                       block_size=(3, 2))
+    assert str(gated.block) == "chosen[h, qb, kb]" and gated.params == {"lag": 1}
+    for lag_value in (1, 4):
+        got = mask_of(gated.bind(lag=lag_value), 12, 10, B=1, H=3)
+        for h in range(3):
+            blocks = torch.kron(chosen[h].int(), torch.ones(3, 2, dtype=torch.int)).bool()
+            assert torch.equal(got[0, h], blocks & pairs(12, 10, lambda i, j: i + lag_value >= j))
+
+
 def test_combining_block_predicates():
     blocks = ac.Pattern(lambda b, h, q, kv: q >= kv, block_mask_mod=lambda b, h, qb, kb: qb == kb, block_size=2)
     first = ac.Pattern(lambda b, h, q, kv: q < 2)
