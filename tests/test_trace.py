@@ -73,6 +73,29 @@ def test_supported_spellings():
     assert torch.equal(ac.create_mask(ac.Pattern(mask), None, None, Q, KV)[0, 0], expected[0, 0])
 
 
+def test_torch_mask_combinators_trace():
+    """FlexAttention's and_masks / or_masks / noop_mask start from b.new_ones(()) / b.new_zeros(())."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    doc = torch.tensor([0, 0, 1, 1, 1, 2])
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None]
+    both = ac.Pattern(flex.and_masks(causal, same_doc))
+    assert str(both.mask) == "q >= kv and doc[q] == doc[kv]"
+    assert torch.equal(ac.create_mask(both, None, None, 6, 6)[0, 0], (i >= j) & (doc[i] == doc[j]))
+    either = ac.Pattern(flex.or_masks(causal, same_doc))
+    assert torch.equal(ac.create_mask(either, None, None, 6, 6)[0, 0], (i >= j) | (doc[i] == doc[j]))
+    assert ac.Pattern(flex.noop_mask).mask is ir.TRUE and ac.Pattern(flex.or_masks()).mask is ir.FALSE
+    assert str(ac.Pattern(lambda b, h, q, kv: q.new_zeros([]) + q < kv.new_ones((), dtype=torch.float32)).mask) == "q < 1.0"
+    with pytest.raises(PatternError, match="0-dim"):
+        ac.Pattern(lambda b, h, q, kv: q.new_ones((2,)) > 0)
+
+
 def test_scalars_and_zero_dim_tensors_are_constants():
     limit = torch.tensor(3)
     pat = ac.Pattern(lambda b, h, q, kv: (q - kv < limit) & (2 * q >= kv + 1.5) & True)

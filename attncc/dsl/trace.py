@@ -152,6 +152,17 @@ class Proxy:
     def clamp(self, min=None, max=None):
         return _clamp(self, min, max)
 
+    # -- 0-dim constants, as torch's and_masks / or_masks / noop_mask make them: b.new_ones(())
+    def new_ones(self, *size, dtype=None, **_):
+        return _new_scalar(size, 1, dtype)
+
+    def new_zeros(self, *size, dtype=None, **_):
+        return _new_scalar(size, 0, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
     def float(self):
         return _as_float(self)
 
@@ -267,6 +278,15 @@ def _clamp(x, min=None, max=None):  # torch's keyword names
     if hi is not None:
         x = _apply("min", x, hi)
     return x
+
+
+def _new_scalar(size: tuple, value: int, dtype) -> Proxy:
+    if len(size) == 1 and isinstance(size[0], (tuple, list)):
+        size = tuple(size[0])
+    if size:
+        raise _fail(f"only 0-dim new_ones/new_zeros can be traced, got size {size}")
+    v = bool(value) if dtype == torch.bool else float(value) if dtype is not None and dtype.is_floating_point else value
+    return Proxy(ir.const(v), None)
 
 
 def _div(a, b, rounding_mode=None):
