@@ -6,14 +6,14 @@ import pickle
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from attncc import PatternError
 from attncc.compiler import evaluate as ev
 from attncc.dsl import ir
 from ir_terms import BUFFERS, PY, SCORES, TERMS, build, build_raw, py_eval
 
-PROPERTY = settings(max_examples=150, deadline=None)
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Every combination of these values is one evaluation point; variables are flat [N] tensors.
 POINTS = [dict(b=b, h=h, q=q, kv=kv, score=s)
@@ -52,7 +52,7 @@ def test_evaluate_simplified_and_raw_match_python(kind, data):
 
 
 @pytest.mark.parametrize("kind", ["int", "float", "bool"])
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_printed_text_reads_back_as_the_same_expression(kind, data):
     """to_text is Python-like: evaluating the printed text as Python gives the term's values,

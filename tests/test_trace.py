@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attncc as ac
 from attncc import PatternError
@@ -30,7 +30,7 @@ def float64_default():
     torch.set_default_dtype(old)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(term=bool_terms(score=False), seed=st.integers(0, 2 ** 16))
 def test_random_mask_function_traces_to_what_it_computes(term, seed):
     f = as_function(term, seed)
@@ -44,7 +44,7 @@ def test_random_mask_function_traces_to_what_it_computes(term, seed):
     assert {id(t) for t in pat.buffers.values()} <= {id(IBUF), id(FBUF), id(BBUF)}
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(term=float_terms(), seed=st.integers(0, 2 ** 16))
 def test_random_score_function_traces_to_what_it_computes(term, seed):
     f = as_function(term, seed)
