@@ -121,7 +121,6 @@ class _Lowering:
     def __init__(self, buffers: Mapping[str, BufferSpec]):
         self.buffers = buffers
         self.lines: list[str] = []
-        self.helpers: set[str] = set()
         self.names: dict[int, str] = {}
 
     def lower(self, root: ir.Node) -> str:
@@ -165,6 +164,10 @@ class _Lowering:
             return self._floor_op(n, a)
         if o == "pow":
             return self._pow(n, a)
+        if o in ("eq", "ne") and _is_int_mod(n.args[0]) and n.args[1] is ir.Const(0):
+            # (x floor-mod y) == 0 exactly when the truncating x % y == 0: skip the sign fix-up
+            x, y = (self.names[id(c)] for c in n.args[0].args)
+            return f"(({x} % {y}) {_CMP[o]} 0)"
         if o in _CMP:
             return f"({a[0]} {_CMP[o]} {a[1]})"
         if o == "and":
@@ -182,7 +185,6 @@ class _Lowering:
         if o == "where":
             return f"tl.where({a[0]}, {a[1]}, {a[2]})"
         if o == "tanh":
-            self.helpers.add("tanh")
             return f"tanh({self._float(n.args[0])}, FAST_TANH)"
         if o == "sigmoid":  # not tl.sigmoid: a triton.language @jit function (see the template)
             return f"(1.0 / (1.0 + tl.exp(-{self._float(n.args[0])})))"
@@ -197,9 +199,7 @@ class _Lowering:
             return f"tl.floor({fx} / {fy})" if n.op == "floordiv" else f"({fx} - {fy} * tl.floor({fx} / {fy}))"
         if nonneg(x) and nonneg(y):
             return f"({a[0]} {ir.SYMBOL[n.op]} {a[1]})"
-        helper = "floordiv" if n.op == "floordiv" else "floormod"
-        self.helpers.add(helper)
-        return f"{helper}({a[0]}, {a[1]})"
+        return f"{'floordiv' if n.op == 'floordiv' else 'floormod'}({a[0]}, {a[1]})"
 
     def _pow(self, n: ir.Op, a: list[str]) -> str:
         base, expo = n.args
@@ -226,6 +226,10 @@ class _Lowering:
         return text
 
 
+def _is_int_mod(n: ir.Node) -> bool:
+    return isinstance(n, ir.Op) and n.op == "mod" and ir.kind_of(n) == "int"
+
+
 def _const(value: ir.Value) -> str:
     if isinstance(value, bool):
         return "True" if value else "False"
@@ -240,8 +244,8 @@ def lower_function(name: str, args: str, root: ir.Node, doc: str, buffers: Mappi
     """A `@triton.jit def name(args)` returning the lowering of `root`."""
     low = _Lowering(buffers)
     result = low.lower(root)
-    helpers |= low.helpers
     body = [f"    {line}" for line in low.lines] + [f"    return {result}"]
+    helpers |= {name for name in HELPERS if any(f"{name}(" in line for line in body)}
     return "\n".join(["@triton.jit", f"def {name}({args}):", f'    """{doc}"""', *body])
 
 
