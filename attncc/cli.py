@@ -6,7 +6,7 @@ kv_idx), a Pattern, or a function of no arguments returning a Pattern (`attncc.p
 Exit codes: 0 ok, 1 a failure (or a feature this version does not have yet), 2 bad input.
 
 Verbs light up as the library grows: each looks for the function it needs (`attncc.compile`,
-`attncc.create_block_mask`, `attncc.testing.check_pattern`, `attncc.explain`, benchmarks/run.py)
+`attncc.create_block_mask`, `attncc.testing.check_pattern`, `attncc.explain`, benchmarks/suite.py)
 and says clearly when it is not there.
 """
 from __future__ import annotations
@@ -260,7 +260,7 @@ def cmd_explain(pattern: ac.Pattern, args) -> int:
 
 
 def cmd_bench(args) -> int:
-    runner = Path(ac.__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    runner = Path(ac.__file__).resolve().parent.parent / "benchmarks" / "suite.py"
     if not runner.is_file():
         raise Missing(f"the benchmark suite is not available: {runner} does not exist")
     return subprocess.call([sys.executable, str(runner), *args.rest])
@@ -297,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--examples", type=_positive, default=5, help="random examples (default 5)")
     check.set_defaults(q_len=64)
     verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
-    bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/run.py)")
+    bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/suite.py)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite")
     return parser
 

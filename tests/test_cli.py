@@ -212,7 +212,7 @@ def test_explain_and_bench_say_what_is_missing(capsys, monkeypatch):
     assert code == 0 and "report for swa at (1, 4, 50, 64)" in out
     monkeypatch.setattr(ac, "__file__", "/nonexistent/attncc/__init__.py")
     code, _, err = run(capsys, "bench")
-    assert code == 1 and "benchmarks/run.py does not exist" in err
+    assert code == 1 and "benchmarks/suite.py does not exist" in err
 
 
 def test_exit_codes(capsys, user_module):
