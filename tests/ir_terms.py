@@ -1,7 +1,7 @@
 """Random typed expression terms for the IR and tracing property tests.
 
 A term is a plain nested tuple, independent of the IR: ("var", name), ("const", value),
-("load", buffer, index_term) or ("op", name, (args...)). From one term the tests build
+("param", name) (values in PARAMS), ("load", buffer, index_term) or ("op", name, (args...)). From one term the tests build
 - the simplified IR (`build`, through `ir.op`) and the unsimplified IR (`build_raw`, `ir.Op`),
 - a plain-Python value at one point (`py_eval`, Python semantics: floor `//` and `%`),
 - a FlexAttention-style Python function (`as_function`) that works on real tensors and proxies.
@@ -23,6 +23,7 @@ FBUF = torch.tensor([0.5, -1.25, 3.0, 0.0, -0.75, 2.5, 1e-3, -4.0], dtype=torch.
 BBUF = IBUF > 0
 BUFFERS = {"ibuf": IBUF, "fbuf": FBUF, "bbuf": BBUF}
 SCORES = (-3.0, -0.5, 0.0, 0.25, 1.0, 2.5)
+PARAMS = {"P": 3, "F": 0.5}  # default values; P is also a (positive) divisor
 
 MAX_DEPTH = 4
 _INT_CONSTS = st.sampled_from([0, 1, -1, 2, -3, 5, 7, -7])
@@ -46,7 +47,7 @@ def _dup(names, sub):
 @lru_cache(maxsize=None)
 def divisors(depth: int, score: bool = True) -> st.SearchStrategy:
     """Integer terms that are never zero (either sign)."""
-    pos = st.one_of(st.sampled_from([("const", c) for c in (1, 2, 3, 5)]),
+    pos = st.one_of(st.sampled_from([("const", c) for c in (1, 2, 3, 5)] + [("param", "P")]),
                     st.builds(lambda v: _op("add", ("var", v), ("const", 1)), st.sampled_from(["q", "kv", "h"])))
     if depth > 0:
         pos = st.one_of(pos, st.builds(lambda x: _op("add", _op("abs", x), ("const", 1)), int_terms(depth - 1, score)))
@@ -56,7 +57,7 @@ def divisors(depth: int, score: bool = True) -> st.SearchStrategy:
 @lru_cache(maxsize=None)
 def int_terms(depth: int = MAX_DEPTH, score: bool = True) -> st.SearchStrategy:
     """Integer terms; with score=False no part reads the score (for mask functions)."""
-    leaves = st.one_of(st.sampled_from([("var", v) for v in ("b", "h", "q", "kv")]),
+    leaves = st.one_of(st.sampled_from([("var", v) for v in ("b", "h", "q", "kv")] + [("param", "P")]),
                        st.builds(lambda c: ("const", c), _INT_CONSTS))
     if depth == 0:
         return leaves
@@ -75,7 +76,7 @@ def int_terms(depth: int = MAX_DEPTH, score: bool = True) -> st.SearchStrategy:
 @lru_cache(maxsize=None)
 def arith_float_terms(depth: int, score: bool = True) -> st.SearchStrategy:
     """Float terms without transcendental functions: exact in IEEE arithmetic, safe to compare."""
-    leaves = st.builds(lambda c: ("const", c), _FLOAT_CONSTS)
+    leaves = st.one_of(st.builds(lambda c: ("const", c), _FLOAT_CONSTS), st.just(("param", "F")))
     if score:
         leaves = st.one_of(st.just(("var", "score")), leaves)
     else:
@@ -145,6 +146,8 @@ def build(term, raw: bool = False) -> ir.Node:
         return ir.Var(term[1])
     if tag == "const":
         return const(term[1])
+    if tag == "param":
+        return ir.Param(term[1], "int" if isinstance(PARAMS[term[1]], int) else "float")
     if tag == "load":
         return load(term[1], (build(term[2], raw),))
     return op(term[1], *(build(a, raw) for a in term[2]))
@@ -203,9 +206,12 @@ PY = {
 
 
 def py_eval(term, point: dict):
+    """The term's value at `point` (variables; params default to PARAMS)."""
     tag = term[0]
     if tag == "var":
         return point[term[1]]
+    if tag == "param":
+        return point.get(term[1], PARAMS[term[1]])
     if tag == "const":
         return term[1]
     if tag == "load":
@@ -265,7 +271,7 @@ def as_function(term, seed: int, buffers: dict = BUFFERS):
 
     def compile_(t):
         tag = t[0]
-        if tag == "var":
+        if tag in ("var", "param"):
             return lambda env: env[t[1]]
         if tag == "const":
             value = t[1]

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from attncc import PatternError
 from attncc.compiler import evaluate as ev
 from attncc.dsl import ir
-from ir_terms import BUFFERS, PY, SCORES, TERMS, build, build_raw, py_eval
+from ir_terms import BUFFERS, PARAMS, PY, SCORES, TERMS, build, build_raw, py_eval
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -24,7 +24,7 @@ q, kv, score = ir.Var("q"), ir.Var("kv"), ir.Var("score")
 
 
 def evaluate(node: ir.Node) -> torch.Tensor:
-    return torch.broadcast_to(ev.evaluate(node, ENV, {}, BUFFERS), (len(POINTS),))
+    return torch.broadcast_to(ev.evaluate(node, ENV, PARAMS, BUFFERS), (len(POINTS),))
 
 
 def python_values(term, points=POINTS) -> torch.Tensor:
@@ -59,7 +59,7 @@ def test_printed_text_reads_back_as_the_same_expression(kind, data):
     so precedence and parentheses are right (the parser's round trip relies on it)."""
     term = data.draw(TERMS[kind]())
     text = ir.to_text(build(term))
-    names = {**PY, "true": True, "false": False, "inf": math.inf, "nan": math.nan, **{k: t.tolist() for k, t in BUFFERS.items()}}
+    names = {**PY, **PARAMS, "true": True, "false": False, "inf": math.inf, "nan": math.nan, **{k: t.tolist() for k, t in BUFFERS.items()}}
     for p in POINTS[::37]:
         got, want = eval(text, {"__builtins__": {}}, {**names, **p}), py_eval(term, p)  # noqa: S307
         assert got == want or (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-9), text

@@ -11,7 +11,7 @@ import attncc as ac
 from attncc import PatternError
 from attncc.compiler import evaluate as ev
 from attncc.dsl import ir
-from ir_terms import BBUF, FBUF, IBUF, SCORES, as_function, bool_terms, float_terms
+from ir_terms import BBUF, FBUF, IBUF, PARAMS, SCORES, as_function, bool_terms, float_terms
 
 B, H, Q, KV = 2, 3, 6, 7
 IDX = (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
@@ -30,29 +30,42 @@ def float64_default():
     torch.set_default_dtype(old)
 
 
+TRACE_PARAMS = {"P": 5, "F": -0.25}  # rebound values: the traced params must follow bind()
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(term=bool_terms(score=False), seed=st.integers(0, 2 ** 16))
 def test_random_mask_function_traces_to_what_it_computes(term, seed):
     f = as_function(term, seed)
+    params = {k: ac.param(k, v) for k, v in PARAMS.items()}
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return f({"b": b, "h": h, "q": q_idx, "kv": kv_idx})
+        return f({"b": b, "h": h, "q": q_idx, "kv": kv_idx, **params})
 
     pat = ac.Pattern(mask_mod=mask_mod)
+    params = PARAMS
     expected = torch.broadcast_to(torch.as_tensor(mask_mod(*IDX)), (B, H, Q, KV))
-    assert torch.equal(ac.create_mask(pat, B, H, Q, KV), expected)
+    assert torch.equal(ac.create_mask(pat, B, H, Q, KV), expected.bool())
     assert {id(t) for t in pat.buffers.values()} <= {id(IBUF), id(FBUF), id(BBUF)}
+    assert set(pat.params) <= set(PARAMS)
+    params = TRACE_PARAMS
+    rebound = pat.bind(**{k: TRACE_PARAMS[k] for k in pat.params})
+    expected = torch.broadcast_to(torch.as_tensor(mask_mod(*IDX)), (B, H, Q, KV))
+    assert torch.equal(ac.create_mask(rebound, B, H, Q, KV), expected.bool())
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(term=float_terms(), seed=st.integers(0, 2 ** 16))
 def test_random_score_function_traces_to_what_it_computes(term, seed):
     f = as_function(term, seed)
+    params = {k: ac.param(k, v) for k, v in PARAMS.items()}
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return f({"score": score, "b": b, "h": h, "q": q_idx, "kv": kv_idx})
+        return f({"score": score, "b": b, "h": h, "q": q_idx, "kv": kv_idx, **params})
 
     pat = ac.Pattern(score_mod=score_mod)
+    params = TRACE_PARAMS
+    pat = pat.bind(**{k: TRACE_PARAMS[k] for k in pat.params})
     b, h, q, kv = IDX
     got = ev.evaluate(pat.score, {"b": b, "h": h, "q": q, "kv": kv, "score": SCORE}, pat.params, pat.buffers)
     expected = torch.as_tensor(score_mod(SCORE, *IDX), dtype=torch.float64)
@@ -150,6 +163,9 @@ def test_params():
     for w in (0, 2, 5):
         expected = (i[:, None] - i[None] <= w) & (doc[:, None] == doc[None]) & (i[:, None] >= i[None])
         assert torch.equal(ac.create_mask(pat.bind(W=w), None, None, 6, 6)[0, 0], expected)
+    table, row = torch.tensor([[0.5, 1.0], [2.0, 4.0]]), ac.param("row", 1)
+    picked = ac.Pattern(score_mod=lambda s, b, h, q, kv: s * table[row, 0])  # an index of params only
+    assert str(picked.score) == "score * table[row, 0]" and picked.params == {"row": 1}
     cap = ac.param("cap", 20.0)
     assert ac.Pattern(score_mod=lambda s, b, h, q, kv: cap * torch.tanh(s / cap)).params == {"cap": 20.0}
 
