@@ -54,6 +54,23 @@ def test_random_mask_function_traces_to_what_it_computes(term, seed):
     assert torch.equal(ac.create_mask(rebound, B, H, Q, KV), expected.bool())
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(term=bool_terms(score=False), seed=st.integers(0, 2 ** 16), bq=st.integers(1, 4), bk=st.integers(1, 4))
+def test_random_block_predicate_reads_as_blocks_of_tokens(term, seed, bq, bk):
+    """block_mask_mod(b, h, qb, kb) with block_size (BQ, BK) is, per token, block(q // BQ, kv // BK)."""
+    f = as_function(term, seed)
+    params = {k: ac.param(k, v) for k, v in PARAMS.items()}
+
+    def block_mod(b, h, q_block, kv_block):
+        return f({"b": b, "h": h, "q": q_block, "kv": kv_block, **params})
+
+    pat = ac.Pattern(lambda b, h, q, kv: q + 3 >= kv, block_mask_mod=block_mod, block_size=(bq, bk))
+    params = PARAMS
+    b, h, q, kv = IDX
+    expected = torch.broadcast_to(torch.as_tensor(block_mod(b, h, q // bq, kv // bk)), (B, H, Q, KV))
+    assert torch.equal(ac.create_mask(pat, B, H, Q, KV), expected.bool() & (q + 3 >= kv))
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(term=float_terms(), seed=st.integers(0, 2 ** 16))
 def test_random_score_function_traces_to_what_it_computes(term, seed):
