@@ -126,6 +126,15 @@ def test_torch_mask_combinators_trace():
         ac.Pattern(lambda b, h, q, kv: q.new_ones((2,)) > 0)
 
 
+def test_dtype_conversions():
+    def mask(b, h, q_idx, kv_idx):
+        votes = (q_idx >= kv_idx).long() + (kv_idx < 3).to(torch.int32) + (q_idx - kv_idx).bool().int()
+        return (votes >= 2) & (kv_idx % 2).to(torch.bool) | (q_idx.to(torch.float64) / 4 > kv_idx.float())
+
+    qi, ki = IDX[2][0, 0], IDX[3][0, 0]
+    assert torch.equal(ac.create_mask(ac.Pattern(mask), None, None, Q, KV)[0, 0], mask(None, None, qi, ki))
+
+
 def test_scalars_and_zero_dim_tensors_are_constants():
     limit = torch.tensor(3)
     pat = ac.Pattern(lambda b, h, q, kv: (q - kv < limit) & (2 * q >= kv + 1.5) & True)
@@ -277,7 +286,11 @@ def m_and_keyword(b, h, q, kv):
 
 
 def m_attr(b, h, q, kv):
-    return q.long() > kv  # E-attr
+    return q.shape[0] > kv  # E-attr
+
+
+def m_float_to_int(b, h, q, kv):
+    return (q / 2).long() > kv  # E-float-int
 
 
 def m_trunc(b, h, q, kv):
@@ -323,7 +336,8 @@ ERRORS = [
     (m_max1, "E-max1", "maximum"), (m_alpha, "E-alpha", "add.*alpha"), (m_int, "E-int", r"int\(\)"),
     (m_float, "E-float", r"float\(\)"), (m_list_index, "E-index", "Python integer"),
     (m_range, "E-range", "Python integer"), (m_chain, "E-chain", "chained comparison"),
-    (m_and_keyword, "E-kw", "`and`"), (m_attr, "E-attr", r"\.long"), (m_trunc, "E-trunc", "trunc"),
+    (m_and_keyword, "E-kw", "`and`"), (m_attr, "E-attr", r"\.shape"), (m_trunc, "E-trunc", "trunc"),
+    (m_float_to_int, "E-float-int", "float to an integer"),
     (m_fmod, "E-fmod", "fmod"), (m_tensor_arith, "E-arith", r"shape \(4,\)"),
     (m_wrong_dims, "E-dims", "2 dims"), (m_complex, "E-complex", "complex64"),
     (m_param_clash, "E-clash", "'W'.*3.*5"), (m_mod3, "E-arity3", "4 arguments"),

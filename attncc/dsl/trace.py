@@ -166,12 +166,23 @@ class Proxy:
     def float(self):
         return _as_float(self)
 
+    def long(self):
+        return _as_int(self)
+
+    def int(self):
+        return _as_int(self)
+
+    def bool(self):
+        return self if ir.kind_of(self.node) == "bool" else _apply("ne", self, 0)
+
     def to(self, *args, **kwargs):
         dtype = kwargs.get("dtype", args[0] if args else None)
         if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
             return _as_float(self)
+        if dtype == torch.bool:
+            return self.bool()
         if isinstance(dtype, torch.dtype) and dtype in (torch.int32, torch.int64):
-            return self
+            return _as_int(self)
         raise _fail(f"cannot trace .to({dtype!r}) on a traced value")
 
     # -- what cannot be traced
@@ -269,6 +280,13 @@ def _bool_as_int(n: ir.Node) -> ir.Node:
 
 def _as_float(x: Proxy) -> Proxy:
     return x if ir.kind_of(x.node) == "float" else _apply("mul", x, 1.0)
+
+
+def _as_int(x: Proxy) -> Proxy:
+    kind = ir.kind_of(x.node)
+    if kind == "float":
+        raise _fail("converting a traced float to an integer (truncation) is not supported; use // to floor")
+    return Proxy(_bool_as_int(x.node), x.tracer, x.params) if kind == "bool" else x
 
 
 def _clamp(x, min=None, max=None):  # torch's keyword names
