@@ -69,6 +69,7 @@ def int_terms(depth: int = MAX_DEPTH, score: bool = True) -> st.SearchStrategy:
         _ops(["neg", "abs"], sub),
         _dup(["add", "sub", "mul", "min", "max"], sub),
         st.builds(lambda c, a, b: _op("where", c, a, b), bool_terms(depth - 1, score), sub, sub),
+        st.builds(lambda c: _op("where", c, ("const", 1), ("const", 0)), bool_terms(depth - 1, score)),
         st.builds(lambda i: ("load", "ibuf", _op("mod", i, ("const", len(IBUF)))), sub),
     )
 
@@ -285,6 +286,8 @@ def as_function(term, seed: int, buffers: dict = BUFFERS):
             options.append(_CLAMP[name])
         if name == "ne" and _bool_term(t[2][0]) and _bool_term(t[2][1]):
             options.append(_XOR)
+        if name == "where" and t[2][1:] == (("const", 1), ("const", 0)):
+            options += [lambda c, a, b: _t(c).long(), lambda c, a, b: _t(c).to(torch.int32)]
         f = rng.choice(options)
         return lambda env: f(*(a(env) for a in args))
 
