@@ -286,12 +286,19 @@ def as_function(term, seed: int, buffers: dict = BUFFERS):
             options.append(_CLAMP[name])
         if name == "ne" and _bool_term(t[2][0]) and _bool_term(t[2][1]):
             options.append(_XOR)
+        if name == "truediv" and not _reads_tensors(t[2][0]):
+            options.remove(SPELLINGS["truediv"][0])  # torch computes number / tensor as reciprocal * number
         if name == "where" and t[2][1:] == (("const", 1), ("const", 0)):
             options += [lambda c, a, b: _t(c).long(), lambda c, a, b: _t(c).to(torch.int32)]
         f = rng.choice(options)
         return lambda env: f(*(a(env) for a in args))
 
     return compile_(term)
+
+
+def _reads_tensors(t) -> bool:
+    """Whether the term's value is a tensor when the function runs on real tensors."""
+    return t[0] in ("var", "load") or (t[0] == "op" and any(_reads_tensors(a) for a in t[2]))
 
 
 def _bool_term(t) -> bool:
