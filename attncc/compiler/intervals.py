@@ -395,7 +395,9 @@ def _table(box: Box, name: str, dim: int, k: int, kind: str) -> torch.Tensor:
 def _range(box: Box, name: str, dim: int, kind: str, points: list, start: torch.Tensor,
            stop: torch.Tensor) -> torch.Tensor:
     """The table's reduction over positions [start, stop] (sparse table: two lookups a tile)."""
-    level = torch.floor(torch.log2(stop - start + 1))
+    length = stop - start + 1
+    level = torch.floor(torch.log2(length))
+    level = level - (torch.exp2(level) > length).double() + (torch.exp2(level + 1) <= length).double()
     f = torch.minimum if kind == "min" else torch.maximum
     out = None
     for k in torch.unique(level).tolist():
