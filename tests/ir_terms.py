@@ -1,7 +1,8 @@
 """Random typed expression terms for the IR and tracing property tests.
 
 A term is a plain nested tuple, independent of the IR: ("var", name), ("const", value),
-("param", name) (values in PARAMS), ("load", buffer, index_term) or ("op", name, (args...)). From one term the tests build
+("param", name) (values in PARAMS), ("load", buffer, index_term) or ("op", name, (args...)).
+From one term the tests build
 - the simplified IR (`build`, through `ir.op`) and the unsimplified IR (`build_raw`, `ir.Op`),
 - a plain-Python value at one point (`py_eval`, Python semantics: floor `//` and `%`),
 - a FlexAttention-style Python function (`as_function`) that works on real tensors and proxies.

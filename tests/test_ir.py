@@ -59,7 +59,8 @@ def test_printed_text_reads_back_as_the_same_expression(kind, data):
     so precedence and parentheses are right (the parser's round trip relies on it)."""
     term = data.draw(TERMS[kind]())
     text = ir.to_text(build(term))
-    names = {**PY, **PARAMS, "true": True, "false": False, "inf": math.inf, "nan": math.nan, **{k: t.tolist() for k, t in BUFFERS.items()}}
+    names = {**PY, **PARAMS, "true": True, "false": False, "inf": math.inf, "nan": math.nan,
+             **{k: t.tolist() for k, t in BUFFERS.items()}}
     for p in POINTS[::37]:
         got, want = eval(text, {"__builtins__": {}}, {**names, **p}), py_eval(term, p)  # noqa: S307
         assert got == want or (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-9), text

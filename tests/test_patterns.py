@@ -149,7 +149,8 @@ def test_block_diffusion(n, bs):
 
     nb = n // bs
     ones = torch.ones(bs, bs, dtype=torch.int)
-    eye, strict, lower = torch.eye(nb, dtype=torch.int), torch.ones(nb, nb).tril(-1).int(), torch.ones(nb, nb).tril().int()
+    eye = torch.eye(nb, dtype=torch.int)
+    strict, lower = torch.ones(nb, nb).tril(-1).int(), torch.ones(nb, nb).tril().int()
     top = torch.cat([torch.kron(eye, ones), torch.kron(strict, ones)], 1)
     bottom = torch.cat([torch.zeros(n, n, dtype=torch.int), torch.kron(lower, ones)], 1)
     assert torch.equal(mask_of(ac.Pattern(bd3), 2 * n), torch.cat([top, bottom]).bool())

@@ -63,8 +63,8 @@ CASES = {
     "document_bidirectional": (lambda: ac.Pattern(lambda b, h, q, kv: DOC[q] == DOC[kv]),
                                lambda b, h, qi, ki: DOC[qi] == DOC[ki], None),
     "per_batch_and_head": (lambda: ac.Pattern(lambda b, h, q, kv: (kv + b + h) % 3 != 0),
-                           lambda b, h, qi, ki: (ki + torch.arange(2).view(2, 1, 1, 1) + torch.arange(4).view(1, 4, 1, 1))
-                           % 3 != 0, None),
+                           lambda b, h, qi, ki: (ki + torch.arange(2).view(2, 1, 1, 1)
+                                                 + torch.arange(4).view(1, 4, 1, 1)) % 3 != 0, None),
 }
 
 
@@ -187,7 +187,8 @@ BAD = [
     ("kv_len", dict(v=lambda t: t[:, :, :4]), r"\bk and v\b.*length"),
     ("head_dim", dict(k=lambda t: t[..., :8]), r"\bq and k\b.*head dim"),
     ("gqa_ratio", dict(q=lambda t: t[:, :3]), r"\bq has 3 heads.*multiple of the 2 heads of k and v"),
-    ("kv_more_heads", dict(k=lambda t: torch.cat([t] * 4, 1), v=lambda t: torch.cat([t] * 4, 1)), r"\bq has 4 heads.*8 heads of k and v"),
+    ("kv_more_heads", dict(k=lambda t: torch.cat([t] * 4, 1), v=lambda t: torch.cat([t] * 4, 1)),
+     r"\bq has 4 heads.*8 heads of k and v"),
     ("device", dict(k=lambda t: t.to("meta")), r"device"),
     ("int_dtype", dict(q=lambda t: t.long()), r"\bq has dtype torch.int64"),
     ("complex_dtype", dict(v=lambda t: t.to(torch.complex64)), r"\bv has dtype torch.complex64"),
