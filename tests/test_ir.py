@@ -250,3 +250,9 @@ def test_folding_min_max_propagates_nan_like_torch():
         for args in ((ir.const(0), ir.const(math.nan)), (ir.const(math.nan), ir.const(1.0))):
             assert math.isnan(ev.evaluate(ir.op(name, *args), {}, {}, {}).item())
     assert ir.op("max", ir.const(2), ir.const(3.5)) is ir.const(3.5)
+
+
+def test_huge_integer_powers_are_not_folded():
+    assert isinstance(ir.op("pow", ir.const(2), ir.const(10 ** 9)), ir.Op)  # would take minutes
+    assert ir.op("pow", ir.const(-1), ir.const(10 ** 9 + 1)) is ir.const(-1)
+    assert ir.op("pow", ir.const(3), ir.const(4)) is ir.const(81)
