@@ -12,6 +12,8 @@ import attncc as ac
 from attncc import PatternError
 from attncc.compiler import evaluate as ev
 from attncc.dsl import ir
+from hypothesis import HealthCheck, given, settings, strategies as st
+from ir_terms import BBUF, BUFFERS, FBUF, IBUF, PARAMS, as_function, bool_terms
 from test_reference import naive_attention
 
 
@@ -433,6 +435,38 @@ def test_combining_block_predicates():
     assert torch.equal(mask_of(blocks & other, 7), blk & (j // 2 == 0))
     with pytest.raises(PatternError, match="block sizes"):
         blocks & ac.Pattern(block_mask_mod=lambda b, h, qb, kb: kb == 0, block_size=4)
+
+
+OTHER_BUFFERS = {"ibuf": IBUF.flip(0), "fbuf": FBUF * 2, "bbuf": ~BBUF}  # clash by name with the first
+
+
+def random_pattern(data, buffers, with_block: bool) -> ac.Pattern:
+    """A pattern from a random mask function and maybe a random block predicate (block_size 2 or 3)."""
+    params = {k: ac.param(k, v) for k, v in PARAMS.items()}
+    f = as_function(data.draw(bool_terms(3, score=False)), data.draw(st.integers(0, 99)), buffers)
+    block = None
+    if with_block:
+        g = as_function(data.draw(bool_terms(2, score=False)), data.draw(st.integers(0, 99)), buffers)
+        block = lambda b, h, qb, kb: g({"b": b, "h": h, "q": qb, "kv": kb, **params})  # noqa: E731
+    return ac.Pattern(lambda b, h, q, kv: f({"b": b, "h": h, "q": q, "kv": kv, **params}), block_mask_mod=block,
+                      block_size=data.draw(st.sampled_from([2, 3])))
+
+
+@pytest.mark.parametrize("blocks", [(False, False), (True, False), (False, True), (True, True)])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_and_or_of_random_patterns_are_and_or_of_their_masks(blocks, data):
+    p1, p2 = random_pattern(data, BUFFERS, blocks[0]), random_pattern(data, OTHER_BUFFERS, blocks[1])
+    if p1.has_block_mask and p2.has_block_mask and p1.block_size != p2.block_size:
+        for combine in (lambda: p1 & p2, lambda: p1 | p2):
+            with pytest.raises(PatternError, match="block sizes"):
+                combine()
+        return
+    m1, m2 = (ac.create_mask(p, 2, 3, 6, 7) for p in (p1, p2))
+    assert torch.equal(ac.create_mask(p1 | p2, 2, 3, 6, 7), m1 | m2)
+    both = p1 & p2
+    assert torch.equal(ac.create_mask(both, 2, 3, 6, 7), m1 & m2)
+    assert both == p1 & p2 and hash(both) == hash(p1 & p2)
 
 
 def test_from_ir_checks():
