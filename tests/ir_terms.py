@@ -289,7 +289,7 @@ def as_function(term, seed: int, buffers: dict = BUFFERS):
             options.append(_XOR)
         if name == "truediv" and not _reads_tensors(t[2][0]):
             options.remove(SPELLINGS["truediv"][0])  # torch computes number / tensor as reciprocal * number
-        if name == "where" and t[2][1:] == (("const", 1), ("const", 0)):
+        if name == "where" and t[2][1:] == (("const", 1), ("const", 0)) and _is_int_const(t[2][1]):
             options += [lambda c, a, b: _t(c).long(), lambda c, a, b: _t(c).to(torch.int32)]
         f = rng.choice(options)
         return lambda env: f(*(a(env) for a in args))
