@@ -3,6 +3,7 @@ and a printer whose text means the same expression."""
 import copy
 import math
 import pickle
+import threading
 
 import pytest
 import torch
@@ -256,3 +257,19 @@ def test_huge_integer_powers_are_not_folded():
     assert isinstance(ir.op("pow", ir.const(2), ir.const(10 ** 9)), ir.Op)  # would take minutes
     assert ir.op("pow", ir.const(-1), ir.const(10 ** 9 + 1)) is ir.const(-1)
     assert ir.op("pow", ir.const(3), ir.const(4)) is ir.const(81)
+
+
+def test_interning_from_several_threads():
+    built: list = []
+
+    def work():
+        for k in range(200):
+            built.append(ir.op("add", ir.op("mul", q, ir.const(k)), ir.const(-k - 0.5)))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for node in built:
+        assert node is ir.op("add", ir.op("mul", q, ir.const(node.args[0].args[1].value)), node.args[1])

@@ -36,9 +36,8 @@ class Node:
         # floats by repr: 0.0 == -0.0 and nan != nan would otherwise merge or split nodes
         key = (cls,) + tuple((type(f), repr(f) if type(f) is float else f) for f in fields)
         node = Node._table.get(key)
-        if node is None:
-            node = object.__new__(cls)
-            Node._table[key] = node
+        if node is None:  # setdefault is atomic: two threads interning one key get one node
+            node = Node._table.setdefault(key, object.__new__(cls))
         return node
 
     def __reduce__(self):

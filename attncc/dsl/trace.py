@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import threading
 from typing import Any, Callable
 
 import torch
@@ -387,7 +388,8 @@ def _buffer_load(tensor: Any, index: Any) -> Proxy:
             raise _fail(f"unsupported index {i!r} into a captured tensor (slices, lists and tensors "
                         "are not supported; use traced indices or ints)")
     tracer, params = _context(items)
-    tracer = tracer or (_ACTIVE[-1] if _ACTIVE else None)  # indices may be params only: slopes[P]
+    active = _active()
+    tracer = tracer or (active[-1] if active else None)  # indices may be params only: slopes[P]
     if tracer is None:
         raise _fail("captured tensors must be indexed inside a traced mask_mod/score_mod")
     if tensor.dtype not in _BUFFER_DTYPES:
@@ -400,7 +402,14 @@ def _buffer_load(tensor: Any, index: Any) -> Proxy:
         raise _fail(str(e)) from None
 
 
-_ACTIVE: list[Tracer] = []  # the tracers of the mods being traced now (innermost last)
+_LOCAL = threading.local()  # .tracers: the tracers of the mods this thread is tracing (innermost last)
+
+
+def _active() -> list[Tracer]:
+    if not hasattr(_LOCAL, "tracers"):
+        _LOCAL.tracers = []
+    return _LOCAL.tracers
+
 
 _BUFFER_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
                   torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -443,13 +452,13 @@ def trace(fn: Callable, var_names: tuple[str, ...], tracer: Tracer, what: str) -
                            f"{getattr(fn, '__name__', fn)!r} cannot: {e}{where}") from None
     except ValueError:  # no signature (some builtins): let the call decide
         pass
-    _ACTIVE.append(tracer)
+    _active().append(tracer)
     try:
         out = fn(*proxies)
     except TypeError as e:  # e.g. torch.maximum(q_idx): torch rejects the arity before dispatch
         raise PatternError(f"{what} cannot be traced: {e} (at {_traceback_location(e.__traceback__)})") from None
     finally:
-        _ACTIVE.pop()
+        _active().pop()
     if isinstance(out, Proxy):
         tracer.add_params(out.params)
         return out.node
