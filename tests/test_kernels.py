@@ -96,7 +96,16 @@ def test_lengths_of_one_and_tile_options():
         assert torch.allclose(out.double(), ref, atol=1e-5)
         assert torch.equal(lse.isinf(), ref_lse.isinf())
     kern = compile(None, q, k, v, kernel_options={"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8})
-    assert kern.config == {"path": "attncc", "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
+    assert kern.config == {"path": "attncc", "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
+                           "tma": True}
+
+
+def test_pointer_and_descriptor_loads_agree():
+    q, k, v = qkv(1, 3, 1, 45, 77, 24)
+    pat = ac.patterns.sliding_window(30)
+    with_tma = attention(q, k, v, pat)
+    assert torch.equal(with_tma, attention(q, k, v, pat, kernel_options={"tma": False}))
+    compare(pat, q, k, v)
 
 
 def test_ragged_full_tile_moves_to_the_partial_loop():

@@ -95,7 +95,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     pattern.require_bound()
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
-    return pattern, s, check_scale(scale, s.D), tiles, choose_path(pattern, s, q, options, return_lse)
+    path = choose_path(pattern, s, q, options, return_lse)
+    return pattern, s, check_scale(scale, s.D), tiles, path, options.get("tma", True)
 
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -104,12 +105,13 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     `kern.source` is the generated Triton source, `kern.config` the tiles/warps/stages and path,
     `kern.block_mask` the BlockMask, `kern(q, k, v)` runs it. kernel_options may set BLOCK_M,
-    BLOCK_N, num_warps, num_stages and backend ("auto", or "attncc" to never dispatch to SDPA).
+    BLOCK_N, num_warps, num_stages, backend ("auto", or "attncc" to never dispatch to SDPA) and
+    tma (default True: k/v through tensor descriptors where the strides allow, Hopper or CPU).
     """
     from .kernel import Kernel
 
-    pattern, s, scale, tiles, path = _prepare(pattern, q, k, v, scale, kernel_options, False)
-    return Kernel(pattern, s, q.device, scale, tiles, path)
+    pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, kernel_options, False)
+    return Kernel(pattern, s, q.device, scale, tiles, path, tma)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
@@ -123,8 +125,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     """
     from .kernel import Kernel
 
-    pattern, s, scale, tiles, path = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
-    return Kernel(pattern, s, q.device, scale, tiles, path)(q, k, v, return_lse=return_lse)
+    pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
+    return Kernel(pattern, s, q.device, scale, tiles, path, tma)(q, k, v, return_lse=return_lse)
 
 
 def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,

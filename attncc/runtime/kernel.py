@@ -190,11 +190,12 @@ class Kernel:
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
-                 tiles: TileConfig, path: str):
+                 tiles: TileConfig, path: str, tma: bool = True):
         self.pattern = pattern
         self.scale = scale
         self.tiles = tiles
         self.path = path
+        self.tma = tma
         self.device = device
         self.interpret = device.type != "cuda"
         self.module = kernel_module(pattern, tiles, interpret=self.interpret)
@@ -206,7 +207,7 @@ class Kernel:
     def config(self) -> dict:
         t = self.tiles
         return {"path": self.path, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
-                "num_warps": t.num_warps, "num_stages": t.num_stages}
+                "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma}
 
     @property
     def source(self) -> str:
@@ -229,7 +230,7 @@ class Kernel:
             # Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16):
             # on CPU only, run the same kernel on float32 copies and round the output back
             q, k, v = q.float(), k.float(), v.float()
-        out, lse = self.module.forward(q, k, v, meta, self.scale, self.pattern.params, meta.buffers)
+        out, lse = self.module.forward(q, k, v, meta, self.scale, self.pattern.params, meta.buffers, tma=self.tma)
         out = out.to(dtype)
         return (out, lse) if return_lse else out
 
@@ -237,7 +238,7 @@ class Kernel:
         return f"Kernel({self.pattern!r}, {self.config})"
 
 
-_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "backend")
+_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "backend", "tma")
 _BACKENDS = ("auto", "attncc")
 
 
@@ -279,6 +280,8 @@ def check_options(options) -> dict:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
+    if not isinstance(options.get("tma", True), bool):
+        raise ValueError(f"kernel_options['tma'] must be a bool, got {options['tma']!r}")
     if options.get("backend", "auto") not in _BACKENDS:
         raise ValueError(f"kernel_options['backend'] must be one of {_BACKENDS}, got {options['backend']!r}")
     return options
