@@ -264,12 +264,13 @@ def test_interning_from_several_threads():
 
     def work():
         for k in range(200):
-            built.append(ir.op("add", ir.op("mul", q, ir.const(k)), ir.const(-k - 0.5)))
+            built.append((k, ir.op("add", ir.op("mul", q, ir.const(k)), ir.const(-k - 0.5))))
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for node in built:
-        assert node is ir.op("add", ir.op("mul", q, ir.const(node.args[0].args[1].value)), node.args[1])
+    assert len(built) == 800
+    for k, node in built:
+        assert node is ir.op("add", ir.op("mul", q, ir.const(k)), ir.const(-k - 0.5))
