@@ -1,10 +1,13 @@
 """BlockMask: every tile of the attention matrix classified EMPTY, PARTIAL or FULL, as lists.
 
-`build_block_mask` classifies the tiles in chunks of q-tile rows: the interval analysis of
-intervals.py decides most tiles symbolically in O(tiles) work and memory; the few it leaves
-undecided are evaluated exactly, element by element (a bounded number of pairs at a time). No
-dense Q x KV tensor is ever built. The classes then become the kernels' lists: per (b, h, q-tile)
-the FULL and PARTIAL kv-tiles (forward), and per (b, h, kv-tile) the q-tiles (backward).
+`classify` works in two levels. Super-tiles of S x S tiles (S about the square root of the
+grid's side) are analysed first with the interval analysis of intervals.py, in chunks of rows;
+only the super-tiles it cannot decide as a whole are analysed tile by tile, and the few tiles
+still undecided are evaluated exactly, element by element, a bounded number of pairs at a time.
+Work and memory are O(tiles) at worst and far less when the mask's boundary is thin (causal at
+1M tokens, 128-tiles: 16K super-tiles and 0.5M tiles analysed, not 67M); no dense Q x KV tensor
+is ever built. `BlockMask` then holds the kernels' lists: per (b, h, q-tile) the FULL and
+PARTIAL kv-tiles (forward), per (b, h, kv-tile) the q-tiles (backward).
 """
 from __future__ import annotations
 
