@@ -377,6 +377,19 @@ def test_combining_renames_clashing_buffers():
     assert torch.equal(mask_of(shared, 6), d1[:, None] == d1[None])
 
 
+def test_a_buffer_named_like_a_param_is_renamed():
+    W = torch.tensor([1, 2, 3, 4])  # the tensor variable and the param are both called W
+    window = ac.param("W", 2)
+    pat = ac.Pattern(lambda b, h, q, kv: (W[q] > kv) & (q - kv < window))
+    assert str(pat) == "param W = 2\nbuffer W1\nmask = W1[q] > kv and q - kv < W"
+    assert pat.bind(W=3, W1=W + 1).params == {"W": 3}
+    with pytest.raises(PatternError, match="name both a param and a buffer"):
+        pat & ac.Pattern(lambda b, h, q, kv: q < ac.param("W1", 3))
+    with pytest.raises(PatternError, match="name both a param and a buffer"):
+        ac.Pattern.from_ir(ir.op("lt", ir.load("W", (ir.Var("q"),)), ir.Param("W", "int")), params={"W": 1},
+                           buffers={"W": W})
+
+
 def test_combining_score_mods():
     double = ac.Pattern(score_mod=lambda s, b, h, q, kv: s * 2.0)
     shift = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s + 1.0)

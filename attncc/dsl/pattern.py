@@ -38,7 +38,12 @@ class Pattern:
         if name is None:
             name = getattr(mask_mod or score_mod or block_mask_mod, "__name__", None)
             name = None if name == "<lambda>" else name
-        self._init(mask, score, block, tracer.params, tracer.buffers, name, block_size)
+        buffers, renames = dict(tracer.buffers), {}
+        for clash in set(tracer.params) & set(buffers):  # a tensor variable named like a param
+            renames[clash] = _fresh(clash, set(buffers) | set(tracer.params))
+            buffers[renames[clash]] = buffers.pop(clash)
+        mask, score, block = (ir.rename_buffers(e, renames) for e in (mask, score, block))
+        self._init(mask, score, block, tracer.params, buffers, name, block_size)
 
     @classmethod
     def from_ir(cls, mask: ir.Node = ir.TRUE, score: ir.Node = IDENTITY_SCORE, block: ir.Node = ir.TRUE,
@@ -68,6 +73,9 @@ class Pattern:
         missing = used_buffers - set(buffers)
         if missing:
             raise PatternError(f"buffer(s) {sorted(missing)} are used but not declared")
+        both = set(params) & set(buffers)
+        if both:
+            raise PatternError(f"{sorted(both)} name both a param and a buffer; rename one")
         for bname, t in buffers.items():
             _check_buffer(bname, t)
         setter = object.__setattr__
@@ -141,11 +149,8 @@ class Pattern:
         renames: dict[str, str] = {}
         for k, t in other.buffers.items():
             if k in buffers and not _same_tensor(buffers[k], t):
-                new, i = k, 1
-                while new in buffers or new in other.buffers:
-                    new, i = f"{k}{i}", i + 1
-                renames[k] = new
-                k = new
+                renames[k] = _fresh(k, set(buffers) | set(other.buffers))
+                k = renames[k]
             buffers[k] = t
         o_mask, o_score, o_block = (ir.rename_buffers(e, renames) for e in (other.mask, other.score, other.block))
         if how == "and":
@@ -211,6 +216,14 @@ def block_at_tokens(block: ir.Node, block_size: tuple[int, int]) -> ir.Node:
     bq, bk = block_size
     qb, kb = ir.op("floordiv", ir.Var("q"), ir.const(bq)), ir.op("floordiv", ir.Var("kv"), ir.const(bk))
     return ir.substitute(block, lambda n: qb if n is ir.Var("qb") else kb if n is ir.Var("kb") else None)
+
+
+def _fresh(name: str, taken: set) -> str:
+    """`name` with the smallest numeric suffix not in `taken`."""
+    i = 1
+    while f"{name}{i}" in taken:
+        i += 1
+    return f"{name}{i}"
 
 
 def _check_expr(node: ir.Node, allowed_vars: tuple, what: str, kinds: tuple) -> None:
