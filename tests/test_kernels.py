@@ -97,14 +97,15 @@ def test_lengths_of_one_and_tile_options():
         assert torch.equal(lse.isinf(), ref_lse.isinf())
     kern = compile(None, q, k, v, kernel_options={"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8})
     assert kern.config == {"path": "attncc", "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
-                           "tma": True}
+                           "tma": False}
 
 
 def test_pointer_and_descriptor_loads_agree():
     q, k, v = qkv(1, 3, 1, 45, 77, 24)
     pat = ac.patterns.sliding_window(30)
-    with_tma = attention(q, k, v, pat)
-    assert torch.equal(with_tma, attention(q, k, v, pat, kernel_options={"tma": False}))
+    with_tma = attention(q, k, v, pat, kernel_options={"tma": True})
+    assert compile(pat, q, k, v, kernel_options={"tma": True}).module.descriptor(k, 32, 32, True) is not None
+    assert torch.equal(with_tma, attention(q, k, v, pat))
     compare(pat, q, k, v)
 
 

@@ -190,7 +190,7 @@ class Kernel:
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
-                 tiles: TileConfig, path: str, tma: bool = True):
+                 tiles: TileConfig, path: str, tma: bool = False):
         self.pattern = pattern
         self.scale = scale
         self.tiles = tiles
