@@ -3,6 +3,7 @@ them computes; buffers and params; every untraceable construct is a PatternError
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -140,6 +141,10 @@ def test_scalars_and_zero_dim_tensors_are_constants():
     limit = torch.tensor(3)
     pat = ac.Pattern(lambda b, h, q, kv: (q - kv < limit) & (2 * q >= kv + 1.5) & True)
     assert str(pat.mask) == "q - kv < 3 and 2 * q >= kv + 1.5" and not pat.buffers
+    ends = np.cumsum([3, 4])  # numpy scalars are numbers too
+    pat = ac.Pattern(lambda b, h, q, kv: (q < ends[0]) & (kv * np.float32(0.5) < q) & (q - kv < ac.param("W", ends[1])))
+    assert str(pat.mask) == "q < 3 and kv * 0.5 < q and q - kv < W" and pat.params == {"W": 7}
+    assert type(pat.params["W"]) is int and pat.bind(W=np.int32(2)).params == {"W": 2}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Pattern: an attention pattern as a value — mask IR, score IR, block predicate, params, buffers."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Mapping
 
 import torch
 
 from . import ir
-from .trace import PatternError, Tracer, trace, _BUFFER_DTYPES
+from .trace import PatternError, Tracer, python_number, trace, _BUFFER_DTYPES
 
 MASK_VARS = ("b", "h", "q", "kv")
 SCORE_VARS = ("score", "b", "h", "q", "kv")
@@ -247,6 +248,8 @@ def _block_size(bs) -> tuple[int, int]:
 def _coerce_param(name: str, kind: str, value) -> ir.Value:
     if isinstance(value, torch.Tensor) and value.dim() == 0:
         value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = python_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PatternError(f"param {name!r} needs a number, got {value!r}")
     if kind == "int":

@@ -9,6 +9,7 @@ user's line.
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import sys
 import threading
@@ -236,6 +237,8 @@ def _lift(x: Any, tracer: Tracer | None) -> ir.Node:
         return x.node
     if isinstance(x, (bool, int, float)):
         return ir.const(x)
+    if isinstance(x, numbers.Real):  # numpy scalars, e.g. a length from np.cumsum
+        return ir.const(python_number(x))
     if isinstance(x, torch.Tensor):
         if x.dim() == 0:
             v = x.item()
@@ -243,6 +246,11 @@ def _lift(x: Any, tracer: Tracer | None) -> ir.Node:
         raise _fail(f"a captured tensor of shape {tuple(x.shape)} was used in arithmetic; index it "
                     "with the traced indices (e.g. buf[q_idx]) to read one element")
     raise _fail(f"cannot use a value of type {type(x).__name__} in a pattern")
+
+
+def python_number(x: numbers.Real) -> int | float:
+    """A numpy (or other) real scalar as a Python int or float."""
+    return int(x) if isinstance(x, numbers.Integral) else float(x)
 
 
 def _context(args) -> tuple[Tracer | None, dict]:
@@ -432,6 +440,8 @@ def param(name: str, default: ir.Value) -> Proxy:
     """
     if not name.isidentifier() or name in _RESERVED:
         raise PatternError(f"invalid param name {name!r}")
+    if isinstance(default, numbers.Real) and not isinstance(default, bool):
+        default = python_number(default)
     if isinstance(default, bool) or not isinstance(default, (int, float)):
         raise PatternError(f"param {name!r} needs an int or float default, got {default!r}")
     kind = "int" if isinstance(default, int) else "float"
