@@ -213,7 +213,22 @@ def test_bad_inputs_raise_clear_errors():
         attention(q, k, v, kernel_options={"BLOCK_M": 48})
     with pytest.raises(ValueError, match="pattern"):
         attention(q, k, v, "causal")
+    kern = compile(None, q, k, v)
+    with pytest.raises(NotImplementedError):
+        kern(q.clone().requires_grad_(), k, v)
+    with pytest.raises(ValueError, match="meta"):
+        kern(q.to("meta"), k.to("meta"), v.to("meta"))
     with pytest.raises(ValueError, match="doc"):  # a buffer shorter than the sequence
         attention(q, k, v, ac.patterns.document(torch.zeros(10, dtype=torch.long)))
     with pytest.raises(ValueError, match="slope"):  # a score-mod buffer with too few heads
         attention(q, k, v, ac.patterns.alibi(1))
+
+
+def test_a_compiled_kernel_runs_other_shapes():
+    pat = ac.patterns.sliding_window(12)
+    kern = compile(pat, *qkv(1, 2, 2, 40, 40, 16))
+    q, k, v = qkv(2, 4, 2, 57, 33, 16, seed=3)
+    out, lse = kern(q, k, v, return_lse=True)
+    ref, ref_lse = ac.reference(q, k, v, pat, return_lse=True)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    assert torch.equal(lse.isinf(), ref_lse.isinf())

@@ -118,7 +118,7 @@ class _MetaCache:
         self.builds = 0
 
     def get(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device):
-        key = (pattern.mask, pattern.block, pattern.block_size, tuple(pattern.params.items()),
+        key = (pattern.mask, pattern.score, pattern.block, pattern.block_size, tuple(pattern.params.items()),
                tuple((n, _buffer_key(t)) for n, t in pattern.buffers.items()),
                s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, str(device))
         hit = self.entries.get(key)
@@ -216,13 +216,18 @@ class Kernel:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
         """out [B, Hq, Q, Dv] in q's dtype (and lse float32 [B, Hq, Q] when return_lse)."""
+        from .autograd import check_no_grad
         from .inputs import check_qkv
 
         s = check_qkv(q, k, v)
-        if self.path == "sdpa-cudnn" and not return_lse:
+        check_no_grad(q, k, v)
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device}, but this kernel was compiled for {self.device}; "
+                             "call attncc.compile with tensors on that device")
+        if self.path == "sdpa-cudnn" and not return_lse and s == self._shapes:
             return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)
         meta = self._meta
-        if s != self._shapes or q.device != self.device:
+        if s != self._shapes:
             _, meta = META_CACHE.get(self.pattern, s, self.tiles, q.device)
         q, k, v = (_kernel_layout(t) for t in (q, k, v))
         dtype = q.dtype
