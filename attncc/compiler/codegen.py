@@ -43,7 +43,7 @@ class TileConfig:
     num_stages: int
 
     def __str__(self) -> str:
-        return f"{self.BLOCK_M}x{self.BLOCK_N}, {self.num_warps} warps, {self.num_stages} stages"
+        return f"{self.BLOCK_M}x{self.BLOCK_N}, num_warps={self.num_warps}, num_stages={self.num_stages}"
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,8 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
     for spec in bufs:
         extra += [f"buf_{spec.name}"] + [f"buf_{spec.name}_s{d}" for d in range(spec.ndim)]
     mask = token_mask(pattern)
-    fast_tanh = any(isinstance(n, ir.Op) and n.op == "tanh" for e in (mask, pattern.score) for n in ir.walk(e))
+    fast_tanh = any(isinstance(n, ir.Op) and n.op == "tanh"
+                    for e in (mask, pattern.score) for n in ir.walk(e))
     extra_args = "".join(f", {a}" for a in extra) + (", FAST_TANH" if fast_tanh else "")
     helpers: set[str] = set()
     mask_fn = lower_function("mask_mod", "b, h, q, kv" + extra_args, mask, f"mask = {mask}",
@@ -282,20 +283,31 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
         launch_extra.append("FAST_TANH=q.is_cuda and q.dtype != torch.float32")
     holes = {
         "VERSION": version,
-        "PATTERN": "\n".join("    " + line for line in str(pattern).splitlines()),
+        "PATTERN": _describe(pattern, bufs, mask),
         "CONFIG": str(config),
         "HELPERS": "".join(HELPERS[h] + "\n\n\n" for h in sorted(helpers)),
         "MASK_MOD": mask_fn,
         "SCORE_MOD": score_fn,
         "EXTRA_ARGS": extra_args,
-        "EXTRA_PARAMS": "".join(f"\n    {a}," for a in extra) + ("\n    FAST_TANH: tl.constexpr," if fast_tanh else ""),
-        "NO_SPECIALIZE": ", ".join(repr(a) for a in ["Q_LEN", "KV_LEN", "FULL_WIDTH", "PARTIAL_WIDTH"] + [f"p_{p}" for p in params]),
+        "EXTRA_PARAMS": "".join(f"\n    {a}," for a in extra)
+        + ("\n    FAST_TANH: tl.constexpr," if fast_tanh else ""),
+        "NO_SPECIALIZE": ", ".join(repr(a) for a in ["Q_LEN", "KV_LEN", "FULL_WIDTH", "PARTIAL_WIDTH"]
+                                   + [f"p_{p}" for p in params]),
         "HAS_SCORE_MOD": str(pattern.has_score_mod),
         "LAUNCH_EXTRA": "".join(f"\n        {a}," for a in launch_extra),
         "BLOCK_M": str(config.BLOCK_M), "BLOCK_N": str(config.BLOCK_N),
         "NUM_WARPS": str(config.num_warps), "NUM_STAGES": str(config.num_stages),
     }
     return _template("forward.py.tmpl").substitute(holes)
+
+
+def _describe(pattern: Pattern, bufs: list[BufferSpec], mask: ir.Node) -> str:
+    """The pattern as the kernel sees it: params and buffers are arguments, so no values here."""
+    lines = [f"param {p}: {pattern.param_kind(p)}, the runtime argument p_{p}" for p in pattern.params]
+    lines += [f"buffer {b.name}: {str(b.dtype).replace('torch.', '')}, {b.ndim}-d, the pointer buf_{b.name}"
+              for b in bufs]
+    lines += [f"mask = {mask}", f"score = {pattern.score}"]
+    return "\n".join("    " + line for line in lines)
 
 
 @lru_cache(maxsize=None)
