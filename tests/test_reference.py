@@ -62,6 +62,9 @@ CASES = {
               lambda b, h, qi, ki: torch.tensor(True), lambda s, b, h, qi, ki: s + SLOPES[h].double() * (ki - qi)),
     "document_bidirectional": (lambda: ac.Pattern(lambda b, h, q, kv: DOC[q] == DOC[kv]),
                                lambda b, h, qi, ki: DOC[qi] == DOC[ki], None),
+    "block_predicate": (lambda: ac.Pattern(lambda b, h, q, kv: q + 1 >= kv,
+                                           block_mask_mod=lambda b, h, qb, kb: (qb + kb) % 2 == 0, block_size=(2, 3)),
+                        lambda b, h, qi, ki: (qi + 1 >= ki) & ((qi // 2 + ki // 3) % 2 == 0), None),
     "per_batch_and_head": (lambda: ac.Pattern(lambda b, h, q, kv: (kv + b + h) % 3 != 0),
                            lambda b, h, qi, ki: (ki + torch.arange(2).view(2, 1, 1, 1)
                                                  + torch.arange(4).view(1, 4, 1, 1)) % 3 != 0, None),
