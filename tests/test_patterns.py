@@ -76,6 +76,26 @@ def test_document_ids(causal):
     assert torch.equal(mask_of(ac.patterns.document(doc_ids, causal=causal), 15), expected)
 
 
+def test_document_mask_wrapping_an_inner_mask_on_logical_positions():
+    """attention-gym's document wrapper: the inner mask sees positions within each document,
+    read through nested buffers (offsets[doc_id[q]])."""
+    lengths = [3, 5, 2, 4]
+    doc_id = ac.patterns.lengths_to_ids(lengths)
+    offsets = torch.tensor([0, 3, 8, 10])
+
+    def inner(b, h, q_idx, kv_idx):  # logical: dilated band inside each document
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= 2) & ((q_idx + kv_idx) % 2 == 0)
+
+    def document_wrapped(b, h, q_idx, kv_idx):
+        same = doc_id[q_idx] == doc_id[kv_idx]
+        return same & inner(b, h, q_idx - offsets[doc_id[q_idx]], kv_idx - offsets[doc_id[kv_idx]])
+
+    blocks = [pairs(n, n, lambda i, j: 0 <= i - j <= 2 and (i + j) % 2 == 0) for n in lengths]
+    pat = ac.Pattern(document_wrapped)
+    assert "offsets[doc_id[q]]" in str(pat.mask)
+    assert torch.equal(mask_of(pat, 14), torch.block_diag(*blocks))
+
+
 @pytest.mark.parametrize("W,d", [(6, 2), (9, 3), (4, 1)])
 def test_dilated(W, d):
     def dilated(b, h, q_idx, kv_idx):
