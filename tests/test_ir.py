@@ -159,6 +159,15 @@ def test_division_by_zero_is_not_folded_and_fails_at_evaluation():
     assert torch.isneginf(ev.evaluate(ir.op("log", ir.const(0.0)), ENV, {}, {}))
 
 
+def test_evaluation_names_what_is_missing():
+    with pytest.raises(PatternError, match="variable 'kv'"):
+        ev.evaluate(ir.op("lt", q, kv), {"q": torch.arange(3)}, {}, {})
+    with pytest.raises(PatternError, match="param 'W'"):
+        ev.evaluate(ir.op("lt", q, ir.Param("W", "int")), {"q": torch.arange(3)}, {}, {})
+    with pytest.raises(PatternError, match="buffer 'doc'"):
+        ev.evaluate(ir.load("doc", (q,)), {"q": torch.arange(3)}, {}, {})
+
+
 def test_pow_with_negative_exponent_is_float():
     val = ev.evaluate(ir.op("pow", q, ir.const(-1)), {"q": torch.tensor([1, 2, 4])}, {}, {})
     assert ir.kind_of(ir.op("pow", q, ir.const(-1))) == "float"

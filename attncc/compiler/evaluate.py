@@ -62,6 +62,8 @@ def evaluate(node: ir.Node, env: Mapping[str, torch.Tensor], params: Mapping[str
             dtype = torch.bool if isinstance(n.value, bool) else torch.int64 if isinstance(n.value, int) else float_dtype
             val = torch.tensor(n.value, dtype=dtype, device=device)
         elif isinstance(n, ir.Param):
+            if n.name not in params:
+                raise PatternError(f"param {n.name!r} has no value here")
             dtype = torch.int64 if n.kind == "int" else float_dtype
             val = torch.tensor(params[n.name], dtype=dtype, device=device)
         elif isinstance(n, ir.Load):
