@@ -13,7 +13,7 @@ from attncc import PatternError
 from attncc.compiler import evaluate as ev
 from attncc.dsl import ir
 from hypothesis import HealthCheck, given, settings, strategies as st
-from ir_terms import BBUF, BUFFERS, FBUF, IBUF, PARAMS, as_function, bool_terms
+from ir_terms import BBUF, BUFFERS, FBUF, IBUF, PARAMS, as_function, bool_terms, float_terms
 from test_reference import naive_attention
 
 
@@ -500,6 +500,23 @@ def test_and_or_of_random_patterns_are_and_or_of_their_masks(blocks, data):
     both = p1 & p2
     assert torch.equal(ac.create_mask(both, 2, 3, 6, 7), m1 & m2)
     assert both == p1 & p2 and hash(both) == hash(p1 & p2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_and_of_random_score_mods_composes_them(data):
+    """(p1 & p2).score is p2's score mod applied to p1's."""
+    f1, f2 = (as_function(data.draw(float_terms(3)), data.draw(st.integers(0, 99)), bufs)
+              for bufs in (BUFFERS, OTHER_BUFFERS))
+    p1, p2 = (ac.Pattern(score_mod=lambda s, b, h, q, kv, f=f: f({"score": s, "b": b, "h": h, "q": q, "kv": kv,
+                                                                   **PARAMS})) for f in (f1, f2))
+    env = score_grid(2, 3, 4, 5)
+    both = p1 & p2
+    got = ev.evaluate(both.score, env, both.params, both.buffers)
+    first = torch.broadcast_to(ev.evaluate(p1.score, env, p1.params, p1.buffers), env["score"].shape)
+    want = ev.evaluate(p2.score, {**env, "score": first}, p2.params, p2.buffers)
+    torch.testing.assert_close(torch.broadcast_to(got, want.shape).double(), want.double(), rtol=1e-9, atol=1e-9,
+                               equal_nan=True)
 
 
 def test_from_ir_checks():
