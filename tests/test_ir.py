@@ -219,6 +219,9 @@ def test_walk_substitute_and_queries():
     assert ir.buffers_of(ir.rename_buffers(e, {"doc": "doc2"})) == {"doc2"}
     # substitution re-simplifies: q := kv makes q - kv vanish
     assert ir.substitute(shared, lambda n: kv if n is q else None) is zero
+    # score := -score in -score is -(-score) = score, not substituted a second time
+    minus = ir.op("neg", score)
+    assert ir.substitute(minus, lambda n: minus if n is score else None) is score
 
 
 @pytest.mark.parametrize("node,text", [

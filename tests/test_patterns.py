@@ -420,6 +420,8 @@ def test_combining_score_mods():
     assert (shift | shift).score is shift.score
     with pytest.raises(PatternError, match="different score mods"):
         double | shift
+    negate = ac.Pattern(score_mod=lambda s, b, h, q, kv: -s)
+    assert (negate & negate).score is ir.Var("score")
 
 
 def test_block_predicate_and_block_size():

@@ -351,7 +351,11 @@ def buffers_of(node: Node) -> frozenset[str]:
 
 
 def substitute(node: Node, mapping: Callable[[Node], Node | None]) -> Node:
-    """Rebuild `node` bottom-up; each rebuilt node for which `mapping` returns a node is replaced."""
+    """Rebuild `node` bottom-up; each rebuilt node for which `mapping` returns a node is replaced.
+
+    A rebuilt node that simplification turned into another kind of node (`-(-score)` with score
+    already replaced collapses to `score`) is made of replacements already and is not mapped again.
+    """
     memo: dict[int, Node] = {}
     for n in walk(node):
         if isinstance(n, Op):
@@ -360,7 +364,7 @@ def substitute(node: Node, mapping: Callable[[Node], Node | None]) -> Node:
             n2 = load(n.buffer, tuple(memo[id(i)] for i in n.index))
         else:
             n2 = n
-        repl = mapping(n2)
+        repl = mapping(n2) if type(n2) is type(n) else None
         memo[id(n)] = n2 if repl is None else repl
     return memo[id(node)]
 
