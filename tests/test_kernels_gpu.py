@@ -70,3 +70,13 @@ def test_sdpa_dispatch_for_plain_causal():
     assert kern.config["path"] == expected
     assert compile(ac.patterns.causal(), q, k, v, kernel_options=OURS).config["path"] == "attncc"
     assert rel(kern(q, k, v), ac.reference(q, k, v, ac.patterns.causal())) < 2e-2
+
+
+@pytest.mark.parametrize("D, dtype", [(192, torch.bfloat16), (256, torch.bfloat16), (256, torch.float16),
+                                      (128, torch.float32), (40, torch.bfloat16)])
+def test_head_dims_and_dtypes_compile_and_match(D, dtype):
+    q, k, v = qkv(1, 4, 2, 1500, D, dtype=dtype)
+    pat = ac.patterns.causal() & ac.patterns.softcap(20.0, causal=False)
+    out = attention(q, k, v, pat)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel(out, ac.reference(q, k, v, pat)) < tol

@@ -84,7 +84,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .autograd import check_no_grad
-    from .kernel import check_options, choose_path, choose_tiles
+    from .kernel import check_options, choose_path, choose_tiles, choose_tma
 
     s = check_qkv(q, k, v)
     for name, d in (("q", s.D), ("v", s.Dv)):
@@ -96,7 +96,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
     path = choose_path(pattern, s, q, options, return_lse)
-    return pattern, s, check_scale(scale, s.D), tiles, path, options.get("tma", False)
+    return pattern, s, check_scale(scale, s.D), tiles, path, choose_tma(s, q.device, options)
 
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -106,8 +106,8 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     `kern.source` is the generated Triton source, `kern.config` the tiles/warps/stages and path,
     `kern.block_mask` the BlockMask, `kern(q, k, v)` runs it. kernel_options may set BLOCK_M,
     BLOCK_N, num_warps, num_stages, backend ("auto", or "attncc" to never dispatch to SDPA) and
-    tma (default False: True reads k/v through tensor descriptors where the strides allow, on
-    Hopper or CPU; measured 2-5% slower than pointer loads on the H100 with the default tiles).
+    tma (True: read k/v through tensor descriptors where the strides allow, on Hopper or CPU;
+    default: on CUDA for head dims above 128, where it measured faster; see choose_tma).
     """
     from .kernel import Kernel
 

@@ -254,7 +254,8 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
     CUDA, 16-bit (sweeps on the H100 with scripts/gpu_forward.py --sweep, 2026-11-22):
     D <= 64: 128x64, 4 warps, 3 stages (document +16% over 8 warps, causal -2%);
     D <= 128: 128x64, 8 warps, 3 stages (best of 12 configs on full and causal);
-    above: 64x64, 4 warps, 2 stages (register pressure; not measured yet).
+    above: 64x64, 4 warps, 2 stages (register pressure; D=256 with TMA: causal 394, document
+    304 TFLOP/s, 1.25x and 1.28x FlexAttention; other configs not swept yet).
     CUDA, float32: 64x32, 4 warps, 2 stages (twice the bytes per element).
     """
     D = max(s.D, s.Dv)
@@ -279,6 +280,18 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
     return TileConfig(**fields)
 
 
+def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:
+    """Whether K/V tiles are read through tensor descriptors (options["tma"] overrides).
+
+    On the H100 (scripts/gpu_forward.py, 2026-11-22, bf16, N=8192): D=128 pointer loads were
+    2-5% faster on every pattern; D=256 descriptors were 10-15% faster (causal 394 vs 343,
+    document 304 vs 275 TFLOP/s). So: on CUDA for head dims above 128.
+    """
+    if "tma" in options:
+        return options["tma"]
+    return device.type == "cuda" and max(s.D, s.Dv) > 128
+
+
 def check_options(options) -> dict:
     """kernel_options as a dict; unknown keys or backends are a ValueError naming them."""
     options = dict(options or {})
@@ -294,13 +307,14 @@ def check_options(options) -> dict:
 
 def choose_path(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool) -> str:
     """"sdpa-cudnn" for plain full or equal-length causal attention on CUDA (no score mod, no
-    params or buffers, 16-bit, no GQA, no LSE wanted) when cuDNN is there; else "attncc"."""
+    params or buffers, 16-bit, no GQA, D <= 256 and a multiple of 8, no LSE wanted) when cuDNN is
+    there; else "attncc"."""
     plain = (not pattern.has_score_mod and not pattern.has_block_mask and not pattern.params
              and not pattern.buffers)
     causal = pattern.mask is _CAUSAL and s.Q == s.KV
     if (options.get("backend", "auto") == "auto" and plain and (pattern.mask is TRUE or causal)
             and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and s.Hq == s.Hkv
-            and s.D == s.Dv and s.D % 8 == 0 and s.D <= 128 and not return_lse
+            and s.D == s.Dv and s.D % 8 == 0 and s.D <= 256 and not return_lse
             and torch.backends.cudnn.is_available()):
         return "sdpa-cudnn"
     return "attncc"
