@@ -202,14 +202,7 @@ def test_params():
     assert ac.Pattern(score_mod=lambda s, b, h, q, kv: cap * torch.tanh(s / cap)).params == {"cap": 20.0}
 
 
-def test_dsl_words_are_not_used_as_buffer_names():
-    block_size, nan = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1])  # words of the DSL text
-    pat = ac.Pattern(lambda b, h, q, kv: (block_size[q] > kv) & (nan[kv] == 1))
-    assert set(pat.buffers) == {"buf", "buf1"}
-
-
 @pytest.mark.parametrize("name,default,match", [("q", 1, "invalid param name"), ("1x", 1, "invalid param name"),
-                                                ("nan", 1, "invalid param name"),
                                                 ("W", True, "int or float"), ("W", "3", "int or float")])
 def test_bad_params(name, default, match):
     with pytest.raises(PatternError, match=match):

@@ -84,8 +84,8 @@ class Tracer:
                 raise _fail(f"param {name!r} declared twice with different defaults {old!r} and {value!r}")
 
 
-_RESERVED = set(ir.ALL_VARS) | {"q_idx", "kv_idx", "true", "false", "inf", "nan", "param", "buffer",
-                                "mask", "score", "block", "block_size", "and", "or", "not", "where", "min",
+_RESERVED = set(ir.ALL_VARS) | {"q_idx", "kv_idx", "true", "false", "inf", "param", "buffer",
+                                "mask", "score", "block", "and", "or", "not", "where", "min",
                                 "max", "abs", "clamp"} | set(ir.FLOAT_FUNCS)
 
 
