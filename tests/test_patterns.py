@@ -379,7 +379,7 @@ def test_and_or_masks():
 
 def test_combining_params():
     same = ac.patterns.sliding_window(3) & ac.patterns.dilated(3, 2)  # both call their window W = 3
-    assert same.params == {"W": 3, "d": 2}
+    assert same.params == {"W": 3}
     with pytest.raises(PatternError, match="param 'W'"):
         ac.patterns.sliding_window(3) & ac.patterns.dilated(4, 2)
     with pytest.raises(PatternError, match="param 'W'"):
