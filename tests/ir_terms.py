@@ -68,6 +68,7 @@ def int_terms(depth: int = MAX_DEPTH, score: bool = True) -> st.SearchStrategy:
         _ops(["add", "sub", "mul", "min", "max"], sub, sub),
         _ops(["floordiv", "mod"], sub, divisors(depth - 1, score)),
         _ops(["neg", "abs"], sub),
+        st.builds(lambda x, e: _op("pow", x, ("const", e)), leaves, st.sampled_from([0, 1, 2, 3])),
         _dup(["add", "sub", "mul", "min", "max"], sub),
         st.builds(lambda c, a, b: _op("where", c, a, b), bool_terms(depth - 1, score), sub, sub),
         st.builds(lambda c: _op("where", c, ("const", 1), ("const", 0)), bool_terms(depth - 1, score)),
@@ -105,6 +106,7 @@ def float_terms(depth: int = MAX_DEPTH) -> st.SearchStrategy:
         _ops(["neg", "abs"], sub),
         _ops(list(ir.FLOAT_FUNCS), sub),
         _ops(list(ir.FLOAT_FUNCS), sub),  # twice: weight the functions up
+        st.builds(lambda x, e: _op("pow", x, ("const", e)), sub, st.sampled_from([2, 3, -1, 0.5, 2.0])),
         _dup(["add", "sub", "mul", "min"], sub),
         st.builds(lambda c, a, b: _op("where", c, a, b), bool_terms(depth - 1), sub,
                   st.one_of(sub, int_terms(depth - 1))),
@@ -182,6 +184,16 @@ def _exp2(x):
         return math.inf
 
 
+def _pow(a, b):
+    try:
+        r = a ** b
+    except ZeroDivisionError:  # 0.0 ** -1
+        return math.copysign(math.inf, a) if b % 2 == 1 else math.inf
+    except OverflowError:
+        return math.inf if a > 0 or b % 2 == 0 else -math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 def _log(x, f=math.log):
     return math.nan if math.isnan(x) or x < 0 else -math.inf if x == 0 else f(x)
 
@@ -195,6 +207,7 @@ def _sigmoid(x):
 PY = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,
+    "pow": _pow,
     "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
     "and": lambda a, b: bool(a) and bool(b), "or": lambda a, b: bool(a) or bool(b), "not": lambda a: not a,
@@ -243,6 +256,7 @@ SPELLINGS = {
     "floordiv": [lambda a, b: a // b, lambda a, b: torch.div(_t(a), _t(b), rounding_mode="floor"),
                  lambda a, b: torch.floor_divide(_t(a), _t(b))],
     "mod": [lambda a, b: a % b, lambda a, b: torch.remainder(_t(a), _t(b))],
+    "pow": [lambda a, b: a ** b, lambda a, b: torch.pow(_t(a), b)],
     "neg": [lambda a: -a, lambda a: torch.neg(_t(a))],
     "abs": [lambda a: abs(a), lambda a: torch.abs(_t(a)), lambda a: _t(a).abs()],
     "min": [lambda a, b: torch.minimum(_t(a), _t(b)), lambda a, b: torch.min(_t(a), _t(b))],
@@ -287,8 +301,9 @@ def as_function(term, seed: int, buffers: dict = BUFFERS):
             options.append(_CLAMP[name])
         if name == "ne" and _bool_term(t[2][0]) and _bool_term(t[2][1]):
             options.append(_XOR)
-        if name == "truediv" and not _reads_tensors(t[2][0]):
-            options.remove(SPELLINGS["truediv"][0])  # torch computes number / tensor as reciprocal * number
+        if name in ("truediv", "pow") and not _reads_tensors(t[2][0]):
+            # torch computes number / tensor as reciprocal * number; Python's 0.0 ** -1 raises
+            options.remove(SPELLINGS[name][0])
         if name == "where" and t[2][1:] == (("const", 1), ("const", 0)) and _is_int_const(t[2][1]):
             options += [lambda c, a, b: _t(c).long(), lambda c, a, b: _t(c).to(torch.int32)]
         f = rng.choice(options)

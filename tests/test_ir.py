@@ -63,7 +63,13 @@ def test_printed_text_reads_back_as_the_same_expression(kind, data):
     names = {**PY, **PARAMS, "true": True, "false": False, "inf": math.inf, "nan": math.nan,
              **{k: t.tolist() for k, t in BUFFERS.items()}}
     for p in POINTS[::37]:
-        got, want = eval(text, {"__builtins__": {}}, {**names, **p}), py_eval(term, p)  # noqa: S307
+        try:
+            got = eval(text, {"__builtins__": {}}, {**names, **p})  # noqa: S307
+        except (ZeroDivisionError, OverflowError, TypeError):  # Python's 0.0 ** -1, (-1) ** 0.5 (complex)
+            continue
+        if isinstance(got, complex):
+            continue
+        want = py_eval(term, p)
         assert got == want or (math.isnan(got) and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-9), text
 
 
