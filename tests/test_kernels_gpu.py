@@ -63,8 +63,9 @@ def test_param_rebinding_never_recompiles():
     assert sum(len(c[0]) for c in fn.device_caches.values()) == entries
 
 
-def test_sdpa_dispatch_for_plain_causal():
-    q, k, v = qkv(2, 4, 4, 1024, 64)
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_sdpa_dispatch_for_plain_causal(Hkv):
+    q, k, v = qkv(2, 4, Hkv, 1024, 64)
     kern = compile(ac.patterns.causal(), q, k, v)
     expected = "sdpa-cudnn" if torch.backends.cudnn.is_available() else "attncc"
     assert kern.config["path"] == expected

@@ -178,7 +178,8 @@ def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Kernel:
@@ -307,13 +308,13 @@ def check_options(options) -> dict:
 
 def choose_path(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool) -> str:
     """"sdpa-cudnn" for plain full or equal-length causal attention on CUDA (no score mod, no
-    params or buffers, 16-bit, no GQA, D <= 256 and a multiple of 8, no LSE wanted) when cuDNN is
+    params or buffers, 16-bit (GQA included), D <= 256 and a multiple of 8, no LSE wanted) when cuDNN is
     there; else "attncc"."""
     plain = (not pattern.has_score_mod and not pattern.has_block_mask and not pattern.params
              and not pattern.buffers)
     causal = pattern.mask is _CAUSAL and s.Q == s.KV
     if (options.get("backend", "auto") == "auto" and plain and (pattern.mask is TRUE or causal)
-            and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and s.Hq == s.Hkv
+            and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and s.D == s.Dv and s.D % 8 == 0 and s.D <= 256 and not return_lse
             and torch.backends.cudnn.is_available()):
         return "sdpa-cudnn"
