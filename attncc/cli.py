@@ -154,7 +154,7 @@ def cmd_show(pattern: ac.Pattern, args) -> int:
     print(f"== pattern\n{pattern}\n\n== IR (node : kind)")
     parts = [("mask", pattern.mask), ("score", pattern.score)] + [("block", pattern.block)] * pattern.has_block_mask
     for what, node in parts:
-        print(f"{what} =\n{ir_tree(node)}")
+        print(f"{what} =\n{ir.tree(node)}")
     compile_ = _feature(ac, "compile")
     if compile_ is None:
         print("\n(no generated source: this version of attncc has no code generator yet; attncc.compile is missing)")
@@ -168,19 +168,6 @@ def cmd_show(pattern: ac.Pattern, args) -> int:
         print(f"# config: {config}")
     print(kernel.source)
     return 0
-
-
-def ir_tree(node: ir.Node, depth: int = 1) -> str:
-    """The IR as an indented tree, one node a line with its kind."""
-    if isinstance(node, ir.Op):
-        label = node.op
-    elif isinstance(node, ir.Load):
-        label = f"load {node.buffer}"
-    else:
-        label = f"{type(node).__name__.lower()} {node}"
-    lines = [f"{'  ' * depth}{label} : {ir.kind_of(node)}"]
-    lines += [ir_tree(c, depth + 1) for c in node.children()]
-    return "\n".join(lines)
 
 
 def cmd_viz(pattern: ac.Pattern, args) -> int:

@@ -3,6 +3,7 @@ GPU if there is one, else in Triton's interpreter) and checks against the float6
 import torch
 
 import attncc as ac
+from attncc.dsl import ir
 from attncc.viz import ascii_mask
 
 SOURCE = '''sliding-window causal attention with soft-capped scores'''
@@ -19,7 +20,7 @@ def main() -> None:
 
     pat = ac.Pattern(mask_mod, score_mod, name="swa_softcap")
     print(f"== pattern ({SOURCE})\n{pat}\n")
-    print(f"== IR nodes\nmask : {pat.mask!r}\nscore: {pat.score!r}\n")
+    print(f"== IR (node : kind)\nmask =\n{ir.tree(pat.mask)}\nscore =\n{ir.tree(pat.score)}\n")
     print("== mask, 64 x 64 tokens ('#' attends)")
     print(ascii_mask(ac.create_mask(pat, None, None, 64, 64)[0, 0]))
 

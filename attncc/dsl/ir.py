@@ -64,7 +64,7 @@ class Node:
 
 def _node(cls):
     """Frozen, identity-compared dataclass for an interned node type."""
-    return dataclass(frozen=True, eq=False, slots=True)(cls)
+    return dataclass(frozen=True, eq=False, slots=True, repr=False)(cls)
 
 
 @_node
@@ -445,3 +445,16 @@ def _wrap(child: Node, parent_prec: int, strict: bool) -> str:
     if cp < parent_prec or (strict and cp == parent_prec):
         return f"({text})"
     return text
+
+
+def tree(node: Node, depth: int = 1) -> str:
+    """The expression as an indented tree, one node a line with its kind."""
+    if isinstance(node, Op):
+        label = node.op
+    elif isinstance(node, Load):
+        label = f"load {node.buffer}"
+    else:
+        label = f"{type(node).__name__.lower()} {to_text(node)}"
+    lines = [f"{'  ' * depth}{label} : {kind_of(node)}"]
+    lines += [tree(c, depth + 1) for c in node.children()]
+    return "\n".join(lines)
