@@ -22,8 +22,8 @@ import attncc as ac  # noqa: E402
 from benchmarks.patterns import build, count_live_pairs  # noqa: E402
 
 OURS = {"backend": "attncc"}
-SWEEP = [dict(BLOCK_M=128, BLOCK_N=n, num_warps=w, num_stages=s)
-         for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+         for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

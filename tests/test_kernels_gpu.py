@@ -81,3 +81,14 @@ def test_head_dims_and_dtypes_compile_and_match(D, dtype):
     out = attention(q, k, v, pat)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert rel(out, ac.reference(q, k, v, pat)) < tol
+
+
+def test_short_rows_get_small_tiles():
+    from attncc.runtime.kernel import SHORT_ROW_TILES
+
+    q, k, v = qkv(1, 2, 2, 8192, 128)
+    swa = compile(ac.patterns.sliding_window(1024), q, k, v, kernel_options=OURS)
+    causal = compile(ac.patterns.causal(), q, k, v, kernel_options=OURS)
+    assert (swa.config["BLOCK_M"], swa.config["BLOCK_N"]) == (SHORT_ROW_TILES.BLOCK_M, SHORT_ROW_TILES.BLOCK_N)
+    assert (causal.config["BLOCK_M"], causal.config["BLOCK_N"]) == (128, 64)
+    assert rel(swa(q, k, v), ac.reference(q, k, v, ac.patterns.sliding_window(1024))) < 2e-2

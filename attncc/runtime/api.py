@@ -84,7 +84,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .autograd import check_no_grad
-    from .kernel import check_options, choose_path, choose_tiles, choose_tma
+    from .kernel import check_options, choose_path, choose_tiles, choose_tma, refine_tiles
 
     s = check_qkv(q, k, v)
     for name, d in (("q", s.D), ("v", s.Dv)):
@@ -96,6 +96,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
     path = choose_path(pattern, s, q, options, return_lse)
+    if path == "attncc":
+        tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
     return pattern, s, check_scale(scale, s.D), tiles, path, choose_tma(s, q.device, options)
 
 

@@ -37,6 +37,7 @@ class KernelMeta:
     [.., QB] arrays, 0 on a broadcast dim. A ragged last kv tile (KV_LEN % BLOCK_N != 0) is always
     in the partial list, so the FULL loop never reads past KV_LEN. `order` lists each head's query
     tiles heaviest first. *_contiguous: every row's list is first..first+count-1.
+    mean_row_tiles: live (FULL + PARTIAL) kv tiles per query tile, averaged (read once at build).
     """
     full_num: torch.Tensor
     full_idx: torch.Tensor
@@ -48,6 +49,7 @@ class KernelMeta:
     full_contiguous: bool
     partial_contiguous: bool
     buffers: dict
+    mean_row_tiles: float
 
 
 def _contiguous(num: torch.Tensor, idx: torch.Tensor) -> bool:
@@ -88,7 +90,7 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict) -> KernelMeta:
         partial_num=part_num.contiguous(), partial_idx=part_idx.contiguous(), order=order.contiguous(),
         stride_b=Hm * QB if Bm > 1 else 0, stride_h=QB if Hm > 1 else 0,
         full_contiguous=_contiguous(full_num, full_idx), partial_contiguous=_contiguous(part_num, part_idx),
-        buffers=buffers)
+        buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()))
 
 
 def check_score_buffers(pattern: Pattern, s: Shapes, device: torch.device) -> None:
@@ -279,6 +281,27 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
             raise ValueError(f"kernel_options[{k!r}] = {val!r} is not valid "
                              f"({'a power of two >= 16' if k.startswith('BLOCK') else 'a power of two' if k == 'num_warps' else 'an int >= 1'})")
     return TileConfig(**fields)
+
+
+SHORT_ROW_TILES = TileConfig(64, 64, 4, 3)
+SHORT_ROW_KEYS = 2048
+
+
+def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.device,
+                 dtype: torch.dtype, options: dict) -> TileConfig:
+    """SHORT_ROW_TILES when the pattern leaves short rows: fewer than SHORT_ROW_KEYS live keys per
+    query on average (read off the block mask for `tiles`, which is cached, so no extra sync).
+
+    On the H100 (scripts/gpu_forward.py --sweep, 2026-11-22, bf16, N=8192, D=128) 64x64 tiles
+    with 4 warps and 3 stages beat the best 128-row config on swa1024 (355 vs 341 TFLOP/s) and
+    document (347 vs 322): short kv loops amortise a big tile's prologue and pipeline fill badly.
+    Only for 16-bit CUDA inputs with 64 < D <= 128 (where it was measured) and no tile options.
+    """
+    if (device.type != "cuda" or dtype == torch.float32 or not 64 < max(s.D, s.Dv) <= 128
+            or any(k in options for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))):
+        return tiles
+    _, meta = META_CACHE.get(pattern, s, tiles, device)
+    return SHORT_ROW_TILES if meta.mean_row_tiles * tiles.BLOCK_N < SHORT_ROW_KEYS else tiles
 
 
 def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:
