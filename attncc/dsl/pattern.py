@@ -83,7 +83,7 @@ class Pattern:
         setter(self, "mask", mask)
         setter(self, "score", score)
         setter(self, "block", block)
-        setter(self, "block_size", _block_size(block_size))
+        setter(self, "block_size", block_pair(block_size))
         setter(self, "params", dict(sorted(params.items())))
         setter(self, "buffers", dict(sorted(buffers.items())))
         setter(self, "name", name)
@@ -238,7 +238,8 @@ def _check_expr(node: ir.Node, allowed_vars: tuple, what: str, kinds: tuple) -> 
                            f"got a {ir.kind_of(node)} expression: {node}")
 
 
-def _block_size(bs) -> tuple[int, int]:
+def block_pair(bs) -> tuple[int, int]:
+    """(rows, cols) from a block size given as an int or a pair; PatternError (a ValueError) if bad."""
     pair = (bs, bs) if isinstance(bs, int) else tuple(bs) if isinstance(bs, (tuple, list)) else ()
     if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in pair):
         raise PatternError(f"block_size must be a positive int or a pair of them, got {bs!r}")

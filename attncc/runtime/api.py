@@ -8,7 +8,7 @@ import torch
 from ..compiler import evaluate
 from ..compiler.blockmask import BlockMask, build_block_mask
 from ..dsl import ir
-from ..dsl.pattern import Pattern
+from ..dsl.pattern import Pattern, block_pair
 from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
 
 _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the reference
@@ -141,7 +141,5 @@ def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_L
     the pattern's buffers' device, else CPU). Built symbolically in O(tiles): no dense mask.
     """
     pattern = _pattern(pattern)
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in pair):
-        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
-    return build_block_mask(pattern, B, H, Q_LEN, KV_LEN, pair[0], pair[1], device)
+    rows, cols = block_pair(block_size)
+    return build_block_mask(pattern, B, H, Q_LEN, KV_LEN, rows, cols, device)
