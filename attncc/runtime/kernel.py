@@ -254,7 +254,7 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
     """The tile rule until the cost model lands (options override any field).
 
     CPU (Triton's interpreter): 32x32 tiles, so small test shapes still span several tiles.
-    CUDA, 16-bit (sweeps on the H100 with scripts/gpu_forward.py --sweep, 2026-11-22):
+    CUDA, 16-bit (sweeps on the H100 with benchmarks/forward_sweep.py --sweep, 2026-11-22):
     D <= 64: 128x64, 4 warps, 3 stages (document +16% over 8 warps, causal -2%);
     D <= 128: 128x64, 8 warps, 3 stages (best of 12 configs on full and causal);
     above: 64x64, 4 warps, 2 stages (register pressure; D=256 with TMA: causal 394, document
@@ -292,7 +292,7 @@ def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.d
     """SHORT_ROW_TILES when the pattern leaves short rows: fewer than SHORT_ROW_KEYS live keys per
     query on average (read off the block mask for `tiles`, which is cached, so no extra sync).
 
-    On the H100 (scripts/gpu_forward.py --sweep, 2026-11-22, bf16, N=8192, D=128) 64x64 tiles
+    On the H100 (benchmarks/forward_sweep.py --sweep, 2026-11-22, bf16, N=8192, D=128) 64x64 tiles
     with 4 warps and 3 stages beat the best 128-row config on swa1024 (355 vs 341 TFLOP/s) and
     document (347 vs 322): short kv loops amortise a big tile's prologue and pipeline fill badly.
     Only for 16-bit CUDA inputs with 64 < D <= 128 (where it was measured) and no tile options.
@@ -307,7 +307,7 @@ def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.d
 def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:
     """Whether K/V tiles are read through tensor descriptors (options["tma"] overrides).
 
-    On the H100 (scripts/gpu_forward.py, 2026-11-22, bf16, N=8192): D=128 pointer loads were
+    On the H100 (benchmarks/forward_sweep.py, 2026-11-22, bf16, N=8192): D=128 pointer loads were
     2-5% faster on every pattern; D=256 descriptors were 10-15% faster (causal 394 vs 343,
     document 304 vs 275 TFLOP/s). So: on CUDA for head dims above 128.
     """

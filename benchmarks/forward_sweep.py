@@ -1,7 +1,7 @@
 """attncc forward on the GPU: correctness in bf16 at real sizes, then effective TFLOP/s against
 FlexAttention (torch.compile'd) and SDPA cuDNN in the same process.
 
-    python scripts/gpu_forward.py [--patterns causal,full,...] [--sweep] [--no-flex]
+    python benchmarks/forward_sweep.py [--patterns causal,full,...] [--sweep] [--no-flex]
 
 Effective TFLOP/s = 4 * D * live pairs / time (BENCHMARKS.md). attncc is forced onto its own
 kernel (kernel_options={"backend": "attncc"}), also with TMA descriptors for K/V; cuDNN
