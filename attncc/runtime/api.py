@@ -1,4 +1,4 @@
-"""The public entry points: reference(), create_mask()."""
+"""The public entry points: attention(), compile(), reference(), create_mask(), create_block_mask()."""
 from __future__ import annotations
 
 import math
