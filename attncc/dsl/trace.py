@@ -100,9 +100,6 @@ class Proxy:
         self.params = params or {}
 
     # -- building
-    def _make(self, name: str, *args: Any) -> "Proxy":
-        return _apply(name, self, *args)
-
     def __add__(self, o): return _apply("add", self, o)
     def __radd__(self, o): return _apply("add", o, self)
     def __sub__(self, o): return _apply("sub", self, o)
@@ -232,7 +229,7 @@ class Proxy:
             raise _fail(f"torch function {name} called with unsupported arguments ({e})") from None
 
 
-def _lift(x: Any, tracer: Tracer | None) -> ir.Node:
+def _lift(x: Any) -> ir.Node:
     if isinstance(x, Proxy):
         return x.node
     if isinstance(x, (bool, int, float)):
@@ -267,7 +264,7 @@ def _context(args) -> tuple[Tracer | None, dict]:
 
 def _apply(name: str, *args: Any) -> Proxy:
     tracer, params = _context(args)
-    nodes = [_lift(a, tracer) for a in args]
+    nodes = [_lift(a) for a in args]
     if name in ir.ARITH or name in ("neg", "abs", "min", "max") or name in ir.FLOAT_FUNCS:
         nodes = [_bool_as_int(n) for n in nodes]
     if name in ("and", "or", "not", "xor"):
@@ -403,7 +400,7 @@ def _buffer_load(tensor: Any, index: Any) -> Proxy:
     if tensor.dtype not in _BUFFER_DTYPES:
         raise _fail(f"captured tensor dtype {tensor.dtype} is not supported; use bool, an integer or a float dtype")
     name = tracer.buffer_name(tensor, _guess_name(tensor))
-    nodes = tuple(_lift(i, tracer) for i in items)
+    nodes = tuple(_lift(i) for i in items)
     try:
         return Proxy(ir.load(name, nodes), tracer, params)
     except ir.IRError as e:
@@ -473,6 +470,6 @@ def trace(fn: Callable, var_names: tuple[str, ...], tracer: Tracer, what: str) -
         tracer.add_params(out.params)
         return out.node
     if isinstance(out, (bool, int, float)) or (isinstance(out, torch.Tensor) and out.dim() == 0):
-        return _lift(out, tracer)
+        return _lift(out)
     raise PatternError(f"{what} returned {type(out).__name__}; expected an expression of its arguments")
 
