@@ -78,10 +78,7 @@ class Tracer:
         return name
 
     def add_params(self, params: dict[str, ir.Value]) -> None:
-        for name, value in params.items():
-            old = self.params.setdefault(name, value)
-            if old != value or type(old) is not type(value):
-                raise _fail(f"param {name!r} declared twice with different defaults {old!r} and {value!r}")
+        _merge_params(self.params, params)
 
 
 _RESERVED = set(ir.ALL_VARS) | {"q_idx", "kv_idx", "true", "false", "inf", "param", "buffer",
@@ -255,11 +252,16 @@ def _context(args) -> tuple[Tracer | None, dict]:
     for a in args:
         if isinstance(a, Proxy):
             tracer = tracer or a.tracer
-            for name, value in a.params.items():
-                old = params.setdefault(name, value)
-                if old != value or type(old) is not type(value):
-                    raise _fail(f"param {name!r} declared twice with different defaults {old!r} and {value!r}")
+            _merge_params(params, a.params)
     return tracer, params
+
+
+def _merge_params(into: dict[str, ir.Value], params: dict[str, ir.Value]) -> None:
+    """Add `params` to `into`; a name already there with another default (or type) is an error."""
+    for name, value in params.items():
+        old = into.setdefault(name, value)
+        if old != value or type(old) is not type(value):
+            raise _fail(f"param {name!r} declared twice with different defaults {old!r} and {value!r}")
 
 
 def _apply(name: str, *args: Any) -> Proxy:
