@@ -15,15 +15,14 @@ from pathlib import Path
 import lark
 
 from . import ir
-from .pattern import Pattern
+from .pattern import BLOCK_VARS, MASK_VARS, SCORE_VARS, Pattern
 from .trace import PatternError, _RESERVED
 
 ALIASES = {"q_idx": "q", "kv_idx": "kv"}
 CONSTANTS = {"true": True, "false": False, "inf": math.inf, "nan": math.nan}
 FUNCTIONS = {"where": 3, "min": 2, "max": 2, "abs": 1, "clamp": 3, **{f: 1 for f in ir.FLOAT_FUNCS}}
 # Which variables each expression may read.
-CONTEXT_VARS = {"mask": ("b", "h", "q", "kv"), "score": ("score", "b", "h", "q", "kv"),
-                "block": ("b", "h", "qb", "kb"), "param": ()}
+CONTEXT_VARS = {"mask": MASK_VARS, "score": SCORE_VARS, "block": BLOCK_VARS, "param": ()}
 STATEMENTS = ("param", "buffer", "mask", "score", "block", "block_size")
 _BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "truediv", "//": "floordiv", "%": "mod",
            "==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
