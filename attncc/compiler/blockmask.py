@@ -99,11 +99,8 @@ class BlockMask:
         """int8 [B, H, QB, KB]: 0 EMPTY, 1 PARTIAL, 2 FULL."""
         B, H, QB, KB = self.shape
         dense = torch.zeros(B, H, QB, KB + 1, dtype=torch.int8, device=self.device)
-        for num, idx, value in ((self.partial_kv_num, self.partial_kv_idx, PARTIAL),
-                                (self.full_kv_num, self.full_kv_idx, FULL)):
-            ar = torch.arange(idx.shape[-1], device=self.device, dtype=torch.int32)
-            cols = torch.where(ar < num[..., None], idx, KB).long()
-            dense.scatter_(-1, cols, value)
+        _paint(dense, self.partial_kv_num, self.partial_kv_idx, PARTIAL)
+        _paint(dense, self.full_kv_num, self.full_kv_idx, FULL)
         return dense[..., :KB].contiguous()
 
     def sparsity(self) -> float:
@@ -141,10 +138,7 @@ class BlockMask:
                               (fb.full_kv_num_blocks, fb.full_kv_indices, FULL)):
             if n is None:
                 continue
-            n, idx = n[..., :QB], idx[..., :QB, :]
-            ar = torch.arange(idx.shape[-1], device=idx.device)
-            cols = torch.where(ar < n[..., None], idx.long(), KB).clamp(max=KB)
-            dense.scatter_(-1, cols, value)
+            _paint(dense, n[..., :QB], idx[..., :QB, :].long().clamp(max=KB), value)
         return cls.from_classes(dense[..., :KB].contiguous(), Q_LEN, KV_LEN, BM, BN, fb.mask_mod)
 
     def ascii(self, b: int = 0, h: int = 0) -> str:
@@ -162,6 +156,14 @@ class BlockMask:
         if QB <= 32 and KB <= 64:
             text += "\n" + self.ascii()
         return text
+
+
+def _paint(dense: torch.Tensor, num: torch.Tensor, idx: torch.Tensor, value: int) -> None:
+    """Write `value` into int8 dense [..., KB + 1] at the first num[...] columns listed in each row
+    of idx [..., width]; the entries past the count land in the spare last column."""
+    KB = dense.shape[-1] - 1
+    ar = torch.arange(idx.shape[-1], device=idx.device)
+    dense.scatter_(-1, torch.where(ar < num[..., None], idx, KB).long(), value)
 
 
 class TileClasses:
