@@ -96,12 +96,18 @@ def evaluate(node: ir.Node, env: Mapping[str, torch.Tensor], params: Mapping[str
     return memo[id(node)]
 
 
-def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, check_bounds) -> torch.Tensor:
+def buffer_of(n: ir.Load, buffers: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+    """The tensor `n` reads; PatternError when it is unbound or its rank is not len(n.index)."""
     buf = buffers.get(n.buffer)
     if buf is None:
         raise PatternError(f"buffer {n.buffer!r} has no tensor; bind it first")
-    if buf.dim() != len(index):
-        raise PatternError(f"buffer {n.buffer!r} has {buf.dim()} dims but is indexed with {len(index)}")
+    if buf.dim() != len(n.index):
+        raise PatternError(f"buffer {n.buffer!r} has {buf.dim()} dims but is indexed with {len(n.index)}")
+    return buf
+
+
+def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, check_bounds) -> torch.Tensor:
+    buf = buffer_of(n, buffers)
     if device is not None and buf.device != device:
         buf = buf.to(device)
     for d, i in enumerate(index):  # e.g. doc[slopes[h]]: torch would refuse, never truncate

@@ -25,6 +25,7 @@ import torch
 
 from ..dsl import ir
 from ..dsl.trace import PatternError
+from .evaluate import buffer_of
 
 Flag = Union[bool, torch.Tensor]
 INF = math.inf
@@ -420,11 +421,7 @@ def _huge(box: Box, name: str) -> bool:
 
 
 def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
-    buf = box.buffers.get(node.buffer)
-    if buf is None:
-        raise PatternError(f"buffer {node.buffer!r} has no tensor; bind it first")
-    if buf.dim() != len(index):
-        raise PatternError(f"buffer {node.buffer!r} has {buf.dim()} dims but is indexed with {len(index)}")
+    buf = buffer_of(node, box.buffers)
     for d, i in enumerate(index):
         lo, hi = float(i.lo.min()), float(i.hi.max())
         if lo < 0 or hi > buf.shape[d] - 1:
