@@ -14,7 +14,8 @@ Lowering conventions (inside the generated `mask_mod` / `score_mod` jit function
   use the plain operators.
 - `tanh` calls the `tanh` helper: the GPU's `tanh.approx.f32` for 16-bit inputs on CUDA
   (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1`, which also runs in Triton's interpreter
-  (libdevice does not). `a ** b` (non-integer b) is `exp2(b log2 a)` (a > 0).
+  (libdevice does not). `a ** b` is a product of `a`s for a constant integer b in 0..8, else
+  `exp2(b log2 a)` (a > 0).
 """
 from __future__ import annotations
 
