@@ -113,7 +113,6 @@ _FLOAT_FN = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.lo
              "sqrt": "tl.sqrt"}
 _CMP = {o: ir.SYMBOL[o] for o in ir.COMPARE}
 _TILE_VARS = frozenset({"q", "kv", "score"})  # what varies inside a tile
-_FLOAT_BUFFERS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _Lowering:
@@ -222,7 +221,7 @@ class _Lowering:
         text = f"tl.load(buf_{n.buffer} + {offset})"
         if spec.dtype == torch.bool:
             return f"({text} != 0)"
-        if spec.dtype in _FLOAT_BUFFERS:
+        if spec.dtype.is_floating_point:
             return f"{text}.to(tl.float32)"
         return text
 
