@@ -276,7 +276,7 @@ def _simplify(name: str, args: tuple) -> Node | None:
             return b
         if is_int and (_is(a, 0) or _is(b, 0)):
             return Const(0)
-    if name in ("floordiv", "truediv") and _is(b, 1) and is_int and name == "floordiv":
+    if name == "floordiv" and _is(b, 1) and is_int:
         return a
     # and/or/not may return an operand only if it is a boolean: an integer buffer read (kind
     # "any") used as a truth value is not the same value as the truth value itself
