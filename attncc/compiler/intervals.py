@@ -13,7 +13,8 @@ the [P, S, S] tiles of P super-tiles). Values are float64: integers are exact be
   (the class is known: decided, or certainly mixed).
 
 Everything is sound: `t`/`f` hold only when true for every existing pair. Tiles with none of
-`t`, `f`, `exact` are left for exact element-wise evaluation (see blockmask.py).
+`t`, `f`, `exact` are left for exact element-wise evaluation (see blockmask.py). A buffer read
+along one varying index gets its exact min/max over the tile from sparse_table.py.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from ..dsl import ir
 from ..dsl.trace import PatternError
 from .evaluate import buffer_of
+from .sparse_table import range_reduce
 
 Flag = Union[bool, torch.Tensor]
 INF = math.inf
@@ -375,41 +377,7 @@ def as_num(box: Box, v) -> Num:
 
 
 # ----------------------------------------------------------------------------------------------
-# Buffers: exact range min/max over an index interval through sparse tables.
-
-def _table(box: Box, name: str, dim: int, k: int, kind: str) -> torch.Tensor:
-    """Windows of 2**k along `dim` (moved last): min ("min") or max ("max") of the buffer, or the
-    max of |x[i+1] - x[i]| ("step"). Shape [..., n - 2**k + 1] (n - 2**k for "step")."""
-    key = (name, dim, k, kind)
-    if key not in box.tables:
-        x = box.buffers[name].movedim(dim, -1).double()
-        if kind == "step":
-            x = (x[..., 1:] - x[..., :-1]).abs()
-        f = torch.minimum if kind == "min" else torch.maximum
-        for j in range(k):
-            s = 1 << j
-            x = f(x[..., :-s], x[..., s:])
-        box.tables[key] = x
-    return box.tables[key]
-
-
-def _range(box: Box, name: str, dim: int, kind: str, points: list, start: torch.Tensor,
-           stop: torch.Tensor) -> torch.Tensor:
-    """The table's reduction over positions [start, stop] (sparse table: two lookups a tile)."""
-    length = stop - start + 1
-    level = torch.floor(torch.log2(length))
-    level = level - (torch.exp2(level) > length).double() + (torch.exp2(level + 1) <= length).double()
-    f = torch.minimum if kind == "min" else torch.maximum
-    out = None
-    for k in torch.unique(level).tolist():
-        tab = _table(box, name, dim, int(k), kind)
-        n = tab.shape[-1]
-        a = start.long().clamp(0, n - 1)
-        b = (stop - (1 << int(k)) + 1).long().clamp(0, n - 1)
-        v = f(tab[(*points, a)], tab[(*points, b)])
-        out = v if out is None else torch.where(level == k, v, out)
-    return out
-
+# Buffers: exact min/max over an index interval (sparse tables, see sparse_table.py).
 
 def _huge(box: Box, name: str) -> bool:
     """Whether an integer buffer holds values float64 cannot represent exactly (|x| > 2**53)."""
@@ -441,14 +409,15 @@ def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
     d = varying[0]
     points = [i.lo.long() for j, i in enumerate(index) if j != d]
     start, stop = index[d].lo, index[d].hi
-    lo = _range(box, node.buffer, d, "min", points, start, stop)
-    hi = _range(box, node.buffer, d, "max", points, start, stop)
+    lo = range_reduce(box.tables, box.buffers, node.buffer, d, "min", points, start, stop)
+    hi = range_reduce(box.tables, box.buffers, node.buffer, d, "max", points, start, stop)
     dense: Flag = False
     if is_int and index[d].dense is not False:
         if buf.shape[d] == 1:
             dense = index[d].dense
         else:   # a dense index range over which the values move by at most 1 hits every value between
-            steps = _range(box, node.buffer, d, "step", points, start, torch.maximum(stop - 1, start))
+            steps = range_reduce(box.tables, box.buffers, node.buffer, d, "step", points, start,
+                                 torch.maximum(stop - 1, start))
             dense = _and(index[d].dense, (stop == start) | (steps <= 1))
     return Num(lo, hi, index[d].dense, dense, deps, is_int)
 
