@@ -126,14 +126,10 @@ def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, c
     return val if val.dtype == torch.bool else val.long()
 
 
-def block_as_token_mask(pattern: Pattern) -> ir.Node:
-    """The block predicate read at token level: `block[qb := q // BQ, kb := kv // BK]`."""
-    return block_at_tokens(pattern.block, pattern.block_size)
-
-
 def token_mask(pattern: Pattern) -> ir.Node:
-    """The full token-level mask: the mask and the block predicate at its own granularity."""
-    return ir.op("and", pattern.mask, block_as_token_mask(pattern))
+    """The full token-level mask: the mask and the block predicate at its own granularity
+    (`block[qb := q // BQ, kb := kv // BK]`)."""
+    return ir.op("and", pattern.mask, block_at_tokens(pattern.block, pattern.block_size))
 
 
 def index_env(B: int, H: int, Q: int, KV: int, device=None) -> dict[str, torch.Tensor]:
