@@ -177,7 +177,8 @@ class Pattern:
 
     # -- value semantics
     def _key(self):
-        return (self.mask, self.score, self.block, self.block_size if self.has_block_mask else None, tuple((k, type(v), v) for k, v in self.params.items()),
+        return (self.mask, self.score, self.block, self.block_size if self.has_block_mask else None,
+                tuple((k, type(v), v) for k, v in self.params.items()),
                 tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in self.buffers.items()))
 
     def __eq__(self, other) -> bool:
