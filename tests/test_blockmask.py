@@ -261,7 +261,7 @@ def test_per_head_masks_and_broadcast_rules():
     assert ac.create_block_mask(alibi, None, None, 64, 64, block_size=16).H == 1
 
 
-@pytest.mark.parametrize("bad", [dict(Q_LEN=0), dict(KV_LEN=2.5), dict(block_size=(16, 0)),
+@pytest.mark.parametrize("bad", [dict(Q_LEN=0), dict(Q_LEN=None), dict(KV_LEN=2.5), dict(block_size=(16, 0)),
                                  dict(block_size=True), dict(block_size=2.0), dict(B=-1)])
 def test_bad_arguments(bad):
     args = dict(pattern=ac.patterns.causal(), B=None, H=None, Q_LEN=64, KV_LEN=64, block_size=16)

@@ -399,16 +399,6 @@ def _evaluate_tiles(ctx: _Context, coords: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _size(name: str, value, reads: bool) -> int:
-    if value is None:
-        if reads:
-            raise ValueError(f"{name}=None, but the pattern's mask depends on {name[0].lower()}; pass {name}")
-        return 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def build_block_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
                      BLOCK_M: int = 128, BLOCK_N: int = 128, device=None) -> BlockMask:
     """Classify every BLOCK_M x BLOCK_N tile of `pattern` (current params and buffers) into a BlockMask.
@@ -420,9 +410,9 @@ def build_block_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int,
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be an attncc.Pattern, got {type(pattern).__name__}")
     used = ir.free_vars(evaluate.token_mask(pattern))
-    B, H = _size("B", B, "b" in used), _size("H", H, "h" in used)
-    Q_LEN, KV_LEN = _size("Q_LEN", Q_LEN, False), _size("KV_LEN", KV_LEN, False)
-    BLOCK_M, BLOCK_N = _size("BLOCK_M", BLOCK_M, False), _size("BLOCK_N", BLOCK_N, False)
+    B, H = evaluate.check_size("B", B, "b" in used), evaluate.check_size("H", H, "h" in used)
+    Q_LEN, KV_LEN = evaluate.check_size("Q_LEN", Q_LEN), evaluate.check_size("KV_LEN", KV_LEN)
+    BLOCK_M, BLOCK_N = evaluate.check_size("BLOCK_M", BLOCK_M), evaluate.check_size("BLOCK_N", BLOCK_N)
     if device is None:
         device = next((t.device for t in pattern.buffers.values() if t is not None), torch.device("cpu"))
     classes = classify(pattern, B, H, Q_LEN, KV_LEN, BLOCK_M, BLOCK_N, device)

@@ -132,6 +132,19 @@ def token_mask(pattern: Pattern) -> ir.Node:
     return ir.op("and", pattern.mask, block_at_tokens(pattern.block, pattern.block_size))
 
 
+def check_size(name: str, value, reads: bool | None = None) -> int:
+    """A positive size. For B and H, `reads` says whether the mask reads b / h: None then means
+    1 (broadcast), allowed only if it does not. Lengths and tiles (reads None) must be ints.
+    """
+    if value is None and reads is not None:
+        if reads:
+            raise ValueError(f"{name}=None, but the pattern's mask depends on {name[0].lower()}; pass {name}")
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def index_env(B: int, H: int, Q: int, KV: int, device=None) -> dict[str, torch.Tensor]:
     """b, h, q, kv as int64 tensors shaped to broadcast to [B, H, Q, KV]."""
     ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)

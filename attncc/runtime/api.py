@@ -30,17 +30,10 @@ def create_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int, KV_L
     would silently be wrong for every other batch or head).
     """
     pattern = _pattern(pattern)
-    mask_vars = ir.free_vars(evaluate.token_mask(pattern))  # a score mod reading h is no concern here
-    sizes = {}
-    for name, var, value in (("B", "b", B), ("H", "h", H), ("Q_LEN", "q", Q_LEN), ("KV_LEN", "kv", KV_LEN)):
-        if value is None and var in ("b", "h"):
-            if var in mask_vars:
-                raise ValueError(f"{name}=None, but the pattern depends on {var}; pass {name}")
-            value = 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-        sizes[name] = value
-    return evaluate.dense_mask(pattern, sizes["B"], sizes["H"], sizes["Q_LEN"], sizes["KV_LEN"], device)
+    reads = ir.free_vars(evaluate.token_mask(pattern))  # a score mod reading h is no concern here
+    B, H = evaluate.check_size("B", B, "b" in reads), evaluate.check_size("H", H, "h" in reads)
+    Q_LEN, KV_LEN = evaluate.check_size("Q_LEN", Q_LEN), evaluate.check_size("KV_LEN", KV_LEN)
+    return evaluate.dense_mask(pattern, B, H, Q_LEN, KV_LEN, device)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None,

@@ -246,7 +246,8 @@ class Kernel:
         return f"Kernel({self.pattern!r}, {self.config})"
 
 
-_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "backend", "tma")
+_TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_OPTIONS = _TILE_OPTIONS + ("backend", "tma")
 _BACKENDS = ("auto", "attncc")
 
 
@@ -272,7 +273,7 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
         base = TileConfig(128, 64, 8, 3)
     else:
         base = TileConfig(64, 64, 4, 2)
-    fields = {k: options.get(k, getattr(base, k)) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    fields = {k: options.get(k, getattr(base, k)) for k in _TILE_OPTIONS}
     for k, val in fields.items():
         ok = isinstance(val, int) and not isinstance(val, bool) and val >= 1
         if k.startswith("BLOCK") or k == "num_warps":
@@ -298,7 +299,7 @@ def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.d
     Only for 16-bit CUDA inputs with 64 < D <= 128 (where it was measured) and no tile options.
     """
     if (device.type != "cuda" or dtype == torch.float32 or not 64 < max(s.D, s.Dv) <= 128
-            or any(k in options for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))):
+            or any(k in options for k in _TILE_OPTIONS)):
         return tiles
     _, meta = META_CACHE.get(pattern, s, tiles, device)
     return SHORT_ROW_TILES if meta.mean_row_tiles * tiles.BLOCK_N < SHORT_ROW_KEYS else tiles
