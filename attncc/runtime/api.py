@@ -77,13 +77,15 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .autograd import check_no_grad
-    from .kernel import check_options, choose_path, choose_tiles, choose_tma, refine_tiles
+    from .kernel import TRITON_KEY, check_options, choose_path, choose_tiles, choose_tma, refine_tiles
 
     s = check_qkv(q, k, v)
     for name, d in (("q", s.D), ("v", s.Dv)):
         if not 16 <= d <= 256:
             raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
     check_no_grad(q, k, v)
+    if q.is_cuda:
+        TRITON_KEY.start()
     pattern = _pattern(pattern)
     pattern.require_bound()
     options = check_options(kernel_options)

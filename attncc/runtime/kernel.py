@@ -9,6 +9,7 @@ buffer content rebuilds only the metadata, and no new value ever regenerates or 
 from __future__ import annotations
 
 import math
+import threading
 import types
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -91,6 +92,35 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict) -> KernelMeta:
         stride_b=Hm * QB if Bm > 1 else 0, stride_h=QB if Hm > 1 else 0,
         full_contiguous=_contiguous(full_num, full_idx), partial_contiguous=_contiguous(part_num, part_idx),
         buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()))
+
+
+class _TritonKeyPrefetch:
+    """Triton hashes its own installation (about 0.5 s on the H100 machine) the first time a process
+    looks a kernel up in its cache. `start()` does that on a thread while the block mask is built;
+    `wait()` before the first launch, so the launch finds the hash ready instead of redoing it."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="attncc-triton-key", daemon=True)
+            self.thread.start()
+
+    @staticmethod
+    def _run() -> None:
+        try:
+            from triton.runtime.cache import triton_key  # internal: absent in some Triton versions
+            triton_key()
+        except Exception:  # noqa: BLE001 — only a head start; the launch computes it if this fails
+            pass
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+TRITON_KEY = _TritonKeyPrefetch()
 
 
 def check_score_buffers(pattern: Pattern, s: Shapes, device: torch.device) -> None:
@@ -238,6 +268,8 @@ class Kernel:
             # Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16):
             # on CPU only, run the same kernel on float32 copies and round the output back
             q, k, v = q.float(), k.float(), v.float()
+        if not self.interpret:
+            TRITON_KEY.wait()
         out, lse = self.module.forward(q, k, v, meta, self.scale, self.pattern.params, meta.buffers, tma=self.tma)
         out = out.to(dtype)
         return (out, lse) if return_lse else out
