@@ -124,7 +124,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     from .kernel import Kernel
 
     pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
-    return Kernel(pattern, s, q.device, scale, tiles, path, tma)(q, k, v, return_lse=return_lse)
+    return Kernel(pattern, s, q.device, scale, tiles, path, tma).run(q, k, v, s, return_lse)
 
 
 def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,

@@ -21,7 +21,8 @@ from ..compiler.evaluate import token_mask
 from ..dsl.ir import TRUE, Load, Var, op, walk
 from ..dsl.pattern import Pattern
 from . import cache
-from .inputs import Shapes
+from .autograd import check_no_grad
+from .inputs import Shapes, check_qkv
 
 _META_CACHE_SIZE = 64
 _PARTIAL_WEIGHT = 1.5  # a PARTIAL tile costs about this many FULL ones (mask code, bounds)
@@ -249,14 +250,15 @@ class Kernel:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
         """out [B, Hq, Q, Dv] in q's dtype (and lse float32 [B, Hq, Q] when return_lse)."""
-        from .autograd import check_no_grad
-        from .inputs import check_qkv
-
         s = check_qkv(q, k, v)
         check_no_grad(q, k, v)
         if q.device != self.device:
             raise ValueError(f"q is on {q.device}, but this kernel was compiled for {self.device}; "
                              "call attncc.compile with tensors on that device")
+        return self.run(q, k, v, s, return_lse)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes, return_lse: bool):
+        """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
         if self.path == "sdpa-cudnn" and not return_lse and s == self._shapes:
             return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)
         meta = self._meta
