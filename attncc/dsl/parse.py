@@ -16,7 +16,7 @@ import lark
 
 from . import ir
 from .pattern import BLOCK_VARS, MASK_VARS, SCORE_VARS, Pattern
-from .trace import PatternError, _RESERVED
+from .trace import RESERVED_NAMES, PatternError
 
 ALIASES = {"q_idx": "q", "kv_idx": "kv"}
 CONSTANTS = {"true": True, "false": False, "inf": math.inf, "nan": math.nan}
@@ -160,7 +160,7 @@ class _Builder:
             raise self.error(f"param {names[0]} needs a default value: `param {names[0]} = 1`"
                              if head == "param" else f"expected `{head} = ...`", _pos(names[0]))
         for n in names:
-            if n in _RESERVED:
+            if n in RESERVED_NAMES:
                 raise self.error(f"{str(n)!r} is a reserved name and cannot be a {head}'s name", _pos(n))
             if n in self.params or n in self.buffers:
                 raise self.error(f"{str(n)!r} is declared twice", _pos(n))

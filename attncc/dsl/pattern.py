@@ -7,7 +7,7 @@ from typing import Callable, Mapping
 import torch
 
 from . import ir
-from .trace import PatternError, Tracer, python_number, trace, _BUFFER_DTYPES
+from .trace import BUFFER_DTYPES, PatternError, Tracer, python_number, trace
 
 MASK_VARS = ("b", "h", "q", "kv")
 SCORE_VARS = ("score", "b", "h", "q", "kv")
@@ -268,7 +268,7 @@ def _check_buffer(name: str, t) -> None:
         return
     if not isinstance(t, torch.Tensor):
         raise PatternError(f"buffer {name!r} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _BUFFER_DTYPES:
+    if t.dtype not in BUFFER_DTYPES:
         raise PatternError(f"buffer {name!r} has unsupported dtype {t.dtype}")
     if t.dim() == 0 or t.numel() == 0:
         raise PatternError(f"buffer {name!r} must have at least one dimension and one element")

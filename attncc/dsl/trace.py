@@ -69,9 +69,9 @@ class Tracer:
         for name, t in self.buffers.items():
             if t is tensor:
                 return name
-        base = hint if hint and hint.isidentifier() and hint not in _RESERVED else "buf"
+        base = hint if hint and hint.isidentifier() and hint not in RESERVED_NAMES else "buf"
         name, i = base, 0
-        while name in self.buffers or name in _RESERVED:
+        while name in self.buffers or name in RESERVED_NAMES:
             i += 1
             name = f"{base}{i}"
         self.buffers[name] = tensor
@@ -81,7 +81,7 @@ class Tracer:
         _merge_params(self.params, params)
 
 
-_RESERVED = set(ir.ALL_VARS) | {"q_idx", "kv_idx", "true", "false", "inf", "param", "buffer",
+RESERVED_NAMES = set(ir.ALL_VARS) | {"q_idx", "kv_idx", "true", "false", "inf", "param", "buffer",
                                 "mask", "score", "block", "and", "or", "not", "where", "min",
                                 "max", "abs", "clamp"} | set(ir.FLOAT_FUNCS)
 
@@ -399,7 +399,7 @@ def _buffer_load(tensor: Any, index: Any) -> Proxy:
     tracer = tracer or (active[-1] if active else None)  # indices may be params only: slopes[P]
     if tracer is None:
         raise _fail("captured tensors must be indexed inside a traced mask_mod/score_mod")
-    if tensor.dtype not in _BUFFER_DTYPES:
+    if tensor.dtype not in BUFFER_DTYPES:
         raise _fail(f"captured tensor dtype {tensor.dtype} is not supported; use bool, an integer or a float dtype")
     name = tracer.buffer_name(tensor, _guess_name(tensor))
     nodes = tuple(_lift(i) for i in items)
@@ -418,7 +418,7 @@ def _active() -> list[Tracer]:
     return _LOCAL.tracers
 
 
-_BUFFER_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+BUFFER_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
                   torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -437,7 +437,7 @@ def param(name: str, default: ir.Value) -> Proxy:
 
     Its value can be changed with `Pattern.bind(W=...)` without recompiling any kernel.
     """
-    if not name.isidentifier() or name in _RESERVED:
+    if not name.isidentifier() or name in RESERVED_NAMES:
         raise PatternError(f"invalid param name {name!r}")
     if isinstance(default, numbers.Real) and not isinstance(default, bool):
         default = python_number(default)
