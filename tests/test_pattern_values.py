@@ -117,8 +117,8 @@ def test_a_buffer_named_like_a_param_is_renamed():
 def test_combining_score_mods():
     double = ac.Pattern(score_mod=lambda s, b, h, q, kv: s * 2.0)
     shift = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s + 1.0)
-    assert str((double & shift).score) == "score * 2.0 + 1.0"  # the left pattern's mod applies first
-    assert str((shift & double).score) == "(score + 1.0) * 2.0"
+    assert str((double & shift).score) == "2.0 * score + 1.0"  # the left pattern's mod applies first
+    assert str((shift & double).score) == "2.0 * (score + 1.0)"
     assert (ac.patterns.causal() | shift).score is shift.score
     assert (shift | ac.patterns.causal()).score is shift.score
     assert (shift | shift).score is shift.score

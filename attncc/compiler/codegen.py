@@ -28,7 +28,7 @@ from typing import Mapping
 
 import torch
 
-from ..dsl import ir
+from ..dsl import ir, ops
 from ..dsl.pattern import Pattern
 from .evaluate import token_mask
 
@@ -99,6 +99,13 @@ def floormod(a, b):
     """a % b with the sign of b (torch semantics; Triton's % takes the sign of a)."""
     rem = a % b
     return tl.where((rem != 0) & ((rem < 0) != (b < 0)), rem + b, rem)''',
+    "round_half_even": '''@triton.jit
+def round_half_even(x):
+    """x rounded to the nearest integer, ties to even (torch.round); exact for every float."""
+    r = tl.floor(x)
+    d = x - r
+    up = (d > 0.5) | ((d == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0))
+    return tl.where(up, r + 1.0, r)''',
     "tanh": '''@triton.jit
 def tanh(x, FAST_TANH: tl.constexpr):
     """tanh(x): one MUFU instruction (max rel. error ~2^-11) when FAST_TANH, else exact-ish."""
@@ -109,9 +116,6 @@ def tanh(x, FAST_TANH: tl.constexpr):
         return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0''',
 }
 
-_FLOAT_FN = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2",
-             "sqrt": "tl.sqrt"}
-_CMP = {o: ir.SYMBOL[o] for o in ir.COMPARE}
 _TILE_VARS = frozenset({"q", "kv", "score"})  # what varies inside a tile
 
 
@@ -152,47 +156,34 @@ class _Lowering:
             return f"p_{n.name}"
         if isinstance(n, ir.Load):
             return self._load(n)
-        o = n.op
-        a = [self.names[id(x)] for x in n.args]
-        if o in ("add", "sub", "mul"):
-            return f"({a[0]} {ir.SYMBOL[o]} {a[1]})"
-        if o == "truediv":
-            if not ir.free_vars(n.args[1]) & _TILE_VARS:  # a per-program scalar: one reciprocal
-                return f"({self._float(n.args[0])} * (1.0 / {self._float(n.args[1])}))"
-            return f"({self._float(n.args[0])} / {self._float(n.args[1])})"
-        if o in ("floordiv", "mod"):
-            return self._floor_op(n, a)
-        if o == "pow":
-            return self._pow(n, a)
-        if o in ("eq", "ne") and _is_int_mod(n.args[0]) and n.args[1] is ir.Const(0):
-            # (x floor-mod y) == 0 exactly when the truncating x % y == 0: skip the sign fix-up
-            x, y = (self.names[id(c)] for c in n.args[0].args)
-            return f"(({x} % {y}) {_CMP[o]} 0)"
-        if o in _CMP:
-            return f"({a[0]} {_CMP[o]} {a[1]})"
-        if o == "and":
-            return f"({a[0]} & {a[1]})"
-        if o == "or":
-            return f"({a[0]} | {a[1]})"
-        if o == "not":
-            return f"(~{a[0]})"
-        if o == "neg":
-            return f"(-{a[0]})"
-        if o == "abs":
-            return f"tl.abs({a[0]})"
-        if o in ("min", "max"):
-            return f"tl.{o}imum({a[0]}, {a[1]})"
-        if o == "where":
-            return f"tl.where({a[0]}, {a[1]}, {a[2]})"
-        if o == "tanh":
-            return f"tanh({self._float(n.args[0])}, FAST_TANH)"
-        if o == "sigmoid":  # not tl.sigmoid: a triton.language @jit function (see the template)
-            return f"(1.0 / (1.0 + tl.exp(-{self._float(n.args[0])})))"
-        if o in _FLOAT_FN:
-            return f"{_FLOAT_FN[o]}({self._float(n.args[0])})"
-        raise ir.IRError(f"no Triton lowering for operator {o!r}")
+        row = ops.TABLE[n.op]
+        if row.kind == "float":
+            a = [self._float(x) for x in n.args]
+        else:
+            a = [self.names[id(x)] for x in n.args]
+        if isinstance(row.triton, str):
+            return row.triton.format(*a)
+        return row.triton(self, n, a)
 
-    def _floor_op(self, n: ir.Op, a: list[str]) -> str:
+    # -- the table's Triton column calls these for operators that need more than a template
+
+    def truediv(self, n: ir.Op, a: list[str]) -> str:
+        if not ir.free_vars(n.args[1]) & _TILE_VARS:  # a per-program scalar: one reciprocal
+            return f"({a[0]} * (1.0 / {a[1]}))"
+        return f"({a[0]} / {a[1]})"
+
+    def equality(self, n: ir.Op, a: list[str]) -> str:
+        x = n.args[0]
+        if _is_int_mod(x) and n.args[1] is ir.Const(0):
+            # (x floor-mod y) == 0 exactly when the truncating x % y == 0: skip the sign fix-up
+            u, v = (self.names[id(c)] for c in x.args)
+            return f"(({u} % {v}) {ir.SYMBOL[n.op]} 0)"
+        return f"({a[0]} {ir.SYMBOL[n.op]} {a[1]})"
+
+    def tanh(self, n: ir.Op, a: list[str]) -> str:
+        return f"tanh({a[0]}, FAST_TANH)"
+
+    def floor_op(self, n: ir.Op, a: list[str]) -> str:
         x, y = n.args
         if ir.kind_of(n) == "float":
             fx, fy = self._float(x), self._float(y)
@@ -201,7 +192,7 @@ class _Lowering:
             return f"({a[0]} {ir.SYMBOL[n.op]} {a[1]})"
         return f"{'floordiv' if n.op == 'floordiv' else 'floormod'}({a[0]}, {a[1]})"
 
-    def _pow(self, n: ir.Op, a: list[str]) -> str:
+    def pow(self, n: ir.Op, a: list[str]) -> str:
         base, expo = n.args
         if isinstance(expo, ir.Const) and not isinstance(expo.value, bool) and float(expo.value).is_integer() \
                 and 0 <= expo.value <= 8:
@@ -210,6 +201,12 @@ class _Lowering:
                 return "1" if ir.kind_of(n) == "int" else "1.0"
             return "(" + " * ".join([a[0]] * k) + ")"
         return f"tl.exp2({self._float(expo)} * tl.log2({self._float(base)}))"
+
+    def round(self, n: ir.Op, a: list[str]) -> str:
+        return f"round_half_even({a[0]})"
+
+    def to_int(self, n: ir.Op, a: list[str]) -> str:
+        return f"({a[0]}).to(tl.int32)"
 
     def _load(self, n: ir.Load) -> str:
         spec = self.buffers.get(n.buffer)

@@ -10,49 +10,25 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..dsl import ir
+from ..dsl import ir, ops
 from ..dsl.pattern import Pattern, block_at_tokens
 from ..dsl.trace import PatternError
-
-_FUNCS: dict[str, Callable] = {
-    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
-    "sqrt": torch.sqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-    "abs": torch.abs, "neg": torch.neg, "not": torch.logical_not,
-}
-_BINARY: dict[str, Callable] = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
-    "floordiv": lambda a, b: torch.div(a, b, rounding_mode="floor"), "mod": torch.remainder,
-    "pow": torch.pow, "min": torch.minimum, "max": torch.maximum,
-    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
-    "and": torch.logical_and, "or": torch.logical_or,
-}
 
 
 def evaluate(node: ir.Node, env: Mapping[str, torch.Tensor], params: Mapping[str, ir.Value],
              buffers: Mapping[str, torch.Tensor], *, float_dtype: torch.dtype = torch.float64,
-             check_bounds: bool = True) -> torch.Tensor:
+             check_bounds: bool = True, clamp_loads: bool = False) -> torch.Tensor:
     """The value of `node` with variables from `env` (int64 / float tensors, broadcastable).
 
     Buffer indices are checked against the buffer's shape (a PatternError, never a wrap-around)
-    unless `check_bounds` is False (inside torch transforms such as vmap, where values are opaque).
+    unless `check_bounds` is False (inside torch transforms such as vmap, where values are opaque);
+    `clamp_loads` clamps them into the buffer instead (the domain check's probes, which decide
+    whether the indices are in range). An integer division by zero gives an arbitrary value
+    (the divisor reads as 1) instead of failing, as in the kernels: the domain check refuses
+    patterns where such a value could matter.
     """
     device = next((t.device for t in env.values() if isinstance(t, torch.Tensor)), None)
     memo: dict[int, torch.Tensor] = {}
-
-    def num(x: torch.Tensor, kind: str) -> torch.Tensor:
-        if kind == "float" and not x.is_floating_point():
-            return x.to(float_dtype)
-        if kind == "int" and x.dtype == torch.bool:
-            return x.long()
-        return x
-
-    def promote(*xs: torch.Tensor) -> list[torch.Tensor]:
-        if any(x.is_floating_point() for x in xs):
-            return [x.to(float_dtype) for x in xs]
-        if any(x.dtype != torch.bool for x in xs):
-            return [num(x, "int") for x in xs]
-        return list(xs)
-
     for n in ir.walk(node):
         if isinstance(n, ir.Var):
             if n.name not in env:
@@ -67,33 +43,40 @@ def evaluate(node: ir.Node, env: Mapping[str, torch.Tensor], params: Mapping[str
             dtype = torch.int64 if n.kind == "int" else float_dtype
             val = torch.tensor(params[n.name], dtype=dtype, device=device)
         elif isinstance(n, ir.Load):
-            val = _load(n, buffers, [memo[id(i)] for i in n.index], device, float_dtype, check_bounds)
+            val = _load(n, buffers, [memo[id(i)] for i in n.index], device, float_dtype, check_bounds, clamp_loads)
         else:
-            args = [memo[id(a)] for a in n.args]
-            o = n.op
-            if o in _FUNCS:
-                x = args[0]
-                if o in ir.FLOAT_FUNCS:
-                    x = num(x, "float")
-                elif o in ("abs", "neg"):
-                    x = num(x, "int")
-                val = _FUNCS[o](x)
-            elif o == "where":
-                a, b = promote(args[1], args[2])
-                val = torch.where(args[0].bool(), a, b)
-            elif o in ("and", "or"):
-                val = _BINARY[o](args[0].bool(), args[1].bool())
-            elif o == "truediv":
-                val = torch.true_divide(num(args[0], "float"), num(args[1], "float"))
-            else:
-                a, b = promote(*args)
-                if o == "pow" and ir.kind_of(n) == "float":  # e.g. q ** -1 is 1 / q, not 0
-                    a, b = a.to(float_dtype), b.to(float_dtype)
-                if o in ("floordiv", "mod") and not a.is_floating_point() and check_bounds and bool((b == 0).any()):
-                    raise PatternError(f"integer division by zero in {n}")
-                val = _BINARY[o](a, b)
+            row = ops.TABLE[n.op]
+            val = row.torch(*_operands(row, n, [memo[id(a)] for a in n.args], float_dtype))
         memo[id(n)] = val
     return memo[id(node)]
+
+
+def _operands(row: ops.Operator, n: ir.Op, args: list[torch.Tensor], float_dtype) -> list[torch.Tensor]:
+    """The operands converted as the operator's row says: booleans, floats, or a common numeric type."""
+    if row.operands == "bool":
+        return [a.bool() for a in args]
+    if row.operands == "where":
+        return [args[0].bool(), *_promote(args[1:], float_dtype)]
+    if row.kind == "float" or (row.kind == "pow" and ir.kind_of(n) == "float"):  # q ** -1 is 1 / q, not 0
+        return [_number(a, float_dtype) for a in args]
+    if row.kind == "int" or row.arity == 1:
+        return [a.long() if a.dtype == torch.bool else a for a in args]
+    args = _promote(args, float_dtype)
+    if n.op in ("floordiv", "mod") and not args[1].is_floating_point():
+        args[1] = torch.where(args[1] == 0, 1, args[1])
+    return args
+
+
+def _number(x: torch.Tensor, float_dtype) -> torch.Tensor:
+    return x if x.is_floating_point() else x.to(float_dtype)
+
+
+def _promote(xs, float_dtype) -> list[torch.Tensor]:
+    if any(x.is_floating_point() for x in xs):
+        return [x.to(float_dtype) for x in xs]
+    if any(x.dtype != torch.bool for x in xs):
+        return [x.long() if x.dtype == torch.bool else x for x in xs]
+    return list(xs)
 
 
 def buffer_of(n: ir.Load, buffers: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
@@ -106,7 +89,7 @@ def buffer_of(n: ir.Load, buffers: Mapping[str, torch.Tensor | None]) -> torch.T
     return buf
 
 
-def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, check_bounds) -> torch.Tensor:
+def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, check_bounds, clamp) -> torch.Tensor:
     buf = buffer_of(n, buffers)
     if device is not None and buf.device != device:
         buf = buf.to(device)
@@ -114,7 +97,9 @@ def _load(n: ir.Load, buffers, index: list[torch.Tensor], device, float_dtype, c
         if i.is_floating_point() or i.dtype == torch.bool:
             raise PatternError(f"index {n.index[d]} of buffer {n.buffer!r} is {i.dtype}, not an integer")
     index = [i.long() for i in index]
-    if check_bounds:
+    if clamp:
+        index = [i.clamp(0, buf.shape[d] - 1) for d, i in enumerate(index)]
+    elif check_bounds:
         for d, i in enumerate(index):
             lo, hi = int(i.min()), int(i.max())
             if lo < 0 or hi >= buf.shape[d]:

@@ -19,12 +19,13 @@ along one varying index gets its exact min/max over the tile from sparse_table.p
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 
-from ..dsl import ir
+from ..dsl import ir, ops
 from ..dsl.trace import PatternError
 from .evaluate import buffer_of
 from .sparse_table import range_reduce
@@ -425,12 +426,19 @@ def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
 # ----------------------------------------------------------------------------------------------
 # The interpreter.
 
-_MONOTONE = {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
-             "sqrt": torch.sqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-_NUMERIC = {"add": add, "sub": lambda box, x, y: add(box, x, y, sign=-1), "neg": neg, "mul": mul,
-            "truediv": lambda box, x, y: _divide(box, torch.true_divide, x, y, False),
-            "floordiv": floordiv, "mod": mod, "abs": absolute, "pow": power,
-            "min": lambda box, x, y: minmax(box, x, y, True), "max": lambda box, x, y: minmax(box, x, y, False)}
+def truediv(box: Box, x: Num, y: Num) -> Num:
+    return _divide(box, torch.true_divide, x, y, False)
+
+
+def rounding(box: Box, fn, x: Num) -> Num:
+    """floor / ceil / round of a float: non-decreasing, so applied to the bounds."""
+    return _fix_nan(box, Num(fn(x.lo), fn(x.hi), x.att, False, x.deps, x.is_int))
+
+
+def to_int(box: Box, x: Num) -> Num:
+    """Truncation towards zero (`.long()`): non-decreasing, so applied to the bounds."""
+    lo, hi = x.lo.trunc(), x.hi.trunc()
+    return _fix_nan(box, Num(lo, hi, x.att, False, x.deps, True))
 
 
 def analyse(node: ir.Node, box: Box) -> Tri:
@@ -466,19 +474,20 @@ def _eval(n: ir.Node, args: list, box: Box):
         return point(box, value, isinstance(value, int))
     if isinstance(n, ir.Load):
         return load(box, n, [as_num(box, a) for a in args])
-    o = n.op
-    if o in ("and", "or", "not") or (o == "where" and ir.kind_of(n) == "bool"):
-        t = [as_tri(box, a) for a in args]
-        if o == "where":
-            return where_tri(*t)
-        return not_(t[0]) if o == "not" else and_(*t) if o == "and" else or_(*t)
-    if o == "where":
-        return where_num(box, as_tri(box, args[0]), as_num(box, args[1]), as_num(box, args[2]))
-    x = [as_num(box, a) for a in args]
-    if o in ir.COMPARE:
-        return compare(box, o, *x)
-    if o in _MONOTONE:
-        return monotone(box, _MONOTONE[o], x[0])
-    if o in _NUMERIC:
-        return _NUMERIC[o](box, *x)
-    raise PatternError(f"the block classifier does not know operator {o!r}")
+    row = ops.TABLE[n.op]
+    if row.operands == "bool":
+        args = [as_tri(box, a) for a in args]
+    elif row.operands == "where":
+        branch = as_tri if ir.kind_of(n) == "bool" else as_num
+        args = [as_tri(box, args[0]), branch(box, args[1]), branch(box, args[2])]
+    else:
+        args = [as_num(box, a) for a in args]
+    return row.interval(_SELF, box, *args)
+
+
+def where(box: Box, c: Tri, x, y):
+    """where(c, x, y) for numbers and for booleans."""
+    return where_tri(c, x, y) if isinstance(x, Tri) else where_num(box, c, x, y)
+
+
+_SELF = sys.modules[__name__]  # the interpreter the table's interval column calls into

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator, Union
 
+from . import ops
+
 Value = Union[bool, int, float]
 
 INDEX_VARS = ("b", "h", "q", "kv")
@@ -111,21 +113,13 @@ class Op(Node):
 
 
 # ----------------------------------------------------------------------------------------------
-# Operators: name -> (arity, kind rule). Kinds are "bool", "int", "float", or "any" (an unbound
-# buffer's element type, compatible with every kind).
+# Operators: every fact about one lives in its row of the table in ops.py. Kinds are "bool",
+# "int", "float", or "any" (an unbound buffer's element type, compatible with every kind).
 
-ARITH = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow")
-COMPARE = ("eq", "ne", "lt", "le", "gt", "ge")
-LOGIC = ("and", "or")
-FLOAT_FUNCS = ("exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid")
-OPS: dict[str, int] = {
-    **{o: 2 for o in ARITH + COMPARE + LOGIC},
-    "min": 2, "max": 2, "neg": 1, "abs": 1, "not": 1, "where": 3,
-    **{f: 1 for f in FLOAT_FUNCS},
-}
-SYMBOL = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
-          "pow": "**", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
-          "and": "and", "or": "or"}
+OPS: dict[str, int] = {name: row.arity for name, row in ops.TABLE.items()}  # name -> arity
+COMPARE, LOGIC, FLOAT_FUNCS = ops.COMPARE, ops.LOGIC, ops.FLOAT_FUNCS
+SYMBOL = {row.name: row.spelling for row in ops.ROWS if row.form == "infix"}
+_NUMERIC = ("int", "float", "any")
 
 
 @lru_cache(maxsize=None)
@@ -139,16 +133,16 @@ def kind_of(node: Node) -> str:
         return node.kind
     if isinstance(node, Load):
         return "any"
-    kinds = [kind_of(a) for a in node.args]
-    o = node.op
-    if o in COMPARE or o in LOGIC or o == "not":
-        return "bool"
-    if o == "where":
+    return _result_kind(ops.TABLE[node.op].kind, [kind_of(a) for a in node.args], node.args)
+
+
+def _result_kind(rule: str, kinds: list[str], args: tuple) -> str:
+    if rule in ("bool", "float", "int"):
+        return rule
+    if rule == "branches":
         return _join(kinds[1], kinds[2])
-    if o in FLOAT_FUNCS or o == "truediv":
-        return "float"
-    if o == "pow":
-        return "int" if kinds == ["int", "int"] and _nonneg_const(node.args[1]) else _join(*kinds, "float")
+    if rule == "pow" and not (kinds == ["int", "int"] and _nonneg_const(args[1])):
+        return _join(*kinds, "float")
     return _join(*kinds)
 
 
@@ -163,29 +157,32 @@ def _nonneg_const(n: Node) -> bool:
 
 
 def _check(name: str, args: tuple) -> None:
-    if name not in OPS:
+    row = ops.TABLE.get(name)
+    if row is None:
         raise IRError(f"unknown operator {name!r}")
-    if len(args) != OPS[name]:
-        raise IRError(f"{name} takes {OPS[name]} argument(s), got {len(args)}")
+    if len(args) != row.arity:
+        raise IRError(f"{name} takes {row.arity} argument(s), got {len(args)}")
     kinds = [kind_of(a) for a in args]
-    numeric = [k for k in kinds if k in ("int", "float", "any")]
-    if name in LOGIC or name == "not":
+    numeric = [k for k in kinds if k in _NUMERIC]
+    if row.operands == "bool":
         if any(k not in ("bool", "any") for k in kinds):
-            raise IRError(f"'{SYMBOL.get(name, name)}' needs booleans, got {', '.join(kinds)}")
-    elif name == "where":
+            raise IRError(f"'{row.spelling}' needs booleans, got {', '.join(kinds)}")
+    elif row.operands == "where":
         if kinds[0] not in ("bool", "any"):
             raise IRError(f"where() needs a boolean condition, got {kinds[0]}")
         if (kinds[1] == "bool") != (kinds[2] == "bool") and "any" not in kinds[1:]:
             raise IRError(f"where() branches must both be booleans or both numbers, got {kinds[1]}, {kinds[2]}")
-    elif name in ("eq", "ne"):
+    elif row.operands == "any":
         if len(numeric) == 1 and "any" not in kinds:
-            raise IRError(f"'{SYMBOL[name]}' compares a boolean with a number")
+            raise IRError(f"'{row.spelling}' compares a boolean with a number")
     elif len(numeric) != len(kinds):
-        raise IRError(f"'{SYMBOL.get(name, name)}' needs numbers, got a boolean")
+        raise IRError(f"'{row.spelling}' needs numbers, got a boolean")
+    if name in ("truediv", "floordiv", "mod") and isinstance(args[1], Const) and args[1].value == 0:
+        raise IRError(f"division by zero: {to_text(args[0])} {row.spelling} {to_text(args[1])}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Construction with simplification.
+# Construction: type check, constant folding, canonical operand order, rewrite rules.
 
 def const(value: Value) -> Const:
     if isinstance(value, bool) or isinstance(value, int):
@@ -197,29 +194,13 @@ def const(value: Value) -> Const:
 
 TRUE, FALSE = Const(True), Const(False)
 
-_FOLD: dict[str, Callable] = {
-    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,
-    "pow": lambda a, b: a ** b,
-    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
-    "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
-    "and": lambda a, b: a and b, "or": lambda a, b: a or b, "not": lambda a: not a,
-    # min/max propagate nan like torch.minimum/maximum (Python's min(0, nan) is 0)
-    "min": lambda a, b: a + b if a != a or b != b else min(a, b),
-    "max": lambda a, b: a + b if a != a or b != b else max(a, b),
-    "neg": lambda a: -a, "abs": abs,
-    "where": lambda c, a, b: a if c else b,
-    "exp": math.exp, "exp2": lambda a: 2.0 ** a, "log": math.log, "log2": math.log2,
-    "sqrt": math.sqrt, "tanh": math.tanh, "sigmoid": lambda a: 1.0 / (1.0 + math.exp(-a)),
-}
-
 
 def _fold(name: str, args: tuple) -> Node | None:
     int_pow = name == "pow" and kind_of(args[0]) == kind_of(args[1]) == "int"
     if int_pow and abs(args[1].value) > 64 and abs(args[0].value) > 1:
         return None  # 2 ** 10**9 would take Python minutes (and is no int64 anyway)
     try:
-        value = _FOLD[name](*(a.value for a in args))
+        value = ops.TABLE[name].fold(*(a.value for a in args))
     except (ZeroDivisionError, ValueError, OverflowError):
         return None
     if isinstance(value, complex):  # e.g. (-8.0) ** 0.5: not a real constant, leave it unfolded
@@ -242,74 +223,175 @@ def _is(n: Node, value) -> bool:
     return isinstance(n, Const) and type(n.value) is type(value) and n.value == value
 
 
+def _is_zero(n: Node) -> bool:
+    return _is(n, 0) or _is(n, 0.0)
+
+
+def _is_one(n: Node) -> bool:
+    return _is(n, 1) or _is(n, 1.0)
+
+
+_LEAD_RANK = {v: i for i, v in enumerate(("score", "q", "qb", "kv", "kb", "h", "b"))}
+
+
+@lru_cache(maxsize=None)
+def _order(n: Node, consts_first: bool) -> tuple:
+    """Sort key of a commutative or compared operand: expressions of the variables first, by their
+    leading variable (score, q, qb, kv, kb, h, b: `q >= kv`, `q + 1 >= kv`), then params, then
+    constants (`q + 1`); constants and params first instead where `consts_first` (`2 * q`,
+    `cap * tanh(score / cap)`). Ties by text."""
+    if isinstance(n, Const):
+        return (-2 if consts_first else 3, 0, "")
+    if isinstance(n, Param) and consts_first:
+        return (-1, 0, n.name)
+    names = free_vars(n)
+    if names:
+        return (0, min(_LEAD_RANK[v] for v in names), to_text(n))
+    return (1 if isinstance(n, (Param, Op)) else 2, 0, to_text(n))
+
+
+def _canonical(name: str, args: tuple) -> tuple[str, tuple]:
+    """`kv <= q` -> `q >= kv`, `1 + q` -> `q + 1`: mirrored and commutative forms share one node."""
+    row = ops.TABLE[name]
+    if len(args) == 2 and (row.commutative or row.mirror):
+        key = lambda n: _order(n, consts_first=name == "mul")
+        if key(args[1]) < key(args[0]):
+            return (row.mirror or name), (args[1], args[0])
+    return name, args
+
+
 def op(name: str, *args: Node) -> Node:
-    """Build `name(*args)`, type-checked and lightly simplified."""
+    """Build `name(*args)`, type-checked, folded, canonically ordered and lightly simplified.
+
+    A boolean compared with a number (`flag == 1`) reads the boolean as 0/1, as torch does.
+    """
     args = tuple(args)
+    if name in ("eq", "ne") and len(args) == 2 and {kind_of(a) for a in args} in ({"bool", "int"}, {"bool", "float"}):
+        args = tuple(where_01(a) if _bool(a) else a for a in args)
     _check(name, args)
     if all(isinstance(a, Const) for a in args):
         folded = _fold(name, args)
         if folded is not None:
             return folded
-    simpler = _simplify(name, args)
-    return simpler if simpler is not None else Op(name, args)
+    name, args = _canonical(name, args)
+    for names, rule in RULES:
+        if name in names:
+            simpler = rule(name, *args)
+            if simpler is not None:
+                return simpler
+    return Op(name, args)
 
 
-def _simplify(name: str, args: tuple) -> Node | None:
-    a = args[0]
-    b = args[1] if len(args) > 1 else None
-    same_kind = b is not None and kind_of(a) == kind_of(b)
-    is_int = kind_of(a) == "int"
-    if name == "add" and same_kind:
-        if _is(b, 0) or _is(b, 0.0):
-            return a
-        if _is(a, 0) or _is(a, 0.0):
-            return b
-    if name == "sub" and same_kind:
-        if _is(b, 0) or _is(b, 0.0):
-            return a
-        if a is b and is_int:
-            return Const(0)
-    if name == "mul" and same_kind:
-        if _is(b, 1) or _is(b, 1.0):
-            return a
-        if _is(a, 1) or _is(a, 1.0):
-            return b
-        if is_int and (_is(a, 0) or _is(b, 0)):
-            return Const(0)
-    if name == "floordiv" and _is(b, 1) and is_int:
+def where_01(c: Node) -> Node:
+    """A boolean as the integer 0 / 1."""
+    return op("where", c, const(1), const(0))
+
+
+# -- rewrite rules: (operators, rule(name, *args) -> simpler node or None), tried in order
+
+def _identity(name, a, b):
+    """x + 0, x - 0, x * 1 -> x; 0 + x, 1 * x -> x (same kinds, so the result keeps its kind)."""
+    if kind_of(a) != kind_of(b):
+        return None
+    if (name == "mul" and _is_one(b)) or (name != "mul" and _is_zero(b)):
         return a
-    # and/or/not may return an operand only if it is a boolean: an integer buffer read (kind
-    # "any") used as a truth value is not the same value as the truth value itself
-    if name in ("neg", "not") and isinstance(a, Op) and a.op == name and (name == "neg" or _bool(a.args[0])):
-        return a.args[0]
-    if name in LOGIC and isinstance(b, Op) and b.op == name:  # keep chains left-associated
-        operands = []
-        while isinstance(b, Op) and b.op == name:  # iteratively: chains may be thousands long
-            operands.append(b.args[1])
-            b = b.args[0]
-        for x in [b] + operands[::-1]:
-            a = op(name, a, x)
-        return a
-    if name in LOGIC:
-        absorbing, neutral = (FALSE, TRUE) if name == "and" else (TRUE, FALSE)
-        if a is absorbing or b is absorbing:
-            return absorbing
-        if _bool(a) and (b is neutral or a is b):
-            return a
-        if _bool(b) and a is neutral:
-            return b
-    if name in COMPARE and a is b and is_int:
-        return TRUE if name in ("eq", "le", "ge") else FALSE
-    if name in ("min", "max") and a is b:
-        return a
-    if name == "where":
-        if a is TRUE:
-            return args[1]
-        if a is FALSE:
-            return args[2]
-        if args[1] is args[2]:
-            return args[1]
+    if name != "sub" and (_is_one(a) if name == "mul" else _is_zero(a)):
+        return b
     return None
+
+
+def _self_cancel(name, a, b):
+    """x - x -> 0 and x * 0 -> 0 for integers (floats keep them: inf - inf is nan)."""
+    if kind_of(a) == kind_of(b) == "int":
+        if name == "sub" and a is b:
+            return Const(0)
+        if name == "mul" and (_is(a, 0) or _is(b, 0)):
+            return Const(0)
+    return None
+
+
+def _unit_divisor(name, a, b):
+    return a if kind_of(a) == "int" and _is(b, 1) else None
+
+
+def _involution(name, a):
+    """-(-x) -> x; not (not x) -> x for a boolean x (an integer buffer read used as a truth value
+    is not the same value as the truth value itself)."""
+    if isinstance(a, Op) and a.op == name and (name == "neg" or _bool(a.args[0])):
+        return a.args[0]
+    return None
+
+
+def _left_chain(name, a, b):
+    """a and (b and c) -> (a and b) and c: chains stay left-associated, built iteratively (they
+    may be thousands of terms long)."""
+    if not (isinstance(b, Op) and b.op == name):
+        return None
+    operands = []
+    while isinstance(b, Op) and b.op == name:
+        operands.append(b.args[1])
+        b = b.args[0]
+    for x in [b] + operands[::-1]:
+        a = op(name, a, x)
+    return a
+
+
+def _logic_units(name, a, b):
+    absorbing, neutral = (FALSE, TRUE) if name == "and" else (TRUE, FALSE)
+    if a is absorbing or b is absorbing:
+        return absorbing
+    if _bool(a) and (b is neutral or a is b):
+        return a
+    if _bool(b) and a is neutral:
+        return b
+    return None
+
+
+def _reflexive(name, a, b):
+    if a is b and kind_of(a) == "int":
+        return TRUE if name in ("eq", "le", "ge") else FALSE
+    return None
+
+
+def _flag_compare(name, a, b):
+    """where(c, 1, 0) == 1 -> c, == 0 -> not c (and != likewise): `flag == 1` on a traced mask."""
+    if isinstance(a, Op) and a.op == "where" and _is(a.args[1], 1) and _is(a.args[2], 0) \
+            and isinstance(b, Const) and b.value in (0, 1) and not isinstance(b.value, bool):
+        keep = (b.value == 1) == (name == "eq")
+        return a.args[0] if keep else op("not", a.args[0])
+    return None
+
+
+def _idempotent(name, a, b):
+    return a if a is b else None
+
+
+def _where(name, c, a, b):
+    if c is TRUE:
+        return a
+    if c is FALSE:
+        return b
+    return a if a is b else None
+
+
+def _integer_rounding(name, a):
+    """floor / ceil / round / int of an integer is the integer itself."""
+    return a if kind_of(a) == "int" else None
+
+
+RULES: list[tuple[tuple[str, ...], Callable]] = [
+    (("add", "sub", "mul"), _identity),
+    (("sub", "mul"), _self_cancel),
+    (("floordiv",), _unit_divisor),
+    (("neg", "not"), _involution),
+    (LOGIC, _left_chain),
+    (LOGIC, _logic_units),
+    (COMPARE, _reflexive),
+    (("eq", "ne"), _flag_compare),
+    (("min", "max"), _idempotent),
+    (("where",), _where),
+    (ops.ROUNDING + ("int",), _integer_rounding),
+]
 
 
 def load(buffer: str, index: tuple) -> Load:
@@ -378,8 +460,7 @@ def rename_buffers(node: Node, renames: dict[str, str]) -> Node:
 # ----------------------------------------------------------------------------------------------
 # The canonical printer (DSL syntax, Python-like precedence).
 
-_PREC = {"or": 1, "and": 2, "not": 3, **{c: 4 for c in COMPARE}, "add": 5, "sub": 5,
-         "mul": 6, "truediv": 6, "floordiv": 6, "mod": 6, "neg": 7, "pow": 8}
+_PREC = {row.name: row.prec for row in ops.ROWS if row.prec is not None}
 _ATOM = 10
 
 
@@ -424,19 +505,17 @@ def _text(node: Node) -> str:
         return node.name
     if isinstance(node, Load):
         return f"{node.buffer}[{', '.join(to_text(i) for i in node.index)}]"
-    o, args = node.op, node.args
-    if o not in _PREC:
-        return f"{o}({', '.join(to_text(a) for a in args)})"
-    p = _PREC[o]
-    if o == "not":
-        return f"not {_wrap(args[0], p, strict=False)}"
-    if o == "neg":
-        return f"-{_wrap(args[0], p, strict=False)}"
-    if o == "pow":
+    row, args = ops.TABLE[node.op], node.args
+    if row.form == "call":
+        return f"{row.spelling}({', '.join(to_text(a) for a in args)})"
+    p = row.prec
+    if row.form == "prefix":
+        space = " " if row.spelling.isalpha() else ""
+        return f"{row.spelling}{space}{_wrap(args[0], p, strict=False)}"
+    if node.op == "pow":  # right-associative
         return f"{_wrap(args[0], p, strict=True)} ** {_wrap(args[1], p, strict=False)}"
-    if o in COMPARE:
-        return f"{_wrap(args[0], p, strict=True)} {SYMBOL[o]} {_wrap(args[1], p, strict=True)}"
-    return f"{_wrap(args[0], p, strict=False)} {SYMBOL[o]} {_wrap(args[1], p, strict=True)}"
+    left_strict = node.op in COMPARE  # comparisons do not chain
+    return f"{_wrap(args[0], p, strict=left_strict)} {row.spelling} {_wrap(args[1], p, strict=True)}"
 
 
 def _wrap(child: Node, parent_prec: int, strict: bool) -> str:

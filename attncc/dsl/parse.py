@@ -14,18 +14,17 @@ from pathlib import Path
 
 import lark
 
-from . import ir
+from . import ir, ops
 from .pattern import BLOCK_VARS, MASK_VARS, SCORE_VARS, Pattern
 from .trace import RESERVED_NAMES, PatternError
 
 ALIASES = {"q_idx": "q", "kv_idx": "kv"}
 CONSTANTS = {"true": True, "false": False, "inf": math.inf, "nan": math.nan}
-FUNCTIONS = {"where": 3, "min": 2, "max": 2, "abs": 1, "clamp": 3, **{f: 1 for f in ir.FLOAT_FUNCS}}
+FUNCTIONS = {**ops.FUNCTIONS, "clamp": 3}  # clamp(x, lo, hi) is spelled out as min(max(x, lo), hi)
 # Which variables each expression may read.
 CONTEXT_VARS = {"mask": MASK_VARS, "score": SCORE_VARS, "block": BLOCK_VARS, "param": ()}
 STATEMENTS = ("param", "buffer", "mask", "score", "block", "block_size")
-_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "truediv", "//": "floordiv", "%": "mod",
-           "==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+_BINARY = ops.INFIX  # "+" -> "add", "<=" -> "le", ...
 _CHAINS = {"or_test": "or", "and_test": "and", "bor": "or", "band": "and"}
 _CHAIN_HINT = (" (comparisons do not chain, and `&`, `|` bind tighter than comparisons as in Python: "
                "write `a < b and c < d` or `(a < b) & (c < d)`)")

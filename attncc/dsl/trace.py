@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import ir
+from . import ir, ops
 
 
 class PatternError(ValueError):
@@ -82,8 +82,7 @@ class Tracer:
 
 
 RESERVED_NAMES = set(ir.ALL_VARS) | {"q_idx", "kv_idx", "true", "false", "inf", "param", "buffer",
-                                "mask", "score", "block", "and", "or", "not", "where", "min",
-                                "max", "abs", "clamp"} | set(ir.FLOAT_FUNCS)
+                                "mask", "score", "block", "and", "or", "not", "clamp"} | set(ops.FUNCTIONS)
 
 
 class Proxy:
@@ -159,6 +158,11 @@ class Proxy:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def floor(self): return _apply("floor", self)
+    def ceil(self): return _apply("ceil", self)
+    def round(self): return _apply("round", self)
+    def trunc(self): return _trunc(self)
+
     def float(self):
         return _as_float(self)
 
@@ -183,6 +187,9 @@ class Proxy:
 
     # -- what cannot be traced
     def __bool__(self):
+        if _in_builtin_minmax():
+            raise _fail("Python's builtin min()/max() compares traced values with a concrete bool; "
+                        "use torch.minimum / torch.maximum (or torch.min(a, b) / torch.max(a, b)) instead")
         raise _fail("a traced value was used where Python needs a concrete bool (an `if`, `and`, "
                     "`or`, `not` or a chained comparison); use torch.where, &, | and ~ instead")
 
@@ -267,7 +274,7 @@ def _merge_params(into: dict[str, ir.Value], params: dict[str, ir.Value]) -> Non
 def _apply(name: str, *args: Any) -> Proxy:
     tracer, params = _context(args)
     nodes = [_lift(a) for a in args]
-    if name in ir.ARITH or name in ("neg", "abs", "min", "max") or name in ir.FLOAT_FUNCS:
+    if name in ops.TABLE and ops.TABLE[name].operands == "number":
         nodes = [_bool_as_int(n) for n in nodes]
     if name in ("and", "or", "not", "xor"):
         if any(ir.kind_of(n) in ("int", "float") for n in nodes):
@@ -283,7 +290,7 @@ def _apply(name: str, *args: Any) -> Proxy:
 
 
 def _bool_as_int(n: ir.Node) -> ir.Node:
-    return ir.op("where", n, ir.const(1), ir.const(0)) if ir.kind_of(n) == "bool" else n
+    return ir.where_01(n) if ir.kind_of(n) == "bool" else n
 
 
 def _as_float(x: Proxy) -> Proxy:
@@ -291,10 +298,31 @@ def _as_float(x: Proxy) -> Proxy:
 
 
 def _as_int(x: Proxy) -> Proxy:
+    """`.long()` / `.int()` / `.to(torch.int64)`: booleans as 0/1, floats truncated towards zero."""
     kind = ir.kind_of(x.node)
     if kind == "float":
-        raise _fail("converting a traced float to an integer (truncation) is not supported; use // to floor")
+        return _apply("int", x)
     return Proxy(_bool_as_int(x.node), x.tracer, x.params) if kind == "bool" else x
+
+
+def _trunc(x) -> Proxy:
+    """torch.trunc: towards zero, staying a float."""
+    return _apply("where", _apply("ge", x, 0), _apply("floor", x), _apply("ceil", x))
+
+
+def _in_builtin_minmax() -> bool:
+    """Whether the user's frame is calling Python's builtin min or max (which then asks a traced
+    comparison for a concrete bool): its current line calls min( or max( and it is in a call."""
+    import dis
+    import linecache
+    import re
+
+    frame = _user_frame()
+    if frame is None:
+        return False
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    instr = next((i for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), None)
+    return bool(re.search(r"(?<![.\w])(min|max)\s*\(", line)) and instr is not None and instr.opname.startswith("CALL")
 
 
 def _clamp(x, min=None, max=None):  # torch's keyword names
@@ -331,6 +359,17 @@ def _minmax(name):
     return f
 
 
+def _like(value):
+    def f(x, *args, dtype=None, **_):
+        v = value if value is not None else (args[0] if args else None)
+        if v is None or isinstance(v, Proxy):
+            raise _fail("torch.full_like needs a constant fill value in a pattern")
+        kind = ir.kind_of(_lift(x)) if dtype is None else (
+            "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else "int")
+        return Proxy(ir.const(bool(v) if kind == "bool" else float(v) if kind == "float" else int(v)), None)
+    return f
+
+
 def _where(cond, a=None, b=None):
     if a is None or b is None:
         raise _fail("torch.where needs three arguments in a pattern")
@@ -360,6 +399,9 @@ _TORCH_HANDLERS: dict = {
     torch.eq: _binary("eq"), torch.ne: _binary("ne"), torch.lt: _binary("lt"),
     torch.le: _binary("le"), torch.gt: _binary("gt"), torch.ge: _binary("ge"),
     torch.sigmoid: _unary("sigmoid"), torch.special.expit: _unary("sigmoid"),
+    torch.floor: _unary("floor"), torch.ceil: _unary("ceil"), torch.round: _unary("round"), torch.trunc: _trunc,
+    torch.Tensor.floor: _unary("floor"), torch.Tensor.ceil: _unary("ceil"), torch.Tensor.round: _unary("round"),
+    torch.full_like: _like(None), torch.zeros_like: _like(0), torch.ones_like: _like(1),
     torch.special.exp2: _unary("exp2"),
     **{getattr(torch, f): _unary(f) for f in ir.FLOAT_FUNCS},
 }

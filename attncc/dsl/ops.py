@@ -1,0 +1,162 @@
+"""The operator table: one row per IR operator, one column per interpreter.
+
+Every interpreter of the IR reads its column of this table and nothing else about operators:
+`ir` (arity, result kind, operand check, constant folding), the printer and the text DSL
+(`spelling`, `form`, `prec`), `compiler.evaluate` (`torch`), `compiler.intervals` (`interval`),
+`compiler.codegen` (`triton`), and, as they land, `compiler.derivative` (`derivative`) and the
+CuTe printer (`cute`). Adding an operator is adding a row; `tests/test_ops.py` checks that no row
+lacks a column its interpreters need.
+
+Columns that are code take the interpreter as their first argument (`I` below: the intervals
+module, the Triton printer), so this module imports no interpreter and the rooms stay layered.
+
+Operand classes (`operands`): "number" (int or float; booleans are refused, the tracer lifts them
+to 0/1 first), "bool", "any" (eq / ne: two numbers or two booleans), "where" (a boolean, then two
+numbers or two booleans). Result kinds (`kind`): "bool", "float", "int", "join" (float if any
+operand is, else int), "pow" (int ** non-negative int constant is int, else float), "branches".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One IR operator and how each interpreter treats it."""
+    name: str
+    arity: int
+    kind: str                    # result kind rule (see the module docstring)
+    operands: str                # operand class (see the module docstring)
+    spelling: str                # DSL / printer spelling: a symbol or a function name
+    form: str                    # "infix", "prefix" or "call"
+    prec: int | None             # printer precedence (infix and prefix forms)
+    fold: Callable               # Python values -> Python value (constant folding)
+    torch: Callable              # tensors -> tensor (reference, dense masks, exact tile evaluation)
+    interval: Callable           # (I, box, *abstract values) -> abstract value (block classification)
+    triton: str | Callable       # "{0} + {1}" over operand texts, or (printer, node, texts) -> str
+    derivative: Callable | None = None  # d/d(operand) rule: filled by the backward (compiler.derivative)
+    cute: str | Callable | None = None  # CuTe-DSL printer: filled by the FlashAttention-4 path
+    commutative: bool = False    # operands may be swapped (the canonical order puts the smaller first)
+    mirror: str | None = None    # comparisons: the operator meaning the same with operands swapped
+    discards: bool = False       # some operand's value may not reach the result (where)
+
+
+def _nan_aware(f):
+    """min / max that propagate NaN like torch.minimum / maximum (Python's min(0, nan) is 0)."""
+    return lambda a, b: a + b if a != a or b != b else f(a, b)
+
+
+def _round_half_even(a: float) -> float:
+    return float(round(a)) if math.isfinite(a) else a
+
+
+def _trunc(a: float) -> int:
+    if not math.isfinite(a):
+        raise ValueError("int() of a non-finite value")
+    return int(a)
+
+
+def _floor_div(a, b):
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _torch_round(a):
+    return torch.round(a) if a.is_floating_point() else a
+
+
+def _torch_floor(a):
+    return torch.floor(a) if a.is_floating_point() else a
+
+
+def _torch_ceil(a):
+    return torch.ceil(a) if a.is_floating_point() else a
+
+
+def _arith(name, spelling, prec, fold, torch_fn, interval, triton, **kw):
+    return Operator(name, 2, "join", "number", spelling, "infix", prec, fold, torch_fn, interval, triton, **kw)
+
+
+def _compare(name, spelling, fold, torch_fn, mirror):
+    equality = name in ("eq", "ne")
+    triton = (lambda P, n, a: P.equality(n, a)) if equality else "({0} " + spelling + " {1})"
+    return Operator(name, 2, "bool", "any" if equality else "number", spelling, "infix", 4, fold, torch_fn,
+                    lambda I, box, x, y: I.compare(box, name, x, y), triton, commutative=equality, mirror=mirror)
+
+
+def _float_fn(name, fold, torch_fn, triton, interval=None):
+    rule = interval or (lambda I, box, x: I.monotone(box, torch_fn, x))
+    return Operator(name, 1, "float", "number", name, "call", None, fold, torch_fn, rule, triton)
+
+
+def _rounding(name, fold, torch_fn, triton):
+    return Operator(name, 1, "join", "number", name, "call", None, fold, torch_fn,
+                    lambda I, box, x: I.rounding(box, torch_fn, x), triton)
+
+
+ROWS = [
+    _arith("add", "+", 5, lambda a, b: a + b, torch.add, lambda I, box, x, y: I.add(box, x, y),
+           "({0} + {1})", commutative=True),
+    _arith("sub", "-", 5, lambda a, b: a - b, torch.sub, lambda I, box, x, y: I.add(box, x, y, sign=-1),
+           "({0} - {1})"),
+    _arith("mul", "*", 6, lambda a, b: a * b, torch.mul, lambda I, box, x, y: I.mul(box, x, y),
+           "({0} * {1})", commutative=True),
+    Operator("truediv", 2, "float", "number", "/", "infix", 6, lambda a, b: a / b, torch.true_divide,
+             lambda I, box, x, y: I.truediv(box, x, y), lambda P, n, a: P.truediv(n, a)),
+    _arith("floordiv", "//", 6, lambda a, b: a // b, _floor_div, lambda I, box, x, y: I.floordiv(box, x, y),
+           lambda P, n, a: P.floor_op(n, a)),
+    _arith("mod", "%", 6, lambda a, b: a % b, torch.remainder, lambda I, box, x, y: I.mod(box, x, y),
+           lambda P, n, a: P.floor_op(n, a)),
+    Operator("pow", 2, "pow", "number", "**", "infix", 8, lambda a, b: a ** b, torch.pow,
+             lambda I, box, x, y: I.power(box, x, y), lambda P, n, a: P.pow(n, a)),
+    Operator("neg", 1, "join", "number", "-", "prefix", 7, lambda a: -a, torch.neg,
+             lambda I, box, x: I.neg(box, x), "(-{0})"),
+    Operator("abs", 1, "join", "number", "abs", "call", None, abs, torch.abs,
+             lambda I, box, x: I.absolute(box, x), "tl.abs({0})"),
+    Operator("min", 2, "join", "number", "min", "call", None, _nan_aware(min), torch.minimum,
+             lambda I, box, x, y: I.minmax(box, x, y, True), "tl.minimum({0}, {1})", commutative=True),
+    Operator("max", 2, "join", "number", "max", "call", None, _nan_aware(max), torch.maximum,
+             lambda I, box, x, y: I.minmax(box, x, y, False), "tl.maximum({0}, {1})", commutative=True),
+    _compare("eq", "==", lambda a, b: a == b, torch.eq, "eq"),
+    _compare("ne", "!=", lambda a, b: a != b, torch.ne, "ne"),
+    _compare("lt", "<", lambda a, b: a < b, torch.lt, "gt"),
+    _compare("le", "<=", lambda a, b: a <= b, torch.le, "ge"),
+    _compare("gt", ">", lambda a, b: a > b, torch.gt, "lt"),
+    _compare("ge", ">=", lambda a, b: a >= b, torch.ge, "le"),
+    Operator("and", 2, "bool", "bool", "and", "infix", 2, lambda a, b: a and b, torch.logical_and,
+             lambda I, box, x, y: I.and_(x, y), "({0} & {1})"),
+    Operator("or", 2, "bool", "bool", "or", "infix", 1, lambda a, b: a or b, torch.logical_or,
+             lambda I, box, x, y: I.or_(x, y), "({0} | {1})"),
+    Operator("not", 1, "bool", "bool", "not", "prefix", 3, lambda a: not a, torch.logical_not,
+             lambda I, box, x: I.not_(x), "(~{0})"),
+    Operator("where", 3, "branches", "where", "where", "call", None, lambda c, a, b: a if c else b,
+             torch.where, lambda I, box, c, x, y: I.where(box, c, x, y), "tl.where({0}, {1}, {2})",
+             discards=True),
+    _float_fn("exp", math.exp, torch.exp, "tl.exp({0})"),
+    _float_fn("exp2", lambda a: 2.0 ** a, torch.exp2, "tl.exp2({0})"),
+    _float_fn("log", math.log, torch.log, "tl.log({0})"),
+    _float_fn("log2", math.log2, torch.log2, "tl.log2({0})"),
+    _float_fn("sqrt", math.sqrt, torch.sqrt, "tl.sqrt({0})"),
+    _float_fn("tanh", math.tanh, torch.tanh, lambda P, n, a: P.tanh(n, a)),
+    # not tl.sigmoid: a triton.language @jit function, which the interpreter cannot always run
+    _float_fn("sigmoid", lambda a: 1.0 / (1.0 + math.exp(-a)), torch.sigmoid, "(1.0 / (1.0 + tl.exp(-{0})))"),
+    _rounding("floor", lambda a: float(math.floor(a)) if math.isfinite(a) else a, _torch_floor, "tl.floor({0})"),
+    _rounding("ceil", lambda a: float(math.ceil(a)) if math.isfinite(a) else a, _torch_ceil, "tl.ceil({0})"),
+    _rounding("round", _round_half_even, _torch_round, lambda P, n, a: P.round(n, a)),
+    # truncation towards zero, what `.long()` / `.int()` / `.to(torch.int64)` do to a float in torch
+    Operator("int", 1, "int", "number", "int", "call", None, _trunc, lambda a: a.trunc().long() if a.is_floating_point() else a,
+             lambda I, box, x: I.to_int(box, x), lambda P, n, a: P.to_int(n, a)),
+]
+
+TABLE: dict[str, Operator] = {row.name: row for row in ROWS}
+
+COMPARE = tuple(r.name for r in ROWS if r.mirror is not None)
+LOGIC = ("and", "or")
+FLOAT_FUNCS = tuple(r.name for r in ROWS if r.kind == "float" and r.form == "call")
+ROUNDING = ("floor", "ceil", "round")
+# functions the text DSL can call by name, with their arity (clamp is spelled out as min/max)
+FUNCTIONS = {r.spelling: r.arity for r in ROWS if r.form == "call"}
+INFIX = {r.spelling: r.name for r in ROWS if r.form == "infix"}

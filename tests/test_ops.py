@@ -1,0 +1,79 @@
+"""The operator table (attncc/dsl/ops.py): every operator has an entry in every interpreter.
+
+Each row is exercised through each interpreter on a sample node (not only looked up), so a
+missing printer method or interval rule fails here, next to its cause, rather than in a kernel.
+"""
+import math
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc.compiler import codegen, evaluate, intervals
+from attncc.compiler.blockmask import classify
+from attncc.dsl import ir, ops
+
+q, kv, score = ir.Var("q"), ir.Var("kv"), ir.Var("score")
+F = ir.op("mul", ir.op("add", q, ir.const(1)), ir.const(0.37))   # a positive float of q
+G = ir.op("mul", ir.op("add", kv, ir.const(2)), ir.const(0.5))
+BOOL_A, BOOL_B = ir.op("ge", q, kv), ir.op("lt", ir.op("mod", q, ir.const(3)), ir.const(2))
+
+
+def sample(name: str) -> ir.Node:
+    """A well-typed node applying operator `name` (score-free, so every interpreter takes it)."""
+    row = ops.TABLE[name]
+    if row.operands == "bool":
+        return ir.op(name, *[BOOL_A, BOOL_B][:row.arity])
+    if row.operands == "where":
+        return ir.op(name, BOOL_B, F, G)
+    if name == "pow":
+        return ir.op(name, F, ir.const(2.5))
+    if name in ("floordiv", "mod"):
+        return ir.op(name, ir.op("sub", q, kv), ir.op("add", kv, ir.const(1)))
+    return ir.op(name, *[F, G][:row.arity])
+
+
+def as_mask(n: ir.Node) -> ir.Node:
+    return n if ir.kind_of(n) == "bool" else ir.op("gt", n, ir.const(1))
+
+
+def test_every_row_is_complete():
+    for row in ops.ROWS:
+        assert row.arity >= 1 and row.kind and row.operands and row.spelling and row.form in ("infix", "prefix", "call")
+        assert callable(row.fold) and callable(row.torch) and callable(row.interval)
+        assert isinstance(row.triton, str) or callable(row.triton)
+        assert hasattr(row, "derivative") and hasattr(row, "cute")  # slots of the backward and the FA4 path
+        if row.form == "call":
+            assert row.spelling in ac.dsl.parse.FUNCTIONS and row.spelling in ac.dsl.trace.RESERVED_NAMES
+        if row.mirror:
+            assert ops.TABLE[row.mirror].mirror == row.name
+
+
+@pytest.mark.parametrize("name", sorted(ops.TABLE))
+def test_every_interpreter_runs_every_operator(name):
+    node = sample(name)
+    assert isinstance(node, ir.Op) and node.op == name, f"{name}: the sample folded away"
+    # printer and parser: the DSL text reads back to the same node
+    assert ac.parse(f"mask = {as_mask(node)}").mask is as_mask(node)
+    # torch (the reference) against the constant folder at a few points
+    for qi, ki in [(0, 0), (5, 3), (2, 7)]:
+        env = {"q": torch.tensor(qi), "kv": torch.tensor(ki)}
+        got = evaluate.evaluate(node, env, {}, {})
+        folded = ir.substitute(node, lambda n: ir.const(qi) if n is q else ir.const(ki) if n is kv else None)
+        if isinstance(folded, ir.Const):
+            assert math.isclose(float(got), float(folded.value), rel_tol=1e-12), (name, qi, ki)
+    # intervals (the block classifier): sound against dense evaluation
+    pat = ac.Pattern.from_ir(mask=as_mask(node))
+    dense = ac.create_mask(pat, 1, 1, 40, 40)[0, 0]
+    classes = classify(pat, 1, 1, 40, 40, 8, 8, refine=False).dense()[0, 0]
+    tiles = dense.view(5, 8, 5, 8).permute(0, 2, 1, 3).reshape(5, 5, 64)
+    assert not ((classes == 2) & ~tiles.all(-1)).any() and not ((classes == 0) & tiles.any(-1)).any()
+    # Triton: the expression lowers (its kernels are run by the kernel tests)
+    text = codegen.lower_function("f", "b, h, q, kv", node, "", {}, set())
+    assert text.startswith("@triton.jit")
+
+
+def test_the_table_names_the_operators_the_ir_knows():
+    assert set(ir.OPS) == set(ops.TABLE)
+    assert set(ops.COMPARE) == {"eq", "ne", "lt", "le", "gt", "ge"}
+    assert {"floor", "ceil", "round", "int"} <= set(ops.TABLE)
