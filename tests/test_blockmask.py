@@ -272,7 +272,7 @@ def test_bad_arguments(bad):
 
 def test_buffer_bounds_checked_at_build_time():
     doc = torch.zeros(64, dtype=torch.long)
-    with pytest.raises(ac.PatternError, match="outside dim 0 of size 64"):
+    with pytest.raises(ac.PatternError, match="must stay inside dim 0 of size 64, but it fails at b=0, h=0, q=63"):
         ac.create_block_mask(Pattern(lambda b, h, q, kv: doc[q + 1] == doc[kv]), None, None, 64, 64)
     with pytest.raises(ac.PatternError, match="doc"):
         ac.create_block_mask(Pattern(lambda b, h, q, kv: doc[q] == doc[kv]), None, None, 64, 65)

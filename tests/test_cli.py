@@ -172,7 +172,7 @@ def test_viz_needs_buffer_values(capsys):
     code, out, _ = run(capsys, "viz", text, "--q-len", "4", "--bind", "doc=0,0,1,1")
     assert code == 0 and "##..\n##..\n..##\n..##" in out
     code, _, err = run(capsys, "viz", text, "--q-len", "9", "--bind", "doc=0,0,1,1")
-    assert code == 2 and "outside dim 0 of size 4" in err
+    assert code == 2 and "inside dim 0 of size 4" in err
 
 
 def test_check_uses_check_pattern(capsys, monkeypatch):

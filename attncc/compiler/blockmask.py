@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..dsl import ir
 from ..dsl.pattern import Pattern
 from . import evaluate, intervals
+from .domain import check_domain
 
 EMPTY, PARTIAL, FULL, MIXED = 0, 1, 2, 3
 _TILE_BUDGET = 1 << 22   # tiles analysed at once
@@ -182,6 +183,25 @@ class TileClasses:
         empty = torch.empty(0, 4, dtype=torch.long, device=dense.device)
         return cls(dense, empty, dense.new_empty(0, 1, 1), 1, dense.shape[2], dense.shape[3])
 
+    def first_not(self, value: int) -> tuple[int, int, int, int] | None:
+        """(b, h, q-tile, kv-tile) of the first tile inside the grid whose class is not `value`."""
+        S = self.S
+        coarse = self.coarse.clone()
+        coarse[tuple(self.coords.T)] = value  # mixed super-tiles: looked at tile by tile below
+        other = (coarse != value).nonzero()
+        if other.shape[0]:
+            b, h, i, j = other[0].tolist()
+            return b, h, i * S, j * S
+        s = torch.arange(S, device=self.fine.device)
+        inside = ((self.coords[:, 2:3] * S + s < self.QB)[:, :, None]
+                  & (self.coords[:, 3:4] * S + s < self.KB)[:, None, :])
+        other = ((self.fine != value) & inside).nonzero()
+        if not other.shape[0]:
+            return None
+        p, i, j = other[0].tolist()
+        b, h, I, J = self.coords[p].tolist()
+        return b, h, I * S + i, J * S + j
+
     def transpose(self) -> "TileClasses":
         return TileClasses(self.coarse.transpose(-1, -2), self.coords[:, [0, 1, 3, 2]],
                            self.fine.transpose(-1, -2), self.S, self.KB, self.QB)
@@ -271,13 +291,16 @@ class TileClasses:
 # Classification.
 
 def classify(pattern: Pattern, B: int, H: int, Q_LEN: int, KV_LEN: int, BLOCK_M: int, BLOCK_N: int,
-             device=None, refine: bool = True, super_tile: int | None = None) -> TileClasses:
+             device=None, refine: bool = True, super_tile: int | None = None,
+             clamp_loads: bool = False) -> TileClasses:
     """The tile classes of the pattern's token mask (score mods ignored), leading sizes B', H'.
 
     B' = B if the mask reads b else 1 (likewise H'). Super-tiles of S x S tiles are analysed
     first (S from the grid's size unless `super_tile` is given); only the undecided ones are
     analysed tile by tile. With refine=False, tiles the analysis leaves undecided stay PARTIAL
-    (sound, maybe imprecise) instead of being evaluated element by element.
+    (sound, maybe imprecise) instead of being evaluated element by element. The caller has run
+    the domain check (domain.py) on the mask, or asks for `clamp_loads` (the domain check's own
+    probes): buffer indices are then clamped into the buffers, in analysis and evaluation alike.
     """
     pattern.require_bound()
     node = evaluate.token_mask(pattern)
@@ -286,7 +309,7 @@ def classify(pattern: Pattern, B: int, H: int, Q_LEN: int, KV_LEN: int, BLOCK_M:
     QB, KB = _cdiv(Q_LEN, BLOCK_M), _cdiv(KV_LEN, BLOCK_N)
     S = super_tile or _super_tile(QB, KB)
     ctx = _Context(node, pattern.params, {k: t.to(device) for k, t in pattern.buffers.items()},
-                   Q_LEN, KV_LEN, BLOCK_M, BLOCK_N, device, refine)
+                   Q_LEN, KV_LEN, BLOCK_M, BLOCK_N, device, refine, clamp_loads)
     f64 = dict(dtype=torch.float64, device=device)
     QI, KJ = _cdiv(QB, S), _cdiv(KB, S)
     i = torch.arange(QI, **f64) * (S * BLOCK_M)
@@ -352,9 +375,10 @@ def _super_coords(c: torch.Tensor, S: int):
 class _Context:
     """What classifying one pattern needs: the token mask, params, buffers, sizes, range tables."""
 
-    def __init__(self, node, params, buffers, Q_LEN, KV_LEN, BM, BN, device, refine):
+    def __init__(self, node, params, buffers, Q_LEN, KV_LEN, BM, BN, device, refine, clamp_loads):
         self.node, self.params, self.buffers = node, params, buffers
         self.Q_LEN, self.KV_LEN, self.BM, self.BN, self.device, self.refine = Q_LEN, KV_LEN, BM, BN, device, refine
+        self.clamp_loads = clamp_loads
         self.tables: dict = {}
 
     def box(self, q0, q1, k0, k1, b, h) -> intervals.Box:
@@ -392,7 +416,8 @@ def _evaluate_tiles(ctx: _Context, coords: torch.Tensor) -> torch.Tensor:
         env = {"b": c[:, 0].view(T, 1, 1), "h": c[:, 1].view(T, 1, 1),
                "q": q.clamp(max=ctx.Q_LEN - 1).view(T, BM, 1),
                "kv": kv.clamp(max=ctx.KV_LEN - 1).view(T, 1, BN)}
-        live = evaluate.evaluate(ctx.node, env, ctx.params, ctx.buffers).bool().expand(T, BM, BN)
+        live = evaluate.evaluate(ctx.node, env, ctx.params, ctx.buffers, clamp_loads=ctx.clamp_loads)
+        live = live.bool().expand(T, BM, BN)
         full = (live | ~valid).flatten(1).all(1)
         some = (live & valid).flatten(1).any(1)
         out[t0:t0 + T] = some.to(torch.int8) + full.to(torch.int8)
@@ -404,8 +429,8 @@ def build_block_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int,
     """Classify every BLOCK_M x BLOCK_N tile of `pattern` (current params and buffers) into a BlockMask.
 
     B / H may be None (broadcast) when the mask and block predicate ignore b / h. The stored
-    leading sizes are 1 wherever the mask ignores b or h. Raises PatternError when a buffer
-    index may leave its buffer for some q < Q_LEN, kv < KV_LEN.
+    leading sizes are 1 wherever the mask ignores b or h. Raises PatternError when the mask is not
+    defined everywhere (domain.py: a buffer index leaving its buffer, a division by zero, ...).
     """
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be an attncc.Pattern, got {type(pattern).__name__}")
@@ -415,6 +440,8 @@ def build_block_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int,
     BLOCK_M, BLOCK_N = evaluate.check_size("BLOCK_M", BLOCK_M), evaluate.check_size("BLOCK_N", BLOCK_N)
     if device is None:
         device = next((t.device for t in pattern.buffers.values() if t is not None), torch.device("cpu"))
+    mask = evaluate.token_mask(pattern)
+    check_domain(pattern, (mask,), B if "b" in used else 1, H if "h" in used else 1, Q_LEN, KV_LEN, device)
     classes = classify(pattern, B, H, Q_LEN, KV_LEN, BLOCK_M, BLOCK_N, device)
     mask_mod = evaluate.as_flex_mods(pattern)[0]
     return BlockMask.from_classes(classes, Q_LEN, KV_LEN, BLOCK_M, BLOCK_N, mask_mod)

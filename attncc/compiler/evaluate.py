@@ -139,8 +139,12 @@ def index_env(B: int, H: int, Q: int, KV: int, device=None) -> dict[str, torch.T
 
 def dense_mask(pattern: Pattern, B: int, H: int, Q: int, KV: int, device=None) -> torch.Tensor:
     """bool [B, H, Q, KV]: which pairs attend (B or H of 1 when the pattern ignores b or h)."""
+    from .domain import check_domain
+
     pattern.require_bound()
-    m = evaluate(token_mask(pattern), index_env(B, H, Q, KV, device), pattern.params, pattern.buffers)
+    mask = token_mask(pattern)
+    check_domain(pattern, (mask,), B, H, Q, KV, device)
+    m = evaluate(mask, index_env(B, H, Q, KV, device), pattern.params, pattern.buffers)
     return m.bool().expand(B, H, Q, KV)
 
 

@@ -28,10 +28,13 @@ import torch
 from ..dsl import ir, ops
 from ..dsl.trace import PatternError
 from .evaluate import buffer_of
+
+INT_CONVERSION_LIMIT = 2 ** 62  # see domain.py: a converted float lies within +- this where it matters
 from .sparse_table import range_reduce
 
 Flag = Union[bool, torch.Tensor]
 INF = math.inf
+EXACT_INT = 2.0 ** 53  # float64 holds every integer below this exactly
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +235,11 @@ def _positive_point(y: Num) -> bool:
 def floordiv(box: Box, x: Num, y: Num) -> Num:
     is_int = x.is_int and y.is_int
     if not _positive_point(y):
-        return _divide(box, lambda u, v: torch.div(u, v, rounding_mode="floor"), x, y, is_int)
+        r = _divide(box, lambda u, v: torch.div(u, v, rounding_mode="floor"), x, y, is_int)
+        if is_int:  # a non-zero integer divisor (the domain check) never grows |x|: |x // y| <= |x|
+            m = torch.maximum(x.lo.abs(), x.hi.abs())
+            r = Num(torch.maximum(r.lo, -m), torch.minimum(r.hi, m), r.att, r.dense, r.deps, True)
+        return r
     d = y.const if y.const is not None else y.lo
     lo, hi = torch.div(x.lo, d, rounding_mode="floor"), torch.div(x.hi, d, rounding_mode="floor")
     if is_int and bool((lo == hi).all()):
@@ -242,7 +249,7 @@ def floordiv(box: Box, x: Num, y: Num) -> Num:
 
 def mod(box: Box, x: Num, y: Num) -> Num:
     is_int = x.is_int and y.is_int
-    if not (is_int and _positive_point(y)):
+    if not (is_int and _positive_point(y)) or bool(_big(x).any()):
         return _mod_bound(box, x, y, is_int)
     d = y.const if y.const is not None else y.lo
     f_lo, f_hi = torch.div(x.lo, d, rounding_mode="floor"), torch.div(x.hi, d, rounding_mode="floor")
@@ -262,12 +269,13 @@ def mod(box: Box, x: Num, y: Num) -> Num:
 
 
 def _mod_bound(box: Box, x: Num, y: Num, is_int: bool) -> Num:
-    """Sound bounds of x % y (torch's floor semantics: the sign of y) for any y."""
+    """Sound bounds of x % y (torch's floor semantics: the sign of y, |x % y| < |y|) for any y."""
     top = y.hi - 1 if is_int else y.hi
     bot = y.lo + 1 if is_int else y.lo
     pos, negv = y.lo > 0, y.hi < 0
-    lo = torch.where(pos, 0.0, torch.where(negv, bot, -INF))
-    hi = torch.where(pos, top, torch.where(negv, 0.0, INF))
+    m = torch.maximum(y.lo.abs(), y.hi.abs()) - (1 if is_int else 0)
+    lo = torch.where(pos, 0.0, torch.where(negv, bot, -m))
+    hi = torch.where(pos, top, torch.where(negv, 0.0, m))
     return Num(lo, hi, False, False, x.deps | y.deps, is_int)
 
 
@@ -302,8 +310,16 @@ def monotone(box: Box, fn, x: Num) -> Num:
 
 def power(box: Box, x: Num, y: Num) -> Num:
     is_int = x.is_int and y.is_int
-    if y.const is not None and y.const >= 0 and bool((x.lo >= 0).all()):
-        return _fix_nan(box, Num(x.lo ** y.const, x.hi ** y.const, x.att, False, x.deps, is_int))
+    k = y.const
+    if k is not None and k >= 0 and bool((x.lo >= 0).all()):
+        return _fix_nan(box, Num(x.lo ** k, x.hi ** k, x.att, False, x.deps, is_int))
+    if k is not None and k >= 0 and float(k).is_integer():  # any sign: odd powers are monotone
+        a, b = x.lo ** k, x.hi ** k
+        if int(k) % 2:
+            return _fix_nan(box, Num(a, b, x.att, False, x.deps, is_int))
+        crosses = (x.lo < 0) & (x.hi > 0)
+        lo = torch.where(crosses, 0.0, torch.minimum(a, b))
+        return _fix_nan(box, Num(lo, torch.maximum(a, b), False, False, x.deps, is_int))
     return Num(box.tensor(-INF), box.tensor(INF), False, False, x.deps | y.deps, is_int)
 
 
@@ -330,6 +346,11 @@ def compare(box: Box, name: str, x: Num, y: Num) -> Tri:
         return not_(compare(box, "ge" if name == "lt" else "le", x, y))
     d = add(box, x, y, sign=-1)
     lo, hi = d.lo, d.hi
+    if x.is_int and y.is_int:  # integers past 2**53 are not exact in float64: decide nothing there
+        big = _big(x) | _big(y) | _big(d)
+        if bool(big.any()):
+            lo, hi = torch.where(big, -INF, lo), torch.where(big, INF, hi)
+            d = Num(lo, hi, _and(d.att, ~big), _and(d.dense, ~big), d.deps, True)
     if name == "ge":
         t, f = lo >= 0, hi < 0
         mixed = d.att
@@ -342,6 +363,10 @@ def compare(box: Box, name: str, x: Num, y: Num) -> Tri:
         if name == "ne":
             t, f = f, t
     return Tri(t, f, _or(t, f, mixed), d.deps)
+
+
+def _big(x: Num) -> torch.Tensor:
+    return (x.lo.abs() >= EXACT_INT) | (x.hi.abs() >= EXACT_INT)
 
 
 def not_(x: Tri) -> Tri:
@@ -380,6 +405,11 @@ def as_num(box: Box, v) -> Num:
 # ----------------------------------------------------------------------------------------------
 # Buffers: exact min/max over an index interval (sparse tables, see sparse_table.py).
 
+def _clamped(i: Num, top: int) -> Num:
+    lo, hi = i.lo.clamp(0, top), i.hi.clamp(0, top)
+    return Num(lo, torch.maximum(lo, hi), i.att, i.dense, i.deps, i.is_int)
+
+
 def _huge(box: Box, name: str) -> bool:
     """Whether an integer buffer holds values float64 cannot represent exactly (|x| > 2**53)."""
     key = (name, "huge")
@@ -390,13 +420,10 @@ def _huge(box: Box, name: str) -> bool:
 
 
 def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
+    """The values `node` may read over each tile. Index ranges are clamped into the buffer: the
+    domain check (domain.py) has proven every index in range before any analysis runs."""
     buf = buffer_of(node, box.buffers)
-    for d, i in enumerate(index):
-        lo, hi = float(i.lo.min()), float(i.hi.max())
-        if lo < 0 or hi > buf.shape[d] - 1:
-            bad = lo if lo < 0 else hi
-            raise PatternError(f"index {node.index[d]} of buffer {node.buffer!r} may reach "
-                               f"{int(bad) if bad.is_integer() else bad}, outside dim {d} of size {buf.shape[d]}")
+    index = [_clamped(i, buf.shape[d] - 1) for d, i in enumerate(index)]
     is_int = not buf.is_floating_point()
     deps = frozenset().union(*(i.deps for i in index))
     if is_int and _huge(box, node.buffer):   # not exact in float64: leave it to exact evaluation
@@ -435,10 +462,17 @@ def rounding(box: Box, fn, x: Num) -> Num:
     return _fix_nan(box, Num(fn(x.lo), fn(x.hi), x.att, False, x.deps, x.is_int))
 
 
+INT64_MAX = 2.0 ** 63
+
+
 def to_int(box: Box, x: Num) -> Num:
-    """Truncation towards zero (`.long()`): non-decreasing, so applied to the bounds."""
-    lo, hi = x.lo.trunc(), x.hi.trunc()
-    return _fix_nan(box, Num(lo, hi, x.att, False, x.deps, True))
+    """Truncation towards zero (`.long()`): non-decreasing, so applied to the bounds. Where the
+    value reaches the result it lies within +-INT_CONVERSION_LIMIT (the domain check proves it for
+    score-free values); a value of the score may be anything an int64 holds."""
+    lim = INT64_MAX if "score" in x.deps else float(INT_CONVERSION_LIMIT)
+    lo = torch.nan_to_num(x.lo.trunc(), nan=-lim).clamp(-lim, lim)
+    hi = torch.nan_to_num(x.hi.trunc(), nan=lim).clamp(-lim, lim)
+    return Num(lo, hi, False, False, x.deps, True)
 
 
 def analyse(node: ir.Node, box: Box) -> Tri:
@@ -464,6 +498,8 @@ def _eval(n: ir.Node, args: list, box: Box):
             return linear(box, 0, 1, 0)
         if n.name in ("b", "h"):
             return point(box, box.b if n.name == "b" else box.h, True)
+        if n.name == ir.SCORE_VAR:  # data: any float (the numeric plan analyses score mods too)
+            return Num(box.tensor(-INF), box.tensor(INF), False, False, frozenset({"score"}), False)
         raise PatternError(f"variable {n.name!r} cannot appear in a mask")
     if isinstance(n, ir.Const):
         if isinstance(n.value, bool):

@@ -7,6 +7,7 @@ import torch
 
 from ..compiler import evaluate
 from ..compiler.blockmask import BlockMask, build_block_mask
+from ..compiler.domain import check_domain
 from ..dsl import ir
 from ..dsl.pattern import Pattern, block_pair
 from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
@@ -47,9 +48,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     pattern = _pattern(pattern)
     pattern.require_bound()
     scale = check_scale(scale, s.D)
+    mask_ir = evaluate.token_mask(pattern)
+    check_domain(pattern, (mask_ir, pattern.score), s.B, s.Hq, s.Q, s.KV, q.device)
     out = torch.empty(s.B, s.Hq, s.Q, s.Dv, dtype=torch.float64, device=q.device)
     lse = torch.empty(s.B, s.Hq, s.Q, dtype=torch.float64, device=q.device)
-    mask_ir = evaluate.token_mask(pattern)
     heads = max(1, min(s.Hq, _REFERENCE_CHUNK // (s.Q * s.KV)))
     for b in range(s.B):
         for h0 in range(0, s.Hq, heads):

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler.codegen import BufferSpec, TileConfig, generate_forward
+from ..compiler.domain import check_domain
 from ..compiler.evaluate import token_mask
-from ..dsl.ir import TRUE, Load, Var, op, walk
+from ..dsl.ir import TRUE, Var, op
 from ..dsl.pattern import Pattern
 from . import cache
 from .autograd import check_no_grad
@@ -124,20 +125,6 @@ class _TritonKeyPrefetch:
 TRITON_KEY = _TritonKeyPrefetch()
 
 
-def check_score_buffers(pattern: Pattern, s: Shapes, device: torch.device) -> None:
-    """PatternError when a score mod's buffer index may leave its buffer (the block-mask builder
-    checks the mask's): the interval analysis of `L == L` for each load L over one whole tile."""
-    from ..compiler.blockmask import classify
-
-    loads = [n for n in walk(pattern.score) if isinstance(n, Load)]
-    if loads:
-        probe = TRUE
-        for node in loads:
-            probe = op("and", probe, op("eq", node, node))
-        probe = Pattern.from_ir(mask=probe, params=pattern.params, buffers=pattern.buffers)
-        classify(probe, s.B, s.Hq, s.Q, s.KV, s.Q, s.KV, device, refine=False)
-
-
 def _buffer_key(t: torch.Tensor) -> tuple:
     return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
 
@@ -161,7 +148,7 @@ class _MetaCache:
         from ..compiler.blockmask import build_block_mask
 
         bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, device)
-        check_score_buffers(pattern, s, device)
+        check_domain(pattern, (pattern.score,), s.B, s.Hq, s.Q, s.KV, device)
         buffers = {n: t.to(device) for n, t in pattern.buffers.items()}
         meta = kernel_meta(bm, s.KV, buffers)
         self.builds += 1
