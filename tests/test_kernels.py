@@ -7,11 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attncc as ac
-from attncc.compiler.codegen import TileConfig, nonneg
+from attncc.compiler.codegen import TileConfig
+from attncc.compiler.numerics import numeric_plan
 from attncc.dsl import ir
 from attncc.runtime import cache
 from attncc.runtime.api import attention, compile
-from attncc.runtime.kernel import META_CACHE, kernel_meta
+from attncc.runtime.kernel import META_CACHE, kernel_meta, param_values
 from attncc.testing import compare, random_patterns, shapes
 
 def SETTINGS(n):
@@ -136,7 +137,7 @@ def test_kernel_meta_contiguity_and_order():
     bm.full_kv_idx = torch.tensor([[[[1, 2], [0, 0], [3, 0]]]], dtype=torch.int32)
     bm.partial_kv_num = torch.tensor([[[1, 3, 0]]], dtype=torch.int32)
     bm.partial_kv_idx = torch.tensor([[[[0, 0, 0], [0, 1, 3], [0, 0, 0]]]], dtype=torch.int32)
-    meta = kernel_meta(bm, 64, {})
+    meta = kernel_meta(bm, 64, {}, param_values({}, "cpu"), plan=None)
     assert meta.full_contiguous and not meta.partial_contiguous
     assert meta.order.flatten().tolist() == [1, 0, 2]  # weights 3.5, 4.5, 1 -> heaviest first
     assert meta.stride_b == meta.stride_h == 0
@@ -156,8 +157,9 @@ def test_param_rebinding_reuses_the_kernel_and_rebuilds_only_metadata():
         assert compile(pat2, q, k, v).module is module
     assert cache.stats()["generated"] == generated
     assert META_CACHE.builds == builds + 2
-    # the param is a runtime argument Triton never specialises on (so no GPU recompile either)
-    assert "'p_W']" in next(line for line in compile(pat, q, k, v).source.splitlines() if "do_not_specialize" in line)
+    # the param is data the kernel loads, never a kernel argument Triton could specialise on
+    source = compile(pat, q, k, v).source
+    assert "p_W = tl.load(Params + 0).to(tl.int32)" in source and "p_W:" not in source
 
 
 def test_changed_buffer_content_rebuilds_metadata():
@@ -187,8 +189,14 @@ def test_source_is_the_generated_module():
 
 def test_sign_analysis_picks_plain_or_floor_operators():
     q, kv, W = ir.Var("q"), ir.Var("kv"), ir.Param("W", "int")
-    assert nonneg(ir.op("floordiv", q, ir.const(4))) and nonneg(ir.op("mod", ir.op("sub", q, kv), ir.const(4)))
-    assert not nonneg(ir.op("sub", q, kv)) and not nonneg(W) and not nonneg(ir.op("mod", q, W))
+    exprs = [ir.op("floordiv", q, ir.const(4)), ir.op("mod", ir.op("sub", q, kv), ir.const(4)),
+             ir.op("sub", q, kv), W, ir.op("mod", q, W)]
+    root = ir.op("and", *(ir.op("ge", e, ir.const(-1)) for e in exprs[:2]))
+    root = ir.op("and", root, ir.op("and", *(ir.op("ge", e, ir.const(-1)) for e in exprs[2:4])))
+    root = ir.op("and", root, ir.op("ge", exprs[4], ir.const(0)))
+    for value, nonneg in ((3, [True, True, False, True, True]), (-3, [True, True, False, False, False])):
+        plan = numeric_plan((root,), {"W": value}, {}, 1, 1, 40, 40)
+        assert [e in plan.nonneg for e in exprs] == nonneg, value
     blocky = ac.Pattern(lambda b, h, q, kv: q // 16 == kv // 16)
     qq, kk, vv = qkv(1, 1, 1, 40, 40, 16)
     src = compile(blocky, qq, kk, vv).source

@@ -479,7 +479,7 @@ def analyse(node: ir.Node, box: Box) -> Tri:
     """The tri-state of a boolean expression of b, h, q, kv on every tile of `box`."""
     memo: dict[int, Num | Tri] = {}
     for n in ir.walk(node):
-        memo[id(n)] = _eval(n, [memo[id(c)] for c in n.children()], box)
+        memo[id(n)] = evaluate_node(n, [memo[id(c)] for c in n.children()], box)
     return as_tri(box, memo[id(node)])
 
 
@@ -490,7 +490,8 @@ def decide(tri: Tri, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
     return t, f, todo
 
 
-def _eval(n: ir.Node, args: list, box: Box):
+def evaluate_node(n: ir.Node, args: list, box: Box):
+    """The abstract value (Num or Tri) of node `n` from its children's abstract values `args`."""
     if isinstance(n, ir.Var):
         if n.name == "q":
             return linear(box, 1, 0, 0)

@@ -133,10 +133,11 @@ def kind_of(node: Node) -> str:
         return node.kind
     if isinstance(node, Load):
         return "any"
-    return _result_kind(ops.TABLE[node.op].kind, [kind_of(a) for a in node.args], node.args)
+    return result_kind(ops.TABLE[node.op].kind, [kind_of(a) for a in node.args], node.args)
 
 
-def _result_kind(rule: str, kinds: list[str], args: tuple) -> str:
+def result_kind(rule: str, kinds: list[str], args: tuple) -> str:
+    """The kind an operator of result rule `rule` (ops.py) gives operands of `kinds`."""
     if rule in ("bool", "float", "int"):
         return rule
     if rule == "branches":

@@ -1,6 +1,7 @@
 """Pattern: an attention pattern as a value — mask IR, score IR, block predicate, params, buffers."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Mapping
 
@@ -254,6 +255,8 @@ def _coerce_param(name: str, kind: str, value) -> ir.Value:
         value = python_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PatternError(f"param {name!r} needs a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PatternError(f"param {name!r} must be finite, got {value!r}")
     if kind == "int":
         if isinstance(value, float):
             if not value.is_integer():

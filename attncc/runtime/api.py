@@ -43,6 +43,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
     q [B, Hq, Q, D], k [B, Hkv, KV, D], v [B, Hkv, KV, Dv] -> out float64 [B, Hq, Q, Dv]
     (and lse float64 [B, Hq, Q], natural log). Rows with no live key give zeros and lse = -inf.
+    NaN as in SDPA's math path, except that masked-out positions never contribute: a NaN score or
+    input at a live position makes its row NaN (lse too); a NaN or inf value (v) at a live
+    position makes that entry of the output NaN; anything at a masked-out position, nothing.
     """
     s = check_qkv(q, k, v, REFERENCE_DTYPES)
     pattern = _pattern(pattern)
@@ -67,14 +70,27 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
                 scores = evaluate.evaluate(pattern.score, {**env, "score": scores},
                                            pattern.params, pattern.buffers).double()
             live = evaluate.evaluate(mask_ir, env, pattern.params, pattern.buffers).bool()
-            scores = scores.expand(1, h1 - h0, s.Q, s.KV).masked_fill(~live, -math.inf)[0]
-            row_max = scores.amax(-1, keepdim=True)
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-            p = torch.exp(scores - row_max)
-            denom = p.sum(-1, keepdim=True)
-            out[b, h0:h1] = torch.where(denom > 0, (p @ vf) / denom.clamp_min(1e-300), 0.0)
-            lse[b, h0:h1] = torch.where(denom > 0, denom.log() + row_max, -math.inf).squeeze(-1)
+            live = live.expand(1, h1 - h0, s.Q, s.KV)[0]
+            out[b, h0:h1], lse[b, h0:h1] = _softmax_attention(scores.expand(1, h1 - h0, s.Q, s.KV)[0], live, vf)
     return (out, lse) if return_lse else out
+
+
+def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor):
+    """softmax(scores over the live keys) @ v with attncc's rules for empty rows and non-finite
+    values (see `reference`). scores, live [H, Q, KV]; v [H, KV, Dv] -> out [H, Q, Dv], lse [H, Q]."""
+    scores = scores.masked_fill(~live, -math.inf)
+    row_max = scores.amax(-1, keepdim=True)  # NaN if a live score is
+    row_max = torch.where(row_max == -math.inf, 0.0, row_max)
+    p = torch.exp(scores - row_max)
+    denom = p.sum(-1, keepdim=True)
+    empty = denom == 0  # no live key, or every live score -inf
+    bad = ~torch.isfinite(v)
+    out = (p @ torch.where(bad, 0.0, v)) / torch.where(empty, 1.0, denom)
+    out = torch.where(empty, 0.0, out)
+    if bad.any():  # a non-finite value where it is live: NaN there, whatever its weight
+        out = torch.where(live.double() @ bad.double() > 0, math.nan, out)
+    lse = torch.where(empty, -math.inf, denom.log() + row_max).squeeze(-1)
+    return out, lse
 
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):

@@ -1,6 +1,8 @@
 """Checks on user tensors: every problem is a ValueError naming the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +61,13 @@ def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> Shapes:
 
 
 def check_scale(scale, D: int) -> float:
+    """The softmax scale: 1/sqrt(D) by default; a finite number otherwise (ValueError)."""
     if scale is None:
         return D ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        scale = float(scale)
+    if not isinstance(scale, float):
         raise ValueError(f"scale must be a number, got {type(scale).__name__}")
-    return float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale

@@ -8,17 +8,20 @@ buffer content rebuilds only the metadata, and no new value ever regenerates or 
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import threading
+import warnings
 import types
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from ..compiler.codegen import BufferSpec, TileConfig, generate_forward
+from ..compiler.codegen import TileConfig, generate_forward, kernel_roots
 from ..compiler.domain import check_domain
 from ..compiler.evaluate import token_mask
+from ..compiler.lowering import BufferSpec
+from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE, Var, op
 from ..dsl.pattern import Pattern
 from . import cache
@@ -27,7 +30,6 @@ from .inputs import Shapes, check_qkv
 
 _META_CACHE_SIZE = 64
 _PARTIAL_WEIGHT = 1.5  # a PARTIAL tile costs about this many FULL ones (mask code, bounds)
-_INT32_LIMIT = 2 ** 31
 _CAUSAL = op("ge", Var("q"), Var("kv"))
 
 
@@ -41,6 +43,8 @@ class KernelMeta:
     in the partial list, so the FULL loop never reads past KV_LEN. `order` lists each head's query
     tiles heaviest first. *_contiguous: every row's list is first..first+count-1.
     mean_row_tiles: live (FULL + PARTIAL) kv tiles per query tile, averaged (read once at build).
+    params: int64 [max(1, #params)], the params' values (floats as float64 bits), as the kernel
+    reads them; plan: the numeric plan (machine types) for these shapes, params and buffers.
     """
     full_num: torch.Tensor
     full_idx: torch.Tensor
@@ -53,6 +57,8 @@ class KernelMeta:
     partial_contiguous: bool
     buffers: dict
     mean_row_tiles: float
+    params: torch.Tensor
+    plan: NumericPlan
 
 
 def _contiguous(num: torch.Tensor, idx: torch.Tensor) -> bool:
@@ -70,7 +76,14 @@ def _widen(idx: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([idx, pad], -1)
 
 
-def kernel_meta(bm, KV_LEN: int, buffers: dict) -> KernelMeta:
+def param_values(params: dict, device) -> torch.Tensor:
+    """int64 [max(1, len(params))]: ints as they are, floats as the bits of their float64."""
+    bits = [v if isinstance(v, int) else int(torch.tensor(v, dtype=torch.float64).view(torch.int64))
+            for v in params.values()]
+    return torch.tensor(bits or [0], dtype=torch.int64, device=device)
+
+
+def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: NumericPlan) -> KernelMeta:
     """KernelMeta from a BlockMask built for the kernel's tiles (see the class docstring)."""
     full_num, full_idx = bm.full_kv_num.int(), bm.full_kv_idx.int()
     part_num, part_idx = bm.partial_kv_num.int(), bm.partial_kv_idx.int()
@@ -93,7 +106,7 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict) -> KernelMeta:
         partial_num=part_num.contiguous(), partial_idx=part_idx.contiguous(), order=order.contiguous(),
         stride_b=Hm * QB if Bm > 1 else 0, stride_h=QB if Hm > 1 else 0,
         full_contiguous=_contiguous(full_num, full_idx), partial_contiguous=_contiguous(part_num, part_idx),
-        buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()))
+        buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()), params=params, plan=plan)
 
 
 class _TritonKeyPrefetch:
@@ -150,7 +163,8 @@ class _MetaCache:
         bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, device)
         check_domain(pattern, (pattern.score,), s.B, s.Hq, s.Q, s.KV, device)
         buffers = {n: t.to(device) for n, t in pattern.buffers.items()}
-        meta = kernel_meta(bm, s.KV, buffers)
+        plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, s.Q, s.KV, device)
+        meta = kernel_meta(bm, s.KV, buffers, param_values(pattern.params, device), plan)
         self.builds += 1
         # the key holds ids: keep the buffers alive with the entry so an id is never reused
         self.entries[key] = (dict(pattern.buffers), bm, meta)
@@ -165,13 +179,13 @@ META_CACHE = _MetaCache(_META_CACHE_SIZE)
 _MODULES: dict[tuple, types.ModuleType] = {}
 
 
-def kernel_module(pattern: Pattern, config: TileConfig, *, interpret: bool) -> types.ModuleType:
-    """The generated forward module for `pattern` and `config` (disk- and memory-cached)."""
+def kernel_module(pattern: Pattern, config: TileConfig, plan: NumericPlan, *, interpret: bool) -> types.ModuleType:
+    """The generated forward module for `pattern`, `config` and `plan` (disk- and memory-cached)."""
     import attncc
 
     memo = (pattern.mask, pattern.score, pattern.block, pattern.block_size if pattern.has_block_mask else None,
             tuple((n, pattern.param_kind(n)) for n in pattern.params),
-            tuple((n, t.dtype, t.dim()) for n, t in pattern.buffers.items()), config, interpret)
+            tuple((n, t.dtype, t.dim()) for n, t in pattern.buffers.items()), config, plan.signature, interpret)
     if memo in _MODULES:
         return _MODULES[memo]
     specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
@@ -182,16 +196,29 @@ def kernel_module(pattern: Pattern, config: TileConfig, *, interpret: bool) -> t
         "params": ",".join(f"{n}:{pattern.param_kind(n)}" for n in pattern.params),
         "buffers": ",".join(f"{b.name}:{b.dtype}:{b.ndim}" for b in specs.values()),
         "config": str(config),
+        "plan": plan.signature,
     }
     module = _MODULES[memo] = cache.load_kernel_module(
-        parts, lambda: generate_forward(pattern, specs, config, attncc.__version__), interpret=interpret)
+        parts, lambda: generate_forward(pattern, specs, config, plan, attncc.__version__), interpret=interpret)
     return module
 
 
-def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when the kernel's int32 in-head offsets cannot overflow, else a contiguous copy."""
-    reach = sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:]))
-    return t if reach < _INT32_LIMIT else t.contiguous()
+# Triton's interpreter swaps triton.language's functions for numpy ones while a kernel runs, for
+# the whole process: two interpreted launches at once break each other ("Did you forget to add
+# @triton.jit"). They take turns.
+INTERPRETER_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _quiet_numpy():
+    """numpy's warnings off while an interpreted kernel runs: a discarded `where` branch may divide
+    by zero or convert -inf to an integer (T5's log(0)), which is harmless there and in the GPU's
+    arithmetic alike."""
+    import numpy as np
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
@@ -219,8 +246,8 @@ class Kernel:
         self.tma = tma
         self.device = device
         self.interpret = device.type != "cuda"
-        self.module = kernel_module(pattern, tiles, interpret=self.interpret)
         self.block_mask, self._meta = META_CACHE.get(pattern, shapes, tiles, device)
+        self.module = kernel_module(pattern, tiles, self._meta.plan, interpret=self.interpret)
         self._shapes = shapes
         self.predicted_ms = None
 
@@ -248,18 +275,22 @@ class Kernel:
         """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
         if self.path == "sdpa-cudnn" and not return_lse and s == self._shapes:
             return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)
-        meta = self._meta
-        if s != self._shapes:
+        meta, module = self._meta, self.module
+        if s != self._shapes:  # other lengths: their own block mask, and maybe other machine types
             _, meta = META_CACHE.get(self.pattern, s, self.tiles, q.device)
-        q, k, v = (_kernel_layout(t) for t in (q, k, v))
+            if meta.plan.signature != self._meta.plan.signature:
+                module = kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret)
         dtype = q.dtype
         if self.interpret and dtype == torch.bfloat16:
             # Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16):
             # on CPU only, run the same kernel on float32 copies and round the output back
             q, k, v = q.float(), k.float(), v.float()
-        if not self.interpret:
+        if self.interpret:
+            with INTERPRETER_LOCK, _quiet_numpy():  # the interpreter patches triton.language globally
+                out, lse = module.forward(q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
+        else:
             TRITON_KEY.wait()
-        out, lse = self.module.forward(q, k, v, meta, self.scale, self.pattern.params, meta.buffers, tma=self.tma)
+            out, lse = module.forward(q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
         out = out.to(dtype)
         return (out, lse) if return_lse else out
 
