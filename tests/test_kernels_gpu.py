@@ -92,3 +92,91 @@ def test_short_rows_get_small_tiles():
     assert (swa.config["BLOCK_M"], swa.config["BLOCK_N"]) == (SHORT_ROW_TILES.BLOCK_M, SHORT_ROW_TILES.BLOCK_N)
     assert (causal.config["BLOCK_M"], causal.config["BLOCK_N"]) == (128, 64)
     assert rel(swa(q, k, v), ac.reference(q, k, v, ac.patterns.sliding_window(1024))) < 2e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact numbers at real sizes (tests/test_numerics.py on CPU)
+
+def _compare(pat, q, k, v):
+    from attncc.testing import compare
+
+    return compare(pat, q, k, v)
+
+
+@pytest.mark.parametrize("make", [
+    lambda N: ac.Pattern(lambda b, h, q, kv: (q * kv * 100000) % 7 == 0),
+    lambda N: ac.Pattern(lambda b, h, q, kv: ((q * 65536 * 32768) // 65536) // 32768 >= kv),
+    lambda N: ac.Pattern(lambda b, h, q, kv: q + ac.param("W", 2 ** 31 - 10) > kv + ac.param("W", 2 ** 31 - 10)),
+    lambda N: ac.Pattern(lambda b, h, q, kv: kv <= q * ac.param("r", 1.3333333333333333)),
+], ids=["hash", "huge-intermediate", "param-near-int32", "float-ratio"])
+def test_integer_and_float_masks_are_exact(make):
+    q, k, v = qkv(1, 4, 4, 3000, 64, dtype=torch.float32, KV=4000)
+    _compare(make(3000), q, k, v)
+
+
+def test_masked_out_nan_values_change_nothing_in_bf16():
+    q, k, v = qkv(1, 4, 2, 2048, 128)
+    v[:, :, 1500] = float("nan")
+    pat = ac.patterns.sliding_window(300)
+    out = attention(q, k, v, pat, kernel_options=OURS)
+    assert not out[:, :, :1500].isnan().any() and out[:, :, 1500:1801].isnan().all()
+    assert not out[:, :, 1801:].isnan().any()
+
+
+def test_long_in_head_offsets():
+    """q a strided view whose in-head offsets pass 2**31 (rows 2**17 elements apart)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(1, 1, 16400, 2 ** 17, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = base[..., :64]
+    k, v = (torch.randn(1, 1, 16400, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    pat = ac.patterns.sliding_window(256)
+    from attncc.runtime.kernel import META_CACHE
+
+    assert META_CACHE.get(pat, ac.runtime.inputs.check_qkv(q, k, v), compile(pat, q, k, v).tiles, q.device)
+    assert "long_offsets" in compile(pat, q, k, v).source
+    out = attention(q, k, v, pat, kernel_options=OURS)
+    assert rel(out, ac.reference(q, k, v, pat)) < 2e-2
+
+
+def test_t5_buckets_and_long_or_chains():
+    import math
+
+    def bucket(rel_pos, num_buckets=32, max_distance=128):
+        num_buckets //= 2
+        buckets = (rel_pos > 0).to(torch.long) * num_buckets
+        rel_pos = torch.abs(rel_pos)
+        exact = num_buckets // 2
+        large = exact + (torch.log(rel_pos.float() / exact) / math.log(max_distance / exact)
+                         * (num_buckets - exact)).to(torch.long)
+        return buckets + torch.where(rel_pos < exact, rel_pos, torch.minimum(large, torch.full_like(large, num_buckets - 1)))
+
+    bias = torch.randn(4, 32, device="cuda")
+    t5 = ac.Pattern(score_mod=lambda s, b, h, q, kv: s + bias[h, bucket(kv - q)])
+    q, k, v = qkv(1, 4, 4, 2048, 64)
+    out = attention(q, k, v, t5)
+    assert rel(out, ac.reference(q, k, v, t5)) < 2e-2
+    text = "mask = " + " or ".join(f"kv == {7 * i}" for i in range(1000)) + " or q == kv"
+    assert rel(attention(q, k, v, ac.parse(text)), ac.reference(q, k, v, ac.parse(text))) < 2e-2
+
+
+def test_threads_on_the_gpu():
+    import threading
+
+    q, k, v = qkv(1, 4, 4, 1024, 64)
+    pats = [ac.patterns.sliding_window(100 + 10 * i) for i in range(8)]
+    out, errors = {}, []
+
+    def run(i):
+        try:
+            out[i] = attention(q, k, v, pats[i], kernel_options=OURS)
+        except Exception as e:  # noqa: BLE001 — collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    torch.cuda.synchronize()
+    assert all(rel(out[i], ac.reference(q, k, v, pats[i])) < 2e-2 for i in range(8))
