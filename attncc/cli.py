@@ -143,7 +143,7 @@ def _inputs(args, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     gen = torch.Generator().manual_seed(0)
-    shapes = [(1, args.heads, n, args.head_dim) for n in (args.q_len, args.kv_len, args.kv_len)]
+    shapes = [(1, args.heads, n, args.head_dim or 64) for n in (args.q_len, args.kv_len, args.kv_len)]
     return tuple(torch.randn(s, generator=gen).to(device, dtype) for s in shapes)
 
 
@@ -176,9 +176,10 @@ def cmd_viz(pattern: ac.Pattern, args) -> int:
         raise InputError(f"--head {args.head} is outside 0..{args.heads - 1}")
     heads = args.heads if "h" in pattern.free_vars() else None
     head = args.head if heads else 0
-    mask = ac.create_mask(pattern, 1, heads, args.q_len, args.kv_len)[0, head]
+    mask, step = _mask_picture(pattern, heads, head, args.q_len, args.kv_len)
     live = mask.float().mean().item()
-    print(f"== mask, {args.q_len} x {args.kv_len} tokens, head {args.head}: {live:.1%} of pairs attend "
+    sampled = f", sampled every {step[0]} queries and {step[1]} keys" if step != (1, 1) else ""
+    print(f"== mask, {args.q_len} x {args.kv_len} tokens{sampled}, head {args.head}: {live:.1%} of pairs attend "
           "('#' attends, '.' does not, '+' a downsampled cell with both)")
     print(ascii_mask(mask, args.width))
     blocks = None
@@ -199,13 +200,34 @@ def cmd_viz(pattern: ac.Pattern, args) -> int:
     return 0
 
 
+PICTURE_PAIRS = 1 << 24  # (q, kv) pairs evaluated for a picture; beyond, the mask is sampled
+
+
+def _mask_picture(pattern: ac.Pattern, heads, head: int, Q: int, KV: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """bool [q rows, kv columns] of the mask for one head, every (sq, sk)-th token where the whole
+    Q x KV picture would pass PICTURE_PAIRS (a 1M-token mask is 10^12 pairs)."""
+    if Q * KV <= PICTURE_PAIRS:
+        return ac.create_mask(pattern, 1, heads, Q, KV)[0, head], (1, 1)
+    from attncc.compiler import domain, evaluate
+
+    side = int(PICTURE_PAIRS ** 0.5)
+    sq, sk = -(-Q // side), -(-KV // side)
+    mask = evaluate.token_mask(pattern)
+    domain.check_domain(pattern, (mask,), 1, heads or 1, Q, KV)
+    env = {"b": torch.tensor(0), "h": torch.tensor(head),
+           "q": torch.arange(0, Q, sq).view(-1, 1), "kv": torch.arange(0, KV, sk).view(1, -1)}
+    live = evaluate.evaluate(mask, env, pattern.params, pattern.buffers).bool()
+    return live.expand(env["q"].shape[0], env["kv"].shape[1]), (sq, sk)
+
+
 def cmd_check(pattern: ac.Pattern, args) -> int:
     _require_values(pattern)
     testing = _feature(ac, "testing")
     check_pattern = _feature(testing, "check_pattern") if testing is not None else None
     try:
         if check_pattern is not None:
-            print(check_pattern(pattern, max_examples=args.examples, max_len=args.q_len))
+            dims = {"head_dims": (args.head_dim,)} if args.head_dim else {}
+            print(check_pattern(pattern, max_examples=args.examples, max_len=args.q_len, **dims))
             return 0
         print(_check_reference(pattern, args))
     except AssertionError as e:
@@ -269,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--q-len", type=_positive, default=128, help="query length (default 128)")
             p.add_argument("--kv-len", type=_positive, default=None, help="key length (default: --q-len)")
             p.add_argument("--heads", type=_positive, default=2, help="query heads (default 2)")
-            p.add_argument("--head-dim", type=_positive, default=64, help="head dim D (default 64)")
+            p.add_argument("--head-dim", type=_head_dim, default=None,
+                           help="head dim D, 16..256 (default 64; check: 16, 24, 32 and 64)")
             p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                            help="input dtype (default: bfloat16 on a GPU, float32 on CPU)")
         return p
@@ -293,6 +316,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _head_dim(text: str) -> int:
+    value = _positive(text)
+    if not 16 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"attncc's kernels take head dims 16..256, got {text}")
     return value
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dis
 import functools
 import numbers
+import threading
 import types
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
@@ -287,6 +288,7 @@ class _Uncacheable(Exception):
 
 _TRACE_CACHE_SIZE = 128
 _TRACES: OrderedDict = OrderedDict()
+_TRACES_LOCK = threading.Lock()
 _TRUSTED_MODULES = ("torch", "math", "cmath", "operator", "functools", "numpy", "attncc", "builtins")
 
 
@@ -297,14 +299,16 @@ def _traced(parts: tuple, make: Callable[[], Pattern]) -> Pattern:
         key = _key(parts, pins, frozenset())
     except _Uncacheable:
         return make()
-    hit = _TRACES.get(key)
-    if hit is not None:
-        _TRACES.move_to_end(key)
-        return hit[1]
+    with _TRACES_LOCK:
+        hit = _TRACES.get(key)
+        if hit is not None:
+            _TRACES.move_to_end(key)
+            return hit[1]
     pattern = make()
-    _TRACES[key] = (pins, pattern)
-    if len(_TRACES) > _TRACE_CACHE_SIZE:
-        _TRACES.popitem(last=False)
+    with _TRACES_LOCK:
+        _TRACES[key] = (pins, pattern)
+        if len(_TRACES) > _TRACE_CACHE_SIZE:
+            _TRACES.popitem(last=False)
     return pattern
 
 

@@ -6,15 +6,18 @@ Q_LEN != KV_LEN, GQA, several head dims) and compares output and LSE with `attnc
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from .compiler import evaluate
 from .dsl import ir
 from .dsl.pattern import Pattern
 
+SHRINK_SECONDS = 30.0  # how long check_pattern looks for a smaller failing example
 # relative error bounds of ||out - ref|| / ||ref|| per input dtype (DESIGN.md section 7)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -67,13 +70,18 @@ def compare(pattern: Pattern, q, k, v, scale=None) -> dict:
 
 
 @st.composite
-def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64)):
-    """(B, Hq, Hkv, Q_LEN, KV_LEN, D): odd lengths, cross lengths and GQA included."""
-    hkv = draw(st.sampled_from([1, 2]))
-    group = draw(st.sampled_from([1, 2, 3]))
-    q_len = draw(st.integers(1, max_len))
-    kv_len = draw(st.one_of(st.just(q_len), st.integers(1, max_len)))
-    return draw(st.integers(1, 2)), hkv * group, hkv, q_len, kv_len, draw(st.sampled_from(head_dims))
+def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64), max_q: int | None = None,
+           max_kv: int | None = None, max_heads: int = 6, max_batch: int = 2):
+    """(B, Hq, Hkv, Q_LEN, KV_LEN, D): odd lengths, cross lengths and GQA included.
+
+    max_q / max_kv (default max_len), max_heads and max_batch cap what is drawn (check_pattern
+    caps them to what the pattern's buffers cover)."""
+    max_q, max_kv = max_q or max_len, max_kv or max_len
+    hkv = draw(st.sampled_from([h for h in (1, 2) if h <= max_heads]))
+    group = draw(st.sampled_from([g for g in (1, 2, 3) if hkv * g <= max_heads]))
+    q_len = draw(st.integers(1, max_q))
+    kv_len = draw(st.one_of(st.just(min(q_len, max_kv)), st.integers(1, max_kv)))
+    return draw(st.integers(1, max_batch)), hkv * group, hkv, q_len, kv_len, draw(st.sampled_from(head_dims))
 
 
 def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max_examples: int = 10,
@@ -81,26 +89,83 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
     """Property-test `pattern`: kernel vs `attncc.reference` on random shapes and inputs.
 
     Runs on `device` (default: CUDA if available, else CPU through Triton's interpreter, where keep
-    `max_len` small). Raises AssertionError with the failing (shrunk) example; returns a CheckReport.
-    Patterns whose buffers bound the sequence length need `max_len` within the buffers' size.
+    `max_len` small). Lengths, heads and batch are capped to what the pattern's buffers cover
+    (a document-id buffer of 100 tokens: lengths up to 100). Raises AssertionError naming the
+    smallest failing example of each distinct failure; returns a CheckReport.
     """
+    from .compiler.domain import check_domain
+    from .dsl.trace import PatternError
+    from .runtime.api import _pattern
+
+    pattern = _pattern(pattern)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    roots = (evaluate.token_mask(pattern), pattern.score)
+
+    def defined(B, H, Q, KV) -> bool:
+        try:
+            check_domain(pattern, roots, B, H, Q, KV)
+        except PatternError:
+            return False
+        return True
+
+    if not defined(1, 1, 1, 1):
+        check_domain(pattern, roots, 1, 1, 1, 1)  # raises: the pattern is undefined at any size
+    caps = {"max_q": _largest(lambda n: defined(1, 1, n, 1), max_len),
+            "max_kv": _largest(lambda n: defined(1, 1, 1, n), max_len),
+            "max_heads": _largest(lambda n: defined(1, n, 1, 1), 6),
+            "max_batch": _largest(lambda n: defined(n, 1, 1, 1), 2)}
     report = CheckReport(pattern)
+    first_failure: list[float] = []
+    failing: set = set()
 
     @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(shape=shapes(max_len, head_dims), dtype=st.sampled_from(list(dtypes)), data_seed=st.integers(0, 2**31 - 1))
+    @given(shape=shapes(max_len, head_dims, **caps), dtype=st.sampled_from(list(dtypes)),
+           data_seed=st.integers(0, 2**31 - 1))
     def run(shape, dtype, data_seed):
         B, Hq, Hkv, Q, KV, D = shape
+        # shrinking runs the kernel again and again: stop it after SHRINK_SECONDS (the smallest
+        # failing example found by then is the one reported)
+        late = first_failure and time.monotonic() - first_failure[0] > SHRINK_SECONDS
+        assume(not late or (shape, dtype, data_seed) in failing)
+        assume(defined(B, Hq, Q, KV))
         gen = torch.Generator().manual_seed(data_seed ^ seed)
         q = torch.randn(B, Hq, Q, D, generator=gen).to(device, dtype)
         k = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
         v = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
-        report.rows.append(compare(pattern, q, k, v))
+        try:
+            report.rows.append(compare(pattern, q, k, v))
+        except Exception:
+            first_failure[:] = first_failure or [time.monotonic()]
+            failing.add((shape, dtype, data_seed))
+            raise
 
-    run()
+    try:
+        run()
+    except BaseExceptionGroup as group:  # several distinct failures, each already shrunk
+        raise AssertionError(_failures(pattern, list(group.exceptions))) from None
+    except Exception as e:  # noqa: BLE001 — one failure: the same report, whatever it raised
+        raise AssertionError(_failures(pattern, [e])) from None
     return report
+
+
+def _largest(ok, top: int) -> int:
+    """The largest n in [1, top] with ok(n), ok being monotone (true up to some n); 1 if none."""
+    lo, hi = 1, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _failures(pattern: Pattern, errors: list[BaseException]) -> str:
+    """Each failure with its smallest falsifying example (from Hypothesis' notes on it)."""
+    lines = [f"check_pattern found {len(errors)} distinct failure{'s' if len(errors) > 1 else ''} of {pattern!r}:"]
+    for i, e in enumerate(errors, 1):
+        lines.append(f"{i}. {type(e).__name__}: {e}")
+        lines += [f"   {note}" for note in getattr(e, "__notes__", ()) for note in note.splitlines()]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -278,3 +278,11 @@ def test_buffer_bounds_checked_at_build_time():
         ac.create_block_mask(Pattern(lambda b, h, q, kv: doc[q] == doc[kv]), None, None, 64, 65)
     safe = Pattern(lambda b, h, q, kv: doc[(q + 1).clamp(max=63)] == doc[kv])
     assert ac.create_block_mask(safe, None, None, 64, 64, block_size=16).sparsity() == 0.0
+
+
+def test_sizes_may_be_numpy_integers():
+    import numpy as np
+
+    bm = ac.create_block_mask(ac.patterns.causal(), np.int64(2), None, np.int32(100), np.int64(90), block_size=16)
+    assert bm.shape == (1, 1, 7, 6) and torch.equal(bm.to_dense(),
+                                                     ac.create_block_mask(ac.patterns.causal(), 2, None, 100, 90, 16).to_dense())

@@ -358,3 +358,23 @@ def test_cache_dir_problems_are_reported(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="writable by other users"):
         assert cache.cache_dir() == shared
     assert _mode(shared) == 0o777  # a directory the user chose is not changed
+
+
+def test_an_unwritable_cache_directory_falls_back_to_a_temporary_one(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for unwritable in ("/proc/attncc-cache", str(tmp_path / "ro")):
+        monkeypatch.setenv("ATTNCC_CACHE_DIR", unwritable)
+        if unwritable.endswith("ro"):  # a read-only directory (root ignores modes: make writes fail)
+            (tmp_path / "ro").mkdir()
+            monkeypatch.setattr(cache, "_probe", lambda root: (_ for _ in ()).throw(PermissionError("read-only")))
+        monkeypatch.setattr(cache, "_MODULES", {})
+        cache._fallback_dir.cache_clear()
+        with pytest.warns(UserWarning, match="cannot be written"):
+            root = cache.cache_dir()
+        assert root.is_dir() and str(root) != unwritable
+        module = cache.load_kernel_module({"k": unwritable}, Generator(), interpret=True)
+        assert module.add_one is not None and str(root) in module.__file__
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker))
+    with pytest.raises(NotADirectoryError):
+        cache.cache_dir()

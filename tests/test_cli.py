@@ -246,3 +246,18 @@ def test_module_entry_point_viz_png_and_bad_input(tmp_path):
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
     r = _attncc("check", "mask = q >= kv and exec('x')", module=True)
     assert r.returncode == 2 and "line 1, column 25" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_head_dims_outside_the_kernels_range_exit_2(capsys):
+    for verb in ("check", "show"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([verb, "mask = q >= kv", "--head-dim", "8"])
+        assert info.value.code == 2
+    assert "head dims 16..256" in capsys.readouterr().err
+
+
+def test_viz_samples_masks_too_large_to_draw(capsys):
+    code, out, _ = run(capsys, "viz", "mask = q >= kv and q - kv < 100000", "--q-len", "1000000",
+                       "--block", "8192", "--width", "8")
+    assert code == 0 and "sampled every 245 queries and 245 keys" in out
+    assert "9.5% of pairs attend" in out

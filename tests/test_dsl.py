@@ -365,3 +365,11 @@ def test_any_token_soup_gives_a_pattern_or_a_dsl_error(tokens):
         assert 1 <= e.line <= text.count("\n") + 1 and e.column >= 1
         return
     assert ac.parse(str(p)) == p
+
+
+def test_texts_past_the_size_limit_are_refused():
+    from attncc.dsl.parse import MAX_TEXT
+
+    text = "mask = " + " or ".join(f"kv == {i}" for i in range(MAX_TEXT // 8))
+    with pytest.raises(ac.DSLError, match="the limit is 1,000,000"):
+        ac.parse(text)

@@ -240,3 +240,25 @@ def test_a_compiled_kernel_runs_other_shapes():
     ref, ref_lse = ac.reference(q, k, v, pat, return_lse=True)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
     assert torch.equal(lse.isinf(), ref_lse.isinf())
+
+
+def test_call_arguments_are_checked():
+    q, k, v = qkv(1, 2, 1, 20, 20, 16)
+    with pytest.raises(ValueError, match="return_lse must be a bool"):
+        attention(q, k, v, return_lse=1)
+    with pytest.raises(ValueError, match=r"wrap it: ac.Pattern\(mask_mod=fn\)"):
+        attention(q, k, v, lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+
+
+def test_buffers_made_under_inference_mode():
+    with torch.inference_mode():
+        doc = ac.patterns.lengths_to_ids([20, 30, 15])
+    pat = ac.patterns.document(doc)
+    with torch.inference_mode():
+        q, k, v = qkv(1, 2, 1, 65, 65, 16)
+        compare(pat, q, k, v)
+        builds = META_CACHE.builds
+        attention(q, k, v, pat)
+        assert META_CACHE.builds == builds  # cached by content
+        doc[40:] = 0                        # an in-place write leaves no version: the digest sees it
+        compare(pat, q, k, v)

@@ -238,3 +238,15 @@ def test_from_ir_checks():
     pat = ac.Pattern.from_ir(ir.op("ge", q, kv), ir.op("sub", q, kv))  # an integer score becomes float
     assert ir.kind_of(pat.score) == "float" and not math.isnan(ev.evaluate(pat.score, {"q": torch.tensor(3),
                                                                                        "kv": torch.tensor(1)}, {}, {}))
+
+
+def test_a_pattern_with_a_block_predicate_says_so_in_its_name():
+    def causal(b, h, q, kv):
+        return q >= kv
+
+    def top_blocks(b, h, qb, kb):
+        return qb - kb < 2
+    pat = ac.Pattern(causal, block_mask_mod=top_blocks, block_size=16)
+    assert pat.name == "causal with block predicate top_blocks"
+    assert ac.Pattern(block_mask_mod=top_blocks).name == "top_blocks"
+    assert ac.Pattern(causal, block_mask_mod=lambda b, h, qb, kb: qb >= kb).name == "causal with block predicate"

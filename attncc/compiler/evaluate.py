@@ -6,6 +6,7 @@ floor semantics for `//` and `%`; float arithmetic is in `float_dtype` (float64 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Mapping
 
 import torch
@@ -125,6 +126,8 @@ def check_size(name: str, value, reads: bool | None = None) -> int:
         if reads:
             raise ValueError(f"{name}=None, but the pattern's mask depends on {name[0].lower()}; pass {name}")
         return 1
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy integers too
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value

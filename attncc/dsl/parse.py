@@ -58,10 +58,17 @@ def _parser() -> lark.Lark:
     return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
 
 
+MAX_TEXT = 1_000_000  # characters: a pattern text longer than this is refused (DSLError)
+
+
 def parse(text: str) -> Pattern:
-    """A Pattern from DSL text (see grammar.lark); raises DSLError with line and column."""
+    """A Pattern from DSL text (see grammar.lark); raises DSLError with line and column.
+
+    Texts longer than MAX_TEXT characters are refused (an unrolled 10,000-term `or` is ~150,000)."""
     if not isinstance(text, str):
         raise TypeError(f"parse() needs the pattern text as a str, got {type(text).__name__}")
+    if len(text) > MAX_TEXT:
+        raise DSLError(f"the pattern text has {len(text):,} characters; the limit is {MAX_TEXT:,}", 1, 1)
     return _Builder(text).pattern()
 
 

@@ -38,8 +38,10 @@ class Pattern:
         score = trace(score_mod, SCORE_VARS, tracer, "score_mod") if score_mod is not None else IDENTITY_SCORE
         block = trace(block_mask_mod, BLOCK_VARS, tracer, "block_mask_mod") if block_mask_mod is not None else ir.TRUE
         if name is None:
-            name = getattr(mask_mod or score_mod or block_mask_mod, "__name__", None)
-            name = None if name == "<lambda>" else name
+            name = _name_of(mask_mod or score_mod or block_mask_mod)
+            if block_mask_mod is not None and (mask_mod or score_mod) is not None:
+                block_name = _name_of(block_mask_mod)
+                name = f"{name or 'pattern'} with block predicate" + (f" {block_name}" if block_name else "")
         buffers, renames = dict(tracer.buffers), {}
         for clash in set(tracer.params) & set(buffers):  # a tensor variable named like a param
             renames[clash] = _fresh(clash, set(buffers) | set(tracer.params))
@@ -212,6 +214,11 @@ class Pattern:
     def __repr__(self) -> str:
         body = "; ".join(line for line in str(self).splitlines() if not line.startswith("#"))
         return f"Pattern({self.name + ': ' if self.name else ''}{body})"
+
+
+def _name_of(fn) -> str | None:
+    name = getattr(fn, "__name__", None)
+    return None if name == "<lambda>" else name
 
 
 def block_at_tokens(block: ir.Node, block_size: tuple[int, int]) -> ir.Node:

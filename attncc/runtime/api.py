@@ -18,6 +18,11 @@ _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the referen
 def _pattern(pattern) -> Pattern:
     if pattern is None:
         return Pattern()
+    if callable(pattern) and not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern must be an attncc.Pattern, got the function {getattr(pattern, '__name__', pattern)!r}; "
+                         "wrap it: ac.Pattern(mask_mod=fn) for a mask_mod(b, h, q_idx, kv_idx), "
+                         "ac.Pattern(score_mod=fn) for a score_mod(score, b, h, q_idx, kv_idx), "
+                         "or call attncc.flex.flex_attention as you would torch's")
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be an attncc.Pattern (or None for full attention), got {type(pattern).__name__}")
     return pattern
@@ -97,6 +102,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .autograd import check_no_grad
     from .kernel import TRITON_KEY, check_options, choose_path, choose_tiles, choose_tma, refine_tiles
 
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     s = check_qkv(q, k, v)
     for name, d in (("q", s.D), ("v", s.Dv)):
         if not 16 <= d <= 256:

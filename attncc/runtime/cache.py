@@ -47,18 +47,40 @@ def cache_dir() -> pathlib.Path:
     A directory this function creates gets mode 0700 whatever the umask; the default directory,
     when it exists owned by this user with a laxer mode, is tightened to 0700. An explicit
     $ATTNCC_CACHE_DIR that others may write to is used but warned about (the cache holds code
-    that is executed). A path that exists and is not a directory raises NotADirectoryError.
+    that is executed). A path that exists and is not a directory raises NotADirectoryError. A
+    root that cannot be written (a read-only file system, no permission) is replaced, with a
+    warning, by a private temporary directory for the rest of the process.
     """
     explicit = os.environ.get("ATTNCC_CACHE_DIR")
     if explicit:
-        root = pathlib.Path(explicit).expanduser()
-        _make_private_dir(root, "$ATTNCC_CACHE_DIR", fix_mode=False)
-        return root
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = pathlib.Path(xdg) if os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
-    root = base / "attncc"
-    _make_private_dir(root, "the attncc cache directory", fix_mode=True)
+        root, what, fix_mode = pathlib.Path(explicit).expanduser(), "$ATTNCC_CACHE_DIR", False
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = pathlib.Path(xdg) if os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
+        root, what, fix_mode = base / "attncc", "the attncc cache directory", True
+    try:
+        _make_private_dir(root, what, fix_mode=fix_mode)
+        _probe(root)
+    except NotADirectoryError:
+        raise
+    except OSError as e:
+        return _fallback_dir(str(root), f"{type(e).__name__}: {e}")
     return root
+
+
+def _probe(root: pathlib.Path) -> None:
+    """Create and remove a file in `root`: OSError where it cannot be written."""
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".probe.")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+@lru_cache(maxsize=None)
+def _fallback_dir(root: str, reason: str) -> pathlib.Path:
+    path = pathlib.Path(tempfile.mkdtemp(prefix="attncc-cache-"))
+    warnings.warn(f"the attncc cache directory {root!r} cannot be written ({reason}); kernels are cached "
+                  f"in {str(path)!r} for this process instead", stacklevel=3)
+    return path
 
 
 def _make_private_dir(path: pathlib.Path, what: str, *, fix_mode: bool) -> None:

@@ -9,6 +9,7 @@ buffer content rebuilds only the metadata, and no new value ever regenerates or 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import warnings
 import types
@@ -139,7 +140,13 @@ TRITON_KEY = _TritonKeyPrefetch()
 
 
 def _buffer_key(t: torch.Tensor) -> tuple:
-    return (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+    """What identifies a buffer's contents: its version counter, or (tensors made under
+    torch.inference_mode have none) a digest of the contents themselves."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return (id(t), version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
 
 
 class _MetaCache:
@@ -149,8 +156,14 @@ class _MetaCache:
         self.size = size
         self.entries: OrderedDict = OrderedDict()
         self.builds = 0
+        self.lock = threading.RLock()  # calls from several threads share it
 
     def get(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device):
+        """(BlockMask, KernelMeta) for these shapes and tiles: built on a miss, then kept."""
+        with self.lock:
+            return self._get(pattern, s, config, device)
+
+    def _get(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device):
         key = (pattern.mask, pattern.score, pattern.block, pattern.block_size, tuple(pattern.params.items()),
                tuple((n, _buffer_key(t)) for n, t in pattern.buffers.items()),
                s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, str(device))

@@ -1,0 +1,29 @@
+"""attncc.testing.check_pattern: the user's property test of a pattern."""
+import pytest
+import torch
+
+import attncc as ac
+import attncc.testing as testing
+
+
+def test_buffers_cap_the_lengths_and_heads_drawn():
+    doc = ac.patterns.lengths_to_ids([30, 25, 20])          # 75 tokens, far below max_len
+    report = testing.check_pattern(ac.patterns.document(doc), max_examples=4, max_len=200)
+    assert report.rows and all(r["q"][2] <= 75 and r["k"][2] <= 75 for r in report.rows)
+    report = testing.check_pattern(ac.patterns.alibi(2), max_examples=3, max_len=40)  # slopes for 2 heads
+    assert all(r["q"][1] <= 2 for r in report.rows)
+    with pytest.raises(ac.PatternError, match="must stay inside"):
+        testing.check_pattern(ac.Pattern(lambda b, h, q, kv: doc[q + 80] > 0))
+
+
+def test_each_distinct_failure_is_reported_with_its_smallest_example(monkeypatch):
+    def fake_compare(pattern, q, k, v):
+        if q.shape[2] % 2:
+            raise ValueError(f"odd length {q.shape[2]}")
+        raise AssertionError(f"even length {q.shape[2]}")
+    monkeypatch.setattr(testing, "compare", fake_compare)
+    with pytest.raises(AssertionError) as info:
+        testing.check_pattern(ac.patterns.causal(), max_examples=20, max_len=30)
+    text = str(info.value)
+    assert "2 distinct failures" in text and "ValueError: odd length 1" in text
+    assert "AssertionError: even length 2" in text and text.count("Falsifying example") + text.count("Failing test case") == 2
