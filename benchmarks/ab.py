@@ -1,0 +1,78 @@
+"""A/B of attncc's forward against an earlier version of itself, both in one process, interleaved
+(base, this, base, this per pattern; the better of each pair), bf16 at the main shape.
+
+    python benchmarks/ab.py --extract REV        # here: git archive REV's attncc to .ab/attncc_base
+    python benchmarks/ab.py [--patterns swa1024,document,...]   # on the GPU (carry .ab)
+
+Run-to-run spread on the H200 is about 5%: a fresh process's first measurements (idle clocks) run
+low, so the GPU is warmed first and each version is timed twice. Both are forced onto attncc's own
+kernel (never the cuDNN dispatch).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, ".ab")
+
+
+def extract(rev: str) -> None:
+    """REV's attncc package as .ab/attncc_base (its imports are relative, so the rename works)."""
+    shutil.rmtree(BASE, ignore_errors=True)
+    os.makedirs(BASE)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "attncc"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", BASE], input=archive, check=True)
+    os.rename(os.path.join(BASE, "attncc"), os.path.join(BASE, "attncc_base"))
+    print(f"{rev} -> {BASE}/attncc_base")
+
+
+def patterns(ac, N: int, H: int, device) -> dict:
+    from benchmarks.patterns import document_lengths
+
+    ids = ac.patterns.lengths_to_ids(document_lengths(N), device=device)
+    return {"swa1024": ac.patterns.sliding_window(1024), "document": ac.patterns.document(ids),
+            "dilated": ac.patterns.dilated(2048, 4), "prefixlm2048": ac.patterns.prefix_lm(2048),
+            "alibi": ac.patterns.alibi(H, device=device), "softcap": ac.patterns.softcap(30.0),
+            "causal": ac.patterns.causal()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--extract", metavar="REV", help="prepare .ab/attncc_base from git revision REV and exit")
+    ap.add_argument("--patterns", default="swa1024,document,dilated,prefixlm2048,alibi,softcap,causal")
+    args = ap.parse_args()
+    if args.extract:
+        return extract(args.extract)
+    import torch
+    import triton
+
+    sys.path[:0] = [BASE, ROOT]
+    import attncc
+    import attncc_base
+    from benchmarks.patterns import build, count_live_pairs
+
+    B, H, N, D = 4, 16, 8192, 128
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=500, rep=500)
+    versions = {"base": (attncc_base, patterns(attncc_base, N, H, dev)), "this": (attncc, patterns(attncc, N, H, dev))}
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} B={B} H={H} N={N} D={D}")
+    print("| pattern | base | this | this/base |\n|---|---:|---:|---:|")
+    for name in args.patterns.split(","):
+        live = count_live_pairs(build(name, N, H, device=dev).mask_mod, 1, 1, N, N, device=dev)[0] * B * H
+        best = {}
+        for which in ("base", "this", "base", "this"):
+            ac, pats = versions[which]
+            fn = lambda: ac.attention(q, k, v, pats[name], kernel_options={"backend": "attncc"})
+            ms = triton.testing.do_bench(fn, warmup=100, rep=400)
+            best[which] = max(best.get(which, 0.0), 4 * D * live / (ms * 1e-3) / 1e12)
+        print(f"| {name} | {best['base']:.0f} | {best['this']:.0f} | {best['this'] / best['base']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
