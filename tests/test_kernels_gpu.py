@@ -160,23 +160,10 @@ def test_t5_buckets_and_long_or_chains():
 
 
 def test_threads_on_the_gpu():
-    import threading
+    from threads import run_in_threads
 
     q, k, v = qkv(1, 4, 4, 1024, 64)
     pats = [ac.patterns.sliding_window(100 + 10 * i) for i in range(8)]
-    out, errors = {}, []
-
-    def run(i):
-        try:
-            out[i] = attention(q, k, v, pats[i], kernel_options=OURS)
-        except Exception as e:  # noqa: BLE001 — collected and reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    out = run_in_threads(lambda i: attention(q, k, v, pats[i], kernel_options=OURS), 8)
     torch.cuda.synchronize()
     assert all(rel(out[i], ac.reference(q, k, v, pats[i])) < 2e-2 for i in range(8))

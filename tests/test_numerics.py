@@ -5,7 +5,6 @@ float64 oracle or is refused with a clear error, in Triton's interpreter on CPU 
 on the GPU in test_kernels_gpu.py).
 """
 import math
-import threading
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from attncc import PatternError
 from attncc.compiler.numerics import numeric_plan
 from attncc.dsl import ir
 from attncc.testing import compare
+from threads import run_in_threads
 
 
 def qkv(B, Hq, Hkv, Q, KV, D=16, seed=0, dtype=torch.float32):
@@ -238,20 +238,7 @@ def test_mirrored_forms_share_one_kernel():
 def test_attention_from_eight_threads_on_cpu():
     pats = [ac.patterns.sliding_window(5 + i) for i in range(8)]
     inputs = [qkv(1, 2, 1, 40, 40, seed=i) for i in range(8)]
-    results, errors = {}, []
-
-    def run(i):
-        try:
-            results[i] = ac.attention(*inputs[i], pats[i])
-        except Exception as e:  # noqa: BLE001 — collected and reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(lambda i: ac.attention(*inputs[i], pats[i]), 8)
     for i in range(8):
         ref = ac.reference(*inputs[i], pats[i])
         assert (results[i].double() - ref).norm() / ref.norm() < 1e-5

@@ -46,9 +46,8 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
     numeric plan (not on param values or buffer contents, except through the plan's types);
     q/k/v dtype, head dims, GQA group and list contiguity are constexpr arguments.
     """
-    params = [p for p in pattern.params]
     bufs = [buffers[n] for n in sorted(buffers)]
-    extra = [f"p_{p}" for p in params]
+    extra = [f"p_{p}" for p in pattern.params]
     buffer_args = []
     for spec in bufs:
         buffer_args += [f"buf_{spec.name}"] + [f"buf_{spec.name}_s{d}" for d in range(spec.ndim)]

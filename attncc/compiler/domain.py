@@ -29,7 +29,7 @@ from ..dsl.pattern import Pattern
 from ..dsl.trace import PatternError
 from . import evaluate, intervals
 
-INT_CONVERSION_LIMIT = 2 ** 62  # a float converted to an integer must stay within +- this
+INT_CONVERSION_LIMIT = intervals.INT_CONVERSION_LIMIT  # a float converted by int() stays within +- this
 _PATH_SIZE_LIMIT = 64            # nodes in a path condition before it is dropped (TRUE: stricter)
 
 

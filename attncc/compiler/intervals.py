@@ -29,7 +29,7 @@ from ..dsl import ir, ops
 from ..dsl.trace import PatternError
 from .evaluate import buffer_of
 
-INT_CONVERSION_LIMIT = 2 ** 62  # see domain.py: a converted float lies within +- this where it matters
+INT_CONVERSION_LIMIT = 2 ** 62  # domain.py proves a converted score-free float lies within +- this where it matters
 from .sparse_table import range_reduce
 
 Flag = Union[bool, torch.Tensor]

@@ -42,9 +42,6 @@ class NumericPlan:
     offsets: dict
     signature: str
 
-    def type_of(self, n: ir.Node) -> str:
-        return self.types[n]
-
 
 def numeric_plan(roots: tuple[ir.Node, ...], params: dict, buffers: dict, B: int, H: int,
                  Q_LEN: int, KV_LEN: int, device=None) -> NumericPlan:
