@@ -1,6 +1,7 @@
-"""The forward kernel's source: its template (templates/forward.py.tmpl) filled with the pattern's
-`mask_mod` and `score_mod`, lowered to Triton by lowering.py under a numeric plan (numerics.py),
-and with the launcher arguments of its params and buffers."""
+"""Kernel sources: a kind's template (templates/forward.py.tmpl, ...) around the part every kind
+shares (templates/common.py.tmpl: imports, helpers, the pattern's `mask_mod` and `score_mod`
+lowered to Triton by lowering.py under a numeric plan, tile loads, descriptors), with the
+launcher arguments of the pattern's params and buffers. `generate(kind, ...)` is the entry."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +37,17 @@ class TileConfig:
 def kernel_roots(pattern: Pattern) -> tuple[ir.Node, ir.Node]:
     """The expressions a kernel evaluates: the token mask (block predicate folded in) and the score."""
     return token_mask(pattern), pattern.score
+
+
+KINDS = ("forward",)
+
+
+def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec], config: TileConfig,
+             plan: NumericPlan, version: str) -> str:
+    """Stand-alone Python source of the `kind` kernel (one of KINDS) and its launcher."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; known: {KINDS}")
+    return generate_forward(pattern, buffers, config, plan, version)
 
 
 def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config: TileConfig,
@@ -85,6 +97,7 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
         "BLOCK_M": str(config.BLOCK_M), "BLOCK_N": str(config.BLOCK_N),
         "NUM_WARPS": str(config.num_warps), "NUM_STAGES": str(config.num_stages),
     }
+    holes["COMMON"] = _template("common.py.tmpl").substitute(holes)
     return _template("forward.py.tmpl").substitute(holes)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.codegen import TileConfig, generate_forward, kernel_roots
+from ..compiler.codegen import TileConfig, generate, kernel_roots
 from ..compiler.domain import check_domain
 from ..compiler.evaluate import token_mask
 from ..compiler.lowering import BufferSpec
@@ -192,18 +192,20 @@ META_CACHE = _MetaCache(_META_CACHE_SIZE)
 _MODULES: dict[tuple, types.ModuleType] = {}
 
 
-def kernel_module(pattern: Pattern, config: TileConfig, plan: NumericPlan, *, interpret: bool) -> types.ModuleType:
-    """The generated forward module for `pattern`, `config` and `plan` (disk- and memory-cached)."""
+def kernel_module(pattern: Pattern, config: TileConfig, plan: NumericPlan, *, interpret: bool,
+                  kind: str = "forward") -> types.ModuleType:
+    """The generated `kind` module for `pattern`, `config` and `plan` (disk- and memory-cached)."""
     import attncc
 
     memo = (pattern.mask, pattern.score, pattern.block, pattern.block_size if pattern.has_block_mask else None,
             tuple((n, pattern.param_kind(n)) for n in pattern.params),
-            tuple((n, t.dtype, t.dim()) for n, t in pattern.buffers.items()), config, plan.signature, interpret)
+            tuple((n, t.dtype, t.dim()) for n, t in pattern.buffers.items()), config, plan.signature, interpret,
+            kind)
     if memo in _MODULES:
         return _MODULES[memo]
     specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
     parts = {
-        "kind": "forward",
+        "kind": kind,
         "mask": str(token_mask(pattern)),
         "score": str(pattern.score),
         "params": ",".join(f"{n}:{pattern.param_kind(n)}" for n in pattern.params),
@@ -212,7 +214,7 @@ def kernel_module(pattern: Pattern, config: TileConfig, plan: NumericPlan, *, in
         "plan": plan.signature,
     }
     module = _MODULES[memo] = cache.load_kernel_module(
-        parts, lambda: generate_forward(pattern, specs, config, plan, attncc.__version__), interpret=interpret)
+        parts, lambda: generate(kind, pattern, specs, config, plan, attncc.__version__), interpret=interpret)
     return module
 
 
