@@ -8,7 +8,11 @@ CuTe printer (`cute`). Adding an operator is adding a row; `tests/test_ops.py` c
 lacks a column its interpreters need.
 
 Columns that are code take the interpreter as their first argument (`I` below: the intervals
-module, the Triton printer), so this module imports no interpreter and the rooms stay layered.
+module, the Triton printer, `D`: compiler.derivative, whose add/mul/... treat None as an exact
+zero), so this module imports no interpreter and the rooms stay layered. `derivative` is forward
+mode: d(node) from the operands and their derivatives; piecewise-constant and boolean operators
+have none (None), `where` passes its branches', min / max split ties evenly and abs is 0 at 0,
+as torch's autograd does.
 
 Operand classes (`operands`): "number" (int or float; booleans are refused, the tracer lifts them
 to 0/1 first), "bool", "any" (eq / ne: two numbers or two booleans), "where" (a boolean, then two
@@ -17,6 +21,7 @@ operand is, else int), "pow" (int ** non-negative int constant is int, else floa
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +43,7 @@ class Operator:
     torch: Callable              # tensors -> tensor (reference, dense masks, exact tile evaluation)
     interval: Callable           # (I, box, *abstract values) -> abstract value (block classification)
     triton: str | Callable       # "{0} + {1}" over operand texts, or (printer, node, texts) -> str
-    derivative: Callable | None = None  # d/d(operand) rule: filled by the backward (compiler.derivative)
+    derivative: Callable | None = None  # (D, node, operands, their derivatives) -> derivative; D = compiler.derivative
     cute: str | Callable | None = None  # CuTe-DSL printer: filled by the FlashAttention-4 path
     commutative: bool = False    # operands may be swapped (the canonical order puts the smaller first)
     mirror: str | None = None    # comparisons: the operator meaning the same with operands swapped
@@ -78,6 +83,9 @@ def _torch_ceil(a):
 
 def _arith(name, spelling, prec, fold, torch_fn, interval, triton, **kw):
     return Operator(name, 2, "join", "number", spelling, "infix", prec, fold, torch_fn, interval, triton, **kw)
+
+
+COMPARE_NAMES = ("eq", "ne", "lt", "le", "gt", "ge")
 
 
 def _compare(name, spelling, fold, torch_fn, mirror):
@@ -151,6 +159,35 @@ ROWS = [
              lambda I, box, x: I.to_int(box, x), lambda P, n, a: P.to_int(n, a)),
 ]
 
+_LN2 = math.log(2.0)
+_ZERO = lambda D, n, a, d: None  # noqa: E731 — boolean or piecewise-constant: no derivative
+DERIVATIVES: dict[str, Callable] = {
+    "add": lambda D, n, a, d: D.add(d[0], d[1]),
+    "sub": lambda D, n, a, d: D.sub(d[0], d[1]),
+    "mul": lambda D, n, a, d: D.add(D.mul(d[0], a[1]), D.mul(a[0], d[1])),
+    "truediv": lambda D, n, a, d: D.div(D.sub(d[0], D.mul(n, d[1])), a[1]),
+    "floordiv": _ZERO,
+    "mod": lambda D, n, a, d: D.sub(d[0], D.mul(D.op("floordiv", a[0], a[1]), d[1])),
+    "pow": lambda D, n, a, d: D.add(D.mul(D.mul(a[1], D.op("pow", a[0], D.op("sub", a[1], D.const(1)))), d[0]),
+                                    D.mul(D.mul(n, D.op("log", a[0])), d[1])),
+    "neg": lambda D, n, a, d: D.neg(d[0]),
+    "abs": lambda D, n, a, d: D.where(D.op("gt", a[0], D.const(0)), d[0],
+                                      D.where(D.op("lt", a[0], D.const(0)), D.neg(d[0]), None)),
+    "min": lambda D, n, a, d: D.where(D.op("lt", a[0], a[1]), d[0], D.where(D.op("gt", a[0], a[1]), d[1],
+                                                                            D.mul(D.add(d[0], d[1]), D.const(0.5)))),
+    "max": lambda D, n, a, d: D.where(D.op("gt", a[0], a[1]), d[0], D.where(D.op("lt", a[0], a[1]), d[1],
+                                                                            D.mul(D.add(d[0], d[1]), D.const(0.5)))),
+    "where": lambda D, n, a, d: D.where(a[0], d[1], d[2]),
+    "exp": lambda D, n, a, d: D.mul(n, d[0]),
+    "exp2": lambda D, n, a, d: D.mul(D.mul(n, D.const(_LN2)), d[0]),
+    "log": lambda D, n, a, d: D.div(d[0], a[0]),
+    "log2": lambda D, n, a, d: D.div(d[0], D.op("mul", a[0], D.const(_LN2))),
+    "sqrt": lambda D, n, a, d: D.div(d[0], D.op("mul", D.const(2.0), n)),
+    "tanh": lambda D, n, a, d: D.mul(D.op("sub", D.const(1.0), D.op("mul", n, n)), d[0]),
+    "sigmoid": lambda D, n, a, d: D.mul(D.op("mul", n, D.op("sub", D.const(1.0), n)), d[0]),
+    **{name: _ZERO for name in COMPARE_NAMES + ("and", "or", "not", "floor", "ceil", "round", "int")},
+}
+ROWS = [dataclasses.replace(row, derivative=DERIVATIVES[row.name]) for row in ROWS]
 TABLE: dict[str, Operator] = {row.name: row for row in ROWS}
 
 COMPARE = tuple(r.name for r in ROWS if r.mirror is not None)
