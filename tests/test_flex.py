@@ -248,10 +248,16 @@ def test_broadcast_of_a_batch_dependent_mask_is_refused():
         ac_flex.flex_attention(q, k, v, block_mask=bm)
 
 
-def test_grad_is_not_implemented():
-    q, k, v, *_ = inputs(1, 1, 1, 32, 32, 16, 16)
-    with pytest.raises(NotImplementedError, match="backward"):
-        ac_flex.flex_attention(q.requires_grad_(), k, v)
+def test_gradients_flow_through_the_drop_in():
+    q, k, v, *_ = inputs(1, 2, 2, 32, 32, 16, 16)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    bm = ac_flex.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 32, 32, device="cpu")
+    softcap = lambda score, b, h, q_idx, kv_idx: 5.0 * torch.tanh(score / 5.0)  # noqa: E731
+    ac_flex.flex_attention(q, k, v, score_mod=softcap, block_mask=bm).sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ac.reference(qd, kd, vd, ac.patterns.softcap(5.0)).sum().backward()
+    for a, b in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert ((a.double() - b).norm() / b.norm()) < 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -205,10 +205,6 @@ def test_sign_analysis_picks_plain_or_floor_operators():
 
 def test_bad_inputs_raise_clear_errors():
     q, k, v = qkv(1, 2, 1, 20, 20, 16)
-    with pytest.raises(NotImplementedError, match="backward"):
-        attention(q.clone().requires_grad_(), k, v)
-    with torch.no_grad():
-        attention(q.clone().requires_grad_(), k, v)
     with pytest.raises(ValueError, match="q has head dim 8"):
         attention(*qkv(1, 1, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="v has head dim 300"):
@@ -222,8 +218,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="pattern"):
         attention(q, k, v, "causal")
     kern = compile(None, q, k, v)
-    with pytest.raises(NotImplementedError):
-        kern(q.clone().requires_grad_(), k, v)
+    assert kern(q.clone().requires_grad_(), k, v).grad_fn is not None  # compiled kernels train too
     with pytest.raises(ValueError, match="meta"):
         kern(q.to("meta"), k.to("meta"), v.to("meta"))
     with pytest.raises(ValueError, match="doc"):  # a buffer shorter than the sequence

@@ -14,6 +14,7 @@ import torch
 
 from ..dsl import ir
 from ..dsl.pattern import Pattern
+from .derivative import derivative
 from .evaluate import token_mask
 from .lowering import HELPERS, BufferSpec, lower_function
 from .numerics import NumericPlan
@@ -34,44 +35,51 @@ class TileConfig:
         return f"{self.BLOCK_M}x{self.BLOCK_N}, num_warps={self.num_warps}, num_stages={self.num_stages}"
 
 
-def kernel_roots(pattern: Pattern) -> tuple[ir.Node, ir.Node]:
-    """The expressions a kernel evaluates: the token mask (block predicate folded in) and the score."""
-    return token_mask(pattern), pattern.score
+def kernel_roots(pattern: Pattern, kind: str = "forward") -> tuple[ir.Node, ...]:
+    """The expressions a `kind` kernel evaluates: the token mask (block predicate folded in) and
+    the score; the backward also the score mod's derivative (0.0 where it is identically zero)."""
+    roots = (token_mask(pattern), pattern.score)
+    if kind == "backward":
+        roots += (score_derivative(pattern),)
+    return roots
 
 
-KINDS = ("forward",)
+def score_derivative(pattern: Pattern) -> ir.Node:
+    """d(score mod)/d(raw score) as IR (the constant 0.0 where it is identically zero)."""
+    d = derivative(pattern.score, ir.Var(ir.SCORE_VAR))
+    return ir.const(0.0) if d is None else d
+
+
+KINDS = ("forward", "backward")
 
 
 def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec], config: TileConfig,
              plan: NumericPlan, version: str) -> str:
-    """Stand-alone Python source of the `kind` kernel (one of KINDS) and its launcher."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; known: {KINDS}")
-    return generate_forward(pattern, buffers, config, plan, version)
-
-
-def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config: TileConfig,
-                     plan: NumericPlan, version: str) -> str:
-    """Stand-alone Python source of the forward kernel and its launcher for `pattern`.
+    """Stand-alone Python source of the `kind` kernels (one of KINDS) and their launcher.
 
     The source depends on the pattern's IR, the buffers' dtypes and ranks, `config` and the
     numeric plan (not on param values or buffer contents, except through the plan's types);
     q/k/v dtype, head dims, GQA group and list contiguity are constexpr arguments.
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; known: {KINDS}")
+    roots = kernel_roots(pattern, kind)
+    mask, score = roots[:2]
     bufs = [buffers[n] for n in sorted(buffers)]
     extra = [f"p_{p}" for p in pattern.params]
     buffer_args = []
     for spec in bufs:
         buffer_args += [f"buf_{spec.name}"] + [f"buf_{spec.name}_s{d}" for d in range(spec.ndim)]
     extra += buffer_args
-    mask, score = kernel_roots(pattern)
-    fast_tanh = any(isinstance(n, ir.Op) and n.op == "tanh" for e in (mask, score) for n in ir.walk(e))
+    fast_tanh = any(isinstance(n, ir.Op) and n.op == "tanh" for e in roots for n in ir.walk(e))
     extra_args = "".join(f", {a}" for a in extra) + (", FAST_TANH" if fast_tanh else "")
     helpers: set[str] = set()
-    mask_fn = lower_function("mask_mod", "b, h, q, kv" + extra_args, mask, f"mask = {_shown(mask)}",
-                             buffers, plan, helpers)
-    score_fn = lower_function("score_mod", "score, b, h, q, kv" + extra_args, score,
-                              f"score = {_shown(score)}", buffers, plan, helpers)
+    functions = {"MASK_MOD": ("mask_mod", "b, h, q, kv", mask, "mask"),
+                 "SCORE_MOD": ("score_mod", "score, b, h, q, kv", score, "score")}
+    if kind == "backward":
+        functions["SCORE_GRAD"] = ("score_grad", "score, b, h, q, kv", roots[2], "d(score)/d(raw score)")
+    holes = {hole: lower_function(name, args + extra_args, root, f"{what} = {_shown(root)}", buffers, plan, helpers)
+             for hole, (name, args, root, what) in functions.items()}
     launch_extra = []
     for spec in bufs:
         t = f"buffers[{spec.name!r}]"
@@ -80,13 +88,11 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
         launch_extra += [f"buf_{spec.name}_s{d}={t}.stride({d})" for d in range(spec.ndim)]
     if fast_tanh:
         launch_extra.append("FAST_TANH=q.is_cuda and q.dtype != torch.float32")
-    holes = {
+    holes.update({
         "VERSION": version,
-        "PATTERN": _describe(pattern, bufs, plan, mask, score),
+        "PATTERN": _describe(pattern, bufs, plan, roots),
         "CONFIG": str(config),
         "HELPERS": "".join(HELPERS[h] + "\n\n\n" for h in sorted(helpers)),
-        "MASK_MOD": mask_fn,
-        "SCORE_MOD": score_fn,
         "EXTRA_ARGS": extra_args,
         "EXTRA_PARAMS": "".join(f"\n    {a}," for a in buffer_args)
         + ("\n    FAST_TANH: tl.constexpr," if fast_tanh else ""),
@@ -96,9 +102,9 @@ def generate_forward(pattern: Pattern, buffers: Mapping[str, BufferSpec], config
         "LAUNCH_EXTRA": "".join(f"\n        {a}," for a in launch_extra),
         "BLOCK_M": str(config.BLOCK_M), "BLOCK_N": str(config.BLOCK_N),
         "NUM_WARPS": str(config.num_warps), "NUM_STAGES": str(config.num_stages),
-    }
+    })
     holes["COMMON"] = _template("common.py.tmpl").substitute(holes)
-    return _template("forward.py.tmpl").substitute(holes)
+    return _template(f"{kind}.py.tmpl").substitute(holes)
 
 
 _PARAM_LOADS = {"i32": ".to(tl.int32)", "i64": "", "f32": ".to(tl.float64, bitcast=True).to(tl.float32)",
@@ -123,7 +129,7 @@ def _shown(node: ir.Node) -> str:
     return text if len(text) <= _DOC_LIMIT else f"{text[:_DOC_LIMIT]} ... ({len(text)} characters)"
 
 
-def _describe(pattern: Pattern, bufs: list[BufferSpec], plan: NumericPlan, mask: ir.Node, score: ir.Node) -> str:
+def _describe(pattern: Pattern, bufs: list[BufferSpec], plan: NumericPlan, roots: tuple[ir.Node, ...]) -> str:
     """The pattern as the kernel sees it: params and buffers are arguments, so no values here."""
     lines = []
     for name in pattern.params:
@@ -132,7 +138,9 @@ def _describe(pattern: Pattern, bufs: list[BufferSpec], plan: NumericPlan, mask:
                      + (f" ({plan.types[node]})" if node in plan.types else " (unused)"))
     lines += [f"buffer {b.name}: {str(b.dtype).replace('torch.', '')}, {b.ndim}-d, the pointer buf_{b.name}"
               for b in bufs]
-    lines += [f"mask = {_shown(mask)}", f"score = {_shown(score)}"]
+    lines += [f"mask = {_shown(roots[0])}", f"score = {_shown(roots[1])}"]
+    if len(roots) > 2:
+        lines.append(f"d(score)/d(raw score) = {_shown(roots[2])}")
     wide = sorted({t for t in plan.types.values() if t in ("i64", "f64")})
     lines.append("numeric plan: int32 and float32, " + (f"with {' and '.join(wide)} where values need them"
                                                          if wide else "nothing wider needed"))

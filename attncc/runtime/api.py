@@ -99,7 +99,6 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
-    from .autograd import check_no_grad
     from .kernel import TRITON_KEY, check_options, choose_path, choose_tiles, choose_tma, refine_tiles
 
     if not isinstance(return_lse, bool):
@@ -108,7 +107,6 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     for name, d in (("q", s.D), ("v", s.Dv)):
         if not 16 <= d <= 256:
             raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
-    check_no_grad(q, k, v)
     if q.is_cuda:
         TRITON_KEY.start()
     pattern = _pattern(pattern)

@@ -26,7 +26,7 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE, Var, op
 from ..dsl.pattern import Pattern
 from . import cache
-from .autograd import check_no_grad
+from . import autograd
 from .inputs import Shapes, check_qkv
 
 _META_CACHE_SIZE = 64
@@ -84,12 +84,12 @@ def param_values(params: dict, device) -> torch.Tensor:
     return torch.tensor(bits or [0], dtype=torch.int64, device=device)
 
 
-def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: NumericPlan) -> KernelMeta:
-    """KernelMeta from a BlockMask built for the kernel's tiles (see the class docstring)."""
-    full_num, full_idx = bm.full_kv_num.int(), bm.full_kv_idx.int()
-    part_num, part_idx = bm.partial_kv_num.int(), bm.partial_kv_idx.int()
-    if KV_LEN % bm.BLOCK_N and full_idx.shape[-1]:
-        last = KV_LEN // bm.BLOCK_N  # the ragged tile
+def _ragged_to_partial(full_num, full_idx, part_num, part_idx, LEN: int, BLOCK: int):
+    """The lists with a ragged last tile (LEN % BLOCK != 0) moved from FULL to PARTIAL, so the
+    mask-free loop never reads past LEN; each idx at least 1 wide."""
+    full_num, full_idx, part_num, part_idx = full_num.int(), full_idx.int(), part_num.int(), part_idx.int()
+    if LEN % BLOCK and full_idx.shape[-1]:
+        last = LEN // BLOCK  # the ragged tile
         tail = full_idx.gather(-1, (full_num.long() - 1).clamp_min(0)[..., None])[..., 0]
         ragged = (full_num > 0) & (tail == last)
         if bool(ragged.any()):
@@ -98,16 +98,55 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: Nume
             slot = part_num.long()[..., None]
             part_idx = part_idx.scatter(-1, slot, torch.where(ragged[..., None], last, part_idx.gather(-1, slot)))
             part_num = part_num + ragged.int()
-    full_idx, part_idx = _widen(full_idx, 1), _widen(part_idx, 1)
+    return full_num, _widen(full_idx, 1), part_num, _widen(part_idx, 1)
+
+
+def _strides(num: torch.Tensor) -> tuple[int, int]:
+    """Element strides of [B|1, H|1, R] lists over b and h, 0 on a broadcast dim."""
+    Bm, Hm, R = num.shape
+    return (Hm * R if Bm > 1 else 0), (R if Hm > 1 else 0)
+
+
+def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: NumericPlan) -> KernelMeta:
+    """KernelMeta from a BlockMask built for the kernel's tiles (see the class docstring)."""
+    full_num, full_idx, part_num, part_idx = _ragged_to_partial(
+        bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, KV_LEN, bm.BLOCK_N)
     weight = full_num.float() + _PARTIAL_WEIGHT * part_num.float()
     order = torch.argsort(-weight, dim=-1, stable=True).int()
-    Bm, Hm, QB = full_num.shape
+    stride_b, stride_h = _strides(full_num)
     return KernelMeta(
         full_num=full_num.contiguous(), full_idx=full_idx.contiguous(),
         partial_num=part_num.contiguous(), partial_idx=part_idx.contiguous(), order=order.contiguous(),
-        stride_b=Hm * QB if Bm > 1 else 0, stride_h=QB if Hm > 1 else 0,
+        stride_b=stride_b, stride_h=stride_h,
         full_contiguous=_contiguous(full_num, full_idx), partial_contiguous=_contiguous(part_num, part_idx),
         buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()), params=params, plan=plan)
+
+
+@dataclass(frozen=True)
+class BackwardMeta:
+    """What the backward kernels need beyond KernelMeta: the transposed lists of the dK/dV kernel
+    (per (b, h, kv tile) the query tiles, ascending; int32 [B|1, H|1, KB] counts and [.., KB, width]
+    indices; a ragged last query tile always PARTIAL) and the numeric plan of the backward's
+    expressions (mask, score and the score mod's derivative)."""
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    partial_num: torch.Tensor
+    partial_idx: torch.Tensor
+    stride_b: int
+    stride_h: int
+    full_contiguous: bool
+    partial_contiguous: bool
+    plan: NumericPlan
+
+
+def backward_meta(bm, pattern: Pattern, s: Shapes, buffers: dict, device) -> BackwardMeta:
+    """BackwardMeta from the forward's BlockMask (its transposed lists, built on first use)."""
+    full_num, full_idx, part_num, part_idx = _ragged_to_partial(
+        bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, s.Q, bm.BLOCK_M)
+    stride_b, stride_h = _strides(full_num)
+    plan = numeric_plan(kernel_roots(pattern, "backward"), pattern.params, buffers, s.B, s.Hq, s.Q, s.KV, device)
+    return BackwardMeta(full_num.contiguous(), full_idx.contiguous(), part_num.contiguous(), part_idx.contiguous(),
+                        stride_b, stride_h, _contiguous(full_num, full_idx), _contiguous(part_num, part_idx), plan)
 
 
 class _TritonKeyPrefetch:
@@ -150,7 +189,7 @@ def _buffer_key(t: torch.Tensor) -> tuple:
 
 
 class _MetaCache:
-    """LRU of (BlockMask, KernelMeta) per pattern value, shapes, tiles and buffer versions."""
+    """LRU of (BlockMask, KernelMeta, BackwardMeta) per pattern value, shapes, tiles and buffer versions."""
 
     def __init__(self, size: int):
         self.size = size
@@ -161,16 +200,24 @@ class _MetaCache:
     def get(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device):
         """(BlockMask, KernelMeta) for these shapes and tiles: built on a miss, then kept."""
         with self.lock:
-            return self._get(pattern, s, config, device)
+            return tuple(self._entry(pattern, s, config, device)[1:3])
 
-    def _get(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device):
+    def backward(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device) -> BackwardMeta:
+        """The BackwardMeta of the same entry, built the first time a backward asks for it."""
+        with self.lock:
+            entry = self._entry(pattern, s, config, device)
+            if entry[3] is None:
+                entry[3] = backward_meta(entry[1], pattern, s, entry[2].buffers, device)
+            return entry[3]
+
+    def _entry(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device) -> list:
         key = (pattern.mask, pattern.score, pattern.block, pattern.block_size, tuple(pattern.params.items()),
                tuple((n, _buffer_key(t)) for n, t in pattern.buffers.items()),
                s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, str(device))
         hit = self.entries.get(key)
         if hit is not None:
             self.entries.move_to_end(key)
-            return hit[1:]
+            return hit
         from ..compiler.blockmask import build_block_mask
 
         bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, device)
@@ -179,11 +226,12 @@ class _MetaCache:
         plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, s.Q, s.KV, device)
         meta = kernel_meta(bm, s.KV, buffers, param_values(pattern.params, device), plan)
         self.builds += 1
-        # the key holds ids: keep the buffers alive with the entry so an id is never reused
-        self.entries[key] = (dict(pattern.buffers), bm, meta)
+        # the key holds ids: keep the buffers alive with the entry so an id is never reused;
+        # the last slot is the BackwardMeta, built on first use
+        entry = self.entries[key] = [dict(pattern.buffers), bm, meta, None]
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
-        return bm, meta
+        return entry
 
 
 META_CACHE = _MetaCache(_META_CACHE_SIZE)
@@ -278,9 +326,9 @@ class Kernel:
         return cache.source_of(self.module)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
-        """out [B, Hq, Q, Dv] in q's dtype (and lse float32 [B, Hq, Q] when return_lse)."""
+        """out [B, Hq, Q, Dv] in q's dtype (and lse float32 [B, Hq, Q] when return_lse);
+        differentiable in q, k, v (and through lse) when they require grad."""
         s = check_qkv(q, k, v)
-        check_no_grad(q, k, v)
         if q.device != self.device:
             raise ValueError(f"q is on {q.device}, but this kernel was compiled for {self.device}; "
                              "call attncc.compile with tensors on that device")
@@ -289,25 +337,55 @@ class Kernel:
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes, return_lse: bool):
         """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
         if self.path == "sdpa-cudnn" and not return_lse and s == self._shapes:
-            return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)
-        meta, module = self._meta, self.module
-        if s != self._shapes:  # other lengths: their own block mask, and maybe other machine types
-            _, meta = META_CACHE.get(self.pattern, s, self.tiles, q.device)
-            if meta.plan.signature != self._meta.plan.signature:
-                module = kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret)
+            return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)  # SDPA's own backward
+        if autograd.needs_grad(self.pattern, q, k, v):
+            return autograd.attention(self, q, k, v, s, return_lse)
+        out, lse = self.forward(q, k, v, s)
+        return (out, lse) if return_lse else out
+
+    def _specialised(self, s: Shapes, device) -> tuple[KernelMeta, types.ModuleType]:
+        """The metadata and forward module for shapes `s` (other lengths: their own block mask, and
+        maybe other machine types)."""
+        if s == self._shapes:
+            return self._meta, self.module
+        _, meta = META_CACHE.get(self.pattern, s, self.tiles, device)
+        if meta.plan.signature == self._meta.plan.signature:
+            return meta, self.module
+        return meta, kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes):
+        """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) from the generated kernel."""
+        meta, module = self._specialised(s, q.device)
         dtype = q.dtype
-        if self.interpret and dtype == torch.bfloat16:
-            # Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16):
-            # on CPU only, run the same kernel on float32 copies and round the output back
-            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = self._interpretable(q, k, v)
+        out, lse = self._launch(module.forward, q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
+        return out.to(dtype), lse
+
+    def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
+        """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
+        gradient of out (None: zeros), dlse that of lse (None: zeros)."""
+        meta, _ = self._specialised(s, q.device)
+        bmeta = META_CACHE.backward(self.pattern, s, self.tiles, q.device)
+        module = kernel_module(self.pattern, self.tiles, bmeta.plan, interpret=self.interpret, kind="backward")
+        dtypes = (q.dtype, k.dtype, v.dtype)
+        dout = torch.zeros_like(out) if dout is None else dout
+        q, k, v, out, dout = self._interpretable(q, k, v, out, dout)
+        grads = self._launch(module.backward, q, k, v, out, lse, dout, dlse, meta, bmeta, self.scale, meta.buffers)
+        return tuple(g.to(t) for g, t in zip(grads, dtypes))
+
+    def _interpretable(self, *tensors):
+        """Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16): on CPU
+        only, the same kernels run on float32 copies (their results are rounded back)."""
+        if self.interpret and tensors[0].dtype == torch.bfloat16:
+            return tuple(t.float() for t in tensors)
+        return tensors
+
+    def _launch(self, fn, *args, **kwargs):
         if self.interpret:
             with INTERPRETER_LOCK, _quiet_numpy():  # the interpreter patches triton.language globally
-                out, lse = module.forward(q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
-        else:
-            TRITON_KEY.wait()
-            out, lse = module.forward(q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
-        out = out.to(dtype)
-        return (out, lse) if return_lse else out
+                return fn(*args, **kwargs)
+        TRITON_KEY.wait()
+        return fn(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"Kernel({self.pattern!r}, {self.config})"
