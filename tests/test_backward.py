@@ -97,3 +97,20 @@ def test_buffer_gradients_are_refused_clearly():
         ac.attention(*qkv(1, 4, 4, 20, 20, 16), pat)
     out = ac.attention(*qkv(1, 4, 4, 20, 20, 16), pat.bind(slopes=slopes.detach()))
     assert out.requires_grad
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    pat = ac.patterns.document(ac.patterns.lengths_to_ids([20, 25])) & ac.patterns.softcap(6.0, causal=False)
+
+    def loss(q, k, v):
+        out, lse = ac.attention(q, k, v, pat, return_lse=True)
+        return (out * out).sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()
+
+    q, k, v = qkv(1, 4, 2, 45, 45, 16)
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    value = compiled(q, k, v)
+    assert torch.equal(value.detach(), loss(q, k, v).detach())
+    assert all(torch.equal(a, b) for a, b in zip(eager, torch.autograd.grad(value, (q, k, v))))
+    full = torch.compile(lambda q, k, v: ac.attention(q, k, v).sum(), backend="aot_eager", fullgraph=True)
+    assert torch.allclose(full(q, k, v), ac.attention(q, k, v).sum())

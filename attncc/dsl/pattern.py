@@ -28,7 +28,7 @@ class Pattern:
     (an int or (BQ, BK), default 128) dead; at token level it reads as `block(q // BQ, kv // BK)`.
     """
 
-    __slots__ = ("mask", "score", "block", "block_size", "params", "buffers", "name")
+    __slots__ = ("mask", "score", "block", "block_size", "params", "buffers", "name", "__weakref__")
 
     def __init__(self, mask_mod: Callable | None = None, score_mod: Callable | None = None,
                  block_mask_mod: Callable | None = None, name: str | None = None,

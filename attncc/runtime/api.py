@@ -15,9 +15,12 @@ from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
 _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the reference
 
 
+FULL = Pattern(name="full")  # pattern=None: full attention
+
+
 def _pattern(pattern) -> Pattern:
     if pattern is None:
-        return Pattern()
+        return FULL
     if callable(pattern) and not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be an attncc.Pattern, got the function {getattr(pattern, '__name__', pattern)!r}; "
                          "wrap it: ac.Pattern(mask_mod=fn) for a mask_mod(b, h, q_idx, kv_idx), "
@@ -146,8 +149,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     """
     from .kernel import Kernel
 
+    if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
+        return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
     pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
     return Kernel(pattern, s, q.device, scale, tiles, path, tma).run(q, k, v, s, return_lse)
+
+
+def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
+    from .autograd import attention_op, registry_key
+
+    if any(t.requires_grad for t in pattern.buffers.values()):
+        raise NotImplementedError("gradients of a pattern's buffers are not built yet (gradients of q, k "
+                                  "and v are); detach them, e.g. pattern.bind(name=tensor.detach())")
+    options = tuple(sorted((kernel_options or {}).items()))
+    key = registry_key(pattern, options)
+    out, lse = attention_op(q, k, v, [t for t in pattern.buffers.values()], key, scale)
+    return (out, lse) if return_lse else out
+
+
+def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
+    """(Kernel running attncc's own kernels (never the SDPA dispatch), Shapes) for these inputs:
+    what the torch.compile custom ops call."""
+    from .kernel import Kernel
+
+    options = {**kernel_options, "backend": "attncc"}
+    pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, options, True)
+    return Kernel(pattern, s, q.device, scale, tiles, path, tma), s
 
 
 def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
