@@ -156,11 +156,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
-    from .autograd import attention_op, registry_key
+    from .autograd import attention_op, refuse_buffer_grads, registry_key
 
-    if any(t.requires_grad for t in pattern.buffers.values()):
-        raise NotImplementedError("gradients of a pattern's buffers are not built yet (gradients of q, k "
-                                  "and v are); detach them, e.g. pattern.bind(name=tensor.detach())")
+    refuse_buffer_grads(pattern)
     options = tuple(sorted((kernel_options or {}).items()))
     key = registry_key(pattern, options)
     out, lse = attention_op(q, k, v, [t for t in pattern.buffers.values()], key, scale)

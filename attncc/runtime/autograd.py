@@ -27,13 +27,18 @@ def needs_grad(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         t is not None and t.requires_grad for t in pattern.buffers.values())
 
 
-def attention(kernel, q, k, v, s, return_lse: bool):
-    """kernel's attention of q, k, v (shapes s) recorded for autograd; out (and lse)."""
-    wanting = [name for name, t in kernel.pattern.buffers.items() if t is not None and t.requires_grad]
+def refuse_buffer_grads(pattern: Pattern) -> None:
+    """NotImplementedError when a buffer of the pattern requires grad (not built yet)."""
+    wanting = [name for name, t in pattern.buffers.items() if t is not None and t.requires_grad]
     if wanting:
         raise NotImplementedError(
             f"buffer(s) {wanting} require grad, but gradients of a pattern's buffers are not built yet "
             "(gradients of q, k and v are); detach them, e.g. pattern.bind(name=tensor.detach())")
+
+
+def attention(kernel, q, k, v, s, return_lse: bool):
+    """kernel's attention of q, k, v (shapes s) recorded for autograd; out (and lse)."""
+    refuse_buffer_grads(kernel.pattern)
     out, lse = _Attention.apply(q, k, v, kernel, s)
     return (out, lse) if return_lse else out
 
