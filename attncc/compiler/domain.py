@@ -33,10 +33,6 @@ INT_CONVERSION_LIMIT = intervals.INT_CONVERSION_LIMIT  # a float converted by in
 _PATH_SIZE_LIMIT = 64            # nodes in a path condition before it is dropped (TRUE: stricter)
 
 
-def _score_free(n: ir.Node) -> bool:
-    return ir.SCORE_VAR not in ir.free_vars(n)
-
-
 def path_conditions(root: ir.Node) -> dict[ir.Node, ir.Node]:
     """For every node of `root`, a boolean IR that is true wherever the node's value can reach
     the root (through `where` branches; score-dependent or large conditions become TRUE)."""
@@ -45,7 +41,7 @@ def path_conditions(root: ir.Node) -> dict[ir.Node, ir.Node]:
     for n in order:
         p = paths[n]
         edges = [ir.TRUE] * len(n.children())
-        if isinstance(n, ir.Op) and n.op == "where" and _score_free(n.args[0]):
+        if isinstance(n, ir.Op) and n.op == "where" and ir.score_free(n.args[0]):
             edges = [ir.TRUE, n.args[0], ir.op("not", n.args[0])]
         for child, edge in zip(n.children(), edges):
             reach = p if edge is ir.TRUE else ir.op("and", p, edge)
@@ -71,19 +67,19 @@ def node_conditions(n: ir.Node, shapes: dict[str, tuple]) -> list[tuple[ir.Node,
         return []
     a = n.args
     zero = c(0.0) if ir.kind_of(n) == "float" else c(0)
-    if n.op in ("floordiv", "mod") and (ir.kind_of(n) == "int" or _score_free(a[1])):
+    if n.op in ("floordiv", "mod") and (ir.kind_of(n) == "int" or ir.score_free(a[1])):
         return [(ir.op("ne", a[1], zero), f"the divisor {a[1]} of {n} must not be zero")]
-    if n.op == "truediv" and _score_free(a[1]):
+    if n.op == "truediv" and ir.score_free(a[1]):
         return [(ir.op("ne", a[1], c(0)), f"the divisor {a[1]} of {n} must not be zero")]
-    if n.op in ("sqrt", "log", "log2") and _score_free(a[0]):
+    if n.op in ("sqrt", "log", "log2") and ir.score_free(a[0]):
         return [(ir.op("ge", a[0], c(0)), f"the argument {a[0]} of {n.op} must not be negative")]
-    if n.op == "pow" and ir.kind_of(n) == "float" and _score_free(n):
+    if n.op == "pow" and ir.kind_of(n) == "float" and ir.score_free(n):
         base, expo = a
         integral = ir.op("eq", ir.op("floor", expo), expo) if ir.kind_of(expo) == "float" else ir.TRUE
         ok = ir.op("or", ir.op("gt", base, c(0)), ir.op("and", ir.op("eq", base, c(0)), ir.op("ge", expo, c(0))))
         ok = ir.op("or", ok, ir.op("and", ir.op("lt", base, c(0)), integral))
         return [(ok, f"{n} must be defined (no 0 ** negative, no negative ** fraction)")]
-    if n.op == "int" and ir.kind_of(a[0]) == "float" and _score_free(a[0]):
+    if n.op == "int" and ir.kind_of(a[0]) == "float" and ir.score_free(a[0]):
         lim = float(INT_CONVERSION_LIMIT)
         return [(ir.op("and", ir.op("ge", a[0], c(-lim)), ir.op("le", a[0], c(lim))),
                  f"{a[0]}, converted by int(), must be finite and within +-2**62")]
@@ -124,7 +120,7 @@ def check_domain(pattern: Pattern, roots: tuple[ir.Node, ...], B: int, H: int, Q
         t, _, _ = intervals.decide(tri, device)
         if bool(t.all()):
             continue
-        if not _score_free(cond):
+        if not ir.score_free(cond):
             raise PatternError(f"cannot prove that {what}: it depends on the score (clamp it into range)")
         undecided.append((cond, what))
     for cond, what in undecided:

@@ -112,10 +112,10 @@ def _discrete_floats(nodes, kinds) -> set[ir.Node]:
             parents.setdefault(c, []).append(n)
     out: set[ir.Node] = set()
     for n in reversed(nodes):  # parents first
-        if kinds[n] != "float" or ir.SCORE_VAR in ir.free_vars(n):
+        if kinds[n] != "float" or not ir.score_free(n):
             continue
         for p in parents.get(n, ()):
-            if (isinstance(p, ir.Op) and p.op in _DISCRETE and ir.SCORE_VAR not in ir.free_vars(p)) \
+            if (isinstance(p, ir.Op) and p.op in _DISCRETE and ir.score_free(p)) \
                     or p in out:
                 out.add(n)
                 break

@@ -421,8 +421,15 @@ def walk(node: Node) -> Iterator[Node]:
             stack.extend((c, False) for c in reversed(n.children()))
 
 
+@lru_cache(maxsize=None)
 def free_vars(node: Node) -> frozenset[str]:
+    """The variables `node` reads (cached: nodes are interned, and the analyses ask per node)."""
     return frozenset(n.name for n in walk(node) if isinstance(n, Var))
+
+
+def score_free(node: Node) -> bool:
+    """Whether `node` does not read the score (its value is fixed by b, h, q, kv, params, buffers)."""
+    return SCORE_VAR not in free_vars(node)
 
 
 def params_of(node: Node) -> dict[str, Param]:
