@@ -35,6 +35,17 @@ class TileConfig:
         return f"{self.BLOCK_M}x{self.BLOCK_N}, num_warps={self.num_warps}, num_stages={self.num_stages}"
 
 
+@dataclass(frozen=True)
+class BackwardTiles:
+    """How the two backward kernels are scheduled: dK/dV programs hold a BLOCK_N kv tile and walk
+    BLOCK_M query tiles, dQ programs the other way round; each has its own block-mask granularity."""
+    dkdv: TileConfig
+    dq: TileConfig
+
+    def __str__(self) -> str:
+        return f"dK/dV {self.dkdv}; dQ {self.dq}"
+
+
 def kernel_roots(pattern: Pattern, kind: str = "forward") -> tuple[ir.Node, ...]:
     """The expressions a `kind` kernel evaluates: the token mask (block predicate folded in) and
     the score; the backward also the score mod's derivative (0.0 where it is identically zero)."""
@@ -53,11 +64,12 @@ def score_derivative(pattern: Pattern) -> ir.Node:
 KINDS = ("forward", "backward")
 
 
-def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec], config: TileConfig,
-             plan: NumericPlan, version: str) -> str:
+def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec],
+             config: TileConfig | BackwardTiles, plan: NumericPlan, version: str) -> str:
     """Stand-alone Python source of the `kind` kernels (one of KINDS) and their launcher.
 
-    The source depends on the pattern's IR, the buffers' dtypes and ranks, `config` and the
+    `config`: a TileConfig for the forward, BackwardTiles for the backward. The source depends on
+    the pattern's IR, the buffers' dtypes and ranks, `config` and the
     numeric plan (not on param values or buffer contents, except through the plan's types);
     q/k/v dtype, head dims, GQA group and list contiguity are constexpr arguments.
     """
@@ -100,9 +112,11 @@ def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec], con
         "NO_SPECIALIZE": ", ".join(repr(a) for a in ["Q_LEN", "KV_LEN", "FULL_WIDTH", "PARTIAL_WIDTH"]),
         "HAS_SCORE_MOD": str(pattern.has_score_mod),
         "LAUNCH_EXTRA": "".join(f"\n        {a}," for a in launch_extra),
-        "BLOCK_M": str(config.BLOCK_M), "BLOCK_N": str(config.BLOCK_N),
-        "NUM_WARPS": str(config.num_warps), "NUM_STAGES": str(config.num_stages),
     })
+    named = {"": config} if kind == "forward" else {"DKDV_": config.dkdv, "DQ_": config.dq}
+    for prefix, tiles in named.items():
+        holes.update({f"{prefix}BLOCK_M": str(tiles.BLOCK_M), f"{prefix}BLOCK_N": str(tiles.BLOCK_N),
+                      f"{prefix}NUM_WARPS": str(tiles.num_warps), f"{prefix}NUM_STAGES": str(tiles.num_stages)})
     holes["COMMON"] = _template("common.py.tmpl").substitute(holes)
     return _template(f"{kind}.py.tmpl").substitute(holes)
 

@@ -1,14 +1,19 @@
 """Pattern: an attention pattern as a value — mask IR, score IR, block predicate, params, buffers."""
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import weakref
 from typing import Callable, Mapping
 
 import torch
 
 from . import ir
 from .trace import BUFFER_DTYPES, PatternError, Tracer, python_number, trace
+
+_UIDS = itertools.count()
+_BY_UID: "weakref.WeakValueDictionary[str, Pattern]" = weakref.WeakValueDictionary()
 
 MASK_VARS = ("b", "h", "q", "kv")
 SCORE_VARS = ("score", "b", "h", "q", "kv")
@@ -28,7 +33,7 @@ class Pattern:
     (an int or (BQ, BK), default 128) dead; at token level it reads as `block(q // BQ, kv // BK)`.
     """
 
-    __slots__ = ("mask", "score", "block", "block_size", "params", "buffers", "name", "__weakref__")
+    __slots__ = ("mask", "score", "block", "block_size", "params", "buffers", "name", "uid", "__weakref__")
 
     def __init__(self, mask_mod: Callable | None = None, score_mod: Callable | None = None,
                  block_mask_mod: Callable | None = None, name: str | None = None,
@@ -90,9 +95,18 @@ class Pattern:
         setter(self, "params", dict(sorted(params.items())))
         setter(self, "buffers", dict(sorted(buffers.items())))
         setter(self, "name", name)
+        # a process-unique string naming this pattern object: what torch.compile'd graphs hold
+        # (runtime/autograd.py), as a constant, to find it again (by_uid)
+        setter(self, "uid", f"attncc-pattern-{next(_UIDS)}")
+        _BY_UID[self.uid] = self
 
     def __setattr__(self, key, value):
         raise AttributeError("Pattern is immutable; use bind() or the & and | operators")
+
+    @staticmethod
+    def by_uid(uid: str) -> "Pattern | None":
+        """The live pattern whose `uid` this is (None once it was garbage-collected)."""
+        return _BY_UID.get(uid)
 
     # -- queries
     @property

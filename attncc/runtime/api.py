@@ -102,7 +102,8 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
-    from .kernel import TRITON_KEY, check_options, choose_path, choose_tiles, choose_tma, refine_tiles
+    from .kernel import (TRITON_KEY, KernelChoice, check_options, choose_backward_tiles, choose_path,
+                         choose_tiles, choose_tma, refine_tiles)
 
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
@@ -119,7 +120,9 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     path = choose_path(pattern, s, q, options, return_lse)
     if path == "attncc":
         tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
-    return pattern, s, check_scale(scale, s.D), tiles, path, choose_tma(s, q.device, options)
+    choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), path,
+                          choose_tma(s, q.device, options))
+    return pattern, s, check_scale(scale, s.D), choice
 
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -128,14 +131,15 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     `kern.source` is the generated Triton source, `kern.config` the tiles/warps/stages and path,
     `kern.block_mask` the BlockMask, `kern(q, k, v)` runs it. kernel_options may set BLOCK_M,
-    BLOCK_N, num_warps, num_stages, backend ("auto", or "attncc" to never dispatch to SDPA) and
-    tma (True: read k/v through tensor descriptors where the strides allow, on Hopper or CPU;
-    default: on CUDA for head dims above 128, where it measured faster; see choose_tma).
+    BLOCK_N, num_warps, num_stages (the forward), dkdv_tiles and dq_tiles (the backward's two
+    kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)), backend ("auto", or "attncc" to
+    never dispatch to SDPA) and tma (True: read k/v through tensor descriptors where the strides
+    allow, on Hopper or CPU; default: on CUDA for head dims above 128, where it measured faster).
     """
     from .kernel import Kernel
 
-    pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, kernel_options, False)
-    return Kernel(pattern, s, q.device, scale, tiles, path, tma)
+    pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, False)
+    return Kernel(pattern, s, q.device, scale, choice)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
@@ -151,17 +155,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
     if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
-    pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
-    return Kernel(pattern, s, q.device, scale, tiles, path, tma).run(q, k, v, s, return_lse)
+    pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
+    return Kernel(pattern, s, q.device, scale, choice).run(q, k, v, s, return_lse)
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
-    from .autograd import attention_op, refuse_buffer_grads, registry_key
+    from .autograd import attention_op, options_json, refuse_buffer_grads
 
     refuse_buffer_grads(pattern)
-    options = tuple(sorted((kernel_options or {}).items()))
-    key = registry_key(pattern, options)
-    out, lse = attention_op(q, k, v, [t for t in pattern.buffers.values()], key, scale)
+    out, lse = attention_op(q, k, v, [t for t in pattern.buffers.values()], pattern.uid,
+                            options_json(kernel_options), scale)
     return (out, lse) if return_lse else out
 
 
@@ -171,8 +174,8 @@ def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
     from .kernel import Kernel
 
     options = {**kernel_options, "backend": "attncc"}
-    pattern, s, scale, tiles, path, tma = _prepare(pattern, q, k, v, scale, options, True)
-    return Kernel(pattern, s, q.device, scale, tiles, path, tma), s
+    pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, options, True)
+    return Kernel(pattern, s, q.device, scale, choice), s
 
 
 def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,

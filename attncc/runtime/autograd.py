@@ -9,9 +9,7 @@ kernels run as the custom ops attncc::attention and attncc::attention_backward (
 """
 from __future__ import annotations
 
-import itertools
-import threading
-import weakref
+import json
 from typing import Optional
 
 import torch
@@ -61,58 +59,39 @@ class _Attention(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------------------------
 # torch.compile: ac.attention is one custom op (with fake implementations and its autograd), so a
-# model calling it compiles with fullgraph=True. The pattern and kernel options travel as a key of
-# a process-wide registry (dynamo bakes the key in as a constant); q, k, v and the pattern's
-# buffers are the op's tensor arguments.
-
-_REGISTRY: dict[str, tuple] = {}  # key -> (weakref to the Pattern, kernel_options)
-_KEYS: dict[tuple, str] = {}      # (id(pattern), options) -> key
-_KEY_LOCK = threading.Lock()
-
+# model calling it compiles with fullgraph=True. The graph holds the pattern's `uid` and the
+# kernel options (JSON) as constant strings; q, k, v and the pattern's buffers are the op's
+# tensor arguments.
 
 @torch._dynamo.assume_constant_result
-def registry_key(pattern: Pattern, kernel_options: tuple) -> str:
-    """The registry key of (pattern, kernel_options), registered on first use; dropped with the pattern."""
-    with _KEY_LOCK:
-        slot = (id(pattern), kernel_options)
-        key = _KEYS.get(slot)
-        if key is None or _REGISTRY[key][0]() is not pattern:
-            key = f"attncc-pattern-{next(_COUNTER)}"
-            _REGISTRY[key] = (weakref.ref(pattern), dict(kernel_options))
-            _KEYS[slot] = key
-            weakref.finalize(pattern, _forget, key, slot)
-        return key
+def options_json(kernel_options: dict | None) -> str:
+    """kernel_options as the JSON string the custom ops take (tuples become lists)."""
+    try:
+        return json.dumps(dict(sorted((kernel_options or {}).items())))
+    except TypeError as e:
+        raise ValueError(f"kernel_options must be JSON-like under torch.compile: {e}") from None
 
 
-def _forget(key: str, slot: tuple) -> None:
-    with _KEY_LOCK:
-        _REGISTRY.pop(key, None)
-        if _KEYS.get(slot) == key:
-            del _KEYS[slot]
-
-
-_COUNTER = itertools.count()
-
-
-def _kernel(q, k, v, key: str, scale):
+def _kernel(q, k, v, uid: str, options: str, scale):
     from .api import prepare_kernel
 
-    pattern = _REGISTRY[key][0]()
+    pattern = Pattern.by_uid(uid)
     if pattern is None:
-        raise RuntimeError(f"the pattern of {key} is gone (a compiled graph outlived its pattern)")
-    return prepare_kernel(pattern, q, k, v, scale, _REGISTRY[key][1])
+        raise RuntimeError(f"the pattern {uid} is gone (a compiled graph outlived its pattern)")
+    return prepare_kernel(pattern, q, k, v, scale, json.loads(options))
 
 
 @torch.library.custom_op("attncc::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: list[torch.Tensor], key: str,
-                 scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) of the registered pattern `key`."""
-    kernel, s = _kernel(q, k, v, key, scale)
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: list[torch.Tensor], uid: str,
+                 options: str, scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) of the pattern `uid`, with the
+    kernel options `options` (JSON)."""
+    kernel, s = _kernel(q, k, v, uid, options, scale)
     return kernel.forward(q, k, v, s)
 
 
 @attention_op.register_fake
-def _(q, k, v, buffers, key, scale):
+def _(q, k, v, buffers, uid, options, scale):
     B, H, Q = q.shape[:3]
     return q.new_empty(B, H, Q, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
 
@@ -120,28 +99,29 @@ def _(q, k, v, buffers, key, scale):
 @torch.library.custom_op("attncc::attention_backward", mutates_args=())
 def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, dout: Optional[torch.Tensor], dlse: Optional[torch.Tensor],
-                          buffers: list[torch.Tensor], key: str, scale: Optional[float]
+                          buffers: list[torch.Tensor], uid: str, options: str, scale: Optional[float]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of attention_op's call with the same arguments."""
-    kernel, s = _kernel(q, k, v, key, scale)
+    kernel, s = _kernel(q, k, v, uid, options, scale)
     return kernel.backward(q, k, v, out, lse, dout, dlse, s)
 
 
 @attention_backward_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, buffers, key, scale):
+def _(q, k, v, out, lse, dout, dlse, buffers, uid, options, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, buffers, key, scale = inputs
+    q, k, v, buffers, uid, options, scale = inputs
     ctx.save_for_backward(q, k, v, *output)
-    ctx.key, ctx.scale, ctx.buffers = key, scale, buffers
+    ctx.uid, ctx.options, ctx.scale, ctx.buffers = uid, options, scale, buffers
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout, dlse, ctx.buffers, ctx.key, ctx.scale)
-    return dq, dk, dv, [None] * len(ctx.buffers), None, None
+    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout, dlse, ctx.buffers, ctx.uid, ctx.options,
+                                       ctx.scale)
+    return dq, dk, dv, [None] * len(ctx.buffers), None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.codegen import TileConfig, generate, kernel_roots
+from ..compiler.codegen import BackwardTiles, TileConfig, generate, kernel_roots
 from ..compiler.domain import check_domain
 from ..compiler.evaluate import token_mask
 from ..compiler.lowering import BufferSpec
@@ -240,7 +240,7 @@ META_CACHE = _MetaCache(_META_CACHE_SIZE)
 _MODULES: dict[tuple, types.ModuleType] = {}
 
 
-def kernel_module(pattern: Pattern, config: TileConfig, plan: NumericPlan, *, interpret: bool,
+def kernel_module(pattern: Pattern, config: TileConfig | BackwardTiles, plan: NumericPlan, *, interpret: bool,
                   kind: str = "forward") -> types.ModuleType:
     """The generated `kind` module for `pattern`, `config` and `plan` (disk- and memory-cached)."""
     import attncc
@@ -292,33 +292,46 @@ def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
             q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-class Kernel:
-    """A compiled attention forward for one pattern: `.source`, `.config`, `.block_mask`, `__call__`.
+@dataclass(frozen=True)
+class KernelChoice:
+    """What runs: the forward's tiles, the backward's, the path ("attncc" or "sdpa-cudnn") and
+    whether the forward reads K/V through tensor descriptors."""
+    tiles: TileConfig
+    backward_tiles: BackwardTiles
+    path: str
+    tma: bool = False
 
-    `config` holds the tiles, warps, stages and the path: "attncc" (the generated kernel) or
-    "sdpa-cudnn" (SDPA's cuDNN backend, chosen only for plain full or equal-length causal
-    attention with no score mod on CUDA). `predicted_ms` is None until the cost model exists.
+
+class Kernel:
+    """A compiled attention for one pattern: `.source`, `.config`, `.block_mask`, `__call__`.
+
+    `config` holds the tiles, warps, stages (of the forward and of the backward's two kernels)
+    and the path: "attncc" (the generated kernels) or "sdpa-cudnn" (SDPA's cuDNN backend, forward
+    and backward, chosen only for plain full or equal-length causal attention with no score mod
+    on CUDA). `predicted_ms` is None until the cost model exists.
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
-                 tiles: TileConfig, path: str, tma: bool = False):
+                 choice: KernelChoice):
         self.pattern = pattern
         self.scale = scale
-        self.tiles = tiles
-        self.path = path
-        self.tma = tma
+        self.tiles = choice.tiles
+        self.backward_tiles = choice.backward_tiles
+        self.path = choice.path
+        self.tma = choice.tma
         self.device = device
         self.interpret = device.type != "cuda"
-        self.block_mask, self._meta = META_CACHE.get(pattern, shapes, tiles, device)
-        self.module = kernel_module(pattern, tiles, self._meta.plan, interpret=self.interpret)
+        self.block_mask, self._meta = META_CACHE.get(pattern, shapes, self.tiles, device)
+        self.module = kernel_module(pattern, self.tiles, self._meta.plan, interpret=self.interpret)
         self._shapes = shapes
         self.predicted_ms = None
 
     @property
     def config(self) -> dict:
-        t = self.tiles
+        t, b = self.tiles, self.backward_tiles
         return {"path": self.path, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
-                "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma}
+                "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma,
+                "dkdv_tiles": _tuple(b.dkdv), "dq_tiles": _tuple(b.dq)}
 
     @property
     def source(self) -> str:
@@ -364,13 +377,15 @@ class Kernel:
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
         gradient of out (None: zeros), dlse that of lse (None: zeros)."""
-        meta, _ = self._specialised(s, q.device)
-        bmeta = META_CACHE.backward(self.pattern, s, self.tiles, q.device)
-        module = kernel_module(self.pattern, self.tiles, bmeta.plan, interpret=self.interpret, kind="backward")
+        bt = self.backward_tiles
+        _, dq_meta = META_CACHE.get(self.pattern, s, bt.dq, q.device)
+        dkdv_meta = META_CACHE.backward(self.pattern, s, bt.dkdv, q.device)
+        module = kernel_module(self.pattern, bt, dkdv_meta.plan, interpret=self.interpret, kind="backward")
         dtypes = (q.dtype, k.dtype, v.dtype)
         dout = torch.zeros_like(out) if dout is None else dout
         q, k, v, out, dout = self._interpretable(q, k, v, out, dout)
-        grads = self._launch(module.backward, q, k, v, out, lse, dout, dlse, meta, bmeta, self.scale, meta.buffers)
+        grads = self._launch(module.backward, q, k, v, out, lse, dout, dlse, dq_meta, dkdv_meta, self.scale,
+                             dq_meta.buffers)
         return tuple(g.to(t) for g, t in zip(grads, dtypes))
 
     def _interpretable(self, *tensors):
@@ -391,8 +406,13 @@ class Kernel:
         return f"Kernel({self.pattern!r}, {self.config})"
 
 
+def _tuple(t: TileConfig) -> tuple[int, int, int, int]:
+    return (t.BLOCK_M, t.BLOCK_N, t.num_warps, t.num_stages)
+
+
 _TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-_OPTIONS = _TILE_OPTIONS + ("backend", "tma")
+_BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
+_OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma")
 _BACKENDS = ("auto", "attncc")
 
 
@@ -420,13 +440,54 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
         base = TileConfig(64, 64, 4, 2)
     fields = {k: options.get(k, getattr(base, k)) for k in _TILE_OPTIONS}
     for k, val in fields.items():
-        ok = isinstance(val, int) and not isinstance(val, bool) and val >= 1
-        if k.startswith("BLOCK") or k == "num_warps":
-            ok = ok and val & (val - 1) == 0 and (val >= 16 or k == "num_warps")
-        if not ok:
-            raise ValueError(f"kernel_options[{k!r}] = {val!r} is not valid "
-                             f"({'a power of two >= 16' if k.startswith('BLOCK') else 'a power of two' if k == 'num_warps' else 'an int >= 1'})")
+        _check_tile_field(f"kernel_options[{k!r}]", k, val)
     return TileConfig(**fields)
+
+
+def _check_tile_field(where: str, field: str, val) -> None:
+    ok = isinstance(val, int) and not isinstance(val, bool) and val >= 1
+    if field.startswith("BLOCK") or field == "num_warps":
+        ok = ok and val & (val - 1) == 0 and (val >= 16 or field == "num_warps")
+    if not ok:
+        raise ValueError(f"{where} = {val!r} is not valid ({'a power of two >= 16' if field.startswith('BLOCK') else 'a power of two' if field == 'num_warps' else 'an int >= 1'})")
+
+
+def choose_backward_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> BackwardTiles:
+    """The backward's tiles (options["dkdv_tiles"] / ["dq_tiles"], each (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), override either kernel's).
+
+    CPU (Triton's interpreter): dK/dV 16x32 and dQ 32x16, so tests exercise two granularities
+    other than the forward's. CUDA, 16-bit (benchmarks/backward_sweep.py on the H200,
+    2026-12-01): see BACKWARD_TILES. CUDA, float32: 32x64 / 64x32, 4 warps, 2 stages.
+    """
+    D = max(s.D, s.Dv)
+    if device.type != "cuda":
+        base = BackwardTiles(TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1))
+    elif dtype == torch.float32:
+        base = BackwardTiles(TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2))
+    else:
+        base = next(t for limit, t in BACKWARD_TILES if D <= limit)
+    picked = {}
+    for name, default in (("dkdv_tiles", base.dkdv), ("dq_tiles", base.dq)):
+        val = options.get(name)
+        if val is None:
+            picked[name] = default
+            continue
+        if not isinstance(val, (tuple, list)) or len(val) != 4:
+            raise ValueError(f"kernel_options[{name!r}] must be (BLOCK_M, BLOCK_N, num_warps, num_stages), "
+                             f"got {val!r}")
+        for field, x in zip(_TILE_OPTIONS, val):
+            _check_tile_field(f"kernel_options[{name!r}] {field}", field, x)
+        picked[name] = TileConfig(*val)
+    return BackwardTiles(picked["dkdv_tiles"], picked["dq_tiles"])
+
+
+# (largest head dim, tiles) for 16-bit inputs on CUDA
+BACKWARD_TILES = (
+    (64, BackwardTiles(TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3))),
+    (128, BackwardTiles(TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 3))),
+    (256, BackwardTiles(TileConfig(64, 64, 8, 1), TileConfig(64, 64, 4, 2))),
+)
 
 
 SHORT_ROW_TILES = TileConfig(64, 64, 4, 3)
