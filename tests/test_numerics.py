@@ -4,6 +4,7 @@ Every case here once gave a silently wrong answer or a crash (issue 8); each now
 float64 oracle or is refused with a clear error, in Triton's interpreter on CPU (and at real sizes
 on the GPU in test_kernels_gpu.py).
 """
+import inspect
 import math
 
 import pytest
@@ -15,7 +16,7 @@ import attncc as ac
 from attncc import PatternError
 from attncc.compiler.numerics import numeric_plan
 from attncc.dsl import ir
-from attncc.testing import compare
+from attncc.testing import TOLERANCE, compare
 from threads import run_in_threads
 
 
@@ -148,6 +149,42 @@ def test_nan_in_a_masked_out_value_changes_nothing():
     assert out[0, 0, 40:49, 3].isnan().all() and not out[0, 0, 40:49, :3].isnan().any()
     assert not out[0, 0, :40].isnan().any() and not out[0, 0, 49:].isnan().any()
     compare(ac.patterns.sliding_window(8), q, k, v2)
+
+
+def test_exact_kernel_recomputes_exactly_the_listed_tiles(monkeypatch):
+    """attention_forward lists the tiles whose accumulator met a NaN (bh * QB + tile);
+    attention_forward_exact computes them again. Without it a NaN value masked out for some
+    rows of a tile leaks into them (0 * NaN in the dot)."""
+    q, k, v = qkv(1, 2, 2, 70, 70)
+    pat = ac.patterns.causal()
+    kern = ac.compile(pat, q, k, v, kernel_options={"BLOCK_M": 16, "BLOCK_N": 16})  # QB = 5
+    exact = kern.module.attention_forward_exact
+    listed, run_exact = [], [True]
+
+    class Spy:  # reads the worklist attention_forward left, then runs (or skips) the exact kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                arg = dict(zip(inspect.signature(exact.fn).parameters, args))
+                items = arg["Work"][:arg["Count"].item()].tolist()
+                listed.append(sorted(divmod(i, 5) for i in items))  # (bh, tile)
+                if run_exact[0]:
+                    exact[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kern.module, "attention_forward_exact", Spy())
+    kern(q, k, v)
+    assert listed == [[]]              # all finite: nothing listed
+    v[0, 1, 40, :] = math.nan          # kv tile 2, masked out for rows < 40 (q tile 2 is 32..47)
+    out = kern(q, k, v)
+    assert listed[1] == [(1, 2), (1, 3), (1, 4)]
+    ref = ac.reference(q, k, v, pat)
+    assert torch.equal(out.isnan(), ref.isnan()) and not out[0, 1, :40].isnan().any()
+    finite = ~ref.isnan()
+    assert (out.double()[finite] - ref[finite]).norm() <= TOLERANCE[torch.float32] * ref[finite].norm()
+    run_exact[0] = False
+    leaky = kern(q, k, v)
+    assert leaky[0, 1, 32:40].isnan().all()   # the fast kernel's own result for tile 2
+    assert torch.equal(leaky[0, 0], out[0, 0]) and torch.equal(leaky[0, 1, :32], out[0, 1, :32])
 
 
 def test_nan_constants_compile():
