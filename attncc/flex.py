@@ -30,9 +30,9 @@ traced into an attncc Pattern and run by attncc's generated kernels (`attncc.att
   write re-traces), trusted modules (torch, math, numpy, attncc, ...) and builtins by name.
   A value outside these (an nn.Module, a bound method's self, any other object whose attributes
   may change unseen) makes the function uncacheable: it is traced on every call.
-- Inputs that require grad train through attncc's backward kernels (and torch.compile).
-  Not supported: gradients of tensors a mod captures (NotImplementedError, not built yet),
-  return_aux max_scores, q and k/v of different batch sizes, mods that cannot be traced
+- Inputs that require grad train through attncc's backward kernels (and torch.compile), and so
+  do float tensors a score mod captures when they require grad (a learnable bias, slopes).
+  Not supported: return_aux max_scores, q and k/v of different batch sizes, mods that cannot be traced
   (PatternError, pointing at the line).
 """
 from __future__ import annotations

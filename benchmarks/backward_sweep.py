@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention's backward")
+    ap.add_argument("--no-dq", dest="dq", action="store_false", help="sweep the dK/dV kernel's tiles only")
     args = ap.parse_args()
     dev = torch.device("cuda")
     B, H, N, D = args.B, args.H, args.N, args.D
@@ -88,7 +89,7 @@ def main() -> None:
             if not isinstance(r, str) and r > best:
                 best_dkdv, best = cand, r
         best_dq = _tuple(default.dq)
-        for cand in map(transpose, CANDIDATES[D]):
+        for cand in map(transpose, CANDIDATES[D] if args.dq else []):
             try:
                 _, r = measure({"dkdv_tiles": best_dkdv, "dq_tiles": cand})
             except Exception as e:  # noqa: BLE001

@@ -90,13 +90,67 @@ def test_loss_backward_through_attention():
         assert not ac.attention(q, k, v, ac.patterns.causal()).requires_grad
 
 
-def test_buffer_gradients_are_refused_clearly():
+def _buffer_case(name):
+    """(pattern, its learnable buffer) for the buffer-gradient tests."""
+    g = torch.Generator().manual_seed(3)
+    if name == "alibi_slopes":
+        slopes = torch.rand(4, generator=g).requires_grad_()
+        return ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s + slopes[h] * (kv - q)), slopes
+    if name == "head_scale":
+        scale = (torch.rand(4, generator=g) + 0.5).requires_grad_()
+        return ac.Pattern(score_mod=lambda s, b, h, q, kv: s * scale[h]), scale
+    if name == "relative_bias":  # a table read at q - kv, twice (two reads of one buffer add up)
+        table = torch.randn(2 * 50 - 1, generator=g).requires_grad_()
+        return ac.Pattern(lambda b, h, q, kv: (q - kv).abs() < 23,
+                          lambda s, b, h, q, kv: s + table[q - kv + 49] - 0.5 * table[kv - q + 49]), table
+    if name == "t5_buckets":  # [buckets, heads], bf16, behind a where
+        bias = torch.randn(8, 4, generator=g).to(torch.bfloat16).requires_grad_()
+
+        def score(s, b, h, q, kv):
+            d = (q - kv).abs()
+            bucket = torch.where(d < 4, d, 4 + (d >= 16).long() * 3)
+            return torch.tanh(s / 5.0) * 5.0 + bias[bucket, h]
+        return ac.Pattern(score_mod=score), bias
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", ["alibi_slopes", "head_scale", "relative_bias", "t5_buckets"])
+def test_buffer_gradients_match_the_oracle(name):
+    pat, buf = _buffer_case(name)
+    q, k, v = qkv(2, 4, 2, 50, 45 if name != "relative_bias" else 50, 16, seed=1)
+    w = torch.randn(2, 4, q.shape[2], 16, generator=torch.Generator().manual_seed(2))
+    ours = torch.autograd.grad((ac.attention(q, k, v, pat) * w).sum(), (q, k, v, buf))
+    leaf = buf.detach().double().requires_grad_()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad((ac.reference(qd, kd, vd, pat.bind(**{_name(pat, buf): leaf})) * w.double()).sum(),
+                              (qd, kd, vd, leaf))
+    assert ours[3].dtype == buf.dtype and ours[3].shape == buf.shape
+    tol = 2e-2 if buf.dtype == torch.bfloat16 else 1e-4
+    for a, b in zip(ours, ref):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol
+    again = torch.autograd.grad((ac.attention(q, k, v, pat) * w).sum(), (q, k, v, buf))
+    assert all(torch.equal(a, b) for a, b in zip(ours, again))  # deterministic
+
+
+def _name(pattern, tensor):
+    return next(n for n, t in pattern.buffers.items() if t is tensor)
+
+
+def test_buffer_gradients_only_where_asked_and_through_lse():
     slopes = torch.rand(4).requires_grad_()
     pat = ac.Pattern(score_mod=lambda s, b, h, q, kv: s + slopes[h] * (kv - q))
-    with pytest.raises(NotImplementedError, match="buffer.*slopes.*require grad"):
-        ac.attention(*qkv(1, 4, 4, 20, 20, 16), pat)
-    out = ac.attention(*qkv(1, 4, 4, 20, 20, 16), pat.bind(slopes=slopes.detach()))
-    assert out.requires_grad
+    q, k, v = qkv(1, 4, 4, 20, 20, 16)
+    q.requires_grad_(False)
+    k.requires_grad_(False)
+    v.requires_grad_(False)
+    _, lse = ac.attention(q, k, v, pat, return_lse=True)
+    (g,) = torch.autograd.grad(lse.sum(), (slopes,))
+    leaf = slopes.detach().double().requires_grad_()
+    _, ref_lse = ac.reference(q.double(), k.double(), v.double(), pat.bind(slopes=leaf), return_lse=True)
+    (ref,) = torch.autograd.grad(ref_lse.sum(), (leaf,))
+    assert torch.allclose(g.double(), ref, rtol=1e-4, atol=1e-5)
+    out = ac.attention(q, k, v, pat.bind(slopes=slopes.detach()))
+    assert not out.requires_grad
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -114,3 +168,25 @@ def test_torch_compile_fullgraph_matches_eager():
     assert all(torch.equal(a, b) for a, b in zip(eager, torch.autograd.grad(value, (q, k, v))))
     full = torch.compile(lambda q, k, v: ac.attention(q, k, v).sum(), backend="aot_eager", fullgraph=True)
     assert torch.allclose(full(q, k, v), ac.attention(q, k, v).sum())
+
+
+def test_torch_compile_buffer_gradients_and_tile_options():
+    pat, slopes = _buffer_case("alibi_slopes")
+    opts = {"dkdv_tiles": [16, 16, 4, 1], "BLOCK_M": 16}
+
+    def loss(q, k, v):  # the pattern holds the learnable slopes, as a model's module would
+        return (ac.attention(q, k, v, pat, kernel_options=opts) ** 2).sum()
+
+    q, k, v = qkv(1, 4, 2, 37, 37, 16)
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v, slopes))
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v, slopes))
+    assert all(torch.equal(a, b) for a, b in zip(eager, got))
+
+
+@pytest.mark.parametrize("opts, match", [({"dkdv_tiles": (48, 64, 4, 1)}, "dkdv_tiles.*BLOCK_M"),
+                                         ({"dq_tiles": (16, 16)}, "dq_tiles.*must be"),
+                                         ({"dq_tiles": (16, 16, 3, 1)}, "num_warps")])
+def test_bad_backward_tile_options_are_clear_errors(opts, match):
+    with pytest.raises(ValueError, match=match):
+        ac.compile(None, *qkv(1, 1, 1, 20, 20, 16), kernel_options=opts)

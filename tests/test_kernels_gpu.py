@@ -201,3 +201,21 @@ def test_backward_under_torch_compile_with_inductor():
     compiled = _grads(torch.compile(fn, fullgraph=True), q, k, v, w)
     diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(eager, compiled)]
     assert diffs == [0.0, 0.0, 0.0], diffs
+
+
+def test_buffer_gradients_at_real_sizes():
+    N, H = 2048, 8
+    slopes = torch.rand(H, device="cuda").requires_grad_()
+    table = torch.randn(2 * N - 1, device="cuda").requires_grad_()
+    pat = ac.Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv < 700),
+                     lambda s, b, h, q, kv: s + slopes[h] * (kv - q) / 256 + table[q - kv + N - 1])
+    q, k, v = qkv(2, H, 4, N, 128)
+    w = torch.randn(2, H, N, 128, device="cuda")
+    ours = torch.autograd.grad((attention(q, k, v, pat, kernel_options=OURS).float() * w).sum(), (slopes, table))
+    leaves = [t.detach().double().requires_grad_() for t in (slopes, table)]
+    ref_pat = pat.bind(slopes=leaves[0], table=leaves[1])
+    ref = torch.autograd.grad((ac.reference(q.double(), k.double(), v.double(), ref_pat) * w.double()).sum(), leaves)
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < 3e-2, rel(a, b)
+    again = torch.autograd.grad((attention(q, k, v, pat, kernel_options=OURS).float() * w).sum(), (slopes, table))
+    assert all(torch.equal(a, b) for a, b in zip(ours, again))

@@ -160,9 +160,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
-    from .autograd import attention_op, options_json, refuse_buffer_grads
+    from .autograd import attention_op, options_json
 
-    refuse_buffer_grads(pattern)
     out, lse = attention_op(q, k, v, [t for t in pattern.buffers.values()], pattern.uid,
                             options_json(kernel_options), scale)
     return (out, lse) if return_lse else out

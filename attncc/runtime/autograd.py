@@ -2,10 +2,10 @@
 
 The forward saves q, k, v, the output and the log-sum-exp; the backward runs the generated
 backward kernels (FlashAttention-2 style, deterministic: the same inputs give bitwise-equal
-gradients). Gradients flow through `lse` too when it is returned. Gradients of the pattern's float
-buffers (a learnable bias table, ALiBi slopes) are not built yet: a buffer that requires grad is a
-NotImplementedError rather than a silently missing gradient. Under torch.compile the same
-kernels run as the custom ops attncc::attention and attncc::attention_backward (below).
+gradients). Gradients flow through `lse` too when it is returned, and to the pattern's float
+buffers that require grad (a learnable bias table, ALiBi slopes: runtime/buffer_grads.py). Under
+torch.compile the same kernels run as the custom ops attncc::attention and
+attncc::attention_backward (below).
 """
 from __future__ import annotations
 
@@ -25,28 +25,24 @@ def needs_grad(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         t is not None and t.requires_grad for t in pattern.buffers.values())
 
 
-def refuse_buffer_grads(pattern: Pattern) -> None:
-    """NotImplementedError when a buffer of the pattern requires grad (not built yet)."""
-    wanting = [name for name, t in pattern.buffers.items() if t is not None and t.requires_grad]
-    if wanting:
-        raise NotImplementedError(
-            f"buffer(s) {wanting} require grad, but gradients of a pattern's buffers are not built yet "
-            "(gradients of q, k and v are); detach them, e.g. pattern.bind(name=tensor.detach())")
+def grad_buffers(pattern: Pattern) -> list[str]:
+    """The names of the pattern's buffers that require grad (floating point by torch's rules)."""
+    return [name for name, t in pattern.buffers.items() if t is not None and t.requires_grad]
 
 
 def attention(kernel, q, k, v, s, return_lse: bool):
     """kernel's attention of q, k, v (shapes s) recorded for autograd; out (and lse)."""
-    refuse_buffer_grads(kernel.pattern)
-    out, lse = _Attention.apply(q, k, v, kernel, s)
+    names = grad_buffers(kernel.pattern)
+    out, lse = _Attention.apply(q, k, v, kernel, s, names, *(kernel.pattern.buffers[n] for n in names))
     return (out, lse) if return_lse else out
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kernel, s):
+    def forward(ctx, q, k, v, kernel, s, names, *buffers):
         out, lse = kernel.forward(q, k, v, s)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.kernel, ctx.shapes = kernel, s
+        ctx.kernel, ctx.shapes, ctx.names = kernel, s, names
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -54,7 +50,9 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.kernel.backward(q, k, v, out, lse, dout, dlse, ctx.shapes)
-        return dq, dk, dv, None, None
+        wanted = [n for n, need in zip(ctx.names, ctx.needs_input_grad[6:]) if need]
+        grads = dict(zip(wanted, ctx.kernel.buffer_backward(wanted, q, k, v, out, lse, dout, dlse, ctx.shapes)))
+        return (dq, dk, dv, None, None, None, *(grads.get(n) for n in ctx.names))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,29 +97,34 @@ def _(q, k, v, buffers, uid, options, scale):
 @torch.library.custom_op("attncc::attention_backward", mutates_args=())
 def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, dout: Optional[torch.Tensor], dlse: Optional[torch.Tensor],
-                          buffers: list[torch.Tensor], uid: str, options: str, scale: Optional[float]
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of attention_op's call with the same arguments."""
+                          buffers: list[torch.Tensor], want: list[bool], uid: str, options: str,
+                          scale: Optional[float]) -> list[torch.Tensor]:
+    """[dq, dk, dv, then the gradient of each buffer whose `want` is True] of attention_op's call."""
     kernel, s = _kernel(q, k, v, uid, options, scale)
-    return kernel.backward(q, k, v, out, lse, dout, dlse, s)
+    names = [n for n, w in zip(kernel.pattern.buffers, want) if w]
+    return [*kernel.backward(q, k, v, out, lse, dout, dlse, s),
+            *kernel.buffer_backward(names, q, k, v, out, lse, dout, dlse, s)]
 
 
 @attention_backward_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, buffers, uid, options, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(q, k, v, out, lse, dout, dlse, buffers, want, uid, options, scale):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            *(torch.empty_like(b) for b, w in zip(buffers, want) if w)]
 
 
 def _setup(ctx, inputs, output):
     q, k, v, buffers, uid, options, scale = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.uid, ctx.options, ctx.scale, ctx.buffers = uid, options, scale, buffers
+    ctx.want = [b.requires_grad for b in buffers]
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout, dlse, ctx.buffers, ctx.uid, ctx.options,
-                                       ctx.scale)
-    return dq, dk, dv, [None] * len(ctx.buffers), None, None, None
+    dq, dk, dv, *grads = attention_backward_op(q, k, v, out, lse, dout, dlse, ctx.buffers, ctx.want, ctx.uid,
+                                               ctx.options, ctx.scale)
+    grads = iter(grads)
+    return dq, dk, dv, [next(grads) if w else None for w in ctx.want], None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup)

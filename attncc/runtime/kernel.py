@@ -149,6 +149,26 @@ def backward_meta(bm, pattern: Pattern, s: Shapes, buffers: dict, device) -> Bac
                         stride_b, stride_h, _contiguous(full_num, full_idx), _contiguous(part_num, part_idx), plan)
 
 
+def _live_kv_span(meta: KernelMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, end) int64 [QB]: per query tile, the live kv tiles (FULL or PARTIAL) of any (b, h)
+    lie in first..end-1 (first = end where none is live)."""
+    big = torch.iinfo(torch.int32).max
+    firsts, ends = [], []
+    for num, idx in ((meta.full_num, meta.full_idx), (meta.partial_num, meta.partial_idx)):
+        if idx.shape[-1] == 0:
+            continue
+        has = num > 0
+        firsts.append(torch.where(has, idx[..., 0], big))
+        last = idx.gather(-1, (num.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        ends.append(torch.where(has, last + 1, 0))
+    if not firsts:
+        zero = torch.zeros(meta.full_num.shape[-1], dtype=torch.int64, device=meta.full_num.device)
+        return zero, zero
+    first = torch.stack(firsts).amin(0).flatten(0, -2).amin(0).long()
+    end = torch.stack(ends).amax(0).flatten(0, -2).amax(0).long()
+    return torch.minimum(first, end), end
+
+
 class _TritonKeyPrefetch:
     """Triton hashes its own installation (about 0.5 s on the H100 machine) the first time a process
     looks a kernel up in its cache. `start()` does that on a thread while the block mask is built;
@@ -388,6 +408,16 @@ class Kernel:
                              dq_meta.buffers)
         return tuple(g.to(t) for g, t in zip(grads, dtypes))
 
+    def buffer_backward(self, names: list[str], q, k, v, out, lse, dout, dlse, s: Shapes) -> list[torch.Tensor]:
+        """The gradients of the pattern's float buffers `names` (runtime/buffer_grads.py), each in
+        its buffer's shape and dtype; the other arguments as in backward."""
+        from .buffer_grads import buffer_grads
+
+        meta, _ = self._specialised(s, q.device)
+        dout = torch.zeros_like(out) if dout is None else dout
+        span = _live_kv_span(meta) + (self.tiles.BLOCK_M, self.tiles.BLOCK_N)
+        return buffer_grads(self.pattern, names, q, k, v, out, lse, dout, dlse, self.scale, span)
+
     def _interpretable(self, *tensors):
         """Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16): on CPU
         only, the same kernels run on float32 copies (their results are rounded back)."""
@@ -457,8 +487,13 @@ def choose_backward_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, o
     num_warps, num_stages), override either kernel's).
 
     CPU (Triton's interpreter): dK/dV 16x32 and dQ 32x16, so tests exercise two granularities
-    other than the forward's. CUDA, 16-bit (benchmarks/backward_sweep.py on the H200,
-    2026-12-01): see BACKWARD_TILES. CUDA, float32: 32x64 / 64x32, 4 warps, 2 stages.
+    other than the forward's. CUDA, 16-bit: BACKWARD_TILES, from benchmarks/backward_sweep.py on
+    the H200 (2026-12-01, B4 H16 N8192 bf16, backward alone, every config checked against float64).
+    D=128, dK/dV 64x128 / 8 warps / 3 stages with dQ 128x64 / 8 / 3: swa1024 221, document 232,
+    softcap 268, alibi 300, causal 362 TFLOP/s (the best of 8 dK/dV configs on alibi and causal,
+    within 5% of it elsewhere; 64x64 / 4 / 2 was 0.92x on causal). D=64 and D=256: the best of a
+    smaller sweep of the earlier, untransposed dK/dV kernel (document, swa1024).
+    CUDA, float32: 32x64 / 64x32, 4 warps, 2 stages (not swept).
     """
     D = max(s.D, s.Dv)
     if device.type != "cuda":
@@ -485,7 +520,7 @@ def choose_backward_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, o
 # (largest head dim, tiles) for 16-bit inputs on CUDA
 BACKWARD_TILES = (
     (64, BackwardTiles(TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3))),
-    (128, BackwardTiles(TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 3))),
+    (128, BackwardTiles(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3))),
     (256, BackwardTiles(TileConfig(64, 64, 8, 1), TileConfig(64, 64, 4, 2))),
 )
 
