@@ -190,3 +190,16 @@ def test_torch_compile_buffer_gradients_and_tile_options():
 def test_bad_backward_tile_options_are_clear_errors(opts, match):
     with pytest.raises(ValueError, match=match):
         ac.compile(None, *qkv(1, 1, 1, 20, 20, 16), kernel_options=opts)
+
+
+def test_no_buffer_gradient_work_unless_a_buffer_requires_grad(monkeypatch):
+    import attncc.runtime.buffer_grads as bg
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("buffer gradients computed though no buffer requires grad")
+    monkeypatch.setattr(bg, "buffer_grads", refuse)
+    slopes = torch.rand(2)
+    pat = ac.Pattern(score_mod=lambda s, b, h, q, kv: s + slopes[h] * (kv - q))
+    q, k, v = qkv(1, 2, 2, 20, 20, 16)
+    for fn in (ac.attention, torch.compile(ac.attention, backend="aot_eager", fullgraph=True)):
+        assert all(g is not None for g in torch.autograd.grad(fn(q, k, v, pat).sum(), (q, k, v)))

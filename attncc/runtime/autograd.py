@@ -51,7 +51,9 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.kernel.backward(q, k, v, out, lse, dout, dlse, ctx.shapes)
         wanted = [n for n, need in zip(ctx.names, ctx.needs_input_grad[6:]) if need]
-        grads = dict(zip(wanted, ctx.kernel.buffer_backward(wanted, q, k, v, out, lse, dout, dlse, ctx.shapes)))
+        grads = {}
+        if wanted:
+            grads = dict(zip(wanted, ctx.kernel.buffer_backward(wanted, q, k, v, out, lse, dout, dlse, ctx.shapes)))
         return (dq, dk, dv, None, None, None, *(grads.get(n) for n in ctx.names))
 
 
@@ -102,8 +104,8 @@ def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     """[dq, dk, dv, then the gradient of each buffer whose `want` is True] of attention_op's call."""
     kernel, s = _kernel(q, k, v, uid, options, scale)
     names = [n for n, w in zip(kernel.pattern.buffers, want) if w]
-    return [*kernel.backward(q, k, v, out, lse, dout, dlse, s),
-            *kernel.buffer_backward(names, q, k, v, out, lse, dout, dlse, s)]
+    grads = list(kernel.backward(q, k, v, out, lse, dout, dlse, s))
+    return grads + (kernel.buffer_backward(names, q, k, v, out, lse, dout, dlse, s) if names else [])
 
 
 @attention_backward_op.register_fake
