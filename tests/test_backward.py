@@ -203,3 +203,22 @@ def test_no_buffer_gradient_work_unless_a_buffer_requires_grad(monkeypatch):
     q, k, v = qkv(1, 2, 2, 20, 20, 16)
     for fn in (ac.attention, torch.compile(ac.attention, backend="aot_eager", fullgraph=True)):
         assert all(g is not None for g in torch.autograd.grad(fn(q, k, v, pat).sum(), (q, k, v)))
+
+
+def test_buffer_gradients_in_many_chunks(monkeypatch):
+    import attncc.runtime.buffer_grads as bg
+
+    pat, table = _buffer_case("relative_bias")
+    pat = pat & ac.Pattern(lambda b, h, q, kv: q >= 40)  # query tile 0 (rows 0-31) has no live key
+    q, k, v = qkv(1, 4, 2, 50, 50, 16, seed=4)
+    one = torch.autograd.grad(ac.attention(q, k, v, pat).sum(), (table,))[0]
+    monkeypatch.setattr(bg, "_CHUNK_ELEMENTS", 4 * 16 * 32)  # below one 32-row tile: a chunk per tile
+    many = torch.autograd.grad(ac.attention(q, k, v, pat).sum(), (table,))[0]
+    leaf = table.detach().double().requires_grad_()
+    ref = torch.autograd.grad(ac.reference(q.double(), k.double(), v.double(), pat.bind(table=leaf)).sum(), (leaf,))[0]
+    for g in (one, many):
+        assert ((g.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+    # tiles of 4 rows x 2 keys: dead tile 1 skipped, runs cut at the budget, last run clipped to Q / KV
+    assert list(bg._chunks([0, 5, 1, 1, 2], [2, 5, 3, 4, 4], 18, 7, 4, 2, 48)) == [
+        (0, 4, 0, 4), (8, 16, 2, 7), (16, 18, 4, 7)]

@@ -53,14 +53,7 @@ def buffer_grads(pattern: Pattern, names: list[str], q, k, v, out, lse, dout, dl
     reads = {n: buffer_reads(pattern, n) for n in names}
     mask = token_mask(pattern)
     sums = {n: torch.zeros(bufs[n].numel(), dtype=torch.float64, device=q.device) for n in names}
-    rows = max(BM, (_CHUNK_ELEMENTS // max(1, B * H * KV)) // BM * BM)
-    for r0 in range(0, Q, rows):
-        r1 = min(Q, r0 + rows)
-        tiles = range(r0 // BM, (r1 - 1) // BM + 1)
-        lo = min(first[t] for t in tiles) * BN
-        hi = min(KV, max(end[t] for t in tiles) * BN)
-        if hi <= lo:
-            continue
+    for r0, r1, lo, hi in _chunks(first, end, Q, KV, BM, BN, _CHUNK_ELEMENTS // (B * H)):
         env = index_env(B, H, r1 - r0, hi - lo, q.device)
         env["q"], env["kv"] = env["q"] + r0, env["kv"] + lo
         s = scale * (q[:, :, r0:r1].float() @ k[:, heads, lo:hi].float().transpose(-1, -2))
@@ -78,6 +71,24 @@ def buffer_grads(pattern: Pattern, names: list[str], q, k, v, out, lse, dout, dl
                 index = [evaluate(i, env, pattern.params, bufs).long() for i in read.index]
                 _accumulate(sums[name], c, index, shape)
     return [sums[n].view(bufs[n].shape).to(bufs[n].dtype) for n in names]
+
+
+def _chunks(first: list[int], end: list[int], Q: int, KV: int, BM: int, BN: int, budget: int):
+    """(r0, r1, lo, hi): runs of whole query tiles with their live keys lo..hi-1, each at most
+    `budget` (rows x keys) unless a single tile exceeds it; tiles with no live key are skipped."""
+    t, QB = 0, len(first)
+    while t < QB:
+        if first[t] >= end[t]:
+            t += 1
+            continue
+        lo, hi, u = first[t], end[t], t + 1
+        while u < QB and first[u] < end[u]:
+            nlo, nhi = min(lo, first[u]), max(hi, end[u])
+            if (u + 1 - t) * BM * (nhi - nlo) * BN > budget:
+                break
+            lo, hi, u = nlo, nhi, u + 1
+        yield t * BM, min(Q, u * BM), lo * BN, min(KV, hi * BN)
+        t = u
 
 
 def _accumulate(total: torch.Tensor, c: torch.Tensor, index: list[torch.Tensor], shape) -> None:
