@@ -20,7 +20,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
 from attncc.runtime.inputs import check_qkv  # noqa: E402
-from attncc.runtime.kernel import _tuple, choose_backward_tiles  # noqa: E402
+from attncc.runtime.choices import choose_backward_tiles, tile_tuple  # noqa: E402
 from benchmarks.patterns import build, count_live_pairs  # noqa: E402
 
 OURS = {"backend": "attncc"}
@@ -79,16 +79,16 @@ def main() -> None:
             print(f"{name}: default {base}", flush=True)
             continue
         print(f"{name}: default {base:.0f}", flush=True)
-        best_dkdv, best = _tuple(default.dkdv), base
+        best_dkdv, best = tile_tuple(default.dkdv), base
         for cand in CANDIDATES[D]:
             try:
-                _, r = measure({"dkdv_tiles": cand, "dq_tiles": _tuple(default.dq)})
+                _, r = measure({"dkdv_tiles": cand, "dq_tiles": tile_tuple(default.dq)})
             except Exception as e:  # noqa: BLE001 - out of resources etc.
                 r = f"failed {type(e).__name__}"
             print(f"  dkdv {cand}: {r if isinstance(r, str) else f'{r:.0f}'}", flush=True)
             if not isinstance(r, str) and r > best:
                 best_dkdv, best = cand, r
-        best_dq = _tuple(default.dq)
+        best_dq = tile_tuple(default.dq)
         for cand in map(transpose, CANDIDATES[D] if args.dq else []):
             try:
                 _, r = measure({"dkdv_tiles": best_dkdv, "dq_tiles": cand})
@@ -106,7 +106,7 @@ def main() -> None:
             flex = tflops(triton.testing.do_bench(
                 lambda: torch.autograd.grad(fo, (q, k, v), dout, retain_graph=True), warmup=25, rep=100))
         table.append((name, base, best, best_dkdv, best_dq, flex))
-    print(f"\n| pattern | default | best | dkdv | dq | flex bwd |\n|---|---|---|---|---|---|")
+    print("\n| pattern | default | best | dkdv | dq | flex bwd |\n|---|---|---|---|---|---|")
     for name, base, best, dk, dq, flex in table:
         print(f"| {name} | {base:.0f} | {best:.0f} | {dk} | {dq} | {'-' if flex is None else f'{flex:.0f}'} |")
 

@@ -48,7 +48,7 @@ def check(name: str, pat, q, k, v) -> str:
 def flex_fn(bp, q, k, v):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    B, H, N = q.shape[0], q.shape[1], q.shape[2]
+    N = q.shape[2]
     compiled = torch.compile(flex_attention)
     bm = create_block_mask(bp.mask_mod, None, None, N, N, device=q.device) if bp.mask_mod else None
     return lambda: compiled(q, k, v, score_mod=bp.score_mod, block_mask=bm)

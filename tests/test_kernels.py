@@ -7,7 +7,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attncc as ac
-from attncc.compiler.codegen import TileConfig
 from attncc.compiler.numerics import numeric_plan
 from attncc.dsl import ir
 from attncc.runtime import cache

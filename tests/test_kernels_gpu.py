@@ -84,7 +84,7 @@ def test_head_dims_and_dtypes_compile_and_match(D, dtype):
 
 
 def test_short_rows_get_small_tiles():
-    from attncc.runtime.kernel import SHORT_ROW_TILES
+    from attncc.runtime.choices import SHORT_ROW_TILES
 
     q, k, v = qkv(1, 2, 2, 8192, 128)
     swa = compile(ac.patterns.sliding_window(1024), q, k, v, kernel_options=OURS)

@@ -1,6 +1,5 @@
 """attncc.testing.check_pattern: the user's property test of a pattern."""
 import pytest
-import torch
 
 import attncc as ac
 import attncc.testing as testing

@@ -102,8 +102,9 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
-    from .kernel import (TRITON_KEY, KernelChoice, check_options, choose_backward_tiles, choose_path,
-                         choose_tiles, choose_tma, refine_tiles)
+    from .choices import (KernelChoice, check_options, choose_backward_tiles, choose_path, choose_tiles,
+                          choose_tma, refine_tiles)
+    from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")

@@ -1,0 +1,180 @@
+"""What runs for a call, until the cost model (issue 12) decides it: the path (attncc's kernels or
+SDPA's cuDNN), the forward's tiles, the backward's, TMA, and the kernel_options that override them.
+The rules are hand-measured (H100 2026-11-22, H200 2026-12-01); each says where its numbers come from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.codegen import BackwardTiles, TileConfig
+from ..dsl.ir import TRUE, Var, op
+from ..dsl.pattern import Pattern
+from .inputs import Shapes
+
+_CAUSAL = op("ge", Var("q"), Var("kv"))
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """What runs: the forward's tiles, the backward's, the path ("attncc" or "sdpa-cudnn") and
+    whether the forward reads K/V through tensor descriptors."""
+    tiles: TileConfig
+    backward_tiles: BackwardTiles
+    path: str
+    tma: bool = False
+
+
+def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), as kernel_options and Kernel.config spell tiles."""
+    return (t.BLOCK_M, t.BLOCK_N, t.num_warps, t.num_stages)
+
+
+_TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
+_OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma")
+_BACKENDS = ("auto", "attncc")
+
+
+def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> TileConfig:
+    """The tile rule until the cost model lands (options override any field).
+
+    CPU (Triton's interpreter): 32x32 tiles, so small test shapes still span several tiles.
+    CUDA, 16-bit (sweeps on the H100 with benchmarks/forward_sweep.py --sweep, 2026-11-22):
+    D <= 64: 128x64, 4 warps, 3 stages (document +16% over 8 warps, causal -2%);
+    D <= 128: 128x64, 8 warps, 3 stages (best of 12 configs on full and causal);
+    above: 64x64, 4 warps, 2 stages (register pressure; D=256 with TMA: causal 394, document
+    304 TFLOP/s, 1.25x and 1.28x FlexAttention; other configs not swept yet).
+    CUDA, float32: 64x32, 4 warps, 2 stages (twice the bytes per element).
+    """
+    D = max(s.D, s.Dv)
+    if device.type != "cuda":
+        base = TileConfig(32, 32, 4, 1)
+    elif dtype == torch.float32:
+        base = TileConfig(64, 32, 4, 2)
+    elif D <= 64:
+        base = TileConfig(128, 64, 4, 3)
+    elif D <= 128:
+        base = TileConfig(128, 64, 8, 3)
+    else:
+        base = TileConfig(64, 64, 4, 2)
+    fields = {k: options.get(k, getattr(base, k)) for k in _TILE_OPTIONS}
+    for k, val in fields.items():
+        _check_tile_field(f"kernel_options[{k!r}]", k, val)
+    return TileConfig(**fields)
+
+
+def _check_tile_field(where: str, field: str, val) -> None:
+    ok = isinstance(val, int) and not isinstance(val, bool) and val >= 1
+    if field.startswith("BLOCK") or field == "num_warps":
+        ok = ok and val & (val - 1) == 0 and (val >= 16 or field == "num_warps")
+    if not ok:
+        raise ValueError(f"{where} = {val!r} is not valid ({'a power of two >= 16' if field.startswith('BLOCK') else 'a power of two' if field == 'num_warps' else 'an int >= 1'})")
+
+
+def choose_backward_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> BackwardTiles:
+    """The backward's tiles (options["dkdv_tiles"] / ["dq_tiles"], each (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), override either kernel's).
+
+    CPU (Triton's interpreter): dK/dV 16x32 and dQ 32x16, so tests exercise two granularities
+    other than the forward's. CUDA, 16-bit: BACKWARD_TILES, from benchmarks/backward_sweep.py on
+    the H200 (2026-12-01, B4 H16 N8192 bf16, backward alone, every config checked against float64).
+    D=128, dK/dV 64x128 / 8 warps / 3 stages with dQ 128x64 / 8 / 3: swa1024 221, document 232,
+    softcap 268, alibi 300, causal 362 TFLOP/s (the best of 8 dK/dV configs on alibi and causal,
+    within 5% of it elsewhere; 64x64 / 4 / 2 was 0.92x on causal). D=64 and D=256: the best of a
+    smaller sweep of the earlier, untransposed dK/dV kernel (document, swa1024).
+    CUDA, float32: 32x64 / 64x32, 4 warps, 2 stages (not swept).
+    """
+    D = max(s.D, s.Dv)
+    if device.type != "cuda":
+        base = BackwardTiles(TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1))
+    elif dtype == torch.float32:
+        base = BackwardTiles(TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2))
+    else:
+        base = next(t for limit, t in BACKWARD_TILES if D <= limit)
+    picked = {}
+    for name, default in (("dkdv_tiles", base.dkdv), ("dq_tiles", base.dq)):
+        val = options.get(name)
+        if val is None:
+            picked[name] = default
+            continue
+        if not isinstance(val, (tuple, list)) or len(val) != 4:
+            raise ValueError(f"kernel_options[{name!r}] must be (BLOCK_M, BLOCK_N, num_warps, num_stages), "
+                             f"got {val!r}")
+        for field, x in zip(_TILE_OPTIONS, val):
+            _check_tile_field(f"kernel_options[{name!r}] {field}", field, x)
+        picked[name] = TileConfig(*val)
+    return BackwardTiles(picked["dkdv_tiles"], picked["dq_tiles"])
+
+
+# (largest head dim, tiles) for 16-bit inputs on CUDA
+BACKWARD_TILES = (
+    (64, BackwardTiles(TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3))),
+    (128, BackwardTiles(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3))),
+    (256, BackwardTiles(TileConfig(64, 64, 8, 1), TileConfig(64, 64, 4, 2))),
+)
+
+
+SHORT_ROW_TILES = TileConfig(64, 64, 4, 3)
+SHORT_ROW_KEYS = 2048
+
+
+def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.device,
+                 dtype: torch.dtype, options: dict) -> TileConfig:
+    """SHORT_ROW_TILES when the pattern leaves short rows: fewer than SHORT_ROW_KEYS live keys per
+    query on average (read off the block mask for `tiles`, which is cached, so no extra sync).
+
+    On the H100 (benchmarks/forward_sweep.py --sweep, 2026-11-22, bf16, N=8192, D=128) 64x64 tiles
+    with 4 warps and 3 stages beat the best 128-row config on swa1024 (355 vs 341 TFLOP/s) and
+    document (347 vs 322): short kv loops amortise a big tile's prologue and pipeline fill badly.
+    Only for 16-bit CUDA inputs with 64 < D <= 128 (where it was measured) and no tile options.
+    """
+    if (device.type != "cuda" or dtype == torch.float32 or not 64 < max(s.D, s.Dv) <= 128
+            or any(k in options for k in _TILE_OPTIONS)):
+        return tiles
+    from .kernel import META_CACHE
+
+    _, meta = META_CACHE.get(pattern, s, tiles, device)
+    return SHORT_ROW_TILES if meta.mean_row_tiles * tiles.BLOCK_N < SHORT_ROW_KEYS else tiles
+
+
+def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:
+    """Whether K/V tiles are read through tensor descriptors (options["tma"] overrides).
+
+    On the H100 (benchmarks/forward_sweep.py, 2026-11-22, bf16, N=8192): D=128 pointer loads were
+    2-5% faster on every pattern; D=256 descriptors were 10-15% faster (causal 394 vs 343,
+    document 304 vs 275 TFLOP/s). So: on CUDA for head dims above 128.
+    """
+    if "tma" in options:
+        return options["tma"]
+    return device.type == "cuda" and max(s.D, s.Dv) > 128
+
+
+def check_options(options) -> dict:
+    """kernel_options as a dict; unknown keys or backends are a ValueError naming them."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
+    if not isinstance(options.get("tma", True), bool):
+        raise ValueError(f"kernel_options['tma'] must be a bool, got {options['tma']!r}")
+    if options.get("backend", "auto") not in _BACKENDS:
+        raise ValueError(f"kernel_options['backend'] must be one of {_BACKENDS}, got {options['backend']!r}")
+    return options
+
+
+def choose_path(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool) -> str:
+    """"sdpa-cudnn" for plain full or equal-length causal attention on CUDA (no score mod, no
+    params or buffers, 16-bit (GQA included), D <= 256 and a multiple of 8, no LSE wanted) when cuDNN is
+    there; else "attncc"."""
+    plain = (not pattern.has_score_mod and not pattern.has_block_mask and not pattern.params
+             and not pattern.buffers)
+    causal = pattern.mask is _CAUSAL and s.Q == s.KV
+    if (options.get("backend", "auto") == "auto" and plain and (pattern.mask is TRUE or causal)
+            and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and s.D == s.Dv and s.D % 8 == 0 and s.D <= 256 and not return_lse
+            and torch.backends.cudnn.is_available()):
+        return "sdpa-cudnn"
+    return "attncc"
+
