@@ -1,7 +1,8 @@
 """Property testing of patterns against the float64 oracle.
 
 `check_pattern(pat)` runs the compiled kernel on random inputs of random shapes (odd lengths,
-Q_LEN != KV_LEN, GQA, several head dims) and compares output and LSE with `attncc.reference`.
+Q_LEN != KV_LEN, GQA, several head dims) and compares output, LSE and gradients (q, k, v and the
+pattern's float buffers) with `attncc.reference`, and the block classification with the dense mask.
 `random_patterns()` is a hypothesis strategy over random IR patterns for attncc's own tests.
 """
 from __future__ import annotations
@@ -14,12 +15,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from .compiler import evaluate
+from .compiler.blockmask import EMPTY, FULL
 from .dsl import ir
 from .dsl.pattern import Pattern
 
 SHRINK_SECONDS = 30.0  # how long check_pattern looks for a smaller failing example
 # relative error bounds of ||out - ref|| / ||ref|| per input dtype (DESIGN.md section 7)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
 @dataclass
@@ -69,6 +72,62 @@ def compare(pattern: Pattern, q, k, v, scale=None) -> dict:
     return row
 
 
+def compare_grads(pattern: Pattern, q, k, v, scale=None, seed: int = 0) -> dict:
+    """Gradients of sum(out * w) + sum(lse * w' over live rows) for random weights w, w', by
+    attncc's kernels and by float64 autograd through the oracle: for q, k, v and each float
+    buffer of the pattern (taken as learnable). Returns errors; AssertionError on a mismatch
+    (NaN where the oracle has none, or a relative error above GRAD_TOLERANCE[dtype])."""
+    from .runtime.api import attention, reference
+
+    learnable = [n for n, t in pattern.buffers.items() if t is not None and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(*q.shape[:3], v.shape[3], generator=gen).to(q.device)
+    w_lse = torch.randn(*q.shape[:3], generator=gen).to(q.device)
+
+    def grads(cast, run):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        bufs = {n: cast(pattern.buffers[n]).detach().requires_grad_() for n in learnable}
+        out, lse = run(*leaves, pattern.bind(**bufs) if bufs else pattern)
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32  # the oracle's, or ours
+        loss = (out.to(acc) * w_out.to(acc)).sum() + torch.where(torch.isinf(lse), 0.0, lse * w_lse.to(acc)).sum()
+        return torch.autograd.grad(loss, leaves + list(bufs.values()), allow_unused=True)
+
+    ours = grads(lambda t: t, lambda q, k, v, p: attention(q, k, v, p, scale=scale, return_lse=True))
+    want = grads(lambda t: t.double(), lambda q, k, v, p: reference(q, k, v, p, scale=scale, return_lse=True))
+    tol = GRAD_TOLERANCE[q.dtype]
+    row = {}
+    for name, a, b in zip(["q", "k", "v"] + learnable, ours, want):
+        if b is None:
+            continue
+        finite = ~torch.isnan(b)
+        if torch.isnan(a).logical_and(finite).any():
+            raise AssertionError(f"NaN in d{name} where the oracle has none for {pattern!r}, q {tuple(q.shape)}")
+        row[f"d{name}_err"] = err = _rel(a.double()[finite], b[finite])
+        if not err <= tol:
+            raise AssertionError(f"{pattern!r}: d{name} relative error {err:.2e} > {tol:.0e}, q {tuple(q.shape)}, "
+                                 f"k {tuple(k.shape)}")
+    return row
+
+
+def check_classification(pattern: Pattern, B: int, H: int, Q: int, KV: int, block: tuple[int, int]) -> None:
+    """AssertionError unless every FULL tile of create_block_mask is wholly live and every EMPTY
+    tile wholly dead in the dense mask (PARTIAL may be either: it is checked per pair)."""
+    from .runtime.api import create_block_mask, create_mask
+
+    dense = create_mask(pattern, B, H, Q, KV)
+    classes = create_block_mask(pattern, B, H, Q, KV, block).to_dense()
+    BM, BN = block
+    pad = torch.nn.functional.pad(dense.int(), (0, -KV % BN, 0, -Q % BM), value=-1)
+    tiles = pad.view(B, H, -(-Q // BM), BM, -(-KV // BN), BN).permute(0, 1, 2, 4, 3, 5).flatten(-2)
+    real = tiles >= 0
+    any_live = ((tiles == 1) & real).any(-1)
+    all_live = ((tiles == 1) | ~real).all(-1)
+    if (any_live & (classes == EMPTY)).any():
+        raise AssertionError(f"an EMPTY tile of {pattern!r} holds live pairs (tiles {block}, Q {Q}, KV {KV})")
+    if (~all_live & (classes == FULL)).any():
+        raise AssertionError(f"a FULL tile of {pattern!r} holds dead pairs (tiles {block}, Q {Q}, KV {KV})")
+
+
 @st.composite
 def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64), max_q: int | None = None,
            max_kv: int | None = None, max_heads: int = 6, max_batch: int = 2):
@@ -85,8 +144,10 @@ def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64), max_q: int | No
 
 
 def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max_examples: int = 10,
-                  max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0) -> CheckReport:
-    """Property-test `pattern`: kernel vs `attncc.reference` on random shapes and inputs.
+                  max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0, grad: bool = True) -> CheckReport:
+    """Property-test `pattern`: kernel vs `attncc.reference` on random shapes and inputs: output
+    and LSE, with `grad` the gradients of q, k, v and of the pattern's float buffers (each taken as
+    learnable), and the block classification (FULL / EMPTY tiles) against the dense mask.
 
     Runs on `device` (default: CUDA if available, else CPU through Triton's interpreter, where keep
     `max_len` small). Lengths, heads and batch are capped to what the pattern's buffers cover
@@ -135,7 +196,11 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
         k = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
         v = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
         try:
-            report.rows.append(compare(pattern, q, k, v))
+            row = compare(pattern, q, k, v)
+            if grad:
+                row.update(compare_grads(pattern, q, k, v, seed=data_seed))
+            check_classification(pattern, B, Hq, Q, KV, (16, 32))
+            report.rows.append(row)
         except Exception:
             first_failure[:] = first_failure or [time.monotonic()]
             failing.add((shape, dtype, data_seed))

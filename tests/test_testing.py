@@ -1,5 +1,6 @@
 """attncc.testing.check_pattern: the user's property test of a pattern."""
 import pytest
+import torch
 
 import attncc as ac
 import attncc.testing as testing
@@ -26,3 +27,31 @@ def test_each_distinct_failure_is_reported_with_its_smallest_example(monkeypatch
     text = str(info.value)
     assert "2 distinct failures" in text and "ValueError: odd length 1" in text
     assert "AssertionError: even length 2" in text and text.count("Falsifying example") + text.count("Failing test case") == 2
+
+
+def test_gradients_and_classification_are_checked(monkeypatch):
+    table = torch.randn(2 * 40 - 1)
+    pat = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s + table[q - kv + 39])
+    report = testing.check_pattern(pat, max_examples=3, max_len=40)
+    assert all("dtable_err" in r and "dq_err" in r for r in report.rows)
+    # a kernel whose gradients are off by 1% must fail
+    import attncc.runtime.kernel as kernel
+
+    real = kernel.Kernel.backward
+    monkeypatch.setattr(kernel.Kernel, "backward", lambda self, *a: tuple(g * 1.01 for g in real(self, *a)))
+    with pytest.raises(AssertionError, match="relative error"):
+        testing.check_pattern(ac.patterns.causal(), max_examples=2, max_len=30)
+
+
+def test_unsound_classification_is_caught(monkeypatch):
+    import attncc.runtime.api as api
+
+    real = api.create_block_mask
+
+    def all_full(*args, **kwargs):  # claims every tile FULL
+        bm = real(*args, **kwargs)
+        monkeypatch.setattr(type(bm), "to_dense", lambda self: torch.full(self.shape, 2, dtype=torch.int8))
+        return bm
+    monkeypatch.setattr(api, "create_block_mask", all_full)
+    with pytest.raises(AssertionError, match="FULL tile .* holds dead pairs"):
+        testing.check_pattern(ac.patterns.causal(), max_examples=2, max_len=40, grad=False)
