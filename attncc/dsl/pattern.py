@@ -33,7 +33,8 @@ class Pattern:
     (an int or (BQ, BK), default 128) dead; at token level it reads as `block(q // BQ, kv // BK)`.
     """
 
-    __slots__ = ("mask", "score", "block", "block_size", "params", "buffers", "name", "uid", "__weakref__")
+    __slots__ = ("mask", "score", "block", "block_size", "params", "buffers", "name", "uid", "layout",
+                 "kernel_pattern", "__weakref__")
 
     def __init__(self, mask_mod: Callable | None = None, score_mod: Callable | None = None,
                  block_mask_mod: Callable | None = None, name: str | None = None,
@@ -58,13 +59,14 @@ class Pattern:
     def from_ir(cls, mask: ir.Node = ir.TRUE, score: ir.Node = IDENTITY_SCORE, block: ir.Node = ir.TRUE,
                 params: Mapping[str, ir.Value] | None = None,
                 buffers: Mapping[str, torch.Tensor | None] | None = None, name: str | None = None,
-                block_size: int | tuple[int, int] = 128) -> "Pattern":
-        """A pattern from IR nodes; `params` gives each Param's value, `buffers` each buffer's tensor."""
+                block_size: int | tuple[int, int] = 128, layout=None) -> "Pattern":
+        """A pattern from IR nodes; `params` gives each Param's value, `buffers` each buffer's tensor;
+        `layout` (compiler/layout.py) how the kernels order the tokens (None: naturally)."""
         self = object.__new__(cls)
-        self._init(mask, score, block, dict(params or {}), dict(buffers or {}), name, block_size)
+        self._init(mask, score, block, dict(params or {}), dict(buffers or {}), name, block_size, layout)
         return self
 
-    def _init(self, mask, score, block, params, buffers, name, block_size):
+    def _init(self, mask, score, block, params, buffers, name, block_size, layout=None):
         _check_expr(mask, MASK_VARS, "mask", ("bool", "any"))
         _check_expr(score, SCORE_VARS, "score", ("float", "int", "any"))
         _check_expr(block, BLOCK_VARS, "block", ("bool", "any"))
@@ -99,6 +101,9 @@ class Pattern:
         # (runtime/autograd.py), as a constant, to find it again (by_uid)
         setter(self, "uid", f"attncc-pattern-{next(_UIDS)}")
         _BY_UID[self.uid] = self
+        # the pattern the kernels run: itself, or in a layout's coordinates (built once, here)
+        setter(self, "layout", layout)
+        setter(self, "kernel_pattern", self if layout is None else layout.compose(self))
 
     def __setattr__(self, key, value):
         raise AttributeError("Pattern is immutable; use bind() or the & and | operators")
@@ -146,7 +151,14 @@ class Pattern:
                 known = sorted(params) + sorted(buffers)
                 raise PatternError(f"bind(): {key!r} is not a param or buffer of this pattern "
                                    f"(it has {known or 'none'})")
-        return Pattern.from_ir(self.mask, self.score, self.block, params, buffers, self.name, self.block_size)
+        return Pattern.from_ir(self.mask, self.score, self.block, params, buffers, self.name, self.block_size,
+                               self.layout)
+
+    def with_layout(self, layout) -> "Pattern":
+        """A copy whose kernels run in `layout`'s token order (compiler/layout.py; None: natural
+        order). What the pattern means, its reference and its dense mask do not change."""
+        return Pattern.from_ir(self.mask, self.score, self.block, self.params, self.buffers, self.name,
+                               self.block_size, layout)
 
     def __and__(self, other: "Pattern") -> "Pattern":
         return self._combine(other, "and")
@@ -190,7 +202,10 @@ class Pattern:
             mask = ir.op(how, self.mask, o_mask)
         block = ir.op(how, self.block, o_block)
         name = f"{self.name} {'&' if how == 'and' else '|'} {other.name}" if self.name and other.name else None
-        return Pattern.from_ir(mask, score, block, params, buffers, name, block_size)
+        if self.layout is not None and other.layout is not None and self.layout != other.layout:
+            raise PatternError(f"cannot combine patterns in different layouts ({self.layout!r} and "
+                               f"{other.layout!r}); pick one with .with_layout()")
+        return Pattern.from_ir(mask, score, block, params, buffers, name, block_size, self.layout or other.layout)
 
     # -- value semantics
     def _key(self):
@@ -227,7 +242,8 @@ class Pattern:
 
     def __repr__(self) -> str:
         body = "; ".join(line for line in str(self).splitlines() if not line.startswith("#"))
-        return f"Pattern({self.name + ': ' if self.name else ''}{body})"
+        layout = f"; in {self.layout!r}" if self.layout is not None else ""
+        return f"Pattern({self.name + ': ' if self.name else ''}{body}{layout})"
 
 
 def _name_of(fn) -> str | None:

@@ -116,13 +116,17 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
         TRITON_KEY.start()
     pattern = _pattern(pattern)
     pattern.require_bound()
+    layout = pattern.layout
+    if layout is not None:
+        layout.check(s.Q, s.KV)
+    pattern = pattern.kernel_pattern  # in the layout's coordinates, if it has one
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
     path = choose_path(pattern, s, q, options, return_lse)
     if path == "attncc":
         tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
     choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), path,
-                          choose_tma(s, q.device, options))
+                          choose_tma(s, q.device, options), layout)
     return pattern, s, check_scale(scale, s.D), choice
 
 
@@ -163,8 +167,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
     from .autograd import attention_op, options_json
 
-    out, lse = attention_op(q, k, v, [t for t in pattern.buffers.values()], pattern.uid,
+    layout = pattern.layout
+    if layout is not None:
+        layout.check(q.shape[2], k.shape[2])
+        q, k, v = (layout.permute(t) for t in (q, k, v))
+    kernel_pattern = pattern.kernel_pattern
+    out, lse = attention_op(q, k, v, [t for t in kernel_pattern.buffers.values()], kernel_pattern.uid,
                             options_json(kernel_options), scale)
+    if layout is not None:
+        out, lse = layout.unpermute(out), layout.unpermute(lse)
     return (out, lse) if return_lse else out
 
 

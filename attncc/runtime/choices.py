@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler.codegen import BackwardTiles, TileConfig
+from ..compiler.layout import Layout
 from ..dsl.ir import TRUE, Var, op
 from ..dsl.pattern import Pattern
 from .inputs import Shapes
@@ -18,12 +19,13 @@ _CAUSAL = op("ge", Var("q"), Var("kv"))
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What runs: the forward's tiles, the backward's, the path ("attncc" or "sdpa-cudnn") and
-    whether the forward reads K/V through tensor descriptors."""
+    """What runs: the forward's tiles, the backward's, the path ("attncc" or "sdpa-cudnn"),
+    whether the forward reads K/V through tensor descriptors, and the token layout (or None)."""
     tiles: TileConfig
     backward_tiles: BackwardTiles
     path: str
     tma: bool = False
+    layout: Layout | None = None
 
 
 def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:

@@ -318,7 +318,9 @@ class Kernel:
     `config` holds the tiles, warps, stages (of the forward and of the backward's two kernels)
     and the path: "attncc" (the generated kernels) or "sdpa-cudnn" (SDPA's cuDNN backend, forward
     and backward, chosen only for plain full or equal-length causal attention with no score mod
-    on CUDA). `predicted_ms` is None until the cost model exists.
+    on CUDA). With a token layout (`layout`, compiler/layout.py) the kernels, `.source` and
+    `.block_mask` are in the layout's token order; `__call__` takes and returns natural order.
+    `predicted_ms` is None until the cost model exists.
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
@@ -329,6 +331,7 @@ class Kernel:
         self.backward_tiles = choice.backward_tiles
         self.path = choice.path
         self.tma = choice.tma
+        self.layout = choice.layout
         self.device = device
         self.interpret = device.type != "cuda"
         self.block_mask, self._meta = META_CACHE.get(pattern, shapes, self.tiles, device)
@@ -359,6 +362,13 @@ class Kernel:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes, return_lse: bool):
         """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
+        if self.layout is not None:  # the kernels run in the layout's token order
+            self.layout.check(s.Q, s.KV)
+            result = self._run(*(self.layout.permute(t) for t in (q, k, v)), s, return_lse)
+            return tuple(map(self.layout.unpermute, result)) if return_lse else self.layout.unpermute(result)
+        return self._run(q, k, v, s, return_lse)
+
+    def _run(self, q, k, v, s: Shapes, return_lse: bool):
         if self.path == "sdpa-cudnn" and not return_lse and s == self._shapes:
             return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)  # SDPA's own backward
         if autograd.needs_grad(self.pattern, q, k, v):

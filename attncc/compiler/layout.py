@@ -1,0 +1,161 @@
+"""Token layouts: a permutation of a sequence so that every kernel tile is a compact brick.
+
+A 2-D neighbourhood over row-major tokens leaves most of every 1-D tile dead: a 64-token tile is
+one image row, whose neighbours lie in rows above and below. A Layout reorders the N tokens
+(kernel position p holds natural token `natural(p)`): bricks of a 1-D/2-D/3-D canvas stored one
+after another, each brick row-major; along a dilated axis the residue classes first (positions
+≡ 0 mod d, then ≡ 1, ...), so each class's neighbours are contiguous. Patterns stay written in
+natural coordinates: `compose(pattern)` substitutes `natural(q)`, `natural(kv)` into the mask and
+score, and the kernels run that on permuted q/k/v (`permute`), their output permuted back
+(`unpermute`). `reference` and `create_mask` always speak natural order: a layout changes how a
+pattern runs, never what it means.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..dsl import ir
+
+
+def _ints(value, dims: int, what: str) -> tuple[int, ...]:
+    t = (value,) * dims if isinstance(value, int) else tuple(value)
+    if len(t) != dims or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in t):
+        raise ValueError(f"{what} must be a positive int or {dims} of them, got {value!r}")
+    return t
+
+
+class Layout:
+    """Bricks of `brick` tokens over a row-major `canvas` (1-3 dims, outermost first), each axis
+    first split into its `dilation` residue classes. Needs canvas[i] % (dilation[i] * brick[i]) == 0.
+
+    n: tokens; perm int64 [n]: perm[p] = the natural index at kernel position p; inverse: its inverse.
+    """
+
+    def __init__(self, canvas, brick, dilation=1):
+        canvas = _ints(canvas, len(canvas) if isinstance(canvas, (tuple, list)) else 1, "canvas")
+        if not 1 <= len(canvas) <= 3:
+            raise ValueError(f"a layout's canvas has 1 to 3 dims, got {canvas}")
+        self.canvas = canvas
+        self.brick = _ints(brick, len(canvas), "brick")
+        self.dilation = _ints(dilation, len(canvas), "dilation")
+        for size, b, d in zip(self.canvas, self.brick, self.dilation):
+            if size % (b * d):
+                raise ValueError(f"canvas {self.canvas} is not a whole number of bricks {self.brick} per "
+                                 f"dilation class {self.dilation}")
+        self.n = math.prod(self.canvas)
+        p = torch.arange(self.n)
+        self.perm = self._natural(p, lambda x, y: x // y, lambda x, y: x % y)
+        self.inverse = torch.empty_like(self.perm)
+        self.inverse[self.perm] = p
+
+    def __repr__(self) -> str:
+        return f"Layout(canvas={self.canvas}, brick={self.brick}, dilation={self.dilation})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and (self.canvas, self.brick, self.dilation) == (
+            other.canvas, other.brick, other.dilation)
+
+    def __hash__(self) -> int:
+        return hash((self.canvas, self.brick, self.dilation))
+
+    def _natural(self, p, div, mod):
+        """The natural index of kernel position p, with `div` / `mod` the floor operations of p's
+        kind (torch tensors or IR nodes)."""
+        per_brick = math.prod(self.brick)
+        grid = [s // b for s, b in zip(self.canvas, self.brick)]
+        brick_id, offset = div(p, per_brick), mod(p, per_brick)
+        index = None
+        for axis, (size, b, d) in enumerate(zip(self.canvas, self.brick, self.dilation)):
+            inner = math.prod(grid[axis + 1:])
+            within = math.prod(self.brick[axis + 1:])
+            g = mod(div(brick_id, inner), grid[axis]) if axis else div(brick_id, inner)
+            w = mod(div(offset, within), b) if axis else div(offset, within)
+            coord = g * b + w  # along the axis in layout order: residue classes one after another
+            if d > 1:
+                per_class = size // d
+                coord = mod(coord, per_class) * d + div(coord, per_class)
+            index = coord if index is None else index * size + coord
+        return index
+
+    def natural(self, p: ir.Node) -> ir.Node:
+        """IR of the natural index of kernel position p (an integer IR node)."""
+        const = ir.const
+
+        def div(x, y):
+            return _Expr(ir.op("floordiv", _node(x), const(y)))
+
+        def mod(x, y):
+            return _Expr(ir.op("mod", _node(x), const(y)))
+        return _node(self._natural(_Expr(p), div, mod))
+
+    def compose(self, pattern):
+        """The pattern in kernel coordinates: its token mask and score with q, kv replaced by
+        natural(q), natural(kv) (block predicate folded in; params and buffers kept)."""
+        from ..dsl.pattern import Pattern
+        from .evaluate import token_mask
+
+        nat = {"q": self.natural(ir.Var("q")), "kv": self.natural(ir.Var("kv"))}
+
+        def swap(n):
+            return nat.get(n.name) if isinstance(n, ir.Var) else None
+        mask = ir.substitute(token_mask(pattern), swap)
+        score = ir.substitute(pattern.score, swap)
+        return Pattern.from_ir(mask, score, ir.TRUE, pattern.params, pattern.buffers,
+                               f"{pattern.name or 'pattern'} in {self!r}")
+
+    def check(self, n_q: int, n_kv: int) -> None:
+        """ValueError unless both lengths are this layout's n (a layout permutes one sequence)."""
+        if n_q != self.n or n_kv != self.n:
+            raise ValueError(f"{self!r} permutes {self.n} tokens, but Q_LEN = {n_q}, KV_LEN = {n_kv}")
+
+    def permute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """x (natural token order along `dim`) in kernel order: x.index_select(dim, perm)."""
+        return x.index_select(dim, self.perm.to(x.device))
+
+    def unpermute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """x (kernel order along `dim`) back in natural token order."""
+        return x.index_select(dim, self.inverse.to(x.device))
+
+
+class _Expr:
+    """An IR node with + and * by ints, so `_natural` reads the same over IR as over tensors."""
+
+    def __init__(self, node: ir.Node):
+        self.node = node
+
+    def __add__(self, other):
+        return _Expr(ir.op("add", _node(self), _node(other)))
+
+    def __mul__(self, other):
+        return _Expr(ir.op("mul", _node(self), _node(other)))
+
+
+def _node(x) -> ir.Node:
+    if isinstance(x, _Expr):
+        return x.node
+    if isinstance(x, int):
+        return ir.const(x)
+    return x
+
+
+# bricks tried per canvas rank, best first: one brick = a 128-row query tile, and a 64-key kv
+# tile is half a brick (16x8 on natten2d 64x128, kernel 17, tiles 128x64: 672 live tiles of 8192
+# against 2176 in row-major order; 8x16: 1012; 4x32: 1560)
+_BRICKS = {1: ((1,),), 2: ((16, 8), (8, 8), (8, 4), (4, 4)), 3: ((2, 8, 8), (4, 4, 8), (2, 4, 8), (2, 4, 4))}
+
+
+def default_layout(canvas, dilation=1) -> Layout | None:
+    """The brick layout the catalogue's multi-dimensional patterns use by default: the first brick
+    of _BRICKS that divides every (dilation class of an) axis, or None when none does or the
+    layout would be the identity (1-D, no dilation)."""
+    dims = len(canvas) if isinstance(canvas, (tuple, list)) else 1
+    dil = _ints(dilation, dims, "dilation")
+    canvas = _ints(canvas, dims, "canvas")
+    if dims == 1 and dil == (1,):
+        return None
+    for brick in _BRICKS[dims]:
+        if all(s % (b * d) == 0 for s, b, d in zip(canvas, brick, dil)):
+            return Layout(canvas, brick, dil)
+    return None

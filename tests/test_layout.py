@@ -1,0 +1,81 @@
+"""Token layouts (compiler/layout.py): the permutation and its IR agree, patterns run in a layout
+give the natural-order results (forward, gradients, torch.compile), and bricks cut live tiles."""
+import pytest
+import torch
+
+import attncc as ac
+from attncc.compiler.evaluate import evaluate
+from attncc.compiler.layout import Layout, default_layout
+from attncc.dsl import ir
+from test_backward import check, qkv
+
+
+@pytest.mark.parametrize("canvas,brick,dilation", [
+    ((24,), (3,), 2), ((8, 12), (4, 4), 1), ((6, 12), (1, 3), (2, 2)), ((4, 6, 8), (2, 3, 2), (1, 1, 2)),
+    ((12, 10), (2, 5), (3, 1))])
+def test_permutation_and_its_ir_agree(canvas, brick, dilation):
+    layout = Layout(canvas, brick, dilation)
+    assert sorted(layout.perm.tolist()) == list(range(layout.n))
+    p = torch.arange(layout.n)
+    assert torch.equal(evaluate(layout.natural(ir.Var("q")), {"q": p}, {}, {}), layout.perm)
+    x = torch.randn(1, 2, layout.n, 3)
+    assert torch.equal(layout.unpermute(layout.permute(x)), x)
+
+
+def test_first_brick_is_a_box():
+    layout = Layout((8, 12), (4, 4))
+    rows, cols = layout.perm[:16] // 12, layout.perm[:16] % 12
+    assert set(rows.tolist()) == {0, 1, 2, 3} and set(cols.tolist()) == {0, 1, 2, 3}
+    dilated = Layout((24,), (1,), 3)
+    assert dilated.perm[:8].tolist() == list(range(0, 24, 3))  # the residue class 0 first
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ac.patterns.natten2d(8, 12, 3).with_layout(Layout((8, 12), (4, 4))),
+    lambda: ac.patterns.dilated(9, 3).with_layout(Layout((72,), (2,), 3)),
+    lambda: (ac.Pattern(lambda b, h, q, kv: abs(q // 16 - kv // 16) + abs(q % 16 - kv % 16) <= 5)
+             & ac.patterns.softcap(4.0, causal=False)).with_layout(Layout((4, 16), (2, 8))),
+], ids=["natten2d", "dilated", "manhattan-softcap"])
+def test_attention_in_a_layout_is_attention_in_natural_order(make):
+    pat = make()
+    n = pat.layout.n
+    q, k, v = qkv(1, 4, 2, n, n, 16, seed=2)
+    ac.testing.compare(pat, q.detach(), k.detach(), v.detach())
+    check(pat, q, k, v)  # gradients against float64 autograd of the (natural-order) oracle
+    kern = ac.compile(pat, q, k, v)
+    assert kern.layout == pat.layout and torch.allclose(kern(q, k, v), ac.attention(q, k, v, pat))
+    assert kern.pattern is pat.kernel_pattern and kern.pattern.mask is not pat.mask  # runs the composed IR
+
+
+def test_bricks_cut_live_tiles_of_a_2d_neighbourhood():
+    pat = ac.patterns.natten2d(32, 128, 17)  # the suite's kernel; row-major, a 128-query tile is one row
+    layout = default_layout((32, 128))
+    natural = ac.create_block_mask(pat, None, None, 4096, 4096, (128, 64)).to_dense()
+    bricked = ac.create_block_mask(pat.with_layout(layout).kernel_pattern, None, None, 4096, 4096,
+                                   (128, 64)).to_dense()
+    assert int((bricked > 0).sum()) * 2 < int((natural > 0).sum())
+
+
+def test_layout_errors_are_clear():
+    with pytest.raises(ValueError, match="whole number of bricks"):
+        Layout((10, 12), (4, 4))
+    pat = ac.patterns.natten2d(8, 12, 3).with_layout(Layout((8, 12), (4, 4)))
+    with pytest.raises(ValueError, match="permutes 96 tokens"):
+        ac.attention(*qkv(1, 1, 1, 90, 90, 16), pat)
+    with pytest.raises(ac.PatternError, match="different layouts"):
+        pat & ac.patterns.causal().with_layout(Layout((96,), (1,), 2))
+    assert (pat & ac.patterns.softcap(3.0, causal=False)).layout == pat.layout
+    assert pat.bind().layout == pat.layout and pat.with_layout(None).layout is None
+    assert default_layout((96,)) is None and default_layout((10, 14)) is None
+
+
+def test_torch_compile_with_a_layout():
+    pat = ac.patterns.natten2d(8, 12, 3).with_layout(Layout((8, 12), (4, 4)))
+
+    def loss(q, k, v):
+        return (ac.attention(q, k, v, pat) ** 2).sum()
+
+    q, k, v = qkv(1, 2, 2, 96, 96, 16)
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(eager, got))
