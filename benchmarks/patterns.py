@@ -104,7 +104,8 @@ def build(name: str, n: int, num_heads: int, device: torch.device | str = "cpu",
 
         def dilated(b, h, q_idx, kv_idx):
             return ((q_idx - kv_idx).abs() <= w) & ((q_idx - kv_idx) % d == 0)
-        return BenchPattern(name, ac.patterns.dilated(w, d), dilated, None, None, {"window": w, "dilation": d})
+        return BenchPattern(name, ac.patterns.dilated(w, d, seq_len=n), dilated, None, None,
+                            {"window": w, "dilation": d})
     if name == "alibi":
         slopes = torch.exp2(-8.0 * torch.arange(1, num_heads + 1, dtype=torch.float32, device=device) / num_heads)
 

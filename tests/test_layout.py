@@ -79,3 +79,14 @@ def test_torch_compile_with_a_layout():
     eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
     got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
     assert all(torch.equal(a, b) for a, b in zip(eager, got))
+
+
+def test_dilated_runs_in_its_residue_layout():
+    pat = ac.patterns.dilated(60, 4, seq_len=96)  # within a class of 24 tokens: a window of 15
+    assert pat.layout == Layout((96,), (1,), 4)
+    natural = ac.create_block_mask(ac.patterns.dilated(60, 4), None, None, 96, 96, 8).to_dense()
+    bricked = ac.create_block_mask(pat.kernel_pattern, None, None, 96, 96, 8).to_dense()
+    assert int((bricked == 2).sum()) > 0 == int((natural == 2).sum())  # dense tiles only in the layout
+    q, k, v = qkv(1, 2, 2, 96, 96, 16, seed=5)
+    check(pat, q, k, v)
+    assert ac.patterns.dilated(12, 5, seq_len=96).layout is None  # 96 % 5: natural order
