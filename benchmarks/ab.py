@@ -34,7 +34,11 @@ def patterns(ac, N: int, H: int, device) -> dict:
     from benchmarks.patterns import document_lengths
 
     ids = ac.patterns.lengths_to_ids(document_lengths(N), device=device)
-    return {"swa1024": ac.patterns.sliding_window(1024), "document": ac.patterns.document(ids),
+    try:
+        document = ac.patterns.document(ids=ids)
+    except TypeError:  # a base revision from before document(lengths, offsets, causal, ids)
+        document = ac.patterns.document(ids)
+    return {"swa1024": ac.patterns.sliding_window(1024), "document": document,
             "dilated": ac.patterns.dilated(2048, 4), "prefixlm2048": ac.patterns.prefix_lm(2048),
             "alibi": ac.patterns.alibi(H, device=device), "softcap": ac.patterns.softcap(30.0),
             "causal": ac.patterns.causal()}

@@ -86,7 +86,7 @@ def build(name: str, n: int, num_heads: int, device: torch.device | str = "cpu",
 
         def document(b, h, q_idx, kv_idx):
             return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
-        return BenchPattern(name, ac.patterns.document(doc), document, None, None, {"lengths": lengths})
+        return BenchPattern(name, ac.patterns.document(ids=doc), document, None, None, {"lengths": lengths})
     if name == "natten2d":
         rows, cols, kernel = sizes.canvas
         if rows * cols != n:

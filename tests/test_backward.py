@@ -55,7 +55,7 @@ def test_random_patterns_gradients_match_the_oracle(pattern, shape, seed):
 
 
 @pytest.mark.parametrize("pattern", [
-    ac.patterns.document(ac.patterns.lengths_to_ids([17, 30, 9, 21])) & ac.patterns.softcap(8.0, causal=False),
+    ac.patterns.document([17, 30, 9, 21]) & ac.patterns.softcap(8.0, causal=False),
     ac.patterns.alibi(6),
     ac.patterns.dilated(20, 3),
     ac.patterns.natten2d(7, 11, 3),
@@ -154,7 +154,7 @@ def test_buffer_gradients_only_where_asked_and_through_lse():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    pat = ac.patterns.document(ac.patterns.lengths_to_ids([20, 25])) & ac.patterns.softcap(6.0, causal=False)
+    pat = ac.patterns.document(lengths=[20, 25]) & ac.patterns.softcap(6.0, causal=False)
 
     def loss(q, k, v):
         out, lse = ac.attention(q, k, v, pat, return_lse=True)

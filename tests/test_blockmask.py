@@ -150,7 +150,7 @@ def test_affine_masks_classified_exactly_without_evaluation(pattern, QL, KL, BM,
        st.sampled_from([None, 1, 4]))
 def test_document_masks_classified_exactly_without_evaluation(lengths, BM, S):
     ids = ac.patterns.lengths_to_ids(lengths)
-    pattern = ac.patterns.document(ids, causal=False)
+    pattern = ac.patterns.document(ids=ids, causal=False)
     N = len(ids)
     got = classify(pattern, 1, 1, N, N, BM, BM, refine=False, super_tile=S).dense()
     assert torch.equal(got, tile_truth(pattern, 1, 1, N, N, BM, BM))
@@ -222,7 +222,7 @@ def test_params_are_runtime_values():
 def test_flex_round_trip_and_agreement():
     from torch.nn.attention.flex_attention import create_block_mask as flex_create
     doc = ac.patterns.lengths_to_ids([100, 37, 200, 63])
-    pat = ac.patterns.document(doc)
+    pat = ac.patterns.document(ids=doc)
     bm = ac.create_block_mask(pat, None, None, 400, 400, block_size=(32, 64))
     fb = bm.to_flex()
     back = BlockMask.from_flex(fb)

@@ -107,7 +107,7 @@ def _catalogue():
     return [ac.patterns.causal(), ac.patterns.causal(offset=3), ac.patterns.sliding_window(16),
             ac.patterns.sliding_window(16, causal=False), ac.patterns.prefix_lm(8),
             ac.patterns.dilated(8, 2), ac.patterns.softcap(), ac.patterns.softcap(20.0, causal=False),
-            ac.patterns.alibi(4), ac.patterns.document(ids), ac.patterns.document(ids, causal=False),
+            ac.patterns.alibi(4), ac.patterns.document(ids=ids), ac.patterns.document(ids=ids, causal=False),
             ac.patterns.natten2d(8, 8, 3), ac.patterns.causal() & ac.patterns.sliding_window(4)]
 
 

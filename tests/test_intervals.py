@@ -59,7 +59,7 @@ def test_modular_masks_sound_and_exact_after_refinement(a, b, e, d, r, cmp, N, B
        st.sampled_from([1, 2, 4, 8]), st.sampled_from([None, 1, 2]))
 def test_documents_with_any_ids_sound_and_exact(ids, sort, causal, BM, S):
     doc = torch.tensor(sorted(ids) if sort else ids)
-    pat = ac.patterns.document(doc, causal=causal)
+    pat = ac.patterns.document(ids=doc, causal=causal)
     N = len(ids)
     truth = tile_truth(pat, 1, 1, N, N, BM, BM)
     rough = classes(pat, N, N, BM, BM, refine=False, S=S)

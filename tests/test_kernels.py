@@ -38,7 +38,7 @@ def test_random_patterns_match_reference(pattern, shape, dtype, seed):
        causal=st.booleans(), seed=st.integers(0, 1000))
 def test_document_buffer_matches_reference(lengths, softcap, causal, seed):
     doc = ac.patterns.lengths_to_ids(lengths).to(torch.int32)
-    pat = ac.patterns.document(doc, causal=causal)
+    pat = ac.patterns.document(ids=doc, causal=causal)
     if softcap:
         pat = pat & ac.patterns.softcap(20.0, causal=False)
     N = len(doc)
@@ -163,7 +163,7 @@ def test_param_rebinding_reuses_the_kernel_and_rebuilds_only_metadata():
 
 def test_changed_buffer_content_rebuilds_metadata():
     doc = ac.patterns.lengths_to_ids([30, 30, 36])
-    pat = ac.patterns.document(doc)
+    pat = ac.patterns.document(ids=doc)
     q, k, v = qkv(1, 1, 1, 96, 96, 16)
     compare(pat, q, k, v)
     builds = META_CACHE.builds
@@ -221,7 +221,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="meta"):
         kern(q.to("meta"), k.to("meta"), v.to("meta"))
     with pytest.raises(ValueError, match="doc"):  # a buffer shorter than the sequence
-        attention(q, k, v, ac.patterns.document(torch.zeros(10, dtype=torch.long)))
+        attention(q, k, v, ac.patterns.document(ids=torch.zeros(10, dtype=torch.long)))
     with pytest.raises(ValueError, match="slope"):  # a score-mod buffer with too few heads
         attention(q, k, v, ac.patterns.alibi(1))
 
@@ -247,7 +247,7 @@ def test_call_arguments_are_checked():
 def test_buffers_made_under_inference_mode():
     with torch.inference_mode():
         doc = ac.patterns.lengths_to_ids([20, 30, 15])
-    pat = ac.patterns.document(doc)
+    pat = ac.patterns.document(ids=doc)
     with torch.inference_mode():
         q, k, v = qkv(1, 2, 1, 65, 65, 16)
         compare(pat, q, k, v)

@@ -24,7 +24,7 @@ PATTERNS = {
     "causal": lambda N, H: ac.patterns.causal(),
     "swa": lambda N, H: ac.patterns.sliding_window(300),
     "document": lambda N, H: ac.patterns.document(
-        ac.patterns.lengths_to_ids([N // 3, N // 4, N - N // 3 - N // 4], device="cuda")),
+        [N // 3, N // 4, N - N // 3 - N // 4], device="cuda"),
     "softcap": lambda N, H: ac.patterns.softcap(30.0),
     "alibi": lambda N, H: ac.patterns.alibi(H, device="cuda"),
     "dilated": lambda N, H: ac.patterns.dilated(500, 3),

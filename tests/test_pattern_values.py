@@ -28,17 +28,17 @@ def test_hash_eq_and_str():
     assert str(a) == "# one\nparam W = 4\nmask = q >= kv and q - kv <= W"
     assert ac.Pattern(lambda b, h, q, kv: q >= kv) != ac.Pattern(lambda b, h, q, kv: q > kv)
     t1, t2 = torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1])
-    assert ac.patterns.document(t1) == ac.patterns.document(t2)
-    assert hash(ac.patterns.document(t1)) == hash(ac.patterns.document(t2))
-    assert ac.patterns.document(t1) != ac.patterns.document(torch.tensor([0, 1, 1]))
-    assert ac.patterns.document(t1) != ac.patterns.document(t1.int())
+    assert ac.patterns.document(ids=t1) == ac.patterns.document(ids=t2)
+    assert hash(ac.patterns.document(ids=t1)) == hash(ac.patterns.document(ids=t2))
+    assert ac.patterns.document(ids=t1) != ac.patterns.document(ids=torch.tensor([0, 1, 1]))
+    assert ac.patterns.document(ids=t1) != ac.patterns.document(ids=t1.int())
     assert a != "mask = q >= kv"
     with pytest.raises(AttributeError, match="immutable"):
         a.mask = ir.TRUE
 
 
 def test_pickle_and_deepcopy_keep_the_value():
-    pat = ac.patterns.document(torch.tensor([0, 0, 1, 1])) & ac.patterns.softcap(10.0)
+    pat = ac.patterns.document(ids=torch.tensor([0, 0, 1, 1])) & ac.patterns.softcap(10.0)
     for twin in (pickle.loads(pickle.dumps(pat)), copy.deepcopy(pat), copy.copy(pat)):
         assert twin == pat and hash(twin) == hash(pat) and twin.mask is pat.mask and str(twin) == str(pat)
 
@@ -58,7 +58,7 @@ def test_bind_params():
 
 
 def test_bind_buffers():
-    pat = ac.patterns.document(torch.tensor([0, 0, 1, 1]), causal=False)
+    pat = ac.patterns.document(ids=torch.tensor([0, 0, 1, 1]), causal=False)
     other = torch.tensor([0, 1, 1, 1])
     bound = pat.bind(doc=other)
     assert bound.buffers["doc"] is other and bound.mask is pat.mask and bound != pat
@@ -92,11 +92,11 @@ def test_combining_params():
 
 def test_combining_renames_clashing_buffers():
     d1, d2 = torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 2, 2])
-    both = ac.patterns.document(d1, causal=False) & ac.patterns.document(d2, causal=False)
+    both = ac.patterns.document(ids=d1, causal=False) & ac.patterns.document(ids=d2, causal=False)
     assert set(both.buffers) == {"doc", "doc1"} and both.buffers["doc"] is d1 and both.buffers["doc1"] is d2
     assert str(both.mask) == "doc[q] == doc[kv] and doc1[q] == doc1[kv]"
     assert torch.equal(mask_of(both, 6), (d1[:, None] == d1[None]) & (d2[:, None] == d2[None]))
-    shared = ac.patterns.document(d1) | ac.patterns.document(d1.clone(), causal=False)
+    shared = ac.patterns.document(ids=d1) | ac.patterns.document(ids=d1.clone(), causal=False)
     assert list(shared.buffers) == ["doc"]
     assert torch.equal(mask_of(shared, 6), d1[:, None] == d1[None])
 

@@ -66,7 +66,7 @@ def test_document_ids(causal):
     blocks = [torch.ones(n, n, dtype=torch.bool) for n in lengths]
     expected = torch.block_diag(*[blk.tril() if causal else blk for blk in blocks])
     assert torch.equal(mask_of(ac.Pattern(packed), 15), expected)
-    assert torch.equal(mask_of(ac.patterns.document(doc_ids, causal=causal), 15), expected)
+    assert torch.equal(mask_of(ac.patterns.document(ids=doc_ids, causal=causal), 15), expected)
 
 
 def test_document_mask_wrapping_an_inner_mask_on_logical_positions():
@@ -309,7 +309,7 @@ def test_flex_mods_compute_the_same_pattern():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
     slopes = torch.tensor([0.5, 0.25])
-    pat = (ac.patterns.document(doc) & ac.Pattern(score_mod=lambda s, b, h, q, kv: s + slopes[h] * (kv - q))
+    pat = (ac.patterns.document(ids=doc) & ac.Pattern(score_mod=lambda s, b, h, q, kv: s + slopes[h] * (kv - q))
            & ac.Pattern(block_mask_mod=lambda b, h, qb, kb: qb + 1 >= kb * 2, block_size=4))
     mask_mod, score_mod = ev.as_flex_mods(pat)
     assert torch.equal(flex.create_mask(mask_mod, 1, 2, 12, 12, device="cpu"), ac.create_mask(pat, 1, 2, 12, 12))

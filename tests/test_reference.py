@@ -218,7 +218,7 @@ def test_bad_scale_and_pattern():
 
 def test_unbound_and_out_of_range_buffers():
     q, k, v = qkv()
-    pat = ac.patterns.document(torch.tensor([0, 0, 1, 1]))
+    pat = ac.patterns.document(ids=torch.tensor([0, 0, 1, 1]))
     with pytest.raises(PatternError, match="inside dim 0 of size 4"):
         ac.reference(q, k, v, pat)
     with pytest.raises(PatternError, match="doc"):

@@ -8,7 +8,7 @@ import attncc.testing as testing
 
 def test_buffers_cap_the_lengths_and_heads_drawn():
     doc = ac.patterns.lengths_to_ids([30, 25, 20])          # 75 tokens, far below max_len
-    report = testing.check_pattern(ac.patterns.document(doc), max_examples=4, max_len=200)
+    report = testing.check_pattern(ac.patterns.document(ids=doc), max_examples=4, max_len=200)
     assert report.rows and all(r["q"][2] <= 75 and r["k"][2] <= 75 for r in report.rows)
     report = testing.check_pattern(ac.patterns.alibi(2), max_examples=3, max_len=40)  # slopes for 2 heads
     assert all(r["q"][1] <= 2 for r in report.rows)

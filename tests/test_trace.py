@@ -180,7 +180,7 @@ def test_buffer_reads_must_use_integer_indices_of_the_right_rank():
         pat = ac.Pattern(lambda b, h, q, kv: doc[index_buf[q]] == doc[kv])
         with pytest.raises(PatternError, match=r"index_buf\[q\] of buffer 'doc' is torch.(float64|bool), not an int"):
             ac.create_mask(pat, None, None, 4, 4)
-    pat = ac.patterns.document(doc)
+    pat = ac.patterns.document(ids=doc)
     with pytest.raises(PatternError, match="'doc' has 2 dims but is indexed with 1"):
         ac.create_mask(pat.bind(doc=doc[None]), None, None, 4, 4)
 
