@@ -4,7 +4,7 @@
 `doc[q] == doc[kv] and q >= kv` (indices absolute, as everywhere in the catalogue).
 
 The documents are given by exactly one of
-- `lengths`: the document lengths, `[3, 2]` -> ids `[0, 0, 0, 1, 1]` (zero lengths allowed);
+- `lengths`: the document lengths, `[3, 2]` -> ids `[0, 0, 0, 1, 1]` (each at least 1; empty documents through `offsets`);
 - `offsets`: cu_seqlens-style boundaries `[0, 3, 5]` (num_docs + 1 entries, starting at 0,
   non-decreasing): document d holds tokens `offsets[d] <= i < offsets[d + 1]`;
 - `ids`: the per-token id tensor itself (int [N]; any ids work, not only non-decreasing ones).
@@ -40,8 +40,10 @@ def document(lengths=None, offsets=None, causal: bool = True, ids=None, *, devic
                 raise ValueError(f"offsets must be non-decreasing, got {offsets.tolist()}")
         else:
             lengths = _integers("lengths", lengths, device)
-            if (lengths < 0).any():
-                raise ValueError(f"document lengths must not be negative, got {lengths.tolist()}")
+            if (lengths < 1).any():  # per-token ids passed as lengths start with 0: never silently wrong
+                raise ValueError(f"document lengths must be positive, got {lengths.tolist()[:16]}"
+                                 f"{'...' if len(lengths) > 16 else ''} (per-token document ids? pass "
+                                 "ids=...; empty documents: pass offsets=...)")
         if int(lengths.sum()) == 0:
             raise ValueError("the documents hold no token (the lengths sum to 0)")
         doc = lengths_to_ids(lengths)
