@@ -1,0 +1,160 @@
+"""Neighbourhood attention in 1-D, 2-D and 3-D, with dilation, causal axes and strides: NATTEN
+(Hassani et al., "Neighborhood Attention Transformer", CVPR 2023), dilated NA (DiNAT, Hassani & Shi
+2022), causal NA (Hassani et al., "Faster Neighborhood Attention", 2024) and strided NA
+(Generalized Neighborhood Attention, Hassani et al. 2025). The rule is NATTEN's own (its flex and
+torch backends, natten >= 0.20), axis by axis.
+
+Tokens are the cells of a canvas `(n,)`, `(rows, cols)` or `(frames, rows, cols)` in row-major
+order: token i of a 2-D canvas is at (i // cols, i % cols), of a 3-D one at
+(i // (rows * cols), (i // cols) % rows, i % cols). Q_LEN and KV_LEN must both be prod(canvas);
+a Pattern carries no sequence length, so this is not checked: tokens past the canvas get
+meaningless coordinates.
+
+Along one axis of n cells, with kernel k, dilation d, stride s, a query at coordinate x and a key
+at y (all compile-time constants but x, y):
+
+- dilation: the axis splits into d interleaved sub-grids, the cells with the same residue x % d.
+  A query sees only keys of its own sub-grid (y % d == x % d). In it the query is at j = x // d,
+  the key at i = y // d, and the sub-grid has L = ceil((n - x % d) / d) cells (>= k, since
+  k * d <= n is required, as NATTEN requires it).
+- non-causal: left = k // 2 and right = k - 1 - left keys on either side (an even k has one more
+  on the left, as NATTEN). The stride group of j is j // s; its leader, whose window the whole
+  group shares, is g = (j // s) * s + s // 2 (the group's centre query, the right one of the two
+  centres for an even s; NATTEN's further min(g, L - 1) cannot change the result). The window
+  centre is c = clamp(g, left, L - 1 - right), shifted inward so every window is full size, and
+  the key is live iff c - left <= i <= c + right: every query sees exactly k keys on the axis.
+- causal: the leader is the group's last query, g = min((j // s) * s + s - 1, L - 1), and the
+  key is live iff i <= j and g - i < k: keys g - k + 1 ... j, truncated (not shifted) at the
+  start, so with s = 1 query j sees min(j + 1, k) keys.
+
+A pair attends iff it is live on every axis. With k = 1 a query attends itself (NATTEN asks for
+k >= 2; k = 1 is kept as the degenerate case). An axis whose window is the whole sub-grid
+(k * d == n) contributes only its sub-grid test (and, causal, y <= x).
+
+The mask uses integer ops only (//, %, clamp, min, abs, comparisons): no buffers, no params (the
+window structure is the pattern's shape: constants let Triton strength-reduce // and %).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+from ..dsl.pattern import Pattern
+
+
+def _ints(value, ndim: int, what: str, minimum: int = 1) -> tuple[int, ...]:
+    """An int (broadcast over the canvas's dims) or a tuple of ndim ints, each >= minimum."""
+    items = (value,) * ndim if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ValueError(f"{what} must be an int or a tuple of {ndim} ints, got {value!r}") from None
+    if len(items) != ndim or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{what} must be an int or a tuple of {ndim} ints (one per canvas dim), got {value!r}")
+    items = tuple(int(v) for v in items)
+    if any(v < minimum for v in items):
+        raise ValueError(f"{what} must be >= {minimum} on every axis, got {value!r}")
+    return items
+
+
+def _bools(value, ndim: int, what: str) -> tuple[bool, ...]:
+    items = (value,) * ndim if isinstance(value, bool) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ValueError(f"{what} must be a bool or a tuple of {ndim} bools, got {value!r}") from None
+    if len(items) != ndim or not all(isinstance(v, bool) for v in items):
+        raise ValueError(f"{what} must be a bool or a tuple of {ndim} bools (one per canvas dim), got {value!r}")
+    return items
+
+
+def canvas_dims(canvas, what: str = "canvas", max_dims: int = 3) -> tuple[int, ...]:
+    """The canvas as a tuple of 1..max_dims positive ints (an int is a 1-D canvas)."""
+    if isinstance(canvas, numbers.Integral) and not isinstance(canvas, bool):
+        canvas = (canvas,)
+    try:
+        canvas = tuple(canvas)
+    except TypeError:
+        raise ValueError(f"{what} must be an int or a tuple of 1 to {max_dims} ints, got {canvas!r}") from None
+    if not 1 <= len(canvas) <= max_dims:
+        raise ValueError(f"{what} must have 1 to {max_dims} dims, got {canvas!r}")
+    return _ints(canvas, len(canvas), what)
+
+
+def axis_coord(idx, dims: tuple[int, ...], axis: int):
+    """Row-major coordinate of token `idx` (traced) along `axis` of a canvas of `dims`:
+    (idx // prod(dims[axis+1:])) % dims[axis], without the // for the last axis and the % for the
+    first (idx < prod(dims) there)."""
+    stride = math.prod(dims[axis + 1:])
+    x = idx // stride if stride > 1 else idx
+    return x % dims[axis] if axis > 0 else x
+
+
+def axis_window(x, y, n: int, k: int, d: int = 1, s: int = 1, causal: bool = False):
+    """Whether key coordinate y is in the window of query coordinate x along an axis of n cells
+    (the rule of the module docstring); None when it always is."""
+    conds = []
+    if d > 1:
+        conds.append(x % d == y % d)
+        j, i = x // d, y // d
+        last = n // d - 1 if n % d == 0 else (n - 1 - x % d) // d  # L - 1 of x's sub-grid
+    else:
+        j, i, last = x, y, n - 1
+    full = k * d == n  # the window is the whole sub-grid
+    if causal:
+        conds.append(y <= x)  # i <= j (same sub-grid)
+        if not full:
+            g = j if s == 1 else ((j // s) * s + s - 1).minimum(last)
+            conds.append(g - i <= k - 1)
+    elif not full:
+        left = k // 2
+        right = k - 1 - left
+        g = j if s == 1 else (j // s) * s + s // 2
+        c = g.clamp(left, last - right)
+        conds.append(abs(c - i) <= left if left == right else (c - i <= left) & (i - c <= right))
+    if not conds:
+        return None
+    out = conds[0]
+    for cond in conds[1:]:
+        out = out & cond
+    return out
+
+
+def all_of(conds):
+    """The conjunction of the non-None conditions (True when there are none)."""
+    conds = [c for c in conds if c is not None]
+    if not conds:
+        return True
+    out = conds[0]
+    for c in conds[1:]:
+        out = out & c
+    return out
+
+
+def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
+    """NATTEN / GNA neighbourhood attention on a row-major 1-D, 2-D or 3-D canvas.
+
+    canvas: n, (rows, cols) or (frames, rows, cols); kernel, dilation, stride: an int for every
+    axis or a tuple (one per axis); causal: a bool or a tuple of bools. Raises ValueError unless
+    1 <= kernel, kernel * dilation <= canvas (NATTEN's rule, which also makes kernel <= canvas)
+    and 1 <= stride <= kernel on every axis. Even kernels are allowed (k // 2 keys before the
+    centre, k // 2 - 1 after, as NATTEN >= 0.20).
+    """
+    dims = canvas_dims(canvas)
+    nd = len(dims)
+    ks = _ints(kernel, nd, "kernel")
+    ds = _ints(dilation, nd, "dilation")
+    ss = _ints(stride, nd, "stride")
+    cs = _bools(causal, nd, "causal")
+    for a, (n, k, d, s) in enumerate(zip(dims, ks, ds, ss)):
+        if k * d > n:
+            raise ValueError(f"kernel {ks} x dilation {ds} must fit the canvas {dims}: on axis {a} "
+                             f"{k} * {d} > {n} (NATTEN's rule: every dilated sub-grid holds a full window)")
+        if s > k:
+            raise ValueError(f"stride {ss} must not exceed the kernel {ks}: on axis {a} {s} > {k}")
+
+    def mask(b, h, q, kv):
+        return all_of(axis_window(axis_coord(q, dims, a), axis_coord(kv, dims, a), dims[a], ks[a], ds[a],
+                                  ss[a], cs[a]) for a in range(nd))
+
+    return Pattern(mask, name="neighborhood")
