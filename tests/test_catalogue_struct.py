@@ -219,7 +219,7 @@ def test_relative_bias_kernels():
 def _heads_case():
     doc = ac.patterns.lengths_to_ids([7, 12, 3, 9, 14])
     window = ac.patterns.sliding_window(6)                    # a param W
-    document = ac.patterns.document(doc)                      # a buffer doc
+    document = ac.patterns.document(ids=doc)                      # a buffer doc
     alibi = ac.patterns.alibi(5)                              # a buffer slope, a score mod
     return [window, document, alibi, window, document], doc.tolist()
 
@@ -270,7 +270,7 @@ def test_per_head_params_and_block_predicates():
     w4, w9 = ac.patterns.sliding_window(4), ac.patterns.sliding_window(9)
     with pytest.raises(PatternError, match="W = 4.*W = 9.*rename=True"):
         per_head([w4, w9])
-    d1, d2 = ac.patterns.document(torch.tensor([0, 0, 1, 1, 1])), ac.patterns.document(torch.tensor([0, 1, 1, 1, 1]))
+    d1, d2 = ac.patterns.document(ids=torch.tensor([0, 0, 1, 1, 1])), ac.patterns.document(ids=torch.tensor([0, 1, 1, 1, 1]))
     with pytest.raises(PatternError, match="doc"):
         per_head([d1, d2])
     both = per_head([w4, w9, d1, d2], rename=True)
@@ -294,7 +294,7 @@ def test_per_head_params_and_block_predicates():
 
 def test_per_head_kernels():
     doc = ac.patterns.lengths_to_ids([20, 31, 29])
-    pats = [ac.patterns.sliding_window(9), ac.patterns.document(doc) & ac.patterns.softcap(5.0, causal=False),
+    pats = [ac.patterns.sliding_window(9), ac.patterns.document(ids=doc) & ac.patterns.softcap(5.0, causal=False),
             ac.patterns.alibi(4), ac.patterns.sliding_window(9)]
     pat = per_head(pats)
     q, k, v = qkv(1, 4, 2, 80, 80, 16, seed=6)

@@ -12,4 +12,5 @@ from .neighborhood import neighborhood
 def natten2d(rows: int, cols: int, kernel: int | tuple[int, int] = 7) -> Pattern:
     """mask = |clamp(qr) - kr| <= kh//2 and |clamp(qc) - kc| <= kw//2 (clamped centres):
     the pattern `neighborhood((rows, cols), kernel)` (equal to it), named "natten2d"."""
-    return Pattern.from_ir(neighborhood((rows, cols), kernel).mask, name="natten2d")
+    nb = neighborhood((rows, cols), kernel)
+    return Pattern.from_ir(nb.mask, name="natten2d", layout=nb.layout)

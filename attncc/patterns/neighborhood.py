@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from ..compiler.layout import default_layout
 from ..dsl.pattern import Pattern
 
 
@@ -138,7 +139,9 @@ def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
     axis or a tuple (one per axis); causal: a bool or a tuple of bools. Raises ValueError unless
     1 <= kernel, kernel * dilation <= canvas (NATTEN's rule, which also makes kernel <= canvas)
     and 1 <= stride <= kernel on every axis. Even kernels are allowed (k // 2 keys before the
-    centre, k // 2 - 1 after, as NATTEN >= 0.20).
+    centre, k // 2 - 1 after, as NATTEN >= 0.20). When a brick of compiler/layout.py's default
+    divides every (dilation class of an) axis, the kernels run in that layout, and Q_LEN and
+    KV_LEN must then be prod(canvas).
     """
     dims = canvas_dims(canvas)
     nd = len(dims)
@@ -157,4 +160,6 @@ def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
         return all_of(axis_window(axis_coord(q, dims, a), axis_coord(kv, dims, a), dims[a], ks[a], ds[a],
                                   ss[a], cs[a]) for a in range(nd))
 
-    return Pattern(mask, name="neighborhood")
+    # the kernels run in a brick layout when one divides the canvas (compiler/layout.py): tiles
+    # then cover compact neighbourhoods instead of strips of rows; results are unchanged
+    return Pattern(mask, name="neighborhood").with_layout(default_layout(dims, ds))

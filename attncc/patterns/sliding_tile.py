@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+from ..compiler.layout import Layout
 from ..dsl.pattern import Pattern
 from ..dsl.trace import param
 from .neighborhood import _ints, all_of, axis_window, canvas_dims
@@ -41,7 +42,8 @@ def tile_coord(idx, dims: tuple[int, ...], tiles: tuple[int, ...], axis: int):
 
 def sliding_tile(canvas, kernel, tile, text_len: int = 0) -> Pattern:
     """STA on a row-major 2-D or 3-D canvas; kernel in tiles per axis (int or tuple), tile in
-    cells per axis (int or tuple); text_len text tokens after the video (a param when > 0)."""
+    cells per axis (int or tuple); text_len text tokens after the video (a param when > 0).
+    Without text the kernels store the tokens tile by tile (a Layout whose bricks are the tiles)."""
     dims = canvas_dims(canvas)
     nd = len(dims)
     if nd not in (2, 3):
@@ -65,7 +67,8 @@ def sliding_tile(canvas, kernel, tile, text_len: int = 0) -> Pattern:
                       for a in range(nd))
 
     if text_len == 0:
-        return Pattern(lambda b, h, q, kv: window(q, kv), name="sliding_tile")
+        # the kernels run tile by tile (one STA tile is one brick of compiler/layout.py)
+        return Pattern(lambda b, h, q, kv: window(q, kv), name="sliding_tile").with_layout(Layout(dims, tiles))
     T = param("text_len", text_len)
 
     def mask(b, h, q, kv):
