@@ -6,6 +6,7 @@ functions are also the suite's definition for counting live (q, kv) pairs (`coun
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,7 +14,8 @@ import torch
 
 import attncc as ac
 
-NAMES = ("full", "causal", "swa1024", "prefixlm2048", "document", "natten2d", "dilated", "alibi", "softcap")
+NAMES = ("full", "causal", "swa1024", "prefixlm2048", "document", "natten2d", "natten3d", "dilated", "alibi",
+         "softcap")
 
 
 @dataclass(frozen=True)
@@ -23,12 +25,14 @@ class Sizes:
     prefix: int = 2048                                 # prefixlm2048: kv < prefix or q >= kv
     doc_lengths: tuple[int, int] = (256, 3072)         # document: randint(low, high) lengths
     canvas: tuple[int, int, int] = (64, 128, 17)       # natten2d: rows, cols, window (rows*cols = N)
+    video: tuple = ((8, 32, 32), (5, 9, 9))            # natten3d: (frames, rows, cols), kernel
     dilation: tuple[int, int] = (2048, 4)              # dilated: |q - kv| <= W and (q - kv) % d == 0
     cap: float = 30.0                                  # softcap: cap * tanh(score / cap)
 
 
 BENCH = Sizes()
-SMOKE = Sizes(window=32, prefix=64, doc_lengths=(16, 96), canvas=(16, 16, 5), dilation=(64, 4))
+SMOKE = Sizes(window=32, prefix=64, doc_lengths=(16, 96), canvas=(16, 16, 5), video=((4, 8, 8), (3, 3, 5)),
+              dilation=(64, 4))
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,22 @@ def build(name: str, n: int, num_heads: int, device: torch.device | str = "cpu",
             return ((q_row - kv_idx // cols).abs() <= r) & ((q_col - kv_idx % cols).abs() <= r)
         return BenchPattern(name, ac.patterns.natten2d(rows, cols, kernel), natten, None, None,
                             {"rows": rows, "cols": cols, "kernel": kernel})
+    if name == "natten3d":
+        dims, ks = sizes.video
+        if math.prod(dims) != n:
+            raise ValueError(f"natten3d is defined on a {dims} video, so N must be {math.prod(dims)}, got {n}")
+        F, R, C = dims
+
+        def natten3d(b, h, q_idx, kv_idx):  # clamped window centres per axis (NATTEN, odd kernels)
+            live = None
+            for x, y, size, k in ((q_idx // (R * C), kv_idx // (R * C), F, ks[0]),
+                                  ((q_idx // C) % R, (kv_idx // C) % R, R, ks[1]),
+                                  (q_idx % C, kv_idx % C, C, ks[2])):
+                axis = (x.clamp(k // 2, size - 1 - k // 2) - y).abs() <= k // 2
+                live = axis if live is None else live & axis
+            return live
+        return BenchPattern(name, ac.patterns.neighborhood(dims, ks), natten3d, None, None,
+                            {"video": dims, "kernel": ks})
     if name == "dilated":
         w, d = sizes.dilation
 

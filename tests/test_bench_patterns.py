@@ -98,7 +98,7 @@ def test_flex_functions_give_the_reference_output(name):
                                rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["causal", "document", "natten2d", "dilated", "full"])
+@pytest.mark.parametrize("name", ["causal", "document", "natten2d", "natten3d", "dilated", "full"])
 def test_count_live_pairs_in_chunks(name):
     n, heads = 256, 3
     pat = bp.build(name, n, heads, sizes=bp.SMOKE)

@@ -219,3 +219,24 @@ def test_buffer_gradients_at_real_sizes():
         assert rel(a, b) < 3e-2, rel(a, b)
     again = torch.autograd.grad((attention(q, k, v, pat, kernel_options=OURS).float() * w).sum(), (slopes, table))
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ac.patterns.natten2d(64, 128, 17),                       # 16x8 bricks
+    lambda: ac.patterns.neighborhood((8, 32, 32), (3, 9, 9)),        # a 3-D video neighbourhood
+    lambda: ac.patterns.dilated(1024, 4, seq_len=8192),              # residue layout
+    lambda: ac.patterns.sliding_tile((16, 16, 32), 3, (4, 4, 8)),    # tiles as bricks
+], ids=["natten2d", "natten3d", "dilated", "sta"])
+def test_layouts_at_real_sizes(make):
+    pat = make()
+    assert pat.layout is not None
+    q, k, v = qkv(1, 8, 8, 8192, 128)
+    w = torch.randn(1, 8, 8192, 128, device="cuda")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, pat, kernel_options=OURS)
+    grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ac.reference(qd, kd, vd, pat)
+    ref_grads = torch.autograd.grad((ref * w.double()).sum(), (qd, kd, vd))
+    assert rel(out, ref) < 2e-2
+    assert all(rel(a, b) < 3e-2 for a, b in zip(grads, ref_grads))
