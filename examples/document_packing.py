@@ -17,14 +17,6 @@ import torch
 import attncc as ac
 
 
-def document_pattern(ids: torch.Tensor) -> ac.Pattern:
-    """Causal document masking over token ids, whichever `document` signature attncc has."""
-    try:
-        return ac.patterns.document(ids=ids)      # document(lengths=None, offsets=None, causal=True, ids=None)
-    except TypeError:                             # the older document(doc_ids, causal=True);
-        return ac.patterns.document(ids)          # this fallback goes away once the new signature lands
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny CPU-sized run (also ATTNCC_EXAMPLE_SMALL=1)")
@@ -37,7 +29,7 @@ def main(argv=None) -> dict:
 
     ids = ac.patterns.lengths_to_ids(lengths, device=device)
     N = len(ids)
-    pat = document_pattern(ids)
+    pat = ac.patterns.document(ids=ids)  # or lengths=[...], offsets=[0, ...] (cu_seqlens)
     print(f"{len(lengths)} documents of lengths {lengths} packed into N = {N} tokens\n{pat}\n")
     bm = ac.create_block_mask(pat, None, None, N, N, block_size=32 if small else 128)
     print(f"{bm}\n")
