@@ -4,7 +4,8 @@
 around it. In row-major token order a query tile is a strip of one or two image rows whose
 neighbours lie in rows above and below, so many kv tiles are touched; a brick layout
 (`default_layout((rows, cols))`, `pattern.with_layout(layout)`) stores the image as compact
-bricks, so a tile's neighbourhood covers fewer tiles. The layout changes how the pattern runs,
+bricks, so a tile's neighbourhood covers fewer tiles (natten2d picks one by default; `with_layout(None)`
+runs it row-major). The layout changes how the pattern runs,
 never what it means: both outputs are compared with the same float64 reference, and the live
 tiles of each block mask (`ac.create_block_mask(pattern.kernel_pattern, ...)`) are counted.
 
@@ -33,9 +34,10 @@ def main(argv=None) -> dict:
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
 
     N = rows * cols
-    plain = ac.patterns.natten2d(rows, cols, kernel)
-    layout = default_layout((rows, cols))
-    bricked = plain.with_layout(layout)
+    bricked = ac.patterns.natten2d(rows, cols, kernel)  # runs in default_layout((rows, cols)) by default
+    plain = bricked.with_layout(None)                   # the same pattern in row-major token order
+    layout = bricked.layout
+    assert layout == default_layout((rows, cols))
     print(f"{rows}x{cols} image, {kernel}x{kernel} neighbourhoods, N = {N} tokens; {layout!r}\n{plain}\n")
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ def example(name: str):
 
 
 @pytest.mark.parametrize("name", ["quickstart", "custom_pattern", "read_kernel", "property_test",
-                                  "document_packing", "neighborhood_2d", "tiny_transformer"])
+                                  "document_packing", "neighborhood_2d", "tiny_transformer", "moba_topk"])
 def test_example_is_documented_and_short(name):
     module = example(name)
     doc = module.__doc__
@@ -92,3 +92,10 @@ def test_tiny_transformer(tmp_path):
         assert not plot.exists()
     else:
         assert plot.stat().st_size > 1000
+
+
+def test_moba_topk():
+    r = example("moba_topk").main(["--small"])
+    assert r["err"] < r["tolerance"] and r["err_new_selection"] < r["tolerance"]
+    assert r["diagonal_kept"] and r["per_row"] <= 2 and r["selection_changed"]
+    assert r["live"] < r["total"] * 0.75  # causal top-2 of 6 blocks per row: well under the causal half
