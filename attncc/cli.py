@@ -2,7 +2,8 @@
 
 PATTERN is a quoted DSL text (`"mask = q >= kv"`), a pattern file (`causal.attn`), or
 `module:function` naming a Python mask_mod(b, h, q_idx, kv_idx), a score_mod(score, b, h, q_idx,
-kv_idx), a Pattern, or a function of no arguments returning a Pattern (`attncc.patterns:causal`).
+kv_idx), a Pattern, or a function of no arguments returning a Pattern (`attncc.patterns:causal`),
+or a call with literal arguments (`"attncc.patterns:neighborhood((32, 32), 7)"`).
 Exit codes: 0 ok, 1 a failure (or a feature this version does not have yet), 2 bad input.
 
 Verbs light up as the library grows: each looks for the function it needs (`attncc.compile`,
@@ -12,6 +13,7 @@ and says clearly when it is not there.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import inspect
 import math
@@ -30,7 +32,7 @@ import attncc as ac  # noqa: E402
 from attncc.dsl import ir  # noqa: E402
 from attncc.viz import ascii_block_map, ascii_mask, save_png  # noqa: E402
 
-_MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(.*\))?", re.S)
 
 
 class InputError(ValueError):
@@ -63,8 +65,20 @@ def load_pattern(spec: str, binds: list[str] = ()) -> ac.Pattern:
     return _bind(pattern, binds)
 
 
+def _literal_call(text: str) -> tuple[list, dict]:
+    """The positional and keyword arguments of `(1, (8, 8), causal=True)`: Python literals only."""
+    try:
+        call = ast.parse(f"f{text}", mode="eval").body
+        return [ast.literal_eval(a) for a in call.args], {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError) as e:
+        raise InputError(f"the arguments {text} must be Python literals (numbers, strings, tuples, lists): {e}") from None
+
+
 def _from_python(spec: str) -> ac.Pattern:
-    module_name, attr = spec.split(":")
+    module_name, attr = spec.split(":", 1)
+    call = None
+    if "(" in attr:  # module:function(literal arguments), e.g. attncc.patterns:sinks(4, 256)
+        attr, call = attr[:attr.index("(")], attr[attr.index("("):]
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -78,6 +92,15 @@ def _from_python(spec: str) -> ac.Pattern:
         return obj
     if not callable(obj):
         raise InputError(f"{spec} is a {type(obj).__name__}, not a function or Pattern")
+    if call is not None:
+        args, kwargs = _literal_call(call)
+        try:
+            result = obj(*args, **kwargs)
+        except (TypeError, ValueError, ac.PatternError) as e:
+            raise InputError(f"{spec}: {type(e).__name__}: {e}") from None
+        if not isinstance(result, ac.Pattern):
+            raise InputError(f"{spec} returned {type(result).__name__}, not an attncc.Pattern")
+        return result
     try:
         required = [p for p in inspect.signature(obj).parameters.values()
                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]

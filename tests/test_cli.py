@@ -67,6 +67,9 @@ def test_pattern_from_text_file_and_python(user_module):
     assert cli.load_pattern("my_masks:windowed") == ac.patterns.sliding_window(3)
     assert cli.load_pattern("my_masks:PATTERN") == ac.patterns.prefix_lm(4)
     assert cli.load_pattern("attncc.patterns:causal") == ac.patterns.causal()
+    assert cli.load_pattern("attncc.patterns:sinks(4, 256)") == ac.patterns.sinks(4, 256)
+    got = cli.load_pattern("attncc.patterns:neighborhood((8, 8), 3, causal=(True, False))")
+    assert got == ac.patterns.neighborhood((8, 8), 3, causal=(True, False))
 
 
 @pytest.mark.parametrize("spec,words", [
@@ -76,6 +79,9 @@ def test_pattern_from_text_file_and_python(user_module):
     ("my_masks:nothing", "has no attribute"),
     ("my_masks:needs_args", "2 required arguments"),
     ("my_masks:not_a_pattern", "returned int"),
+    ("attncc.patterns:sinks(__import__('os'))", "must be Python literals"),
+    ("attncc.patterns:sinks(4)", "TypeError"),
+    ("attncc.patterns:neighborhood((4, 4), 9)", "ValueError: kernel"),
 ])
 def test_bad_pattern_specs_are_input_errors(user_module, spec, words):
     with pytest.raises(cli.InputError, match=words):
