@@ -222,3 +222,12 @@ def test_buffer_gradients_in_many_chunks(monkeypatch):
     # tiles of 4 rows x 2 keys: dead tile 1 skipped, runs cut at the budget, last run clipped to Q / KV
     assert list(bg._chunks([0, 5, 1, 1, 2], [2, 5, 3, 4, 4], 18, 7, 4, 2, 48)) == [
         (0, 4, 0, 4), (8, 16, 2, 7), (16, 18, 4, 7)]
+
+
+def test_backward_source_is_readable():
+    pat = ac.patterns.softcap(7.0)
+    kern = ac.compile(pat, *qkv(1, 2, 2, 40, 40, 16))
+    src = kern.backward_source
+    assert "def attention_backward_dkdv" in src and "def attention_backward_dq" in src
+    assert "def score_grad" in src and "tanh" in src and "DKDV_BLOCK_M, DKDV_BLOCK_N" in src
+    assert "def attention_forward" not in src and "def attention_forward" in kern.source

@@ -351,6 +351,19 @@ class Kernel:
         """The generated Python/Triton source this kernel runs (for the sdpa path too: the fallback)."""
         return cache.source_of(self.module)
 
+    @property
+    def backward_source(self) -> str:
+        """The generated source of the backward kernels (dK/dV and dQ) at this kernel's shapes."""
+        return cache.source_of(self._backward_module(self._shapes)[2])
+
+    def _backward_module(self, s: Shapes):
+        """(dq metadata, dk/dv metadata, backward module) for shapes s."""
+        bt = self.backward_tiles
+        _, dq_meta = META_CACHE.get(self.pattern, s, bt.dq, self.device)
+        dkdv_meta = META_CACHE.backward(self.pattern, s, bt.dkdv, self.device)
+        return dq_meta, dkdv_meta, kernel_module(self.pattern, bt, dkdv_meta.plan, interpret=self.interpret,
+                                                 kind="backward")
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
         """out [B, Hq, Q, Dv] in q's dtype (and lse float32 [B, Hq, Q] when return_lse);
         differentiable in q, k, v (and through lse) when they require grad."""
@@ -397,10 +410,7 @@ class Kernel:
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
         gradient of out (None: zeros), dlse that of lse (None: zeros)."""
-        bt = self.backward_tiles
-        _, dq_meta = META_CACHE.get(self.pattern, s, bt.dq, q.device)
-        dkdv_meta = META_CACHE.backward(self.pattern, s, bt.dkdv, q.device)
-        module = kernel_module(self.pattern, bt, dkdv_meta.plan, interpret=self.interpret, kind="backward")
+        dq_meta, dkdv_meta, module = self._backward_module(s)
         dtypes = (q.dtype, k.dtype, v.dtype)
         dout = torch.zeros_like(out) if dout is None else dout
         q, k, v, out, dout = self._interpretable(q, k, v, out, dout)
