@@ -90,3 +90,15 @@ def test_dilated_runs_in_its_residue_layout():
     q, k, v = qkv(1, 2, 2, 96, 96, 16, seed=5)
     check(pat, q, k, v)
     assert ac.patterns.dilated(12, 5, seq_len=96).layout is None  # 96 % 5: natural order
+
+
+def test_buffer_gradients_in_a_layout():
+    table = torch.randn(2 * 96 - 1).requires_grad_()
+    pat = (ac.patterns.natten2d(8, 12, 3)
+           & ac.Pattern(score_mod=lambda s, b, h, q, kv: s + table[q - kv + 95])).with_layout(Layout((8, 12), (4, 4)))
+    q, k, v = qkv(1, 2, 2, 96, 96, 16, seed=7)
+    ours = torch.autograd.grad((ac.attention(q, k, v, pat) ** 2).sum(), (table,))[0]
+    leaf = table.detach().double().requires_grad_()
+    qd, kd, vd = (t.detach().double() for t in (q, k, v))
+    ref = torch.autograd.grad((ac.reference(qd, kd, vd, pat.bind(table=leaf)) ** 2).sum(), (leaf,))[0]
+    assert ((ours.double() - ref).norm() / ref.norm()).item() < 1e-4
