@@ -33,7 +33,7 @@ def buffer_reads(pattern: Pattern, name: str) -> list[tuple[ir.Load, ir.Node]]:
 
 def buffer_grads(pattern: Pattern, names: list[str], q, k, v, out, lse, dout, dlse, scale: float,
                  kv_span: tuple[torch.Tensor, torch.Tensor, int, int]) -> list[torch.Tensor]:
-    """The gradients of buffers `names` (each in its buffer's shape and dtype).
+    """The gradients of buffers `names` (each in its buffer's shape, dtype and device).
 
     q [B, H, Q, D], k / v [B, Hkv, KV, D|Dv], out / dout [B, H, Q, Dv], lse float32 [B, H, Q],
     dlse (or None) as in Kernel.backward. kv_span: (first, end) int64 [QB] live key tiles per
@@ -48,7 +48,7 @@ def buffer_grads(pattern: Pattern, names: list[str], q, k, v, out, lse, dout, dl
         delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
     lse = torch.where(torch.isinf(lse), 0.0, lse.float())
     heads = torch.arange(H, device=q.device) // (H // HKV)
-    bufs = {n: t.detach() for n, t in pattern.buffers.items()}
+    bufs = {n: t.detach().to(q.device) for n, t in pattern.buffers.items()}
     floats = {n: t.float() if t.is_floating_point() else t for n, t in bufs.items()}
     reads = {n: buffer_reads(pattern, n) for n in names}
     mask = token_mask(pattern)
@@ -70,7 +70,7 @@ def buffer_grads(pattern: Pattern, names: list[str], q, k, v, out, lse, dout, dl
                 c = torch.where(p == 0.0, 0.0, ds * g)  # [B, H, rows, keys]; d may be inf where p is 0
                 index = [evaluate(i, env, pattern.params, bufs).long() for i in read.index]
                 _accumulate(sums[name], c, index, shape)
-    return [sums[n].view(bufs[n].shape).to(bufs[n].dtype) for n in names]
+    return [sums[n].view(bufs[n].shape).to(pattern.buffers[n].device, pattern.buffers[n].dtype) for n in names]
 
 
 def _chunks(first: list[int], end: list[int], Q: int, KV: int, BM: int, BN: int, budget: int):
