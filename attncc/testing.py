@@ -130,16 +130,19 @@ def check_classification(pattern: Pattern, B: int, H: int, Q: int, KV: int, bloc
 
 @st.composite
 def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64), max_q: int | None = None,
-           max_kv: int | None = None, max_heads: int = 6, max_batch: int = 2):
+           max_kv: int | None = None, max_heads: int = 6, max_batch: int = 2, length: int | None = None):
     """(B, Hq, Hkv, Q_LEN, KV_LEN, D): odd lengths, cross lengths and GQA included.
 
     max_q / max_kv (default max_len), max_heads and max_batch cap what is drawn (check_pattern
-    caps them to what the pattern's buffers cover)."""
+    caps them to what the pattern's buffers cover); `length` fixes Q_LEN = KV_LEN (a layout's)."""
     max_q, max_kv = max_q or max_len, max_kv or max_len
     hkv = draw(st.sampled_from([h for h in (1, 2) if h <= max_heads]))
     group = draw(st.sampled_from([g for g in (1, 2, 3) if hkv * g <= max_heads]))
-    q_len = draw(st.integers(1, max_q))
-    kv_len = draw(st.one_of(st.just(min(q_len, max_kv)), st.integers(1, max_kv)))
+    if length is not None:
+        q_len = kv_len = length
+    else:
+        q_len = draw(st.integers(1, max_q))
+        kv_len = draw(st.one_of(st.just(min(q_len, max_kv)), st.integers(1, max_kv)))
     return draw(st.integers(1, max_batch)), hkv * group, hkv, q_len, kv_len, draw(st.sampled_from(head_dims))
 
 
@@ -150,7 +153,8 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
     learnable), and the block classification (FULL / EMPTY tiles) against the dense mask.
 
     Runs on `device` (default: CUDA if available, else CPU through Triton's interpreter, where keep
-    `max_len` small). Lengths, heads and batch are capped to what the pattern's buffers cover
+    `max_len` small). A pattern with a token layout is tested both in natural order at random
+    lengths and in its layout at the layout's length. Lengths, heads and batch are capped to what the pattern's buffers cover
     (a document-id buffer of 100 tokens: lengths up to 100). Raises AssertionError naming the
     smallest failing example of each distinct failure; returns a CheckReport.
     """
@@ -179,31 +183,38 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
     report = CheckReport(pattern)
     first_failure: list[float] = []
     failing: set = set()
+    layout = pattern.layout
+    cases = shapes(max_len, head_dims, **caps).map(lambda shape: (shape, False))
+    if layout is not None:
+        natural = pattern.with_layout(None)
+        in_layout = shapes(max_len, head_dims, **{**caps, "max_q": None, "max_kv": None}, length=layout.n)
+        cases = st.one_of(cases, in_layout.map(lambda shape: (shape, True)))
 
     @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(shape=shapes(max_len, head_dims, **caps), dtype=st.sampled_from(list(dtypes)),
-           data_seed=st.integers(0, 2**31 - 1))
-    def run(shape, dtype, data_seed):
+    @given(case=cases, dtype=st.sampled_from(list(dtypes)), data_seed=st.integers(0, 2**31 - 1))
+    def run(case, dtype, data_seed):
+        shape, use_layout = case
+        pat = pattern if use_layout or layout is None else natural
         B, Hq, Hkv, Q, KV, D = shape
         # shrinking runs the kernel again and again: stop it after SHRINK_SECONDS (the smallest
         # failing example found by then is the one reported)
         late = first_failure and time.monotonic() - first_failure[0] > SHRINK_SECONDS
-        assume(not late or (shape, dtype, data_seed) in failing)
+        assume(not late or (case, dtype, data_seed) in failing)
         assume(defined(B, Hq, Q, KV))
         gen = torch.Generator().manual_seed(data_seed ^ seed)
         q = torch.randn(B, Hq, Q, D, generator=gen).to(device, dtype)
         k = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
         v = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
         try:
-            row = compare(pattern, q, k, v)
+            row = compare(pat, q, k, v)
             if grad:
-                row.update(compare_grads(pattern, q, k, v, seed=data_seed))
-            check_classification(pattern, B, Hq, Q, KV, (16, 32))
-            report.rows.append(row)
+                row.update(compare_grads(pat, q, k, v, seed=data_seed))
+            check_classification(pat.kernel_pattern, B, Hq, Q, KV, (16, 32))
+            report.rows.append({**row, "layout": use_layout})
         except Exception:
             first_failure[:] = first_failure or [time.monotonic()]
-            failing.add((shape, dtype, data_seed))
+            failing.add((case, dtype, data_seed))
             raise
 
     try:

@@ -55,3 +55,11 @@ def test_unsound_classification_is_caught(monkeypatch):
     monkeypatch.setattr(api, "create_block_mask", all_full)
     with pytest.raises(AssertionError, match="FULL tile .* holds dead pairs"):
         testing.check_pattern(ac.patterns.causal(), max_examples=2, max_len=40, grad=False)
+
+
+def test_a_pattern_with_a_layout_is_checked_in_and_out_of_it():
+    pat = ac.patterns.natten2d(8, 16, 3)
+    assert pat.layout is not None
+    report = testing.check_pattern(pat, max_examples=6, max_len=60, grad=False)
+    assert {r["layout"] for r in report.rows} == {True, False}
+    assert all(r["q"][2] == 128 for r in report.rows if r["layout"])
