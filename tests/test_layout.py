@@ -102,3 +102,13 @@ def test_buffer_gradients_in_a_layout():
     qd, kd, vd = (t.detach().double() for t in (q, k, v))
     ref = torch.autograd.grad((ac.reference(qd, kd, vd, pat.bind(table=leaf)) ** 2).sum(), (leaf,))[0]
     assert ((ours.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_copies_and_pickles_keep_the_layout():
+    import copy
+    import pickle
+
+    pat = ac.patterns.natten2d(8, 16, 3)
+    for other in (pickle.loads(pickle.dumps(pat)), copy.deepcopy(pat), copy.copy(pat)):
+        assert other == pat and other.layout == pat.layout
+        assert other.kernel_pattern.mask is pat.kernel_pattern.mask

@@ -224,7 +224,7 @@ class Pattern:
 
     def __reduce__(self):
         return (Pattern.from_ir, (self.mask, self.score, self.block, self.params, self.buffers,
-                                  self.name, self.block_size))
+                                  self.name, self.block_size, self.layout))
 
     def __str__(self) -> str:
         lines = [f"# {' '.join(self.name.splitlines())}"] if self.name else []  # one comment line
