@@ -13,17 +13,39 @@ pattern runs, never what it means.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from ..dsl import ir
 
 
-def _ints(value, dims: int, what: str) -> tuple[int, ...]:
-    t = (value,) * dims if isinstance(value, int) else tuple(value)
-    if len(t) != dims or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in t):
-        raise ValueError(f"{what} must be a positive int or {dims} of them, got {value!r}")
-    return t
+def axis_ints(value, ndim: int, what: str, minimum: int = 1) -> tuple[int, ...]:
+    """An int (broadcast over the canvas's dims) or a tuple of ndim ints, each >= minimum."""
+    items = (value,) * ndim if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ValueError(f"{what} must be an int or a tuple of {ndim} ints, got {value!r}") from None
+    if len(items) != ndim or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{what} must be an int or a tuple of {ndim} ints (one per canvas dim), got {value!r}")
+    items = tuple(int(v) for v in items)
+    if any(v < minimum for v in items):
+        raise ValueError(f"{what} must be >= {minimum} on every axis, got {value!r}")
+    return items
+
+
+def canvas_dims(canvas, what: str = "canvas", max_dims: int = 3) -> tuple[int, ...]:
+    """The canvas as a tuple of 1..max_dims positive ints (an int is a 1-D canvas)."""
+    if isinstance(canvas, numbers.Integral) and not isinstance(canvas, bool):
+        canvas = (canvas,)
+    try:
+        canvas = tuple(canvas)
+    except TypeError:
+        raise ValueError(f"{what} must be an int or a tuple of 1 to {max_dims} ints, got {canvas!r}") from None
+    if not 1 <= len(canvas) <= max_dims:
+        raise ValueError(f"{what} must have 1 to {max_dims} dims, got {canvas!r}")
+    return axis_ints(canvas, len(canvas), what)
 
 
 class Layout:
@@ -34,12 +56,9 @@ class Layout:
     """
 
     def __init__(self, canvas, brick, dilation=1):
-        canvas = _ints(canvas, len(canvas) if isinstance(canvas, (tuple, list)) else 1, "canvas")
-        if not 1 <= len(canvas) <= 3:
-            raise ValueError(f"a layout's canvas has 1 to 3 dims, got {canvas}")
-        self.canvas = canvas
-        self.brick = _ints(brick, len(canvas), "brick")
-        self.dilation = _ints(dilation, len(canvas), "dilation")
+        self.canvas = canvas = canvas_dims(canvas)
+        self.brick = axis_ints(brick, len(canvas), "brick")
+        self.dilation = axis_ints(dilation, len(canvas), "dilation")
         for size, b, d in zip(self.canvas, self.brick, self.dilation):
             if size % (b * d):
                 raise ValueError(f"canvas {self.canvas} is not a whole number of bricks {self.brick} per "
@@ -150,9 +169,9 @@ def default_layout(canvas, dilation=1) -> Layout | None:
     """The brick layout the catalogue's multi-dimensional patterns use by default: the first brick
     of _BRICKS that divides every (dilation class of an) axis, or None when none does or the
     layout would be the identity (1-D, no dilation)."""
-    dims = len(canvas) if isinstance(canvas, (tuple, list)) else 1
-    dil = _ints(dilation, dims, "dilation")
-    canvas = _ints(canvas, dims, "canvas")
+    canvas = canvas_dims(canvas)
+    dims = len(canvas)
+    dil = axis_ints(dilation, dims, "dilation")
     if dims == 1 and dil == (1,):
         return None
     for brick in _BRICKS[dims]:

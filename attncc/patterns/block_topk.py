@@ -25,12 +25,7 @@ and key block i are the same positions.
 import torch
 
 from ..dsl.pattern import Pattern
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+from ._checks import count
 
 
 def _mean_pool(x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -50,7 +45,7 @@ def block_topk_selection(q: torch.Tensor, k: torch.Tensor, block_size: int, topk
     """bool [B, Hq, QB, KB]: the selected key blocks of each query block (module docstring).
 
     q [B, Hq, Q_LEN, D], k [B, Hkv, KV_LEN, D] with Hq a multiple of Hkv."""
-    bs, topk = _positive_int("block_size", block_size), _positive_int("topk", topk)
+    bs, topk = count("block_size", block_size, 1), count("topk", topk, 1)
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q [B, Hq, Q, D] and k [B, Hkv, KV, D] disagree: {tuple(q.shape)}, {tuple(k.shape)}")
     H, HKV = q.shape[1], k.shape[1]
@@ -72,7 +67,7 @@ def block_topk_selection(q: torch.Tensor, k: torch.Tensor, block_size: int, topk
 def block_topk(q: torch.Tensor | None = None, k: torch.Tensor | None = None, block_size: int | None = None,
                topk: int | None = None, causal: bool = True, *, selected: torch.Tensor | None = None) -> Pattern:
     """mask = sel[b, h, q // bs, kv // bs] (and q >= kv when causal); sel from q, k or `selected`."""
-    bs = _positive_int("block_size", block_size)
+    bs = count("block_size", block_size, 1)
     if selected is None:
         if q is None or k is None or topk is None:
             raise ValueError("block_topk() needs q, k and topk (or selected=)")

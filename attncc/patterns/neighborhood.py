@@ -37,25 +37,9 @@ window structure is the pattern's shape: constants let Triton strength-reduce //
 from __future__ import annotations
 
 import math
-import numbers
 
-from ..compiler.layout import default_layout
+from ..compiler.layout import axis_ints, canvas_dims, default_layout
 from ..dsl.pattern import Pattern
-
-
-def _ints(value, ndim: int, what: str, minimum: int = 1) -> tuple[int, ...]:
-    """An int (broadcast over the canvas's dims) or a tuple of ndim ints, each >= minimum."""
-    items = (value,) * ndim if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
-    try:
-        items = tuple(items)
-    except TypeError:
-        raise ValueError(f"{what} must be an int or a tuple of {ndim} ints, got {value!r}") from None
-    if len(items) != ndim or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
-        raise ValueError(f"{what} must be an int or a tuple of {ndim} ints (one per canvas dim), got {value!r}")
-    items = tuple(int(v) for v in items)
-    if any(v < minimum for v in items):
-        raise ValueError(f"{what} must be >= {minimum} on every axis, got {value!r}")
-    return items
 
 
 def _bools(value, ndim: int, what: str) -> tuple[bool, ...]:
@@ -67,19 +51,6 @@ def _bools(value, ndim: int, what: str) -> tuple[bool, ...]:
     if len(items) != ndim or not all(isinstance(v, bool) for v in items):
         raise ValueError(f"{what} must be a bool or a tuple of {ndim} bools (one per canvas dim), got {value!r}")
     return items
-
-
-def canvas_dims(canvas, what: str = "canvas", max_dims: int = 3) -> tuple[int, ...]:
-    """The canvas as a tuple of 1..max_dims positive ints (an int is a 1-D canvas)."""
-    if isinstance(canvas, numbers.Integral) and not isinstance(canvas, bool):
-        canvas = (canvas,)
-    try:
-        canvas = tuple(canvas)
-    except TypeError:
-        raise ValueError(f"{what} must be an int or a tuple of 1 to {max_dims} ints, got {canvas!r}") from None
-    if not 1 <= len(canvas) <= max_dims:
-        raise ValueError(f"{what} must have 1 to {max_dims} dims, got {canvas!r}")
-    return _ints(canvas, len(canvas), what)
 
 
 def axis_coord(idx, dims: tuple[int, ...], axis: int):
@@ -113,12 +84,7 @@ def axis_window(x, y, n: int, k: int, d: int = 1, s: int = 1, causal: bool = Fal
         g = j if s == 1 else (j // s) * s + s // 2
         c = g.clamp(left, last - right)
         conds.append(abs(c - i) <= left if left == right else (c - i <= left) & (i - c <= right))
-    if not conds:
-        return None
-    out = conds[0]
-    for cond in conds[1:]:
-        out = out & cond
-    return out
+    return all_of(conds) if conds else None
 
 
 def all_of(conds):
@@ -145,9 +111,9 @@ def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
     """
     dims = canvas_dims(canvas)
     nd = len(dims)
-    ks = _ints(kernel, nd, "kernel")
-    ds = _ints(dilation, nd, "dilation")
-    ss = _ints(stride, nd, "stride")
+    ks = axis_ints(kernel, nd, "kernel")
+    ds = axis_ints(dilation, nd, "dilation")
+    ss = axis_ints(stride, nd, "stride")
     cs = _bools(causal, nd, "causal")
     for a, (n, k, d, s) in enumerate(zip(dims, ks, ds, ss)):
         if k * d > n:

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 
-from ..compiler.layout import Layout
+from ..compiler.layout import Layout, axis_ints, canvas_dims
 from ..dsl.pattern import Pattern
 from ..dsl.trace import param
-from .neighborhood import _ints, all_of, axis_window, canvas_dims
+from .neighborhood import all_of, axis_window
 
 
 def tile_coord(idx, dims: tuple[int, ...], tiles: tuple[int, ...], axis: int):
@@ -48,11 +48,11 @@ def sliding_tile(canvas, kernel, tile, text_len: int = 0) -> Pattern:
     nd = len(dims)
     if nd not in (2, 3):
         raise ValueError(f"sliding_tile needs a 2-D (rows, cols) or 3-D (frames, rows, cols) canvas, got {canvas!r}")
-    tiles = _ints(tile, nd, "tile")
+    tiles = axis_ints(tile, nd, "tile")
     if any(n % t for n, t in zip(dims, tiles)):
         raise ValueError(f"every canvas dim must be a multiple of its tile dim, got canvas {dims} and tile {tiles}")
     grid = tuple(n // t for n, t in zip(dims, tiles))
-    ks = _ints(kernel, nd, "kernel")
+    ks = axis_ints(kernel, nd, "kernel")
     for a, (k, g) in enumerate(zip(ks, grid)):
         if k > g:
             raise ValueError(f"kernel {ks} (in tiles) must fit the {grid} tile grid: on axis {a} {k} > {g}")

@@ -21,8 +21,7 @@ def needs_grad(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """Whether autograd must record this call (grad mode on and q, k, v or a buffer requiring grad)."""
     if not torch.is_grad_enabled():
         return False
-    return any(t.requires_grad for t in (q, k, v)) or any(
-        t is not None and t.requires_grad for t in pattern.buffers.values())
+    return any(t.requires_grad for t in (q, k, v)) or bool(grad_buffers(pattern))
 
 
 def grad_buffers(pattern: Pattern) -> list[str]:

@@ -84,13 +84,18 @@ def param_values(params: dict, device) -> torch.Tensor:
     return torch.tensor(bits or [0], dtype=torch.int64, device=device)
 
 
+def _last(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The last listed index of each row (idx[..., num - 1]; idx[..., 0] where num is 0)."""
+    return idx.gather(-1, (num.long() - 1).clamp_min(0)[..., None])[..., 0]
+
+
 def _ragged_to_partial(full_num, full_idx, part_num, part_idx, LEN: int, BLOCK: int):
     """The lists with a ragged last tile (LEN % BLOCK != 0) moved from FULL to PARTIAL, so the
     mask-free loop never reads past LEN; each idx at least 1 wide."""
     full_num, full_idx, part_num, part_idx = full_num.int(), full_idx.int(), part_num.int(), part_idx.int()
     if LEN % BLOCK and full_idx.shape[-1]:
         last = LEN // BLOCK  # the ragged tile
-        tail = full_idx.gather(-1, (full_num.long() - 1).clamp_min(0)[..., None])[..., 0]
+        tail = _last(full_num, full_idx)
         ragged = (full_num > 0) & (tail == last)
         if bool(ragged.any()):
             full_num = full_num - ragged.int()
@@ -151,19 +156,13 @@ def backward_meta(bm, pattern: Pattern, s: Shapes, buffers: dict, device) -> Bac
 
 def _live_kv_span(meta: KernelMeta) -> tuple[torch.Tensor, torch.Tensor]:
     """(first, end) int64 [QB]: per query tile, the live kv tiles (FULL or PARTIAL) of any (b, h)
-    lie in first..end-1 (first = end where none is live)."""
+    lie in first..end-1 (first = end where none is live). The lists are at least 1 wide."""
     big = torch.iinfo(torch.int32).max
     firsts, ends = [], []
     for num, idx in ((meta.full_num, meta.full_idx), (meta.partial_num, meta.partial_idx)):
-        if idx.shape[-1] == 0:
-            continue
         has = num > 0
         firsts.append(torch.where(has, idx[..., 0], big))
-        last = idx.gather(-1, (num.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        ends.append(torch.where(has, last + 1, 0))
-    if not firsts:
-        zero = torch.zeros(meta.full_num.shape[-1], dtype=torch.int64, device=meta.full_num.device)
-        return zero, zero
+        ends.append(torch.where(has, _last(num, idx) + 1, 0))
     first = torch.stack(firsts).amin(0).flatten(0, -2).amin(0).long()
     end = torch.stack(ends).amax(0).flatten(0, -2).amax(0).long()
     return torch.minimum(first, end), end
