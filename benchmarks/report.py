@@ -32,18 +32,26 @@ def config_text(cfg: dict | None) -> str:
     return f"{cfg.get('path', '?')}" + (f" ({rest})" if rest else "") + (" (compile error)" if "error" in cfg else "")
 
 
+def md_row(cells: list[str]) -> str:
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
 def table(rows: list[dict], key: str) -> list[str]:
-    lines = ["| pattern | shape | attncc TFLOP/s | flex TFLOP/s | cuDNN | FA2 | attncc/flex | attncc/cuDNN | attncc path/config |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The pass `key` of every row; the FLASH columns only where some row ran FLASH."""
+    flash = any("flash" in r.get(key, {}) for r in rows)
+    impls = {"attncc": "attncc TFLOP/s", "flex": "flex TFLOP/s", "cudnn": "cuDNN", "fa2": "FA2",
+             **({"flash": "FLASH"} if flash else {})}
+    vs = {"flex": "attncc/flex", **({"flash": "attncc/FLASH"} if flash else {}), "cudnn": "attncc/cuDNN"}
+    head = ["pattern", "shape", *impls.values(), *vs.values(), "attncc path/config"]
+    lines = [md_row(head), "|" + "---|" * len(head)]
     for r in rows:
         e = r.get(key, {})
-        label = r["label"]
         if "error" in r and not e:
-            lines.append(f"| {r['pattern']} | {label} | error | | | | | | |")
-            continue
-        lines.append(f"| {r['pattern']} | {label} | {cell(e.get('attncc'))} | {cell(e.get('flex'))} | "
-                     f"{cell(e.get('cudnn'))} | {cell(e.get('fa2'))} | {ratio(e.get('attncc'), e.get('flex'))} | "
-                     f"{ratio(e.get('attncc'), e.get('cudnn'))} | {config_text(r.get('attncc_config'))} |")
+            cells = ["error"] + [""] * (len(head) - 3)
+        else:
+            cells = ([cell(e.get(n)) for n in impls] + [ratio(e.get("attncc"), e.get(n)) for n in vs]
+                     + [config_text(r.get("attncc_config"))])
+        lines.append(md_row([r["pattern"], r["label"], *cells]))
     return lines
 
 
@@ -53,8 +61,9 @@ def first_call_text(fc: dict) -> str:
             return f"{e['first_s']:.3f} s (again: {1e3 * e['second_s']:.2f} ms)"
         return e.get("error") or e.get("why") or "?"
     err = f"; rel err {fc['rel_err']:.2g}" if "rel_err" in fc else ""
+    flash = f"; FLASH (on `{fc['flash_pattern']}`) {one(fc['flash'])}" if "flash" in fc else ""
     return (f"first call of a new pattern `{fc['pattern']}` ({fc['shape']}): attncc {one(fc['attncc'])}, "
-            f"FlexAttention {one(fc['flex'])}{err}")
+            f"FlexAttention {one(fc['flex'])}{err}{flash}")
 
 
 def problem_lines(rows: list[dict]) -> list[str]:
@@ -82,6 +91,9 @@ def markdown(result: dict) -> str:
            f"- {timing}; bf16 random normal inputs; effective TFLOP/s = 4·D·live pairs / time "
            f"(forward+backward ×{s['bwd_factor']}); attncc guarded against FlexAttention (rel err < {s['tol']}, "
            f"gradients < {s['grad_tol']})"]
+    if "flash" in s:
+        out.append(f"- FLASH (FlexAttention with BACKEND=FLASH, FlashAttention-4's CuTe kernels, guarded like attncc): "
+                   f"{s['flash']}")
     if result.get("first_call"):
         out.append(f"- {first_call_text(result['first_call'])}")
     problems = problem_lines(result["rows"])

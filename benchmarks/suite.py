@@ -1,15 +1,18 @@
-"""The benchmark suite of shared/BENCHMARKS.md: attncc against FlexAttention and SDPA (cuDNN, flash).
+"""The benchmark suite of shared/BENCHMARKS.md: attncc against FlexAttention (its Triton kernels and,
+where FlashAttention-4 is installed, its FLASH backend) and SDPA (cuDNN, flash).
 
     python benchmarks/suite.py                       # default rows, forward
     python benchmarks/suite.py --backward            # forward and forward+backward
     python benchmarks/suite.py --shapes main --patterns causal,document
     python benchmarks/suite.py --smoke               # tiny shapes; on CPU attncc runs in Triton's interpreter
+    python benchmarks/suite.py --no-flash            # without the FLASH column
 
 Every row is measured in this one process against the anchors of the same run: random normal bf16
 inputs, `triton.testing.do_bench` medians (a plain timer on CPU). Before attncc is timed its output
 (and gradients) must match FlexAttention's (else SDPA's, else `ac.reference` on batch 0) within
---tol, or the row says FAILED instead of a time. Effective TFLOP/s = 4·D·live pairs / time
-(forward+backward: 3.5×), live pairs counted exactly per (b, h). Results go to
+--tol, or the row says FAILED instead of a time; so must FLASH's (FlexAttention with kernel_options
+BACKEND=FLASH, on FlashAttention-4's CuTe kernels; CUDA only). Effective TFLOP/s = 4·D·live pairs /
+time (forward+backward: 3.5×), live pairs counted exactly per (b, h). Results go to
 benchmarks/results/<date>-<gpu>.{json,md} (and $OUT when set), rewritten after every row.
 """
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import math
 import os
+import re
 import secrets
 import shlex
 import statistics
@@ -69,6 +74,9 @@ EXTRA_PATTERNS = ("full", "causal", "document", "swa1024")  # default for every 
 IMPLS = ("attncc", "flex", "cudnn", "fa2")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}
 BWD_FACTOR = 3.5  # forward+backward FLOPs per forward FLOP
+FLASH = {"kernel_options": {"BACKEND": "FLASH"}}  # FlexAttention on FlashAttention-4's CuTe kernels
+# What FlexAttention says (often wrapped by torch.compile) when FLASH cannot lower a pattern to CuTe
+REFUSALS = ("NotImplementedError", "UNSUPPORTED CUTEDSL OPERATION", "flash attention cannot be used")
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Context:
     sizes: bp.Sizes
     flex: Callable
     block_mask: Callable
+    flash: bool  # whether the FLASH column runs
 
     @property
     def cuda(self) -> bool:
@@ -128,15 +137,19 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def describe(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
+    """'Type: first line' of exc, or of the error torch.compile wrapped in it; ==== rules are dropped
+    (CuteDSL's UNSUPPORTED box puts one before its reason)."""
+    exc = getattr(exc, "inner_exception", exc)
+    first = (re.sub(r"={3,}\s*", "", str(exc)).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:300]
 
 
 def failure(ctx: Context, exc: Exception) -> dict:
-    """The record of an exception; NotImplementedError means 'not supported' (n/a), not an error."""
+    """The record of an exception. 'Not supported' is n/a, not an error: a NotImplementedError, also
+    wrapped by torch.compile, or FLASH refusing a mask or score_mod it cannot lower to CuTe."""
     if ctx.cuda:
         torch.cuda.empty_cache()
-    if isinstance(exc, NotImplementedError):
+    if isinstance(exc, NotImplementedError) or any(r in str(exc) for r in REFUSALS):
         return {"status": "n/a", "why": describe(exc)}
     return {"status": "error", "error": describe(exc)}
 
@@ -165,22 +178,37 @@ def setup_flex(device: torch.device) -> tuple[Callable, Callable]:
     return flex, block_mask
 
 
+def flash_state(args: argparse.Namespace, device: torch.device) -> str:
+    """'on', or why the FLASH column is off: --no-flash, not CUDA, or FlashAttention-4 does not import."""
+    if not args.flash:
+        return "off (--no-flash)"
+    if device.type != "cuda":
+        return "off (not CUDA)"
+    try:
+        importlib.import_module("flash_attn.cute")
+    except Exception as exc:  # noqa: BLE001 - a broken install only drops the column
+        return f"off ({describe(exc)})"
+    return "on"
+
+
 def make_impls(ctx: Context, pat: bp.BenchPattern, shape: Shape, per_b: bool, per_h: bool,
                row: dict) -> dict[str, Impl | dict]:
     """Each implementation of this row, or the record saying why it has none."""
     gqa = shape.Hq != shape.Hkv
     opts = {"kernel_options": ctx.args.kernel_options} if ctx.args.kernel_options else {}
     impls: dict[str, Impl | dict] = {"attncc": Impl(lambda q, k, v: ac.attention(q, k, v, pat.attncc, **opts))}
+    flex_impls = {"flex": {}, **({"flash": FLASH} if ctx.flash else {})}  # one compiled flex, one block mask
     try:
         start = time.perf_counter()
         bm = None if pat.mask_mod is None else ctx.block_mask(
             pat.mask_mod, shape.B if per_b else None, shape.Hq if per_h else None, shape.N, shape.N, ctx.device)
         sync(ctx)
         row["flex_block_mask_s"] = time.perf_counter() - start
-        impls["flex"] = Impl(lambda q, k, v: ctx.flex(q, k, v, score_mod=pat.score_mod, block_mask=bm,
-                                                      enable_gqa=gqa))
+        for name, extra in flex_impls.items():
+            impls[name] = Impl(lambda q, k, v, e=extra: ctx.flex(q, k, v, score_mod=pat.score_mod, block_mask=bm,
+                                                                 enable_gqa=gqa, **e))
     except Exception as exc:  # noqa: BLE001 - recorded in the row
-        impls["flex"] = failure(ctx, exc)
+        impls.update(dict.fromkeys(flex_impls, failure(ctx, exc)))
     for name, backend in SDPA_BACKENDS.items():
         if pat.sdpa_causal is None:
             impls[name] = {"status": "none"}
@@ -228,9 +256,11 @@ def max_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(errs) if all(e == e for e in errs) else math.nan
 
 
-def guard(row: dict, pat: bp.BenchPattern, got: list, refs: dict, qkv, dout, key: str, tol: float) -> bool:
-    """Record attncc's error against the first anchor that ran, else against the float64 oracle
-    on batch 0; when it fails against an anchor at a modest size, also both against the oracle."""
+def guard(row: dict, name: str, pat: bp.BenchPattern, got: list, refs: dict, qkv, dout, key: str,
+          tol: float) -> dict:
+    """Record the error of `name` (attncc, flash) against the first anchor that ran, else against the
+    float64 oracle on batch 0, in row["guard"][key] (attncc) or [f"{name}_{key}"]; when it fails
+    against an anchor at a modest size, also both against the oracle. Returns the record."""
     group = qkv[0].shape[1] // qkv[1].shape[1]
     if refs:
         ref_name, want = next(iter(refs.items()))
@@ -238,12 +268,13 @@ def guard(row: dict, pat: bp.BenchPattern, got: list, refs: dict, qkv, dout, key
     else:
         ref_name = "reference[corner]"
         err = max_rel_err(corner(got, group), oracle(pat, qkv, dout))
-    record = row.setdefault("guard", {})[key] = {"vs": ref_name, "rel_err": err, "tol": tol, "ok": err < tol}
+    record = {"vs": ref_name, "rel_err": err, "tol": tol, "ok": err < tol}
+    row.setdefault("guard", {})[key if name == "attncc" else f"{name}_{key}"] = record
     if refs and not err < tol and dout is None and qkv[0].shape[2] ** 2 <= 1 << 26:
         exact = oracle(pat, qkv, None)
-        record["attncc_vs_reference[corner]"] = max_rel_err(corner(got, group), exact)
+        record[f"{name}_vs_reference[corner]"] = max_rel_err(corner(got, group), exact)
         record[f"{ref_name}_vs_reference[corner]"] = max_rel_err(corner(want, group), exact)
-    return err < tol
+    return record
 
 
 def first_run(impl: Impl, qkv: list[torch.Tensor], dout: torch.Tensor | None) -> list[torch.Tensor]:
@@ -260,7 +291,8 @@ def first_run(impl: Impl, qkv: list[torch.Tensor], dout: torch.Tensor | None) ->
 
 
 def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, flops: float, backward: bool):
-    """Measure every implementation for one pass (forward, or forward+backward) into row[key]."""
+    """Measure every implementation for one pass (forward, or forward+backward) into row[key]; the
+    first anchor that runs is the reference that attncc and FLASH must match before they are timed."""
     key, tol = ("fwd_bwd", ctx.args.grad_tol) if backward else ("fwd", ctx.args.tol)
     entries = row[key]
     dout = None
@@ -268,8 +300,10 @@ def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, fl
         qkv = [t.detach().clone().requires_grad_() for t in qkv]
         dout = torch.randn_like(qkv[0])
     refs, results = {}, {}
-    for name in ("flex", "cudnn", "fa2", "attncc"):
-        impl = impls[name]
+    for name in ("flex", "cudnn", "fa2", "flash", "attncc"):
+        impl = impls.get(name)
+        if impl is None:
+            continue
         if not isinstance(impl, Impl):
             entries[name] = impl
             continue
@@ -281,17 +315,17 @@ def run_pass(ctx: Context, row: dict, pat: bp.BenchPattern, impls: dict, qkv, fl
         except Exception as exc:  # noqa: BLE001 - recorded in the row
             entries[name] = failure(ctx, exc)
             continue
-        if name != "attncc":
+        if name not in ("flash", "attncc"):
             refs = refs or {name: out}
             results[name] = impl
             continue
         try:
-            ok = guard(row, pat, out, refs, qkv, dout, key, tol)
+            record = guard(row, name, pat, out, refs, qkv, dout, key, tol)
         except Exception as exc:  # noqa: BLE001 - an unchecked kernel is not timed
             entries[name] = {"status": "error", "error": f"guard: {describe(exc)}"}
             continue
-        if not ok:
-            entries[name] = {"status": "FAILED", **row["guard"][key]}
+        if not record["ok"]:
+            entries[name] = {"status": "FAILED", **record}
             continue
         results[name] = impl
     del refs
@@ -332,24 +366,33 @@ def run_row(ctx: Context, shape_name: str, shape: Shape, name: str) -> dict:
 
 # ---------------------------------------------------------------- first call of a new pattern
 
-def first_call(ctx: Context, shape: Shape) -> dict:
-    """Seconds to the first result of a never-seen pattern (random constants, so no cache can hold
-    it), for attncc (trace + block mask + codegen + compile + run) and FlexAttention (block mask +
-    compile + run), then the same call again."""
-    window = shape.N // 16 + secrets.randbelow(max(1, shape.N // 16))
+def new_mask(N: int) -> tuple[Callable, str]:
+    """A never-seen sink + sliding window mask_mod (random constants, so no cache can hold it), and its text."""
+    window = N // 16 + secrets.randbelow(max(1, N // 16))
     sink = 16 + secrets.randbelow(64)
 
     def sink_window(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & ((q_idx - kv_idx <= window) | (kv_idx < sink))
+    return sink_window, f"(q >= kv) & ((q - kv <= {window}) | (kv < {sink}))"
 
+
+def first_call(ctx: Context, shape: Shape) -> dict:
+    """Seconds to the first result of a never-seen pattern, for attncc (trace + block mask + codegen +
+    compile + run) and FlexAttention (block mask + compile + run), then the same call again; FLASH
+    gets a pattern of its own (flex's block mask compile would be cached for the shared one)."""
+    sink_window, text = new_mask(shape.N)
     q, k, v = make_inputs(shape, ctx.device, seed=1)
     fresh_compiler(ctx)
-    res: dict = {"pattern": f"(q >= kv) & ((q - kv <= {window}) | (kv < {sink}))", "shape": shape.label()}
-    runs = {
-        "attncc": lambda: ac.attention(q, k, v, ac.Pattern(sink_window, name="first_call")),
-        "flex": lambda: ctx.flex(q, k, v, block_mask=ctx.block_mask(sink_window, None, None, shape.N, shape.N,
-                                                                    ctx.device), enable_gqa=shape.Hq != shape.Hkv),
-    }
+    res: dict = {"pattern": text, "shape": shape.label()}
+
+    def flex_run(mask_mod: Callable, **extra) -> Callable:
+        return lambda: ctx.flex(q, k, v, block_mask=ctx.block_mask(mask_mod, None, None, shape.N, shape.N, ctx.device),
+                                enable_gqa=shape.Hq != shape.Hkv, **extra)
+    runs = {"attncc": lambda: ac.attention(q, k, v, ac.Pattern(sink_window, name="first_call")),
+            "flex": flex_run(sink_window)}
+    if ctx.flash:
+        flash_mask, res["flash_pattern"] = new_mask(shape.N)
+        runs["flash"] = flex_run(flash_mask, **FLASH)
     outs = {}
     for name, fn in runs.items():
         try:
@@ -363,7 +406,7 @@ def first_call(ctx: Context, shape: Shape) -> dict:
             res[name] = {"first_s": times[0], "second_s": times[1]}
         except Exception as exc:  # noqa: BLE001 - recorded
             res[name] = failure(ctx, exc)
-    if len(outs) == 2:
+    if {"attncc", "flex"} <= outs.keys():
         res["rel_err"] = rel_err(outs["attncc"], outs["flex"])
     return res
 
@@ -387,6 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel-options", type=json.loads, default=None, help="JSON dict for ac.attention")
     p.add_argument("--no-first-call", dest="first_call", action="store_false",
                    help="skip the first-call timing of a new pattern")
+    p.add_argument("--no-flash", dest="flash", action="store_false",
+                   help="skip the FLASH column (FlexAttention's FlashAttention-4 backend)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
@@ -419,7 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     flex, block_mask = setup_flex(device)
-    ctx = Context(args, device, bp.SMOKE if args.smoke else bp.BENCH, flex, block_mask)
+    flash = flash_state(args, device)
+    ctx = Context(args, device, bp.SMOKE if args.smoke else bp.BENCH, flex, block_mask, flash == "on")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     gpu = torch.cuda.get_device_name(device) if ctx.cuda else "cpu"
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -429,14 +475,15 @@ def main(argv: list[str] | None = None) -> dict:
               "command": shlex.join(["python"] + (sys.argv if argv is None else ["benchmarks/suite.py"] + argv)),
               "settings": {"smoke": args.smoke, "backward": args.backward, "warmup": args.warmup, "rep": args.rep,
                            "cpu_reps": args.cpu_reps, "bwd_factor": BWD_FACTOR, "tol": args.tol, "grad_tol": args.grad_tol,
-                           "kernel_options": args.kernel_options, "sizes": asdict(ctx.sizes)},
+                           "kernel_options": args.kernel_options, "sizes": asdict(ctx.sizes), "flash": flash},
               "rows": [], "first_call": None}
     suffix = ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else "")
     bases = output_paths(args.out_dir, gpu, result["date"], suffix)
     for i, (shape_name, name) in enumerate(args.rows, 1):
         row = run_row(ctx, shape_name, shapes[shape_name], name)
         result["rows"].append(row)
-        summary = " ".join(f"{impl}={cell(row['fwd'].get(impl))}" for impl in IMPLS)
+        names = IMPLS + (("flash",) if ctx.flash else ())
+        summary = " ".join(f"{impl}={cell(row['fwd'].get(impl))}" for impl in names)
         print(f"[{i}/{len(args.rows)}] {shape_name} {name}: {summary}"
               f"{' error: ' + row['error'] if 'error' in row else ''} ({row['row_s']:.1f} s)",
               file=sys.stderr, flush=True)

@@ -207,3 +207,46 @@ def test_suite_checks_gqa_gradients_against_the_oracle(tmp_path, monkeypatch, wr
     check = row["guard"]["fwd_bwd"]
     assert check["vs"] == "reference[corner]" and check["ok"] is not wrong
     assert ("tflops" in row["fwd_bwd"]["attncc"]) is not wrong
+
+
+def test_suite_flash_column_is_guarded_and_records_refusals(tmp_path, monkeypatch):
+    """FLASH faked on CPU (eager flex ignores kernel_options): right on causal (timed), refusing
+    softcap the way torch.compile reports it (n/a with CuteDSL's reason), wrong on alibi (FAILED)."""
+    from torch._inductor.exc import InductorError, LoweringException
+    _stand_in(monkeypatch, lambda q, k, v, pattern, **kw: ac.reference(q, k, v, pattern).to(q.dtype))
+    flex, block_mask = suite.setup_flex(torch.device("cpu"))
+    rule = "=" * 80
+    unsupported = NotImplementedError(f"{rule}\nUNSUPPORTED CUTEDSL OPERATION: 'tanh'\n{rule}\nNot yet implemented.")
+
+    def fake_flex(q, k, v, score_mod=None, kernel_options=None, **kw):
+        name = getattr(score_mod, "__name__", None)
+        if kernel_options == {"BACKEND": "FLASH"} and name == "softcap":
+            raise InductorError(LoweringException(RuntimeError(f"CuteDSL template failed: {unsupported}"),
+                                                  "flex_attention", [], {}), None)
+        if kernel_options == {"BACKEND": "FLASH"} and name == "alibi":
+            score_mod = None
+        return flex(q, k, v, score_mod=score_mod, **kw)
+    monkeypatch.setattr(suite, "setup_flex", lambda device: (fake_flex, block_mask))
+    monkeypatch.setattr(suite, "flash_state", lambda args, device: "on")
+    result, md = _run(tmp_path, "--patterns", "causal,softcap,alibi", "--backward")
+    causal, softcap, alibi = result["rows"]
+    assert causal["fwd"]["flash"]["tflops"] > 0 and causal["guard"]["flash_fwd"] == {
+        "vs": "flex", "rel_err": causal["guard"]["flash_fwd"]["rel_err"], "tol": 2e-2, "ok": True}
+    assert causal["guard"]["fwd"]["vs"] == "flex"  # attncc still checked against flex, never FLASH
+    assert softcap["fwd"]["flash"] == {"status": "n/a", "why": "LoweringException: RuntimeError: CuteDSL template "
+                                       "failed: UNSUPPORTED CUTEDSL OPERATION: 'tanh'"}
+    assert alibi["fwd"]["flash"]["status"] == "FAILED" and "ms" not in alibi["fwd"]["flash"]
+    assert alibi["guard"]["flash_fwd"]["flash_vs_reference[corner]"] > 2e-2
+    assert all(r["fwd_bwd"]["flash"]["status"] == "n/a" for r in result["rows"])  # flex: no CPU backward
+    assert "| attncc/flex | attncc/FLASH | attncc/cuDNN |" in md and "| FLASH |" in md
+    assert "- flash fwd: LoweringException: RuntimeError: CuteDSL template failed: UNSUPPORTED" in md
+    assert result["first_call"]["flash"]["first_s"] > 0 and "FLASH (on `(q >= kv)" in md
+    assert result["settings"]["flash"] == "on"
+
+
+def test_flash_column_is_off_without_cuda_or_flash_attn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import fails even where it is installed
+    args = suite.parse_args(["--smoke"])
+    assert suite.flash_state(args, torch.device("cpu")) == "off (not CUDA)"
+    assert suite.flash_state(args, torch.device("cuda")).startswith("off (ModuleNotFoundError")
+    assert suite.flash_state(suite.parse_args(["--no-flash"]), torch.device("cuda")) == "off (--no-flash)"
