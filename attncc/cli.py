@@ -183,6 +183,8 @@ def cmd_show(pattern: ac.Pattern, args) -> int:
         print("\n(no generated source: this version of attncc has no code generator yet; attncc.compile is missing)")
         return 0
     _require_values(pattern)
+    if args.target:
+        return _show_target(pattern, args)
     q, k, v = _inputs(args, device="cpu")
     kernel = compile_(pattern, q, k, v)
     print(f"\n== generated Triton source for q {list(q.shape)}, k/v {list(k.shape)} {q.dtype}")
@@ -190,6 +192,39 @@ def cmd_show(pattern: ac.Pattern, args) -> int:
     if config is not None:
         print(f"# config: {config}")
     print(kernel.source)
+    return 0
+
+
+def _show_target(pattern: ac.Pattern, args) -> int:
+    """What runs on the GPU `args.target` names (runtime/choices.TARGETS), printed on any machine:
+    the backend the automatic choice takes there (with FlashAttention-4 installed) and its source."""
+    from .compiler.codegen import generate
+    from .compiler.lowering import BufferSpec
+    from .runtime import choices, fa4
+    from .runtime.inputs import check_qkv
+    from .runtime.kernel import META_CACHE
+
+    name, capability = choices.TARGETS[args.target]
+    if args.dtype is None:
+        args.dtype = "bfloat16"
+    q, k, v = _inputs(args, device="cpu")
+    s = check_qkv(q, k, v)
+    kp = pattern.kernel_pattern
+    print(f"\n== on the {name} (sm_{capability[0]}{capability[1]}), q {list(q.shape)}, k/v {list(k.shape)} {q.dtype}")
+    why = fa4.refusal_on(kp, s, capability, q.dtype, "cpu", assume_installed=True)
+    if why is None:
+        call = fa4.describe(kp, s, "cpu")
+        print("# backend: fa4 (FlashAttention-4's kernels with these hooks; it must be installed there: "
+              "pip install 'attncc[fa4]')")
+        print(call)
+        return 0
+    backend = "sdpa-cudnn" if choices.sdpa_refusal(kp, s, "cuda", q.dtype, False, assume_installed=True) is None else "triton"
+    tiles = choices.choose_tiles(s, q.dtype, torch.device("cuda"), {})
+    print(f"# backend: {backend} (not fa4: {why}); Triton tiles {tiles}"
+          + (" (SDPA's cuDNN kernel runs; this is attncc's fallback)" if backend == "sdpa-cudnn" else ""))
+    _, meta = META_CACHE.get(kp, s, tiles, torch.device("cpu"))
+    specs = {n: BufferSpec.of(n, t) for n, t in kp.buffers.items()}
+    print(generate("forward", kp, specs, tiles, meta.plan, ac.__version__))
     return 0
 
 
@@ -320,7 +355,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="input dtype (default: bfloat16 on a GPU, float32 on CPU)")
         return p
 
-    verb("show", "print the pattern, its IR and the generated Triton source")
+    show = verb("show", "print the pattern, its IR and the generated source")
+    show.add_argument("--target", choices=("h200", "h100"), default=None,
+                      help="print what runs on that GPU (backend and source) instead of the CPU configuration")
     viz = verb("viz", "draw the mask and the block map (ASCII, or a PNG with -o)")
     viz.add_argument("-o", "--output", metavar="FILE.png", help="write a PNG picture")
     viz.add_argument("--block", type=_block, default=128, help="block size, N or BQ,BK (default 128)")

@@ -18,7 +18,8 @@ traced into an attncc Pattern and run by attncc's generated kernels (`attncc.att
   mask_mod everywhere and ignores the tile lists; its compiled kernels do not.)
 - kernel_options: BLOCK_M, BLOCK_N, num_warps, num_stages (and their fwd_ forms, which win) go
   to attncc's options of the same names; USE_TMA -> tma; BACKEND "AUTO" -> "auto", "TRITON" and
-  "TRITON_DECODE" -> "attncc" (the generated Triton kernel), "FLASH" is not available (ValueError).
+  "TRITON_DECODE" -> "triton" (the generated Triton kernel), "FLASH" -> "fa4" (FlashAttention-4's
+  kernels with attncc's CuTe hooks: a ValueError saying why where they cannot run the call).
   Accepted without effect: PRESCALE_QK, ROWS_GUARANTEED_SAFE, BLOCKS_ARE_CONTIGUOUS, WRITE_DQ,
   FORCE_USE_FLEX_ATTENTION, OUTPUT_LOGSUMEXP, OUTPUT_MAX (the outputs follow return_lse /
   return_aux), BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, kpack, matrix_instr_nonkdim,
@@ -253,7 +254,7 @@ _NO_EFFECT = frozenset({
     "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION",
     "OUTPUT_LOGSUMEXP", "OUTPUT_MAX", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "kpack",
     "matrix_instr_nonkdim", "waves_per_eu", "num_consumer_groups", "num_buffers_warp_spec"})
-_BACKENDS = {"AUTO": "auto", "TRITON": "attncc", "TRITON_DECODE": "attncc"}
+_BACKENDS = {"AUTO": "auto", "TRITON": "triton", "TRITON_DECODE": "triton", "FLASH": "fa4"}
 
 
 def _kernel_options(options: dict | None) -> dict:
@@ -269,8 +270,7 @@ def _kernel_options(options: dict | None) -> dict:
             continue
         elif name == "BACKEND":
             if value not in _BACKENDS:
-                raise ValueError(f"kernel_options['BACKEND'] = {value!r}: attncc runs {sorted(_BACKENDS)} "
-                                 "(FLASH, FlashAttention-4 through CuTe, is not available)")
+                raise ValueError(f"kernel_options['BACKEND'] = {value!r}: attncc runs {sorted(_BACKENDS)}")
             out["backend"] = _BACKENDS[value]
         else:
             out["tma" if name == "USE_TMA" else name] = value

@@ -23,7 +23,7 @@ from attncc.runtime.inputs import check_qkv  # noqa: E402
 from attncc.runtime.choices import choose_backward_tiles, tile_tuple  # noqa: E402
 from benchmarks.patterns import build, count_live_pairs  # noqa: E402
 
-OURS = {"backend": "attncc"}
+OURS = {"backend": "triton"}
 CANDIDATES = {  # head dim -> candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel
     64: [(64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2)],
     128: [(64, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3),

@@ -28,8 +28,9 @@ def ratio(a: dict | None, b: dict | None) -> str:
 def config_text(cfg: dict | None) -> str:
     if not cfg:
         return "—"
-    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("path", "error"))
-    return f"{cfg.get('path', '?')}" + (f" ({rest})" if rest else "") + (" (compile error)" if "error" in cfg else "")
+    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("backend", "path", "error"))
+    backend = cfg.get("backend", cfg.get("path", "?"))  # results before 2026-12-01 (2nd) call it "path"
+    return f"{backend}" + (f" ({rest})" if rest else "") + (" (compile error)" if "error" in cfg else "")
 
 
 def md_row(cells: list[str]) -> str:

@@ -224,7 +224,7 @@ def attncc_config(pat: bp.BenchPattern, q, k, v, options: dict | None) -> dict:
     try:
         return dict(ac.compile(pat.attncc, q, k, v, **({"kernel_options": options} if options else {})).config)
     except Exception as exc:  # noqa: BLE001 - recorded in the row
-        return {"path": "?", "error": describe(exc)}
+        return {"backend": "?", "error": describe(exc)}
 
 
 # ---------------------------------------------------------------- one row

@@ -134,7 +134,7 @@ def test_unknown_pattern_and_bad_canvas():
 
 
 class _Compiled:
-    config = {"path": "stand-in", "BLOCK_M": 64}
+    config = {"backend": "stand-in", "BLOCK_M": 64}
 
 
 def _stand_in(monkeypatch, attention):
@@ -162,7 +162,7 @@ def test_suite_times_a_correct_kernel_and_refuses_gradients(tmp_path, monkeypatc
     for row in (causal, document):
         assert row["guard"]["fwd"]["ok"] and row["fwd"]["attncc"]["tflops"] > 0
         assert row["fwd_bwd"]["attncc"]["status"] == "n/a"
-        assert row["attncc_config"]["path"] == "stand-in"
+        assert row["attncc_config"]["backend"] == "stand-in"
     assert causal["guard"]["fwd"]["vs"] == "flex" and causal["fwd_bwd"]["cudnn"]["tflops"] > 0
     assert document["fwd"]["cudnn"]["status"] == "none"
     assert md.rstrip().splitlines()[-1].startswith("| document | B1 H2 N250 D32 | n/a |")

@@ -218,13 +218,15 @@ def test_kernel_options(monkeypatch):
         "BLOCK_M": 32, "fwd_BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "fwd_num_stages": 2, "bwd_BLOCK_M1": 16,
         "BACKEND": "TRITON", "USE_TMA": False, "PRESCALE_QK": True, "ROWS_GUARANTEED_SAFE": True,
         "OUTPUT_LOGSUMEXP": True})
-    assert seen == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "backend": "attncc", "tma": False}
+    assert seen == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "backend": "triton", "tma": False}
     everything = {name: "AUTO" if name == "BACKEND" else 1 for name in torch_flex.FlexKernelOptions.__annotations__}
     ac_flex.flex_attention(q, k, v, kernel_options=everything)
     with pytest.raises(ValueError, match="'BLOCK_Q', 'bwd_TILES'"):
         ac_flex.flex_attention(q, k, v, kernel_options={"BLOCK_Q": 64, "bwd_TILES": 1, "BLOCK_M": 64})
-    with pytest.raises(ValueError, match="FLASH"):
-        ac_flex.flex_attention(q, k, v, kernel_options={"BACKEND": "FLASH"})
+    ac_flex.flex_attention(q, k, v, kernel_options={"BACKEND": "FLASH"})
+    assert seen["backend"] == "fa4"  # FlashAttention-4's kernels with attncc's hooks
+    with pytest.raises(ValueError, match="'CUTLASS'"):
+        ac_flex.flex_attention(q, k, v, kernel_options={"BACKEND": "CUTLASS"})
 
 
 def test_block_mask_of_other_lengths_is_refused():

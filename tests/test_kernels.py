@@ -96,7 +96,7 @@ def test_lengths_of_one_and_tile_options():
         assert torch.allclose(out.double(), ref, atol=1e-5)
         assert torch.equal(lse.isinf(), ref_lse.isinf())
     kern = compile(None, q, k, v, kernel_options={"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8})
-    assert kern.config == {"path": "attncc", "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
+    assert kern.config == {"backend": "triton", "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1,
                            "tma": False, "dkdv_tiles": (16, 32, 4, 1), "dq_tiles": (32, 16, 4, 1)}
 
 

@@ -4,19 +4,10 @@ import torch
 
 import attncc as ac
 from attncc.runtime.api import attention, compile
+from gpu_util import grads, qkv, rel
 
 pytestmark = pytest.mark.gpu
-OURS = {"backend": "attncc"}
-
-
-def qkv(B, Hq, Hkv, N, D, dtype=torch.bfloat16, KV=None):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda h, n: torch.randn(B, h, n, D, device="cuda", dtype=dtype, generator=g)
-    return mk(Hq, N), mk(Hkv, KV or N), mk(Hkv, KV or N)
-
-
-def rel(a, b):
-    return ((a.double() - b).norm() / b.norm()).item()
+OURS = {"backend": "triton"}
 
 
 PATTERNS = {
@@ -48,7 +39,7 @@ def test_cross_lengths_fp16_and_fp32():
     for dtype, tol in ((torch.float16, 1e-2), (torch.float32, 1e-4)):
         q, k, v = qkv(1, 4, 4, 1000, 64, dtype=dtype, KV=3001)
         pat = ac.patterns.causal(offset=2001)
-        assert rel(attention(q, k, v, pat), ac.reference(q, k, v, pat)) < tol
+        assert rel(attention(q, k, v, pat, kernel_options=OURS), ac.reference(q, k, v, pat)) < tol
 
 
 def test_param_rebinding_never_recompiles():
@@ -66,11 +57,17 @@ def test_param_rebinding_never_recompiles():
 @pytest.mark.parametrize("Hkv", [4, 2])
 def test_sdpa_dispatch_for_plain_causal(Hkv):
     q, k, v = qkv(2, 4, Hkv, 1024, 64)
-    kern = compile(ac.patterns.causal(), q, k, v)
-    expected = "sdpa-cudnn" if torch.backends.cudnn.is_available() else "attncc"
-    assert kern.config["path"] == expected
-    assert compile(ac.patterns.causal(), q, k, v, kernel_options=OURS).config["path"] == "attncc"
-    assert rel(kern(q, k, v), ac.reference(q, k, v, ac.patterns.causal())) < 2e-2
+    from attncc.runtime import fa4
+    from attncc.runtime.inputs import check_qkv
+
+    expected = "fa4" if fa4.refusal(ac.patterns.causal(), check_qkv(q, k, v), q) is None \
+        else "sdpa-cudnn" if torch.backends.cudnn.is_available() else "triton"
+    assert compile(ac.patterns.causal(), q, k, v).config["backend"] == expected
+    assert compile(ac.patterns.causal(), q, k, v, kernel_options=OURS).config["backend"] == "triton"
+    if torch.backends.cudnn.is_available():
+        kern = compile(ac.patterns.causal(), q, k, v, kernel_options={"backend": "sdpa-cudnn"})
+        assert kern.config["backend"] == "sdpa-cudnn"
+        assert rel(kern(q, k, v), ac.reference(q, k, v, ac.patterns.causal())) < 2e-2
 
 
 @pytest.mark.parametrize("D, dtype", [(192, torch.bfloat16), (256, torch.bfloat16), (256, torch.float16),
@@ -78,7 +75,7 @@ def test_sdpa_dispatch_for_plain_causal(Hkv):
 def test_head_dims_and_dtypes_compile_and_match(D, dtype):
     q, k, v = qkv(1, 4, 2, 1500, D, dtype=dtype)
     pat = ac.patterns.causal() & ac.patterns.softcap(20.0, causal=False)
-    out = attention(q, k, v, pat)
+    out = attention(q, k, v, pat, kernel_options=OURS)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert rel(out, ac.reference(q, k, v, pat)) < tol
 
@@ -132,8 +129,8 @@ def test_long_in_head_offsets():
     pat = ac.patterns.sliding_window(256)
     from attncc.runtime.kernel import META_CACHE
 
-    assert META_CACHE.get(pat, ac.runtime.inputs.check_qkv(q, k, v), compile(pat, q, k, v).tiles, q.device)
-    assert "long_offsets" in compile(pat, q, k, v).source
+    assert META_CACHE.get(pat, ac.runtime.inputs.check_qkv(q, k, v), compile(pat, q, k, v, kernel_options=OURS).tiles, q.device)
+    assert "long_offsets" in compile(pat, q, k, v, kernel_options=OURS).source
     out = attention(q, k, v, pat, kernel_options=OURS)
     assert rel(out, ac.reference(q, k, v, pat)) < 2e-2
 
@@ -153,10 +150,10 @@ def test_t5_buckets_and_long_or_chains():
     bias = torch.randn(4, 32, device="cuda")
     t5 = ac.Pattern(score_mod=lambda s, b, h, q, kv: s + bias[h, bucket(kv - q)])
     q, k, v = qkv(1, 4, 4, 2048, 64)
-    out = attention(q, k, v, t5)
+    out = attention(q, k, v, t5, kernel_options=OURS)
     assert rel(out, ac.reference(q, k, v, t5)) < 2e-2
     text = "mask = " + " or ".join(f"kv == {7 * i}" for i in range(1000)) + " or q == kv"
-    assert rel(attention(q, k, v, ac.parse(text)), ac.reference(q, k, v, ac.parse(text))) < 2e-2
+    assert rel(attention(q, k, v, ac.parse(text), kernel_options=OURS), ac.reference(q, k, v, ac.parse(text))) < 2e-2
 
 
 def test_threads_on_the_gpu():
@@ -172,11 +169,6 @@ def test_threads_on_the_gpu():
 # ----------------------------------------------------------------------------------------------
 # The backward at real sizes (tests/test_backward.py on CPU)
 
-def _grads(fn, q, k, v, w):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    return torch.autograd.grad((fn(q, k, v).float() * w).sum(), (q, k, v))
-
-
 @pytest.mark.parametrize("name", ["causal", "swa", "document", "softcap", "alibi", "dilated"])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 2048, 128), (1, 8, 2, 1999, 64), (1, 4, 4, 1024, 256)])
 def test_backward_bf16_real_sizes_match_reference(name, shape):
@@ -184,11 +176,11 @@ def test_backward_bf16_real_sizes_match_reference(name, shape):
     q, k, v = qkv(B, Hq, Hkv, N, D)
     pat = PATTERNS[name](N, Hq)
     w = torch.randn(B, Hq, N, D, device="cuda")
-    ours = _grads(lambda q, k, v: attention(q, k, v, pat, kernel_options=OURS), q, k, v, w)
-    ref = _grads(lambda q, k, v: ac.reference(q.double(), k.double(), v.double(), pat), q, k, v, w)
+    ours = grads(lambda q, k, v: attention(q, k, v, pat, kernel_options=OURS), q, k, v, w)
+    ref = grads(lambda q, k, v: ac.reference(q.double(), k.double(), v.double(), pat), q, k, v, w)
     for a, b in zip(ours, ref):
         assert not a.isnan().any() and rel(a, b.double()) < 3e-2
-    again = _grads(lambda q, k, v: attention(q, k, v, pat, kernel_options=OURS), q, k, v, w)
+    again = grads(lambda q, k, v: attention(q, k, v, pat, kernel_options=OURS), q, k, v, w)
     assert all(torch.equal(a, b) for a, b in zip(ours, again))  # deterministic
 
 
@@ -196,9 +188,9 @@ def test_backward_under_torch_compile_with_inductor():
     pat = ac.patterns.sliding_window(256) & ac.patterns.softcap(30.0, causal=False)
     q, k, v = qkv(1, 4, 4, 2048, 64)
     w = torch.randn(1, 4, 2048, 64, device="cuda")
-    fn = lambda q, k, v: attention(q, k, v, pat)  # noqa: E731
-    eager = _grads(fn, q, k, v, w)
-    compiled = _grads(torch.compile(fn, fullgraph=True), q, k, v, w)
+    fn = lambda q, k, v: attention(q, k, v, pat, kernel_options=OURS)  # noqa: E731
+    eager = grads(fn, q, k, v, w)
+    compiled = grads(torch.compile(fn, fullgraph=True), q, k, v, w)
     diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(eager, compiled)]
     assert diffs == [0.0, 0.0, 0.0], diffs
 

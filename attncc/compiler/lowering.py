@@ -119,7 +119,13 @@ def _unify(types: list[str]) -> str:
 
 
 class Lowering:
-    """Lowers expressions to Triton text; repeated or deep subexpressions become temporaries."""
+    """Lowers expressions to Triton text; repeated or deep subexpressions become temporaries.
+
+    A printer for another target (compiler/cute.py) subclasses it: `column` names the operator
+    table's column it reads, `cast` and `literal` spell conversions and constants, and the
+    methods the column calls (truediv, floor_op, ...) and `_load` are overridden."""
+
+    column = "triton"
 
     def __init__(self, buffers: Mapping[str, BufferSpec], plan: NumericPlan):
         self.buffers, self.plan = buffers, plan
@@ -150,19 +156,27 @@ class Lowering:
     def typed(self, n: ir.Node, T: str) -> str:
         """n's value as machine type T."""
         if isinstance(n, ir.Const):
-            return literal(n.value, T)
+            return self.literal(n.value, T)
         text, P = self.text[n], self.plan.types[n]
         if P == T:
             return text
         if T == "bool":
             return f"({text} != 0)"
+        return self.cast(text, T)
+
+    def cast(self, text: str, T: str) -> str:
+        """`text` converted to machine type T."""
         return f"({text}).to({_TL[T]})"
+
+    @staticmethod
+    def literal(value: ir.Value, T: str) -> str:
+        return literal(value, T)
 
     def _expr(self, n: ir.Node) -> str:
         if isinstance(n, ir.Var):
             return n.name
         if isinstance(n, ir.Const):
-            return literal(n.value, self.plan.types[n])
+            return self.literal(n.value, self.plan.types[n])
         if isinstance(n, ir.Param):
             return f"p_{n.name}"
         if isinstance(n, ir.Load):
@@ -183,9 +197,12 @@ class Lowering:
             C = _unify([T] + [self.plan.types[x] for x in n.args])
             a = [self.typed(x, C) for x in n.args]
         self.compute[n] = C
-        text = row.triton.format(*a) if isinstance(row.triton, str) else row.triton(self, n, a)
+        spell = getattr(row, self.column)
+        if spell is None:
+            raise ir.IRError(f"operator {n.op!r} has no {self.column} lowering")
+        text = spell.format(*a) if isinstance(spell, str) else spell(self, n, a)
         if C != T and T != "bool":
-            text = f"({text}).to({_TL[T]})"  # computed wide (integers: proved to fit the narrow type)
+            text = self.cast(text, T)  # computed wide (integers: proved to fit the narrow type)
         return text
 
     # -- the table's Triton column calls these for operators that need more than a template
@@ -219,7 +236,7 @@ class Lowering:
         if k is None or not float(k).is_integer() or abs(k) > 64:
             return f"pow_({a[0]}, {a[1]})"
         k = int(k)
-        one = literal(1, C)
+        one = self.literal(1, C)
         if k == 0:
             return one
         x = a[0] if a[0].isidentifier() else self.temporary(a[0])
@@ -240,19 +257,24 @@ class Lowering:
         return f"round_half_even({a[0]})"
 
     def to_int(self, n: ir.Op, a: list[str]) -> str:
-        return f"({a[0]}).to({_TL[self.plan.types[n]]})"
+        return self.cast(a[0], self.plan.types[n])
 
-    def _load(self, n: ir.Load) -> str:
+    def spec(self, n: ir.Load) -> BufferSpec:
+        """The buffer a read reads (an IRError if it is unbound or indexed with the wrong rank)."""
         spec = self.buffers.get(n.buffer)
         if spec is None:
             raise ir.IRError(f"buffer {n.buffer!r} has no tensor; bind it before compiling")
         if spec.ndim != len(n.index):
             raise ir.IRError(f"buffer {n.buffer!r} has {spec.ndim} dims but is indexed with {len(n.index)}")
+        return spec
+
+    def _load(self, n: ir.Load) -> str:
+        self.spec(n)
         O = self.plan.offsets[n]
         offset = " + ".join(f"{self.typed(i, O)} * buf_{n.buffer}_s{d}" for d, i in enumerate(n.index))
         text = f"tl.load(buf_{n.buffer} + {offset})"
         T = self.plan.types[n]
-        return f"({text} != 0)" if T == "bool" else f"{text}.to({_TL[T]})"
+        return f"({text} != 0)" if T == "bool" else self.cast(text, T)
 
 
 def lower_function(name: str, args: str, root: ir.Node, doc: str, buffers: Mapping[str, BufferSpec],

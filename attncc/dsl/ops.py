@@ -44,7 +44,7 @@ class Operator:
     interval: Callable           # (I, box, *abstract values) -> abstract value (block classification)
     triton: str | Callable       # "{0} + {1}" over operand texts, or (printer, node, texts) -> str
     derivative: Callable | None = None  # (D, node, operands, their derivatives) -> derivative; D = compiler.derivative
-    cute: str | Callable | None = None  # CuTe-DSL printer: filled by the FlashAttention-4 path
+    cute: str | Callable | None = None  # (P, node, texts) -> CuTe-DSL text (compiler/cute.py), or a template
     commutative: bool = False    # operands may be swapped (the canonical order puts the smaller first)
     mirror: str | None = None    # comparisons: the operator meaning the same with operands swapped
     discards: bool = False       # some operand's value may not reach the result (where)
@@ -187,7 +187,30 @@ DERIVATIVES: dict[str, Callable] = {
     "sigmoid": lambda D, n, a, d: D.mul(D.op("mul", n, D.op("sub", D.const(1.0), n)), d[0]),
     **{name: _ZERO for name in COMPARE_NAMES + ("and", "or", "not", "floor", "ceil", "round", "int")},
 }
-ROWS = [dataclasses.replace(row, derivative=DERIVATIVES[row.name]) for row in ROWS]
+# CuTe-DSL scalar spellings (compiler/cute.py, the FlashAttention-4 hooks; P: its printer)
+_CUTE_INFIX = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
+               "and": "&", "or": "|"}
+CUTE: dict[str, str | Callable] = {
+    **{name: "({0} " + symbol + " {1})" for name, symbol in _CUTE_INFIX.items()},
+    "truediv": lambda P, n, a: P.truediv(n, a),
+    "floordiv": lambda P, n, a: P.floor_op(n, a),
+    "mod": lambda P, n, a: P.floor_op(n, a),
+    "pow": lambda P, n, a: P.pow(n, a),
+    "neg": "(-{0})",
+    "abs": lambda P, n, a: P.absolute(n, a),
+    "min": lambda P, n, a: P.minmax(n, a),
+    "max": lambda P, n, a: P.minmax(n, a),
+    "eq": lambda P, n, a: P.equality(n, a),
+    "ne": lambda P, n, a: P.equality(n, a),
+    "not": "(~{0})",
+    "where": "({1} if {0} else {2})",
+    **{name: "cute.math." + name + "({0})" for name in ("exp", "exp2", "log", "log2", "sqrt")},
+    "tanh": lambda P, n, a: P.tanh(n, a),
+    "sigmoid": lambda P, n, a: P.sigmoid(n, a),
+    **{name: (lambda P, n, a: P.rounding(n, a)) for name in ("floor", "ceil", "round")},
+    "int": lambda P, n, a: P.to_int(n, a),
+}
+ROWS = [dataclasses.replace(row, derivative=DERIVATIVES[row.name], cute=CUTE[row.name]) for row in ROWS]
 TABLE: dict[str, Operator] = {row.name: row for row in ROWS}
 
 COMPARE = tuple(r.name for r in ROWS if r.mirror is not None)

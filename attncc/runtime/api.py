@@ -102,7 +102,7 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
-    from .choices import (KernelChoice, check_options, choose_backward_tiles, choose_path, choose_tiles,
+    from .choices import (KernelChoice, check_options, choose_backend, choose_backward_tiles, choose_tiles,
                           choose_tma, refine_tiles)
     from .kernel import TRITON_KEY
 
@@ -122,10 +122,10 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     pattern = pattern.kernel_pattern  # in the layout's coordinates, if it has one
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
-    path = choose_path(pattern, s, q, options, return_lse)
-    if path == "attncc":
+    backend = choose_backend(pattern, s, q, options, return_lse)
+    if backend == "triton":
         tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
-    choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), path,
+    choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
                           choose_tma(s, q.device, options), layout)
     return pattern, s, check_scale(scale, s.D), choice
 
@@ -134,12 +134,15 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
             scale: float | None = None, kernel_options: dict | None = None):
     """A Kernel for `pattern` at these inputs' shapes, dtype and device (q [B,Hq,Q,D], k/v [B,Hkv,KV,D]).
 
-    `kern.source` is the generated Triton source, `kern.config` the tiles/warps/stages and path,
-    `kern.block_mask` the BlockMask, `kern(q, k, v)` runs it. kernel_options may set BLOCK_M,
-    BLOCK_N, num_warps, num_stages (the forward), dkdv_tiles and dq_tiles (the backward's two
-    kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)), backend ("auto", or "attncc" to
-    never dispatch to SDPA) and tma (True: read k/v through tensor descriptors where the strides
-    allow, on Hopper or CPU; default: on CUDA for head dims above 128, where it measured faster).
+    `kern.source` is the generated source (Triton kernels, or the CuTe hooks and the call of the fa4
+    backend), `kern.config` the backend and tiles/warps/stages, `kern.block_mask` the BlockMask,
+    `kern(q, k, v)` runs it. kernel_options may set backend ("auto"; "triton": attncc's kernels;
+    "fa4": FlashAttention-4's kernels with attncc's hooks; "sdpa-cudnn"; a forced backend that
+    cannot run the call is a ValueError saying why; see runtime/choices.choose_backend), BLOCK_M,
+    BLOCK_N, num_warps, num_stages (the Triton forward), dkdv_tiles and dq_tiles (the Triton
+    backward's two kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)) and tma (True: read
+    k/v through tensor descriptors where the strides allow, on Hopper or CPU; default: on CUDA for
+    head dims above 128, where it measured faster).
     """
     from .kernel import Kernel
 
@@ -180,12 +183,11 @@ def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kern
 
 
 def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
-    """(Kernel running attncc's own kernels (never the SDPA dispatch), Shapes) for these inputs:
-    what the torch.compile custom ops call."""
+    """(Kernel, Shapes) for these inputs, what the torch.compile custom ops call: never the SDPA
+    dispatch (the op returns the LSE, which SDPA does not)."""
     from .kernel import Kernel
 
-    options = {**kernel_options, "backend": "attncc"}
-    pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, options, True)
+    pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, True)
     return Kernel(pattern, s, q.device, scale, choice), s
 
 

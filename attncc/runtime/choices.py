@@ -1,5 +1,6 @@
-"""What runs for a call, until the cost model (issue 12) decides it: the path (attncc's kernels or
-SDPA's cuDNN), the forward's tiles, the backward's, TMA, and the kernel_options that override them.
+"""What runs for a call, until the cost model (issue 12) decides it: the backend (attncc's Triton
+kernels, FlashAttention-4's kernels fed with attncc's hooks, or SDPA's cuDNN), the forward's tiles,
+the backward's, TMA, and the kernel_options that override them.
 The rules are hand-measured (H100 2026-11-22, H200 2026-12-01); each says where its numbers come from.
 """
 from __future__ import annotations
@@ -15,15 +16,17 @@ from ..dsl.pattern import Pattern
 from .inputs import Shapes
 
 _CAUSAL = op("ge", Var("q"), Var("kv"))
+# GPUs `attncc show --target` can describe: (name, compute capability)
+TARGETS = {"h200": ("NVIDIA H200", (9, 0)), "h100": ("NVIDIA H100", (9, 0))}
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """What runs: the forward's tiles, the backward's, the path ("attncc" or "sdpa-cudnn"),
-    whether the forward reads K/V through tensor descriptors, and the token layout (or None)."""
+    """What runs: the forward's tiles, the backward's, the backend (one of BACKENDS), whether the
+    forward reads K/V through tensor descriptors, and the token layout (or None)."""
     tiles: TileConfig
     backward_tiles: BackwardTiles
-    path: str
+    backend: str
     tma: bool = False
     layout: Layout | None = None
 
@@ -36,7 +39,7 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
 _TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
 _OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma")
-_BACKENDS = ("auto", "attncc")
+BACKENDS = ("triton", "fa4", "sdpa-cudnn")
 
 
 def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> TileConfig:
@@ -161,22 +164,57 @@ def check_options(options) -> dict:
         raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
     if not isinstance(options.get("tma", True), bool):
         raise ValueError(f"kernel_options['tma'] must be a bool, got {options['tma']!r}")
-    if options.get("backend", "auto") not in _BACKENDS:
-        raise ValueError(f"kernel_options['backend'] must be one of {_BACKENDS}, got {options['backend']!r}")
+    if options.get("backend", "auto") not in ("auto",) + BACKENDS:
+        raise ValueError(f"kernel_options['backend'] must be one of {('auto',) + BACKENDS}, "
+                         f"got {options['backend']!r}")
     return options
 
 
-def choose_path(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool) -> str:
-    """"sdpa-cudnn" for plain full or equal-length causal attention on CUDA (no score mod, no
-    params or buffers, 16-bit (GQA included), D <= 256 and a multiple of 8, no LSE wanted) when cuDNN is
-    there; else "attncc"."""
+def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool) -> str:
+    """The backend for this call; kernel_options["backend"] forces one (a ValueError saying why
+    when it cannot run the call).
+
+    auto: on CUDA, "fa4" wherever it can run (runtime/fa4.refusal: SM90+, 16-bit, head dims up to
+    128, FlashAttention-4 installed, every operator lowerable to CuTe), else "sdpa-cudnn" for
+    plain full or equal-length causal attention, else "triton", which runs everything (the CPU
+    interpreter, float32, any head dim, any operator). Buffer gradients come from the same
+    backend-independent pass (runtime/buffer_grads.py) on every backend.
+    """
+    from . import fa4
+
+    forced = options.get("backend", "auto")
+    if forced == "triton":
+        return "triton"
+    if forced == "sdpa-cudnn":
+        why = sdpa_refusal(pattern, s, q.device.type, q.dtype, return_lse)
+        if why:
+            raise ValueError(f"kernel_options backend='sdpa-cudnn' cannot run this call: {why}")
+        return "sdpa-cudnn"
+    if forced == "fa4" or q.is_cuda:
+        why = fa4.refusal(pattern, s, q)
+        if forced == "fa4" and why:
+            raise ValueError(f"kernel_options backend='fa4' cannot run this call: {why}")
+        if not why:
+            return "fa4"
+    return "sdpa-cudnn" if sdpa_refusal(pattern, s, q.device.type, q.dtype, return_lse) is None else "triton"
+
+
+def sdpa_refusal(pattern: Pattern, s: Shapes, device_type: str, dtype: torch.dtype, return_lse: bool,
+                 assume_installed: bool = False) -> str | None:
+    """Why SDPA's cuDNN backend cannot run this call: it takes plain full or equal-length causal
+    attention on CUDA (no score mod, params or buffers), 16-bit (GQA included), D <= 256 and a
+    multiple of 8, no LSE wanted, cuDNN present (unless assume_installed: `attncc show --target`)."""
     plain = (not pattern.has_score_mod and not pattern.has_block_mask and not pattern.params
              and not pattern.buffers)
     causal = pattern.mask is _CAUSAL and s.Q == s.KV
-    if (options.get("backend", "auto") == "auto" and plain and (pattern.mask is TRUE or causal)
-            and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and s.D == s.Dv and s.D % 8 == 0 and s.D <= 256 and not return_lse
-            and torch.backends.cudnn.is_available()):
-        return "sdpa-cudnn"
-    return "attncc"
-
+    if not (plain and (pattern.mask is TRUE or causal)):
+        return "it runs plain full or equal-length causal attention only"
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "it needs 16-bit CUDA tensors"
+    if not (s.D == s.Dv and s.D % 8 == 0 and s.D <= 256):
+        return "it needs equal head dims, a multiple of 8, up to 256"
+    if return_lse:
+        return "it does not return the LSE"
+    if not assume_installed and not torch.backends.cudnn.is_available():
+        return "cuDNN is not available"
+    return None

@@ -1,4 +1,4 @@
-"""Kernel: a compiled forward attention for one pattern and one specialisation.
+"""Kernel: a compiled attention for one pattern and one specialisation, on one backend.
 
 A Kernel pairs a generated module (cached on disk and in memory by `cache.py`, keyed by the
 pattern's IR, the buffers' dtypes/ranks, the tile config and the versions) with the block-mask
@@ -25,8 +25,7 @@ from ..compiler.lowering import BufferSpec
 from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
 from ..dsl.pattern import Pattern
-from . import cache
-from . import autograd
+from . import autograd, cache, fa4
 from .choices import KernelChoice, tile_tuple
 from .inputs import Shapes, check_qkv
 
@@ -314,45 +313,59 @@ def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
 class Kernel:
     """A compiled attention for one pattern: `.source`, `.config`, `.block_mask`, `__call__`.
 
-    `config` holds the tiles, warps, stages (of the forward and of the backward's two kernels)
-    and the path: "attncc" (the generated kernels) or "sdpa-cudnn" (SDPA's cuDNN backend, forward
-    and backward, chosen only for plain full or equal-length causal attention with no score mod
-    on CUDA). With a token layout (`layout`, compiler/layout.py) the kernels, `.source` and
-    `.block_mask` are in the layout's token order; `__call__` takes and returns natural order.
-    `predicted_ms` is None until the cost model exists.
+    `config` names the backend and holds the tiles, warps, stages (of the forward and of the
+    backward's two kernels): "triton" (attncc's generated kernels), "fa4" (FlashAttention-4's
+    kernels with attncc's generated CuTe hooks and block-sparse lists, runtime/fa4.py; its tiles
+    are FA4's 128x128) or "sdpa-cudnn" (SDPA's cuDNN backend, forward and backward, for plain full
+    or equal-length causal attention with no score mod on CUDA). With a token layout (`layout`,
+    compiler/layout.py) the kernels, `.source` and `.block_mask` are in the layout's token order;
+    `__call__` takes and returns natural order. `predicted_ms` is None until the cost model exists.
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
                  choice: KernelChoice):
         self.pattern = pattern
         self.scale = scale
-        self.tiles = choice.tiles
+        self.backend = choice.backend
+        self.tiles = fa4.TILE if self.backend == "fa4" else choice.tiles
         self.backward_tiles = choice.backward_tiles
-        self.path = choice.path
         self.tma = choice.tma
         self.layout = choice.layout
         self.device = device
         self.interpret = device.type != "cuda"
         self.block_mask, self._meta = META_CACHE.get(pattern, shapes, self.tiles, device)
-        self.module = kernel_module(pattern, self.tiles, self._meta.plan, interpret=self.interpret)
+        if self.backend == "fa4":
+            self._fa4, self.module = fa4.prepare(pattern, shapes, device), None
+        else:
+            self.module = kernel_module(pattern, self.tiles, self._meta.plan, interpret=self.interpret)
         self._shapes = shapes
         self.predicted_ms = None
 
     @property
     def config(self) -> dict:
         t, b = self.tiles, self.backward_tiles
-        return {"path": self.path, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
+        if self.backend == "fa4":
+            return {"backend": "fa4", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
+                    "fa4_kernel": "causal" if self._fa4.causal else "block-sparse" if self._fa4.sparse else "dense",
+                    "deterministic": True}
+        return {"backend": self.backend, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
                 "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma,
                 "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
 
     @property
     def source(self) -> str:
-        """The generated Python/Triton source this kernel runs (for the sdpa path too: the fallback)."""
+        """The generated source this kernel runs: the Triton module, or for the fa4 backend the CuTe
+        hooks and the FlashAttention-4 calls (the sdpa path shows the Triton fallback)."""
+        if self.backend == "fa4":
+            return self._fa4.source + "\n\n" + self._fa4.text() + "\n"
         return cache.source_of(self.module)
 
     @property
     def backward_source(self) -> str:
-        """The generated source of the backward kernels (dK/dV and dQ) at this kernel's shapes."""
+        """The generated source of the backward kernels (dK/dV and dQ) at this kernel's shapes (the
+        fa4 backend: the same hooks module, whose score_mod_bwd FA4's backward calls)."""
+        if self.backend == "fa4":
+            return self.source
         return cache.source_of(self._backward_module(self._shapes)[2])
 
     def _backward_module(self, s: Shapes):
@@ -381,7 +394,7 @@ class Kernel:
         return self._run(q, k, v, s, return_lse)
 
     def _run(self, q, k, v, s: Shapes, return_lse: bool):
-        if self.path == "sdpa-cudnn" and not return_lse and s == self._shapes:
+        if self.backend == "sdpa-cudnn" and not return_lse and s == self._shapes:
             return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)  # SDPA's own backward
         if autograd.needs_grad(self.pattern, q, k, v):
             return autograd.attention(self, q, k, v, s, return_lse)
@@ -400,6 +413,8 @@ class Kernel:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes):
         """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) from the generated kernel."""
+        if self.backend == "fa4":
+            return fa4.forward(self._fa4_call(s), q, k, v, self.scale)
         meta, module = self._specialised(s, q.device)
         dtype = q.dtype
         q, k, v = self._interpretable(q, k, v)
@@ -409,9 +424,11 @@ class Kernel:
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
         gradient of out (None: zeros), dlse that of lse (None: zeros)."""
+        dout = torch.zeros_like(out) if dout is None else dout
+        if self.backend == "fa4":
+            return fa4.backward(self._fa4_call(s), q, k, v, out, lse, dout, dlse, self.scale)
         dq_meta, dkdv_meta, module = self._backward_module(s)
         dtypes = (q.dtype, k.dtype, v.dtype)
-        dout = torch.zeros_like(out) if dout is None else dout
         q, k, v, out, dout = self._interpretable(q, k, v, out, dout)
         grads = self._launch(module.backward, q, k, v, out, lse, dout, dlse, dq_meta, dkdv_meta, self.scale,
                              dq_meta.buffers)
@@ -422,10 +439,13 @@ class Kernel:
         its buffer's shape and dtype; the other arguments as in backward."""
         from .buffer_grads import buffer_grads
 
-        meta, _ = self._specialised(s, q.device)
+        _, meta = META_CACHE.get(self.pattern, s, self.tiles, q.device)
         dout = torch.zeros_like(out) if dout is None else dout
         span = _live_kv_span(meta) + (self.tiles.BLOCK_M, self.tiles.BLOCK_N)
         return buffer_grads(self.pattern, names, q, k, v, out, lse, dout, dlse, self.scale, span)
+
+    def _fa4_call(self, s: Shapes) -> "fa4.Call":
+        return self._fa4 if s == self._shapes else fa4.prepare(self.pattern, s, self.device)
 
     def _interpretable(self, *tensors):
         """Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16): on CPU

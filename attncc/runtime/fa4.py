@@ -1,0 +1,266 @@
+"""The fa4 backend: attncc patterns on FlashAttention-4's warp-specialised CuTe-DSL kernels.
+
+The only module that touches FlashAttention-4's API (`pip install 'attncc[fa4]'`; tested with
+TESTED). attncc's own analysis feeds it: the hooks are printed from the pattern's IR by
+compiler/cute.py (mask_mod, score_mod, score_mod_bwd from the derivative IR); the block-sparse
+tensors are attncc's BlockMask at FA4's 128x128 tile (built symbolically, no dense evaluation),
+the transposed lists for the backward, with FA4's dQ write order for a deterministic backward;
+params travel as FA4's runtime aux_scalars (a new value recompiles nothing), buffers as
+aux_tensors. Plain full attention and equal-length causal attention run FA4's own dense and
+causal kernels, with no hooks. FA4's compiled kernels are cached on disk (its AOT cache, under
+attncc's cache directory unless FLASH_ATTENTION_CUTE_DSL_CACHE_* say otherwise), keyed by a hash
+of the hooks' source, so a known pattern's first call in a new process compiles nothing.
+
+Layout: attncc's tensors are [B, H, N, D]; FA4 reads [B, N, H, D], as transposed views.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import ModuleType, SimpleNamespace
+
+import torch
+
+from ..compiler import cute
+from ..compiler.codegen import TileConfig, kernel_roots
+from ..compiler.lowering import BufferSpec
+from ..dsl import ir
+from ..dsl.pattern import Pattern
+from . import cache
+from .inputs import Shapes
+
+TESTED = "flash-attn-4==4.0.0b36 with nvidia-cutlass-dsl==4.8.1 (H200, torch 2.11)"
+TILE = TileConfig(128, 128, 4, 1)  # FA4's SM90 tile with block sparsity (D <= 128): the block mask's
+MAX_HEAD_DIM = 128
+
+_CAUSAL = ir.op("ge", ir.Var("q"), ir.Var("kv"))
+_LOCK = threading.RLock()
+_FA: list = []  # [namespace] once imported, [str] (why not) once that failed
+
+
+def _fa():
+    """FlashAttention-4's entry points (imported on first use; never at `import attncc`)."""
+    with _LOCK:
+        if not _FA:
+            try:
+                os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+                os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache.cache_dir() / "fa4"))
+                import cutlass
+                from flash_attn.cute import interface
+                from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch, compute_dq_write_order
+
+                _FA.append(SimpleNamespace(cutlass=cutlass, interface=interface, Sparse=BlockSparseTensorsTorch,
+                                           dq_write_order=compute_dq_write_order))
+            except Exception as exc:  # noqa: BLE001 — any import failure means: not available
+                _FA.append(f"FlashAttention-4 is not importable ({type(exc).__name__}: {exc}); "
+                           f"install it with pip install 'attncc[fa4]' ({TESTED})")
+        return _FA[0]
+
+
+def missing() -> str | None:
+    """Why FA4 cannot be used in this process (None: it can)."""
+    fa = _fa()
+    return fa if isinstance(fa, str) else None
+
+
+def refusal(pattern: Pattern, s: Shapes, q: torch.Tensor) -> str | None:
+    """Why the fa4 backend cannot run this call (None: it can); see `refusal_on`."""
+    if not q.is_cuda:
+        return "fa4 runs on CUDA tensors only"
+    return refusal_on(pattern, s, torch.cuda.get_device_capability(q.device), q.dtype, q.device)
+
+
+def refusal_on(pattern: Pattern, s: Shapes, capability: tuple[int, int], dtype: torch.dtype, device,
+               assume_installed: bool = False) -> str | None:
+    """Why the fa4 backend cannot run `pattern` at shapes s on a GPU of `capability` in `dtype`
+    (None: it can): the GPU, dtype and head dims first, then that FA4 imports here (unless
+    assume_installed: for `attncc show --target`), then that every operator and read of the
+    pattern has a CuTe lowering (block masks are built on `device`)."""
+    if capability[0] < 9:
+        return f"fa4 needs an SM90 (Hopper) or newer GPU; this one is sm_{capability[0]}{capability[1]}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"fa4 runs float16 and bfloat16 only, not {dtype}"
+    for name, d in (("q", s.D), ("v", s.Dv)):
+        if d % 8 or d > MAX_HEAD_DIM:
+            return f"fa4 (with attncc's 128x128 block masks) takes head dims that are multiples of 8 up to " \
+                   f"{MAX_HEAD_DIM}; {name} has {d}"
+    why = None if assume_installed else missing()
+    if why:
+        return why
+    try:
+        hooks_source(pattern, s, device)
+    except ir.IRError as exc:
+        return f"the pattern has no CuTe lowering: {exc}"
+    return None
+
+
+def _dense_kind(pattern: Pattern, s: Shapes) -> str | None:
+    """"full" or "causal" where FA4's own kernels need no hooks and no block sparsity."""
+    if pattern.has_block_mask:
+        return None
+    if pattern.mask is ir.TRUE:
+        return "full"
+    if pattern.mask is _CAUSAL and s.Q == s.KV:
+        return "causal"
+    return None
+
+
+def _plan(pattern: Pattern, s: Shapes, device):
+    from .kernel import META_CACHE
+
+    return META_CACHE.backward(pattern, s, TILE, device).plan  # the plan of mask, score and its derivative
+
+
+def _roots(pattern: Pattern, s: Shapes) -> tuple[ir.Node, ...]:
+    """mask, score, d(score)/d(raw score); the mask TRUE where FA4's own dense or causal kernel runs."""
+    roots = kernel_roots(pattern, "backward")
+    return ((ir.TRUE,) + roots[1:]) if _dense_kind(pattern, s) is not None else roots
+
+
+def hooks_source(pattern: Pattern, s: Shapes, device) -> str:
+    """The CuTe-DSL source of the hooks this call runs (raises ir.IRError where it has none)."""
+    import attncc
+
+    specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
+    return cute.generate(pattern, _roots(pattern, s), specs, _plan(pattern, s, device), attncc.__version__)
+
+
+@dataclass
+class Call:
+    """Everything one FA4 call needs for a pattern at some shapes; see `prepare`."""
+    hooks: ModuleType | None
+    causal: bool
+    sparse: object | None         # BlockSparseTensorsTorch of the forward, or None (dense)
+    lists: tuple | None           # (forward KernelMeta, BackwardMeta) the sparse tensors come from
+    aux_tensors: list | None
+    aux_scalars: tuple | None
+    source: str
+    _backward_sparse: object | None = None
+
+    def text(self) -> str:
+        """How attncc calls FA4 for this pattern, as Python comments (what `kern.source` ends with)."""
+        hooks = [n for n in ("mask_mod", "score_mod", "score_mod_bwd") if self.mod(n) is not None]
+        return call_text(self.causal, self.sparse is not None, hooks, len(self.aux_tensors or []),
+                         len(self.aux_scalars or ()))
+
+    def mod(self, name: str):
+        return getattr(self.hooks, name, None) if self.hooks is not None else None
+
+    def backward_sparse(self):
+        """The transposed block-sparse tensors with FA4's dQ write order (built on first use)."""
+        if self.lists is None:
+            return None
+        if self._backward_sparse is None:
+            fa = _fa()
+            fwd, bwd = self.lists
+            order, order_full = fa.dq_write_order(fwd.partial_num, fwd.partial_idx, fwd.full_num, fwd.full_idx,
+                                                  bwd.partial_num, bwd.partial_idx, bwd.full_num, bwd.full_idx,
+                                                  spt=False)
+            self._backward_sparse = fa.Sparse(
+                mask_block_cnt=bwd.partial_num, mask_block_idx=bwd.partial_idx, full_block_cnt=bwd.full_num,
+                full_block_idx=bwd.full_idx, block_size=(TILE.BLOCK_M, TILE.BLOCK_N),
+                dq_write_order=order, dq_write_order_full=order_full, spt=False)
+        return self._backward_sparse
+
+
+def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params: int) -> str:
+    """The FA4 calls attncc makes, as Python comments (see Call.text)."""
+    lists = ("attncc's BlockMask at 128x128 (partial/full kv tiles per q tile)" if sparse
+             else "None (FA4's own " + ("causal" if causal else "dense") + " kernel)")
+    lines = ["How attncc calls FlashAttention-4 with these hooks (runtime/fa4.py), q/k/v as [B, N, H, D] views:",
+             "  out, lse = flash_attn.cute.interface._flash_attn_fwd(q, k, v, softmax_scale=scale,",
+             f"      causal={causal}, " + ", ".join(f"{n}={n}" for n in hooks if n != "score_mod_bwd") + ",",
+             f"      block_sparse_tensors={lists},",
+             f"      aux_tensors={buffers} buffer(s), aux_scalars={params} param(s) (runtime values), return_lse=True)",
+             "  dq, dk, dv = flash_attn.cute.interface._flash_attn_bwd(..., deterministic=True, the same hooks"
+             + (" and score_mod_bwd" if "score_mod_bwd" in hooks else "") + ",",
+             "      block_sparse_tensors=" + ("the transposed lists (q tiles per kv tile) with FA4's dQ write order)"
+                                           if sparse else "None)")]
+    return "\n".join("# " + line for line in lines)
+
+
+def describe(pattern: Pattern, s: Shapes, device) -> str:
+    """The hooks' source and the calls for `pattern` at shapes s, without FA4 installed."""
+    dense = _dense_kind(pattern, s)
+    hooks = list(cute.hook_roots(pattern, _roots(pattern, s)))
+    params = len(cute.scalar_params(pattern, _plan(pattern, s, device)))
+    return hooks_source(pattern, s, device) + "\n\n" + call_text(dense == "causal", dense is None, hooks,
+                                                                 len(pattern.buffers), params) + "\n"
+
+
+_CALLS: OrderedDict = OrderedDict()
+_HOOKS: dict = {}
+
+
+def prepare(pattern: Pattern, s: Shapes, device) -> Call:
+    """The Call for `pattern` at shapes s on `device` (cached with the block mask it reads)."""
+    from .kernel import META_CACHE
+
+    fa = _fa()
+    _, meta = META_CACHE.get(pattern, s, TILE, device)
+    bwd = META_CACHE.backward(pattern, s, TILE, device)
+    key = (id(meta), id(bwd))
+    with _LOCK:
+        hit = _CALLS.get(key)
+        if hit is not None and hit[0] is meta and hit[1] is bwd:
+            _CALLS.move_to_end(key)
+            return hit[2]
+    dense = _dense_kind(pattern, s)
+    source = hooks_source(pattern, s, device)
+    hooks = _load_hooks(source) if cute.hook_roots(pattern, _roots(pattern, s)) else None
+    sparse = None
+    if dense is None:
+        sparse = fa.Sparse(mask_block_cnt=meta.partial_num, mask_block_idx=meta.partial_idx,
+                           full_block_cnt=meta.full_num, full_block_idx=meta.full_idx,
+                           block_size=(TILE.BLOCK_M, TILE.BLOCK_N))
+    names = sorted(meta.buffers)
+    tensors = [(meta.buffers[n].view(torch.uint8) if meta.buffers[n].dtype == torch.bool else meta.buffers[n])
+               .contiguous() for n in names]
+    plan = bwd.plan
+    scalars = tuple(getattr(fa.cutlass, t.split(".")[1])(pattern.params[n]) for n, t in cute.scalar_params(pattern, plan))
+    call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), tensors or None, scalars or None,
+                source)
+    with _LOCK:
+        _CALLS[key] = (meta, bwd, call)
+        if len(_CALLS) > 64:
+            _CALLS.popitem(last=False)
+    return call
+
+
+def _load_hooks(source: str) -> ModuleType:
+    """The hooks module (disk-cached like every generated module), each hook's __cute_hash__ set to
+    the module's content hash: FA4 keys its compile cache by it, stable across processes."""
+    with _LOCK:
+        module = _HOOKS.get(source)
+        if module is None:
+            key = cache.cache_key({"kind": "fa4-hooks", "source": source})
+            module = cache.load_kernel_module({"kind": "fa4-hooks", "source": source}, lambda: source)
+            for name in ("mask_mod", "score_mod", "score_mod_bwd"):
+                if hasattr(module, name):
+                    getattr(module, name).__cute_hash__ = f"attncc-{name}-{key}"
+            _HOOKS[source] = module
+        return module
+
+
+def forward(call: Call, q, k, v, scale: float):
+    """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q], natural log) from FA4's forward."""
+    fa = _fa()
+    out, lse, *_ = fa.interface._flash_attn_fwd(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=call.causal,
+        score_mod=call.mod("score_mod"), mask_mod=call.mod("mask_mod"), block_sparse_tensors=call.sparse,
+        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float):
+    """(dq, dk, dv) in the inputs' layouts from FA4's deterministic backward."""
+    fa = _fa()
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    dq, dk, dv = fa.interface._flash_attn_bwd(
+        t(q), t(k), t(v), t(out), t(dout), lse.contiguous(), scale, call.causal, deterministic=True,
+        score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"), mask_mod=call.mod("mask_mod"),
+        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, block_sparse_tensors=call.backward_sparse(),
+        dlse=None if dlse is None else dlse.contiguous())
+    return t(dq), t(dk), t(dv)

@@ -1,0 +1,91 @@
+"""Backend choice (runtime/choices.choose_backend) and the fa4 backend's refusals, without a GPU:
+FA4 absent, float32, large head dims, old GPUs, an operator with no CuTe lowering; what
+`attncc show --target` prints. FA4 itself runs in tests/test_fa4_gpu.py."""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc.dsl import ops
+from attncc.runtime import choices, fa4
+from attncc.runtime.inputs import Shapes
+
+S = Shapes(B=1, Hq=2, Hkv=2, Q=300, KV=300, D=64, Dv=64)
+CUDA_BF16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
+
+
+@pytest.fixture
+def fa4_ok(monkeypatch):
+    monkeypatch.setattr(fa4, "refusal", lambda pattern, s, q: None)
+
+
+def test_fa4_is_refused_with_its_reason():
+    swa = ac.patterns.sliding_window(64)
+    on = lambda **kw: fa4.refusal_on(kw.pop("pattern", swa), kw.pop("s", S), kw.pop("cap", (9, 0)),  # noqa: E731
+                                     kw.pop("dtype", torch.bfloat16), "cpu", assume_installed=True)
+    assert on() is None
+    assert "SM90" in on(cap=(8, 0)) and "sm_80" in on(cap=(8, 0))
+    assert "float32" in on(dtype=torch.float32)
+    assert "up to 128" in on(s=dataclasses.replace(S, D=256, Dv=256))
+    assert "multiples of 8" in on(s=dataclasses.replace(S, D=60, Dv=60))
+    assert fa4.refusal(swa, S, torch.zeros(1)) == "fa4 runs on CUDA tensors only"
+
+
+def test_fa4_absent_is_a_reason(monkeypatch):
+    monkeypatch.setattr(fa4, "_FA", ["FlashAttention-4 is not importable (ModuleNotFoundError: x)"])
+    why = fa4.refusal_on(ac.patterns.causal(), S, (9, 0), torch.bfloat16, "cpu")
+    assert "not importable" in why
+    assert fa4.refusal_on(ac.patterns.causal(), S, (9, 0), torch.bfloat16, "cpu", assume_installed=True) is None
+
+
+def test_an_operator_without_a_cute_lowering_is_a_reason(monkeypatch):
+    row = ops.TABLE["tanh"]
+    monkeypatch.setitem(ops.TABLE, "tanh", dataclasses.replace(row, cute=None))
+    why = fa4.refusal_on(ac.patterns.softcap(20.0), S, (9, 0), torch.bfloat16, "cpu", assume_installed=True)
+    assert "no CuTe lowering" in why and "'tanh'" in why
+
+
+def test_auto_prefers_fa4_then_cudnn_then_triton(fa4_ok, monkeypatch):
+    choose = lambda pattern, q=CUDA_BF16, **opts: choices.choose_backend(pattern, S, q, opts, False)  # noqa: E731
+    assert choose(ac.patterns.sliding_window(64)) == "fa4"
+    assert choose(ac.patterns.causal()) == "fa4"
+    monkeypatch.setattr(fa4, "refusal", lambda pattern, s, q: "fa4 is not installed")
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    assert choose(ac.patterns.causal()) == "sdpa-cudnn"
+    assert choose(ac.patterns.sliding_window(64)) == "triton"
+    assert choose(ac.patterns.causal(), q=torch.zeros(1)) == "triton"  # CPU: the interpreter
+
+
+def test_forcing_a_backend_that_cannot_run_says_why(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="backend='fa4' cannot run this call: fa4 runs on CUDA tensors only"):
+        ac.attention(q, k, v, ac.patterns.causal(), kernel_options={"backend": "fa4"})
+    with pytest.raises(ValueError, match="backend='sdpa-cudnn' cannot run this call: it runs plain full"):
+        ac.attention(q, k, v, ac.patterns.softcap(5.0), kernel_options={"backend": "sdpa-cudnn"})
+    with pytest.raises(ValueError, match="must be one of"):
+        ac.attention(q, k, v, ac.patterns.causal(), kernel_options={"backend": "attncc"})
+    forced = choices.choose_backend(ac.patterns.softcap(5.0), S, CUDA_BF16, {"backend": "triton"}, False)
+    assert forced == "triton"
+
+
+def test_cpu_calls_name_the_triton_backend():
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    kern = ac.compile(ac.patterns.sliding_window(8), q, k, v)
+    assert kern.config["backend"] == "triton" and "@triton.jit" in kern.source
+
+
+def test_show_target_prints_the_hooks_and_the_call(capsys):
+    from attncc.cli import main
+
+    assert main(["show", "param W = 100\nmask = q >= kv and q - kv < W\nscore = score * 0.5", "--target", "h200",
+                 "--q-len", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: fa4" in out and "def mask_mod(" in out and "def score_mod(" in out
+    assert "p_W = aux_scalars[0]" in out and "_flash_attn_fwd" in out
+    assert main(["show", "mask = q >= kv", "--target", "h100", "--head-dim", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: sdpa-cudnn (not fa4:" in out and "@triton.jit" in out
