@@ -126,7 +126,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     if backend == "triton":
         tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
     choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
-                          choose_tma(s, q.device, options), layout)
+                          choose_tma(s, q.device, options), layout, options.get("deterministic", True))
     return pattern, s, check_scale(scale, s.D), choice
 
 
@@ -138,7 +138,9 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     backend), `kern.config` the backend and tiles/warps/stages, `kern.block_mask` the BlockMask,
     `kern(q, k, v)` runs it. kernel_options may set backend ("auto"; "triton": attncc's kernels;
     "fa4": FlashAttention-4's kernels with attncc's hooks; "sdpa-cudnn"; a forced backend that
-    cannot run the call is a ValueError saying why; see runtime/choices.choose_backend), BLOCK_M,
+    cannot run the call is a ValueError saying why; see runtime/choices.choose_backend),
+    deterministic (default True: bitwise-reproducible gradients; False lets the fa4 backend run
+    FA4's own block-sparse backward, whose dQ accumulation order varies; see fa4.backward_refusal), BLOCK_M,
     BLOCK_N, num_warps, num_stages (the Triton forward), dkdv_tiles and dq_tiles (the Triton
     backward's two kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)) and tma (True: read
     k/v through tensor descriptors where the strides allow, on Hopper or CPU; default: on CUDA for

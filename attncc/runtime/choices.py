@@ -29,6 +29,7 @@ class KernelChoice:
     backend: str
     tma: bool = False
     layout: Layout | None = None
+    deterministic: bool = True
 
 
 def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
@@ -38,7 +39,7 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
 
 _TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
-_OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma")
+_OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma", "deterministic")
 BACKENDS = ("triton", "fa4", "sdpa-cudnn")
 
 
@@ -162,8 +163,9 @@ def check_options(options) -> dict:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
-    if not isinstance(options.get("tma", True), bool):
-        raise ValueError(f"kernel_options['tma'] must be a bool, got {options['tma']!r}")
+    for flag in ("tma", "deterministic"):
+        if not isinstance(options.get(flag, True), bool):
+            raise ValueError(f"kernel_options[{flag!r}] must be a bool, got {options[flag]!r}")
     if options.get("backend", "auto") not in ("auto",) + BACKENDS:
         raise ValueError(f"kernel_options['backend'] must be one of {('auto',) + BACKENDS}, "
                          f"got {options['backend']!r}")

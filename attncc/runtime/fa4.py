@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType, SimpleNamespace
 
 import torch
@@ -137,7 +137,7 @@ class Call:
     aux_tensors: list | None
     aux_scalars: tuple | None
     source: str
-    _backward_sparse: object | None = None
+    _backward_sparse: dict = field(default_factory=dict)
 
     def text(self) -> str:
         """How attncc calls FA4 for this pattern, as Python comments (what `kern.source` ends with)."""
@@ -148,21 +148,24 @@ class Call:
     def mod(self, name: str):
         return getattr(self.hooks, name, None) if self.hooks is not None else None
 
-    def backward_sparse(self):
-        """The transposed block-sparse tensors with FA4's dQ write order (built on first use)."""
+    def backward_sparse(self, deterministic: bool):
+        """The transposed block-sparse tensors (q tiles per kv tile), with FA4's dQ write order
+        when deterministic (built on first use)."""
         if self.lists is None:
             return None
-        if self._backward_sparse is None:
+        if deterministic not in self._backward_sparse:
             fa = _fa()
             fwd, bwd = self.lists
-            order, order_full = fa.dq_write_order(fwd.partial_num, fwd.partial_idx, fwd.full_num, fwd.full_idx,
-                                                  bwd.partial_num, bwd.partial_idx, bwd.full_num, bwd.full_idx,
-                                                  spt=False)
-            self._backward_sparse = fa.Sparse(
+            order = order_full = None
+            if deterministic:
+                order, order_full = fa.dq_write_order(fwd.partial_num, fwd.partial_idx, fwd.full_num, fwd.full_idx,
+                                                      bwd.partial_num, bwd.partial_idx, bwd.full_num, bwd.full_idx,
+                                                      spt=False)
+            self._backward_sparse[deterministic] = fa.Sparse(
                 mask_block_cnt=bwd.partial_num, mask_block_idx=bwd.partial_idx, full_block_cnt=bwd.full_num,
                 full_block_idx=bwd.full_idx, block_size=(TILE.BLOCK_M, TILE.BLOCK_N),
-                dq_write_order=order, dq_write_order_full=order_full, spt=False)
-        return self._backward_sparse
+                dq_write_order=order, dq_write_order_full=order_full, spt=False if deterministic else None)
+        return self._backward_sparse[deterministic]
 
 
 def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params: int) -> str:
@@ -174,10 +177,11 @@ def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params
              f"      causal={causal}, " + ", ".join(f"{n}={n}" for n in hooks if n != "score_mod_bwd") + ",",
              f"      block_sparse_tensors={lists},",
              f"      aux_tensors={buffers} buffer(s), aux_scalars={params} param(s) (runtime values), return_lse=True)",
-             "  dq, dk, dv = flash_attn.cute.interface._flash_attn_bwd(..., deterministic=True, the same hooks"
+             "  dq, dk, dv = flash_attn.cute.interface._flash_attn_bwd(..., deterministic=..., the same hooks"
              + (" and score_mod_bwd" if "score_mod_bwd" in hooks else "") + ",",
-             "      block_sparse_tensors=" + ("the transposed lists (q tiles per kv tile) with FA4's dQ write order)"
-                                           if sparse else "None)")]
+             "      block_sparse_tensors=" + ("the transposed lists (q tiles per kv tile), with FA4's dQ write order"
+                                           " when deterministic)" if sparse else "None)"),
+             "  or attncc's Triton backward on these out and lse (Kernel.config['backward'] says which, and why)"]
     return "\n".join("# " + line for line in lines)
 
 
@@ -254,13 +258,24 @@ def forward(call: Call, q, k, v, scale: float):
     return out.transpose(1, 2), lse
 
 
-def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float):
-    """(dq, dk, dv) in the inputs' layouts from FA4's deterministic backward."""
+def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: bool) -> str | None:
+    """Why FA4's backward does not compute this call's gradients (None: it does); attncc's Triton
+    backward then runs on FA4's forward outputs (the same out and LSE, checked against float64)."""
+    if call.sparse is not None and deterministic:
+        return "FA4's block-sparse backward is not deterministic on SM90 (kernel_options deterministic=False runs it)"
+    if s.Hq != s.Hkv and "h" in ir.free_vars(pattern.score) | ir.free_vars(pattern.mask):
+        return "FA4's GQA backward failed attncc's float64 check on a head-dependent pattern (ALiBi, H200, 2026-12-01)"
+    return None
+
+
+def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, deterministic: bool = True):
+    """(dq, dk, dv) in the inputs' layouts from FA4's backward (see backward_refusal)."""
     fa = _fa()
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     dq, dk, dv = fa.interface._flash_attn_bwd(
-        t(q), t(k), t(v), t(out), t(dout), lse.contiguous(), scale, call.causal, deterministic=True,
+        t(q), t(k), t(v), t(out), t(dout), lse.contiguous(), scale, call.causal, deterministic=deterministic,
         score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"), mask_mod=call.mod("mask_mod"),
-        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, block_sparse_tensors=call.backward_sparse(),
+        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars,
+        block_sparse_tensors=call.backward_sparse(deterministic),
         dlse=None if dlse is None else dlse.contiguous())
     return t(dq), t(dk), t(dv)

@@ -331,6 +331,7 @@ class Kernel:
         self.backward_tiles = choice.backward_tiles
         self.tma = choice.tma
         self.layout = choice.layout
+        self.deterministic = choice.deterministic
         self.device = device
         self.interpret = device.type != "cuda"
         self.block_mask, self._meta = META_CACHE.get(pattern, shapes, self.tiles, device)
@@ -345,9 +346,11 @@ class Kernel:
     def config(self) -> dict:
         t, b = self.tiles, self.backward_tiles
         if self.backend == "fa4":
+            why = fa4.backward_refusal(self._fa4, self.pattern, self._shapes, self.deterministic)
             return {"backend": "fa4", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
                     "fa4_kernel": "causal" if self._fa4.causal else "block-sparse" if self._fa4.sparse else "dense",
-                    "deterministic": True}
+                    "backward": "fa4" if why is None else f"triton ({why})", "deterministic": self.deterministic,
+                    "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
         return {"backend": self.backend, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
                 "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma,
                 "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
@@ -426,7 +429,9 @@ class Kernel:
         gradient of out (None: zeros), dlse that of lse (None: zeros)."""
         dout = torch.zeros_like(out) if dout is None else dout
         if self.backend == "fa4":
-            return fa4.backward(self._fa4_call(s), q, k, v, out, lse, dout, dlse, self.scale)
+            call = self._fa4_call(s)
+            if fa4.backward_refusal(call, self.pattern, s, self.deterministic) is None:
+                return fa4.backward(call, q, k, v, out, lse, dout, dlse, self.scale, self.deterministic)
         dq_meta, dkdv_meta, module = self._backward_module(s)
         dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v, out, dout = self._interpretable(q, k, v, out, dout)
