@@ -16,6 +16,8 @@ from attncc.runtime.inputs import Shapes
 
 S = Shapes(B=1, Hq=2, Hkv=2, Q=300, KV=300, D=64, Dv=64)
 CUDA_BF16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
+# the same, with its block masks built on the CPU (the measured rule reads them)
+CUDA_LISTS_ON_CPU = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cpu"))
 
 
 @pytest.fixture
@@ -49,14 +51,21 @@ def test_an_operator_without_a_cute_lowering_is_a_reason(monkeypatch):
     assert "no CuTe lowering" in why and "'tanh'" in why
 
 
-def test_auto_prefers_fa4_then_cudnn_then_triton(fa4_ok, monkeypatch):
-    choose = lambda pattern, q=CUDA_BF16, **opts: choices.choose_backend(pattern, S, q, opts, False)  # noqa: E731
-    assert choose(ac.patterns.sliding_window(64)) == "fa4"
-    assert choose(ac.patterns.causal()) == "fa4"
+def test_auto_prefers_fa4_where_it_measured_faster(fa4_ok, monkeypatch):
+    choose = lambda pattern, q=CUDA_LISTS_ON_CPU, s=S: choices.choose_backend(pattern, s, q, {}, False)  # noqa: E731
+    assert choose(ac.patterns.causal()) == "fa4"                       # FA4's causal kernel
+    assert choose(ac.patterns.alibi(2)) == "fa4"                       # the same, with a score mod
+    assert choose(ac.patterns.softcap(20.0)) == "triton"               # tanh: Triton measured faster
+    assert choose(ac.patterns.sliding_window(64)) == "triton"          # short rows: Triton's small tiles
+    long = Shapes(B=1, Hq=2, Hkv=2, Q=8192, KV=8192, D=128, Dv=128)
+    assert choose(ac.patterns.prefix_lm(2048), s=long) == "fa4"        # block-sparse with long rows
+    assert choose(ac.patterns.sliding_window(1024), s=long) == "triton"
+    forced = choices.choose_backend(ac.patterns.softcap(20.0), S, CUDA_BF16, {"backend": "fa4"}, False)
+    assert forced == "fa4"
     monkeypatch.setattr(fa4, "refusal", lambda pattern, s, q: "fa4 is not installed")
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    assert choose(ac.patterns.causal()) == "sdpa-cudnn"
-    assert choose(ac.patterns.sliding_window(64)) == "triton"
+    assert choose(ac.patterns.causal(), q=CUDA_BF16) == "sdpa-cudnn"
+    assert choose(ac.patterns.alibi(2)) == "triton"
     assert choose(ac.patterns.causal(), q=torch.zeros(1)) == "triton"  # CPU: the interpreter
 
 

@@ -100,10 +100,8 @@ class CuteLowering(Lowering):
             return f"{_CT[T]}({_float_literal(float(value))})"
         return f"{_CT[T]}({value!r})"
 
-    # -- the table's cute column calls these
-
-    def truediv(self, n: ir.Op, a: list[str]) -> str:
-        return f"({a[0]} / {a[1]})"
+    # -- the table's cute column calls these (truediv is Lowering's: a float32 division by a
+    #    tile-invariant value is a product with its reciprocal, as in the Triton kernels)
 
     def floor_op(self, n: ir.Op, a: list[str]) -> str:
         if self.compute[n] in ("f32", "f64"):

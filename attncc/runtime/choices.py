@@ -11,6 +11,7 @@ import torch
 
 from ..compiler.codegen import BackwardTiles, TileConfig
 from ..compiler.layout import Layout
+from ..dsl import ir
 from ..dsl.ir import TRUE, Var, op
 from ..dsl.pattern import Pattern
 from .inputs import Shapes
@@ -176,11 +177,12 @@ def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, 
     """The backend for this call; kernel_options["backend"] forces one (a ValueError saying why
     when it cannot run the call).
 
-    auto: on CUDA, "fa4" wherever it can run (runtime/fa4.refusal: SM90+, 16-bit, head dims up to
-    128, FlashAttention-4 installed, every operator lowerable to CuTe), else "sdpa-cudnn" for
-    plain full or equal-length causal attention, else "triton", which runs everything (the CPU
-    interpreter, float32, any head dim, any operator). Buffer gradients come from the same
-    backend-independent pass (runtime/buffer_grads.py) on every backend.
+    auto: on CUDA, "fa4" where it can run (runtime/fa4.refusal: SM90+, 16-bit, head dims up to
+    128, FlashAttention-4 installed, every operator lowerable to CuTe) and measured faster
+    (`fa4_measured_faster`), else "sdpa-cudnn" for plain full or equal-length causal attention,
+    else "triton", which runs everything (the CPU interpreter, float32, any head dim, any
+    operator). Buffer gradients come from the same backend-independent pass
+    (runtime/buffer_grads.py) on every backend.
     """
     from . import fa4
 
@@ -196,9 +198,31 @@ def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, 
         why = fa4.refusal(pattern, s, q)
         if forced == "fa4" and why:
             raise ValueError(f"kernel_options backend='fa4' cannot run this call: {why}")
-        if not why:
+        if not why and (forced == "fa4" or fa4_measured_faster(pattern, s, q.device)):
             return "fa4"
     return "sdpa-cudnn" if sdpa_refusal(pattern, s, q.device.type, q.dtype, return_lse) is None else "triton"
+
+
+def fa4_measured_faster(pattern: Pattern, s: Shapes, device) -> bool:
+    """Whether the fa4 backend beat attncc's Triton kernels for this kind of pattern (H200,
+    2026-12-01, `benchmarks/suite.py --backward --shapes main`, B4 H16 N8192 D128 bf16, TFLOP/s
+    fwd / fwd+bwd, benchmarks/results/2026-12-01-nvidia-h200-fa4.md against the Triton rows of
+    -suite.md and -layouts.md): FA4's own dense and causal kernels (full 650 / 586 against cuDNN's
+    601 / 500, causal 611 / 548 against 544 / 518, alibi 408 / 465 against 399 / 326) and
+    block-sparse ones with long rows (prefixlm2048 597 / 401 against 457 / 379); not a score mod
+    with tanh (softcap 242 / 301 against 385 / 296) nor rows shorter than SHORT_ROW_KEYS live keys
+    on average (swa1024 294 / 255 against 339 / 248, document 326 / 264 against 343 / 259,
+    dilated 120 / 116 against 146 / 116). Until the cost model (issue 12) replaces it.
+    """
+    from . import fa4
+    from .kernel import META_CACHE
+
+    if any(isinstance(n, ir.Op) and n.op == "tanh" for n in ir.walk(pattern.score)):
+        return False
+    if fa4.dense_kind(pattern, s) is not None:
+        return True
+    _, meta = META_CACHE.get(pattern, s, fa4.TILE, device)
+    return meta.mean_row_tiles * fa4.TILE.BLOCK_N >= SHORT_ROW_KEYS
 
 
 def sdpa_refusal(pattern: Pattern, s: Shapes, device_type: str, dtype: torch.dtype, return_lse: bool,

@@ -96,7 +96,7 @@ def refusal_on(pattern: Pattern, s: Shapes, capability: tuple[int, int], dtype: 
     return None
 
 
-def _dense_kind(pattern: Pattern, s: Shapes) -> str | None:
+def dense_kind(pattern: Pattern, s: Shapes) -> str | None:
     """"full" or "causal" where FA4's own kernels need no hooks and no block sparsity."""
     if pattern.has_block_mask:
         return None
@@ -116,7 +116,7 @@ def _plan(pattern: Pattern, s: Shapes, device):
 def _roots(pattern: Pattern, s: Shapes) -> tuple[ir.Node, ...]:
     """mask, score, d(score)/d(raw score); the mask TRUE where FA4's own dense or causal kernel runs."""
     roots = kernel_roots(pattern, "backward")
-    return ((ir.TRUE,) + roots[1:]) if _dense_kind(pattern, s) is not None else roots
+    return ((ir.TRUE,) + roots[1:]) if dense_kind(pattern, s) is not None else roots
 
 
 def hooks_source(pattern: Pattern, s: Shapes, device) -> str:
@@ -187,7 +187,7 @@ def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params
 
 def describe(pattern: Pattern, s: Shapes, device) -> str:
     """The hooks' source and the calls for `pattern` at shapes s, without FA4 installed."""
-    dense = _dense_kind(pattern, s)
+    dense = dense_kind(pattern, s)
     hooks = list(cute.hook_roots(pattern, _roots(pattern, s)))
     params = len(cute.scalar_params(pattern, _plan(pattern, s, device)))
     return hooks_source(pattern, s, device) + "\n\n" + call_text(dense == "causal", dense is None, hooks,
@@ -211,7 +211,7 @@ def prepare(pattern: Pattern, s: Shapes, device) -> Call:
         if hit is not None and hit[0] is meta and hit[1] is bwd:
             _CALLS.move_to_end(key)
             return hit[2]
-    dense = _dense_kind(pattern, s)
+    dense = dense_kind(pattern, s)
     source = hooks_source(pattern, s, device)
     hooks = _load_hooks(source) if cute.hook_roots(pattern, _roots(pattern, s)) else None
     sparse = None
@@ -249,13 +249,15 @@ def _load_hooks(source: str) -> ModuleType:
 
 
 def forward(call: Call, q, k, v, scale: float):
-    """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q], natural log) from FA4's forward."""
+    """(out [B, Hq, Q, Dv] in q's dtype, contiguous, lse float32 [B, Hq, Q], natural log) from FA4's
+    forward (which writes into `out` through a [B, Q, Hq, Dv] view)."""
     fa = _fa()
-    out, lse, *_ = fa.interface._flash_attn_fwd(
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    _, lse, *_ = fa.interface._flash_attn_fwd(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=call.causal,
         score_mod=call.mod("score_mod"), mask_mod=call.mod("mask_mod"), block_sparse_tensors=call.sparse,
-        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True)
-    return out.transpose(1, 2), lse
+        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True, out=out.transpose(1, 2))
+    return out, lse
 
 
 def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: bool) -> str | None:
@@ -269,13 +271,15 @@ def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: boo
 
 
 def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, deterministic: bool = True):
-    """(dq, dk, dv) in the inputs' layouts from FA4's backward (see backward_refusal)."""
+    """(dq, dk, dv), contiguous [B, H, N, D] like the inputs' shapes, from FA4's backward (see
+    backward_refusal), which writes them through [B, N, H, D] views."""
     fa = _fa()
     t = lambda x: x.transpose(1, 2)  # noqa: E731
-    dq, dk, dv = fa.interface._flash_attn_bwd(
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    fa.interface._flash_attn_bwd(
         t(q), t(k), t(v), t(out), t(dout), lse.contiguous(), scale, call.causal, deterministic=deterministic,
         score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"), mask_mod=call.mod("mask_mod"),
         aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars,
         block_sparse_tensors=call.backward_sparse(deterministic),
-        dlse=None if dlse is None else dlse.contiguous())
-    return t(dq), t(dk), t(dv)
+        dlse=None if dlse is None else dlse.contiguous(), dq=t(dq), dk=t(dk), dv=t(dv))
+    return dq, dk, dv
