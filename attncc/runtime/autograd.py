@@ -86,7 +86,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: lis
     """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) of the pattern `uid`, with the
     kernel options `options` (JSON)."""
     kernel, s = _kernel(q, k, v, uid, options, scale)
-    return kernel.forward(q, k, v, s)
+    out, lse = kernel.forward(q, k, v, s)
+    return out.contiguous(), lse  # the fake's strides (the fa4 backend returns a transposed view)
 
 
 @attention_op.register_fake
@@ -103,7 +104,7 @@ def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     """[dq, dk, dv, then the gradient of each buffer whose `want` is True] of attention_op's call."""
     kernel, s = _kernel(q, k, v, uid, options, scale)
     names = [n for n, w in zip(kernel.pattern.buffers, want) if w]
-    grads = list(kernel.backward(q, k, v, out, lse, dout, dlse, s))
+    grads = [g.contiguous() for g in kernel.backward(q, k, v, out, lse, dout, dlse, s)]
     return grads + (kernel.buffer_backward(names, q, k, v, out, lse, dout, dlse, s) if names else [])
 
 

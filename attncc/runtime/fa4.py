@@ -249,15 +249,14 @@ def _load_hooks(source: str) -> ModuleType:
 
 
 def forward(call: Call, q, k, v, scale: float):
-    """(out [B, Hq, Q, Dv] in q's dtype, contiguous, lse float32 [B, Hq, Q], natural log) from FA4's
-    forward (which writes into `out` through a [B, Q, Hq, Dv] view)."""
+    """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q], natural log) from FA4's forward;
+    out is a view of FA4's [B, Q, Hq, Dv] result (the torch.compile op makes it contiguous)."""
     fa = _fa()
-    out = q.new_empty(*q.shape[:3], v.shape[-1])
-    _, lse, *_ = fa.interface._flash_attn_fwd(
+    out, lse, *_ = fa.interface._flash_attn_fwd(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=call.causal,
         score_mod=call.mod("score_mod"), mask_mod=call.mod("mask_mod"), block_sparse_tensors=call.sparse,
-        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True, out=out.transpose(1, 2))
-    return out, lse
+        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True)
+    return out.transpose(1, 2), lse
 
 
 def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: bool) -> str | None:
@@ -271,15 +270,14 @@ def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: boo
 
 
 def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, deterministic: bool = True):
-    """(dq, dk, dv), contiguous [B, H, N, D] like the inputs' shapes, from FA4's backward (see
-    backward_refusal), which writes them through [B, N, H, D] views."""
+    """(dq, dk, dv) [B, H, N, D], views of FA4's [B, N, H, D] results, from FA4's backward (see
+    backward_refusal)."""
     fa = _fa()
     t = lambda x: x.transpose(1, 2)  # noqa: E731
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    fa.interface._flash_attn_bwd(
+    dq, dk, dv = fa.interface._flash_attn_bwd(
         t(q), t(k), t(v), t(out), t(dout), lse.contiguous(), scale, call.causal, deterministic=deterministic,
         score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"), mask_mod=call.mod("mask_mod"),
         aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars,
         block_sparse_tensors=call.backward_sparse(deterministic),
-        dlse=None if dlse is None else dlse.contiguous(), dq=t(dq), dk=t(dk), dv=t(dv))
-    return dq, dk, dv
+        dlse=None if dlse is None else dlse.contiguous())
+    return t(dq), t(dk), t(dv)
