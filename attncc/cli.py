@@ -322,7 +322,13 @@ def cmd_explain(pattern: ac.Pattern, args) -> int:
     if explain is None:
         raise Missing("this version of attncc has no cost model yet (attncc.explain is missing)")
     _require_values(pattern)
-    print(explain(pattern, *_inputs(args)))
+    if args.target:
+        if args.dtype is None:
+            args.dtype = "bfloat16"
+        q, k, v = (t.to("meta") for t in _inputs(args, device="cpu"))
+        print(explain(pattern, q, k, v, target=args.target))
+    else:
+        print(explain(pattern, *_inputs(args)))
     return 0
 
 
@@ -366,7 +372,9 @@ def _parser() -> argparse.ArgumentParser:
     check = verb("check", "property-test the pattern's kernels against the float64 reference")
     check.add_argument("--examples", type=_positive, default=5, help="random examples (default 5)")
     check.set_defaults(q_len=64)
-    verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
+    explain = verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
+    explain.add_argument("--target", choices=("h200", "h100"), default=None,
+                         help="explain a run on that GPU (its profile) from any machine")
     bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/suite.py)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite")
     return parser

@@ -193,6 +193,53 @@ def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
     return Kernel(pattern, s, q.device, scale, choice), s
 
 
+def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+            target: str | None = None, kernel_options: dict | None = None) -> str:
+    """The cost model's report for this call (compiler/cost.py): tile classes (EMPTY / PARTIAL /
+    FULL counts), live-pair density and tile efficiency (live pairs / pairs in computed tiles),
+    the roofline time at the profile's peak matrix rate and bandwidth, and the forward
+    configurations the simulator compares with their predicted times, the one that runs marked.
+
+    target: a shipped profile ("h200", "h100") to explain a run there from any machine (q, k, v
+    may then be meta tensors; block masks are built on the CPU); None: q's device and the profile
+    matching its GPU's name (else "generic").
+    """
+    from ..compiler import cost
+    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_on_target
+    from . import fa4
+
+    s = check_qkv(q, k, v)
+    pattern = _pattern(pattern)
+    pattern.require_bound()
+    if pattern.layout is not None:
+        pattern.layout.check(s.Q, s.KV)
+    kp = pattern.kernel_pattern
+    options = check_options(kernel_options)
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    if target is None and q.device.type == "meta":
+        raise ValueError("meta tensors need a target (e.g. target='h200'): there is no device to ask")
+    profile = cost.profile_for(q.device, target)
+    if target is not None:
+        lists = torch.device("cpu")
+        chosen = choose_on_target(kp, s, q.dtype, target, options)
+        fa4_ok = fa4.refusal_on(kp, s, TARGETS[target][1], q.dtype, lists, assume_installed=True) is None
+    else:
+        lists = q.device
+        _, _, _, choice = _prepare(kp, q, k, v, None, options, False)
+        chosen = (choice.backend, choice.tiles)
+        fa4_ok = q.is_cuda and fa4.refusal(kp, s, q) is None
+    candidates = [("triton", t) for t in TRITON_CANDIDATES]
+    if chosen[0] == "triton" and chosen[1] not in TRITON_CANDIDATES:
+        candidates.append(chosen)
+    if fa4_ok and "fa4" in profile.backends:
+        candidates.append(("fa4", fa4.TILE))
+    text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates)
+    if chosen[0] == "sdpa-cudnn":
+        text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
+    return text
+
+
 def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
                       block_size: int | tuple[int, int] = 128, device=None) -> BlockMask:
     """Every tile of the mask classified EMPTY / PARTIAL / FULL, as the kernels' index lists.

@@ -128,7 +128,7 @@ SHORT_ROW_KEYS = 2048
 
 
 def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.device,
-                 dtype: torch.dtype, options: dict) -> TileConfig:
+                 dtype: torch.dtype, options: dict, lists_device: torch.device | None = None) -> TileConfig:
     """SHORT_ROW_TILES when the pattern leaves short rows: fewer than SHORT_ROW_KEYS live keys per
     query on average (read off the block mask for `tiles`, which is cached, so no extra sync).
 
@@ -136,14 +136,40 @@ def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.d
     with 4 warps and 3 stages beat the best 128-row config on swa1024 (355 vs 341 TFLOP/s) and
     document (347 vs 322): short kv loops amortise a big tile's prologue and pipeline fill badly.
     Only for 16-bit CUDA inputs with 64 < D <= 128 (where it was measured) and no tile options.
+    The block mask is built on `lists_device` (default: `device`).
     """
     if (device.type != "cuda" or dtype == torch.float32 or not 64 < max(s.D, s.Dv) <= 128
             or any(k in options for k in _TILE_OPTIONS)):
         return tiles
     from .kernel import META_CACHE
 
-    _, meta = META_CACHE.get(pattern, s, tiles, device)
+    _, meta = META_CACHE.get(pattern, s, tiles, lists_device or device)
     return SHORT_ROW_TILES if meta.mean_row_tiles * tiles.BLOCK_N < SHORT_ROW_KEYS else tiles
+
+
+# forward configurations `explain` compares (the fa4 one where fa4 can run)
+TRITON_CANDIDATES = (TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2),
+                     TileConfig(64, 128, 4, 3))
+
+
+def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict) -> tuple[str, TileConfig]:
+    """(backend, forward tiles) the automatic choice takes on the GPU `target` names (TARGETS),
+    with FlashAttention-4 and cuDNN installed there; block masks are built on the CPU."""
+    from . import fa4
+
+    capability = TARGETS[target][1]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    forced = options.get("backend", "auto")
+    fa4_ok = fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True) is None
+    if forced == "fa4" or (forced == "auto" and fa4_ok and fa4_measured_faster(pattern, s, cpu)):
+        if not fa4_ok:
+            raise ValueError(f"kernel_options backend='fa4' cannot run this call on the {TARGETS[target][0]}: "
+                             + fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True))
+        return "fa4", fa4.TILE
+    if forced in ("auto", "sdpa-cudnn") and sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True) is None:
+        return "sdpa-cudnn", choose_tiles(s, dtype, cuda, options)
+    tiles = choose_tiles(s, dtype, cuda, options)
+    return "triton", refine_tiles(pattern, s, tiles, cuda, dtype, options, lists_device=cpu)
 
 
 def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:

@@ -319,7 +319,8 @@ class Kernel:
     are FA4's 128x128) or "sdpa-cudnn" (SDPA's cuDNN backend, forward and backward, for plain full
     or equal-length causal attention with no score mod on CUDA). With a token layout (`layout`,
     compiler/layout.py) the kernels, `.source` and `.block_mask` are in the layout's token order;
-    `__call__` takes and returns natural order. `predicted_ms` is None until the cost model exists.
+    `__call__` takes and returns natural order. `predicted_ms` is the cost model's forward prediction
+    (compiler/cost.py; None on CPU and for sdpa-cudnn).
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
@@ -340,7 +341,6 @@ class Kernel:
         else:
             self.module = kernel_module(pattern, self.tiles, self._meta.plan, interpret=self.interpret)
         self._shapes = shapes
-        self.predicted_ms = None
 
     @property
     def config(self) -> dict:
@@ -354,6 +354,20 @@ class Kernel:
         return {"backend": self.backend, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
                 "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma,
                 "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
+
+    @property
+    def predicted_ms(self) -> float | None:
+        """The simulator's forward time at this kernel's shapes, on the profile of its GPU (the
+        matching one, else "generic"); None on CPU, for sdpa-cudnn, or a backend the profile lacks."""
+        from ..compiler import cost
+
+        if self.device.type != "cuda" or self.backend == "sdpa-cudnn":
+            return None
+        profile = cost.profile_for(self.device)
+        if self.backend not in profile.backends:
+            return None
+        s = self._shapes
+        return cost.simulate(self._meta, s.B, s.Hq, s.D, self.tiles, self.backend, profile).ms
 
     @property
     def source(self) -> str:

@@ -1,0 +1,217 @@
+"""The cost simulator: a kernel configuration's forward time predicted from its block map and a
+hardware profile (compiler/profiles/*.json), and `explain`, the report built on it.
+
+Model (forward):
+- A program is one query tile of one (b, h): its work is its FULL and PARTIAL kv tiles. A tile
+  costs its FLOPs (4 * BLOCK_M * BLOCK_N * D) at the backend's per-SM rate for that tile shape,
+  times the profile's PARTIAL factor for a PARTIAL tile (mask code, bounds); a program adds a
+  fixed prologue/epilogue (Q in, O and LSE out).
+- Programs are issued in the kernel's launch order (per (b, h), its query tiles heaviest first,
+  as the Triton forward orders them) to the earliest free of SMs x programs-per-SM slots, a slot
+  running at its SM's rate divided by the programs sharing it. The prediction is the makespan.
+- The roofline is the larger of the live pairs' FLOPs at the profile's peak matrix rate and the
+  bytes of q, k, v and o at its HBM bandwidth.
+
+The shipped profiles are preliminary (each says where its numbers come from); the runtime's
+choices still follow runtime/choices.py, and `explain` reports both.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..dsl.pattern import Pattern
+from .codegen import TileConfig
+from .evaluate import evaluate, token_mask
+
+PROFILES = Path(__file__).parent / "profiles"
+_EXACT_PAIRS = 1 << 24  # PARTIAL-tile pairs counted exactly; beyond, a uniform sample of tiles
+_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A GPU's figures (see compiler/profiles/*.json); `backends[name]` holds per-tile-shape
+    `tflops` and `programs_per_sm` (keyed "BMxBN", with a "default"), `partial_factor` and
+    `program_us`."""
+    key: str
+    name: str
+    sms: int
+    peak_matrix_tflops: dict
+    hbm_tbps: float
+    backends: dict
+    provenance: str
+    match: tuple = ()
+
+    def rate(self, backend: str, tiles: TileConfig) -> float:
+        """TFLOP/s one SM's worth of programs of this tile shape reach, divided by the SM count."""
+        table = self.backends[backend]["tflops"]
+        return float(table.get(f"{tiles.BLOCK_M}x{tiles.BLOCK_N}", table.get("default", min(table.values()))))
+
+    def programs_per_sm(self, backend: str, tiles: TileConfig) -> int:
+        table = self.backends[backend].get("programs_per_sm", {})
+        return int(table.get(f"{tiles.BLOCK_M}x{tiles.BLOCK_N}", table.get("default", 1)))
+
+
+_FIELDS = ("name", "sms", "peak_matrix_tflops", "hbm_tbps", "backends", "provenance")
+
+
+@lru_cache(maxsize=None)
+def load_profile(key: str) -> Profile:
+    """A shipped profile by name ("h200", "h100", "generic"); a ValueError names the known ones
+    or what a malformed file lacks."""
+    path = PROFILES / f"{key}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES.glob("*.json"))
+        raise ValueError(f"no hardware profile {key!r}; known: {known}")
+    data = json.loads(path.read_text())
+    missing = [f for f in _FIELDS if f not in data]
+    if missing:
+        raise ValueError(f"hardware profile {path} lacks {missing}")
+    for backend, spec in data["backends"].items():
+        if not spec.get("tflops") or not all(v > 0 for v in spec["tflops"].values()):
+            raise ValueError(f"hardware profile {path}: backend {backend!r} needs positive tflops per tile shape")
+    return Profile(key, data["name"], int(data["sms"]), data["peak_matrix_tflops"], float(data["hbm_tbps"]),
+                   data["backends"], data["provenance"], tuple(data.get("match", ())))
+
+
+def profile_for(device: torch.device | None = None, target: str | None = None) -> Profile:
+    """The profile `target` names, else the one matching the CUDA device's name, else "generic"."""
+    if target is not None:
+        return load_profile(target)
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+        for path in sorted(PROFILES.glob("*.json")):
+            prof = load_profile(path.stem)
+            if any(m in name for m in prof.match):
+                return prof
+    return load_profile("generic")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """ms: the predicted makespan; programs: per-program work in ms (launch order), and the
+    slots they ran on."""
+    ms: float
+    programs: torch.Tensor
+    slots: int
+
+
+def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, profile: Profile) -> Prediction:
+    """The forward's predicted time for KernelMeta `meta` (runtime/kernel.py) at tiles `tiles`."""
+    spec = profile.backends[backend]
+    full = meta.full_num.expand(B, H, -1).double()
+    partial = meta.partial_num.expand(B, H, -1).double()
+    order = meta.order.expand(B, H, -1).long()
+    occupancy = profile.programs_per_sm(backend, tiles)
+    slots = profile.sms * occupancy
+    slot_tflops = profile.rate(backend, tiles) / slots  # each slot's share of the GPU's rate
+    tile_ms = 4.0 * tiles.BLOCK_M * tiles.BLOCK_N * D / (slot_tflops * 1e12) * 1e3
+    work = (full + spec["partial_factor"] * partial) * tile_ms + spec["program_us"] * 1e-3 * occupancy
+    work = work.gather(-1, order).flatten()  # launch order: per (b, h), heaviest query tiles first
+    return Prediction(_makespan(work.tolist(), slots), work, slots)
+
+
+def _makespan(work: list[float], slots: int) -> float:
+    """List scheduling: each program, in order, on the slot that frees first."""
+    if len(work) <= slots:
+        return max(work, default=0.0)
+    free = [0.0] * slots
+    for w in work:
+        heapq.heapreplace(free, free[0] + w)
+    return max(free)
+
+
+def live_pairs(pattern: Pattern, bm, B: int, H: int, Q: int, KV: int, seed: int = 0) -> tuple[float, bool]:
+    """(live (q, kv) pairs over all b, h, exact?): FULL tiles whole (within the lengths), PARTIAL
+    tiles evaluated element by element (a uniform sample of them, scaled up, past _EXACT_PAIRS)."""
+    BM, BN, dev = bm.BLOCK_M, bm.BLOCK_N, bm.full_kv_num.device
+    rep = (B // bm.B) * (H // bm.H)  # broadcast lists stand for every b / h
+    num, idx = bm.full_kv_num, bm.full_kv_idx
+    height = (Q - torch.arange(num.shape[-1], device=dev) * BM).clamp(max=BM).double()
+    valid = torch.arange(idx.shape[-1], device=dev) < num[..., None]
+    width = (KV - idx.long() * BN).clamp(max=BN).double() * valid
+    full_pairs = float((width.sum(-1) * height).sum()) * rep
+    num, idx = bm.partial_kv_num, bm.partial_kv_idx
+    coords = (torch.arange(idx.shape[-1], device=dev) < num[..., None]).nonzero()  # (b, h, q tile, slot)
+    total = coords.shape[0]
+    if total == 0:
+        return full_pairs, True
+    exact = total * BM * BN <= _EXACT_PAIRS
+    if not exact:
+        keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: _EXACT_PAIRS // (BM * BN)]
+        coords = coords[keep.to(dev)]
+    b, h, qt = coords[:, 0], coords[:, 1], coords[:, 2]
+    kt = idx[b, h, qt, coords[:, 3]].long()
+    q = qt[:, None, None] * BM + torch.arange(BM, device=dev)[None, :, None]
+    kv = kt[:, None, None] * BN + torch.arange(BN, device=dev)[None, None, :]
+    env = {"b": b[:, None, None], "h": h[:, None, None], "q": q.clamp(max=Q - 1), "kv": kv.clamp(max=KV - 1)}
+    live = evaluate(token_mask(pattern), env, pattern.params, pattern.buffers).bool() & (q < Q) & (kv < KV)
+    return full_pairs + float(live.sum()) * (total / coords.shape[0]) * rep, exact
+
+
+def roofline_ms(pairs: float, B: int, Hq: int, Hkv: int, Q: int, KV: int, D: int, Dv: int, dtype,
+                profile: Profile) -> tuple[float, float]:
+    """(ms at the peak matrix rate for 4 * D * pairs FLOPs, ms to move q, k, v and o once)."""
+    flops = 2.0 * (D + Dv) * pairs
+    rate = profile.peak_matrix_tflops.get(str(dtype).replace("torch.", ""), min(profile.peak_matrix_tflops.values()))
+    size = _BYTES.get(dtype, 2)
+    moved = size * (B * Hq * Q * (D + Dv) + B * Hkv * KV * (D + Dv))
+    return flops / (rate * 1e12) * 1e3, moved / (profile.hbm_tbps * 1e12) * 1e3
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
+def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[str, TileConfig],
+           candidates: list[tuple[str, TileConfig]]) -> str:
+    """The text `ac.explain` returns (see its docstring)."""
+    from ..runtime.kernel import META_CACHE
+
+    lines = [f"pattern: {pattern.name or 'custom'}  (mask: {_short(pattern.mask)}; score: {_short(pattern.score)})",
+             f"shapes: B={s.B} Hq={s.Hq} Hkv={s.Hkv} Q={s.Q} KV={s.KV} D={s.D} Dv={s.Dv} {str(dtype).replace('torch.', '')}",
+             f"target: {profile.name} (profile {profile.key!r}: {profile.sms} SMs, "
+             f"{profile.peak_matrix_tflops.get(str(dtype).replace('torch.', ''), '?')} TFLOP/s peak, "
+             f"{profile.hbm_tbps} TB/s)", f"  profile: {profile.provenance}", ""]
+    bm, meta = META_CACHE.get(pattern, s, chosen[1], device)
+    B, H, QB, KB = s.B, s.Hq, bm.shape[2], bm.shape[3]
+    n_full = int(bm.full_kv_num.sum()) * (B // bm.B) * (H // bm.H)
+    n_part = int(bm.partial_kv_num.sum()) * (B // bm.B) * (H // bm.H)
+    n_all = B * H * QB * KB
+    pairs, exact = live_pairs(pattern, bm, B, H, s.Q, s.KV)
+    computed = (n_full + n_part) * bm.BLOCK_M * bm.BLOCK_N
+    lines += [f"tiles {bm.BLOCK_M}x{bm.BLOCK_N} ({QB} x {KB} per (b, h), {B * H} of them): "
+              f"EMPTY {n_all - n_full - n_part} ({(n_all - n_full - n_part) / n_all:.1%}), "
+              f"PARTIAL {n_part} ({n_part / n_all:.1%}), FULL {n_full} ({n_full / n_all:.1%})",
+              f"live pairs: {pairs:.4g} ({pairs / (B * H * s.Q * s.KV):.2%} of all){'' if exact else ' (estimated from a sample of the PARTIAL tiles)'}; "
+              f"tile efficiency {pairs / max(computed, 1):.1%} (live pairs / pairs in computed tiles)"]
+    flop_ms, byte_ms = roofline_ms(pairs, B, s.Hq, s.Hkv, s.Q, s.KV, s.D, s.Dv, dtype, profile)
+    roof = max(flop_ms, byte_ms)
+    lines.append(f"roofline: {_fmt_ms(roof)} (matrix {_fmt_ms(flop_ms)}, memory {_fmt_ms(byte_ms)})")
+    lines += ["", "configurations (forward), predicted:"]
+    rows = []
+    for backend, tiles in candidates:
+        _, m = META_CACHE.get(pattern, s, tiles, device)
+        pred = simulate(m, B, H, s.D, tiles, backend, profile)
+        rows.append((pred.ms, backend, tiles))
+    rows.sort(key=lambda r: r[0])
+    for ms, backend, tiles in rows:
+        mark = "  <- runs (runtime/choices.py)" if (backend, tiles) == chosen else ""
+        effective = 2.0 * (s.D + s.Dv) * pairs / (ms * 1e-3) / 1e12 if ms > 0 else math.inf
+        lines.append(f"  {backend:7s} {tiles}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
+                     f"{effective:.0f} effective TFLOP/s{mark}")
+    if rows and (rows[0][1], rows[0][2]) != chosen:
+        lines.append(f"the simulator would pick {rows[0][1]} {rows[0][2]}; the hand rules run the marked one")
+    return "\n".join(lines)
+
+
+def _short(node, limit: int = 90) -> str:
+    text = str(node)
+    return text if len(text) <= limit else text[:limit] + " ..."

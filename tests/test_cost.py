@@ -1,0 +1,116 @@
+"""The cost simulator and `explain` (compiler/cost.py), on CPU: profiles, the live-pair count
+against a dense count, monotonicity of the predictions, heavy-first against in-order, the report
+for several patterns and targets on meta tensors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc.compiler import cost
+from attncc.compiler.codegen import TileConfig
+from attncc.runtime.inputs import Shapes
+from attncc.runtime.kernel import META_CACHE
+
+H200 = cost.load_profile("h200")
+T = TileConfig(128, 64, 8, 3)
+
+
+def predict(pattern, N=4096, B=2, H=8, D=128, tiles=T, backend="triton"):
+    s = Shapes(B, H, H, N, N, D, D)
+    _, meta = META_CACHE.get(pattern, s, tiles, torch.device("cpu"))
+    return cost.simulate(meta, B, H, D, tiles, backend, H200).ms
+
+
+def test_profiles_load_and_are_validated(tmp_path, monkeypatch):
+    assert H200.sms == 132 and "fa4" in H200.backends and H200.rate("triton", T) > 0
+    assert cost.load_profile("generic").sms > 0
+    assert cost.profile_for(torch.device("cpu")).key == "generic"
+    assert cost.profile_for(None, "h100").name == "NVIDIA H100"
+    with pytest.raises(ValueError, match="no hardware profile 'a100'.*'h200'"):
+        cost.load_profile("a100")
+    monkeypatch.setattr(cost, "PROFILES", tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({"name": "x", "sms": 1}))
+    with pytest.raises(ValueError, match="lacks"):
+        cost.load_profile("bad")
+    broken = json.loads((cost.Path(ac.__file__).parent / "compiler/profiles/h200.json").read_text())
+    broken["backends"]["triton"]["tflops"] = {"128x64": 0}
+    (tmp_path / "zero.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="positive tflops"):
+        cost.load_profile("zero")
+
+
+@pytest.mark.parametrize("make", [lambda: ac.patterns.sliding_window(50), lambda: ac.patterns.causal(),
+                                  lambda: ac.patterns.document(lengths=[100, 37, 120])],
+                         ids=["swa", "causal", "document"])
+def test_live_pairs_match_a_dense_count(make, monkeypatch):
+    pattern = make()
+    B, H, Q, KV = 1, 2, 257, 257
+    bm = ac.create_block_mask(pattern, B, H, Q, KV, block_size=(32, 64))
+    dense = int(ac.create_mask(pattern, B, H, Q, KV).expand(B, H, Q, KV).sum())
+    pairs, exact = cost.live_pairs(pattern, bm, B, H, Q, KV)
+    assert exact and pairs == dense
+    monkeypatch.setattr(cost, "_EXACT_PAIRS", 32 * 64 * 4)  # a sample of four PARTIAL tiles
+    estimates = [cost.live_pairs(pattern, bm, B, H, Q, KV, seed=seed) for seed in range(60)]
+    assert not any(exact for _, exact in estimates)
+    mean = sum(e for e, _ in estimates) / len(estimates)
+    assert abs(mean - dense) < 0.1 * dense  # unbiased: the seeds' mean is close to the count
+
+
+def test_more_live_tiles_are_never_predicted_faster():
+    windows = [predict(ac.patterns.sliding_window(W)) for W in (128, 512, 1024, 2048)]
+    assert windows == sorted(windows) and windows[0] < windows[-1]
+    assert predict(ac.patterns.causal()) <= predict(ac.Pattern())
+    assert predict(ac.Pattern(), N=2048) < predict(ac.Pattern(), N=4096)
+
+
+def test_heavy_first_is_never_worse_than_in_order():
+    s = Shapes(2, 8, 8, 8192, 8192, 128, 128)
+    for pattern in (ac.patterns.causal(), ac.patterns.document(lengths=[4000, 100, 4092]),
+                    ac.patterns.prefix_lm(2048)):
+        _, meta = META_CACHE.get(pattern, s, T, torch.device("cpu"))
+        in_order = dataclasses.replace(meta, order=torch.arange(meta.order.shape[-1]).expand_as(meta.order))
+        heavy = cost.simulate(meta, 2, 8, 128, T, "triton", H200).ms
+        plain = cost.simulate(in_order, 2, 8, 128, T, "triton", H200).ms
+        assert heavy <= plain * (1 + 1e-9), (pattern.name, heavy, plain)
+
+
+def test_makespan_is_list_scheduling():
+    assert cost._makespan([1.0, 1.0, 1.0], 4) == 1.0
+    assert cost._makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0
+    assert cost._makespan([1.0, 1.0, 1.0, 3.0], 2) == 4.0  # in order: the heavy one comes last
+
+
+@pytest.mark.parametrize("target", ["h200", "h100"])
+@pytest.mark.parametrize("make", [lambda: ac.patterns.causal(), lambda: ac.patterns.sliding_window(1024),
+                                  lambda: ac.patterns.softcap(30.0), lambda: ac.patterns.natten2d(32, 64, 7)],
+                         ids=["causal", "swa", "softcap", "natten2d"])
+def test_explain_on_meta_tensors(make, target):
+    q, k, v = (torch.empty(2, 8, 2048, 128, dtype=torch.bfloat16, device="meta") for _ in range(3))
+    text = ac.explain(make(), q, k, v, target=target)
+    for part in ("EMPTY", "PARTIAL", "FULL", "live pairs", "tile efficiency", "roofline", "predicted:", "profile"):
+        assert part in text, part
+    assert "<- runs" in text or "sdpa-cudnn" in text
+    assert ("fa4 " in text) == (target in ("h200", "h100"))  # both profiles model fa4
+
+
+def test_explain_refuses_bad_targets_and_meta_without_one():
+    q, k, v = (torch.empty(1, 2, 64, 16, device="meta") for _ in range(3))
+    with pytest.raises(ValueError, match="target must be one of"):
+        ac.explain(ac.patterns.causal(), q, k, v, target="tpu")
+    with pytest.raises(ValueError, match="meta tensors need a target"):
+        ac.explain(ac.patterns.causal(), q, k, v)
+
+
+def test_explain_on_cpu_and_the_cli(capsys):
+    q, k, v = (torch.randn(1, 2, 200, 32) for _ in range(3))
+    text = ac.explain(ac.patterns.sliding_window(40), q, k, v)
+    assert "a generic CUDA GPU" in text and "triton  32x32" in text and "<- runs" in text
+    assert ac.compile(ac.patterns.sliding_window(40), q, k, v).predicted_ms is None  # CPU: no GPU to predict
+    from attncc.cli import main
+
+    assert main(["explain", "mask = q >= kv", "--target", "h200", "--q-len", "1024"]) == 0
+    assert "NVIDIA H200" in capsys.readouterr().out
