@@ -114,3 +114,16 @@ def test_explain_on_cpu_and_the_cli(capsys):
 
     assert main(["explain", "mask = q >= kv", "--target", "h200", "--q-len", "1024"]) == 0
     assert "NVIDIA H200" in capsys.readouterr().out
+
+
+def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(cost.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import costmodel
+
+    assert costmodel.spearman([1, 2, 3], [10, 20, 30]) == 1.0 and costmodel.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+    assert costmodel.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+    result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
+    assert len(result["rows"]) == 4 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
+    assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
