@@ -326,9 +326,11 @@ def cmd_explain(pattern: ac.Pattern, args) -> int:
         if args.dtype is None:
             args.dtype = "bfloat16"
         q, k, v = (t.to("meta") for t in _inputs(args, device="cpu"))
-        print(explain(pattern, q, k, v, target=args.target))
+        print(explain(pattern, q, k, v, target=args.target, **({"png": args.png} if args.png else {})))
     else:
-        print(explain(pattern, *_inputs(args)))
+        print(explain(pattern, *_inputs(args), **({"png": args.png} if args.png else {})))
+    if args.png:
+        print(f"\nwrote {args.png}")
     return 0
 
 
@@ -375,6 +377,8 @@ def _parser() -> argparse.ArgumentParser:
     explain = verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
     explain.add_argument("--target", choices=("h200", "h100"), default=None,
                          help="explain a run on that GPU (its profile) from any machine")
+    explain.add_argument("--png", metavar="FILE.png", default=None,
+                         help="also draw the block map and each query tile's predicted load")
     bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/suite.py)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite")
     return parser

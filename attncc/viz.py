@@ -63,3 +63,27 @@ def save_png(path: str, mask: torch.Tensor, block_map: torch.Tensor | None = Non
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=100)
+
+
+def save_load_png(path: str, block_map: torch.Tensor, load_ms: torch.Tensor, title: str = "") -> None:
+    """Write an int [QB, KB] block map beside the predicted ms of each query tile's program [QB]
+    (attncc explain --png)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    if block_map.dim() != 2 or load_ms.shape != block_map.shape[:1]:
+        raise ValueError(f"save_load_png needs a [QB, KB] block map and [QB] loads, got {tuple(block_map.shape)} "
+                         f"and {tuple(load_ms.shape)}")
+    fig = Figure(figsize=(10, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+    left.imshow(block_map.cpu().numpy(), cmap=ListedColormap(["#f4f4f4", "#f0a030", "#1f4e9c"]), vmin=0, vmax=2,
+                interpolation="nearest", aspect="auto")
+    left.set(title="tiles: full (blue), partial (orange), empty", xlabel="kv tile", ylabel="q tile")
+    rows = list(range(block_map.shape[0]))
+    right.barh(rows, (load_ms.double() * 1e3).cpu().tolist(), color="#1f4e9c", height=1.0)
+    right.set(title="predicted load per program", xlabel="us", ylim=(len(rows) - 0.5, -0.5))
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100)

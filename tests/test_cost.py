@@ -116,6 +116,14 @@ def test_explain_on_cpu_and_the_cli(capsys):
     assert "NVIDIA H200" in capsys.readouterr().out
 
 
+def test_explain_draws_the_block_map_and_the_load(tmp_path):
+    pytest.importorskip("matplotlib")
+    q, k, v = (torch.empty(1, 4, 2048, 128, dtype=torch.bfloat16, device="meta") for _ in range(3))
+    png = tmp_path / "load.png"
+    ac.explain(ac.patterns.document(lengths=[1000, 48, 1000]), q, k, v, target="h200", png=str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
 def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     import sys
 

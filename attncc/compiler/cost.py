@@ -96,10 +96,10 @@ def profile_for(device: torch.device | None = None, target: str | None = None) -
 
 @dataclass(frozen=True)
 class Prediction:
-    """ms: the predicted makespan; programs: per-program work in ms (launch order), and the
-    slots they ran on."""
+    """ms: the predicted makespan; work: float64 [B, H, QB], each program's predicted ms (by
+    query tile, not launch order); slots: the SMs x programs-per-SM they were scheduled onto."""
     ms: float
-    programs: torch.Tensor
+    work: torch.Tensor
     slots: int
 
 
@@ -114,8 +114,8 @@ def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, prof
     slot_tflops = profile.rate(backend, tiles) / slots  # each slot's share of the GPU's rate
     tile_ms = 4.0 * tiles.BLOCK_M * tiles.BLOCK_N * D / (slot_tflops * 1e12) * 1e3
     work = (full + spec["partial_factor"] * partial) * tile_ms + spec["program_us"] * 1e-3 * occupancy
-    work = work.gather(-1, order).flatten()  # launch order: per (b, h), heaviest query tiles first
-    return Prediction(_makespan(work.tolist(), slots), work, slots)
+    launched = work.gather(-1, order).flatten()  # launch order: per (b, h), heaviest query tiles first
+    return Prediction(_makespan(launched.tolist(), slots), work, slots)
 
 
 def _makespan(work: list[float], slots: int) -> float:
@@ -171,8 +171,9 @@ def _fmt_ms(ms: float) -> str:
 
 
 def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[str, TileConfig],
-           candidates: list[tuple[str, TileConfig]]) -> str:
-    """The text `ac.explain` returns (see its docstring)."""
+           candidates: list[tuple[str, TileConfig]], png: str | None = None) -> str:
+    """The text `ac.explain` returns (see its docstring); with `png`, also a picture there: the
+    block map of (b, h) = (0, 0) at the chosen tiles beside each query tile's predicted load."""
     from ..runtime.kernel import META_CACHE
 
     lines = [f"pattern: {pattern.name or 'custom'}  (mask: {_short(pattern.mask)}; score: {_short(pattern.score)})",
@@ -196,11 +197,23 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     roof = max(flop_ms, byte_ms)
     lines.append(f"roofline: {_fmt_ms(roof)} (matrix {_fmt_ms(flop_ms)}, memory {_fmt_ms(byte_ms)})")
     lines += ["", "configurations (forward), predicted:"]
-    rows = []
+    rows, chosen_pred = [], None
     for backend, tiles in candidates:
         _, m = META_CACHE.get(pattern, s, tiles, device)
         pred = simulate(m, B, H, s.D, tiles, backend, profile)
         rows.append((pred.ms, backend, tiles))
+        if (backend, tiles) == chosen:
+            chosen_pred = pred
+    if png is not None:
+        from ..viz import save_load_png
+
+        if chosen_pred is None:  # sdpa-cudnn runs: picture the first candidate's load
+            _, m = META_CACHE.get(pattern, s, candidates[0][1], device)
+            chosen_pred = simulate(m, B, H, s.D, candidates[0][1], candidates[0][0], profile)
+        classes = bm.to_dense()[0, 0]
+        save_load_png(png, classes, chosen_pred.work[0, 0],
+                      f"{pattern.name or 'custom'}: {chosen[0]} {chosen[1].BLOCK_M}x{chosen[1].BLOCK_N} "
+                      f"on the {profile.name}")
     rows.sort(key=lambda r: r[0])
     for ms, backend, tiles in rows:
         mark = "  <- runs (runtime/choices.py)" if (backend, tiles) == chosen else ""

@@ -194,7 +194,7 @@ def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
 
 
 def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-            target: str | None = None, kernel_options: dict | None = None) -> str:
+            target: str | None = None, kernel_options: dict | None = None, png: str | None = None) -> str:
     """The cost model's report for this call (compiler/cost.py): tile classes (EMPTY / PARTIAL /
     FULL counts), live-pair density and tile efficiency (live pairs / pairs in computed tiles),
     the roofline time at the profile's peak matrix rate and bandwidth, and the forward
@@ -202,7 +202,8 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     target: a shipped profile ("h200", "h100") to explain a run there from any machine (q, k, v
     may then be meta tensors; block masks are built on the CPU); None: q's device and the profile
-    matching its GPU's name (else "generic").
+    matching its GPU's name (else "generic"). png: also write a picture of the block map of
+    (b, h) = (0, 0) and each query tile's predicted load there (needs matplotlib).
     """
     from ..compiler import cost
     from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_on_target
@@ -234,7 +235,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         candidates.append(chosen)
     if fa4_ok and "fa4" in profile.backends:
         candidates.append(("fa4", fa4.TILE))
-    text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates)
+    text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates, png)
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
     return text
