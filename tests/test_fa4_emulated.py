@@ -1,0 +1,100 @@
+"""The fa4 backend's wiring on CPU, with FlashAttention-4 replaced by tests/fa4_emulator.py (its
+documented semantics, the generated hooks run through tests/cute_shim.py): outputs, LSE and
+gradients against the float64 reference for dense, causal, block-sparse, buffer-reading, GQA and
+empty-row patterns; the backward's routing; what kern.source and kern.config say."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import attncc as ac
+import cute_shim
+import fa4_emulator
+from attncc.runtime import fa4
+from attncc.runtime.choices import KernelChoice, check_options, choose_backward_tiles
+from attncc.runtime.inputs import check_qkv
+from attncc.runtime.kernel import Kernel
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    monkeypatch.setattr(fa4, "_FA", [fa4_emulator.namespace()])
+    monkeypatch.setattr(fa4, "_HOOKS", {})
+    monkeypatch.setattr(fa4, "_CALLS", OrderedDict())
+    with cute_shim.installed():
+        yield
+
+
+def fa4_kernel(pattern, q, k, v, **options):
+    """A Kernel on the fa4 backend (choose_backend would refuse CPU tensors)."""
+    s = check_qkv(q, k, v)
+    options = check_options(options)
+    choice = KernelChoice(fa4.TILE, choose_backward_tiles(s, q.dtype, q.device, options), "fa4",
+                          deterministic=options.get("deterministic", True))
+    return Kernel(pattern.kernel_pattern, s, q.device, 1 / math.sqrt(s.D), choice)
+
+
+def inputs(B=1, Hq=1, Hkv=1, N=136, D=16, seed=0):  # two 128-row tiles, the second ragged
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, h, N, D, generator=g) for h in (Hq, Hkv, Hkv))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+CASES = {
+    "causal": (lambda: ac.patterns.causal(), {}),
+    "softcap": (lambda: ac.Pattern() & ac.patterns.softcap(5.0, causal=False), {}),
+    "swa": (lambda: ac.patterns.sliding_window(70), {}),
+    "document": (lambda: ac.patterns.document(lengths=[90, 30, 16]), {}),
+    "alibi_gqa": (lambda: ac.patterns.alibi(2), {"Hq": 2, "Hkv": 1}),
+    "empty_rows": (lambda: ac.Pattern(lambda b, h, q, kv: (q - kv >= 40) & (q - kv < 100)), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_lse_and_gradients_match_reference(name):
+    make, shape = CASES[name]
+    pattern = make()
+    q, k, v = inputs(**shape)
+    kern = fa4_kernel(pattern, q, k, v)
+    out, lse = kern(q, k, v, return_lse=True)
+    ref, ref_lse = ac.reference(q, k, v, pattern, return_lse=True)
+    live = torch.isfinite(ref_lse)
+    assert rel(out, ref) < 1e-5 and rel(lse[live], ref_lse[live]) < 1e-5
+    assert torch.equal(torch.isfinite(lse), live) and (out[~live] == 0).all()
+    w = torch.randn_like(out)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ours = torch.autograd.grad((kern(*leaves) * w).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad((ac.reference(*leaves64, pattern) * w.double()).sum(), leaves64)
+    for a, b in zip(ours, want):
+        assert rel(a, b) < 1e-4, (name, rel(a, b))
+
+
+def test_the_backward_is_routed_by_what_fa4_does_well():
+    q, k, v = inputs()
+    assert fa4_kernel(ac.patterns.causal(), q, k, v).config["backward"] == "fa4"
+    sparse = fa4_kernel(ac.patterns.sliding_window(70), q, k, v)
+    assert sparse.config["backward"].startswith("triton (FA4's block-sparse backward is not deterministic")
+    assert fa4_kernel(ac.patterns.sliding_window(70), q, k, v, deterministic=False).config["backward"] == "fa4"
+    qg, kg, vg = inputs(Hq=2, Hkv=1)
+    assert "GQA" in fa4_kernel(ac.patterns.alibi(2), qg, kg, vg).config["backward"]
+    assert fa4_kernel(ac.patterns.causal(), qg, kg, vg).config["backward"] == "fa4"  # reads no h
+
+
+def test_source_config_and_runtime_params():
+    q, k, v = inputs()
+    kern = fa4_kernel(ac.patterns.sliding_window(70), q, k, v)
+    assert kern.config["backend"] == "fa4" and kern.config["fa4_kernel"] == "block-sparse"
+    assert "def mask_mod(" in kern.source and "p_W = aux_scalars[0]" in kern.source and "_flash_attn_fwd" in kern.source
+    dense = fa4_kernel(ac.patterns.causal(), q, k, v)
+    assert dense.config["fa4_kernel"] == "causal" and "block_sparse_tensors=None (FA4's own causal kernel)" in dense.source
+    for W in (10, 130):  # a new value: new block lists and scalars, the same hooks module
+        pat = ac.patterns.sliding_window(W)
+        assert rel(fa4_kernel(pat, q, k, v)(q, k, v), ac.reference(q, k, v, pat)) < 1e-5
+    assert len(fa4._HOOKS) == 1  # sliding_window's, for every W; causal runs FA4's own kernel, no hooks
