@@ -334,6 +334,23 @@ def cmd_explain(pattern: ac.Pattern, args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .runtime.calibrate import calibrate
+
+    if args.smoke:
+        from .compiler.codegen import TileConfig
+
+        path = calibrate(torch.device("cpu"), B=1, H=1, N=64, D=16, short=32, out=Path(args.out) if args.out else None,
+                         candidates=(TileConfig(32, 32, 4, 1),))
+    elif not torch.cuda.is_available():
+        raise Missing("calibrate measures a GPU: this machine has no CUDA device (--smoke runs a CPU dry run)")
+    else:
+        path = calibrate(torch.device("cuda"), out=Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    print(path.read_text())
+    return 0
+
+
 def cmd_bench(args) -> int:
     runner = Path(ac.__file__).resolve().parent.parent / "benchmarks" / "suite.py"
     if not runner.is_file():
@@ -379,6 +396,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="explain a run on that GPU (its profile) from any machine")
     explain.add_argument("--png", metavar="FILE.png", default=None,
                          help="also draw the block map and each query tile's predicted load")
+    calibrate = verbs.add_parser("calibrate", help="measure this GPU's profile for the cost model (attncc explain)")
+    calibrate.add_argument("--out", metavar="FILE.json", default=None,
+                           help="where to write it (default: the attncc cache's profiles/, found by explain)")
+    calibrate.add_argument("--smoke", action="store_true", help="a tiny dry run on CPU (Triton's interpreter)")
     bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/suite.py)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite")
     return parser
@@ -414,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "bench":
             return cmd_bench(args)
+        if args.verb == "calibrate":
+            return cmd_calibrate(args)
         if args.kv_len is None:
             args.kv_len = args.q_len
         pattern = load_pattern(args.pattern, args.bind)

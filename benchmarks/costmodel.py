@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
 from attncc.compiler import cost  # noqa: E402
+from attncc.runtime.calibrate import profile_for  # noqa: E402
 from attncc.runtime.choices import TRITON_CANDIDATES  # noqa: E402
 from attncc.runtime.inputs import check_qkv  # noqa: E402
 from attncc.runtime.kernel import META_CACHE  # noqa: E402
@@ -86,7 +87,7 @@ def run_pattern(name: str, N: int, B: int, H: int, D: int, device: torch.device)
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(3))
     pattern = build(name, N, H, device).attncc
-    profile = cost.profile_for(device)
+    profile = profile_for(device)
     s = check_qkv(q, k, v)
     ref = ac.reference(q[:1], k[:1], v[:1], pattern)
     rows = []

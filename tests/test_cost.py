@@ -135,3 +135,31 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
     assert len(result["rows"]) == 4 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
     assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
+
+
+def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch):
+    from attncc.cli import main
+    from attncc.runtime import calibrate
+
+    out = tmp_path / "profiles" / "my-gpu.json"
+    assert main(["calibrate", "--smoke", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    spec = data["backends"]["triton"]
+    assert spec["tflops"]["32x32"] > 0 and spec["partial_factor"] >= 1.0 and spec["program_us"] >= 0
+    assert "measured by attncc calibrate" in data["provenance"]
+    data["match"] = ["My GPU"]  # as calibrate writes it on a GPU named so
+    out.write_text(json.dumps(data))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "My GPU 80GB")
+    monkeypatch.setattr(calibrate, "user_profiles", lambda: tmp_path / "profiles")
+    found = calibrate.profile_for(torch.device("cuda"))
+    assert found.key == "my-gpu" and found.rate("triton", TileConfig(32, 32, 4, 1)) == spec["tflops"]["32x32"]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert calibrate.profile_for(torch.device("cuda")).key == "h200"  # the shipped one
+
+
+def test_calibrate_needs_a_gpu(capsys, monkeypatch):
+    from attncc.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["calibrate"]) == 1 and "no CUDA device" in capsys.readouterr().err

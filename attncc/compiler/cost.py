@@ -63,12 +63,13 @@ _FIELDS = ("name", "sms", "peak_matrix_tflops", "hbm_tbps", "backends", "provena
 
 
 @lru_cache(maxsize=None)
-def load_profile(key: str) -> Profile:
-    """A shipped profile by name ("h200", "h100", "generic"); a ValueError names the known ones
-    or what a malformed file lacks."""
-    path = PROFILES / f"{key}.json"
+def load_profile(key: str, directory: Path | None = None) -> Profile:
+    """A profile by name from `directory` (default: the shipped ones, "h200", "h100", "generic");
+    a ValueError names the known ones or what a malformed file lacks."""
+    directory = directory or PROFILES
+    path = directory / f"{key}.json"
     if not path.is_file():
-        known = sorted(p.stem for p in PROFILES.glob("*.json"))
+        known = sorted(p.stem for p in directory.glob("*.json"))
         raise ValueError(f"no hardware profile {key!r}; known: {known}")
     data = json.loads(path.read_text())
     missing = [f for f in _FIELDS if f not in data]
@@ -81,16 +82,20 @@ def load_profile(key: str) -> Profile:
                    data["backends"], data["provenance"], tuple(data.get("match", ())))
 
 
-def profile_for(device: torch.device | None = None, target: str | None = None) -> Profile:
-    """The profile `target` names, else the one matching the CUDA device's name, else "generic"."""
+def profile_for(device: torch.device | None = None, target: str | None = None,
+                user_dir: Path | None = None) -> Profile:
+    """The shipped profile `target` names; else the one matching the CUDA device's name, looked
+    for first in `user_dir` (where `attncc calibrate` writes), then among the shipped ones; else
+    "generic"."""
     if target is not None:
         return load_profile(target)
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device)
-        for path in sorted(PROFILES.glob("*.json")):
-            prof = load_profile(path.stem)
-            if any(m in name for m in prof.match):
-                return prof
+        for directory in ([user_dir] if user_dir is not None and user_dir.is_dir() else []) + [PROFILES]:
+            for path in sorted(directory.glob("*.json")):
+                prof = load_profile(path.stem, directory)
+                if any(m in name for m in prof.match):
+                    return prof
     return load_profile("generic")
 
 

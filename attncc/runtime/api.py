@@ -206,6 +206,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     (b, h) = (0, 0) and each query tile's predicted load there (needs matplotlib).
     """
     from ..compiler import cost
+    from .calibrate import profile_for
     from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_on_target
     from . import fa4
 
@@ -220,7 +221,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     if target is None and q.device.type == "meta":
         raise ValueError("meta tensors need a target (e.g. target='h200'): there is no device to ask")
-    profile = cost.profile_for(q.device, target)
+    profile = profile_for(q.device, target)
     if target is not None:
         lists = torch.device("cpu")
         chosen = choose_on_target(kp, s, q.dtype, target, options)

@@ -360,10 +360,11 @@ class Kernel:
         """The simulator's forward time at this kernel's shapes, on the profile of its GPU (the
         matching one, else "generic"); None on CPU, for sdpa-cudnn, or a backend the profile lacks."""
         from ..compiler import cost
+        from .calibrate import profile_for
 
         if self.device.type != "cuda" or self.backend == "sdpa-cudnn":
             return None
-        profile = cost.profile_for(self.device)
+        profile = profile_for(self.device)
         if self.backend not in profile.backends:
             return None
         s = self._shapes
