@@ -18,31 +18,19 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
 from attncc.compiler import cost  # noqa: E402
-from attncc.runtime.calibrate import profile_for  # noqa: E402
+from attncc.runtime.calibrate import profile_for, time_ms  # noqa: E402
 from attncc.runtime.choices import TRITON_CANDIDATES  # noqa: E402
 from attncc.runtime.inputs import check_qkv  # noqa: E402
 from attncc.runtime.kernel import META_CACHE  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
 
 PATTERNS = "full,causal,swa1024,prefixlm2048,document,alibi,softcap,dilated,natten2d"
-
-
-def time_ms(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
-    fn()
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -44,7 +44,8 @@ def profile_for(device: torch.device | None = None, target: str | None = None) -
     return cost.profile_for(device, target, user_dir=user_profiles())
 
 
-def _time_ms(fn, device) -> float:
+def time_ms(fn, device) -> float:
+    """Median ms of fn on the GPU (triton do_bench), or one warm run on CPU."""
     if device.type == "cuda":
         import triton
 
@@ -64,7 +65,7 @@ def _measure(pattern, q, k, v, backend: str, tiles: TileConfig) -> tuple[float, 
         options.update(BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, num_warps=tiles.num_warps,
                        num_stages=tiles.num_stages)
     kern = compile_(pattern, q, k, v, kernel_options=options)
-    return _time_ms(lambda: kern(q, k, v), q.device), kern
+    return time_ms(lambda: kern(q, k, v), q.device), kern
 
 
 def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D: int = 128,
