@@ -285,6 +285,10 @@ def cmd_check(pattern: ac.Pattern, args) -> int:
     try:
         if check_pattern is not None:
             dims = {"head_dims": (args.head_dim,)} if args.head_dim else {}
+            if args.backend != "auto":
+                dims["kernel_options"] = {"backend": args.backend}
+            if args.dtype:
+                dims["dtypes"] = (getattr(torch, args.dtype),)
             print(check_pattern(pattern, max_examples=args.examples, max_len=args.q_len, **dims))
             return 0
         print(_check_reference(pattern, args))
@@ -390,6 +394,8 @@ def _parser() -> argparse.ArgumentParser:
     viz.add_argument("--width", type=_positive, default=64, help="ASCII picture size in cells (default 64)")
     check = verb("check", "property-test the pattern's kernels against the float64 reference")
     check.add_argument("--examples", type=_positive, default=5, help="random examples (default 5)")
+    check.add_argument("--backend", choices=("auto", "triton", "fa4", "sdpa-cudnn"), default="auto",
+                       help="the backend to test (default: the automatic choice)")
     check.set_defaults(q_len=64)
     explain = verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
     explain.add_argument("--target", choices=("h200", "h100"), default=None,

@@ -41,15 +41,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
 
 
-def compare(pattern: Pattern, q, k, v, scale=None) -> dict:
-    """Run the kernel and the oracle on (q, k, v); return errors; raise AssertionError on mismatch.
+def compare(pattern: Pattern, q, k, v, scale=None, kernel_options: dict | None = None) -> dict:
+    """Run the kernel (`kernel_options` as for ac.attention, e.g. {"backend": "fa4"}) and the
+    oracle on (q, k, v); return errors; raise AssertionError on mismatch.
 
     NaN must sit exactly where the oracle has it (a NaN input or score at a live position); rows
     with no live key must be zeros with lse = -inf; the rest within TOLERANCE[dtype].
     """
     from .runtime.api import attention, reference
 
-    out, lse = attention(q, k, v, pattern, scale=scale, return_lse=True)
+    out, lse = attention(q, k, v, pattern, scale=scale, return_lse=True, kernel_options=kernel_options)
     ref, ref_lse = reference(q, k, v, pattern, scale=scale, return_lse=True)
     tol = TOLERANCE[q.dtype]
     where = f"for {pattern!r} with q {tuple(q.shape)}, k {tuple(k.shape)}"
@@ -72,7 +73,7 @@ def compare(pattern: Pattern, q, k, v, scale=None) -> dict:
     return row
 
 
-def compare_grads(pattern: Pattern, q, k, v, scale=None, seed: int = 0) -> dict:
+def compare_grads(pattern: Pattern, q, k, v, scale=None, seed: int = 0, kernel_options: dict | None = None) -> dict:
     """Gradients of sum(out * w) + sum(lse * w' over live rows) for random weights w, w', by
     attncc's kernels and by float64 autograd through the oracle: for q, k, v and each float
     buffer of the pattern (taken as learnable). Returns errors; AssertionError on a mismatch
@@ -92,7 +93,8 @@ def compare_grads(pattern: Pattern, q, k, v, scale=None, seed: int = 0) -> dict:
         loss = (out.to(acc) * w_out.to(acc)).sum() + torch.where(torch.isinf(lse), 0.0, lse * w_lse.to(acc)).sum()
         return torch.autograd.grad(loss, leaves + list(bufs.values()), allow_unused=True)
 
-    ours = grads(lambda t: t, lambda q, k, v, p: attention(q, k, v, p, scale=scale, return_lse=True))
+    ours = grads(lambda t: t, lambda q, k, v, p: attention(q, k, v, p, scale=scale, return_lse=True,
+                                                           kernel_options=kernel_options))
     want = grads(lambda t: t.double(), lambda q, k, v, p: reference(q, k, v, p, scale=scale, return_lse=True))
     tol = GRAD_TOLERANCE[q.dtype]
     row = {}
@@ -147,7 +149,8 @@ def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64), max_q: int | No
 
 
 def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max_examples: int = 10,
-                  max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0, grad: bool = True) -> CheckReport:
+                  max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0, grad: bool = True,
+                  kernel_options: dict | None = None) -> CheckReport:
     """Property-test `pattern`: kernel vs `attncc.reference` on random shapes and inputs: output
     and LSE, with `grad` the gradients of q, k, v and of the pattern's float buffers (each taken as
     learnable), and the block classification (FULL / EMPTY tiles) against the dense mask.
@@ -156,7 +159,8 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
     `max_len` small). A pattern with a token layout is tested both in natural order at random
     lengths and in its layout at the layout's length. Lengths, heads and batch are capped to what the pattern's buffers cover
     (a document-id buffer of 100 tokens: lengths up to 100). Raises AssertionError naming the
-    smallest failing example of each distinct failure; returns a CheckReport.
+    smallest failing example of each distinct failure; returns a CheckReport. `kernel_options`
+    go to every ac.attention call (e.g. {"backend": "fa4"} to test the FlashAttention-4 path).
     """
     from .compiler.domain import check_domain
     from .dsl.trace import PatternError
@@ -207,9 +211,9 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
         k = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
         v = torch.randn(B, Hkv, KV, D, generator=gen).to(device, dtype)
         try:
-            row = compare(pat, q, k, v)
+            row = compare(pat, q, k, v, kernel_options=kernel_options)
             if grad:
-                row.update(compare_grads(pat, q, k, v, seed=data_seed))
+                row.update(compare_grads(pat, q, k, v, seed=data_seed, kernel_options=kernel_options))
             check_classification(pat.kernel_pattern, B, Hq, Q, KV, (16, 32))
             report.rows.append({**row, "layout": use_layout})
         except Exception:

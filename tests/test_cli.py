@@ -187,6 +187,8 @@ def test_check_uses_check_pattern(capsys, monkeypatch):
     code, out, _ = run(capsys, "check", SWA, "--examples", "3", "--q-len", "33")
     assert code == 0 and "3 passed" in out
     assert seen == [(ac.patterns.sliding_window(3), {"max_examples": 3, "max_len": 33})]
+    run(capsys, "check", SWA, "--backend", "fa4", "--dtype", "bfloat16")
+    assert seen[-1][1]["kernel_options"] == {"backend": "fa4"} and seen[-1][1]["dtypes"] == (torch.bfloat16,)
 
     def failing(p, **kw):
         raise AssertionError("kernel differs")

@@ -63,3 +63,12 @@ def test_a_pattern_with_a_layout_is_checked_in_and_out_of_it():
     report = testing.check_pattern(pat, max_examples=6, max_len=60, grad=False)
     assert {r["layout"] for r in report.rows} == {True, False}
     assert all(r["q"][2] == 128 for r in report.rows if r["layout"])
+
+
+def test_check_pattern_passes_kernel_options():
+    report = ac.testing.check_pattern(ac.patterns.sliding_window(5), max_examples=2, max_len=40, grad=False,
+                                      kernel_options={"backend": "triton"})
+    assert len(report.rows) == 2
+    with pytest.raises(AssertionError, match="fa4 runs on CUDA tensors only"):
+        ac.testing.check_pattern(ac.patterns.sliding_window(5), max_examples=1, max_len=40, grad=False,
+                                 device="cpu", kernel_options={"backend": "fa4"})
