@@ -153,16 +153,42 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
-              scale: float | None = None, return_lse: bool = False, kernel_options: dict | None = None):
+              scale: float | None = None, return_lse: bool = False, kernel_options: dict | None = None,
+              page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
+              cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
     """Attention of q [B,Hq,Q,D] over k, v [B,Hkv,KV,D|Dv] under `pattern` (None: full attention).
 
     Returns out [B,Hq,Q,Dv] in q's dtype, and lse float32 [B,Hq,Q] (natural log) when return_lse.
     Rows with no live key give zeros and lse = -inf. CPU tensors run the same generated kernel in
     Triton's interpreter. Kernels, and block masks per (pattern values, shapes, buffer versions),
     are cached: a repeated call does no compilation or mask building.
+
+    Serving (runtime/sequences.py): with `page_table` (int32 [B, max_pages]) and `kv_lens` (int32
+    [B]), k and v are paged caches [num_pages, page_size, Hkv, D]; with `cu_seqlens_q` /
+    `cu_seqlens_k` (int32 [S + 1]), q [1, Hq, total_q, D] and k, v [1, Hkv, total_k, D] hold S
+    sequences packed. Either way the pattern sees positions within each sequence, whose queries
+    are its last tokens: query i of a sequence with L keys and Q_s queries sits at L - Q_s + i.
     """
     from .kernel import Kernel
 
+    paged = page_table is not None or kv_lens is not None
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if paged or varlen:
+        from .sequences import paged_call, varlen_call
+
+        if torch.compiler.is_compiling():
+            raise ValueError("paged and variable-length calls do not run under torch.compile yet")
+        if paged and varlen:
+            raise ValueError("give page_table/kv_lens (paged caches) or cu_seqlens_q/cu_seqlens_k (packed "
+                             "sequences), not both")
+        if paged and (page_table is None or kv_lens is None):
+            raise ValueError("a paged call needs both page_table and kv_lens")
+        if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
+            raise ValueError("a variable-length call needs both cu_seqlens_q and cu_seqlens_k")
+        if paged:
+            k, v, pattern = paged_call(q, k, v, _pattern(pattern), page_table, kv_lens)
+        else:
+            pattern = varlen_call(q, k, _pattern(pattern), cu_seqlens_q, cu_seqlens_k)
     if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)

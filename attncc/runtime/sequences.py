@@ -1,0 +1,124 @@
+"""Paged KV caches and packed variable-length batches, as position maps of a pattern.
+
+Both evaluate the pattern on positions within each sequence. A sequence with L keys and Q_s
+queries has its keys at positions 0..L-1 and its queries at L - Q_s .. L - 1: the queries are
+its last tokens, as in decoding (prefill: Q_s = L). attncc rewrites the pattern over the dense
+call its kernels run — b, q and kv become the sequence and the positions, read from small int32
+buffers — so the mask, the score mod, the block masks and the kernels stay exact, and a pattern's
+own buffers are indexed by positions within a sequence (size them to the longest one).
+
+- paged (`paged_call`): q [B, Hq, Q_LEN, D]; k_cache, v_cache [num_pages, page_size, Hkv, D]
+  (page_size a power of two >= 16); page_table int32 [B, max_pages] (entries past a sequence's
+  pages are never read); kv_lens int32 [B], each 0 (an empty sequence: zeros, lse -inf) or at
+  least Q_LEN. The used pages are gathered into dense [B, Hkv, max(kv_lens), D] keys and values
+  (this first implementation's cost: one copy of the used cache; a split-KV decode kernel reading
+  pages in place is the next step).
+- varlen (`varlen_call`): q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D], the sequences
+  concatenated; cu_seqlens_q, cu_seqlens_k int32 [S + 1], non-decreasing from 0 to the totals,
+  each sequence with at most as many queries as keys.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dsl import ir
+from ..dsl.pattern import Pattern
+
+_B, _Q, _KV = ir.Var("b"), ir.Var("q"), ir.Var("kv")
+
+
+def _int_tensor(name: str, t, shape: tuple | None, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+        raise ValueError(f"{name} must be an int32 tensor, got "
+                         + (f"{t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__))
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the inputs on {device}")
+    return t
+
+
+def _remap(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live: ir.Node, buffers: dict) -> Pattern:
+    """`pattern` with b, q, kv replaced by expressions, its mask and-ed with `live`."""
+    if pattern.has_block_mask:
+        raise ValueError("paged and variable-length calls do not take block predicates (qb, kb: tile "
+                         "granularity of the whole sequence); write the mask on q and kv")
+    if pattern.layout is not None:
+        raise ValueError("paged and variable-length calls do not take a token layout")
+    clash = sorted(set(buffers) & set(pattern.buffers))
+    if clash:
+        raise ValueError(f"the pattern's buffer names {clash} are reserved for paged / variable-length calls")
+    swap = {_B: b, _Q: q, _KV: kv}
+    sub = lambda e: ir.substitute(e, lambda n: swap.get(n))  # noqa: E731
+    return Pattern.from_ir(ir.op("and", live, sub(pattern.mask)), sub(pattern.score), ir.TRUE, pattern.params,
+                           {**pattern.buffers, **buffers}, pattern.name)
+
+
+def paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: Pattern,
+               page_table, kv_lens):
+    """(k, v, pattern) of the dense call equal to the paged one (see the module docstring)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError("a paged call takes q [B, Hq, Q_LEN, D] and caches [num_pages, page_size, Hkv, D]")
+    B, _, Q_LEN, _ = q.shape
+    num_pages, page_size, Hkv, _ = k_cache.shape
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must share [num_pages, page_size, Hkv], got "
+                         f"{list(k_cache.shape[:3])} and {list(v_cache.shape[:3])}")
+    if page_size < 16 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+    page_table = _int_tensor("page_table", page_table, None, q.device)
+    if page_table.dim() != 2 or page_table.shape[0] != B:
+        raise ValueError(f"page_table must have shape [B={B}, max_pages], got {list(page_table.shape)}")
+    kv_lens = _int_tensor("kv_lens", kv_lens, (B,), q.device)
+    lens = kv_lens.long()
+    capacity = page_table.shape[1] * page_size
+    if bool(((lens != 0) & (lens < Q_LEN)).any()) or bool((lens < 0).any()) or bool((lens > capacity).any()):
+        raise ValueError(f"each kv_len must be 0 or between Q_LEN={Q_LEN} (the queries are the sequence's last "
+                         f"tokens) and max_pages * page_size = {capacity}; got {kv_lens.tolist()}")
+    L = max(1, int(lens.max()))
+    slots = torch.arange(L, device=q.device)
+    used = slots[None, :] < lens[:, None]  # [B, L]
+    pages = page_table.long().gather(1, (slots // page_size)[None, :].expand(B, L).clamp(max=page_table.shape[1] - 1))
+    bad = used & ((pages < 0) | (pages >= num_pages))
+    if bool(bad.any()):
+        b, t = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"page_table[{b}, {t // page_size}] = {int(pages[b, t])} is not a page of the "
+                         f"{num_pages}-page cache (sequence {b} uses it for token {t})")
+    rows = torch.where(used, pages * page_size + slots % page_size, 0)  # unused slots read row 0: masked out
+    gather = lambda cache: cache.flatten(0, 1)[rows].permute(0, 2, 1, 3)  # noqa: E731 — [B, Hkv, L, D]
+    offsets = torch.where(lens > 0, lens - Q_LEN, 0).to(torch.int32)
+    names = {"paged_query_offset": offsets, "paged_kv_len": kv_lens}
+    b_ = _B
+    position = ir.op("add", _Q, ir.load("paged_query_offset", (b_,)))
+    live = ir.op("lt", _KV, ir.load("paged_kv_len", (b_,)))
+    return gather(k_cache), gather(v_cache), _remap(pattern, b_, position, _KV, live, names)
+
+
+def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q, cu_seqlens_k) -> Pattern:
+    """The pattern of the dense packed call equal to the variable-length one (module docstring)."""
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        raise ValueError("a variable-length call takes the sequences packed in one batch row: q [1, Hq, total_q, D], "
+                         "k and v [1, Hkv, total_k, D]")
+    cu_q = _int_tensor("cu_seqlens_q", cu_seqlens_q, None, q.device).long()
+    cu_k = _int_tensor("cu_seqlens_k", cu_seqlens_k, None, q.device).long()
+    if cu_q.dim() != 1 or cu_q.shape != cu_k.shape or cu_q.numel() < 2:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must be [S + 1] each, S >= 1; got {list(cu_q.shape)} "
+                         f"and {list(cu_k.shape)}")
+    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[2]), ("cu_seqlens_k", cu_k, k.shape[2])):
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {cu.tolist()}")
+    len_q, len_k = cu_q.diff(), cu_k.diff()
+    if bool((len_q > len_k).any()):
+        s = int((len_q > len_k).nonzero()[0])
+        raise ValueError(f"sequence {s} has {int(len_q[s])} queries but {int(len_k[s])} keys; the queries are a "
+                         "sequence's last tokens, so at most as many")
+    S = len_q.numel()
+    seq_q = torch.repeat_interleave(torch.arange(S, device=q.device), len_q)
+    seq_k = torch.repeat_interleave(torch.arange(S, device=q.device), len_k)
+    pos_q = torch.arange(q.shape[2], device=q.device) - cu_q[seq_q] + (len_k - len_q)[seq_q]
+    pos_k = torch.arange(k.shape[2], device=q.device) - cu_k[seq_k]
+    names = {"varlen_seq_q": seq_q.int(), "varlen_seq_k": seq_k.int(), "varlen_pos_q": pos_q.int(),
+             "varlen_pos_k": pos_k.int()}
+    seq = ir.load("varlen_seq_q", (_Q,))
+    live = ir.op("eq", seq, ir.load("varlen_seq_k", (_KV,)))
+    return _remap(pattern, seq, ir.load("varlen_pos_q", (_Q,)), ir.load("varlen_pos_k", (_KV,)), live, names)

@@ -1,0 +1,149 @@
+"""Paged KV caches and packed variable-length batches (runtime/sequences.py), in Triton's
+interpreter, against an oracle built independently per sequence: `ac.reference` on that
+sequence's keys and a query tensor of its full length whose last rows are the call's queries
+(so query i of a sequence with L keys and Q_s queries sits at position L - Q_s + i)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc.dsl import ir
+
+
+def oracle(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, pattern, seed: int = 0):
+    """(out, lse) float64 of one sequence: q_s [Hq, Qs, D], k_s / v_s [Hkv, L, D]."""
+    Hq, Qs, D = q_s.shape
+    L = k_s.shape[1]
+    if L == 0:
+        return torch.zeros(Hq, Qs, v_s.shape[-1], dtype=torch.float64), torch.full((Hq, Qs), -torch.inf,
+                                                                                   dtype=torch.float64)
+    full = torch.randn(Hq, L, D, generator=torch.Generator().manual_seed(seed)).to(q_s.dtype)
+    full[:, L - Qs:] = q_s
+    out, lse = ac.reference(full[None], k_s[None], v_s[None], pattern, return_lse=True)
+    return out[0, :, L - Qs:], lse[0, :, L - Qs:]
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def paged_inputs(lens, Q_LEN=4, Hq=4, Hkv=2, D=16, page_size=16, num_pages=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_pages, page_size, Hkv, D, generator=g)
+    v_cache = torch.randn(num_pages, page_size, Hkv, D, generator=g)
+    max_pages = max(1, -(-max(lens) // page_size))
+    order = torch.randperm(num_pages, generator=g)
+    table = torch.full((len(lens), max_pages), -1, dtype=torch.int32)  # unused entries: never read
+    taken = 0
+    for b, n in enumerate(lens):
+        used = -(-n // page_size)
+        table[b, :used] = order[taken:taken + used].int()
+        taken += used
+    q = torch.randn(len(lens), Hq, Q_LEN, D, generator=g)
+    return q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32)
+
+
+def dense_sequence(cache, table, b, n):
+    """[Hkv, n, D] of sequence b, page by page (the oracle's own gather)."""
+    P = cache.shape[1]
+    rows = [cache[int(table[b, t // P]), t % P] for t in range(n)]
+    return torch.stack(rows, 1) if rows else cache.new_zeros(cache.shape[2], 0, cache.shape[3])
+
+
+PATTERNS = {
+    "causal": lambda: ac.patterns.causal(),
+    "sinks_window": lambda: ac.patterns.sinks(3, 10),
+    "alibi": lambda: ac.patterns.alibi(4),
+    "tree": lambda: ac.patterns.tree(torch.tensor([-1] + [i // 2 for i in range(63)])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_paged_decode_matches_each_sequence(name):
+    pattern = PATTERNS[name]()
+    lens = [37, 0, 50, 4]
+    q, kc, vc, table, kv_lens = paged_inputs(lens)
+    out, lse = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    for b, n in enumerate(lens):
+        want, want_lse = oracle(q[b], dense_sequence(kc, table, b, n), dense_sequence(vc, table, b, n), pattern)
+        if n == 0:
+            assert (out[b] == 0).all() and torch.isinf(lse[b]).all()
+            continue
+        assert rel(out[b], want) < 1e-5 and rel(lse[b], want_lse) < 1e-5, (name, b)
+
+
+def test_paged_gradients_reach_the_caches():
+    pattern = ac.patterns.sliding_window(12)
+    lens = [37, 20]
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Hq=2, Hkv=1)
+    leaves = [t.clone().requires_grad_() for t in (q, kc, vc)]
+    w = torch.randn_like(q)
+    grads = torch.autograd.grad((ac.attention(*leaves, pattern, page_table=table, kv_lens=kv_lens) * w).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (q, kc, vc)]
+    total = 0
+    for b, n in enumerate(lens):
+        out, _ = oracle(leaves64[0][b], dense_sequence(leaves64[1], table, b, n),
+                        dense_sequence(leaves64[2], table, b, n), pattern)
+        total = total + (out * w[b].double()).sum()
+    want = torch.autograd.grad(total, leaves64)
+    for a, e in zip(grads, want):
+        assert rel(a, e) < 1e-4
+
+
+def test_bad_paged_inputs_are_refused_clearly():
+    q, kc, vc, table, kv_lens = paged_inputs([37, 20])
+    run = lambda **kw: ac.attention(q, kc, vc, ac.patterns.causal(), **{"page_table": table, "kv_lens": kv_lens, **kw})  # noqa: E731
+    bad = table.clone()
+    bad[1, 0] = 99
+    with pytest.raises(ValueError, match=r"page_table\[1, 0\] = 99 is not a page of the 12-page cache"):
+        run(page_table=bad)
+    with pytest.raises(ValueError, match="page_table must be an int32 tensor, got torch.int64"):
+        run(page_table=table.long())
+    with pytest.raises(ValueError, match="each kv_len must be 0 or between Q_LEN=4"):
+        run(kv_lens=torch.tensor([37, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="each kv_len must be 0 or between"):
+        run(kv_lens=torch.tensor([37, 1000], dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_lens must have shape"):
+        run(kv_lens=torch.tensor([37], dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs both page_table and kv_lens"):
+        ac.attention(q, kc, vc, ac.patterns.causal(), page_table=table)
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        odd = torch.randn(12, 24, 2, 16)
+        ac.attention(q, odd, odd, ac.patterns.causal(), page_table=table, kv_lens=kv_lens)
+    with pytest.raises(ValueError, match="not both"):
+        run(cu_seqlens_q=torch.tensor([0, 4], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 4], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("name", ["causal", "sinks_window", "alibi"])
+def test_varlen_matches_each_sequence(name):
+    pattern = PATTERNS[name]()
+    len_q, len_k = [5, 0, 20, 1], [9, 3, 20, 30]  # decode-like, no queries, prefill, one new token
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, sum(len_q), 16, generator=g)
+    k, v = (torch.randn(1, 2, sum(len_k), 16, generator=g) for _ in range(2))
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu(len_q), cu_seqlens_k=cu(len_k), return_lse=True)
+    sq, sk = 0, 0
+    for nq, nk in zip(len_q, len_k):
+        if nq:
+            want, want_lse = oracle(q[0, :, sq:sq + nq], k[0, :, sk:sk + nk], v[0, :, sk:sk + nk], pattern)
+            assert rel(out[0, :, sq:sq + nq], want) < 1e-5 and rel(lse[0, :, sq:sq + nq], want_lse) < 1e-5
+        sq, sk = sq + nq, sk + nk
+
+
+def test_bad_varlen_inputs_are_refused_clearly():
+    q = torch.randn(1, 2, 10, 16)
+    k = torch.randn(1, 2, 12, 16)
+    cu = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(ValueError, match="sequence 0 has 6 queries but 5 keys"):
+        ac.attention(q, k, k, ac.patterns.causal(), cu_seqlens_q=cu(0, 6, 10), cu_seqlens_k=cu(0, 5, 12))
+    with pytest.raises(ValueError, match="cu_seqlens_k must rise from 0 to 12"):
+        ac.attention(q, k, k, ac.patterns.causal(), cu_seqlens_q=cu(0, 6, 10), cu_seqlens_k=cu(0, 8, 11))
+    with pytest.raises(ValueError, match="packed in one batch row"):
+        ac.attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), ac.patterns.causal(),
+                     cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12))
+    blocky = ac.Pattern.from_ir(block=ir.op("ge", ir.Var("qb"), ir.Var("kb")), block_size=16)
+    with pytest.raises(ValueError, match="block predicates"):
+        ac.attention(q, k, k, blocky, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12))
