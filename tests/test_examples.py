@@ -17,7 +17,8 @@ def example(name: str):
 
 
 @pytest.mark.parametrize("name", ["quickstart", "custom_pattern", "read_kernel", "property_test",
-                                  "document_packing", "neighborhood_2d", "tiny_transformer", "moba_topk"])
+                                  "document_packing", "neighborhood_2d", "tiny_transformer", "moba_topk",
+                                  "paged_decode"])
 def test_example_is_documented_and_short(name):
     module = example(name)
     doc = module.__doc__
@@ -99,3 +100,8 @@ def test_moba_topk():
     assert r["err"] < r["tolerance"] and r["err_new_selection"] < r["tolerance"]
     assert r["diagonal_kept"] and r["per_row"] <= 2 and r["selection_changed"]
     assert r["live"] < r["total"] * 0.75  # causal top-2 of 6 blocks per row: well under the causal half
+
+
+def test_paged_decode():
+    r = example("paged_decode").main(["--small"])
+    assert r["worst_err"] < r["tolerance"] and r["pages_used"] == 3 + 1 + 4  # 33, 8 and 50 tokens in 16-token pages
