@@ -7,6 +7,7 @@ from .runtime.api import create_mask, reference
 from .runtime.api import attention, compile
 from .compiler.blockmask import BlockMask
 from .runtime.api import create_block_mask, explain
+from .runtime.kvcache import KVCache
 from . import patterns
 
 __version__ = "0.1.0"
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["Pattern", "PatternError", "IRError", "param", "create_mask", "reference", "patterns"]
 __all__ += ["parse", "DSLError"]
 __all__ += ["attention", "compile"]
-__all__ += ["create_block_mask", "BlockMask", "explain"]
+__all__ += ["create_block_mask", "BlockMask", "explain", "KVCache"]
 
 
 def __getattr__(name):

@@ -147,3 +147,36 @@ def test_bad_varlen_inputs_are_refused_clearly():
     blocky = ac.Pattern.from_ir(block=ir.op("ge", ir.Var("qb"), ir.Var("kb")), block_size=16)
     with pytest.raises(ValueError, match="block predicates"):
         ac.attention(q, k, k, blocky, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12))
+
+
+def test_kvcache_serves_a_decode_loop():
+    g = torch.Generator().manual_seed(3)
+    cache = ac.KVCache(num_pages=12, page_size=16, heads=2, head_dim=16, batch=3, dtype=torch.float32)
+    keys = [[], [], []]
+    for b, n in enumerate([30, 5, 40]):  # prompts of different lengths
+        k, v = torch.randn(2, 1, 2, n, 16, generator=g)
+        cache.append(k, v, seqs=[b])
+        keys[b].append((k[0], v[0]))
+    pattern = ac.patterns.sinks(2, 8)
+    for _ in range(3):  # decode: a token for every sequence, then attention for it
+        k, v = torch.randn(2, 3, 2, 1, 16, generator=g)
+        cache.append(k, v)
+        for b in range(3):
+            keys[b].append((k[b], v[b]))
+        q = torch.randn(3, 4, 1, 16, generator=g)
+        out = cache.attention(q, pattern)
+        for b in range(3):
+            kb = torch.cat([x for x, _ in keys[b]], 1)
+            vb = torch.cat([y for _, y in keys[b]], 1)
+            assert rel(out[b], oracle(q[b], kb, vb, pattern)[0]) < 1e-5
+    assert cache.kv_lens.tolist() == [33, 8, 43]
+    with pytest.raises(ValueError, match="out of pages: appending 100 token"):  # 6 more pages, 5 free
+        cache.append(*torch.randn(2, 1, 2, 100, 16), seqs=[1])
+    assert cache.kv_lens.tolist() == [33, 8, 43]  # nothing written
+    cache.release(2)  # its 3 pages come back
+    cache.append(*torch.randn(2, 1, 2, 100, 16), seqs=[1])
+    assert cache.kv_lens.tolist() == [33, 108, 0] and (cache.page_table[2] == -1).all()
+    with pytest.raises(ValueError, match="k must be"):
+        cache.append(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        ac.KVCache(4, 20, 2, 16, 1)

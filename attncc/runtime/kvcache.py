@@ -1,0 +1,74 @@
+"""KVCache: the paged keys and values of a batch of sequences, for ac.attention's paged calls."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of `batch` sequences in `num_pages` pages of `page_size` tokens.
+
+    k, v: [num_pages, page_size, heads, head_dim]; page_table: int32 [batch, num_pages] (a
+    sequence's pages in order, -1 past them); kv_lens: int32 [batch]. `append` writes new tokens
+    (taking free pages as sequences grow), `release` frees a finished sequence's pages,
+    `attention(q, pattern)` is `ac.attention(q, k, v, pattern, page_table=..., kv_lens=...)`:
+    q [batch, Hq, Q_LEN, head_dim] are each sequence's newest Q_LEN tokens (appended first).
+    """
+
+    def __init__(self, num_pages: int, page_size: int, heads: int, head_dim: int, batch: int, *,
+                 dtype: torch.dtype = torch.bfloat16, device=None, head_dim_v: int | None = None):
+        for name, x in (("num_pages", num_pages), ("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+            if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+                raise ValueError(f"{name} must be a positive int, got {x!r}")
+        if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 16, got {page_size!r}")
+        self.page_size = page_size
+        self.k = torch.zeros(num_pages, page_size, heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_pages, page_size, heads, head_dim_v or head_dim, dtype=dtype, device=device)
+        self.page_table = torch.full((batch, num_pages), -1, dtype=torch.int32, device=self.k.device)
+        self.kv_lens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        self._lens = [0] * batch                      # host copies: bookkeeping without device syncs
+        self._pages: list[list[int]] = [[] for _ in range(batch)]
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is taken first
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, seqs: list[int] | None = None) -> None:
+        """Write n new tokens of each of `seqs` (default: every sequence): k [len(seqs), heads, n,
+        head_dim], v [.., head_dim_v]. A ValueError (nothing written) when pages run out."""
+        seqs = list(range(len(self._lens))) if seqs is None else list(seqs)
+        if k.dim() != 4 or k.shape[0] != len(seqs) or k.shape[1] != self.k.shape[2] or k.shape[3] != self.k.shape[3]:
+            raise ValueError(f"k must be [{len(seqs)}, {self.k.shape[2]}, n, {self.k.shape[3]}], got {list(k.shape)}")
+        if v.shape[:3] != k.shape[:3] or v.shape[3] != self.v.shape[3]:
+            raise ValueError(f"v must be [{len(seqs)}, {self.v.shape[2]}, {k.shape[2]}, {self.v.shape[3]}], "
+                             f"got {list(v.shape)}")
+        if len(set(seqs)) != len(seqs) or any(not 0 <= b < len(self._lens) for b in seqs):
+            raise ValueError(f"seqs must be distinct sequence indices below {len(self._lens)}, got {seqs}")
+        n, P = k.shape[2], self.page_size
+        need = sum(-(-(self._lens[b] + n) // P) - len(self._pages[b]) for b in seqs)
+        if need > len(self._free):
+            raise ValueError(f"the cache is out of pages: appending {n} token(s) needs {need} more, "
+                             f"{len(self._free)} are free (release finished sequences)")
+        rows = []
+        for b in seqs:
+            while len(self._pages[b]) * P < self._lens[b] + n:
+                page = self._free.pop()
+                self.page_table[b, len(self._pages[b])] = page
+                self._pages[b].append(page)
+            rows += [self._pages[b][t // P] * P + t % P for t in range(self._lens[b], self._lens[b] + n)]
+            self._lens[b] += n
+        index = torch.tensor(rows, device=self.k.device)
+        self.k.view(-1, *self.k.shape[2:])[index] = k.transpose(1, 2).flatten(0, 1).to(self.k.dtype)
+        self.v.view(-1, *self.v.shape[2:])[index] = v.transpose(1, 2).flatten(0, 1).to(self.v.dtype)
+        self.kv_lens.copy_(torch.tensor(self._lens, dtype=torch.int32))
+
+    def release(self, b: int) -> None:
+        """Free sequence b's pages; it starts again empty."""
+        self._free += reversed(self._pages[b])
+        self._pages[b] = []
+        self._lens[b] = 0
+        self.page_table[b] = -1
+        self.kv_lens[b] = 0
+
+    def attention(self, q: torch.Tensor, pattern=None, **kwargs):
+        """ac.attention over the cache: q [batch, Hq, Q_LEN, head_dim], the sequences' newest tokens."""
+        from .api import attention
+
+        return attention(q, self.k, self.v, pattern, page_table=self.page_table, kv_lens=self.kv_lens, **kwargs)
