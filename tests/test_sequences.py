@@ -180,3 +180,42 @@ def test_kvcache_serves_a_decode_loop():
         cache.append(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         ac.KVCache(4, 20, 2, 16, 1)
+
+
+@pytest.mark.parametrize("name, splits", [("sinks_window", 5), ("alibi", 64), ("causal", 2)])
+def test_split_kv_matches_the_reference(name, splits):
+    g = torch.Generator().manual_seed(splits)
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = (torch.randn(2, 2, 61, 16, generator=g) for _ in range(2))
+    pattern = PATTERNS[name]() if name != "causal" else ac.patterns.causal(offset=58)  # the last 3 positions
+    out, lse = ac.attention(q, k, v, pattern, return_lse=True, kernel_options={"kv_splits": splits})
+    ref, ref_lse = ac.reference(q, k, v, pattern, return_lse=True)
+    live = torch.isfinite(ref_lse)
+    assert rel(out, ref) < 1e-5 and rel(lse[live], ref_lse[live]) < 1e-5
+    assert torch.equal(torch.isfinite(lse), live)
+
+
+def test_split_kv_gradients_empty_rows_and_paged_calls():
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 4, 16, generator=g)
+    k, v = (torch.randn(1, 2, 50, 16, generator=g) for _ in range(2))
+    pattern = ac.Pattern(lambda b, h, q, kv: kv < 10 * q)  # query 0 sees nothing
+    out, lse = ac.attention(q, k, v, pattern, return_lse=True, kernel_options={"kv_splits": 4})
+    assert (out[:, :, 0] == 0).all() and torch.isinf(lse[:, :, 0]).all() and not out.isnan().any()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    w = torch.randn_like(q)
+    ours = torch.autograd.grad((ac.attention(*leaves, pattern, kernel_options={"kv_splits": 3}) * w).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad((ac.reference(*leaves64, pattern) * w.double()).sum(), leaves64)
+    assert all(rel(a, b) < 1e-4 for a, b in zip(ours, want))
+    lens = [37, 0, 50, 4]
+    q, kc, vc, table, kv_lens = paged_inputs(lens)
+    plain = ac.attention(q, kc, vc, ac.patterns.sinks(3, 10), page_table=table, kv_lens=kv_lens)
+    split = ac.attention(q, kc, vc, ac.patterns.sinks(3, 10), page_table=table, kv_lens=kv_lens,
+                         kernel_options={"kv_splits": 4})
+    assert rel(split, plain.double()) < 1e-5
+    x = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="kv_splits'] must be a positive int"):
+        ac.attention(x, x, x, kernel_options={"kv_splits": 0})
+    with pytest.raises(ValueError, match="options of ac.attention calls"):
+        ac.compile(ac.patterns.causal(), x, x, x, kernel_options={"kv_splits": 2})

@@ -189,6 +189,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
             k, v, pattern = paged_call(q, k, v, _pattern(pattern), page_table, kv_lens)
         else:
             pattern = varlen_call(q, k, _pattern(pattern), cu_seqlens_q, cu_seqlens_k)
+    if (kernel_options or {}).get("kv_splits", 1) != 1:
+        from .sequences import merge_splits, split_kv
+
+        if torch.compiler.is_compiling():
+            raise ValueError("kernel_options kv_splits does not run under torch.compile yet")
+        check_qkv(q, k, v)
+        options = dict(kernel_options)
+        q2, k2, v2, split, S = split_kv(q, k, v, _pattern(pattern), options.pop("kv_splits"))
+        out, lse = merge_splits(*attention(q2, k2, v2, split, scale=check_scale(scale, q.shape[-1]), return_lse=True,
+                                           kernel_options=options), S)
+        return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)

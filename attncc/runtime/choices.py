@@ -41,6 +41,8 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
 _TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
 _OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma", "deterministic")
+# handled by ac.attention before a kernel is chosen (runtime/sequences.split_kv), refused elsewhere
+CALL_OPTIONS = ("kv_splits",)
 BACKENDS = ("triton", "fa4", "sdpa-cudnn")
 
 
@@ -187,6 +189,9 @@ def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:
 def check_options(options) -> dict:
     """kernel_options as a dict; unknown keys or backends are a ValueError naming them."""
     options = dict(options or {})
+    calls = sorted(set(options) & set(CALL_OPTIONS))
+    if calls:
+        raise ValueError(f"kernel_options {calls} are options of ac.attention calls, not of a compiled kernel")
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")

@@ -16,6 +16,9 @@ own buffers are indexed by positions within a sequence (size them to the longest
 - varlen (`varlen_call`): q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D], the sequences
   concatenated; cu_seqlens_q, cu_seqlens_k int32 [S + 1], non-decreasing from 0 to the totals,
   each sequence with at most as many queries as keys.
+- split-KV (`split_kv`, kernel_options kv_splits=S): the keys cut into S chunks that run as S
+  batch rows of one launch (more programs for a few queries over many keys), merged by their
+  LSE (`merge_splits`); the pattern sees the original positions.
 """
 from __future__ import annotations
 
@@ -122,3 +125,33 @@ def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q
     seq = ir.load("varlen_seq_q", (_Q,))
     live = ir.op("eq", seq, ir.load("varlen_seq_k", (_KV,)))
     return _remap(pattern, seq, ir.load("varlen_pos_q", (_Q,)), ir.load("varlen_pos_k", (_KV,)), live, names)
+
+
+def split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, splits: int):
+    """(q, k, v, pattern) of the call that runs `splits` kv chunks as batch rows: row b * S + s
+    holds batch b's keys s * C .. s * C + C - 1 (C = ceil(KV / splits), S = ceil(KV / C), the
+    last chunk zero-padded and masked off)."""
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"kernel_options['kv_splits'] must be a positive int, got {splits!r}")
+    KV = k.shape[2]
+    C = -(-KV // splits)
+    S = -(-KV // C)
+    pad = S * C - KV
+
+    def chunks(t):  # [B, Hkv, KV, D] -> [B * S, Hkv, C, D]
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+        return t.unflatten(2, (S, C)).transpose(1, 2).flatten(0, 1)
+
+    position = ir.op("add", _KV, ir.op("mul", ir.op("mod", _B, ir.const(S)), ir.const(C)))
+    live = ir.op("lt", position, ir.const(KV))
+    split = _remap(pattern, ir.op("floordiv", _B, ir.const(S)), _Q, position, live, {})
+    return q.repeat_interleave(S, dim=0), chunks(k), chunks(v), split, S
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor, S: int):
+    """(out [B, Hq, Q, Dv] in out's dtype, lse [B, Hq, Q]) from S splits' out [B * S, ...] and lse,
+    each weighted by exp(lse_s - lse); rows no split sees stay zeros with lse -inf."""
+    out, lse = out.unflatten(0, (-1, S)), lse.unflatten(0, (-1, S))
+    total = torch.logsumexp(lse, dim=1)
+    weight = torch.exp(lse - total[:, None]).nan_to_num(0.0)  # -inf - -inf: a row no split sees
+    return (weight[..., None] * out.float()).sum(1).to(out.dtype), total
