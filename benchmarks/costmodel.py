@@ -14,7 +14,6 @@ pick within 5% of the best in >= 90% of cases and never worse than 15%, Spearman
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from attncc.runtime.choices import TRITON_CANDIDATES  # noqa: E402
 from attncc.runtime.inputs import check_qkv  # noqa: E402
 from attncc.runtime.kernel import META_CACHE  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
+from benchmarks.report import write_table  # noqa: E402
 
 PATTERNS = "full,causal,swa1024,prefixlm2048,document,alibi,softcap,dilated,natten2d"
 
@@ -119,12 +119,7 @@ def main(argv=None) -> dict:
                  f"{statistics.median(r['spearman'] for r in results):.2f} (device {device}, profile "
                  f"{results[0]['profile'] if results else '-'})")
     print("\n".join(lines))
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "costmodel.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out_dir, "costmodel.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_table(args.out_dir, "costmodel", results, lines)
     return {"results": results}
 
 

@@ -125,3 +125,17 @@ def write(result: dict, bases: list[Path]) -> str:
         base.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         base.with_suffix(".md").write_text(text)
     return text
+
+
+def write_table(out_dir: str | None, stem: str, rows, lines: list[str]) -> None:
+    """A small benchmark's rows as <out_dir>/<stem>.json and its table as <stem>.md (no out_dir: nothing)."""
+    if not out_dir:
+        return
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
