@@ -17,7 +17,7 @@ def test_buffers_cap_the_lengths_and_heads_drawn():
 
 
 def test_each_distinct_failure_is_reported_with_its_smallest_example(monkeypatch):
-    def fake_compare(pattern, q, k, v):
+    def fake_compare(pattern, q, k, v, **options):
         if q.shape[2] % 2:
             raise ValueError(f"odd length {q.shape[2]}")
         raise AssertionError(f"even length {q.shape[2]}")
