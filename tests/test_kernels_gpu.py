@@ -232,3 +232,40 @@ def test_layouts_at_real_sizes(make):
     ref_grads = torch.autograd.grad((ref * w.double()).sum(), (qd, kd, vd))
     assert rel(out, ref) < 2e-2
     assert all(rel(a, b) < 3e-2 for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("splits", [1, 8])
+def test_paged_and_varlen_calls_at_real_sizes(splits):
+    from test_sequences import oracle
+
+    lens = [8191, 64, 3000, 0]
+    cache = ac.KVCache(num_pages=256, page_size=64, heads=8, head_dim=128, batch=4, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    chunks = []
+    for b, n in enumerate(lens):
+        if n:
+            k, v = torch.randn(2, 1, 8, n, 128, device="cuda", generator=g).bfloat16()
+            cache.append(k, v, seqs=[b])
+            chunks.append((k[0], v[0]))
+        else:
+            chunks.append(None)
+    q = torch.randn(4, 32, 4, 128, device="cuda", generator=g).bfloat16()
+    pattern = ac.patterns.sinks(4, 1024)
+    out = cache.attention(q, pattern, kernel_options={"kv_splits": splits})
+    for b, kv in enumerate(chunks):
+        if kv is None:
+            assert (out[b] == 0).all()
+            continue
+        want, _ = oracle(q[b], kv[0], kv[1], pattern)
+        assert rel(out[b], want) < 2e-2
+    # the same sequences packed: one new token each for the non-empty ones
+    live = [b for b, kv in enumerate(chunks) if kv is not None]
+    qp = torch.cat([q[b, :, -1:] for b in live], 1)[None]
+    kp = torch.cat([chunks[b][0] for b in live], 1)[None]
+    vp = torch.cat([chunks[b][1] for b in live], 1)[None]
+    cu = lambda lengths: torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
+                                      device="cuda")
+    packed = ac.attention(qp, kp, vp, pattern, cu_seqlens_q=cu([1] * len(live)), cu_seqlens_k=cu([lens[b] for b in live]))
+    for i, b in enumerate(live):
+        want, _ = oracle(q[b, :, -1:], chunks[b][0], chunks[b][1], pattern)
+        assert rel(packed[0, :, i:i + 1], want) < 2e-2

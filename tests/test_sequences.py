@@ -16,9 +16,9 @@ def oracle(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, pattern, see
     Hq, Qs, D = q_s.shape
     L = k_s.shape[1]
     if L == 0:
-        return torch.zeros(Hq, Qs, v_s.shape[-1], dtype=torch.float64), torch.full((Hq, Qs), -torch.inf,
-                                                                                   dtype=torch.float64)
-    full = torch.randn(Hq, L, D, generator=torch.Generator().manual_seed(seed)).to(q_s.dtype)
+        return (torch.zeros(Hq, Qs, v_s.shape[-1], dtype=torch.float64, device=q_s.device),
+                torch.full((Hq, Qs), -torch.inf, dtype=torch.float64, device=q_s.device))
+    full = torch.randn(Hq, L, D, generator=torch.Generator().manual_seed(seed)).to(q_s.device, q_s.dtype)
     full[:, L - Qs:] = q_s
     out, lse = ac.reference(full[None], k_s[None], v_s[None], pattern, return_lse=True)
     return out[0, :, L - Qs:], lse[0, :, L - Qs:]
