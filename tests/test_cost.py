@@ -95,6 +95,8 @@ def test_explain_on_meta_tensors(make, target):
         assert part in text, part
     assert "<- runs" in text or "sdpa-cudnn" in text
     assert ("fa4 " in text) == (target in ("h200", "h100"))  # both profiles model fa4
+    fa4_line = next(line for line in text.splitlines() if line.strip().startswith("fa4 "))
+    assert ("fa4 could run this call" in text) == ("<- runs" not in fa4_line)
 
 
 def test_explain_refuses_bad_targets_and_meta_without_one():
@@ -109,6 +111,7 @@ def test_explain_on_cpu_and_the_cli(capsys):
     q, k, v = (torch.randn(1, 2, 200, 32) for _ in range(3))
     text = ac.explain(ac.patterns.sliding_window(40), q, k, v)
     assert "a generic CUDA GPU" in text and "triton  32x32" in text and "<- runs" in text
+    assert "fa4 cannot run this call: fa4 runs on CUDA tensors only" in text
     assert ac.compile(ac.patterns.sliding_window(40), q, k, v).predicted_ms is None  # CPU: no GPU to predict
     from attncc.cli import main
 

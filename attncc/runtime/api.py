@@ -262,12 +262,13 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     if target is not None:
         lists = torch.device("cpu")
         chosen = choose_on_target(kp, s, q.dtype, target, options)
-        fa4_ok = fa4.refusal_on(kp, s, TARGETS[target][1], q.dtype, lists, assume_installed=True) is None
+        why_not_fa4 = fa4.refusal_on(kp, s, TARGETS[target][1], q.dtype, lists, assume_installed=True)
     else:
         lists = q.device
         _, _, _, choice = _prepare(kp, q, k, v, None, options, False)
         chosen = (choice.backend, choice.tiles)
-        fa4_ok = q.is_cuda and fa4.refusal(kp, s, q) is None
+        why_not_fa4 = fa4.refusal(kp, s, q)
+    fa4_ok = why_not_fa4 is None
     candidates = [("triton", t) for t in TRITON_CANDIDATES]
     if chosen[0] == "triton" and chosen[1] not in TRITON_CANDIDATES:
         candidates.append(chosen)
@@ -276,6 +277,10 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates, png)
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
+    if not fa4_ok:
+        text += f"\nfa4 cannot run this call: {why_not_fa4}"
+    elif chosen[0] != "fa4":
+        text += "\nfa4 could run this call; the measured rules prefer the marked one (runtime/choices.py)"
     return text
 
 
