@@ -211,17 +211,16 @@ def _show_target(pattern: ac.Pattern, args) -> int:
     s = check_qkv(q, k, v)
     kp = pattern.kernel_pattern
     print(f"\n== on the {name} (sm_{capability[0]}{capability[1]}), q {list(q.shape)}, k/v {list(k.shape)} {q.dtype}")
-    why = fa4.refusal_on(kp, s, capability, q.dtype, "cpu", assume_installed=True)
-    if why is None:
-        call = fa4.describe(kp, s, "cpu")
+    backend, tiles = choices.choose_on_target(kp, s, q.dtype, args.target, {})
+    if backend == "fa4":
         print("# backend: fa4 (FlashAttention-4's kernels with these hooks; it must be installed there: "
               "pip install 'attncc[fa4]')")
-        print(call)
+        print(fa4.describe(kp, s, "cpu"))
         return 0
-    backend = "sdpa-cudnn" if choices.sdpa_refusal(kp, s, "cuda", q.dtype, False, assume_installed=True) is None else "triton"
-    tiles = choices.choose_tiles(s, q.dtype, torch.device("cuda"), {})
-    print(f"# backend: {backend} (not fa4: {why}); Triton tiles {tiles}"
-          + (" (SDPA's cuDNN kernel runs; this is attncc's fallback)" if backend == "sdpa-cudnn" else ""))
+    why = fa4.refusal_on(kp, s, capability, q.dtype, "cpu", assume_installed=True)
+    print(f"# backend: {backend} (not fa4: {why or 'the measured rules of runtime/choices.py prefer it'}); "
+          f"Triton tiles {tiles}" + (" (SDPA's cuDNN kernel runs; this is attncc's fallback)"
+                                     if backend == "sdpa-cudnn" else ""))
     _, meta = META_CACHE.get(kp, s, tiles, torch.device("cpu"))
     specs = {n: BufferSpec.of(n, t) for n, t in kp.buffers.items()}
     print(generate("forward", kp, specs, tiles, meta.plan, ac.__version__))

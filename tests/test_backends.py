@@ -90,11 +90,16 @@ def test_cpu_calls_name_the_triton_backend():
 def test_show_target_prints_the_hooks_and_the_call(capsys):
     from attncc.cli import main
 
-    assert main(["show", "param W = 100\nmask = q >= kv and q - kv < W\nscore = score * 0.5", "--target", "h200",
-                 "--q-len", "300"]) == 0
+    # a prefix-LM at 8192 tokens: block-sparse with long rows, where fa4 measured faster
+    assert main(["show", "param W = 2048\nmask = kv < W or q >= kv\nscore = score * 0.5", "--target", "h200",
+                 "--q-len", "8192"]) == 0
     out = capsys.readouterr().out
     assert "backend: fa4" in out and "def mask_mod(" in out and "def score_mod(" in out
     assert "p_W = aux_scalars[0]" in out and "_flash_attn_fwd" in out
+    # a short window: fa4 could run it, but Triton measured faster there (what auto picks on the H200)
+    assert main(["show", "param W = 100\nmask = q >= kv and q - kv < W", "--target", "h200", "--q-len", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: triton (not fa4: the measured rules" in out and "@triton.jit" in out
     assert main(["show", "mask = q >= kv", "--target", "h100", "--head-dim", "256"]) == 0
     out = capsys.readouterr().out
     assert "backend: sdpa-cudnn (not fa4:" in out and "@triton.jit" in out

@@ -161,17 +161,16 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
 
     capability = TARGETS[target][1]
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    forced = options.get("backend", "auto")
-    fa4_ok = fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True) is None
-    if forced == "fa4" or (forced == "auto" and fa4_ok and fa4_measured_faster(pattern, s, cpu)):
-        if not fa4_ok:
-            raise ValueError(f"kernel_options backend='fa4' cannot run this call on the {TARGETS[target][0]}: "
-                             + fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True))
+    backend = _pick_backend(
+        options.get("backend", "auto"), True,
+        lambda: fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True),
+        lambda: fa4_measured_faster(pattern, s, cpu),
+        lambda: sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True), f" on the {TARGETS[target][0]}")
+    if backend == "fa4":
         return "fa4", fa4.TILE
-    if forced in ("auto", "sdpa-cudnn") and sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True) is None:
-        return "sdpa-cudnn", choose_tiles(s, dtype, cuda, options)
     tiles = choose_tiles(s, dtype, cuda, options)
-    return "triton", refine_tiles(pattern, s, tiles, cuda, dtype, options, lists_device=cpu)
+    return backend, refine_tiles(pattern, s, tiles, cuda, dtype, options, lists_device=cpu) if backend == "triton" \
+        else tiles
 
 
 def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:
@@ -217,21 +216,29 @@ def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, 
     """
     from . import fa4
 
-    forced = options.get("backend", "auto")
+    return _pick_backend(options.get("backend", "auto"), q.is_cuda, lambda: fa4.refusal(pattern, s, q),
+                         lambda: fa4_measured_faster(pattern, s, q.device),
+                         lambda: sdpa_refusal(pattern, s, q.device.type, q.dtype, return_lse))
+
+
+def _pick_backend(forced: str, cuda: bool, fa4_refusal, fa4_faster, cudnn_refusal, where: str = "") -> str:
+    """choose_backend's rule over its facts, asked only when needed: fa4_refusal() / cudnn_refusal()
+    say why a backend cannot run (None: it can), fa4_faster() whether fa4 measured faster; `where`
+    ends the error of a forced backend that cannot run ("" or " on the NVIDIA H200")."""
     if forced == "triton":
         return "triton"
     if forced == "sdpa-cudnn":
-        why = sdpa_refusal(pattern, s, q.device.type, q.dtype, return_lse)
+        why = cudnn_refusal()
         if why:
-            raise ValueError(f"kernel_options backend='sdpa-cudnn' cannot run this call: {why}")
+            raise ValueError(f"kernel_options backend='sdpa-cudnn' cannot run this call{where}: {why}")
         return "sdpa-cudnn"
-    if forced == "fa4" or q.is_cuda:
-        why = fa4.refusal(pattern, s, q)
+    if forced == "fa4" or cuda:
+        why = fa4_refusal()
         if forced == "fa4" and why:
-            raise ValueError(f"kernel_options backend='fa4' cannot run this call: {why}")
-        if not why and (forced == "fa4" or fa4_measured_faster(pattern, s, q.device)):
+            raise ValueError(f"kernel_options backend='fa4' cannot run this call{where}: {why}")
+        if not why and (forced == "fa4" or fa4_faster()):
             return "fa4"
-    return "sdpa-cudnn" if sdpa_refusal(pattern, s, q.device.type, q.dtype, return_lse) is None else "triton"
+    return "sdpa-cudnn" if cudnn_refusal() is None else "triton"
 
 
 def fa4_measured_faster(pattern: Pattern, s: Shapes, device) -> bool:
