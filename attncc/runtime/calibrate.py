@@ -90,7 +90,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     overheads: dict = {}  # backend -> their per-program prologues, us
     for backend, tiles in configs:
         key = f"{tiles.BLOCK_M}x{tiles.BLOCK_N}"
-        ms, _ = _measure(full, q, k, v, "triton" if backend == "triton" else "fa4", tiles)
+        ms, _ = _measure(full, q, k, v, backend, tiles)
         rate = 2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12
         spec = backends.setdefault(backend, {"tflops": {}, "partial_factor": 1.0, "program_us": 0.0,
                                              "programs_per_sm": dict(base.backends.get(backend, {}).get(
