@@ -88,6 +88,8 @@ def run_pattern(name: str, N: int, B: int, H: int, D: int, device: torch.device)
         predicted = cost.simulate(meta, B, H, D, kern.tiles, kern.backend, profile).ms \
             if kern.backend in profile.backends else float("nan")
         rows.append({"config": label, "measured_ms": measured, "predicted_ms": predicted, "rel_err": err})
+        print(f"{name}: {label} measured {measured:.3f} ms, predicted {predicted:.3f} ms, rel err {err:.1e}",
+              flush=True)
     auto = ac.compile(pattern, q, k, v)
     auto_ms = time_ms(lambda: auto(q, k, v), device)
     best = min(r["measured_ms"] for r in rows)

@@ -81,6 +81,20 @@ def test_torch_compile_with_a_layout():
     assert all(torch.equal(a, b) for a, b in zip(eager, got))
 
 
+def test_triton_kernels_gather_rows_instead_of_permuting(monkeypatch):
+    pat = ac.patterns.natten2d(8, 12, 3).with_layout(Layout((8, 12), (4, 4), (2, 1)))
+    q, k, v = qkv(1, 4, 2, 96, 96, 16, seed=3)
+    kern = ac.compile(pat, q, k, v, kernel_options={"backend": "triton"})
+    assert f"The natural index of kernel position p in {pat.layout!r}" in kern.source
+    assert "token_row(offs_n)" in kern.backward_source
+
+    def refuse(*_):
+        raise AssertionError("a permuted copy was made")
+    monkeypatch.setattr(Layout, "permute", refuse)
+    monkeypatch.setattr(Layout, "unpermute", refuse)
+    check(pat, q, k, v)  # forward, LSE and gradients straight from natural-order tensors
+
+
 def test_dilated_runs_in_its_residue_layout():
     pat = ac.patterns.dilated(60, 4, seq_len=96)  # within a class of 24 tokens: a window of 15
     assert pat.layout == Layout((96,), (1,), 4)

@@ -16,6 +16,7 @@ from ..dsl import ir
 from ..dsl.pattern import Pattern
 from .derivative import derivative
 from .evaluate import token_mask
+from .layout import Layout
 from .lowering import HELPERS, BufferSpec, lower_function
 from .numerics import NumericPlan
 
@@ -64,14 +65,26 @@ def score_derivative(pattern: Pattern) -> ir.Node:
 KINDS = ("forward", "backward")
 
 
+def token_row(layout: Layout | None) -> str:
+    """The kernels' `token_row(p)`: the row of kernel position p in the tensors they read and
+    write — p itself, or with a token layout its natural index, so the kernels gather and scatter
+    rows in place of permuted copies of q, k, v, out and lse."""
+    if layout is None:
+        return '@triton.jit\ndef token_row(p):\n    """Tensors are in kernel order."""\n    return p'
+    return (f'@triton.jit\ndef token_row(p):\n    """The natural index of kernel position p in {layout!r}."""\n'
+            f"    return {layout.row_expression('p')}")
+
+
 def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec],
-             config: TileConfig | BackwardTiles, plan: NumericPlan, version: str) -> str:
+             config: TileConfig | BackwardTiles, plan: NumericPlan, version: str,
+             layout: Layout | None = None) -> str:
     """Stand-alone Python source of the `kind` kernels (one of KINDS) and their launcher.
 
     `config`: a TileConfig for the forward, BackwardTiles for the backward. The source depends on
     the pattern's IR, the buffers' dtypes and ranks, `config` and the
     numeric plan (not on param values or buffer contents, except through the plan's types);
-    q/k/v dtype, head dims, GQA group and list contiguity are constexpr arguments.
+    q/k/v dtype, head dims, GQA group and list contiguity are constexpr arguments. `layout`: the
+    pattern is in this token layout's kernel order, the tensors in natural order (token_row).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; known: {KINDS}")
@@ -105,6 +118,7 @@ def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec],
         "PATTERN": _describe(pattern, bufs, plan, roots),
         "CONFIG": str(config),
         "HELPERS": "".join(HELPERS[h] + "\n\n\n" for h in sorted(helpers)),
+        "TOKEN_ROW": token_row(layout),
         "EXTRA_ARGS": extra_args,
         "EXTRA_PARAMS": "".join(f"\n    {a}," for a in buffer_args)
         + ("\n    FAST_TANH: tl.constexpr," if fast_tanh else ""),

@@ -64,10 +64,13 @@ class Layout:
                 raise ValueError(f"canvas {self.canvas} is not a whole number of bricks {self.brick} per "
                                  f"dilation class {self.dilation}")
         self.n = math.prod(self.canvas)
+        if self.n >= 2 ** 30:
+            raise ValueError(f"canvas {self.canvas} has {self.n} tokens; layouts support fewer than 2**30")
         p = torch.arange(self.n)
         self.perm = self._natural(p, lambda x, y: x // y, lambda x, y: x % y)
         self.inverse = torch.empty_like(self.perm)
         self.inverse[self.perm] = p
+        self._copies: dict = {}
 
     def __repr__(self) -> str:
         return f"Layout(canvas={self.canvas}, brick={self.brick}, dilation={self.dilation})"
@@ -109,6 +112,11 @@ class Layout:
             return _Expr(ir.op("mod", _node(x), const(y)))
         return _node(self._natural(_Expr(p), div, mod))
 
+    def row_expression(self, p: str) -> str:
+        """Triton source of the natural index of kernel position `p` (a name of an int32 tensor >= 0;
+        every intermediate value stays below n + n, so int32 holds it: n < 2**30 is checked)."""
+        return str(self._natural(_Text(p), _Text.div, _Text.mod))
+
     def compose(self, pattern):
         """The pattern in kernel coordinates: its token mask and score with q, kv replaced by
         natural(q), natural(kv) (block predicate folded in; params and buffers kept)."""
@@ -131,11 +139,35 @@ class Layout:
 
     def permute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """x (natural token order along `dim`) in kernel order: x.index_select(dim, perm)."""
-        return x.index_select(dim, self.perm.to(x.device))
+        return x.index_select(dim, self._on(x.device, self.perm))
 
     def unpermute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """x (kernel order along `dim`) back in natural token order."""
-        return x.index_select(dim, self.inverse.to(x.device))
+        return x.index_select(dim, self._on(x.device, self.inverse))
+
+    def _on(self, device: torch.device, index: torch.Tensor) -> torch.Tensor:
+        """`index` on `device`, copied there once (a copy per call would wait for the GPU)."""
+        key = (device, index is self.perm)
+        if key not in self._copies:
+            self._copies[key] = index.to(device)
+        return self._copies[key]
+
+
+class _Text(str):
+    """Source text with + and * by ints (and floor ops by ints), so `_natural` prints Triton
+    expressions; the identities x * 1, x + 0, x // 1 and x % 1 = 0 print nothing."""
+
+    def __add__(self, other):
+        return self if str(other) == "0" else _Text(other) if self == "0" else _Text(f"({self} + {other})")
+
+    def __mul__(self, other):
+        return self if other == 1 else _Text(f"({self} * {other})")
+
+    def div(self, y: int):
+        return self if y == 1 else _Text(f"({self} // {y})")
+
+    def mod(self, y: int):
+        return _Text("0") if y == 1 else _Text(f"({self} % {y})")
 
 
 class _Expr:

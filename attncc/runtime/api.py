@@ -125,8 +125,14 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     backend = choose_backend(pattern, s, q, options, return_lse)
     if backend == "triton":
         tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
+    tma = choose_tma(s, q.device, options)
+    if layout is not None and tma:
+        if options.get("tma"):
+            raise ValueError("kernel_options tma=True reads contiguous kv rows, but this pattern's token "
+                             "layout has the kernels gather them; leave tma unset")
+        tma = False
     choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
-                          choose_tma(s, q.device, options), layout, options.get("deterministic", True))
+                          tma, layout, options.get("deterministic", True))
     return pattern, s, check_scale(scale, s.D), choice
 
 

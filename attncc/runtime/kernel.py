@@ -21,6 +21,7 @@ import torch
 from ..compiler.codegen import BackwardTiles, TileConfig, generate, kernel_roots
 from ..compiler.domain import check_domain
 from ..compiler.evaluate import token_mask
+from ..compiler.layout import Layout
 from ..compiler.lowering import BufferSpec
 from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
@@ -259,14 +260,15 @@ _MODULES: dict[tuple, types.ModuleType] = {}
 
 
 def kernel_module(pattern: Pattern, config: TileConfig | BackwardTiles, plan: NumericPlan, *, interpret: bool,
-                  kind: str = "forward") -> types.ModuleType:
-    """The generated `kind` module for `pattern`, `config` and `plan` (disk- and memory-cached)."""
+                  kind: str = "forward", layout: Layout | None = None) -> types.ModuleType:
+    """The generated `kind` module for `pattern`, `config` and `plan` (disk- and memory-cached);
+    `layout`: the pattern is in its kernel order, the module's tensors in natural order."""
     import attncc
 
     memo = (pattern.mask, pattern.score, pattern.block, pattern.block_size if pattern.has_block_mask else None,
             tuple((n, pattern.param_kind(n)) for n in pattern.params),
             tuple((n, t.dtype, t.dim()) for n, t in pattern.buffers.items()), config, plan.signature, interpret,
-            kind)
+            kind, layout)
     if memo in _MODULES:
         return _MODULES[memo]
     specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
@@ -278,9 +280,11 @@ def kernel_module(pattern: Pattern, config: TileConfig | BackwardTiles, plan: Nu
         "buffers": ",".join(f"{b.name}:{b.dtype}:{b.ndim}" for b in specs.values()),
         "config": str(config),
         "plan": plan.signature,
+        "rows": repr(layout),
     }
     module = _MODULES[memo] = cache.load_kernel_module(
-        parts, lambda: generate(kind, pattern, specs, config, plan, attncc.__version__), interpret=interpret)
+        parts, lambda: generate(kind, pattern, specs, config, plan, attncc.__version__, layout),
+        interpret=interpret)
     return module
 
 
@@ -319,7 +323,8 @@ class Kernel:
     are FA4's 128x128) or "sdpa-cudnn" (SDPA's cuDNN backend, forward and backward, for plain full
     or equal-length causal attention with no score mod on CUDA). With a token layout (`layout`,
     compiler/layout.py) the kernels, `.source` and `.block_mask` are in the layout's token order;
-    `__call__` takes and returns natural order. `predicted_ms` is the cost model's forward prediction
+    `__call__` takes and returns natural order: attncc's Triton kernels gather and scatter the rows
+    (token_row in .source), the other backends run on permuted copies. `predicted_ms` is the cost model's forward prediction
     (compiler/cost.py; None on CPU and for sdpa-cudnn).
     """
 
@@ -332,6 +337,7 @@ class Kernel:
         self.backward_tiles = choice.backward_tiles
         self.tma = choice.tma
         self.layout = choice.layout
+        self._rows = choice.layout if choice.backend == "triton" else None  # the kernels gather rows through it
         self.deterministic = choice.deterministic
         self.device = device
         self.interpret = device.type != "cuda"
@@ -339,7 +345,8 @@ class Kernel:
         if self.backend == "fa4":
             self._fa4, self.module = fa4.prepare(pattern, shapes, device), None
         else:
-            self.module = kernel_module(pattern, self.tiles, self._meta.plan, interpret=self.interpret)
+            self.module = kernel_module(pattern, self.tiles, self._meta.plan, interpret=self.interpret,
+                                        layout=self._rows)
         self._shapes = shapes
 
     @property
@@ -392,7 +399,7 @@ class Kernel:
         _, dq_meta = META_CACHE.get(self.pattern, s, bt.dq, self.device)
         dkdv_meta = META_CACHE.backward(self.pattern, s, bt.dkdv, self.device)
         return dq_meta, dkdv_meta, kernel_module(self.pattern, bt, dkdv_meta.plan, interpret=self.interpret,
-                                                 kind="backward")
+                                                 kind="backward", layout=self._rows)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
         """out [B, Hq, Q, Dv] in q's dtype (and lse float32 [B, Hq, Q] when return_lse);
@@ -405,8 +412,9 @@ class Kernel:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes, return_lse: bool):
         """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
-        if self.layout is not None:  # the kernels run in the layout's token order
+        if self.layout is not None:
             self.layout.check(s.Q, s.KV)
+        if self.layout is not None and self._rows is None:  # a backend that reads kernel order
             result = self._run(*(self.layout.permute(t) for t in (q, k, v)), s, return_lse)
             return tuple(map(self.layout.unpermute, result)) if return_lse else self.layout.unpermute(result)
         return self._run(q, k, v, s, return_lse)
@@ -427,7 +435,7 @@ class Kernel:
         _, meta = META_CACHE.get(self.pattern, s, self.tiles, device)
         if meta.plan.signature == self._meta.plan.signature:
             return meta, self.module
-        return meta, kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret)
+        return meta, kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret, layout=self._rows)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes):
         """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) from the generated kernel."""
@@ -461,6 +469,9 @@ class Kernel:
 
         _, meta = META_CACHE.get(self.pattern, s, self.tiles, q.device)
         dout = torch.zeros_like(out) if dout is None else dout
+        if self._rows is not None:  # the tensors are in natural order, the pattern in kernel order
+            q, k, v, out, lse, dout = (self._rows.permute(t) for t in (q, k, v, out, lse, dout))
+            dlse = None if dlse is None else self._rows.permute(dlse)
         span = _live_kv_span(meta) + (self.tiles.BLOCK_M, self.tiles.BLOCK_N)
         return buffer_grads(self.pattern, names, q, k, v, out, lse, dout, dlse, self.scale, span)
 
