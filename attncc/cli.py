@@ -211,7 +211,7 @@ def _show_target(pattern: ac.Pattern, args) -> int:
     s = check_qkv(q, k, v)
     kp = pattern.kernel_pattern
     print(f"\n== on the {name} (sm_{capability[0]}{capability[1]}), q {list(q.shape)}, k/v {list(k.shape)} {q.dtype}")
-    backend, tiles = choices.choose_on_target(kp, s, q.dtype, args.target, {})
+    backend, tiles = choices.choose_on_target(kp, s, q.dtype, args.target, {}, pattern.layout)
     if backend == "fa4":
         print("# backend: fa4 (FlashAttention-4's kernels with these hooks; it must be installed there: "
               "pip install 'attncc[fa4]')")

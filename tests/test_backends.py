@@ -52,14 +52,15 @@ def test_an_operator_without_a_cute_lowering_is_a_reason(monkeypatch):
 
 
 def test_auto_prefers_fa4_where_it_measured_faster(fa4_ok, monkeypatch):
-    choose = lambda pattern, q=CUDA_LISTS_ON_CPU, s=S: choices.choose_backend(pattern, s, q, {}, False)  # noqa: E731
+    choose = lambda pattern, q=CUDA_LISTS_ON_CPU, s=S, layout=None: choices.choose_backend(  # noqa: E731
+        pattern, s, q, {}, False, layout)
     assert choose(ac.patterns.causal()) == "fa4"                       # FA4's causal kernel
     assert choose(ac.patterns.alibi(2)) == "fa4"                       # the same, with a score mod
-    assert choose(ac.patterns.softcap(20.0)) == "triton"               # tanh: Triton measured faster
-    assert choose(ac.patterns.sliding_window(64)) == "triton"          # short rows: Triton's small tiles
-    long = Shapes(B=1, Hq=2, Hkv=2, Q=8192, KV=8192, D=128, Dv=128)
-    assert choose(ac.patterns.prefix_lm(2048), s=long) == "fa4"        # block-sparse with long rows
-    assert choose(ac.patterns.sliding_window(1024), s=long) == "triton"
+    assert choose(ac.patterns.softcap(20.0)) == "fa4"                  # tanh too
+    assert choose(ac.patterns.sliding_window(64)) == "fa4"             # block-sparse
+    natten = ac.patterns.natten2d(8, 16, 3)
+    assert natten.layout is not None
+    assert choose(natten.kernel_pattern, s=Shapes(1, 2, 2, 128, 128, 64, 64), layout=natten.layout) == "triton"
     forced = choices.choose_backend(ac.patterns.softcap(20.0), S, CUDA_BF16, {"backend": "fa4"}, False)
     assert forced == "fa4"
     monkeypatch.setattr(fa4, "refusal", lambda pattern, s, q: "fa4 is not installed")
@@ -96,8 +97,9 @@ def test_show_target_prints_the_hooks_and_the_call(capsys):
     out = capsys.readouterr().out
     assert "backend: fa4" in out and "def mask_mod(" in out and "def score_mod(" in out
     assert "p_W = aux_scalars[0]" in out and "_flash_attn_fwd" in out
-    # a short window: fa4 could run it, but Triton measured faster there (what auto picks on the H200)
-    assert main(["show", "param W = 100\nmask = q >= kv and q - kv < W", "--target", "h200", "--q-len", "300"]) == 0
+    # a 2-D neighbourhood in its brick layout: fa4 could run it, but Triton gathers the rows in place
+    assert main(["show", "attncc.patterns:natten2d(8, 16, 3)", "--target", "h200", "--q-len", "128",
+                 "--head-dim", "64"]) == 0
     out = capsys.readouterr().out
     assert "backend: triton (not fa4: the measured rules" in out and "@triton.jit" in out
     assert main(["show", "mask = q >= kv", "--target", "h100", "--head-dim", "256"]) == 0

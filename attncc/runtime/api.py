@@ -122,7 +122,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     pattern = pattern.kernel_pattern  # in the layout's coordinates, if it has one
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
-    backend = choose_backend(pattern, s, q, options, return_lse)
+    backend = choose_backend(pattern, s, q, options, return_lse, layout)
     if backend == "triton":
         tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
     tma = choose_tma(s, q.device, options)
@@ -267,11 +267,11 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     profile = profile_for(q.device, target)
     if target is not None:
         lists = torch.device("cpu")
-        chosen = choose_on_target(kp, s, q.dtype, target, options)
+        chosen = choose_on_target(kp, s, q.dtype, target, options, pattern.layout)
         why_not_fa4 = fa4.refusal_on(kp, s, TARGETS[target][1], q.dtype, lists, assume_installed=True)
     else:
         lists = q.device
-        _, _, _, choice = _prepare(kp, q, k, v, None, options, False)
+        _, _, _, choice = _prepare(pattern, q, k, v, None, options, False)
         chosen = (choice.backend, choice.tiles)
         why_not_fa4 = fa4.refusal(kp, s, q)
     fa4_ok = why_not_fa4 is None

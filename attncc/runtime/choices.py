@@ -11,7 +11,6 @@ import torch
 
 from ..compiler.codegen import BackwardTiles, TileConfig
 from ..compiler.layout import Layout
-from ..dsl import ir
 from ..dsl.ir import TRUE, Var, op
 from ..dsl.pattern import Pattern
 from .inputs import Shapes
@@ -154,9 +153,11 @@ TRITON_CANDIDATES = (TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileCo
                      TileConfig(64, 128, 4, 3))
 
 
-def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict) -> tuple[str, TileConfig]:
+def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict,
+                     layout=None) -> tuple[str, TileConfig]:
     """(backend, forward tiles) the automatic choice takes on the GPU `target` names (TARGETS),
-    with FlashAttention-4 and cuDNN installed there; block masks are built on the CPU."""
+    with FlashAttention-4 and cuDNN installed there; block masks are built on the CPU. `pattern`
+    is in kernel order, `layout` its token layout (or None)."""
     from . import fa4
 
     capability = TARGETS[target][1]
@@ -164,7 +165,7 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
     backend = _pick_backend(
         options.get("backend", "auto"), True,
         lambda: fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True),
-        lambda: fa4_measured_faster(pattern, s, cpu),
+        lambda: fa4_measured_faster(layout),
         lambda: sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True), f" on the {TARGETS[target][0]}")
     if backend == "fa4":
         return "fa4", fa4.TILE
@@ -203,9 +204,10 @@ def check_options(options) -> dict:
     return options
 
 
-def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool) -> str:
-    """The backend for this call; kernel_options["backend"] forces one (a ValueError saying why
-    when it cannot run the call).
+def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, return_lse: bool,
+                   layout=None) -> str:
+    """The backend for this call (`pattern` in kernel order, `layout` its token layout or None);
+    kernel_options["backend"] forces one (a ValueError saying why when it cannot run the call).
 
     auto: on CUDA, "fa4" where it can run (runtime/fa4.refusal: SM90+, 16-bit, head dims up to
     128, FlashAttention-4 installed, every operator lowerable to CuTe) and measured faster
@@ -217,7 +219,7 @@ def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, 
     from . import fa4
 
     return _pick_backend(options.get("backend", "auto"), q.is_cuda, lambda: fa4.refusal(pattern, s, q),
-                         lambda: fa4_measured_faster(pattern, s, q.device),
+                         lambda: fa4_measured_faster(layout),
                          lambda: sdpa_refusal(pattern, s, q.device.type, q.dtype, return_lse))
 
 
@@ -241,26 +243,17 @@ def _pick_backend(forced: str, cuda: bool, fa4_refusal, fa4_faster, cudnn_refusa
     return "sdpa-cudnn" if cudnn_refusal() is None else "triton"
 
 
-def fa4_measured_faster(pattern: Pattern, s: Shapes, device) -> bool:
-    """Whether the fa4 backend beat attncc's Triton kernels for this kind of pattern (H200,
-    2026-12-01, `benchmarks/suite.py --backward --shapes main`, B4 H16 N8192 D128 bf16, TFLOP/s
-    fwd / fwd+bwd, benchmarks/results/2026-12-01-nvidia-h200-fa4.md against the Triton rows of
-    -suite.md and -layouts.md): FA4's own dense and causal kernels (full 650 / 586 against cuDNN's
-    601 / 500, causal 611 / 548 against 544 / 518, alibi 408 / 465 against 399 / 326) and
-    block-sparse ones with long rows (prefixlm2048 597 / 401 against 457 / 379); not a score mod
-    with tanh (softcap 242 / 301 against 385 / 296) nor rows shorter than SHORT_ROW_KEYS live keys
-    on average (swa1024 294 / 255 against 339 / 248, document 326 / 264 against 343 / 259,
-    dilated 120 / 116 against 146 / 116). Until the cost model (issue 12) replaces it.
+def fa4_measured_faster(layout) -> bool:
+    """Whether the fa4 backend beat attncc's Triton kernels for this kind of call: everywhere it
+    runs except patterns with a token layout (which attncc's Triton kernels gather in place, while
+    FA4 needs permuted copies). Forward ms, H200, 2026-12-01 (`benchmarks/costmodel.py`, B4 H16
+    N8192 D128 bf16, every candidate in one process; benchmarks/results/2026-12-01-nvidia-h200-
+    costmodel.md), fa4 against the best Triton tiles: full 3.29 vs 4.43, causal 1.71 vs 2.32,
+    swa1024 0.54 vs 0.72, document 0.70 vs 0.87, softcap 2.17 vs 2.80 (tanh: since the hooks divide
+    by a reciprocal), dilated without a layout 1.60 vs 1.74; with one, Triton: dilated 0.73 and
+    natten2d 0.91 against fa4's 1.60 and 2.65 (measured with the copies' host syncs, since removed).
     """
-    from . import fa4
-    from .kernel import META_CACHE
-
-    if any(isinstance(n, ir.Op) and n.op == "tanh" for n in ir.walk(pattern.score)):
-        return False
-    if fa4.dense_kind(pattern, s) is not None:
-        return True
-    _, meta = META_CACHE.get(pattern, s, fa4.TILE, device)
-    return meta.mean_row_tiles * fa4.TILE.BLOCK_N >= SHORT_ROW_KEYS
+    return layout is None
 
 
 def sdpa_refusal(pattern: Pattern, s: Shapes, device_type: str, dtype: torch.dtype, return_lse: bool,
