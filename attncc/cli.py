@@ -218,7 +218,7 @@ def _show_target(pattern: ac.Pattern, args) -> int:
         print(fa4.describe(kp, s, "cpu"))
         return 0
     why = fa4.refusal_on(kp, s, capability, q.dtype, "cpu", assume_installed=True)
-    print(f"# backend: {backend} (not fa4: {why or 'the measured rules of runtime/choices.py prefer it'}); "
+    print(f"# backend: {backend} (not fa4: {why or 'the cost model or the layout rule of runtime/choices.py prefer it'}); "
           f"Triton tiles {tiles}" + (" (SDPA's cuDNN kernel runs; this is attncc's fallback)"
                                      if backend == "sdpa-cudnn" else ""))
     _, meta = META_CACHE.get(kp, s, tiles, torch.device("cpu"))

@@ -6,7 +6,7 @@ For each pattern, every candidate forward configuration (runtime/choices.TRITON_
 the fa4 backend where it runs) is timed (do_bench median, bf16, B=4 H=16 D=128 on CUDA) and
 predicted on the profile of the GPU (its name's profile, else "generic"); each output is checked
 against the float64 oracle on batch 0 first. Per pattern: the Spearman rank correlation between
-predicted and measured times, the measured time of the simulator's pick and of the hand rules'
+predicted and measured times, the measured time of the simulator's pick and of auto's
 pick (what `ac.attention` runs) against the best measured. The aims (issue 12): the simulator's
 pick within 5% of the best in >= 90% of cases and never worse than 15%, Spearman >= 0.85.
 --smoke: tiny sizes in Triton's interpreter on CPU (exercises the code; the times mean nothing).
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     B, H, D, N = (4, 16, 128, args.N) if device.type == "cuda" else (1, 2, 32, 256)
     results = [run_pattern(name, N, B, H, D, device) for name in args.patterns.split(",")]
-    lines = ["| pattern | Spearman | simulator's pick | its time / best | hand rules' time / best | max rel err |",
+    lines = ["| pattern | Spearman | simulator's pick | its time / best | auto's time / best | max rel err |",
              "|---|---:|---|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['pattern']} | {r['spearman']:.2f} | {r['pick']} | {r['pick_vs_best']:.2f}x | "

@@ -101,7 +101,7 @@ def test_show_target_prints_the_hooks_and_the_call(capsys):
     assert main(["show", "attncc.patterns:natten2d(8, 16, 3)", "--target", "h200", "--q-len", "128",
                  "--head-dim", "64"]) == 0
     out = capsys.readouterr().out
-    assert "backend: triton (not fa4: the measured rules" in out and "@triton.jit" in out
+    assert "backend: triton (not fa4: the cost model or the layout rule" in out and "@triton.jit" in out
     assert main(["show", "mask = q >= kv", "--target", "h100", "--head-dim", "256"]) == 0
     out = capsys.readouterr().out
     assert "backend: sdpa-cudnn (not fa4:" in out and "@triton.jit" in out

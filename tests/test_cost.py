@@ -166,3 +166,24 @@ def test_calibrate_needs_a_gpu(capsys, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["calibrate"]) == 1 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_the_h200_profile_picks_what_measured_fastest():
+    """benchmarks/results/2026-12-01-nvidia-h200-costmodel.md: fa4 on every pattern it runs; among
+    Triton's tiles 128x64 on long rows (full, softcap), 64x64 on short ones (swa1024, document)."""
+    from attncc.runtime import choices
+
+    s = Shapes(B=4, Hq=16, Hkv=16, Q=8192, KV=8192, D=128, Dv=128)
+    cases = {"full": (ac.Pattern(name="full"), (128, 64)), "softcap": (ac.patterns.softcap(30.0), (128, 64)),
+             "swa1024": (ac.patterns.sliding_window(1024), (64, 64)),
+             "document": (ac.patterns.document(lengths=[1000, 3000, 192, 4000]), (64, 64))}
+    for name, (pattern, tiles) in cases.items():
+        assert choices.choose_on_target(pattern, s, torch.bfloat16, "h200", {})[0] == "fa4", name
+        backend, got = choices.choose_on_target(pattern, s, torch.bfloat16, "h200", {"backend": "triton"})
+        assert (backend, got.BLOCK_M, got.BLOCK_N) == ("triton", *tiles), name
+    profile = cost.load_profile("h200")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    swa = ac.patterns.sliding_window(1024)
+    assert choices.cost_choice(swa, s, torch.bfloat16, cpu, {}, True, profile) is None  # the interpreter's table
+    assert choices.cost_choice(swa, s, torch.float32, cuda, {}, True, profile, cpu) is None  # not measured
+    assert choices.cost_choice(swa, s, torch.bfloat16, cuda, {"BLOCK_M": 128}, True, profile, cpu) is None

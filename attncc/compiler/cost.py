@@ -12,8 +12,10 @@ Model (forward):
 - The roofline is the larger of the live pairs' FLOPs at the profile's peak matrix rate and the
   bytes of q, k, v and o at its HBM bandwidth.
 
-The shipped profiles are preliminary (each says where its numbers come from); the runtime's
-choices still follow runtime/choices.py, and `explain` reports both.
+Each profile says where its numbers come from (h200: measured and fitted; h100, generic: estimates).
+The runtime picks backend and forward tiles by this simulator where profiles are measured
+(runtime/choices.cost_choice: 16-bit CUDA, 64 < D <= 128); elsewhere by its table, and `explain`
+then says where the simulator disagrees.
 """
 from __future__ import annotations
 
@@ -221,12 +223,13 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
                       f"on the {profile.name}")
     rows.sort(key=lambda r: r[0])
     for ms, backend, tiles in rows:
-        mark = "  <- runs (runtime/choices.py)" if (backend, tiles) == chosen else ""
+        mark = "  <- runs" if (backend, tiles) == chosen else ""
         effective = 2.0 * (s.D + s.Dv) * pairs / (ms * 1e-3) / 1e12 if ms > 0 else math.inf
         lines.append(f"  {backend:7s} {tiles}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
                      f"{effective:.0f} effective TFLOP/s{mark}")
     if rows and (rows[0][1], rows[0][2]) != chosen:
-        lines.append(f"the simulator would pick {rows[0][1]} {rows[0][2]}; the hand rules run the marked one")
+        lines.append(f"the simulator would pick {rows[0][1]} {rows[0][2]}; the marked one runs (runtime/choices.py: "
+                     "kernel_options, or a call outside the measured profiles)")
     return "\n".join(lines)
 
 

@@ -102,8 +102,9 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
+    from .calibrate import profile_for
     from .choices import (KernelChoice, check_options, choose_backend, choose_backward_tiles, choose_tiles,
-                          choose_tma, refine_tiles)
+                          choose_tma, cost_choice)
     from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
@@ -123,8 +124,10 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
     backend = choose_backend(pattern, s, q, options, return_lse, layout)
-    if backend == "triton":
-        tiles = refine_tiles(pattern, s, tiles, q.device, q.dtype, options)
+    if backend in ("triton", "fa4") and options.get("backend", "auto") in ("auto", "triton"):
+        picked = cost_choice(pattern, s, q.dtype, q.device, options, backend == "fa4", profile_for(q.device))
+        if picked is not None:
+            backend, tiles = picked
     tma = choose_tma(s, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):
@@ -286,7 +289,9 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     if not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
     elif chosen[0] != "fa4":
-        text += "\nfa4 could run this call; the measured rules prefer the marked one (runtime/choices.py)"
+        text += ("\nfa4 could run this call, but it would read permuted copies; attncc's Triton kernels gather the "
+                 "token layout's rows in place (runtime/choices.fa4_measured_faster)" if pattern.layout is not None
+                 else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
     return text
 
 

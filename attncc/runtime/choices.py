@@ -46,7 +46,7 @@ BACKENDS = ("triton", "fa4", "sdpa-cudnn")
 
 
 def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> TileConfig:
-    """The tile rule until the cost model lands (options override any field).
+    """The tile table where cost_choice does not decide (options override any field).
 
     CPU (Triton's interpreter): 32x32 tiles, so small test shapes still span several tiles.
     CUDA, 16-bit (sweeps on the H100 with benchmarks/forward_sweep.py --sweep, 2026-11-22):
@@ -124,28 +124,30 @@ BACKWARD_TILES = (
 )
 
 
-SHORT_ROW_TILES = TileConfig(64, 64, 4, 3)
-SHORT_ROW_KEYS = 2048
-
-
-def refine_tiles(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.device,
-                 dtype: torch.dtype, options: dict, lists_device: torch.device | None = None) -> TileConfig:
-    """SHORT_ROW_TILES when the pattern leaves short rows: fewer than SHORT_ROW_KEYS live keys per
-    query on average (read off the block mask for `tiles`, which is cached, so no extra sync).
-
-    On the H100 (benchmarks/forward_sweep.py --sweep, 2026-11-22, bf16, N=8192, D=128) 64x64 tiles
-    with 4 warps and 3 stages beat the best 128-row config on swa1024 (355 vs 341 TFLOP/s) and
-    document (347 vs 322): short kv loops amortise a big tile's prologue and pipeline fill badly.
-    Only for 16-bit CUDA inputs with 64 < D <= 128 (where it was measured) and no tile options.
-    The block mask is built on `lists_device` (default: `device`).
+def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
+                fa4_ok: bool, profile, lists_device: torch.device | None = None) -> tuple[str, TileConfig] | None:
+    """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`)
+    among TRITON_CANDIDATES and, if fa4_ok, the fa4 backend; None outside where profiles are
+    measured (16-bit CUDA, 64 < D <= 128, no tile options), where the table of choose_tiles
+    decides. Block masks are built on `lists_device` (default: `device`) and cached.
     """
-    if (device.type != "cuda" or dtype == torch.float32 or not 64 < max(s.D, s.Dv) <= 128
-            or any(k in options for k in _TILE_OPTIONS)):
-        return tiles
+    from ..compiler import cost
+    from . import fa4
     from .kernel import META_CACHE
 
-    _, meta = META_CACHE.get(pattern, s, tiles, lists_device or device)
-    return SHORT_ROW_TILES if meta.mean_row_tiles * tiles.BLOCK_N < SHORT_ROW_KEYS else tiles
+    if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not 64 < max(s.D, s.Dv) <= 128
+            or any(k in options for k in _TILE_OPTIONS)):
+        return None
+    candidates = [("triton", t) for t in TRITON_CANDIDATES] + ([("fa4", fa4.TILE)] if fa4_ok else [])
+    candidates = [c for c in candidates if c[0] in profile.backends]
+    if not candidates:
+        return None
+
+    def predicted(candidate):
+        backend, tiles = candidate
+        _, meta = META_CACHE.get(pattern, s, tiles, lists_device or device)
+        return cost.simulate(meta, s.B, s.Hq, s.D, tiles, backend, profile).ms
+    return min(candidates, key=predicted)
 
 
 # forward configurations `explain` compares (the fa4 one where fa4 can run)
@@ -167,11 +169,13 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
         lambda: fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True),
         lambda: fa4_measured_faster(layout),
         lambda: sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True), f" on the {TARGETS[target][0]}")
-    if backend == "fa4":
-        return "fa4", fa4.TILE
-    tiles = choose_tiles(s, dtype, cuda, options)
-    return backend, refine_tiles(pattern, s, tiles, cuda, dtype, options, lists_device=cpu) if backend == "triton" \
-        else tiles
+    if backend in ("triton", "fa4") and options.get("backend", "auto") in ("auto", "triton"):
+        from ..compiler.cost import load_profile
+
+        picked = cost_choice(pattern, s, dtype, cuda, options, backend == "fa4", load_profile(target), cpu)
+        if picked is not None:
+            return picked
+    return backend, fa4.TILE if backend == "fa4" else choose_tiles(s, dtype, cuda, options)
 
 
 def choose_tma(s: Shapes, device: torch.device, options: dict) -> bool:
