@@ -343,7 +343,7 @@ def cmd_calibrate(args) -> int:
     if args.smoke:
         from .compiler.codegen import TileConfig
 
-        path = calibrate(torch.device("cpu"), B=1, H=1, N=64, D=16, short=32, out=Path(args.out) if args.out else None,
+        path = calibrate(torch.device("cpu"), B=1, H=1, N=64, D=16, out=Path(args.out) if args.out else None,
                          candidates=(TileConfig(32, 32, 4, 1),))
     elif not torch.cuda.is_available():
         raise Missing("calibrate measures a GPU: this machine has no CUDA device (--smoke runs a CPU dry run)")

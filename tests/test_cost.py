@@ -187,3 +187,24 @@ def test_the_h200_profile_picks_what_measured_fastest():
     assert choices.cost_choice(swa, s, torch.bfloat16, cpu, {}, True, profile) is None  # the interpreter's table
     assert choices.cost_choice(swa, s, torch.float32, cuda, {}, True, profile, cpu) is None  # not measured
     assert choices.cost_choice(swa, s, torch.bfloat16, cuda, {"BLOCK_M": 128}, True, profile, cpu) is None
+
+
+def test_fit_recovers_the_partial_factor_prologue_and_occupancy():
+    truth = cost.load_profile("h200")
+    spec = {**truth.backends["triton"], "partial_factor": 2.0, "program_us": 3.0,
+            "programs_per_sm": {"128x64": 1, "64x64": 1, "default": 1}}
+    truth = dataclasses.replace(truth, backends={"triton": spec})
+    start = dataclasses.replace(truth, backends={"triton": {**spec, "partial_factor": 1.0, "program_us": 0.0,
+                                                            "programs_per_sm": {"128x64": 1, "64x64": 2}}})
+    s = Shapes(B=2, Hq=4, Hkv=4, Q=2048, KV=2048, D=128, Dv=128)
+    timings = []
+    for pattern in (ac.patterns.causal(), ac.patterns.sliding_window(200), ac.patterns.chunked(300)):
+        for tiles in (T, TileConfig(64, 64, 4, 3)):
+            _, meta = META_CACHE.get(pattern, s, tiles, torch.device("cpu"))
+            ms = cost.simulate(meta, s.B, s.Hq, s.D, tiles, "triton", truth).ms
+            timings.append(cost.Timing(meta, s.B, s.Hq, s.D, tiles, "triton", ms))
+    fitted, err = cost.fit(start, "triton", timings)
+    assert (fitted["partial_factor"], fitted["program_us"], fitted["programs_per_sm"]["64x64"]) == (2.0, 3.0, 1)
+    assert err < 1e-9
+    with pytest.raises(ValueError, match="no timings"):
+        cost.fit(start, "fa4", timings)

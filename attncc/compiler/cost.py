@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -123,6 +123,49 @@ def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, prof
     work = (full + spec["partial_factor"] * partial) * tile_ms + spec["program_us"] * 1e-3 * occupancy
     launched = work.gather(-1, order).flatten()  # launch order: per (b, h), heaviest query tiles first
     return Prediction(_makespan(launched.tolist(), slots), work, slots)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measured forward: block-map metadata `meta` at `tiles` on `backend`, shapes B, H, D, `ms`."""
+    meta: object
+    B: int
+    H: int
+    D: int
+    tiles: TileConfig
+    backend: str
+    ms: float
+
+
+PARTIAL_FACTORS = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0)
+PROGRAM_US = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, float]:
+    """(`backend`'s spec in `profile` with partial_factor, program_us and the programs per SM of tile
+    shapes allowed more than one refitted, rms log error of the fit): the grid point (PARTIAL_FACTORS
+    x PROGRAM_US x occupancies 1 or the profile's) whose predictions of `timings` (the backend's)
+    have the least rms log error; rates are kept (they are measured on full attention)."""
+    mine = [t for t in timings if t.backend == backend]
+    if not mine:
+        raise ValueError(f"no timings of backend {backend!r} to fit")
+    spec = profile.backends[backend]
+    shapes = sorted({f"{t.tiles.BLOCK_M}x{t.tiles.BLOCK_N}" for t in mine})
+    base = {k: profile.programs_per_sm(backend, t.tiles) for t in mine for k in [f"{t.tiles.BLOCK_M}x{t.tiles.BLOCK_N}"]}
+    free = [k for k in shapes if base[k] > 1]
+    best = None
+    for factor in PARTIAL_FACTORS:
+        for prologue in PROGRAM_US:
+            for mask in range(1 << len(free)):
+                occupancy = {**spec.get("programs_per_sm", {}), **base,
+                             **{k: 1 for i, k in enumerate(free) if mask >> i & 1}}
+                trial = {**spec, "partial_factor": factor, "program_us": prologue, "programs_per_sm": occupancy}
+                prof = replace(profile, backends={**profile.backends, backend: trial})
+                err = math.sqrt(sum(math.log(simulate(t.meta, t.B, t.H, t.D, t.tiles, backend, prof).ms / t.ms) ** 2
+                                    for t in mine) / len(mine))
+                if best is None or err < best[1] - 1e-12:
+                    best = (trial, err)
+    return best
 
 
 def _makespan(work: list[float], slots: int) -> float:

@@ -3,10 +3,9 @@
 What it measures (bf16, D=128, on the GPU it runs on), for each forward tile shape the simulator
 compares (choices.TRITON_CANDIDATES) and for fa4 where it runs:
 - the rate: full attention at B x H x N tokens, FLOPs / time (every tile FULL);
-- the PARTIAL factor: a mask whose live tiles are all PARTIAL (q + kv even: half of every tile
-  live) against the simulator's prediction with factor 1, at the same shape;
-- the per-program prologue: a short sequence (many programs of one tile each), solved from the
-  simulator's prediction with the measured rate.
+- the PARTIAL factor, the per-program prologue and which tile shapes fit two programs per SM:
+  fitted (compiler/cost.fit, a grid search for the least rms log error) to the times of
+  `fit_patterns` (causal, a sliding window, a document mask) at every configuration.
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones. SM count, peak rates and bandwidth come from
 the shipped profile the GPU's name matches (else "generic"); occupancy is kept from it too.
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,15 +22,12 @@ import torch
 
 from ..compiler import cost
 from ..compiler.codegen import TileConfig
-from ..dsl.ir import Var, const, op
+from ..dsl.parse import parse
 from ..dsl.pattern import Pattern
 from . import cache
 from .choices import TRITON_CANDIDATES
 from .inputs import check_qkv
 from .kernel import META_CACHE
-
-_EVEN = Pattern.from_ir(mask=op("eq", op("mod", op("add", Var("q"), Var("kv")), const(2)), const(0)))
-
 
 def user_profiles() -> Path:
     """Where calibrated profiles live: <attncc cache dir>/profiles."""
@@ -68,8 +63,15 @@ def _measure(pattern, q, k, v, backend: str, tiles: TileConfig) -> tuple[float, 
     return time_ms(lambda: kern(q, k, v), q.device), kern
 
 
+def fit_patterns(N: int) -> dict:
+    """The patterns calibrate times to fit PARTIAL factors and prologues: long and short rows,
+    diagonal and scattered PARTIAL tiles (documents of N/4 + 7 tokens, off the tile grid)."""
+    return {"causal": parse("mask = q >= kv"), "sliding_window": parse(f"mask = q >= kv and q - kv <= {max(1, N // 8)}"),
+            "document": parse(f"mask = q // {N // 4 + 7} == kv // {N // 4 + 7}")}
+
+
 def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D: int = 128,
-              short: int = 256, out: Path | None = None, candidates=TRITON_CANDIDATES) -> Path:
+              out: Path | None = None, candidates=TRITON_CANDIDATES) -> Path:
     """Measure a profile on `device` (see the module docstring) for the Triton tile shapes
     `candidates` (and fa4 where it runs) and write it; returns its path."""
     from . import fa4
@@ -78,48 +80,39 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     base = profile_for(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
     g = torch.Generator(device=device).manual_seed(0)
-    make = lambda n, h: tuple(torch.randn(B, h, n, D, device=device, dtype=dtype, generator=g) for _ in range(3))  # noqa: E731
-    q, k, v = make(N, H)
-    sq, sk, sv = make(short, max(H, base.sms))  # many programs of one tile each
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+    s = check_qkv(q, k, v)
     full = Pattern(name="full")
     configs = [("triton", t) for t in candidates]
-    if device.type == "cuda" and fa4.refusal(full, check_qkv(q, k, v), q) is None:
+    if device.type == "cuda" and fa4.refusal(full, s, q) is None:
         configs.append(("fa4", fa4.TILE))
     backends: dict = {}
-    factors: dict = {}    # backend -> the PARTIAL factors of its tile shapes
-    overheads: dict = {}  # backend -> their per-program prologues, us
+    timings: list[cost.Timing] = []
     for backend, tiles in configs:
-        key = f"{tiles.BLOCK_M}x{tiles.BLOCK_N}"
         ms, _ = _measure(full, q, k, v, backend, tiles)
-        rate = 2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12
         spec = backends.setdefault(backend, {"tflops": {}, "partial_factor": 1.0, "program_us": 0.0,
                                              "programs_per_sm": dict(base.backends.get(backend, {}).get(
                                                  "programs_per_sm", {"default": 1}))})
-        spec["tflops"][key] = float(f"{rate:.4g}")
-        trial = replace(base, backends={backend: {**spec, "partial_factor": 1.0, "program_us": 0.0}})
-        even_ms, kern = _measure(_EVEN, q, k, v, backend, tiles)
-        _, meta = META_CACHE.get(kern.pattern, check_qkv(q, k, v), kern.tiles, device)
-        predicted = cost.simulate(meta, B, H, D, kern.tiles, backend, trial).ms
-        short_ms, kern = _measure(full, sq, sk, sv, backend, tiles)
-        _, meta = META_CACHE.get(kern.pattern, check_qkv(sq, sk, sv), kern.tiles, device)
-        work_only = cost.simulate(meta, B, sq.shape[1], D, kern.tiles, backend, trial)
-        waves = math.ceil(work_only.work.numel() / work_only.slots)
-        occupancy = work_only.slots / base.sms
-        overhead_us = max(0.0, (short_ms - work_only.ms) / waves / occupancy * 1e3)
-        factors.setdefault(backend, []).append(max(1.0, even_ms / predicted))
-        overheads.setdefault(backend, []).append(overhead_us)
-    for backend, spec in backends.items():  # one factor and prologue per backend: the shapes' means
-        spec["partial_factor"] = round(math.exp(sum(map(math.log, factors[backend])) / len(factors[backend])), 3)
-        spec["program_us"] = round(sum(overheads[backend]) / len(overheads[backend]), 3)
+        spec["tflops"][f"{tiles.BLOCK_M}x{tiles.BLOCK_N}"] = float(f"{2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12:.4g}")
+        for pattern in fit_patterns(N).values():
+            ms, kern = _measure(pattern, q, k, v, backend, tiles)
+            _, meta = META_CACHE.get(kern.pattern, s, kern.tiles, device)
+            timings.append(cost.Timing(meta, B, H, D, kern.tiles, backend, ms))
+    errors = {}
+    for backend, spec in backends.items():
         spec["tflops"]["default"] = min(spec["tflops"].values())
+        rated = replace(base, backends={**base.backends, backend: spec})
+        backends[backend], errors[backend] = cost.fit(rated, backend, timings)
     key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     data = {"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
         torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0],
             "sms": base.sms, "peak_matrix_tflops": base.peak_matrix_tflops,
             "hbm_tbps": base.hbm_tbps, "backends": backends,
             "provenance": f"measured by attncc calibrate on {name}, {datetime.date.today()}, torch {torch.__version__}: "
-                          f"rates from full attention B{B} H{H} N{N} D{D}, PARTIAL factors from an all-PARTIAL mask, "
-                          f"prologues from N={short}; SMs, peaks and occupancy from the {base.key!r} profile"}
+                          f"rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues and "
+                          f"occupancy fitted to {', '.join(fit_patterns(N))} at each configuration (rms log error "
+                          + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
+                          + f"); SMs and peaks from the {base.key!r} profile"}
     path = out or user_profiles() / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
