@@ -131,7 +131,6 @@ def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.d
     measured (16-bit CUDA, 64 < D <= 128, no tile options), where the table of choose_tiles
     decides. Block masks are built on `lists_device` (default: `device`) and cached.
     """
-    from ..compiler import cost
     from . import fa4
     from .kernel import META_CACHE
 
@@ -143,11 +142,7 @@ def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.d
     if not candidates:
         return None
 
-    def predicted(candidate):
-        backend, tiles = candidate
-        _, meta = META_CACHE.get(pattern, s, tiles, lists_device or device)
-        return cost.simulate(meta, s.B, s.Hq, s.D, tiles, backend, profile).ms
-    return min(candidates, key=predicted)
+    return min(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0], profile))
 
 
 # forward configurations `explain` compares (the fa4 one where fa4 can run)

@@ -229,6 +229,19 @@ class _MetaCache:
                 entry[3] = backward_meta(entry[1], pattern, s, entry[2].buffers, device)
             return entry[3]
 
+    def predicted_ms(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device, backend: str,
+                     profile) -> float:
+        """compiler.cost.simulate's forward ms for this entry on `backend` and `profile`, computed once
+        (list scheduling of every program is milliseconds of Python: never per call)."""
+        from ..compiler import cost
+
+        with self.lock:
+            entry = self._entry(pattern, s, config, device)
+            key = (backend, config, s.B, s.Hq, s.D, profile.key, profile.provenance)
+            if key not in entry[4]:
+                entry[4][key] = cost.simulate(entry[2], s.B, s.Hq, s.D, config, backend, profile).ms
+            return entry[4][key]
+
     def _entry(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device) -> list:
         key = (pattern.mask, pattern.score, pattern.block, pattern.block_size, tuple(pattern.params.items()),
                tuple((n, _buffer_key(t)) for n, t in pattern.buffers.items()),
@@ -246,8 +259,8 @@ class _MetaCache:
         meta = kernel_meta(bm, s.KV, buffers, param_values(pattern.params, device), plan)
         self.builds += 1
         # the key holds ids: keep the buffers alive with the entry so an id is never reused;
-        # the last slot is the BackwardMeta, built on first use
-        entry = self.entries[key] = [dict(pattern.buffers), bm, meta, None]
+        # then the BackwardMeta, built on first use, and the cost model's predictions
+        entry = self.entries[key] = [dict(pattern.buffers), bm, meta, None, {}]
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return entry
