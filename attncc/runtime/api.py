@@ -131,8 +131,15 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
 
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-            scale: float | None = None, kernel_options: dict | None = None):
+            scale: float | None = None, kernel_options: dict | None = None,
+            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None):
     """A Kernel for `pattern` at these inputs' shapes, dtype and device (q [B,Hq,Q,D], k/v [B,Hkv,KV,D]).
+
+    Where ac.attention would run the split-KV decode kernel (runtime/choices.choose_decode: paged
+    caches k, v [num_pages, page_size, Hkv, D] with page_table and kv_lens, which compile takes
+    for Q_LEN <= 64 only; dense calls of a few queries over many keys), a runtime/decode.DecodeKernel
+    (`.config["kernel"] == "decode"`, its kv_splits; called as kern(q, k, v, page_table=...,
+    kv_lens=...)).
 
     `kern.source` is the generated source (Triton kernels, or the CuTe hooks and the call of the fa4
     backend), `kern.config` the backend and tiles/warps/stages, `kern.block_mask` the BlockMask,
@@ -148,6 +155,16 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from .kernel import Kernel
 
+    paged = page_table is not None or kv_lens is not None
+    if paged and (page_table is None or kv_lens is None):
+        raise ValueError("a paged call needs both page_table and kv_lens")
+    with torch.no_grad():  # the choice for an inference call; the kernel falls back where grads are needed
+        decode = _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
+    if decode is not None:
+        return decode
+    if paged:
+        raise ValueError("ac.compile takes paged caches for the decode kernel only (Q_LEN <= 64, "
+                         "kernel_options without decode=False or another backend); ac.attention runs the rest")
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, False)
     return Kernel(pattern, s, q.device, scale, choice)
 
@@ -173,6 +190,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
     paged = page_table is not None or kv_lens is not None
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    decode = None if varlen else _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
+    if decode is not None:
+        return decode.run(q, k, v, page_table, kv_lens, return_lse)
+    kernel_options = {n: x for n, x in (kernel_options or {}).items() if n != "decode"}
     if paged or varlen:
         from .sequences import paged_call, varlen_call
 
@@ -204,6 +225,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
     return Kernel(pattern, s, q.device, scale, choice).run(q, k, v, s, return_lse)
+
+
+def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged: bool):
+    """The DecodeKernel (runtime/decode.py) for this call where runtime/choices.choose_decode picks
+    it (never under torch.compile nor with gradients required), else None."""
+    from .autograd import needs_grad
+    from .choices import choose_decode
+    from .decode import DecodeKernel
+
+    options = kernel_options or {}
+    if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return None  # the other paths say what is wrong
+    pattern = _pattern(pattern)
+    if paged and (page_table is None or kv_lens is None):
+        return None
+    KV = None if paged else k.shape[2]
+    if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v)):
+        return None
+    return DecodeKernel(pattern, q, k, v, scale=scale, kernel_options=options,
+                        page_table=page_table if paged else None, kv_lens=kv_lens if paged else None)
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
