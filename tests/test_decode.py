@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attncc as ac
-from attncc.runtime import choices, decode, sequences
+from attncc.runtime import choices, sequences
 from test_sequences import dense_sequence, oracle, paged_inputs, rel
 
 TREE = torch.tensor([-1, 0, 0, 1, 2])  # 5 speculative tokens verified against a 40-token prefix
@@ -177,3 +177,16 @@ def test_bad_page_tables_are_refused_before_any_read():
         kern(q, kc, vc, page_table=table, kv_lens=kv_lens)
     with pytest.raises(ValueError, match="kv_splits'] must be an int from 1"):
         run(kernel_options={"kv_splits": 0})
+
+
+def test_the_decode_benchmark_runs_in_smoke_mode(tmp_path):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import decode as bench
+
+    rows = bench.main(["--smoke", "--patterns", "document", "--splits", "auto,3", "--out-dir", str(tmp_path)])
+    assert len(rows) == 1 and isinstance(rows[0]["paged_tbps"], float) and isinstance(rows[0]["attncc_3_tbps"], float)
+    assert rows[0]["attncc_3_splits"] == 3 and isinstance(rows[0]["attncc_auto_tbps"], float)
+    assert "| pattern | B |" in (tmp_path / "decode.md").read_text()

@@ -185,6 +185,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     `cu_seqlens_k` (int32 [S + 1]), q [1, Hq, total_q, D] and k, v [1, Hkv, total_k, D] hold S
     sequences packed. Either way the pattern sees positions within each sequence, whose queries
     are its last tokens: query i of a sequence with L keys and Q_s queries sits at L - Q_s + i.
+
+    Decode (runtime/decode.py; runtime/choices.choose_decode): paged calls with Q_LEN <= 64, and
+    dense calls of up to 64 queries over at least 4096 keys, run the split-KV decode kernel, which
+    reads the caches in place; kernel_options kv_splits sets its number of splits (default: the
+    cost model's), decode=False / True forbids / forces it. It is inference only: where q, k, v or
+    a buffer require grad, the call runs the dense kernels (paged caches gathered), which have a
+    backward.
     """
     from .kernel import Kernel
 
@@ -285,7 +292,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from ..compiler import cost
     from .calibrate import profile_for
-    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_on_target
+    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_decode, choose_on_target
     from . import fa4
 
     s = check_qkv(q, k, v)
@@ -318,6 +325,13 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates, png)
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
+    if choose_decode(kp, s.Q, s.KV, options, False):
+        from .decode import DecodeKernel
+
+        splits = ("chosen at run time (cost.decode_splits)" if target is not None
+                  else DecodeKernel(kp, q, k, v, kernel_options=kernel_options).config["kv_splits"])
+        text += (f"\nruns: attncc's split-KV decode kernel (runtime/decode.py), kv_splits {splits}, "
+                 "not the forward configurations above")
     if not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
     elif chosen[0] != "fa4":
