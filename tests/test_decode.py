@@ -124,6 +124,13 @@ def test_dense_decode_matches_the_reference():
         assert rel(out, ref) < 1e-5 and rel(lse[live], ref_lse[live]) < 1e-5
     kern = ac.compile(ac.patterns.causal(offset=147), q, k, v, kernel_options={"decode": True})
     assert kern.config["kernel"] == "decode" and not kern.config["paged"]
+    # a query that sees nothing (zeros, lse -inf, no NaN), values of another head dim
+    pattern = ac.Pattern(lambda b, h, q, kv: kv < 40 * q)
+    v16 = torch.randn(2, 2, 150, 16, generator=g)
+    out, lse = ac.attention(q, k, v16, pattern, return_lse=True, kernel_options={"decode": True, "kv_splits": 2})
+    ref, ref_lse = ac.reference(q, k, v16, pattern, return_lse=True)
+    assert (out[:, :, 0] == 0).all() and (lse[:, :, 0] == -torch.inf).all() and not out.isnan().any()
+    assert rel(out, ref) < 1e-5 and rel(lse[:, :, 1:], ref_lse[:, :, 1:]) < 1e-5
     rule = lambda Q, KV, **o: choices.choose_decode(ac.patterns.causal(), Q, KV, o, grad=False)  # noqa: E731
     assert rule(4, 8192) and not rule(4, 1024) and not rule(65, 8192)  # the unmeasured rule
     assert not rule(4, 8192, backend="fa4") and not rule(4, 8192, decode=False)
@@ -155,7 +162,8 @@ def test_bf16_and_non_finite_values():
 
 def test_bad_page_tables_are_refused_before_any_read():
     q, kc, vc, table, kv_lens = paged_inputs([37, 20], num_pages=5)
-    run = lambda **kw: ac.compile(ac.patterns.causal(), q, kc, vc, **{"page_table": table, "kv_lens": kv_lens, **kw})  # noqa: E731
+    def run(**kw):
+        return ac.compile(ac.patterns.causal(), q, kc, vc, **{"page_table": table, "kv_lens": kv_lens, **kw})
     for bad_page in (5, -1, 2 ** 31 - 1):
         bad = table.clone()
         bad[0, 2] = bad_page  # sequence 0's third page: tokens 32-36

@@ -115,12 +115,12 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
         splits = cost.decode_splits(s.B * s.Hkv * row_blocks, live, tiles.BLOCK_N, profile_for(device))
     buffers = {n: t.to(device) for n, t in pattern.buffers.items()}
     # the kernel evaluates `pattern` at positions below s.KV (paged) or s.Q (dense)
-    plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, s.KV if kv_lens is not None else s.Q,
-                        s.KV, device)
+    positions_q = s.KV if kv_lens is not None else s.Q
+    plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, s.KV, device)
     Bm, Hm = full_num.shape
     return DecodeMeta(full_num, full_idx, partial_num, partial_idx, Hm if Bm > 1 else 0, 1 if Hm > 1 else 0,
-                      lists_contiguous(full_num, full_idx), lists_contiguous(partial_num, partial_idx), q_offset, kv_len,
-                      s.KV, splits, live, bm, buffers, param_values(pattern.params, device), plan)
+                      lists_contiguous(full_num, full_idx), lists_contiguous(partial_num, partial_idx), q_offset,
+                      kv_len, s.KV, splits, live, bm, buffers, param_values(pattern.params, device), plan)
 
 
 class _DecodeCache:
@@ -146,7 +146,8 @@ DECODE_CACHE = _DecodeCache(_CACHE_SIZE)
 
 
 def _check_splits(splits) -> int | None:
-    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= MAX_SPLITS):
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
+                               or not 1 <= splits <= MAX_SPLITS):
         raise ValueError(f"kernel_options['kv_splits'] must be an int from 1 to {MAX_SPLITS}, got {splits!r}")
     return splits
 
@@ -175,7 +176,7 @@ class DecodeKernel:
         options = check_options(options)
         self.paged = page_table is not None
         if any(t.dim() != 4 for t in (q, k, v)):
-            raise ValueError(f"q, k, v must have 4 dims, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+            raise ValueError(f"q, k, v must have 4 dims, got shapes {[tuple(t.shape) for t in (q, k, v)]}")
         for name, d in (("q", q.shape[-1]), ("v", v.shape[-1])):
             if not 16 <= d <= 256:
                 raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")

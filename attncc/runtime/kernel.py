@@ -122,7 +122,8 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: Nume
         full_num=full_num.contiguous(), full_idx=full_idx.contiguous(),
         partial_num=part_num.contiguous(), partial_idx=part_idx.contiguous(), order=order.contiguous(),
         stride_b=stride_b, stride_h=stride_h,
-        full_contiguous=lists_contiguous(full_num, full_idx), partial_contiguous=lists_contiguous(part_num, part_idx),
+        full_contiguous=lists_contiguous(full_num, full_idx),
+        partial_contiguous=lists_contiguous(part_num, part_idx),
         buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()), params=params, plan=plan)
 
 
@@ -150,7 +151,8 @@ def backward_meta(bm, pattern: Pattern, s: Shapes, buffers: dict, device) -> Bac
     stride_b, stride_h = _strides(full_num)
     plan = numeric_plan(kernel_roots(pattern, "backward"), pattern.params, buffers, s.B, s.Hq, s.Q, s.KV, device)
     return BackwardMeta(full_num.contiguous(), full_idx.contiguous(), part_num.contiguous(), part_idx.contiguous(),
-                        stride_b, stride_h, lists_contiguous(full_num, full_idx), lists_contiguous(part_num, part_idx), plan)
+                        stride_b, stride_h, lists_contiguous(full_num, full_idx),
+                        lists_contiguous(part_num, part_idx), plan)
 
 
 def _live_kv_span(meta: KernelMeta) -> tuple[torch.Tensor, torch.Tensor]:
