@@ -1,16 +1,21 @@
 """Decode: a few new queries per sequence against a long KV cache, as effective bandwidth (bytes of
-the keys and values a call must read / time), beside the device's copy bandwidth, FlexAttention's
-decode path and SDPA, in one process — a benchmark, not a test.
+the keys and values the call must read / time), beside the device's copy bandwidth, FlexAttention's
+decode backend and SDPA, in one process — a benchmark, not a test.
 
     python benchmarks/decode.py [--batches 1,16,64] [--kv 8192,32768,131072] [--q-lens 1,8]
-                                [--patterns causal,sinks,document] [--splits 1,4,16] [--out-dir DIR] [--smoke]
+                                [--patterns causal,sinks,document] [--splits auto] [--out-dir DIR] [--smoke]
 
-Rows: attncc on a dense cache (kernel_options kv_splits for each --splits value; the fastest is
-reported with its S) and on a paged cache (ac.KVCache, page_size 64: today the used pages are
-gathered first, so it pays one copy), FlexAttention (torch.compile'd flex_attention, which
-dispatches decode shapes to its flex_decoding kernel), SDPA (causal only, cuDNN / flash). Every
-attncc output is checked against FlexAttention's (or the float64 oracle on CPU) first. Shapes:
-Hq 32 / Hkv 8, D 128, bf16 on CUDA; --smoke: tiny shapes on CPU (the times mean nothing).
+Per row (Hq 32 / Hkv 8, D 128, bf16): attncc's split-KV decode kernel on a paged cache (page_size
+64, read in place) with the splits the cost model picks ("paged"), and on the dense cache for each
+--splits value ("auto" or a forced S); FlexAttention (torch.compile'd flex_attention with
+kernel_options BACKEND="TRITON_DECODE" where this torch has it, else its default dispatch, which
+sends short queries to flex_decoding); SDPA (causal only: lower-right causal for Q_LEN > 1). The
+queries are each sequence's last Q_LEN tokens. Bytes counted: the keys live for some query of the
+sequence (causal: all; sinks: 4 + the 1024-key window; document: the last document), times
+B * Hkv * 2 * D * 2 bytes. copy: a torch copy of a 4 GiB tensor (read + write bytes / time). Every
+attncc output is checked against FlexAttention's (on CPU the float64 oracle) before it is timed.
+Times: CUDA graphs where the callable captures (triton.testing.do_bench_cudagraph), else
+do_bench; the table says which. --smoke: tiny shapes on CPU (the times mean nothing).
 """
 from __future__ import annotations
 
@@ -25,17 +30,18 @@ import attncc as ac  # noqa: E402
 from attncc.runtime.calibrate import time_ms  # noqa: E402
 from benchmarks.report import write_table  # noqa: E402
 
+PAGE_SIZE = 64
+SINKS, WINDOW = 4, 1024
 
-def decode_patterns(name: str, kv: int, q_len: int, device):
-    """(pattern over positions within the sequence, for paged calls; the same pattern for the dense
-    call, whose queries are indices 0..q_len-1 sitting at the cache's last q_len positions, and its
-    mask_mod for FlexAttention)."""
+
+def native_mask(name: str, kv: int, device):
+    """mask_mod over positions within the sequence (queries at its last positions)."""
     if name == "causal":
         def native(b, h, q, k):
             return q >= k
     elif name == "sinks":
         def native(b, h, q, k):
-            return (q >= k) & ((k < 4) | (q - k <= 1024))
+            return (q >= k) & ((k < SINKS) | (q - k <= WINDOW))
     elif name == "document":
         ids = ac.patterns.lengths_to_ids([kv // 4, kv // 2, kv - kv // 4 - kv // 2], device=device)
 
@@ -43,15 +49,73 @@ def decode_patterns(name: str, kv: int, q_len: int, device):
             return (ids[q] == ids[k]) & (q >= k)
     else:
         raise ValueError(f"unknown decode pattern {name!r}")
-    offset = kv - q_len
-
-    def dense(b, h, q, k):
-        return native(b, h, q + offset, k)
-    return ac.Pattern(native, name=name), ac.Pattern(dense, name=name), dense
+    return native
 
 
 def bandwidth(ms: float, nbytes: int) -> float:
     return nbytes / (ms * 1e-3) / 1e12  # TB/s
+
+
+def timed(fn, device) -> tuple[float, str]:
+    """(ms, how): a CUDA graph of fn replayed where it captures, else triton's do_bench."""
+    if device.type == "cuda":
+        import triton
+
+        fn()
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=50), "graph"
+        except Exception:  # noqa: BLE001 — a callable that cannot be captured is timed plainly
+            torch.cuda.synchronize()
+    return time_ms(fn, device), "plain"
+
+
+def flex_decode(device):
+    """(fn(q, k, v, block_mask), label): torch.compile'd flex_attention forced onto its decode
+    backend where torch has the option, else its default dispatch; (None, None) on CPU."""
+    if device.type != "cuda":
+        return None, None
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    forced = {"BACKEND": "TRITON_DECODE"}
+    probe = torch.randn(1, 8, 1, 64, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, 8, 256, 64, device=device, dtype=torch.bfloat16)
+    try:
+        compiled(probe, kv, kv, kernel_options=forced)
+    except Exception:  # noqa: BLE001 — no BACKEND option in this torch
+        return (lambda q, k, v, bm: compiled(q, k, v, block_mask=bm, enable_gqa=True)), "flex (default)"
+    return (lambda q, k, v, bm: compiled(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=forced)), \
+        "flex (TRITON_DECODE)"
+
+
+def live_keys(native, q_len: int, kv: int, device) -> int:
+    """Keys live for some query of a sequence of kv keys whose last q_len tokens are the queries."""
+    q = torch.arange(kv - q_len, kv, device=device)[:, None]
+    k = torch.arange(kv, device=device)[None, :]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return int(native(zero, zero, q, k).any(0).sum())
+
+
+def copy_tbps(device) -> float:
+    src = torch.empty(1 << 31 if device.type == "cuda" else 1 << 20, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return bandwidth(time_ms(lambda: dst.copy_(src), device), 2 * src.numel() * src.element_size())
+
+
+def paged_copy(k: torch.Tensor, v: torch.Tensor, g: torch.Generator):
+    """(page_table int32 [B, pages], [k_cache, v_cache] [B * pages, PAGE_SIZE, Hkv, D]): the same
+    keys and values in pages, sequence b's in a shuffled set of them (the tail of its last page 0)."""
+    B, Hkv, KV, D = k.shape
+    pages = -(-KV // PAGE_SIZE)
+    table = torch.randperm(B * pages, device=k.device, generator=g).int().view(B, pages)
+    caches = []
+    for t in (k, v):
+        cache = t.new_zeros(B * pages, PAGE_SIZE, Hkv, t.shape[3])
+        for b in range(B):  # one sequence at a time: a padded copy of the whole cache would not fit
+            padded = torch.nn.functional.pad(t[b].transpose(0, 1), (0, 0, 0, 0, 0, pages * PAGE_SIZE - KV))
+            cache[table[b].long()] = padded.unflatten(0, (pages, PAGE_SIZE))
+        caches.append(cache)
+    return table, caches
 
 
 def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
@@ -59,40 +123,47 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(B, Hq, q_len, D, device=device, dtype=dtype, generator=g)
     k, v = (torch.randn(B, Hkv, KV, D, device=device, dtype=dtype, generator=g) for _ in range(2))
-    nbytes = 2 * k.numel() * k.element_size()
-    native, pattern, mask_mod = decode_patterns(name, KV, q_len, device)
-    row = {"pattern": name, "B": B, "KV": KV, "Q_LEN": q_len}
-    copy = torch.empty_like(k)
-    row["copy_tbps"] = bandwidth(time_ms(lambda: copy.copy_(k), device), 2 * k.numel() * k.element_size())
-    want = ac.reference(q[:1], k[:1], v[:1], pattern) if device.type != "cuda" else None
+    native = native_mask(name, KV, device)
+    offset = KV - q_len
+
+    def dense_mask(b, h, q, k):  # the dense call: query i is index i, at position KV - q_len + i
+        return native(b, h, q + offset, k)
+    pattern = ac.Pattern(dense_mask, name=name)
+    nbytes = B * Hkv * live_keys(native, q_len, KV, device) * 2 * D * k.element_size()
+    row = {"pattern": name, "B": B, "KV": KV, "Q_LEN": q_len, "live_MB": nbytes / 1e6}
+    want = ac.reference(q[:1], k[:1], v[:1], pattern) if flex is None else None
     if flex is not None:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        bm = create_block_mask(mask_mod, None, None, q_len, KV, device=device)
-        out = flex(q, k, v, block_mask=bm, enable_gqa=True)
-        want = out[:1].double()
-        row["flex_tbps"] = bandwidth(time_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), device), nbytes)
-    if name == "causal" and q_len == 1:
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-        row["sdpa_tbps"] = bandwidth(time_ms(sdpa, device), nbytes)
-    best = None
-    for S in splits:
-        options = {"kv_splits": S} if S > 1 else None
-        out = ac.attention(q, k, v, pattern, kernel_options=options)
-        err = ((out[:1].double() - want).norm() / want.norm()).item()
+        bm = create_block_mask(dense_mask, None, None, q_len, KV, device=device)
+        want = flex(q, k, v, bm)[:1].double()
+        row["flex_tbps"] = bandwidth(timed(lambda: flex(q, k, v, bm), device)[0], nbytes)
+    if name == "causal" and device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(q_len, KV) if q_len > 1 else None
+        row["sdpa_tbps"] = bandwidth(timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=True), device)[0], nbytes)
+
+    def measure(label, kern, *args, **kwargs):
+        err = ((kern(*args, **kwargs)[:1].double() - want).norm() / want.norm()).item()
         if err > 2e-2:
-            row[f"attncc_S{S}"] = f"FAILED (rel err {err:.1e})"
-            continue
-        tbps = bandwidth(time_ms(lambda: ac.attention(q, k, v, pattern, kernel_options=options), device), nbytes)
-        row[f"attncc_S{S}_tbps"] = tbps
-        best = max(best or (0, 0), (tbps, S))
-    row["attncc_best"] = best
-    cache = ac.KVCache(B * -(-KV // 64), 64, Hkv, D, batch=B, dtype=dtype, device=device)
-    cache.append(k, v)
-    paged = cache.attention(q, native)
-    err = ((paged[:1].double() - want).norm() / want.norm()).item()
-    row["paged_tbps"] = (bandwidth(time_ms(lambda: cache.attention(q, native), device), nbytes)
-                         if err <= 2e-2 else f"FAILED (rel err {err:.1e})")
+            row[label] = f"FAILED (rel err {err:.1e})"
+            return
+        ms, how = timed(lambda: kern(*args, **kwargs), device)
+        row[f"{label}_tbps"], row["timing"] = bandwidth(ms, nbytes), how
+
+    for S in splits:  # the dense cache
+        options = {"decode": True} | ({} if S == "auto" else {"kv_splits": S})
+        kern = ac.compile(pattern, q, k, v, kernel_options=options)
+        row[f"attncc_{S}_splits"] = kern.config["kv_splits"]
+        measure(f"attncc_{S}", kern, q, k, v)
+    table, caches = paged_copy(k, v, g)
+    k = v = None  # the dense cache's memory, for the paged one
+    lens = torch.full((B,), KV, dtype=torch.int32, device=device)
+    kern = ac.compile(ac.Pattern(native, name=name), q, *caches, page_table=table, kv_lens=lens)
+    row["paged_splits"] = kern.config["kv_splits"]
+    measure("paged", kern, q, *caches, page_table=table, kv_lens=lens)
     return row
 
 
@@ -102,7 +173,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--kv", default="8192,32768,131072")
     ap.add_argument("--q-lens", default="1,8")
     ap.add_argument("--patterns", default="causal,sinks,document")
-    ap.add_argument("--splits", default="1,4,16")
+    ap.add_argument("--splits", default="auto", help="dense rows: 'auto' (the cost model) and/or forced S values")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton's interpreter)")
     args = ap.parse_args(argv)
@@ -111,20 +182,34 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches, kvs, q_lens = (ints(args.batches), ints(args.kv), ints(args.q_lens)) if not args.smoke \
         else ([1], [96], [1])
-    flex = None
-    if device.type == "cuda":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        flex = torch.compile(flex_attention, dynamic=False)
-    rows = [run_row(name, B, KV, ql, ints(args.splits), device, dtype, flex)
-            for name in args.patterns.split(",") for B in batches for KV in kvs for ql in q_lens]
+    splits = [x if x == "auto" else int(x) for x in args.splits.split(",")]
+    flex, flex_label = flex_decode(device)
+    copy = copy_tbps(device)
+    rows = []
+    for name in args.patterns.split(","):
+        for B in batches:
+            for KV in kvs:
+                for ql in q_lens:
+                    rows.append(run_row(name, B, KV, ql, splits, device, dtype, flex) | {"copy_tbps": copy})
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else ("—" if x is None else str(x))  # noqa: E731
-    lines = ["| pattern | B | KV | Q_LEN | copy TB/s | attncc best (S) | paged | flex | sdpa |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    dense = [f"attncc dense {S}" for S in splits]
+    head = ["pattern", "B", "KV", "Q_LEN", "live MB", "copy", "attncc paged (S)", *dense, flex_label or "flex",
+            "sdpa", "paged / flex", "paged / copy", "timing"]
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"Effective bandwidth, TB/s (live KV bytes / time) on {gpu}, torch {torch.__version__}", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        best = r["attncc_best"]
-        lines.append(f"| {r['pattern']} | {r['B']} | {r['KV']} | {r['Q_LEN']} | {fmt(r['copy_tbps'])} | "
-                     f"{fmt(best[0]) + f' (S={best[1]})' if best else 'FAILED'} | {fmt(r['paged_tbps'])} | "
-                     f"{fmt(r.get('flex_tbps'))} | {fmt(r.get('sdpa_tbps'))} |")
+        paged, flex_tbps = r.get("paged_tbps"), r.get("flex_tbps")
+        cells = [r["pattern"], r["B"], r["KV"], r["Q_LEN"], f"{r['live_MB']:.1f}", fmt(r["copy_tbps"]),
+                 f"{fmt(paged if paged is not None else r.get('paged'))} ({r['paged_splits']})",
+                 *[f"{fmt(r.get(f'attncc_{S}_tbps', r.get(f'attncc_{S}')))} ({r[f'attncc_{S}_splits']})"
+                   for S in splits],
+                 fmt(flex_tbps), fmt(r.get("sdpa_tbps")),
+                 f"{paged / flex_tbps:.2f}×" if isinstance(paged, float) and flex_tbps else "—",
+                 f"{paged / r['copy_tbps']:.0%}" if isinstance(paged, float) else "—", r.get("timing", "—")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     print("\n".join(lines))
     write_table(args.out_dir, "decode", rows, lines)
     return rows

@@ -66,7 +66,8 @@ def train(small: bool, steps: int | None, plot: str | None) -> dict:
             logits = model.head(h)
         return nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
-    held_out = range(0, len(data) - seq - 1, (len(data) - seq - 1) // batch)[:batch]  # fixed, spread over the text
+    # fixed, spread over the text; 16 sequences, so the loss measures the model, not the text they hit
+    held_out = range(0, len(data) - seq - 1, (len(data) - seq - 1) // 16)[:16]
     with torch.no_grad():
         eval_before = loss_of(held_out).item()
     losses, start = [], time.time()

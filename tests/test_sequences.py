@@ -219,15 +219,3 @@ def test_split_kv_gradients_empty_rows_and_paged_calls():
         ac.attention(x, x, x, kernel_options={"kv_splits": 0})
     with pytest.raises(ValueError, match="options of ac.attention calls"):
         ac.compile(ac.patterns.causal(), x, x, x, kernel_options={"kv_splits": 2})
-
-
-def test_the_decode_benchmark_runs_in_smoke_mode(tmp_path):
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(ac.__file__).resolve().parents[1]))
-    from benchmarks import decode
-
-    rows = decode.main(["--smoke", "--patterns", "document", "--splits", "1,3", "--out-dir", str(tmp_path)])
-    assert len(rows) == 1 and rows[0]["attncc_best"] and isinstance(rows[0]["paged_tbps"], float)
-    assert "attncc_S3_tbps" in rows[0] and (tmp_path / "decode.md").read_text().startswith("| pattern")

@@ -1,5 +1,5 @@
-"""Kernel sources: a kind's template (templates/forward.py.tmpl, ...) around the part every kind
-shares (templates/common.py.tmpl: imports, helpers, the pattern's `mask_mod` and `score_mod`
+"""Kernel sources: a kind's template (templates/{forward,backward,decode}.py.tmpl) around the part
+every kind shares (templates/common.py.tmpl: imports, helpers, the pattern's `mask_mod` and `score_mod`
 lowered to Triton by lowering.py under a numeric plan, tile loads, descriptors), with the
 launcher arguments of the pattern's params and buffers. `generate(kind, ...)` is the entry."""
 from __future__ import annotations
@@ -62,7 +62,7 @@ def score_derivative(pattern: Pattern) -> ir.Node:
     return ir.const(0.0) if d is None else d
 
 
-KINDS = ("forward", "backward")
+KINDS = ("forward", "backward", "decode")
 
 
 def token_row(layout: Layout | None) -> str:
@@ -80,7 +80,8 @@ def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec],
              layout: Layout | None = None) -> str:
     """Stand-alone Python source of the `kind` kernels (one of KINDS) and their launcher.
 
-    `config`: a TileConfig for the forward, BackwardTiles for the backward. The source depends on
+    `config`: a TileConfig for the forward and the decode kernel (BLOCK_M packed query rows),
+    BackwardTiles for the backward. The source depends on
     the pattern's IR, the buffers' dtypes and ranks, `config` and the
     numeric plan (not on param values or buffer contents, except through the plan's types);
     q/k/v dtype, head dims, GQA group and list contiguity are constexpr arguments. `layout`: the
@@ -127,7 +128,7 @@ def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec],
         "HAS_SCORE_MOD": str(pattern.has_score_mod),
         "LAUNCH_EXTRA": "".join(f"\n        {a}," for a in launch_extra),
     })
-    named = {"": config} if kind == "forward" else {"DKDV_": config.dkdv, "DQ_": config.dq}
+    named = {"": config} if kind != "backward" else {"DKDV_": config.dkdv, "DQ_": config.dq}
     for prefix, tiles in named.items():
         holes.update({f"{prefix}BLOCK_M": str(tiles.BLOCK_M), f"{prefix}BLOCK_N": str(tiles.BLOCK_N),
                       f"{prefix}NUM_WARPS": str(tiles.num_warps), f"{prefix}NUM_STAGES": str(tiles.num_stages)})

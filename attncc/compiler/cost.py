@@ -279,3 +279,21 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
 def _short(node, limit: int = 90) -> str:
     text = str(node)
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+DECODE_WAVES = 2  # programs per SM the decode kernel's splits aim for
+DECODE_MIN_SPLIT_KEYS = 512  # the shortest kv range worth a split of its own
+
+
+def decode_splits(programs: int, live_tiles: int, BLOCK_N: int, profile: Profile) -> int:
+    """How many splits the decode kernel (templates/decode.py.tmpl) cuts each kv range into.
+
+    S = ceil(DECODE_WAVES * SMs / programs), enough programs for about two waves over the GPU,
+    bounded by live_tiles * BLOCK_N / DECODE_MIN_SPLIT_KEYS (no split shorter than 512 keys of the
+    longest live range, so a program's prologue, epilogue and the combine stay small), at least 1.
+    programs: the grid without splits, B * Hkv * row blocks; live_tiles: the most FULL + PARTIAL kv
+    tiles of any (sequence, kv head). Not measured yet: the constants follow FlashDecoding's habit
+    of filling the GPU and vLLM's 512-key partitions.
+    """
+    want = -(-DECODE_WAVES * profile.sms // max(1, programs))
+    return max(1, min(want, live_tiles * BLOCK_N // DECODE_MIN_SPLIT_KEYS))

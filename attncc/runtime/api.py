@@ -140,8 +140,15 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
 
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-            scale: float | None = None, kernel_options: dict | None = None):
+            scale: float | None = None, kernel_options: dict | None = None,
+            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None):
     """A Kernel for `pattern` at these inputs' shapes, dtype and device (q [B,Hq,Q,D], k/v [B,Hkv,KV,D]).
+
+    Where ac.attention would run the split-KV decode kernel (runtime/choices.choose_decode: paged
+    caches k, v [num_pages, page_size, Hkv, D] with page_table and kv_lens, which compile takes
+    for Q_LEN <= 64 only; dense calls of a few queries over many keys), a runtime/decode.DecodeKernel
+    (`.config["kernel"] == "decode"`, its kv_splits; called as kern(q, k, v, page_table=...,
+    kv_lens=...)).
 
     `kern.source` is the generated source (Triton kernels, or the CuTe hooks and the call of the fa4
     backend), `kern.config` the backend and tiles/warps/stages, `kern.block_mask` the BlockMask,
@@ -157,6 +164,16 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from .kernel import Kernel
 
+    paged = page_table is not None or kv_lens is not None
+    if paged and (page_table is None or kv_lens is None):
+        raise ValueError("a paged call needs both page_table and kv_lens")
+    with torch.no_grad():  # the choice for an inference call; the kernel falls back where grads are needed
+        decode = _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
+    if decode is not None:
+        return decode
+    if paged:
+        raise ValueError("ac.compile takes paged caches for the decode kernel only (Q_LEN <= 64, "
+                         "kernel_options without decode=False or another backend); ac.attention runs the rest")
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, False)
     return Kernel(pattern, s, q.device, scale, choice)
 
@@ -177,11 +194,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     `cu_seqlens_k` (int32 [S + 1]), q [1, Hq, total_q, D] and k, v [1, Hkv, total_k, D] hold S
     sequences packed. Either way the pattern sees positions within each sequence, whose queries
     are its last tokens: query i of a sequence with L keys and Q_s queries sits at L - Q_s + i.
+
+    Decode (runtime/decode.py; runtime/choices.choose_decode): paged calls with Q_LEN <= 64, and
+    dense calls of up to 64 queries over at least 4096 keys, run the split-KV decode kernel, which
+    reads the caches in place; kernel_options kv_splits sets its number of splits (default: the
+    cost model's), decode=False / True forbids / forces it. It is inference only: where q, k, v or
+    a buffer require grad, the call runs the dense kernels (paged caches gathered), which have a
+    backward.
     """
     from .kernel import Kernel
 
     paged = page_table is not None or kv_lens is not None
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    decode = None if varlen else _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
+    if decode is not None:
+        return decode.run(q, k, v, page_table, kv_lens, return_lse)
+    kernel_options = {n: x for n, x in (kernel_options or {}).items() if n != "decode"}
     if paged or varlen:
         from .sequences import paged_call, varlen_call
 
@@ -213,6 +241,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
     return Kernel(pattern, s, q.device, scale, choice).run(q, k, v, s, return_lse)
+
+
+def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged: bool):
+    """The DecodeKernel (runtime/decode.py) for this call where runtime/choices.choose_decode picks
+    it (never under torch.compile nor with gradients required), else None."""
+    from .autograd import needs_grad
+    from .choices import choose_decode
+    from .decode import DecodeKernel
+
+    options = kernel_options or {}
+    if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return None  # the other paths say what is wrong
+    pattern = _pattern(pattern)
+    if paged and (page_table is None or kv_lens is None):
+        return None
+    KV = None if paged else k.shape[2]
+    if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v)):
+        return None
+    return DecodeKernel(pattern, q, k, v, scale=scale, kernel_options=options,
+                        page_table=page_table if paged else None, kv_lens=kv_lens if paged else None)
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
@@ -253,7 +301,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from ..compiler import cost
     from .calibrate import profile_for
-    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_on_target
+    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_decode, choose_on_target
     from . import fa4
 
     s = check_qkv(q, k, v)
@@ -286,6 +334,13 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates, png)
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
+    if choose_decode(kp, s.Q, s.KV, options, False):
+        from .decode import DecodeKernel
+
+        splits = ("chosen at run time (cost.decode_splits)" if target is not None
+                  else DecodeKernel(kp, q, k, v, kernel_options=kernel_options).config["kv_splits"])
+        text += (f"\nruns: attncc's split-KV decode kernel (runtime/decode.py), kv_splits {splits}, "
+                 "not the forward configurations above")
     if not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
     elif chosen[0] != "fa4":

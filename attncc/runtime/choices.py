@@ -40,8 +40,9 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
 _TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
 _OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma", "deterministic")
-# handled by ac.attention before a kernel is chosen (runtime/sequences.split_kv), refused elsewhere
-CALL_OPTIONS = ("kv_splits",)
+# handled by ac.attention before a kernel is chosen (runtime/decode.py, runtime/sequences.split_kv),
+# refused by ac.compile unless the decode kernel runs
+CALL_OPTIONS = ("kv_splits", "decode")
 BACKENDS = ("triton", "fa4", "sdpa-cudnn")
 
 
@@ -67,6 +68,11 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
         base = TileConfig(128, 64, 8, 3)
     else:
         base = TileConfig(64, 64, 4, 2)
+    return _overridden(base, options)
+
+
+def _overridden(base: TileConfig, options: dict) -> TileConfig:
+    """`base` with the tile fields kernel_options set (each checked)."""
     fields = {k: options.get(k, getattr(base, k)) for k in _TILE_OPTIONS}
     for k, val in fields.items():
         _check_tile_field(f"kernel_options[{k!r}]", k, val)
@@ -274,3 +280,51 @@ def sdpa_refusal(pattern: Pattern, s: Shapes, device_type: str, dtype: torch.dty
     if not assume_installed and not torch.backends.cudnn.is_available():
         return "cuDNN is not available"
     return None
+
+
+DECODE_MAX_Q = 64  # the decode kernel packs Hq / Hkv * Q_LEN rows into its tiles
+DECODE_MIN_KEYS = 4096  # a dense call's keys from which the decode kernel runs it
+
+
+def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad: bool) -> bool:
+    """Whether the split-KV decode kernel (runtime/decode.py) runs this call; options["decode"]
+    True forces it (a ValueError where it cannot run), False forbids it.
+
+    KV: the dense call's keys, None for a paged call. Never when gradients are required (decode
+    is inference: the call takes the dense kernels, paged caches gathered first), when
+    kernel_options force a backend other than "triton", or for more than DECODE_MAX_Q queries or
+    a token layout. Otherwise always for paged calls (it reads
+    the pages in place, the other path copies them) and for dense calls with at least
+    DECODE_MIN_KEYS keys and 16 per query. Not measured yet: the dense threshold is a guess at
+    where a query tile of the forward leaves the GPU idle.
+    """
+    forced = options.get("decode")
+    if forced not in (None, True, False):
+        raise ValueError(f"kernel_options['decode'] must be a bool, got {forced!r}")
+    why = None
+    if Q > DECODE_MAX_Q:
+        why = f"Q_LEN = {Q} is more than {DECODE_MAX_Q} queries"
+    elif pattern.layout is not None:
+        why = "the pattern has a token layout"
+    elif options.get("backend", "auto") not in ("auto", "triton"):
+        why = f"kernel_options force the {options['backend']} backend"
+    if forced and why:
+        raise ValueError(f"kernel_options decode=True cannot run this call: {why}")
+    if forced is False or why or grad:
+        return False
+    return bool(forced or KV is None or (KV >= DECODE_MIN_KEYS and KV >= 16 * Q))
+
+
+def choose_decode_tiles(rows: int, head_dim: int, device: torch.device, options: dict) -> TileConfig:
+    """The decode kernel's tiles (BLOCK_M packed query rows, BLOCK_N keys; options override any field).
+
+    BLOCK_M: the rows of a kv head (Hq / Hkv * Q_LEN) rounded up to a power of two, 16 to 64 (more
+    rows take several row blocks). CPU: BLOCK_N 32, so test shapes span several tiles and pages
+    of 16 and 64 keys are read both ways (two pages per tile, two tiles per page). CUDA: BLOCK_N 64
+    (32 above D = 128), 4 warps, 3 stages (2 above D = 128). Not measured yet.
+    """
+    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
+    wide = head_dim > 128
+    base = (TileConfig(block_m, 32, 4, 1) if device.type != "cuda"
+            else TileConfig(block_m, 32 if wide else 64, 4, 2 if wide else 3))
+    return _overridden(base, options)

@@ -62,7 +62,7 @@ class KernelMeta:
     plan: NumericPlan
 
 
-def _contiguous(num: torch.Tensor, idx: torch.Tensor) -> bool:
+def lists_contiguous(num: torch.Tensor, idx: torch.Tensor) -> bool:
     """Whether every row's (ascending) list of `num` entries is a run of consecutive tiles."""
     if idx.shape[-1] == 0:
         return True
@@ -123,7 +123,8 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: Nume
         full_num=full_num.contiguous(), full_idx=full_idx.contiguous(),
         partial_num=part_num.contiguous(), partial_idx=part_idx.contiguous(), order=order.contiguous(),
         stride_b=stride_b, stride_h=stride_h,
-        full_contiguous=_contiguous(full_num, full_idx), partial_contiguous=_contiguous(part_num, part_idx),
+        full_contiguous=lists_contiguous(full_num, full_idx),
+        partial_contiguous=lists_contiguous(part_num, part_idx),
         buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()), params=params, plan=plan)
 
 
@@ -151,7 +152,8 @@ def backward_meta(bm, pattern: Pattern, s: Shapes, buffers: dict, device) -> Bac
     stride_b, stride_h = _strides(full_num)
     plan = numeric_plan(kernel_roots(pattern, "backward"), pattern.params, buffers, s.B, s.Hq, s.Q, s.KV, device)
     return BackwardMeta(full_num.contiguous(), full_idx.contiguous(), part_num.contiguous(), part_idx.contiguous(),
-                        stride_b, stride_h, _contiguous(full_num, full_idx), _contiguous(part_num, part_idx), plan)
+                        stride_b, stride_h, lists_contiguous(full_num, full_idx),
+                        lists_contiguous(part_num, part_idx), plan)
 
 
 def _live_kv_span(meta: KernelMeta) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +199,7 @@ class _TritonKeyPrefetch:
 TRITON_KEY = _TritonKeyPrefetch()
 
 
-def _buffer_key(t: torch.Tensor) -> tuple:
+def buffer_key(t: torch.Tensor) -> tuple:
     """What identifies a buffer's contents: its version counter, or (tensors made under
     torch.inference_mode have none) a digest of the contents themselves."""
     try:
@@ -205,6 +207,12 @@ def _buffer_key(t: torch.Tensor) -> tuple:
     except RuntimeError:
         version = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     return (id(t), version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+
+
+def pattern_key(pattern: Pattern) -> tuple:
+    """What a pattern's metadata depends on: its IR, param values and buffer contents (by version)."""
+    return (pattern.mask, pattern.score, pattern.block, pattern.block_size, tuple(pattern.params.items()),
+            tuple((n, buffer_key(t)) for n, t in pattern.buffers.items()))
 
 
 class _MetaCache:
@@ -243,9 +251,7 @@ class _MetaCache:
             return entry[4][key]
 
     def _entry(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device) -> list:
-        key = (pattern.mask, pattern.score, pattern.block, pattern.block_size, tuple(pattern.params.items()),
-               tuple((n, _buffer_key(t)) for n, t in pattern.buffers.items()),
-               s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, str(device))
+        key = pattern_key(pattern) + (s.B, s.Hq, s.Q, s.KV, config.BLOCK_M, config.BLOCK_N, str(device))
         hit = self.entries.get(key)
         if hit is not None:
             self.entries.move_to_end(key)
@@ -317,6 +323,23 @@ def _quiet_numpy():
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
+
+
+def interpretable(interpret: bool, *tensors):
+    """Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16): in the
+    interpreter only, the same kernels run on float32 copies (their results are rounded back)."""
+    if interpret and tensors[0].dtype == torch.bfloat16:
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
+def launch(interpret: bool, fn, *args, **kwargs):
+    """fn(*args, **kwargs), a generated launcher: in the interpreter one at a time, numpy quiet."""
+    if interpret:
+        with INTERPRETER_LOCK, _quiet_numpy():  # the interpreter patches triton.language globally
+            return fn(*args, **kwargs)
+    TRITON_KEY.wait()
+    return fn(*args, **kwargs)
 
 
 def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
@@ -456,8 +479,8 @@ class Kernel:
             return fa4.forward(self._fa4_call(s), q, k, v, self.scale)
         meta, module = self._specialised(s, q.device)
         dtype = q.dtype
-        q, k, v = self._interpretable(q, k, v)
-        out, lse = self._launch(module.forward, q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
+        q, k, v = interpretable(self.interpret, q, k, v)
+        out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
         return out.to(dtype), lse
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
@@ -470,8 +493,8 @@ class Kernel:
                 return fa4.backward(call, q, k, v, out, lse, dout, dlse, self.scale, self.deterministic)
         dq_meta, dkdv_meta, module = self._backward_module(s)
         dtypes = (q.dtype, k.dtype, v.dtype)
-        q, k, v, out, dout = self._interpretable(q, k, v, out, dout)
-        grads = self._launch(module.backward, q, k, v, out, lse, dout, dlse, dq_meta, dkdv_meta, self.scale,
+        q, k, v, out, dout = interpretable(self.interpret, q, k, v, out, dout)
+        grads = launch(self.interpret, module.backward, q, k, v, out, lse, dout, dlse, dq_meta, dkdv_meta, self.scale,
                              dq_meta.buffers)
         return tuple(g.to(t) for g, t in zip(grads, dtypes))
 
@@ -490,20 +513,6 @@ class Kernel:
 
     def _fa4_call(self, s: Shapes) -> "fa4.Call":
         return self._fa4 if s == self._shapes else fa4.prepare(self.pattern, s, self.device)
-
-    def _interpretable(self, *tensors):
-        """Triton 3.6's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16): on CPU
-        only, the same kernels run on float32 copies (their results are rounded back)."""
-        if self.interpret and tensors[0].dtype == torch.bfloat16:
-            return tuple(t.float() for t in tensors)
-        return tensors
-
-    def _launch(self, fn, *args, **kwargs):
-        if self.interpret:
-            with INTERPRETER_LOCK, _quiet_numpy():  # the interpreter patches triton.language globally
-                return fn(*args, **kwargs)
-        TRITON_KEY.wait()
-        return fn(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"Kernel({self.pattern!r}, {self.config})"

@@ -7,12 +7,12 @@ call its kernels run — b, q and kv become the sequence and the positions, read
 buffers — so the mask, the score mod, the block masks and the kernels stay exact, and a pattern's
 own buffers are indexed by positions within a sequence (size them to the longest one).
 
-- paged (`paged_call`): q [B, Hq, Q_LEN, D]; k_cache, v_cache [num_pages, page_size, Hkv, D]
-  (page_size a power of two >= 16); page_table int32 [B, max_pages] (entries past a sequence's
-  pages are never read); kv_lens int32 [B], each 0 (an empty sequence: zeros, lse -inf) or at
-  least Q_LEN. The used pages are gathered into dense [B, Hkv, max(kv_lens), D] keys and values
-  (this first implementation's cost: one copy of the used cache; a split-KV decode kernel reading
-  pages in place is the next step).
+- paged (`check_paged`, `paged_pattern`): q [B, Hq, Q_LEN, D]; k_cache, v_cache [num_pages,
+  page_size, Hkv, D] (page_size a power of two >= 16); page_table int32 [B, max_pages] (entries
+  past a sequence's pages are never read); kv_lens int32 [B], each 0 (an empty sequence: zeros,
+  lse -inf) or at least Q_LEN. For Q_LEN <= 64 without gradients the decode kernel reads the
+  pages in place (runtime/decode.py); otherwise `paged_call` gathers the used pages into dense
+  [B, Hkv, max(kv_lens), D] keys and values (one copy of the used cache) for the dense kernels.
 - varlen (`varlen_call`): q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D], the sequences
   concatenated; cu_seqlens_q, cu_seqlens_k int32 [S + 1], non-decreasing from 0 to the totals,
   each sequence with at most as many queries as keys.
@@ -26,6 +26,7 @@ import torch
 
 from ..dsl import ir
 from ..dsl.pattern import Pattern
+from .inputs import Shapes, check_qkv
 
 _B, _Q, _KV = ir.Var("b"), ir.Var("q"), ir.Var("kv")
 
@@ -57,18 +58,21 @@ def _remap(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live: ir.Node,
                            {**pattern.buffers, **buffers}, pattern.name)
 
 
-def paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: Pattern,
-               page_table, kv_lens):
-    """(k, v, pattern) of the dense call equal to the paged one (see the module docstring)."""
+def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table, kv_lens) -> Shapes:
+    """The Shapes of the dense call equal to a paged one (KV = L = max(1, max(kv_lens))); a
+    ValueError for any bad input, including a page_table entry a sequence uses that is not a page
+    of the cache (one host synchronisation)."""
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("a paged call takes q [B, Hq, Q_LEN, D] and caches [num_pages, page_size, Hkv, D]")
-    B, _, Q_LEN, _ = q.shape
+    B, Hq, Q_LEN, D = q.shape
     num_pages, page_size, Hkv, _ = k_cache.shape
     if v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"k_cache and v_cache must share [num_pages, page_size, Hkv], got "
                          f"{list(k_cache.shape[:3])} and {list(v_cache.shape[:3])}")
     if page_size < 16 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+    # the caches as [1, Hkv, num_pages * page_size, D] views: check_qkv's dtype, device, head checks
+    check_qkv(q[:1], k_cache[:1].transpose(1, 2), v_cache[:1].transpose(1, 2))
     page_table = _int_tensor("page_table", page_table, None, q.device)
     if page_table.dim() != 2 or page_table.shape[0] != B:
         raise ValueError(f"page_table must have shape [B={B}, max_pages], got {list(page_table.shape)}")
@@ -79,22 +83,43 @@ def paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pa
         raise ValueError(f"each kv_len must be 0 or between Q_LEN={Q_LEN} (the queries are the sequence's last "
                          f"tokens) and max_pages * page_size = {capacity}; got {kv_lens.tolist()}")
     L = max(1, int(lens.max()))
-    slots = torch.arange(L, device=q.device)
-    used = slots[None, :] < lens[:, None]  # [B, L]
-    pages = page_table.long().gather(1, (slots // page_size)[None, :].expand(B, L).clamp(max=page_table.shape[1] - 1))
+    used, pages = _token_pages(page_table, lens, page_size, L)
     bad = used & ((pages < 0) | (pages >= num_pages))
     if bool(bad.any()):
         b, t = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"page_table[{b}, {t // page_size}] = {int(pages[b, t])} is not a page of the "
                          f"{num_pages}-page cache (sequence {b} uses it for token {t})")
+    return Shapes(B, Hq, Hkv, Q_LEN, L, D, v_cache.shape[3])
+
+
+def _token_pages(page_table: torch.Tensor, lens: torch.Tensor, page_size: int, L: int):
+    """(used bool [B, L]: token t < kv_len, pages int64 [B, L]: the page holding token t)."""
+    slots = torch.arange(L, device=lens.device)
+    index = (slots // page_size)[None, :].expand(lens.shape[0], L).clamp(max=page_table.shape[1] - 1)
+    return slots[None, :] < lens[:, None], page_table.long().gather(1, index)
+
+
+def paged_pattern(pattern: Pattern, kv_lens: torch.Tensor, Q_LEN: int) -> Pattern:
+    """`pattern` over the dense call's indices (b, query q < Q_LEN, key kv < L): query q at
+    position kv_lens[b] - Q_LEN + q, keys live below kv_lens[b]."""
+    offsets = torch.where(kv_lens > 0, kv_lens - Q_LEN, 0).to(torch.int32)
+    names = {"paged_query_offset": offsets, "paged_kv_len": kv_lens}
+    position = ir.op("add", _Q, ir.load("paged_query_offset", (_B,)))
+    live = ir.op("lt", _KV, ir.load("paged_kv_len", (_B,)))
+    return _remap(pattern, _B, position, _KV, live, names)
+
+
+def paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: Pattern,
+               page_table, kv_lens):
+    """(k, v, pattern) of the dense call equal to the paged one, the used pages gathered into
+    k, v [B, Hkv, L, D] (see the module docstring)."""
+    s = check_paged(q, k_cache, v_cache, page_table, kv_lens)
+    page_size = k_cache.shape[1]
+    used, pages = _token_pages(page_table, kv_lens.long(), page_size, s.KV)
+    slots = torch.arange(s.KV, device=q.device)
     rows = torch.where(used, pages * page_size + slots % page_size, 0)  # unused slots read row 0: masked out
     gather = lambda cache: cache.flatten(0, 1)[rows].permute(0, 2, 1, 3)  # noqa: E731 — [B, Hkv, L, D]
-    offsets = torch.where(lens > 0, lens - Q_LEN, 0).to(torch.int32)
-    names = {"paged_query_offset": offsets, "paged_kv_len": kv_lens}
-    b_ = _B
-    position = ir.op("add", _Q, ir.load("paged_query_offset", (b_,)))
-    live = ir.op("lt", _KV, ir.load("paged_kv_len", (b_,)))
-    return gather(k_cache), gather(v_cache), _remap(pattern, b_, position, _KV, live, names)
+    return gather(k_cache), gather(v_cache), paged_pattern(pattern, kv_lens, s.Q)
 
 
 def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q, cu_seqlens_k) -> Pattern:

@@ -1,0 +1,269 @@
+"""The split-KV decode path: a few queries per sequence (Q_LEN <= 64) against a long KV cache read
+in place, paged or dense (templates/decode.py.tmpl; runtime/choices.choose_decode says when).
+
+Positions: in a paged call query i of sequence b sits at kv_lens[b] - Q_LEN + i and its keys at
+0..kv_lens[b]-1 (runtime/sequences.py); in a dense call the indices are 0..Q_LEN-1 and
+0..KV_LEN-1, as everywhere. The kernel evaluates the pattern itself at those positions; its tile
+lists come from the block map of the same call written over the dense indices
+(sequences.paged_pattern: the lengths and offsets as buffers), one query tile of Q_LEN rows per
+(b, h), merged over the query heads of each kv head: a tile is FULL only if FULL for all of
+them, EMPTY only if EMPTY for all. Tiles at or past a sequence's length are EMPTY (never read);
+the one holding the length is PARTIAL. The metadata is cached per pattern value, shapes, tiles,
+splits and the versions of page_table and kv_lens, so a repeated call neither rebuilds it nor
+synchronises; a new kv_lens (the next decode step) rebuilds it and checks the page table again.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler import cost
+from ..compiler.blockmask import EMPTY, FULL, PARTIAL, BlockMask, build_block_mask
+from ..compiler.codegen import TileConfig, kernel_roots
+from ..compiler.domain import check_domain
+from ..compiler.numerics import NumericPlan, numeric_plan
+from ..dsl.pattern import Pattern
+from . import cache
+from .inputs import Shapes, check_qkv, check_scale
+
+_CACHE_SIZE = 64
+MAX_SPLITS = 65535  # the grid's second axis
+
+
+@dataclass(frozen=True)
+class DecodeMeta:
+    """What the decode kernel reads besides q, k, v.
+
+    full_num / partial_num: int32 [B|1, Hkv|1], the FULL / PARTIAL kv tiles of each (sequence,
+    kv head); full_idx / partial_idx: int32 [.., width >= 1], ascending; stride_b / stride_h: the
+    element strides of the counts (0 on a broadcast dim); *_contiguous: every list is a run.
+    q_offset / kv_len: int32 [B], each sequence's first query position and its keys; max_len: the
+    longest (the dense call's KV_LEN); splits: the kernel's S; live_tiles: the most FULL + PARTIAL
+    tiles of any (sequence, kv head); block_mask: the per-(b, h) map the lists merge (one query
+    tile of Q_LEN rows); buffers, params, plan: as in KernelMeta (runtime/kernel.py).
+    """
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    partial_num: torch.Tensor
+    partial_idx: torch.Tensor
+    stride_b: int
+    stride_h: int
+    full_contiguous: bool
+    partial_contiguous: bool
+    q_offset: torch.Tensor
+    kv_len: torch.Tensor
+    max_len: int
+    splits: int
+    live_tiles: int
+    block_mask: BlockMask
+    buffers: dict
+    params: torch.Tensor
+    plan: NumericPlan
+
+
+def group_classes(bm: BlockMask, Hkv: int, KV_LEN: int) -> torch.Tensor:
+    """int8 [B|1, Hkv|1, KB]: the per-(b, h) classes of bm (one query tile) merged over each kv
+    head's query heads, the tile that holds KV_LEN (if ragged) at most PARTIAL."""
+    classes = bm.to_dense()[:, :, 0]  # [B|1, H|1, KB]
+    if classes.shape[1] > 1:
+        heads = classes.unflatten(1, (Hkv, classes.shape[1] // Hkv))
+        full, live = (heads == FULL).all(2), (heads != EMPTY).any(2)
+        classes = torch.where(full, FULL, torch.where(live, PARTIAL, EMPTY)).to(torch.int8)
+    if KV_LEN % bm.BLOCK_N:
+        last = classes[..., -1]
+        last.masked_fill_(last == FULL, PARTIAL)
+    return classes
+
+
+def tile_lists(classes: torch.Tensor, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num int32 [..], idx int32 [.., max(1, max num)]): the tiles of class `value`, ascending."""
+    hit = classes == value
+    num = hit.sum(-1, dtype=torch.int32)
+    width = max(1, int(num.max()))
+    first = torch.sort((~hit).to(torch.uint8), dim=-1, stable=True).indices[..., :width]  # hits, ascending
+    slots = torch.arange(first.shape[-1], device=classes.device)
+    return num.contiguous(), torch.where(slots < num[..., None], first, 0).int().contiguous()
+
+
+def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.device, splits: int | None,
+               kv_lens: torch.Tensor | None) -> DecodeMeta:
+    """DecodeMeta for a dense call (kv_lens None) or a checked paged one with these lengths (s.KV
+    the longest); splits None: cost.decode_splits decides."""
+    from .calibrate import profile_for
+    from .kernel import lists_contiguous, param_values
+    from .sequences import paged_pattern
+
+    if kv_lens is None:
+        q_offset = torch.zeros(s.B, dtype=torch.int32, device=device)
+        kv_len = torch.full((s.B,), s.KV, dtype=torch.int32, device=device)
+        positions = pattern
+    else:
+        kv_len = kv_lens.contiguous()
+        positions = paged_pattern(pattern, kv_len, s.Q)
+        q_offset = positions.buffers["paged_query_offset"]
+    bm = build_block_mask(positions, s.B, s.Hq, s.Q, s.KV, s.Q, tiles.BLOCK_N, device)
+    check_domain(positions, (positions.score,), s.B, s.Hq, s.Q, s.KV, device)
+    classes = group_classes(bm, s.Hkv, s.KV)
+    full_num, full_idx = tile_lists(classes, FULL)
+    partial_num, partial_idx = tile_lists(classes, PARTIAL)
+    live = int((full_num + partial_num).max())
+    if splits is None:
+        row_blocks = -(-s.group * s.Q // tiles.BLOCK_M)
+        splits = cost.decode_splits(s.B * s.Hkv * row_blocks, live, tiles.BLOCK_N, profile_for(device))
+    buffers = {n: t.to(device) for n, t in pattern.buffers.items()}
+    # the kernel evaluates `pattern` at positions below s.KV (paged) or s.Q (dense)
+    positions_q = s.KV if kv_lens is not None else s.Q
+    plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, s.KV, device)
+    Bm, Hm = full_num.shape
+    return DecodeMeta(full_num, full_idx, partial_num, partial_idx, Hm if Bm > 1 else 0, 1 if Hm > 1 else 0,
+                      lists_contiguous(full_num, full_idx), lists_contiguous(partial_num, partial_idx), q_offset,
+                      kv_len, s.KV, splits, live, bm, buffers, param_values(pattern.params, device), plan)
+
+
+class _DecodeCache:
+    """LRU of (Shapes, DecodeMeta, the tensors the key names by id) per call key."""
+
+    def __init__(self, size: int):
+        self.size, self.entries, self.lock = size, OrderedDict(), threading.RLock()
+        self.builds = 0
+
+    def get(self, key: tuple, build) -> tuple[Shapes, DecodeMeta]:
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is None:
+                hit = self.entries[key] = build()
+                self.builds += 1
+                if len(self.entries) > self.size:
+                    self.entries.popitem(last=False)
+            self.entries.move_to_end(key)
+            return hit[:2]
+
+
+DECODE_CACHE = _DecodeCache(_CACHE_SIZE)
+
+
+def _check_splits(splits) -> int | None:
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
+                               or not 1 <= splits <= MAX_SPLITS):
+        raise ValueError(f"kernel_options['kv_splits'] must be an int from 1 to {MAX_SPLITS}, got {splits!r}")
+    return splits
+
+
+class DecodeKernel:
+    """The split-KV decode kernel for one pattern: `.source`, `.config`, `.block_mask`, `__call__`.
+
+    Built for q [B, Hq, Q_LEN, D] (Q_LEN <= 64) and either paged caches k, v [num_pages,
+    page_size, Hkv, D|Dv] with page_table int32 [B, max_pages] and kv_lens int32 [B], or dense
+    k, v [B, Hkv, KV_LEN, D|Dv]. kernel_options: kv_splits (default: cost.decode_splits), BLOCK_M,
+    BLOCK_N, num_warps, num_stages (runtime/choices.choose_decode_tiles); the others apply to the
+    fallback. Inference only: a call whose q, k, v or buffers require grad runs ac.attention's
+    other path (the dense kernels, paged caches gathered), which has a backward.
+    """
+
+    def __init__(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 scale: float | None = None, kernel_options: dict | None = None,
+                 page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None):
+        from .choices import check_options, choose_decode_tiles
+
+        pattern.require_bound()
+        self.pattern, self.kernel_options = pattern, dict(kernel_options or {})
+        options = dict(self.kernel_options)
+        self.forced_splits = _check_splits(options.pop("kv_splits", None))
+        options.pop("decode", None)
+        options = check_options(options)
+        self.paged = page_table is not None
+        if any(t.dim() != 4 for t in (q, k, v)):
+            raise ValueError(f"q, k, v must have 4 dims, got shapes {[tuple(t.shape) for t in (q, k, v)]}")
+        for name, d in (("q", q.shape[-1]), ("v", v.shape[-1])):
+            if not 16 <= d <= 256:
+                raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
+        group = max(1, q.shape[1] // max(1, k.shape[2] if self.paged else k.shape[1]))
+        self.tiles = choose_decode_tiles(group * q.shape[2], max(q.shape[-1], v.shape[-1]), q.device, options)
+        self.scale = check_scale(scale, q.shape[-1])
+        self.device, self.interpret = q.device, q.device.type != "cuda"
+        self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens)
+        self.module = self._module(self._meta)
+
+    def _entry(self, q, k, v, page_table, kv_lens) -> tuple[Shapes, DecodeMeta]:
+        """(Shapes, DecodeMeta) for these inputs, from the cache: a miss checks them and builds."""
+        from .kernel import buffer_key, pattern_key
+        from .sequences import check_paged
+
+        if self.paged != (page_table is not None) or (kv_lens is None) == self.paged:
+            raise ValueError("this decode kernel was built for " + ("paged caches: pass page_table and kv_lens"
+                                                                    if self.paged else "dense k, v: no page_table"))
+        if self.paged:
+            if not all(isinstance(t, torch.Tensor) for t in (q, k, v, page_table, kv_lens)):
+                check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument
+            inputs = (buffer_key(page_table), buffer_key(kv_lens), tuple(k.shape), tuple(v.shape))
+
+            def build():
+                shapes = check_paged(q, k, v, page_table, kv_lens)
+                meta = build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, kv_lens)
+                return shapes, meta, page_table, kv_lens  # the key holds their ids: keep them alive
+        else:
+            shapes = check_qkv(q, k, v)
+            inputs = (shapes,)
+
+            def build():
+                return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None)
+        key = pattern_key(self.pattern) + inputs + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
+                                                    self.tiles, self.forced_splits)
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device}, but this kernel was compiled for {self.device}")
+        return DECODE_CACHE.get(key, build)
+
+    def _module(self, meta: DecodeMeta):
+        from .kernel import kernel_module
+
+        return kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret, kind="decode")
+
+    @property
+    def config(self) -> dict:
+        """The backend and kernel ("decode"), its splits, tiles, and whether it reads pages."""
+        t = self.tiles
+        return {"backend": "triton", "kernel": "decode", "kv_splits": self._meta.splits, "paged": self.paged,
+                "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "num_warps": t.num_warps, "num_stages": t.num_stages}
+
+    @property
+    def source(self) -> str:
+        """The generated source this kernel runs (templates/decode.py.tmpl filled in)."""
+        return cache.source_of(self.module)
+
+    @property
+    def block_mask(self) -> BlockMask:
+        """The per-(b, h) block map of the call it was built for: one query tile of Q_LEN rows."""
+        return self._meta.block_mask
+
+    def __call__(self, q, k, v, *, page_table=None, kv_lens=None, return_lse: bool = False):
+        """out [B, Hq, Q_LEN, Dv] in q's dtype (and lse float32 [B, Hq, Q_LEN] when return_lse)."""
+        return self.run(q, k, v, page_table, kv_lens, return_lse)
+
+    def run(self, q, k, v, page_table, kv_lens, return_lse: bool):
+        from . import autograd
+        from .api import attention
+
+        if autograd.needs_grad(self.pattern, q, k, v):  # decode is inference: the path with a backward
+            return attention(q, k, v, self.pattern, scale=self.scale, return_lse=return_lse,
+                             kernel_options={**self.kernel_options, "decode": False},
+                             page_table=page_table, kv_lens=kv_lens)
+        out, lse = self.forward(q, k, v, page_table, kv_lens)
+        return (out, lse) if return_lse else out
+
+    def forward(self, q, k, v, page_table=None, kv_lens=None):
+        """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd."""
+        from .kernel import interpretable, launch
+
+        _, meta = self._entry(q, k, v, page_table, kv_lens)
+        module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
+        dtype = q.dtype
+        q, k, v = interpretable(self.interpret, q, k, v)
+        table = page_table.contiguous() if self.paged else None
+        out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers, table)
+        return out.to(dtype), lse
+
+    def __repr__(self) -> str:
+        return f"DecodeKernel({self.pattern!r}, {self.config})"

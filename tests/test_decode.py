@@ -1,0 +1,200 @@
+"""The split-KV decode kernel (runtime/decode.py, templates/decode.py.tmpl) in Triton's interpreter:
+paged and dense caches read in place, against `ac.reference` (float64) on each sequence's keys
+with the queries at its last positions (test_sequences.oracle)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc as ac
+from attncc.runtime import choices, sequences
+from test_sequences import dense_sequence, oracle, paged_inputs, rel
+
+TREE = torch.tensor([-1, 0, 0, 1, 2])  # 5 speculative tokens verified against a 40-token prefix
+
+
+def head_windows(Hq: int) -> ac.Pattern:
+    """A buffer read per head: query head h sees the last 3 + 5 * h keys (GQA: the heads of one kv
+    head differ, so its tiles are the union of theirs)."""
+    width = torch.tensor([3 + 5 * h for h in range(Hq)])
+    return ac.Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv < width[h]), name="head_windows")
+
+
+PATTERNS = {
+    "causal": lambda Hq: ac.patterns.causal(),
+    "sinks_window": lambda Hq: ac.patterns.sinks(3, 20),
+    "alibi": lambda Hq: ac.patterns.alibi(Hq),
+    "softcap": lambda Hq: ac.patterns.softcap(5.0),
+    "head_windows": head_windows,
+    "per_head": lambda Hq: ac.patterns.per_head([ac.patterns.sinks(2, 8), ac.patterns.causal()] * (Hq // 2)),
+}
+
+
+def check_paged(pattern, lens, Q_LEN, Hq, Hkv, page_size, splits=None, tol=1e-5):
+    num_pages = sum(-(-n // page_size) for n in lens) + 3
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=Q_LEN, Hq=Hq, Hkv=Hkv, page_size=page_size,
+                                             num_pages=num_pages, seed=Q_LEN + page_size)
+    table[table < 0] = 10 ** 6  # entries past a sequence's pages are never read
+    options = None if splits is None else {"kv_splits": splits}
+    kern = ac.compile(pattern, q, kc, vc, page_table=table, kv_lens=kv_lens, kernel_options=options)
+    assert kern.config["kernel"] == "decode" and kern.config["paged"]
+    out, lse = kern(q, kc, vc, page_table=table, kv_lens=kv_lens, return_lse=True)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and not out.isnan().any()
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert (out[b] == 0).all() and (lse[b] == -torch.inf).all()
+            continue
+        want, want_lse = oracle(q[b], dense_sequence(kc, table, b, n), dense_sequence(vc, table, b, n), pattern)
+        live = torch.isfinite(want_lse)
+        assert torch.equal(torch.isfinite(lse[b]), live)
+        assert rel(out[b], want) < tol and rel(lse[b][live], want_lse[live]) < tol, (b, n)
+    return out, kern
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("Q_LEN, Hq, Hkv, page_size", [(1, 8, 2, 16), (5, 4, 4, 64)])
+def test_paged_decode_matches_the_reference(name, Q_LEN, Hq, Hkv, page_size):
+    check_paged(PATTERNS[name](Hq), [37, 0, 77, Q_LEN], Q_LEN, Hq, Hkv, page_size)
+
+
+def test_paged_tree_verification():
+    # speculative decoding: the 5 tree tokens are each sequence's last, after a 40-token prefix
+    check_paged(ac.patterns.tree(TREE, prefix_len=40), [45, 0, 45], 5, 8, 2, 16)
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_forced_splits_agree(page_size):
+    outs = [check_paged(ac.patterns.sinks(4, 70), [203, 131, 0], 2, 4, 2, page_size, splits=S)[0] for S in (1, 3, 7)]
+    assert rel(outs[1], outs[0].double()) < 1e-6 and rel(outs[2], outs[0].double()) < 1e-6
+
+
+def test_splits_follow_the_cost_model():
+    _, kern = check_paged(ac.patterns.causal(), [300, 0], 1, 4, 2, 16)
+    assert kern.config["kv_splits"] == 1  # 300 keys: no split of 512
+    # B * Hkv * row blocks = 8 programs on the generic profile's 108 SMs, 2 waves: 27, capped by
+    # 64 live tiles of 32 keys / 512 keys per split = 4
+    from attncc.compiler import cost
+
+    assert cost.decode_splits(8, 64, 32, cost.load_profile("generic")) == 4
+    assert cost.decode_splits(8, 64 * 100, 32, cost.load_profile("generic")) == 27
+    assert cost.decode_splits(1024, 64 * 100, 32, cost.load_profile("generic")) == 1
+
+
+def test_paged_calls_do_not_gather(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the paged cache was gathered")
+
+    monkeypatch.setattr(sequences, "paged_call", refuse)
+    lens = [37, 50]
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=3)
+    out = ac.attention(q, kc, vc, ac.patterns.sinks(3, 10), page_table=table, kv_lens=kv_lens)
+    want, _ = oracle(q[1], dense_sequence(kc, table, 1, 50), dense_sequence(vc, table, 1, 50), ac.patterns.sinks(3, 10))
+    assert rel(out[1], want) < 1e-5
+    kern = ac.compile(ac.patterns.sinks(3, 10), q, kc, vc, page_table=table, kv_lens=kv_lens)
+    assert kern.config["kernel"] == "decode" and "def attention_decode(" in kern.source
+    assert "mask = " in kern.source and "paged_kv_len" not in kern.source  # the pattern itself, inlined
+    # the block map is the kernel's: sinks + window read 2 of the 4 tiles (32 keys) of a 128-key row
+    lens = [128]
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=1, num_pages=8)
+    kern = ac.compile(ac.patterns.sinks(3, 10), q, kc, vc, page_table=table, kv_lens=kv_lens)
+    meta = kern._meta
+    assert int(meta.full_num.sum() + meta.partial_num.sum()) == 2
+
+
+def test_gradients_take_the_other_path():
+    lens = [37, 20]
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Hq=2, Hkv=1)
+    kern = ac.compile(ac.patterns.causal(), q, kc, vc, page_table=table, kv_lens=kv_lens)
+    qg = q.clone().requires_grad_()
+    out = kern(qg, kc, vc, page_table=table, kv_lens=kv_lens)
+    out.sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+    assert choices.choose_decode(ac.patterns.causal(), 4, None, {}, grad=True) is False
+
+
+def test_dense_decode_matches_the_reference():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 8, 3, 32, generator=g)
+    k, v = (torch.randn(2, 2, 150, 32, generator=g) for _ in range(2))
+    for pattern in (ac.patterns.causal(offset=147), ac.patterns.sinks(4, 30), ac.patterns.alibi(8)):
+        out, lse = ac.attention(q, k, v, pattern, return_lse=True, kernel_options={"decode": True, "kv_splits": 3})
+        ref, ref_lse = ac.reference(q, k, v, pattern, return_lse=True)
+        live = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), live) and not out.isnan().any()
+        assert rel(out, ref) < 1e-5 and rel(lse[live], ref_lse[live]) < 1e-5
+    kern = ac.compile(ac.patterns.causal(offset=147), q, k, v, kernel_options={"decode": True})
+    assert kern.config["kernel"] == "decode" and not kern.config["paged"]
+    # a query that sees nothing (zeros, lse -inf, no NaN), values of another head dim
+    pattern = ac.Pattern(lambda b, h, q, kv: kv < 40 * q)
+    v16 = torch.randn(2, 2, 150, 16, generator=g)
+    out, lse = ac.attention(q, k, v16, pattern, return_lse=True, kernel_options={"decode": True, "kv_splits": 2})
+    ref, ref_lse = ac.reference(q, k, v16, pattern, return_lse=True)
+    assert (out[:, :, 0] == 0).all() and (lse[:, :, 0] == -torch.inf).all() and not out.isnan().any()
+    assert rel(out, ref) < 1e-5 and rel(lse[:, :, 1:], ref_lse[:, :, 1:]) < 1e-5
+    rule = lambda Q, KV, **o: choices.choose_decode(ac.patterns.causal(), Q, KV, o, grad=False)  # noqa: E731
+    assert rule(4, 8192) and not rule(4, 1024) and not rule(65, 8192)  # the unmeasured rule
+    assert not rule(4, 8192, backend="fa4") and not rule(4, 8192, decode=False)
+    with pytest.raises(ValueError, match="decode=True cannot run this call: Q_LEN = 65"):
+        rule(65, 8192, decode=True)
+
+
+def test_bf16_and_non_finite_values():
+    lens = [40, 33]
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=2)
+    pattern = ac.patterns.sinks(2, 8)
+    vc = vc.clone()
+    p0, p1 = int(table[0, 0]), int(table[0, 2])  # sequence 0: keys 0-15, 32-47 (32-39 used)
+    vc[p0, 5] = torch.nan  # masked out for every query (past the sinks, before the window)
+    vc[p1, 12] = torch.inf  # past kv_len = 40 in a used page: never read
+    vc[int(table[1, 0]), 1] = torch.nan  # a sink: live, so sequence 1's outputs are NaN there
+    out = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens)
+    assert not out[0].isnan().any()
+    want, _ = oracle(q[0], dense_sequence(kc, table, 0, 40), dense_sequence(vc, table, 0, 40), pattern)
+    assert rel(out[0], want) < 1e-5
+    assert out[1].isnan().all()
+    q16, k16, v16 = (t.bfloat16() for t in (q, kc, paged_inputs(lens, Q_LEN=2)[2]))
+    out16 = ac.attention(q16, k16, v16, pattern, page_table=table, kv_lens=kv_lens)
+    assert out16.dtype == torch.bfloat16
+    want, _ = oracle(q16[1].double(), dense_sequence(k16.double(), table, 1, 33),
+                     dense_sequence(v16.double(), table, 1, 33), pattern)
+    assert rel(out16[1], want) < 1e-2
+
+
+def test_bad_page_tables_are_refused_before_any_read():
+    q, kc, vc, table, kv_lens = paged_inputs([37, 20], num_pages=5)
+    def run(**kw):
+        return ac.compile(ac.patterns.causal(), q, kc, vc, **{"page_table": table, "kv_lens": kv_lens, **kw})
+    for bad_page in (5, -1, 2 ** 31 - 1):
+        bad = table.clone()
+        bad[0, 2] = bad_page  # sequence 0's third page: tokens 32-36
+        with pytest.raises(ValueError, match=rf"page_table\[0, 2\] = {bad_page} is not a page of the 5-page cache"):
+            run(page_table=bad)
+    with pytest.raises(ValueError, match="page_table must be an int32 tensor, got torch.int64"):
+        run(page_table=table.long())
+    with pytest.raises(ValueError, match="kv_lens must be an int32 tensor, got torch.float32"):
+        run(kv_lens=kv_lens.float())
+    with pytest.raises(ValueError, match="page_table must have shape"):
+        run(page_table=table[:1])
+    kern = run()
+    bad = table.clone()
+    bad[1, 1] = 99
+    with pytest.raises(ValueError, match=r"page_table\[1, 1\] = 99"):  # checked again for new contents
+        kern(q, kc, vc, page_table=bad, kv_lens=kv_lens)
+    table[1, 1] = 99  # in place: a new version, checked again
+    with pytest.raises(ValueError, match=r"page_table\[1, 1\] = 99"):
+        kern(q, kc, vc, page_table=table, kv_lens=kv_lens)
+    with pytest.raises(ValueError, match="kv_splits'] must be an int from 1"):
+        run(kernel_options={"kv_splits": 0})
+
+
+def test_the_decode_benchmark_runs_in_smoke_mode(tmp_path):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import decode as bench
+
+    rows = bench.main(["--smoke", "--patterns", "document", "--splits", "auto,3", "--out-dir", str(tmp_path)])
+    assert len(rows) == 1 and isinstance(rows[0]["paged_tbps"], float) and isinstance(rows[0]["attncc_3_tbps"], float)
+    assert rows[0]["attncc_3_splits"] == 3 and isinstance(rows[0]["attncc_auto_tbps"], float)
+    assert "| pattern | B |" in (tmp_path / "decode.md").read_text()

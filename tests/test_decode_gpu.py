@@ -1,0 +1,99 @@
+"""The split-KV decode kernel on the GPU at serving sizes, bf16 (run with `pytest -m gpu`): paged
+caches read in place and dense caches, each sequence checked against the float64 oracle on its
+own keys (the pattern over the dense indices: sequences.paged_pattern, tested on CPU)."""
+import pytest
+import torch
+
+import attncc as ac
+from attncc.runtime.sequences import paged_pattern
+from gpu_util import rel
+
+pytestmark = pytest.mark.gpu
+B, HQ, HKV, D = 16, 32, 8, 128
+
+
+def patterns(longest: int) -> dict:
+    ids = ac.patterns.lengths_to_ids([longest // 3, longest // 3, longest - 2 * (longest // 3)], device="cuda")
+    return {
+        "causal": ac.patterns.causal(),
+        "sinks_window": ac.patterns.sinks(4, 1024),
+        "document": ac.Pattern(lambda b, h, q, kv: (ids[q] == ids[kv]) & (q >= kv), name="document"),
+        "alibi": ac.patterns.alibi(HQ, device="cuda"),
+        "softcap": ac.patterns.softcap(30.0),
+    }
+
+
+def paged(lens, page_size, first_page=0, dtype=torch.bfloat16):
+    """(k_cache, v_cache, page_table, kv_lens, k_seqs, v_seqs): the sequences' pages shuffled over
+    pages first_page.. of the caches (the earlier ones left uninitialised: never read)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    counts = [-(-n // page_size) for n in lens]
+    num_pages = first_page + sum(counts)
+    caches = [torch.empty(num_pages, page_size, HKV, D, device="cuda", dtype=dtype) for _ in range(2)]
+    order = first_page + torch.randperm(sum(counts), device="cuda", generator=g)
+    table = torch.full((len(lens), max(counts)), -1, dtype=torch.int32, device="cuda")
+    seqs = ([], [])
+    taken = 0
+    for b, (n, c) in enumerate(zip(lens, counts)):
+        pages = order[taken:taken + c]
+        taken += c
+        table[b, :c] = pages.int()
+        for cache, out in zip(caches, seqs):
+            x = torch.randn(HKV, c * page_size, D, device="cuda", dtype=dtype, generator=g)
+            cache[pages] = x.transpose(0, 1).unflatten(0, (c, page_size))
+            out.append(x[:, :n])
+    return caches[0], caches[1], table, torch.tensor(lens, dtype=torch.int32, device="cuda"), *seqs
+
+
+def check(out, lse, q, k_seqs, v_seqs, pattern, kv_lens):
+    for b in range(q.shape[0]):
+        n = int(kv_lens[b])
+        pos = paged_pattern(pattern, kv_lens[b:b + 1], q.shape[2])
+        ref, ref_lse = ac.reference(q[b:b + 1], k_seqs[b][None], v_seqs[b][None], pos, return_lse=True)
+        live = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse[b:b + 1]), live), (b, n)
+        assert rel(out[b:b + 1], ref) < 2e-2 and rel(lse[b:b + 1][live], ref_lse[live]) < 1e-2, (b, n)
+
+
+@pytest.mark.parametrize("name", ["causal", "sinks_window", "document", "alibi", "softcap"])
+@pytest.mark.parametrize("page_size, Q_LEN", [(16, 1), (256, 8)])
+def test_paged_decode_at_serving_sizes(name, page_size, Q_LEN):
+    g = torch.Generator().manual_seed(page_size)
+    lens = torch.randint(8192, 32769, (B,), generator=g).tolist()
+    lens[3] = 0  # an empty sequence
+    kc, vc, table, kv_lens, k_seqs, v_seqs = paged(lens, page_size)
+    q = torch.randn(B, HQ, Q_LEN, D, device="cuda", dtype=torch.bfloat16)
+    pattern = patterns(max(lens))[name]
+    kern = ac.compile(pattern, q, kc, vc, page_table=table, kv_lens=kv_lens)
+    assert kern.config["kernel"] == "decode"
+    out, lse = kern(q, kc, vc, page_table=table, kv_lens=kv_lens, return_lse=True)
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    assert (out[3] == 0).all() and (lse[3] == -torch.inf).all()
+    keep = [b for b in range(B) if lens[b]]
+    check(out[keep], lse[keep], q[keep], [k_seqs[b] for b in keep], [v_seqs[b] for b in keep], pattern,
+          kv_lens[keep])
+    one, one_lse = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, return_lse=True,
+                                kernel_options={"kv_splits": 1})
+    assert rel(one, out) < 1e-2
+
+
+def test_caches_past_two_to_the_31_elements():
+    # 8192 pages of 256 x 8 x 128 = 2**31 elements before the used ones: int64 addresses or garbage
+    lens = [20000, 9001]
+    kc, vc, table, kv_lens, k_seqs, v_seqs = paged(lens, 256, first_page=8192)
+    q = torch.randn(2, HQ, 4, D, device="cuda", dtype=torch.bfloat16)
+    pattern = ac.patterns.sinks(4, 1024)
+    out, lse = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, return_lse=True)
+    check(out, lse, q, k_seqs, v_seqs, pattern, kv_lens)
+
+
+def test_dense_decode_at_serving_sizes():
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(B, HQ, 8, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, HKV, 16384, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    pattern = ac.patterns.causal(offset=16384 - 8)
+    kern = ac.compile(pattern, q, k, v)
+    assert kern.config["kernel"] == "decode"  # the dense rule: 8 queries, 16384 keys
+    out, lse = kern(q, k, v, return_lse=True)
+    ref, ref_lse = ac.reference(q, k, v, pattern, return_lse=True)
+    assert rel(out, ref) < 2e-2 and rel(lse, ref_lse) < 1e-2
