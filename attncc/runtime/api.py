@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -202,8 +204,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     a buffer require grad, the call runs the dense kernels (paged caches gathered), which have a
     backward.
     """
-    from .kernel import Kernel
-
     paged = page_table is not None or kv_lens is not None
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     decode = None if varlen else _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
@@ -239,8 +239,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
-    pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, return_lse)
-    return Kernel(pattern, s, q.device, scale, choice).run(q, k, v, s, return_lse)
+    kern, s = _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse)
+    return kern.run(q, k, v, s, return_lse)
+
+
+_KERNELS: OrderedDict = OrderedDict()  # call key -> Kernel, most recent last
+_KERNELS_SIZE = 64
+_KERNELS_LOCK = threading.Lock()
+
+
+def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse):
+    """(Kernel, Shapes) for this call; a repeat of a recent call (the same pattern object and buffer
+    versions, shapes, dtypes, device, scale and options) reuses its Kernel, skipping the choice
+    (block-map lookups, FA4's refusal, the cost model): a few microseconds instead of a millisecond
+    of Python before each launch."""
+    from .kernel import Kernel, buffer_key
+
+    s = check_qkv(q, k, v)
+    pat = _pattern(pattern)
+    try:
+        key = (pat.uid, tuple(buffer_key(t) for t in pat.buffers.values()), s, q.dtype, k.dtype, v.dtype, q.device,
+               scale, return_lse, tuple(sorted((kernel_options or {}).items())))
+        hash(key)
+    except TypeError:  # an unhashable option value: no reuse
+        key = None
+    with _KERNELS_LOCK:
+        kern = _KERNELS.get(key) if key is not None else None
+        if kern is not None:
+            _KERNELS.move_to_end(key)
+            return kern, s
+    kernel_pattern, s, scale, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
+    kern = Kernel(kernel_pattern, s, q.device, scale, choice)
+    if key is not None:
+        with _KERNELS_LOCK:
+            _KERNELS[key] = kern
+            if len(_KERNELS) > _KERNELS_SIZE:
+                _KERNELS.popitem(last=False)
+    return kern, s
 
 
 def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged: bool):
