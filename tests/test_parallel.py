@@ -4,7 +4,9 @@ gradients of q, k, v); the balance of plans on 1M-token block maps (no kernels r
 from __future__ import annotations
 
 import functools
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ import torch.multiprocessing as mp
 import attncc as ac
 from attncc.compiler.cost import context_parallel_ms
 from attncc.compiler.sharding import balanced_owner, imbalance
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, before the forkserver starts
 
 
 def _random_pattern(N: int) -> ac.Pattern:
@@ -282,6 +286,16 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
             ac.context_parallel_attention(local, local, local, causal, plan)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_benchmark_runs_in_smoke_mode(tmp_path):
+    from benchmarks import context_parallel
+
+    rows = context_parallel.main(["--smoke", "--patterns", "document", "--out-dir", str(tmp_path)],
+                                 start_method="forkserver")
+    assert [(r["pattern"], r["tokens"]) for r in rows] == [("document", 100)]
+    assert all(rows[0][c]["rel_err"] < 1e-5 and rows[0][c]["fwd_ms"] > 0 for c in context_parallel.COMMS)
+    assert (tmp_path / "context_parallel_2.md").read_text().count("| document | 100 |") == 1
 
 
 @pytest.mark.gpu
