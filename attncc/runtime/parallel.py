@@ -215,9 +215,10 @@ class _Call:
             if self.comm == "ring" and t + 1 < len(order):
                 into, works = self.shift(kv, order[t + 1])
             if t and gathered is not None:
-                pending.wait()
+                if t == 1:
+                    pending.wait()  # once: a gloo work waits once only
                 kv = gathered[shard][:, :, :self.plan.tokens(shard, "kv")]
-            yield shard, kv[..., :D], kv[..., D:]
+            yield shard, kv[..., :D].contiguous(), kv[..., D:].contiguous()  # contiguous for every backend
             if self.comm == "ring" and t + 1 < len(order):
                 for w in works:
                     w.wait()
