@@ -8,6 +8,8 @@ from .runtime.api import attention, compile
 from .compiler.blockmask import BlockMask
 from .runtime.api import create_block_mask, explain
 from .runtime.kvcache import KVCache
+from .compiler.sharding import ShardPlan
+from .runtime.parallel import context_parallel_attention
 from . import patterns
 
 __version__ = "0.1.0"
@@ -16,6 +18,7 @@ __all__ = ["Pattern", "PatternError", "IRError", "param", "create_mask", "refere
 __all__ += ["parse", "DSLError"]
 __all__ += ["attention", "compile"]
 __all__ += ["create_block_mask", "BlockMask", "explain", "KVCache"]
+__all__ += ["ShardPlan", "context_parallel_attention"]
 
 
 def __getattr__(name):

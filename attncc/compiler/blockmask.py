@@ -241,6 +241,29 @@ class TileClasses:
         num = num.int()
         return num, bool(contiguous.all()), lambda: self._indices(value, num, first.int(), contiguous)
 
+    def live_between(self, row_group: torch.Tensor, col_group: torch.Tensor, R: int, C: int) -> torch.Tensor:
+        """float64 [R, C]: live (PARTIAL or FULL) tiles, summed over the stored (b, h), whose
+        q-tile is in row group r and kv-tile in column group c; row_group int64 [QB] (values < R),
+        col_group int64 [KB] (< C). O(super-tiles + mixed tiles): the grid is never expanded."""
+        S, dev = self.S, self.coarse.device
+        QI, KJ = self.coarse.shape[2:]
+
+        def members(groups: torch.Tensor, n: int, blocks: int, width: int) -> torch.Tensor:
+            """float64 [blocks, S, width + 1]: one-hot group of each tile of each super-block
+            (tiles past the grid in the spare last group)."""
+            padded = torch.full((blocks * S,), width, dtype=torch.long, device=dev)
+            padded[:n] = groups.to(dev)
+            return F.one_hot(padded, width + 1).double().view(blocks, S, width + 1)
+
+        rows, cols = members(row_group, self.QB, QI, R), members(col_group, self.KB, KJ, C)
+        live = ((self.coarse == PARTIAL) | (self.coarse == FULL)).double().sum((0, 1))  # [QI, KJ]
+        total = rows.sum(1).T @ live @ cols.sum(1)
+        if self.coords.shape[0]:
+            _, _, I, J = self.coords.T
+            fine = ((self.fine == PARTIAL) | (self.fine == FULL)).double()
+            total += torch.einsum("psr,pst,ptc->rc", rows[I], fine, cols[J])
+        return total[:R, :C]
+
     def _indices(self, value: int, num: torch.Tensor, first: torch.Tensor, contiguous: torch.Tensor) -> torch.Tensor:
         """idx int32 [B, H, QB, max(1, max num)]: first + j on contiguous rows, explicit elsewhere."""
         B, H, QB = num.shape

@@ -41,7 +41,8 @@ _BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 class Profile:
     """A GPU's figures (see compiler/profiles/*.json); `backends[name]` holds per-tile-shape
     `tflops` and `programs_per_sm` (keyed "BMxBN", with a "default"), `partial_factor` and
-    `program_us`."""
+    `program_us`; `link_tbps` a GPU-to-GPU link's usable one-way bandwidth (context parallelism;
+    absent from a profile: 0.025, a PCIe-class guess)."""
     key: str
     name: str
     sms: int
@@ -50,6 +51,7 @@ class Profile:
     backends: dict
     provenance: str
     match: tuple = ()
+    link_tbps: float = 0.025
 
     def rate(self, backend: str, tiles: TileConfig) -> float:
         """TFLOP/s one SM's worth of programs of this tile shape reach, divided by the SM count."""
@@ -81,7 +83,8 @@ def load_profile(key: str, directory: Path | None = None) -> Profile:
         if not spec.get("tflops") or not all(v > 0 for v in spec["tflops"].values()):
             raise ValueError(f"hardware profile {path}: backend {backend!r} needs positive tflops per tile shape")
     return Profile(key, data["name"], int(data["sms"]), data["peak_matrix_tflops"], float(data["hbm_tbps"]),
-                   data["backends"], data["provenance"], tuple(data.get("match", ())))
+                   data["backends"], data["provenance"], tuple(data.get("match", ())),
+                   float(data.get("link_tbps", Profile.link_tbps)))
 
 
 def profile_for(device: torch.device | None = None, target: str | None = None,
@@ -176,6 +179,48 @@ def _makespan(work: list[float], slots: int) -> float:
     for w in work:
         heapq.heapreplace(free, free[0] + w)
     return max(free)
+
+
+def context_parallel_ms(compute_ms: torch.Tensor, hop_ms: float, ring_steps: int,
+                        grad_hop_ms: float | None = None) -> dict[str, float]:
+    """One pass of context-parallel attention over W ranks, predicted for the ring and the all-gather.
+
+    compute_ms: float64 [W, W], rank r's attention over kv shard s (0: never needed, skipped);
+    hop_ms: the largest kv shard (k and v) sent over one link; ring_steps: T + 1, T the farthest
+    ring distance (r - s) mod W at which some rank needs shard s. grad_hop_ms (the backward pass):
+    one shard's float32 dK/dV partial sums sent over one link.
+    - ring: at step t rank r computes shard (r - t) mod W, c[r, t], while it passes its shard to
+      r + 1; a transfer ends when both sides have posted it, so with done[r, t] = start[r, t] + c[r, t]
+        start[r, t + 1] = max(done[r, t], start[r - 1, t] + hop_ms, start[r + 1, t] + hop_ms)
+      and the pass takes max_r done[r, T]. In the backward, the partial sums of a shard leave
+      after each step's compute and are added after the next one's: done[r, t] also waits for
+      done[r -+ 1, t - 1] + grad_hop_ms; then they go home once: + grad_hop_ms if T > 0.
+    - all-gather: the W - 1 other (padded) shards arrive in (W - 1) hop_ms, as a ring all-gather
+      moves them, while each rank computes its own, then the rest:
+      max_r [max(compute_ms[r, r], (W - 1) hop_ms) + sum_{s != r} compute_ms[r, s]]. The
+      backward's partial sums then go to their owners in one exchange: + max_r (shards r needs
+      besides its own) grad_hop_ms.
+    """
+    W = compute_ms.shape[0]
+    T = ring_steps - 1
+    r = torch.arange(W)
+    start, done = torch.zeros(W, dtype=torch.float64), None
+    for t in range(T + 1):
+        previous, done = done, start + compute_ms[r, (r - t) % W]
+        if grad_hop_ms is not None and previous is not None:  # this shard's partial sums, from r - 1
+            done = torch.stack([done, previous.roll(1) + grad_hop_ms, previous.roll(-1) + grad_hop_ms]).amax(0)
+        if t < T:
+            start = torch.stack([done, start.roll(1) + hop_ms, start.roll(-1) + hop_ms]).amax(0)
+    ring = float(done.max())
+    if T == 0:  # every rank needs its own shard only: nothing moves either way
+        return {"ring": ring, "all-gather": ring}
+    own = compute_ms.diagonal()
+    gather = float((torch.clamp(own, min=(W - 1) * hop_ms) + compute_ms.sum(1) - own).max())
+    if grad_hop_ms is not None:
+        ring += grad_hop_ms
+        others = ((compute_ms > 0).sum(1) - (own > 0).long()).max()
+        gather += int(others) * grad_hop_ms
+    return {"ring": ring, "all-gather": gather}
 
 
 def live_pairs(pattern: Pattern, bm, B: int, H: int, Q: int, KV: int, seed: int = 0) -> tuple[float, bool]:

@@ -323,7 +323,8 @@ def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
 
 
 def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-            target: str | None = None, kernel_options: dict | None = None, png: str | None = None) -> str:
+            target: str | None = None, kernel_options: dict | None = None, png: str | None = None,
+            plan=None) -> str:
     """The cost model's report for this call (compiler/cost.py): tile classes (EMPTY / PARTIAL /
     FULL counts), live-pair density and tile efficiency (live pairs / pairs in computed tiles),
     the roofline time at the profile's peak matrix rate and bandwidth, and the forward
@@ -332,7 +333,9 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     target: a shipped profile ("h200", "h100") to explain a run there from any machine (q, k, v
     may then be meta tensors; block masks are built on the CPU); None: q's device and the profile
     matching its GPU's name (else "generic"). png: also write a picture of the block map of
-    (b, h) = (0, 0) and each query tile's predicted load there (needs matplotlib).
+    (b, h) = (0, 0) and each query tile's predicted load there (needs matplotlib). plan: a
+    ShardPlan for these lengths: also its per-rank load and the predicted ring / all-gather times
+    of context_parallel_attention (q, k, v the whole sequence's).
     """
     from ..compiler import cost
     from .calibrate import profile_for
@@ -382,6 +385,10 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         text += ("\nfa4 could run this call, but it would read permuted copies; attncc's Triton kernels gather the "
                  "token layout's rows in place (runtime/choices.fa4_measured_faster)" if pattern.layout is not None
                  else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
+    if plan is not None:
+        from .parallel import explain_text
+
+        text += "\n\n" + explain_text(plan, s, q.dtype, profile)
     return text
 
 

@@ -42,16 +42,18 @@ def _int_tensor(name: str, t, shape: tuple | None, device) -> torch.Tensor:
     return t
 
 
-def _remap(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live: ir.Node, buffers: dict) -> Pattern:
-    """`pattern` with b, q, kv replaced by expressions, its mask and-ed with `live`."""
+def _remap(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live: ir.Node, buffers: dict,
+           what: str = "paged and variable-length calls") -> Pattern:
+    """`pattern` with b, q, kv replaced by expressions, its mask and-ed with `live`; `what` names
+    the calls in errors."""
     if pattern.has_block_mask:
-        raise ValueError("paged and variable-length calls do not take block predicates (qb, kb: tile "
-                         "granularity of the whole sequence); write the mask on q and kv")
+        raise ValueError(f"{what} do not take block predicates (qb, kb: tile granularity of the whole sequence); "
+                         "write the mask on q and kv")
     if pattern.layout is not None:
-        raise ValueError("paged and variable-length calls do not take a token layout")
+        raise ValueError(f"{what} do not take a token layout")
     clash = sorted(set(buffers) & set(pattern.buffers))
     if clash:
-        raise ValueError(f"the pattern's buffer names {clash} are reserved for paged / variable-length calls")
+        raise ValueError(f"the pattern's buffer names {clash} are reserved for {what}")
     swap = {_B: b, _Q: q, _KV: kv}
     sub = lambda e: ir.substitute(e, lambda n: swap.get(n))  # noqa: E731
     return Pattern.from_ir(ir.op("and", live, sub(pattern.mask)), sub(pattern.score), ir.TRUE, pattern.params,
