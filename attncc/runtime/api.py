@@ -292,7 +292,7 @@ def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens,
     if paged and (page_table is None or kv_lens is None):
         return None
     KV = None if paged else k.shape[2]
-    if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v)):
+    if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v), q.is_cuda):
         return None
     return DecodeKernel(pattern, q, k, v, scale=scale, kernel_options=options,
                         page_table=page_table if paged else None, kv_lens=kv_lens if paged else None)
@@ -372,7 +372,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates, png)
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
-    if choose_decode(kp, s.Q, s.KV, options, False):
+    if choose_decode(kp, s.Q, s.KV, options, False, target is not None or q.is_cuda):
         from .decode import DecodeKernel
 
         splits = ("chosen at run time (cost.decode_splits)" if target is not None

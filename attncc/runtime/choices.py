@@ -286,9 +286,11 @@ DECODE_MAX_Q = 64  # the decode kernel packs Hq / Hkv * Q_LEN rows into its tile
 DECODE_MIN_KEYS = 4096  # a dense call's keys from which the decode kernel runs it
 
 
-def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad: bool) -> bool:
+def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad: bool, cuda: bool = False) -> bool:
     """Whether the split-KV decode kernel (runtime/decode.py) runs this call; options["decode"]
-    True forces it (a ValueError where it cannot run), False forbids it.
+    True forces it (a ValueError where it cannot run), False forbids it. On CUDA (`cuda`) only
+    when forced, until tests/test_decode_gpu.py has passed on a GPU (it has run in Triton's
+    interpreter only): unforced CUDA calls take the gathering path, verified on the H200.
 
     KV: the dense call's keys, None for a paged call. Never when gradients are required (decode
     is inference: the call takes the dense kernels, paged caches gathered first), when
@@ -310,7 +312,7 @@ def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad:
         why = f"kernel_options force the {options['backend']} backend"
     if forced and why:
         raise ValueError(f"kernel_options decode=True cannot run this call: {why}")
-    if forced is False or why or grad:
+    if forced is False or why or grad or (cuda and not forced):
         return False
     return bool(forced or KV is None or (KV >= DECODE_MIN_KEYS and KV >= 16 * Q))
 
