@@ -198,32 +198,24 @@ def cmd_show(pattern: ac.Pattern, args) -> int:
 def _show_target(pattern: ac.Pattern, args) -> int:
     """What runs on the GPU `args.target` names (runtime/choices.TARGETS), printed on any machine:
     the backend the automatic choice takes there (with FlashAttention-4 installed) and its source."""
-    from .compiler.codegen import generate
-    from .compiler.lowering import BufferSpec
     from .runtime import choices, fa4
     from .runtime.inputs import check_qkv
-    from .runtime.kernel import META_CACHE
 
     name, capability = choices.TARGETS[args.target]
     if args.dtype is None:
         args.dtype = "bfloat16"
-    q, k, v = _inputs(args, device="cpu")
-    s = check_qkv(q, k, v)
-    kp = pattern.kernel_pattern
+    q, k, v = _inputs(args, device="meta")
+    kern = ac.compile(pattern, q, k, v, target=args.target)
     print(f"\n== on the {name} (sm_{capability[0]}{capability[1]}), q {list(q.shape)}, k/v {list(k.shape)} {q.dtype}")
-    backend, tiles = choices.choose_on_target(kp, s, q.dtype, args.target, {}, pattern.layout)
-    if backend == "fa4":
+    if kern.backend == "fa4":
         print("# backend: fa4 (FlashAttention-4's kernels with these hooks; it must be installed there: "
               "pip install 'attncc[fa4]')")
-        print(fa4.describe(kp, s, "cpu"))
-        return 0
-    why = fa4.refusal_on(kp, s, capability, q.dtype, "cpu", assume_installed=True)
-    print(f"# backend: {backend} (not fa4: {why or 'the cost model or the layout rule of runtime/choices.py prefer it'}); "
-          f"Triton tiles {tiles}" + (" (SDPA's cuDNN kernel runs; this is attncc's fallback)"
-                                     if backend == "sdpa-cudnn" else ""))
-    _, meta = META_CACHE.get(kp, s, tiles, torch.device("cpu"))
-    specs = {n: BufferSpec.of(n, t) for n, t in kp.buffers.items()}
-    print(generate("forward", kp, specs, tiles, meta.plan, ac.__version__))
+    else:
+        why = fa4.refusal_on(kern.pattern, check_qkv(q, k, v), capability, q.dtype, "cpu", assume_installed=True)
+        print(f"# backend: {kern.backend} (not fa4: {why or 'the cost model or the layout rule of runtime/choices.py prefer it'}); "
+              f"Triton tiles {kern.tiles}" + (" (SDPA's cuDNN kernel runs; this is attncc's fallback)"
+                                             if kern.backend == "sdpa-cudnn" else ""))
+    print(kern.source)
     return 0
 
 

@@ -105,3 +105,20 @@ def test_show_target_prints_the_hooks_and_the_call(capsys):
     assert main(["show", "mask = q >= kv", "--target", "h100", "--head-dim", "256"]) == 0
     out = capsys.readouterr().out
     assert "backend: sdpa-cudnn (not fa4:" in out and "@triton.jit" in out
+
+
+def test_compile_for_a_target_describes_the_kernel_on_any_machine():
+    q, k, v = (torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta") for _ in range(3))
+    kern = ac.compile(ac.patterns.sliding_window(1024), q, k, v, target="h200")
+    assert kern.config["backend"] == "fa4" and kern.config["target"] == "h200"
+    assert "def mask_mod(" in kern.source and kern.predicted_ms > 0
+    forced = ac.compile(ac.patterns.sliding_window(1024), q, k, v, target="h200", kernel_options={"backend": "triton"})
+    assert (forced.config["BLOCK_M"], forced.config["BLOCK_N"]) == (64, 64) and "@triton.jit" in forced.source
+    assert forced.block_mask.BLOCK_M == 64
+    natten = ac.patterns.natten2d(64, 128, 17)
+    gathered = ac.compile(natten, q, k, v, target="h200")
+    assert gathered.config["backend"] == "triton" and "The natural index of kernel position p" in gathered.source
+    with pytest.raises(ValueError, match="describes a run on the NVIDIA H200"):
+        kern(q, k, v)
+    with pytest.raises(ValueError, match="target must be one of"):
+        ac.compile(None, q, k, v, target="a100")

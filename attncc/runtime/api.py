@@ -143,8 +143,12 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             scale: float | None = None, kernel_options: dict | None = None,
-            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None):
+            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None, target: str | None = None):
     """A Kernel for `pattern` at these inputs' shapes, dtype and device (q [B,Hq,Q,D], k/v [B,Hkv,KV,D]).
+
+    target: a shipped profile ("h200", "h100"): a runtime/target.TargetKernel, the choice the
+    automatic rules take on that GPU, with its config, source and predicted_ms, made on any
+    machine (q, k, v may be meta tensors; it cannot be called).
 
     Where ac.attention would run the split-KV decode kernel (runtime/choices.choose_decode: paged
     caches k, v [num_pages, page_size, Hkv, D] with page_table and kv_lens, which compile takes
@@ -166,6 +170,8 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from .kernel import Kernel
 
+    if target is not None:
+        return _target_kernel(pattern, q, k, v, kernel_options, target, page_table is not None or kv_lens is not None)
     paged = page_table is not None or kv_lens is not None
     if paged and (page_table is None or kv_lens is None):
         raise ValueError("a paged call needs both page_table and kv_lens")
@@ -241,6 +247,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
     kern, s = _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse)
     return kern.run(q, k, v, s, return_lse)
+
+
+def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
+    from .choices import TARGETS, check_options
+    from .target import TargetKernel
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    if paged:
+        raise ValueError("ac.compile with a target describes the dense kernels; it takes no page_table / kv_lens")
+    s = check_qkv(q, k, v)
+    pattern = _pattern(pattern)
+    pattern.require_bound()
+    if pattern.layout is not None:
+        pattern.layout.check(s.Q, s.KV)
+    return TargetKernel(pattern.kernel_pattern, s, q.dtype, target, check_options(kernel_options), pattern.layout)
 
 
 _KERNELS: OrderedDict = OrderedDict()  # call key -> Kernel, most recent last

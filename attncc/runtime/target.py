@@ -1,0 +1,68 @@
+"""TargetKernel: what `ac.compile(..., target=...)` returns — the kernel the automatic choice
+takes on a GPU named by a shipped profile (runtime/choices.TARGETS), described on any machine.
+
+q, k, v only lend their shapes and dtype (meta tensors do); block masks are built on the CPU.
+It has a Kernel's `config`, `source`, `block_mask` and `predicted_ms`, and cannot be called.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..compiler import cost
+from ..compiler.codegen import generate
+from ..compiler.lowering import BufferSpec
+from ..dsl.pattern import Pattern
+from . import fa4
+from .choices import TARGETS, choose_on_target
+from .inputs import Shapes
+
+_CPU = torch.device("cpu")
+
+
+class TargetKernel:
+    """The choice for `pattern` (in kernel order; `layout` its token layout or None) at shapes s
+    and `dtype` on the GPU `target` names, with FlashAttention-4 and cuDNN taken to be installed."""
+
+    def __init__(self, pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict, layout):
+        from .kernel import META_CACHE
+
+        self.pattern, self.target, self.layout, self._shapes = pattern, target, layout, s
+        self.backend, self.tiles = choose_on_target(pattern, s, dtype, target, options, layout)
+        self.block_mask, self._meta = META_CACHE.get(pattern, s, self.tiles, _CPU)
+
+    @property
+    def config(self) -> dict:
+        t = self.tiles
+        out = {"backend": self.backend, "target": self.target, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N}
+        if self.backend != "fa4":
+            out.update(num_warps=t.num_warps, num_stages=t.num_stages)
+        return out
+
+    @property
+    def predicted_ms(self) -> float | None:
+        """The simulator's forward ms on the target's profile (None for sdpa-cudnn, not modelled)."""
+        profile = cost.load_profile(self.target)
+        if self.backend not in profile.backends:
+            return None
+        s = self._shapes
+        return cost.simulate(self._meta, s.B, s.Hq, s.D, self.tiles, self.backend, profile).ms
+
+    @property
+    def source(self) -> str:
+        """fa4: the CuTe hooks and FA4's calls; otherwise attncc's Triton forward (for sdpa-cudnn the
+        fallback that runs where cuDNN cannot)."""
+        if self.backend == "fa4":
+            return fa4.describe(self.pattern, self._shapes, _CPU)
+        import attncc
+
+        specs = {n: BufferSpec.of(n, t) for n, t in self.pattern.buffers.items()}
+        return generate("forward", self.pattern, specs, self.tiles, self._meta.plan, attncc.__version__,
+                        self.layout if self.backend == "triton" else None)
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(f"this kernel describes a run on the {TARGETS[self.target][0]} (ac.compile(..., "
+                         f"target={self.target!r})); compile with tensors on a GPU to run one")
+
+    def __repr__(self) -> str:
+        return f"TargetKernel({self.pattern!r}, {self.config})"
+
