@@ -238,11 +238,14 @@ class _MetaCache:
             return entry[3]
 
     def predicted_ms(self, pattern: Pattern, s: Shapes, config: TileConfig, device: torch.device, backend: str,
-                     profile) -> float:
-        """compiler.cost.simulate's forward ms for this entry on `backend` and `profile`, computed once
-        (list scheduling of every program is milliseconds of Python: never per call)."""
+                     profile) -> float | None:
+        """compiler.cost.simulate's forward ms for this entry on `backend` and `profile` (None where the
+        profile lacks the backend), computed once (list scheduling of every program is milliseconds
+        of Python: never per call)."""
         from ..compiler import cost
 
+        if backend not in profile.backends:
+            return None
         with self.lock:
             entry = self._entry(pattern, s, config, device)
             key = (backend, config, s.B, s.Hq, s.D, profile.key, profile.provenance)
@@ -402,16 +405,12 @@ class Kernel:
     def predicted_ms(self) -> float | None:
         """The simulator's forward time at this kernel's shapes, on the profile of its GPU (the
         matching one, else "generic"); None on CPU, for sdpa-cudnn, or a backend the profile lacks."""
-        from ..compiler import cost
         from .calibrate import profile_for
 
         if self.device.type != "cuda" or self.backend == "sdpa-cudnn":
             return None
-        profile = profile_for(self.device)
-        if self.backend not in profile.backends:
-            return None
-        s = self._shapes
-        return cost.simulate(self._meta, s.B, s.Hq, s.D, self.tiles, self.backend, profile).ms
+        return META_CACHE.predicted_ms(self.pattern, self._shapes, self.tiles, self.device, self.backend,
+                                       profile_for(self.device))
 
     @property
     def source(self) -> str:

@@ -41,11 +41,10 @@ class TargetKernel:
     @property
     def predicted_ms(self) -> float | None:
         """The simulator's forward ms on the target's profile (None for sdpa-cudnn, not modelled)."""
-        profile = cost.load_profile(self.target)
-        if self.backend not in profile.backends:
-            return None
-        s = self._shapes
-        return cost.simulate(self._meta, s.B, s.Hq, s.D, self.tiles, self.backend, profile).ms
+        from .kernel import META_CACHE
+
+        return META_CACHE.predicted_ms(self.pattern, self._shapes, self.tiles, _CPU, self.backend,
+                                       cost.load_profile(self.target))
 
     @property
     def source(self) -> str:
