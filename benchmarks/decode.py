@@ -161,7 +161,8 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
     table, caches = paged_copy(k, v, g)
     k = v = None  # the dense cache's memory, for the paged one
     lens = torch.full((B,), KV, dtype=torch.int32, device=device)
-    kern = ac.compile(ac.Pattern(native, name=name), q, *caches, page_table=table, kv_lens=lens)
+    kern = ac.compile(ac.Pattern(native, name=name), q, *caches, page_table=table, kv_lens=lens,
+                      kernel_options={"decode": True})
     row["paged_splits"] = kern.config["kv_splits"]
     measure("paged", kern, q, *caches, page_table=table, kv_lens=lens)
     return row

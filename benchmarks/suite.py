@@ -6,6 +6,7 @@ where FlashAttention-4 is installed, its FLASH backend) and SDPA (cuDNN, flash).
     python benchmarks/suite.py --shapes main --patterns causal,document
     python benchmarks/suite.py --smoke               # tiny shapes; on CPU attncc runs in Triton's interpreter
     python benchmarks/suite.py --no-flash            # without the FLASH column
+    python benchmarks/suite.py --decode              # then the decode section (benchmarks/decode.py)
 
 Every row is measured in this one process against the anchors of the same run: random normal bf16
 inputs, `triton.testing.do_bench` medians (a plain timer on CPU). Before attncc is timed its output
@@ -432,6 +433,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip the first-call timing of a new pattern")
     p.add_argument("--no-flash", dest="flash", action="store_false",
                    help="skip the FLASH column (FlexAttention's FlashAttention-4 backend)")
+    p.add_argument("--decode", action="store_true",
+                   help="then the decode section: benchmarks/decode.py at its default rows (B 1/16/64, KV 8K-128K, "
+                        "Q_LEN 1 and 8; --smoke: tiny), written beside the suite's results")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args(argv)
@@ -493,6 +497,10 @@ def main(argv: list[str] | None = None) -> dict:
     text = write(result, bases)
     print(f"written: {', '.join(str(b) + '.{json,md}' for b in bases)}", file=sys.stderr)
     print(text, end="")
+    if args.decode:
+        from benchmarks import decode
+
+        result["decode"] = decode.main(["--out-dir", str(args.out_dir)] + (["--smoke"] if args.smoke else []))
     return result
 
 

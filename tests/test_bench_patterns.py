@@ -250,3 +250,13 @@ def test_flash_column_is_off_without_cuda_or_flash_attn(monkeypatch):
     assert suite.flash_state(args, torch.device("cpu")) == "off (not CUDA)"
     assert suite.flash_state(args, torch.device("cuda")).startswith("off (ModuleNotFoundError")
     assert suite.flash_state(suite.parse_args(["--no-flash"]), torch.device("cuda")) == "off (--no-flash)"
+
+
+def test_suite_runs_the_decode_section_after_its_rows(tmp_path, monkeypatch):
+    from benchmarks import decode
+
+    calls = []
+    monkeypatch.setattr(decode, "main", lambda argv: calls.append(argv) or [{"pattern": "causal"}])
+    _stand_in(monkeypatch, lambda q, k, v, pattern, **kw: ac.reference(q, k, v, pattern).to(q.dtype))
+    result, _ = _run(tmp_path, "--patterns", "causal", "--no-first-call", "--decode")
+    assert calls == [["--out-dir", str(tmp_path), "--smoke"]] and result["decode"] == [{"pattern": "causal"}]

@@ -181,7 +181,8 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         return decode
     if paged:
         raise ValueError("ac.compile takes paged caches for the decode kernel only (Q_LEN <= 64, "
-                         "kernel_options without decode=False or another backend); ac.attention runs the rest")
+                         "kernel_options without decode=False or another backend; on CUDA, for now, with "
+                         "kernel_options decode=True); ac.attention runs the rest")
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, False)
     return Kernel(pattern, s, q.device, scale, choice)
 
