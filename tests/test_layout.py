@@ -126,3 +126,22 @@ def test_copies_and_pickles_keep_the_layout():
     for other in (pickle.loads(pickle.dumps(pat)), copy.deepcopy(pat), copy.copy(pat)):
         assert other == pat and other.layout == pat.layout
         assert other.kernel_pattern.mask is pat.kernel_pattern.mask
+
+
+def test_neighbourhood_bricks_are_chosen_by_exact_tile_counts():
+    import importlib
+
+    from attncc.compiler.blockmask import build_block_mask
+
+    nb = importlib.import_module("attncc.patterns.neighborhood")  # the module, not the function
+
+    dims, ks, ds = (4, 16, 16), (3, 5, 5), (1, 1, 1)
+    windows = [nb._axis_pairs(n, k, d, 1, False) for n, k, d in zip(dims, ks, ds)]
+    plain = ac.patterns.neighborhood(dims, ks)
+    for brick in [(2, 8, 8), (4, 4, 8), (1, 8, 16), (4, 8, 4)]:
+        bm = build_block_mask(plain.with_layout(Layout(dims, brick)).kernel_pattern, None, None, 1024, 1024, 128, 64)
+        live, full = nb.tile_counts(windows, brick)
+        assert (live, full) == (int(bm.full_kv_num.sum() + bm.partial_kv_num.sum()), int(bm.full_kv_num.sum()))
+    assert nb.tile_counts(windows, (1, 3, 1)) is None  # an odd first axis: its half is no box
+    video = ac.patterns.neighborhood((8, 32, 32), (5, 9, 9))
+    assert video.layout == Layout((8, 32, 32), (8, 4, 4))  # its 5x9x9 window, not the 2x8x8 default
