@@ -95,6 +95,17 @@ def test_triton_kernels_gather_rows_instead_of_permuting(monkeypatch):
     check(pat, q, k, v)  # forward, LSE and gradients straight from natural-order tensors
 
 
+def test_gathered_rows_with_ragged_tiles_gqa_and_empty_rows():
+    # 60 tokens: the last 32-row tile is ragged; 4 query heads over 2 kv heads; a query that sees
+    # nothing (its row has no live key: zeros, lse -inf) through the gather and scatter
+    base = ac.patterns.natten2d(6, 10, 3) & ac.Pattern(lambda b, h, q, kv: q != 17)
+    pat = base.with_layout(Layout((6, 10), (2, 5)))
+    q, k, v = qkv(2, 4, 2, 60, 60, 16, seed=7)
+    out, lse = ac.attention(q.detach(), k.detach(), v.detach(), pat, return_lse=True)
+    assert (out[:, :, 17] == 0).all() and (lse[:, :, 17] == -torch.inf).all()
+    check(pat, q, k, v)
+
+
 def test_dilated_runs_in_its_residue_layout():
     pat = ac.patterns.dilated(60, 4, seq_len=96)  # within a class of 24 tokens: a window of 15
     assert pat.layout == Layout((96,), (1,), 4)
