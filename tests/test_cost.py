@@ -208,3 +208,30 @@ def test_fit_recovers_the_partial_factor_prologue_and_occupancy():
     assert err < 1e-9
     with pytest.raises(ValueError, match="no timings"):
         cost.fit(start, "fa4", timings)
+
+
+def test_autotune_times_the_candidates_and_takes_the_fastest(monkeypatch):
+    from attncc.runtime import api, calibrate, choices
+    from attncc.runtime.kernel import Kernel
+
+    q, k, v = (torch.randn(1, 2, 96, 32) for _ in range(3))
+    assert choices.check_options({"autotune": True}) == {"autotune": True}
+    s = api.check_qkv(q, k, v)
+    pattern = ac.patterns.sliding_window(40)
+    candidates = [("triton", TileConfig(32, 32, 4, 1)), ("triton", TileConfig(16, 32, 4, 1)),
+                  ("triton", TileConfig(32, 16, 4, 1))]
+    fake = {32 * 32: 3.0, 16 * 32: 1.0}  # ms by tile area: 16x32 and 32x16 tie, the first of them wins
+    seen = []
+
+    def time_ms(fn, device):
+        fn()  # the candidate's run, recorded below
+        return fake[seen[-1].BLOCK_M * seen[-1].BLOCK_N]
+    monkeypatch.setattr(calibrate, "time_ms", time_ms)
+    monkeypatch.setattr(Kernel, "run", lambda self, *args: seen.append(self.tiles))
+    assert api._fastest(pattern, s, q, k, v, 0.2, candidates, None) == candidates[1]
+    assert seen == [c[1] for c in candidates]
+    with pytest.raises(ValueError, match="autotune"):
+        choices.check_options({"autotune": "yes"})
+    monkeypatch.undo()
+    # on CPU the simulator does not choose, so autotune changes nothing
+    assert ac.compile(pattern, q, k, v, kernel_options={"autotune": True}).config == ac.compile(pattern, q, k, v).config

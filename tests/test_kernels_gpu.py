@@ -81,6 +81,18 @@ def test_head_dims_and_dtypes_compile_and_match(D, dtype):
     assert rel(out, ac.reference(q, k, v, pat)) < tol
 
 
+def test_autotune_picks_one_of_the_simulators_best_and_is_exact():
+    from attncc.runtime.calibrate import profile_for
+    from attncc.runtime.choices import AUTOTUNE_TOP, ranked_candidates
+
+    q, k, v = qkv(2, 4, 4, 4096, 128)
+    pattern = ac.patterns.sliding_window(512)
+    kern = compile(pattern, q, k, v, kernel_options={"backend": "triton", "autotune": True})
+    ranked = ranked_candidates(kern.pattern, check_qkv(q, k, v), q.dtype, q.device, {}, False, profile_for(q.device))
+    assert ranked and ("triton", kern.tiles) in ranked[:AUTOTUNE_TOP]
+    assert rel(kern(q, k, v), ac.reference(q, k, v, pattern)) < 2e-2
+
+
 def test_the_cost_model_picks_the_tiles():
     from attncc.runtime.calibrate import profile_for
     from attncc.runtime.choices import cost_choice

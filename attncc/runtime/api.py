@@ -105,8 +105,8 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .calibrate import profile_for
-    from .choices import (KernelChoice, check_options, choose_backend, choose_backward_tiles, choose_tiles,
-                          choose_tma, cost_choice)
+    from .choices import (AUTOTUNE_TOP, KernelChoice, check_options, choose_backend, choose_backward_tiles,
+                          choose_tiles, choose_tma, ranked_candidates)
     from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
@@ -127,9 +127,11 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     tiles = choose_tiles(s, q.dtype, q.device, options)
     backend = choose_backend(pattern, s, q, options, return_lse, layout)
     if backend in ("triton", "fa4") and options.get("backend", "auto") in ("auto", "triton"):
-        picked = cost_choice(pattern, s, q.dtype, q.device, options, backend == "fa4", profile_for(q.device))
-        if picked is not None:
-            backend, tiles = picked
+        ranked = ranked_candidates(pattern, s, q.dtype, q.device, options, backend == "fa4", profile_for(q.device))
+        if options.get("autotune") and ranked:
+            ranked = [_fastest(pattern, s, q, k, v, check_scale(scale, s.D), ranked[:AUTOTUNE_TOP], layout)]
+        if ranked:
+            backend, tiles = ranked[0]
     tma = choose_tma(s, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):
@@ -139,6 +141,23 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
                           tma, layout, options.get("deterministic", True))
     return pattern, s, check_scale(scale, s.D), choice
+
+
+def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layout):
+    """The candidate (backend, forward tiles) whose forward measured fastest on these inputs
+    (kernel_options autotune=True: the simulator's top few, each timed by do_bench)."""
+    from .calibrate import time_ms
+    from .choices import KernelChoice, choose_backward_tiles
+    from .kernel import Kernel
+
+    backward = choose_backward_tiles(s, q.dtype, q.device, {})
+
+    def measured(candidate):
+        backend, tiles = candidate
+        kern = Kernel(pattern, s, q.device, scale, KernelChoice(tiles, backward, backend, False, layout))
+        with torch.no_grad():
+            return time_ms(lambda: kern.run(q, k, v, s, False), q.device)
+    return min(candidates, key=measured)
 
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -164,9 +183,11 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     deterministic (default True: bitwise-reproducible gradients; False lets the fa4 backend run
     FA4's own block-sparse backward, whose dQ accumulation order varies; see fa4.backward_refusal), BLOCK_M,
     BLOCK_N, num_warps, num_stages (the Triton forward), dkdv_tiles and dq_tiles (the Triton
-    backward's two kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)) and tma (True: read
+    backward's two kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)), tma (True: read
     k/v through tensor descriptors where the strides allow, on Hopper or CPU; default: on CUDA for
-    head dims above 128, where it measured faster).
+    head dims above 128, where it measured faster) and autotune (True: time the cost simulator's
+    AUTOTUNE_TOP best forward configurations on these inputs and take the fastest; where the
+    simulator does not choose, runtime/choices.cost_choice, it changes nothing).
     """
     from .kernel import Kernel
 

@@ -39,7 +39,7 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
 
 _TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
-_OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma", "deterministic")
+_OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma", "deterministic", "autotune")
 # handled by ac.attention before a kernel is chosen (runtime/decode.py, runtime/sequences.split_kv),
 # refused by ac.compile unless the decode kernel runs
 CALL_OPTIONS = ("kv_splits", "decode")
@@ -130,6 +130,9 @@ BACKWARD_TILES = (
 )
 
 
+AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulator's best
+
+
 def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
                 fa4_ok: bool, profile, lists_device: torch.device | None = None) -> tuple[str, TileConfig] | None:
     """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`)
@@ -137,18 +140,23 @@ def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.d
     measured (16-bit CUDA, 64 < D <= 128, no tile options), where the table of choose_tiles
     decides. Block masks are built on `lists_device` (default: `device`) and cached.
     """
+    ranked = ranked_candidates(pattern, s, dtype, device, options, fa4_ok, profile, lists_device)
+    return ranked[0] if ranked else None
+
+
+def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
+                      fa4_ok: bool, profile, lists_device: torch.device | None = None) -> list[tuple[str, TileConfig]]:
+    """cost_choice's candidates, fastest predicted first (empty where cost_choice returns None)."""
     from . import fa4
     from .kernel import META_CACHE
 
     if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not 64 < max(s.D, s.Dv) <= 128
             or any(k in options for k in _TILE_OPTIONS)):
-        return None
+        return []
     candidates = [("triton", t) for t in TRITON_CANDIDATES] + ([("fa4", fa4.TILE)] if fa4_ok else [])
     candidates = [c for c in candidates if c[0] in profile.backends]
-    if not candidates:
-        return None
-
-    return min(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0], profile))
+    return sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
+                                                                     profile))
 
 
 # forward configurations `explain` compares (the fa4 one where fa4 can run)
@@ -200,7 +208,7 @@ def check_options(options) -> dict:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
-    for flag in ("tma", "deterministic"):
+    for flag in ("tma", "deterministic", "autotune"):
         if not isinstance(options.get(flag, True), bool):
             raise ValueError(f"kernel_options[{flag!r}] must be a bool, got {options[flag]!r}")
     if options.get("backend", "auto") not in ("auto",) + BACKENDS:
