@@ -172,6 +172,25 @@ def test_changed_buffer_content_rebuilds_metadata():
     assert META_CACHE.builds == builds + 1
 
 
+def test_a_repeated_call_reuses_its_kernel_without_choosing_again(monkeypatch):
+    from attncc.runtime import api
+
+    doc = ac.patterns.lengths_to_ids([30, 30, 36])
+    pat = ac.patterns.document(ids=doc)
+    q, k, v = qkv(1, 2, 1, 96, 96, 16)
+    first = attention(q, k, v, pat)
+    prepared = []
+    original = api._prepare
+    monkeypatch.setattr(api, "_prepare", lambda *a: prepared.append(1) or original(*a))
+    assert torch.equal(attention(q, k, v, pat), first) and not prepared  # the same call: no new choice
+    attention(q, k, v, pat, kernel_options={"BLOCK_M": 16})
+    attention(q, k, v, pat.bind(), scale=0.5)
+    assert len(prepared) == 2  # other options, another pattern object
+    doc.copy_(ac.patterns.lengths_to_ids([50, 46]))  # the buffer's new version: chosen again, new lists
+    compare(pat, q, k, v)
+    assert len(prepared) == 3
+
+
 def test_source_is_the_generated_module():
     offset = ac.param("r", 1)
     pat = ac.Pattern(lambda b, h, q, kv: (q - kv) % 3 == offset) & ac.patterns.softcap(10.0, causal=False)

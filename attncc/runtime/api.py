@@ -267,7 +267,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
         return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
-    kern, s = _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse)
+    kern, s = _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse=not (paged or varlen))
     return kern.run(q, k, v, s, return_lse)
 
 
@@ -288,19 +288,23 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
 
 
 _KERNELS: OrderedDict = OrderedDict()  # call key -> Kernel, most recent last
-_KERNELS_SIZE = 64
+_KERNELS_SIZE = 16  # each holds its block masks: a few recent calls, not a second cache
 _KERNELS_LOCK = threading.Lock()
 
 
-def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse):
+def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool = True):
     """(Kernel, Shapes) for this call; a repeat of a recent call (the same pattern object and buffer
     versions, shapes, dtypes, device, scale and options) reuses its Kernel, skipping the choice
     (block-map lookups, FA4's refusal, the cost model): a few microseconds instead of a millisecond
-    of Python before each launch."""
+    of Python before each launch. reuse=False (paged and packed calls, whose rewritten pattern is
+    new every call): never kept."""
     from .kernel import Kernel, buffer_key
 
     s = check_qkv(q, k, v)
     pat = _pattern(pattern)
+    if not reuse:
+        kernel_pattern, s, scale, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
+        return Kernel(kernel_pattern, s, q.device, scale, choice), s
     try:
         key = (pat.uid, tuple(buffer_key(t) for t in pat.buffers.values()), s, q.dtype, k.dtype, v.dtype, q.device,
                scale, return_lse, tuple(sorted((kernel_options or {}).items())))
