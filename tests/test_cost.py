@@ -235,3 +235,21 @@ def test_autotune_times_the_candidates_and_takes_the_fastest(monkeypatch):
     monkeypatch.undo()
     # on CPU the simulator does not choose, so autotune changes nothing
     assert ac.compile(pattern, q, k, v, kernel_options={"autotune": True}).config == ac.compile(pattern, q, k, v).config
+
+
+def test_backward_model_scales_with_the_work_and_shows_in_explain():
+    from attncc.compiler.codegen import BackwardTiles
+
+    tiles = BackwardTiles(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3))
+    cpu = torch.device("cpu")
+
+    def predicted(pattern, Hkv=8):
+        s = Shapes(4, 8, Hkv, 4096, 4096, 128, 128)
+        return cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, cpu),
+                                      META_CACHE.get(pattern, s, tiles.dq, cpu)[1], 4, 8, Hkv, 128, tiles, H200)
+    full, causal = predicted(ac.Pattern(name="full")), predicted(ac.patterns.causal())
+    assert 0.45 < causal / full < 0.65  # half the tiles, the diagonal ones PARTIAL
+    assert predicted(ac.patterns.causal(), Hkv=2) >= causal  # GQA: as much work on fewer dK/dV programs
+    q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    assert "backward: Triton dK/dV" in ac.explain(ac.patterns.sliding_window(1024), q, q, q, target="h200")
+    assert "backward: no model in the 'h100' profile" in ac.explain(ac.patterns.causal(), q, q, q, target="h100")

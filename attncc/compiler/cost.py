@@ -128,6 +128,28 @@ def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, prof
     return Prediction(_makespan(launched.tolist(), slots), work, slots)
 
 
+def simulate_backward(dkdv_meta, dq_meta, B: int, H: int, Hkv: int, D: int, tiles, profile: Profile) -> float:
+    """The Triton backward's predicted ms: the dK/dV kernel (a program per kv tile of each (b, kv
+    head), over the query tiles of its transposed lists for every query head of the group, 4 dots
+    per tile) then the dQ kernel (a program per query tile, heavy-first, 3 dots per tile), each a
+    makespan at the profile's `backward` rate, PARTIAL factor and prologue (runtime/kernel.py:
+    BackwardMeta, KernelMeta; tiles: BackwardTiles)."""
+    spec = profile.backends["triton"]["backward"]
+    slots = profile.sms
+    group = H // Hkv
+
+    def tile_ms(t, dots):
+        return 2.0 * dots * t.BLOCK_M * t.BLOCK_N * D / (spec["tflops"] / slots * 1e12) * 1e3
+
+    full = dkdv_meta.full_num.expand(B, H, -1).double().view(B, Hkv, group, -1).sum(2)
+    partial = dkdv_meta.partial_num.expand(B, H, -1).double().view(B, Hkv, group, -1).sum(2)
+    dkdv = (full + spec["partial_factor"] * partial) * tile_ms(tiles.dkdv, 4) + spec["program_us"] * 1e-3
+    full, partial = dq_meta.full_num.expand(B, H, -1).double(), dq_meta.partial_num.expand(B, H, -1).double()
+    dq = (full + spec["partial_factor"] * partial) * tile_ms(tiles.dq, 3) + spec["program_us"] * 1e-3
+    dq = dq.gather(-1, dq_meta.order.expand(B, H, -1).long())
+    return _makespan(dkdv.flatten().tolist(), slots) + _makespan(dq.flatten().tolist(), slots)
+
+
 @dataclass(frozen=True)
 class Timing:
     """One measured forward: block-map metadata `meta` at `tiles` on `backend`, shapes B, H, D, `ms`."""

@@ -433,11 +433,31 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         text += ("\nfa4 could run this call, but it would read permuted copies; attncc's Triton kernels gather the "
                  "token layout's rows in place (runtime/choices.fa4_measured_faster)" if pattern.layout is not None
                  else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
+    text += "\n" + _backward_line(kp, s, q.dtype, lists, options, profile, chosen[0])
     if plan is not None:
         from .parallel import explain_text
 
         text += "\n\n" + explain_text(plan, s, q.dtype, profile)
     return text
+
+
+def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dict, profile, backend: str) -> str:
+    """explain's line on the backward: attncc's Triton backward predicted by cost.simulate_backward
+    (where the profile models it), else what runs."""
+    from ..compiler import cost
+    from .choices import choose_backward_tiles
+    from .kernel import META_CACHE
+
+    if backend == "sdpa-cudnn":
+        return "backward: SDPA's cuDNN backward (not modelled)"
+    if "backward" not in profile.backends.get("triton", {}):
+        return f"backward: no model in the {profile.key!r} profile"
+    tiles = choose_backward_tiles(s, dtype, torch.device("cuda"), options)
+    ms = cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, lists),
+                                META_CACHE.get(pattern, s, tiles.dq, lists)[1], s.B, s.Hq, s.Hkv, s.D, tiles, profile)
+    where = " (where attncc's Triton backward runs; fa4's own, on dense and causal masks, is not modelled)" \
+        if backend == "fa4" else ""
+    return f"backward: Triton dK/dV {tiles.dkdv} + dQ {tiles.dq}: predicted {ms:.3f} ms{where}"
 
 
 def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
