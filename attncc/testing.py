@@ -164,9 +164,9 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
     """
     from .compiler.domain import check_domain
     from .dsl.trace import PatternError
-    from .runtime.api import _pattern
+    from .runtime.api import as_pattern
 
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     roots = (evaluate.token_mask(pattern), pattern.score)

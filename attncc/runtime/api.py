@@ -20,7 +20,8 @@ _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the referen
 FULL = Pattern(name="full")  # pattern=None: full attention
 
 
-def _pattern(pattern) -> Pattern:
+def as_pattern(pattern) -> Pattern:
+    """`pattern` checked to be a Pattern; None is full attention (a ValueError says what to pass instead)."""
     if pattern is None:
         return FULL
     if callable(pattern) and not isinstance(pattern, Pattern):
@@ -40,7 +41,7 @@ def create_mask(pattern: Pattern, B: int | None, H: int | None, Q_LEN: int, KV_L
     B/H may be None only if the pattern does not read b/h (otherwise a ValueError: the mask
     would silently be wrong for every other batch or head).
     """
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     reads = ir.free_vars(evaluate.token_mask(pattern))  # a score mod reading h is no concern here
     B, H = evaluate.check_size("B", B, "b" in reads), evaluate.check_size("H", H, "h" in reads)
     Q_LEN, KV_LEN = evaluate.check_size("Q_LEN", Q_LEN), evaluate.check_size("KV_LEN", KV_LEN)
@@ -58,7 +59,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     position makes that entry of the output NaN; anything at a masked-out position, nothing.
     """
     s = check_qkv(q, k, v, REFERENCE_DTYPES)
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     pattern.require_bound()
     scale = check_scale(scale, s.D)
     mask_ir = evaluate.token_mask(pattern)
@@ -117,7 +118,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
             raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
     if q.is_cuda:
         TRITON_KEY.start()
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     pattern.require_bound()
     layout = pattern.layout
     if layout is not None:
@@ -251,9 +252,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
             raise ValueError("a variable-length call needs both cu_seqlens_q and cu_seqlens_k")
         if paged:
-            k, v, pattern = paged_call(q, k, v, _pattern(pattern), page_table, kv_lens)
+            k, v, pattern = paged_call(q, k, v, as_pattern(pattern), page_table, kv_lens)
         else:
-            pattern = varlen_call(q, k, _pattern(pattern), cu_seqlens_q, cu_seqlens_k)
+            pattern = varlen_call(q, k, as_pattern(pattern), cu_seqlens_q, cu_seqlens_k)
     if (kernel_options or {}).get("kv_splits", 1) != 1:
         from .sequences import merge_splits, split_kv
 
@@ -261,12 +262,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
             raise ValueError("kernel_options kv_splits does not run under torch.compile yet")
         check_qkv(q, k, v)
         options = dict(kernel_options)
-        q2, k2, v2, split, S = split_kv(q, k, v, _pattern(pattern), options.pop("kv_splits"))
+        q2, k2, v2, split, S = split_kv(q, k, v, as_pattern(pattern), options.pop("kv_splits"))
         out, lse = merge_splits(*attention(q2, k2, v2, split, scale=check_scale(scale, q.shape[-1]), return_lse=True,
                                            kernel_options=options), S)
         return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
-        return _compiled_attention(q, k, v, _pattern(pattern), scale, return_lse, kernel_options)
+        return _compiled_attention(q, k, v, as_pattern(pattern), scale, return_lse, kernel_options)
     kern, s = _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse=not (paged or varlen))
     return kern.run(q, k, v, s, return_lse)
 
@@ -280,7 +281,7 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     if paged:
         raise ValueError("ac.compile with a target describes the dense kernels; it takes no page_table / kv_lens")
     s = check_qkv(q, k, v)
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     pattern.require_bound()
     if pattern.layout is not None:
         pattern.layout.check(s.Q, s.KV)
@@ -301,7 +302,7 @@ def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool
     from .kernel import Kernel, buffer_key
 
     s = check_qkv(q, k, v)
-    pat = _pattern(pattern)
+    pat = as_pattern(pattern)
     if not reuse:
         kernel_pattern, s, scale, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
         return Kernel(kernel_pattern, s, q.device, scale, choice), s
@@ -336,7 +337,7 @@ def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens,
     options = kernel_options or {}
     if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return None  # the other paths say what is wrong
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     if paged and (page_table is None or kv_lens is None):
         return None
     KV = None if paged else k.shape[2]
@@ -391,7 +392,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     from . import fa4
 
     s = check_qkv(q, k, v)
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     pattern.require_bound()
     if pattern.layout is not None:
         pattern.layout.check(s.Q, s.KV)
@@ -468,6 +469,6 @@ def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_L
     broadcasts, allowed only when the mask ignores b or h. device: where the lists live (default:
     the pattern's buffers' device, else CPU). Built symbolically in O(tiles): no dense mask.
     """
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     rows, cols = block_pair(block_size)
     return build_block_mask(pattern, B, H, Q_LEN, KV_LEN, rows, cols, device)

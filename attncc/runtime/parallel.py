@@ -34,9 +34,9 @@ from ..compiler.evaluate import token_mask
 from ..compiler.sharding import ShardPlan
 from ..dsl import ir
 from ..dsl.pattern import Pattern
-from .api import _pattern, prepare_kernel
+from .api import as_pattern, prepare_kernel
 from .inputs import Shapes, check_qkv, check_scale
-from .sequences import _remap, merge_splits
+from .sequences import merge_splits, remap_positions
 
 MODES = ("auto", "ring", "all-gather")
 _BACKWARD_FACTOR = 2.5  # backward compute / forward compute (FlashAttention-2's ratio)
@@ -52,7 +52,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     (and its backward) together with the same plan. comm: "auto" (the cost model's choice),
     "ring" or "all-gather". A plan of one rank runs without torch.distributed.
     """
-    pattern = _pattern(pattern)
+    pattern = as_pattern(pattern)
     if not isinstance(plan, ShardPlan):
         raise ValueError(f"plan must be an attncc.ShardPlan, got {type(plan).__name__}")
     if not _same_mask(pattern, plan.pattern):
@@ -157,7 +157,7 @@ def _shard_pattern(pattern: Pattern, plan: ShardPlan, rank: int, shard: int, dev
     """`pattern` as rank's queries see kv shard `shard`: q and kv read their natural positions."""
     buffers = {"cp_q_pos": plan.positions(rank, "q", device), "cp_kv_pos": plan.positions(shard, "kv", device)}
     q, kv = ir.load("cp_q_pos", (ir.Var("q"),)), ir.load("cp_kv_pos", (ir.Var("kv"),))
-    return _remap(pattern, ir.Var("b"), q, kv, ir.TRUE, buffers, "context-parallel calls")
+    return remap_positions(pattern, ir.Var("b"), q, kv, ir.TRUE, buffers, "context-parallel calls")
 
 
 @dataclass

@@ -42,8 +42,8 @@ def _int_tensor(name: str, t, shape: tuple | None, device) -> torch.Tensor:
     return t
 
 
-def _remap(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live: ir.Node, buffers: dict,
-           what: str = "paged and variable-length calls") -> Pattern:
+def remap_positions(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live: ir.Node, buffers: dict,
+                    what: str = "paged and variable-length calls") -> Pattern:
     """`pattern` with b, q, kv replaced by expressions, its mask and-ed with `live`; `what` names
     the calls in errors."""
     if pattern.has_block_mask:
@@ -108,7 +108,7 @@ def paged_pattern(pattern: Pattern, kv_lens: torch.Tensor, Q_LEN: int) -> Patter
     names = {"paged_query_offset": offsets, "paged_kv_len": kv_lens}
     position = ir.op("add", _Q, ir.load("paged_query_offset", (_B,)))
     live = ir.op("lt", _KV, ir.load("paged_kv_len", (_B,)))
-    return _remap(pattern, _B, position, _KV, live, names)
+    return remap_positions(pattern, _B, position, _KV, live, names)
 
 
 def paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: Pattern,
@@ -151,7 +151,7 @@ def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q
              "varlen_pos_k": pos_k.int()}
     seq = ir.load("varlen_seq_q", (_Q,))
     live = ir.op("eq", seq, ir.load("varlen_seq_k", (_KV,)))
-    return _remap(pattern, seq, ir.load("varlen_pos_q", (_Q,)), ir.load("varlen_pos_k", (_KV,)), live, names)
+    return remap_positions(pattern, seq, ir.load("varlen_pos_q", (_Q,)), ir.load("varlen_pos_k", (_KV,)), live, names)
 
 
 def split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, splits: int):
@@ -171,7 +171,7 @@ def split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern
 
     position = ir.op("add", _KV, ir.op("mul", ir.op("mod", _B, ir.const(S)), ir.const(C)))
     live = ir.op("lt", position, ir.const(KV))
-    split = _remap(pattern, ir.op("floordiv", _B, ir.const(S)), _Q, position, live, {})
+    split = remap_positions(pattern, ir.op("floordiv", _B, ir.const(S)), _Q, position, live, {})
     return q.repeat_interleave(S, dim=0), chunks(k), chunks(v), split, S
 
 
