@@ -83,3 +83,17 @@ def test_the_table_names_the_operators_the_ir_knows():
     assert set(ir.OPS) == set(ops.TABLE)
     assert set(ops.COMPARE) == {"eq", "ne", "lt", "le", "gt", "ge"}
     assert {"floor", "ceil", "round", "int"} <= set(ops.TABLE)
+
+
+def test_min_max_are_commutative_on_signed_zeros_and_propagate_nan():
+    # torch.maximum's vectorised CPU path returns -0.0 for (0.0, -0.0); the reference must not
+    # depend on the operands' order (the simplifier sorts commutative operands)
+    zero, negzero = torch.zeros(40, dtype=torch.float64), -torch.zeros(40, dtype=torch.float64)
+    for name, sign in (("max", 1.0), ("min", -1.0)):
+        row = ops.TABLE[name]
+        for a, b in ((zero, negzero), (negzero, zero)):
+            assert (torch.copysign(torch.ones(40, dtype=torch.float64), row.torch(a, b)) == sign).all()
+            assert math.copysign(1.0, row.fold(float(a[0]), float(b[0]))) == sign
+        assert row.fold(0, -0.0) == 0.0 and math.copysign(1.0, row.fold(-0.0, 0)) == sign
+        assert math.isnan(row.fold(math.nan, 1.0)) and row.torch(torch.tensor([math.nan]), torch.tensor([1.0])).isnan().all()
+        assert "propagate_nan=tl.PropagateNan.ALL" in row.triton  # minnum / maxnum would drop a NaN on the GPU

@@ -50,9 +50,31 @@ class Operator:
     discards: bool = False       # some operand's value may not reach the result (where)
 
 
-def _nan_aware(f):
-    """min / max that propagate NaN like torch.minimum / maximum (Python's min(0, nan) is 0)."""
-    return lambda a, b: a + b if a != a or b != b else f(a, b)
+def _min_max(smaller: bool):
+    """Python min / max with the reference's rules (IEEE 754-2019 minimum / maximum): NaN
+    propagates (Python's min(0, nan) is 0) and -0.0 < +0.0, so the result does not depend on the
+    operands' order (Python returns the first of equal values)."""
+    def f(a, b):
+        if a != a or b != b:
+            return a + b
+        if a == b == 0 and isinstance(a + b, float):
+            negative = (math.copysign(1.0, a) < 0, math.copysign(1.0, b) < 0)
+            return -0.0 if (any(negative) if smaller else all(negative)) else 0.0
+        return min(a, b) if smaller else max(a, b)
+    return f
+
+
+def _torch_min_max(f, smaller: bool):
+    """torch.minimum / maximum with -0.0 < +0.0 for any operand order: their vectorised CPU paths
+    return either zero (torch.maximum(0.0, -0.0) is -0.0 in SIMD lanes, +0.0 in the scalar tail)."""
+    def g(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = f(a, b)
+        if not out.is_floating_point():
+            return out
+        zeros = (a == 0) & (b == 0)
+        signed = -((-a) + (-b)) if smaller else a + b  # -0 + +0 is +0: max; -(+0 + -0) is -0: min
+        return torch.where(zeros, signed, out)
+    return g
 
 
 def _round_half_even(a: float) -> float:
@@ -124,10 +146,14 @@ ROWS = [
              lambda I, box, x: I.neg(box, x), "(-{0})"),
     Operator("abs", 1, "join", "number", "abs", "call", None, abs, torch.abs,
              lambda I, box, x: I.absolute(box, x), "tl.abs({0})"),
-    Operator("min", 2, "join", "number", "min", "call", None, _nan_aware(min), torch.minimum,
-             lambda I, box, x, y: I.minmax(box, x, y, True), "tl.minimum({0}, {1})", commutative=True),
-    Operator("max", 2, "join", "number", "max", "call", None, _nan_aware(max), torch.maximum,
-             lambda I, box, x, y: I.minmax(box, x, y, False), "tl.maximum({0}, {1})", commutative=True),
+    # Triton: PropagateNan.ALL lowers to llvm.minimum / maximum (NaN propagates, -0 < +0), as the
+    # reference; the default would be minnum / maxnum, which drop a NaN operand on the GPU
+    Operator("min", 2, "join", "number", "min", "call", None, _min_max(True), _torch_min_max(torch.minimum, True),
+             lambda I, box, x, y: I.minmax(box, x, y, True),
+             "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)", commutative=True),
+    Operator("max", 2, "join", "number", "max", "call", None, _min_max(False), _torch_min_max(torch.maximum, False),
+             lambda I, box, x, y: I.minmax(box, x, y, False),
+             "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)", commutative=True),
     _compare("eq", "==", lambda a, b: a == b, torch.eq, "eq"),
     _compare("ne", "!=", lambda a, b: a != b, torch.ne, "ne"),
     _compare("lt", "<", lambda a, b: a < b, torch.lt, "gt"),
