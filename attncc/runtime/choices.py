@@ -247,11 +247,11 @@ def _pick_backend(forced: str, cuda: bool, fa4_refusal, fa4_faster, cudnn_refusa
         if why:
             raise ValueError(f"kernel_options backend='sdpa-cudnn' cannot run this call{where}: {why}")
         return "sdpa-cudnn"
-    if forced == "fa4" or cuda:
+    if forced == "fa4" or (cuda and fa4_faster()):  # the cheap fact first: the refusal lowers the hooks
         why = fa4_refusal()
         if forced == "fa4" and why:
             raise ValueError(f"kernel_options backend='fa4' cannot run this call{where}: {why}")
-        if not why and (forced == "fa4" or fa4_faster()):
+        if not why:
             return "fa4"
     return "sdpa-cudnn" if cudnn_refusal() is None else "triton"
 
