@@ -184,9 +184,9 @@ def test_the_h200_profile_picks_what_measured_fastest():
     profile = cost.load_profile("h200")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     swa = ac.patterns.sliding_window(1024)
-    assert choices.cost_choice(swa, s, torch.bfloat16, cpu, {}, True, profile) is None  # the interpreter's table
-    assert choices.cost_choice(swa, s, torch.float32, cuda, {}, True, profile, cpu) is None  # not measured
-    assert choices.cost_choice(swa, s, torch.bfloat16, cuda, {"BLOCK_M": 128}, True, profile, cpu) is None
+    assert choices.cost_choice(swa, s, torch.bfloat16, cpu, {}, "fa4", profile) is None  # the interpreter's table
+    assert choices.cost_choice(swa, s, torch.float32, cuda, {}, "fa4", profile, cpu) is None  # not measured
+    assert choices.cost_choice(swa, s, torch.bfloat16, cuda, {"BLOCK_M": 128}, "fa4", profile, cpu) is None
 
 
 def test_fit_recovers_the_partial_factor_prologue_and_occupancy():

@@ -88,7 +88,7 @@ def test_autotune_picks_one_of_the_simulators_best_and_is_exact():
     q, k, v = qkv(2, 4, 4, 4096, 128)
     pattern = ac.patterns.sliding_window(512)
     kern = compile(pattern, q, k, v, kernel_options={"backend": "triton", "autotune": True})
-    ranked = ranked_candidates(kern.pattern, check_qkv(q, k, v), q.dtype, q.device, {}, False, profile_for(q.device))
+    ranked = ranked_candidates(kern.pattern, check_qkv(q, k, v), q.dtype, q.device, {}, "triton", profile_for(q.device))
     assert ranked and ("triton", kern.tiles) in ranked[:AUTOTUNE_TOP]
     assert rel(kern(q, k, v), ac.reference(q, k, v, pattern)) < 2e-2
 
@@ -99,7 +99,7 @@ def test_the_cost_model_picks_the_tiles():
 
     q, k, v = qkv(1, 2, 2, 8192, 128)
     swa = compile(ac.patterns.sliding_window(1024), q, k, v, kernel_options=OURS)
-    picked = cost_choice(swa.pattern, check_qkv(q, k, v), q.dtype, q.device, {}, False, profile_for(q.device))
+    picked = cost_choice(swa.pattern, check_qkv(q, k, v), q.dtype, q.device, {}, "triton", profile_for(q.device))
     if "H200" in torch.cuda.get_device_name():
         assert picked == ("triton", TileConfig(64, 64, 4, 3))  # short rows: small tiles (measured fastest)
     assert picked is None or (swa.config["BLOCK_M"], swa.config["BLOCK_N"]) == (picked[1].BLOCK_M, picked[1].BLOCK_N)

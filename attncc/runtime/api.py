@@ -127,12 +127,11 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     options = check_options(kernel_options)
     tiles = choose_tiles(s, q.dtype, q.device, options)
     backend = choose_backend(pattern, s, q, options, return_lse, layout)
-    if backend in ("triton", "fa4") and options.get("backend", "auto") in ("auto", "triton"):
-        ranked = ranked_candidates(pattern, s, q.dtype, q.device, options, backend == "fa4", profile_for(q.device))
-        if options.get("autotune") and ranked:
-            ranked = [_fastest(pattern, s, q, k, v, check_scale(scale, s.D), ranked[:AUTOTUNE_TOP], layout)]
-        if ranked:
-            backend, tiles = ranked[0]
+    ranked = ranked_candidates(pattern, s, q.dtype, q.device, options, backend, profile_for(q.device))
+    if options.get("autotune") and ranked:
+        ranked = [_fastest(pattern, s, q, k, v, check_scale(scale, s.D), ranked[:AUTOTUNE_TOP], layout)]
+    if ranked:
+        backend, tiles = ranked[0]
     tma = choose_tma(s, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):

@@ -134,26 +134,28 @@ AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulato
 
 
 def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
-                fa4_ok: bool, profile, lists_device: torch.device | None = None) -> tuple[str, TileConfig] | None:
-    """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`)
-    among TRITON_CANDIDATES and, if fa4_ok, the fa4 backend; None outside where profiles are
-    measured (16-bit CUDA, 64 < D <= 128, no tile options), where the table of choose_tiles
-    decides. Block masks are built on `lists_device` (default: `device`) and cached.
-    """
-    ranked = ranked_candidates(pattern, s, dtype, device, options, fa4_ok, profile, lists_device)
+                backend: str, profile, lists_device: torch.device | None = None) -> tuple[str, TileConfig] | None:
+    """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`),
+    or None where the rules' `backend` (_pick_backend's) stands; see ranked_candidates."""
+    ranked = ranked_candidates(pattern, s, dtype, device, options, backend, profile, lists_device)
     return ranked[0] if ranked else None
 
 
 def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
-                      fa4_ok: bool, profile, lists_device: torch.device | None = None) -> list[tuple[str, TileConfig]]:
-    """cost_choice's candidates, fastest predicted first (empty where cost_choice returns None)."""
+                      backend: str, profile, lists_device: torch.device | None = None) -> list[tuple[str, TileConfig]]:
+    """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES,
+    and fa4's where the rules picked fa4 (`backend`: it can run and no layout keeps it off). Empty
+    where the model does not choose: another backend picked or forced, tile options given, or
+    outside where profiles are measured (16-bit CUDA, 64 < D <= 128; the table of choose_tiles
+    decides there). Block masks are built on `lists_device` (default: `device`) and cached."""
     from . import fa4
     from .kernel import META_CACHE
 
-    if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not 64 < max(s.D, s.Dv) <= 128
-            or any(k in options for k in _TILE_OPTIONS)):
+    if (backend not in ("triton", "fa4") or options.get("backend", "auto") not in ("auto", "triton")
+            or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)
+            or not 64 < max(s.D, s.Dv) <= 128 or any(k in options for k in _TILE_OPTIONS)):
         return []
-    candidates = [("triton", t) for t in TRITON_CANDIDATES] + ([("fa4", fa4.TILE)] if fa4_ok else [])
+    candidates = [("triton", t) for t in TRITON_CANDIDATES] + ([("fa4", fa4.TILE)] if backend == "fa4" else [])
     candidates = [c for c in candidates if c[0] in profile.backends]
     return sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
                                                                      profile))
@@ -178,12 +180,11 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
         lambda: fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True),
         lambda: fa4_measured_faster(layout),
         lambda: sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True), f" on the {TARGETS[target][0]}")
-    if backend in ("triton", "fa4") and options.get("backend", "auto") in ("auto", "triton"):
-        from ..compiler.cost import load_profile
+    from ..compiler.cost import load_profile
 
-        picked = cost_choice(pattern, s, dtype, cuda, options, backend == "fa4", load_profile(target), cpu)
-        if picked is not None:
-            return picked
+    picked = cost_choice(pattern, s, dtype, cuda, options, backend, load_profile(target), cpu)
+    if picked is not None:
+        return picked
     return backend, fa4.TILE if backend == "fa4" else choose_tiles(s, dtype, cuda, options)
 
 
