@@ -41,9 +41,7 @@ from __future__ import annotations
 import dis
 import functools
 import numbers
-import threading
 import types
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -54,6 +52,7 @@ from .compiler.blockmask import BlockMask as TileBlockMask
 from .dsl.pattern import Pattern, block_pair
 from .dsl.trace import Proxy
 from .runtime.api import attention
+from .runtime.cache import LRU
 from .runtime.api import create_block_mask as create_tile_block_mask
 from .runtime.inputs import Shapes, check_qkv
 
@@ -287,9 +286,7 @@ class _Uncacheable(Exception):
     """Tracing this function again might give another pattern with the same key."""
 
 
-_TRACE_CACHE_SIZE = 128
-_TRACES: OrderedDict = OrderedDict()
-_TRACES_LOCK = threading.Lock()
+_TRACES = LRU(128)  # key -> (pins, Pattern)
 _TRUSTED_MODULES = ("torch", "math", "cmath", "operator", "functools", "numpy", "attncc", "builtins")
 
 
@@ -300,16 +297,11 @@ def _traced(parts: tuple, make: Callable[[], Pattern]) -> Pattern:
         key = _key(parts, pins, frozenset())
     except _Uncacheable:
         return make()
-    with _TRACES_LOCK:
-        hit = _TRACES.get(key)
-        if hit is not None:
-            _TRACES.move_to_end(key)
-            return hit[1]
+    hit = _TRACES.get(key)
+    if hit is not None:
+        return hit[1]
     pattern = make()
-    with _TRACES_LOCK:
-        _TRACES[key] = (pins, pattern)
-        if len(_TRACES) > _TRACE_CACHE_SIZE:
-            _TRACES.popitem(last=False)
+    _TRACES.put(key, (pins, pattern))
     return pattern
 
 

@@ -378,3 +378,12 @@ def test_an_unwritable_cache_directory_falls_back_to_a_temporary_one(tmp_path, m
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker))
     with pytest.raises(NotADirectoryError):
         cache.cache_dir()
+
+
+def test_lru_keeps_the_most_recently_used():
+    lru = cache.LRU(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # now the most recent
+    lru.put("c", 3)           # drops b, the least recent
+    assert (lru.get("b"), lru.get("a"), lru.get("c"), lru.get("x", "none")) == (None, 1, 3, "none")

@@ -5,7 +5,6 @@ empty-row patterns; the backward's routing; what kern.source and kern.config say
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 import attncc as ac
 import cute_shim
 import fa4_emulator
-from attncc.runtime import fa4
+from attncc.runtime import cache, fa4
 from attncc.runtime.choices import KernelChoice, check_options, choose_backward_tiles
 from attncc.runtime.inputs import check_qkv
 from attncc.runtime.kernel import Kernel
@@ -23,7 +22,7 @@ from attncc.runtime.kernel import Kernel
 def emulated(monkeypatch):
     monkeypatch.setattr(fa4, "_FA", [fa4_emulator.namespace()])
     monkeypatch.setattr(fa4, "_HOOKS", {})
-    monkeypatch.setattr(fa4, "_CALLS", OrderedDict())
+    monkeypatch.setattr(fa4, "_CALLS", cache.LRU(64))
     with cute_shim.installed():
         yield
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 
 import torch
 
@@ -12,6 +10,7 @@ from ..compiler.blockmask import BlockMask, build_block_mask
 from ..compiler.domain import check_domain
 from ..dsl import ir
 from ..dsl.pattern import Pattern, block_pair
+from .cache import LRU
 from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
 
 _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the reference
@@ -287,43 +286,34 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     return TargetKernel(pattern.kernel_pattern, s, q.dtype, target, check_options(kernel_options), pattern.layout)
 
 
-_KERNELS: OrderedDict = OrderedDict()  # call key -> Kernel, most recent last
-_KERNELS_SIZE = 16  # each holds its block masks: a few recent calls, not a second cache
-_KERNELS_LOCK = threading.Lock()
-
-
 def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool = True):
-    """(Kernel, Shapes) for this call; a repeat of a recent call (the same pattern object and buffer
-    versions, shapes, dtypes, device, scale and options) reuses its Kernel, skipping the choice
-    (block-map lookups, FA4's refusal, the cost model): a few microseconds instead of a millisecond
-    of Python before each launch. reuse=False (paged and packed calls, whose rewritten pattern is
-    new every call): never kept."""
-    from .kernel import Kernel, buffer_key
+    """(Kernel, Shapes) for this call; a repeat of a recent call (a pattern of the same value and
+    layout, buffers by version, shapes, dtypes, device, scale and options) reuses its Kernel,
+    skipping the choice (block-map lookups, FA4's refusal, the cost model): a few microseconds
+    instead of a millisecond of Python before each launch. reuse=False (paged and packed calls,
+    whose rewritten pattern is new every call): never kept."""
+    from .kernel import Kernel, pattern_key
 
     s = check_qkv(q, k, v)
     pat = as_pattern(pattern)
-    if not reuse:
+    key = None
+    if reuse:
+        key = pattern_key(pat) + (pat.layout, s, q.dtype, k.dtype, v.dtype, q.device, scale, return_lse,
+                                  tuple(sorted((kernel_options or {}).items())))
+        try:
+            hash(key)
+        except TypeError:  # an unhashable option value: no reuse
+            key = None
+    kern = None if key is None else _KERNELS.get(key)
+    if kern is None:
         kernel_pattern, s, scale, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
-        return Kernel(kernel_pattern, s, q.device, scale, choice), s
-    try:
-        key = (pat.uid, tuple(buffer_key(t) for t in pat.buffers.values()), s, q.dtype, k.dtype, v.dtype, q.device,
-               scale, return_lse, tuple(sorted((kernel_options or {}).items())))
-        hash(key)
-    except TypeError:  # an unhashable option value: no reuse
-        key = None
-    with _KERNELS_LOCK:
-        kern = _KERNELS.get(key) if key is not None else None
-        if kern is not None:
-            _KERNELS.move_to_end(key)
-            return kern, s
-    kernel_pattern, s, scale, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
-    kern = Kernel(kernel_pattern, s, q.device, scale, choice)
-    if key is not None:
-        with _KERNELS_LOCK:
-            _KERNELS[key] = kern
-            if len(_KERNELS) > _KERNELS_SIZE:
-                _KERNELS.popitem(last=False)
+        kern = Kernel(kernel_pattern, s, q.device, scale, choice)
+        if key is not None:
+            _KERNELS.put(key, kern)
     return kern, s
+
+
+_KERNELS = LRU(16)  # call key -> Kernel; each holds its block masks: a few recent calls, not a second cache
 
 
 def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged: bool):

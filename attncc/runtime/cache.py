@@ -23,7 +23,7 @@ import tempfile
 import threading
 import types
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from functools import lru_cache
 from typing import Callable, Mapping
 
@@ -266,3 +266,29 @@ def stats() -> dict:
     """Counters since process start: memory_hits, disk_hits, generated, corrupt_regenerated."""
     with _LOCK:
         return {name: _STATS[name] for name in _STAT_NAMES}
+
+
+class LRU:
+    """A thread-safe map of the `size` most recently used entries. Callers build a missing value
+    outside it (get, then put), so a slow build never blocks another thread's hit."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        """The entry under `key` (now the most recent), or `default`."""
+        with self._lock:
+            if key not in self._entries:
+                return default
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def put(self, key, value) -> None:
+        """Store `value` as the most recent entry, dropping the least recent past `size`."""
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)

@@ -14,8 +14,6 @@ synchronises; a new kv_lens (the next decode step) rebuilds it and checks the pa
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +27,6 @@ from ..dsl.pattern import Pattern
 from . import cache
 from .inputs import Shapes, check_qkv, check_scale
 
-_CACHE_SIZE = 64
 MAX_SPLITS = 65535  # the grid's second axis
 
 
@@ -123,26 +120,7 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
                       kv_len, s.KV, splits, live, bm, buffers, param_values(pattern.params, device), plan)
 
 
-class _DecodeCache:
-    """LRU of (Shapes, DecodeMeta, the tensors the key names by id) per call key."""
-
-    def __init__(self, size: int):
-        self.size, self.entries, self.lock = size, OrderedDict(), threading.RLock()
-        self.builds = 0
-
-    def get(self, key: tuple, build) -> tuple[Shapes, DecodeMeta]:
-        with self.lock:
-            hit = self.entries.get(key)
-            if hit is None:
-                hit = self.entries[key] = build()
-                self.builds += 1
-                if len(self.entries) > self.size:
-                    self.entries.popitem(last=False)
-            self.entries.move_to_end(key)
-            return hit[:2]
-
-
-DECODE_CACHE = _DecodeCache(_CACHE_SIZE)
+DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, the tensors the key names by id)
 
 
 def _check_splits(splits) -> int | None:
@@ -214,7 +192,11 @@ class DecodeKernel:
                                                     self.tiles, self.forced_splits)
         if q.device != self.device:
             raise ValueError(f"q is on {q.device}, but this kernel was compiled for {self.device}")
-        return DECODE_CACHE.get(key, build)
+        hit = DECODE_CACHE.get(key)
+        if hit is None:
+            hit = build()
+            DECODE_CACHE.put(key, hit)
+        return hit[:2]
 
     def _module(self, meta: DecodeMeta):
         from .kernel import kernel_module

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import ModuleType, SimpleNamespace
 
@@ -194,7 +193,7 @@ def describe(pattern: Pattern, s: Shapes, device) -> str:
                                                                  len(pattern.buffers), params) + "\n"
 
 
-_CALLS: OrderedDict = OrderedDict()
+_CALLS = cache.LRU(64)  # (id(meta), id(bwd)) -> (meta, bwd, Call): the ids stay theirs while kept
 _HOOKS: dict = {}
 
 
@@ -206,11 +205,9 @@ def prepare(pattern: Pattern, s: Shapes, device) -> Call:
     _, meta = META_CACHE.get(pattern, s, TILE, device)
     bwd = META_CACHE.backward(pattern, s, TILE, device)
     key = (id(meta), id(bwd))
-    with _LOCK:
-        hit = _CALLS.get(key)
-        if hit is not None and hit[0] is meta and hit[1] is bwd:
-            _CALLS.move_to_end(key)
-            return hit[2]
+    hit = _CALLS.get(key)
+    if hit is not None and hit[0] is meta and hit[1] is bwd:
+        return hit[2]
     dense = dense_kind(pattern, s)
     source = hooks_source(pattern, s, device)
     hooks = _load_hooks(source) if cute.hook_roots(pattern, _roots(pattern, s)) else None
@@ -226,10 +223,7 @@ def prepare(pattern: Pattern, s: Shapes, device) -> Call:
     scalars = tuple(getattr(fa.cutlass, t.split(".")[1])(pattern.params[n]) for n, t in cute.scalar_params(pattern, plan))
     call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), tensors or None, scalars or None,
                 source)
-    with _LOCK:
-        _CALLS[key] = (meta, bwd, call)
-        if len(_CALLS) > 64:
-            _CALLS.popitem(last=False)
+    _CALLS.put(key, (meta, bwd, call))
     return call
 
 
