@@ -87,6 +87,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     if device.type == "cuda" and fa4.refusal(full, s, q) is None:
         configs.append(("fa4", fa4.TILE))
     backends: dict = {}
+    fitted = fit_patterns(N)
     timings: list[cost.Timing] = []
     for backend, tiles in configs:
         ms, _ = _measure(full, q, k, v, backend, tiles)
@@ -94,7 +95,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
                                              "programs_per_sm": dict(base.backends.get(backend, {}).get(
                                                  "programs_per_sm", {"default": 1}))})
         spec["tflops"][f"{tiles.BLOCK_M}x{tiles.BLOCK_N}"] = float(f"{2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12:.4g}")
-        for pattern in fit_patterns(N).values():
+        for pattern in fitted.values():
             ms, kern = _measure(pattern, q, k, v, backend, tiles)
             _, meta = META_CACHE.get(kern.pattern, s, kern.tiles, device)
             timings.append(cost.Timing(meta, B, H, D, kern.tiles, backend, ms))
@@ -110,7 +111,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
             "hbm_tbps": base.hbm_tbps, "backends": backends,
             "provenance": f"measured by attncc calibrate on {name}, {datetime.date.today()}, torch {torch.__version__}: "
                           f"rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues and "
-                          f"occupancy fitted to {', '.join(fit_patterns(N))} at each configuration (rms log error "
+                          f"occupancy fitted to {', '.join(fitted)} at each configuration (rms log error "
                           + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
                           + f"); SMs and peaks from the {base.key!r} profile"}
     path = out or user_profiles() / f"{key}.json"

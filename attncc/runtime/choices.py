@@ -299,7 +299,8 @@ def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad:
     """Whether the split-KV decode kernel (runtime/decode.py) runs this call; options["decode"]
     True forces it (a ValueError where it cannot run), False forbids it. On CUDA (`cuda`) only
     when forced, until tests/test_decode_gpu.py has passed on a GPU (it has run in Triton's
-    interpreter only): unforced CUDA calls take the gathering path, verified on the H200.
+    interpreter only): unforced CUDA calls take the gathering path (the dense kernels, verified on
+    the H200, over a copy of the used pages).
 
     KV: the dense call's keys, None for a paged call. Never when gradients are required (decode
     is inference: the call takes the dense kernels, paged caches gathered first), when
