@@ -56,11 +56,16 @@ class Profile:
     def rate(self, backend: str, tiles: TileConfig) -> float:
         """TFLOP/s one SM's worth of programs of this tile shape reach, divided by the SM count."""
         table = self.backends[backend]["tflops"]
-        return float(table.get(f"{tiles.BLOCK_M}x{tiles.BLOCK_N}", table.get("default", min(table.values()))))
+        return float(table.get(shape_key(tiles), table.get("default", min(table.values()))))
 
     def programs_per_sm(self, backend: str, tiles: TileConfig) -> int:
         table = self.backends[backend].get("programs_per_sm", {})
-        return int(table.get(f"{tiles.BLOCK_M}x{tiles.BLOCK_N}", table.get("default", 1)))
+        return int(table.get(shape_key(tiles), table.get("default", 1)))
+
+
+def shape_key(tiles: TileConfig) -> str:
+    """A tile shape's key in a profile's per-shape tables: "BLOCK_MxBLOCK_N"."""
+    return f"{tiles.BLOCK_M}x{tiles.BLOCK_N}"
 
 
 _FIELDS = ("name", "sms", "peak_matrix_tflops", "hbm_tbps", "backends", "provenance")
@@ -175,9 +180,8 @@ def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, fl
     if not mine:
         raise ValueError(f"no timings of backend {backend!r} to fit")
     spec = profile.backends[backend]
-    shapes = sorted({f"{t.tiles.BLOCK_M}x{t.tiles.BLOCK_N}" for t in mine})
-    base = {k: profile.programs_per_sm(backend, t.tiles) for t in mine for k in [f"{t.tiles.BLOCK_M}x{t.tiles.BLOCK_N}"]}
-    free = [k for k in shapes if base[k] > 1]
+    base = {shape_key(t.tiles): profile.programs_per_sm(backend, t.tiles) for t in mine}
+    free = sorted(k for k, n in base.items() if n > 1)
     best = None
     for factor in PARTIAL_FACTORS:
         for prologue in PROGRAM_US:

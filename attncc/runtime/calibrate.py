@@ -94,7 +94,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
         spec = backends.setdefault(backend, {"tflops": {}, "partial_factor": 1.0, "program_us": 0.0,
                                              "programs_per_sm": dict(base.backends.get(backend, {}).get(
                                                  "programs_per_sm", {"default": 1}))})
-        spec["tflops"][f"{tiles.BLOCK_M}x{tiles.BLOCK_N}"] = float(f"{2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12:.4g}")
+        spec["tflops"][cost.shape_key(tiles)] = float(f"{2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12:.4g}")
         for pattern in fitted.values():
             ms, kern = _measure(pattern, q, k, v, backend, tiles)
             _, meta = META_CACHE.get(kern.pattern, s, kern.tiles, device)
