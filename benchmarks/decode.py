@@ -76,6 +76,11 @@ def flex_decode(device):
         return None, None
     from torch.nn.attention.flex_attention import flex_attention
 
+    import torch._dynamo
+
+    # one specialisation per row's shapes: past dynamo's default limit (8) it would fall back to
+    # flex's eager dense math, which materialises B*Hq*Q_LEN*KV scores (out of memory at 128K)
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 4096
     compiled = torch.compile(flex_attention, dynamic=False)
     forced = {"BACKEND": "TRITON_DECODE"}
     probe = torch.randn(1, 8, 1, 64, device=device, dtype=torch.bfloat16)
@@ -118,6 +123,14 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, g: torch.Generator):
     return table, caches
 
 
+def error_line(e: Exception) -> str:
+    """The informative line of an exception's text: inductor ends its messages with advice on
+    logging, the cause sits on the last line naming an error before it."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip() and "TORCHDYNAMO_VERBOSE" not in x]
+    named = [x for x in lines if "Error" in x]
+    return f"{type(e).__name__}: {(named or lines or [''])[-1][:160]}"
+
+
 def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
     Hq, Hkv, D = (32, 8, 128) if device.type == "cuda" else (4, 2, 16)
     g = torch.Generator(device=device).manual_seed(0)
@@ -136,8 +149,11 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
         from torch.nn.attention.flex_attention import create_block_mask
 
         bm = create_block_mask(dense_mask, None, None, q_len, KV, device=device)
-        want = flex(q, k, v, bm)[:1].double()
-        row["flex_tbps"] = bandwidth(timed(lambda: flex(q, k, v, bm), device)[0], nbytes)
+        try:
+            row["flex_tbps"] = bandwidth(timed(lambda: flex(q, k, v, bm), device)[0], nbytes)
+        except Exception as e:  # noqa: BLE001 — flex's failure is a result of the row, not the end of the run
+            row["flex_error"] = error_line(e)
+        want = ac.reference(q[:1], k[:1], v[:1], pattern) if "flex_error" in row else flex(q, k, v, bm)[:1].double()
     if name == "causal" and device.type == "cuda":
         from torch.nn.attention.bias import causal_lower_right
 
@@ -158,6 +174,9 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
         kern = ac.compile(pattern, q, k, v, kernel_options=options)
         row[f"attncc_{S}_splits"] = kern.config["kv_splits"]
         measure(f"attncc_{S}", kern, q, k, v)
+    if device.type == "cuda" and 4 * k.numel() * k.element_size() > 0.9 * torch.cuda.mem_get_info()[1]:
+        row["paged"], row["paged_splits"] = "skipped (the dense and paged caches together exceed memory)", "—"
+        return row
     table, caches = paged_copy(k, v, g)
     k = v = None  # the dense cache's memory, for the paged one
     lens = torch.full((B,), KV, dtype=torch.int32, device=device)
@@ -166,6 +185,27 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
     row["paged_splits"] = kern.config["kv_splits"]
     measure("paged", kern, q, *caches, page_table=table, kv_lens=lens)
     return row
+
+
+def table_lines(rows: list[dict], splits: list, flex_label: str, title: str) -> list[str]:
+    """The markdown table of run_row's rows (dense columns for each of `splits`), flex's failures below."""
+    fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else ("—" if x is None else str(x))  # noqa: E731
+    dense = [f"attncc dense {S}" for S in splits]
+    head = ["pattern", "B", "KV", "Q_LEN", "live MB", "copy", "attncc paged (S)", *dense, flex_label,
+            "sdpa", "paged / flex", "paged / copy", "timing"]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        paged, flex_tbps = r.get("paged_tbps"), r.get("flex_tbps")
+        cells = [r["pattern"], r["B"], r["KV"], r["Q_LEN"], f"{r['live_MB']:.1f}", fmt(r["copy_tbps"]),
+                 f"{fmt(paged if paged is not None else r.get('paged'))} ({r['paged_splits']})",
+                 *[f"{fmt(r.get(f'attncc_{S}_tbps', r.get(f'attncc_{S}')))} ({r[f'attncc_{S}_splits']})"
+                   for S in splits],
+                 "failed" if "flex_error" in r else fmt(flex_tbps), fmt(r.get("sdpa_tbps")),
+                 f"{paged / flex_tbps:.2f}×" if isinstance(paged, float) and flex_tbps else "—",
+                 f"{paged / r['copy_tbps']:.0%}" if isinstance(paged, float) else "—", r.get("timing", "—")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines + [f"- flex failed at {r['pattern']} B{r['B']} KV{r['KV']} Q_LEN {r['Q_LEN']}: {r['flex_error']}"
+                    for r in rows if "flex_error" in r]
 
 
 def main(argv=None) -> list[dict]:
@@ -192,25 +232,12 @@ def main(argv=None) -> list[dict]:
             for KV in kvs:
                 for ql in q_lens:
                     rows.append(run_row(name, B, KV, ql, splits, device, dtype, flex) | {"copy_tbps": copy})
+                    print({k: round(x, 3) if isinstance(x, float) else x for k, x in rows[-1].items()}, flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else ("—" if x is None else str(x))  # noqa: E731
-    dense = [f"attncc dense {S}" for S in splits]
-    head = ["pattern", "B", "KV", "Q_LEN", "live MB", "copy", "attncc paged (S)", *dense, flex_label or "flex",
-            "sdpa", "paged / flex", "paged / copy", "timing"]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"Effective bandwidth, TB/s (live KV bytes / time) on {gpu}, torch {torch.__version__}", "",
-             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for r in rows:
-        paged, flex_tbps = r.get("paged_tbps"), r.get("flex_tbps")
-        cells = [r["pattern"], r["B"], r["KV"], r["Q_LEN"], f"{r['live_MB']:.1f}", fmt(r["copy_tbps"]),
-                 f"{fmt(paged if paged is not None else r.get('paged'))} ({r['paged_splits']})",
-                 *[f"{fmt(r.get(f'attncc_{S}_tbps', r.get(f'attncc_{S}')))} ({r[f'attncc_{S}_splits']})"
-                   for S in splits],
-                 fmt(flex_tbps), fmt(r.get("sdpa_tbps")),
-                 f"{paged / flex_tbps:.2f}×" if isinstance(paged, float) and flex_tbps else "—",
-                 f"{paged / r['copy_tbps']:.0%}" if isinstance(paged, float) else "—", r.get("timing", "—")]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines = table_lines(rows, splits, flex_label or "flex",
+                        f"Effective bandwidth, TB/s (live KV bytes / time) on {gpu}, torch {torch.__version__}")
     print("\n".join(lines))
     write_table(args.out_dir, "decode", rows, lines)
     return rows

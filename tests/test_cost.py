@@ -17,6 +17,7 @@ from attncc.runtime.kernel import META_CACHE
 
 H200 = cost.load_profile("h200")
 T = TileConfig(128, 64, 8, 3)
+T128 = TileConfig(128, 128, 4, 1)  # fa4's tile
 
 
 def predict(pattern, N=4096, B=2, H=8, D=128, tiles=T, backend="triton"):
@@ -140,6 +141,31 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
 
 
+def test_refit_recovers_a_profile_from_recorded_timings_and_scores_held_out_patterns(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(cost.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import refit
+
+    monkeypatch.setattr(refit, "B", 1)
+    monkeypatch.setattr(refit, "H", 2)
+    truth = cost.load_profile("h200")
+    spec = {**truth.backends["triton"], "partial_factor": 1.6, "score_op": 0.05, "mask_op": 0.0}
+    truth = dataclasses.replace(truth, backends={"triton": spec})
+    configs = ["triton 128x64/8/3", "triton 64x64/4/3"]
+    results = [{"pattern": name, "N": 1024, "rows": [{"config": c, "measured_ms": 1.0} for c in configs]}
+               for name in ("causal", "swa1024", "softcap", "alibi")]
+    for row, (_, t) in zip([row for r in results for row in r["rows"]], refit.timings_of(results)):  # row order
+        row["measured_ms"] = cost.simulate(t.meta, t.B, t.H, t.D, t.tiles, "triton", truth).ms
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(results))
+    got = refit.main([str(path), "--hold-out", "alibi", "--out-dir", str(tmp_path)])
+    assert (got["coefficients"]["triton"]["partial_factor"], got["coefficients"]["triton"]["score_op"]) == (1.6, 0.05)
+    assert got["after"]["alibi"]["rms_log_err"] < 1e-9 < got["before"]["alibi"]["rms_log_err"]  # held out, recovered
+    assert "| alibi | held out |" in (tmp_path / "refit.md").read_text()
+    assert refit.tiles_of("fa4 128x128") == ("fa4", TileConfig(128, 128, 4, 1))
+
+
 def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch):
     from attncc.cli import main
     from attncc.runtime import calibrate
@@ -208,6 +234,48 @@ def test_fit_recovers_the_partial_factor_prologue_and_occupancy():
     assert err < 1e-9
     with pytest.raises(ValueError, match="no timings"):
         cost.fit(start, "fa4", timings)
+
+
+def test_fit_recovers_the_costs_of_mask_and_score_operators():
+    truth = cost.load_profile("h200")
+    spec = {**truth.backends["fa4"], "partial_factor": 1.6, "program_us": 1.0, "mask_op": 0.03, "score_op": 0.05}
+    truth = dataclasses.replace(truth, backends={"fa4": spec})
+    start = dataclasses.replace(truth, backends={"fa4": {**spec, "mask_op": 0.0, "score_op": 0.0}})
+    s = Shapes(B=2, Hq=4, Hkv=4, Q=2048, KV=2048, D=128, Dv=128)
+    patterns = (ac.patterns.causal(), ac.patterns.sliding_window(200), ac.patterns.softcap(20.0),
+                ac.patterns.neighborhood((32, 64), (7, 9)), ac.patterns.chunked(300))
+    timings = []
+    for pattern in patterns:
+        _, meta = META_CACHE.get(pattern.kernel_pattern, s, T128, torch.device("cpu"))
+        ms = cost.simulate(meta, s.B, s.Hq, s.D, T128, "fa4", truth).ms
+        timings.append(cost.Timing(meta, s.B, s.Hq, s.D, T128, "fa4", ms))
+    fitted, err = cost.fit(start, "fa4", timings)
+    assert (fitted["partial_factor"], fitted["program_us"], fitted["mask_op"], fitted["score_op"]) == (1.6, 1.0, 0.03, 0.05)
+    assert err < 1e-9
+    unconstrained, _ = cost.fit(dataclasses.replace(start, backends={"fa4": {**spec, "score_op": 0.123}}), "fa4",
+                                [t for t, p in zip(timings, patterns) if not p.has_score_mod])
+    assert unconstrained["score_op"] == 0.123  # no score mod among the timings: the spec's value stays
+
+
+def test_expression_ops_count_distinct_weighted_operators_and_the_pairwise_ones():
+    ops = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: q // 8 == kv // 8))
+    assert (ops.mask, ops.mask_pairwise, ops.score, ops.score_pairwise) == (9.0, 1.0, 0.0, 0.0)
+    shared = ac.Pattern(lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 64))  # q - kv once
+    assert cost.expression_ops(shared).mask == 4.0
+    softcap, alibi = cost.expression_ops(ac.patterns.softcap(30.0)), cost.expression_ops(ac.patterns.alibi(4))
+    assert (softcap.score, softcap.score_pairwise) == (5.0, 5.0)  # truediv 2, tanh 2, mul
+    assert (alibi.score, alibi.score_pairwise) == (5.0, 3.0)  # slope[h] is read once per program
+    _, meta = META_CACHE.get(ac.patterns.softcap(30.0), Shapes(1, 4, 4, 512, 512, 64, 64), T, torch.device("cpu"))
+    assert meta.expression_ops == softcap
+    def blocks(size):  # the same tiles at N = 4096, a dearer mask in the second
+        return [predict(ac.Pattern(mask), backend="fa4", tiles=T128) for mask in (
+            lambda b, h, q, kv: q // size == kv // size,
+            lambda b, h, q, kv: (q % 4096) // size == (kv % 4096) // size)]
+    cheap, dear = blocks(100)
+    assert dear > cheap
+    cheap, dear = blocks(128)  # no PARTIAL tile evaluates a mask
+    assert dear == cheap
+    assert predict(ac.patterns.softcap(30.0)) > predict(ac.patterns.causal())
 
 
 def test_autotune_times_the_candidates_and_takes_the_fastest(monkeypatch):

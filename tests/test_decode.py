@@ -134,8 +134,8 @@ def test_dense_decode_matches_the_reference():
     rule = lambda Q, KV, **o: choices.choose_decode(ac.patterns.causal(), Q, KV, o, grad=False)  # noqa: E731
     assert rule(4, 8192) and not rule(4, 1024) and not rule(65, 8192)  # the unmeasured rule
     assert not rule(4, 8192, backend="fa4") and not rule(4, 8192, decode=False)
-    on_cuda = lambda **o: choices.choose_decode(ac.patterns.causal(), 4, None, o, grad=False, cuda=True)  # noqa: E731
-    assert not on_cuda() and on_cuda(decode=True)  # opt-in on CUDA until verified on a GPU
+    paged = lambda **o: choices.choose_decode(ac.patterns.causal(), 4, None, o, grad=False)  # noqa: E731
+    assert paged() and paged(decode=True) and not paged(decode=False)  # a paged call reads its pages in place
     with pytest.raises(ValueError, match="decode=True cannot run this call: Q_LEN = 65"):
         rule(65, 8192, decode=True)
 

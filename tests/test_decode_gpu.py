@@ -10,7 +10,6 @@ from gpu_util import rel
 
 pytestmark = pytest.mark.gpu
 B, HQ, HKV, D = 16, 32, 8, 128
-DECODE = {"decode": True}  # opt-in on CUDA until these tests have passed (runtime/choices.choose_decode)
 
 
 def patterns(longest: int) -> dict:
@@ -65,7 +64,7 @@ def test_paged_decode_at_serving_sizes(name, page_size, Q_LEN):
     kc, vc, table, kv_lens, k_seqs, v_seqs = paged(lens, page_size)
     q = torch.randn(B, HQ, Q_LEN, D, device="cuda", dtype=torch.bfloat16)
     pattern = patterns(max(lens))[name]
-    kern = ac.compile(pattern, q, kc, vc, page_table=table, kv_lens=kv_lens, kernel_options=DECODE)
+    kern = ac.compile(pattern, q, kc, vc, page_table=table, kv_lens=kv_lens)
     assert kern.config["kernel"] == "decode"
     out, lse = kern(q, kc, vc, page_table=table, kv_lens=kv_lens, return_lse=True)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
@@ -74,7 +73,7 @@ def test_paged_decode_at_serving_sizes(name, page_size, Q_LEN):
     check(out[keep], lse[keep], q[keep], [k_seqs[b] for b in keep], [v_seqs[b] for b in keep], pattern,
           kv_lens[keep])
     one, one_lse = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, return_lse=True,
-                                kernel_options={**DECODE, "kv_splits": 1})
+                                kernel_options={"kv_splits": 1})
     assert rel(one, out) < 1e-2
 
 
@@ -84,8 +83,7 @@ def test_caches_past_two_to_the_31_elements():
     kc, vc, table, kv_lens, k_seqs, v_seqs = paged(lens, 256, first_page=8192)
     q = torch.randn(2, HQ, 4, D, device="cuda", dtype=torch.bfloat16)
     pattern = ac.patterns.sinks(4, 1024)
-    out, lse = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, return_lse=True,
-                            kernel_options=DECODE)
+    out, lse = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, return_lse=True)
     check(out, lse, q, k_seqs, v_seqs, pattern, kv_lens)
 
 
@@ -94,7 +92,7 @@ def test_dense_decode_at_serving_sizes():
     q = torch.randn(B, HQ, 8, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(B, HKV, 16384, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     pattern = ac.patterns.causal(offset=16384 - 8)
-    kern = ac.compile(pattern, q, k, v, kernel_options=DECODE)
+    kern = ac.compile(pattern, q, k, v)
     assert kern.config["kernel"] == "decode"
     out, lse = kern(q, k, v, return_lse=True)
     ref, ref_lse = ac.reference(q, k, v, pattern, return_lse=True)

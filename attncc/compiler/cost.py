@@ -4,8 +4,10 @@ hardware profile (compiler/profiles/*.json), and `explain`, the report built on 
 Model (forward):
 - A program is one query tile of one (b, h): its work is its FULL and PARTIAL kv tiles. A tile
   costs its FLOPs (4 * BLOCK_M * BLOCK_N * D) at the backend's per-SM rate for that tile shape,
-  times the profile's PARTIAL factor for a PARTIAL tile (mask code, bounds); a program adds a
-  fixed prologue/epilogue (Q in, O and LSE out).
+  times (1 + score_op * the score mod's operators) for a FULL tile and (partial_factor + mask_op *
+  the mask's operators + score_op * the score mod's) for a PARTIAL one (`expression_ops`: the
+  per-element code the kernel runs beside its two matrix products); a program adds a fixed
+  prologue/epilogue (Q in, O and LSE out).
 - Programs are issued in the kernel's launch order (per (b, h), its query tiles heaviest first,
   as the Triton forward orders them) to the earliest free of SMs x programs-per-SM slots, a slot
   running at its SM's rate divided by the programs sharing it. The prediction is the makespan.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..dsl import ir
 from ..dsl.pattern import Pattern
 from .codegen import TileConfig
 from .evaluate import evaluate, token_mask
@@ -109,6 +112,54 @@ def profile_for(device: torch.device | None = None, target: str | None = None,
     return load_profile("generic")
 
 
+# an operator's per-element cost relative to an add or compare: integer division and modulo are
+# instruction sequences, transcendentals run on the special-function units, a buffer element is a
+# gather from memory
+OP_WEIGHTS = {"floordiv": 4.0, "mod": 4.0, "truediv": 2.0, "pow": 4.0, "exp": 2.0, "log": 2.0,
+              "sqrt": 2.0, "tanh": 2.0, "sigmoid": 3.0}
+LOAD_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class ExpressionOps:
+    """Weighted operator counts (OP_WEIGHTS, else 1; LOAD_WEIGHT a buffer read) of the distinct
+    nodes of a kernel's token mask, which PARTIAL tiles evaluate, and of its score mod, which every
+    live tile does: all of them, and the pairwise ones (reading the score, or both q and kv) —
+    Triton evaluates the others once per row or column of a tile (broadcast), FA4's hooks once
+    per element."""
+    mask: float = 0.0
+    mask_pairwise: float = 0.0
+    score: float = 0.0
+    score_pairwise: float = 0.0
+
+
+def expression_ops(pattern: Pattern) -> ExpressionOps:
+    """The ExpressionOps of `pattern` in kernel order (a token layout's index arithmetic included)."""
+    def count(root: ir.Node) -> tuple[float, float]:
+        seen, stack, total, pairwise = set(), [root], 0.0, 0.0
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if isinstance(node, (ir.Op, ir.Load)):
+                weight = LOAD_WEIGHT if isinstance(node, ir.Load) else OP_WEIGHTS.get(node.op, 1.0)
+                reads = ir.free_vars(node)
+                total += weight
+                pairwise += weight if ir.SCORE_VAR in reads or {"q", "kv"} <= reads else 0.0
+            stack.extend(node.children())
+        return total, pairwise
+    return ExpressionOps(*count(token_mask(pattern)), *count(pattern.score))
+
+
+def tile_costs(spec: dict, ops: ExpressionOps, backend: str) -> tuple[float, float]:
+    """(FULL, PARTIAL) tile cost in units of a FULL tile of full attention, for `backend`'s `spec`
+    (its mask_op and score_op: the cost of one weighted operator per element) and a kernel's `ops`."""
+    mask, score = (ops.mask, ops.score) if backend == "fa4" else (ops.mask_pairwise, ops.score_pairwise)
+    extra = spec.get("score_op", 0.0) * score
+    return 1.0 + extra, spec["partial_factor"] + spec.get("mask_op", 0.0) * mask + extra
+
+
 @dataclass(frozen=True)
 class Prediction:
     """ms: the predicted makespan; work: float64 [B, H, QB], each program's predicted ms (by
@@ -128,7 +179,8 @@ def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, prof
     slots = profile.sms * occupancy
     slot_tflops = profile.rate(backend, tiles) / slots  # each slot's share of the GPU's rate
     tile_ms = 4.0 * tiles.BLOCK_M * tiles.BLOCK_N * D / (slot_tflops * 1e12) * 1e3
-    work = (full + spec["partial_factor"] * partial) * tile_ms + spec["program_us"] * 1e-3 * occupancy
+    full_cost, partial_cost = tile_costs(spec, meta.expression_ops, backend)
+    work = (full_cost * full + partial_cost * partial) * tile_ms + spec["program_us"] * 1e-3 * occupancy
     launched = work.gather(-1, order).flatten()  # launch order: per (b, h), heaviest query tiles first
     return Prediction(_makespan(launched.tolist(), slots), work, slots)
 
@@ -146,11 +198,12 @@ def simulate_backward(dkdv_meta, dq_meta, B: int, H: int, Hkv: int, D: int, tile
     def tile_ms(t, dots):
         return 2.0 * dots * t.BLOCK_M * t.BLOCK_N * D / (spec["tflops"] / slots * 1e12) * 1e3
 
+    full_cost, partial_cost = tile_costs(spec, dq_meta.expression_ops, "triton")
     full = dkdv_meta.full_num.expand(B, H, -1).double().view(B, Hkv, group, -1).sum(2)
     partial = dkdv_meta.partial_num.expand(B, H, -1).double().view(B, Hkv, group, -1).sum(2)
-    dkdv = (full + spec["partial_factor"] * partial) * tile_ms(tiles.dkdv, 4) + spec["program_us"] * 1e-3
+    dkdv = (full_cost * full + partial_cost * partial) * tile_ms(tiles.dkdv, 4) + spec["program_us"] * 1e-3
     full, partial = dq_meta.full_num.expand(B, H, -1).double(), dq_meta.partial_num.expand(B, H, -1).double()
-    dq = (full + spec["partial_factor"] * partial) * tile_ms(tiles.dq, 3) + spec["program_us"] * 1e-3
+    dq = (full_cost * full + partial_cost * partial) * tile_ms(tiles.dq, 3) + spec["program_us"] * 1e-3
     dq = dq.gather(-1, dq_meta.order.expand(B, H, -1).long())
     return _makespan(dkdv.flatten().tolist(), slots) + _makespan(dq.flatten().tolist(), slots)
 
@@ -169,31 +222,49 @@ class Timing:
 
 PARTIAL_FACTORS = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0)
 PROGRAM_US = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+MASK_OPS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1)
+SCORE_OPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15)
+FIT_ROUNDS = 4
 
 
 def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, float]:
-    """(`backend`'s spec in `profile` with partial_factor, program_us and the programs per SM of tile
-    shapes allowed more than one refitted, rms log error of the fit): the grid point (PARTIAL_FACTORS
-    x PROGRAM_US x occupancies 1 or the profile's) whose predictions of `timings` (the backend's)
-    have the least rms log error; rates are kept (they are measured on full attention)."""
+    """(`backend`'s spec in `profile` refitted, rms log error of its predictions of `timings` (the
+    backend's)): the grid of PARTIAL_FACTORS x PROGRAM_US x occupancies (1 or the profile's, for
+    tile shapes it allows more than one), then mask_op over MASK_OPS and score_op over SCORE_OPS,
+    by coordinate descent (each coordinate's grid in turn, keeping the others, until a round
+    improves nothing, at most FIT_ROUNDS); rates are kept (measured on full attention). A
+    coordinate the timings do not constrain (no mask or score operators) keeps the spec's value."""
     mine = [t for t in timings if t.backend == backend]
     if not mine:
         raise ValueError(f"no timings of backend {backend!r} to fit")
-    spec = profile.backends[backend]
+    spec = {"mask_op": 0.0, "score_op": 0.0, **profile.backends[backend]}
     base = {shape_key(t.tiles): profile.programs_per_sm(backend, t.tiles) for t in mine}
     free = sorted(k for k, n in base.items() if n > 1)
-    best = None
-    for factor in PARTIAL_FACTORS:
-        for prologue in PROGRAM_US:
-            for mask in range(1 << len(free)):
-                occupancy = {**spec.get("programs_per_sm", {}), **base,
-                             **{k: 1 for i, k in enumerate(free) if mask >> i & 1}}
-                trial = {**spec, "partial_factor": factor, "program_us": prologue, "programs_per_sm": occupancy}
-                prof = replace(profile, backends={**profile.backends, backend: trial})
-                err = math.sqrt(sum(math.log(simulate(t.meta, t.B, t.H, t.D, t.tiles, backend, prof).ms / t.ms) ** 2
-                                    for t in mine) / len(mine))
-                if best is None or err < best[1] - 1e-12:
-                    best = (trial, err)
+    occupancies = [{**spec.get("programs_per_sm", {}), **base, **{k: 1 for i, k in enumerate(free) if mask >> i & 1}}
+                   for mask in range(1 << len(free))]
+
+    def error(trial: dict) -> float:
+        prof = replace(profile, backends={**profile.backends, backend: trial})
+        return math.sqrt(sum(math.log(simulate(t.meta, t.B, t.H, t.D, t.tiles, backend, prof).ms / t.ms) ** 2
+                             for t in mine) / len(mine))
+
+    def best_of(trials: list[dict], current: tuple[dict, float] | None) -> tuple[dict, float]:
+        for trial in trials:
+            err = error(trial)
+            if current is None or err < current[1] - 1e-12:
+                current = (trial, err)
+        return current
+
+    best = best_of([{**spec, "partial_factor": f, "program_us": p, "programs_per_sm": o}
+                    for f in PARTIAL_FACTORS for p in PROGRAM_US for o in occupancies], None)
+    for _ in range(FIT_ROUNDS):
+        before = best[1]
+        best = best_of([{**best[0], "mask_op": x} for x in MASK_OPS], best)
+        best = best_of([{**best[0], "score_op": x} for x in SCORE_OPS], best)
+        best = best_of([{**best[0], "partial_factor": f, "program_us": p, "programs_per_sm": o}
+                        for f in PARTIAL_FACTORS for p in PROGRAM_US for o in occupancies], best)
+        if best[1] >= before - 1e-12:
+            break
     return best
 
 

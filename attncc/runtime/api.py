@@ -201,8 +201,7 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         return decode
     if paged:
         raise ValueError("ac.compile takes paged caches for the decode kernel only (Q_LEN <= 64, "
-                         "kernel_options without decode=False or another backend; on CUDA, for now, with "
-                         "kernel_options decode=True); ac.attention runs the rest")
+                         "kernel_options without decode=False or another backend); ac.attention runs the rest")
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, False)
     return Kernel(pattern, s, q.device, scale, choice)
 
@@ -330,7 +329,7 @@ def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens,
     if paged and (page_table is None or kv_lens is None):
         return None
     KV = None if paged else k.shape[2]
-    if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v), q.is_cuda):
+    if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v)):
         return None
     return DecodeKernel(pattern, q, k, v, scale=scale, kernel_options=options,
                         page_table=page_table if paged else None, kv_lens=kv_lens if paged else None)
@@ -410,7 +409,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates, png)
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
-    if choose_decode(kp, s.Q, s.KV, options, False, target is not None or q.is_cuda):
+    if choose_decode(kp, s.Q, s.KV, options, False):
         from .decode import DecodeKernel
 
         splits = ("chosen at run time (cost.decode_splits)" if target is not None

@@ -5,7 +5,9 @@ compares (choices.TRITON_CANDIDATES) and for fa4 where it runs:
 - the rate: full attention at B x H x N tokens, FLOPs / time (every tile FULL);
 - the PARTIAL factor, the per-program prologue and which tile shapes fit two programs per SM:
   fitted (compiler/cost.fit, a grid search for the least rms log error) to the times of
-  `fit_patterns` (causal, a sliding window, a document mask) at every configuration.
+  `fit_patterns` (causal, a sliding window, a document mask) at every configuration;
+- the costs of the mask's and the score mod's operators: fitted the same way, to the times of a
+  2-D neighbourhood mask and a softcapped score (`fit_patterns` too).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones. SM count, peak rates and bandwidth come from
 the shipped profile the GPU's name matches (else "generic"); occupancy is kept from it too.
@@ -64,10 +66,15 @@ def _measure(pattern, q, k, v, backend: str, tiles: TileConfig) -> tuple[float, 
 
 
 def fit_patterns(N: int) -> dict:
-    """The patterns calibrate times to fit PARTIAL factors and prologues: long and short rows,
-    diagonal and scattered PARTIAL tiles (documents of N/4 + 7 tokens, off the tile grid)."""
-    return {"causal": parse("mask = q >= kv"), "sliding_window": parse(f"mask = q >= kv and q - kv <= {max(1, N // 8)}"),
-            "document": parse(f"mask = q // {N // 4 + 7} == kv // {N // 4 + 7}")}
+    """The patterns calibrate times to fit PARTIAL factors, prologues and operator costs: long and
+    short rows, diagonal and scattered PARTIAL tiles (documents of N/4 + 7 tokens, off the tile
+    grid), a mask of many operators (a 2-D neighbourhood over rows of 96 tokens, off the grid too)
+    and a score mod (softcap)."""
+    w = max(1, N // 8)
+    return {"causal": parse("mask = q >= kv"), "sliding_window": parse(f"mask = q >= kv and q - kv <= {w}"),
+            "document": parse(f"mask = q // {N // 4 + 7} == kv // {N // 4 + 7}"),
+            "neighborhood": parse("mask = abs(q // 96 - kv // 96) <= 5 and abs(q % 96 - kv % 96) <= 5"),
+            "softcap": parse("mask = q >= kv\nscore = 30.0 * tanh(score / 30.0)")}
 
 
 def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D: int = 128,
@@ -110,8 +117,8 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
             "sms": base.sms, "peak_matrix_tflops": base.peak_matrix_tflops,
             "hbm_tbps": base.hbm_tbps, "backends": backends,
             "provenance": f"measured by attncc calibrate on {name}, {datetime.date.today()}, torch {torch.__version__}: "
-                          f"rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues and "
-                          f"occupancy fitted to {', '.join(fitted)} at each configuration (rms log error "
+                          f"rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues, "
+                          f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration (rms log error "
                           + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
                           + f"); SMs and peaks from the {base.key!r} profile"}
     path = out or user_profiles() / f"{key}.json"

@@ -295,12 +295,12 @@ DECODE_MAX_Q = 64  # the decode kernel packs Hq / Hkv * Q_LEN rows into its tile
 DECODE_MIN_KEYS = 4096  # a dense call's keys from which the decode kernel runs it
 
 
-def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad: bool, cuda: bool = False) -> bool:
+def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad: bool) -> bool:
     """Whether the split-KV decode kernel (runtime/decode.py) runs this call; options["decode"]
-    True forces it (a ValueError where it cannot run), False forbids it. On CUDA (`cuda`) only
-    when forced, until tests/test_decode_gpu.py has passed on a GPU (it has run in Triton's
-    interpreter only): unforced CUDA calls take the gathering path (the dense kernels, verified on
-    the H200, over a copy of the used pages).
+    True forces it (a ValueError where it cannot run), False forbids it (then a paged call takes
+    the gathering path: the dense kernels over a copy of the used pages). Verified on the H200
+    (tests/test_decode_gpu.py, bf16 at serving sizes) and measured there
+    (benchmarks/results/2026-12-01-nvidia-h200-decode.md).
 
     KV: the dense call's keys, None for a paged call. Never when gradients are required (decode
     is inference: the call takes the dense kernels, paged caches gathered first), when
@@ -322,7 +322,7 @@ def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad:
         why = f"kernel_options force the {options['backend']} backend"
     if forced and why:
         raise ValueError(f"kernel_options decode=True cannot run this call: {why}")
-    if forced is False or why or grad or (cuda and not forced):
+    if forced is False or why or grad:
         return False
     return bool(forced or KV is None or (KV >= DECODE_MIN_KEYS and KV >= 16 * Q))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler import cost
 from ..compiler.codegen import BackwardTiles, TileConfig, generate, kernel_roots
 from ..compiler.domain import check_domain
 from ..compiler.evaluate import token_mask
@@ -46,6 +47,7 @@ class KernelMeta:
     mean_row_tiles: live (FULL + PARTIAL) kv tiles per query tile, averaged (read once at build).
     params: int64 [max(1, #params)], the params' values (floats as float64 bits), as the kernel
     reads them; plan: the numeric plan (machine types) for these shapes, params and buffers.
+    expression_ops: compiler/cost.expression_ops of the pattern (what the cost model charges).
     """
     full_num: torch.Tensor
     full_idx: torch.Tensor
@@ -60,6 +62,7 @@ class KernelMeta:
     mean_row_tiles: float
     params: torch.Tensor
     plan: NumericPlan
+    expression_ops: cost.ExpressionOps = cost.ExpressionOps()
 
 
 def lists_contiguous(num: torch.Tensor, idx: torch.Tensor) -> bool:
@@ -112,7 +115,8 @@ def _strides(num: torch.Tensor) -> tuple[int, int]:
     return (Hm * R if Bm > 1 else 0), (R if Hm > 1 else 0)
 
 
-def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: NumericPlan) -> KernelMeta:
+def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: NumericPlan,
+                expression_ops: cost.ExpressionOps = cost.ExpressionOps()) -> KernelMeta:
     """KernelMeta from a BlockMask built for the kernel's tiles (see the class docstring)."""
     full_num, full_idx, part_num, part_idx = _ragged_to_partial(
         bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, KV_LEN, bm.BLOCK_N)
@@ -125,7 +129,8 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: Nume
         stride_b=stride_b, stride_h=stride_h,
         full_contiguous=lists_contiguous(full_num, full_idx),
         partial_contiguous=lists_contiguous(part_num, part_idx),
-        buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()), params=params, plan=plan)
+        buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()), params=params, plan=plan,
+        expression_ops=expression_ops)
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,6 @@ class _MetaCache:
         """compiler.cost.simulate's forward ms for this entry on `backend` and `profile` (None where the
         profile lacks the backend), computed once (list scheduling of every program is milliseconds
         of Python: never per call)."""
-        from ..compiler import cost
 
         if backend not in profile.backends:
             return None
@@ -265,7 +269,8 @@ class _MetaCache:
         check_domain(pattern, (pattern.score,), s.B, s.Hq, s.Q, s.KV, device)
         buffers = {n: t.to(device) for n, t in pattern.buffers.items()}
         plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, s.Q, s.KV, device)
-        meta = kernel_meta(bm, s.KV, buffers, param_values(pattern.params, device), plan)
+        meta = kernel_meta(bm, s.KV, buffers, param_values(pattern.params, device), plan,
+                           cost.expression_ops(pattern))
         self.builds += 1
         # the key holds ids: keep the buffers alive with the entry so an id is never reused;
         # then the BackwardMeta, built on first use, and the cost model's predictions

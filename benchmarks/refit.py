@@ -1,0 +1,114 @@
+"""Refit a profile's forward coefficients to recorded cost-model timings, and validate on patterns
+held out of the fit — on CPU (block maps are built here; nothing runs on a GPU).
+
+    python benchmarks/refit.py RESULTS.json [...] [--profile h200] [--hold-out prefixlm2048,alibi]
+                               [--out-dir DIR]
+
+RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms), all
+at B4 H16 D128 bf16 and their N. compiler/cost.fit refits each backend's PARTIAL factor, prologue,
+occupancy and operator costs to every row except the held-out patterns' (the profile's rates are
+kept); the table gives, per pattern, the Spearman rank correlation, the measured time of the
+simulator's pick against the best measured and the rms log error, under the profile as shipped and
+as refitted. Copy the printed coefficients into compiler/profiles/<profile>.json to adopt them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from attncc.compiler import cost  # noqa: E402
+from attncc.compiler.codegen import TileConfig  # noqa: E402
+from attncc.runtime import fa4  # noqa: E402
+from attncc.runtime.inputs import Shapes  # noqa: E402
+from attncc.runtime.kernel import META_CACHE  # noqa: E402
+from benchmarks.costmodel import spearman  # noqa: E402
+from benchmarks.patterns import build  # noqa: E402
+from benchmarks.report import write_table  # noqa: E402
+
+B, H, D = 4, 16, 128  # benchmarks/costmodel.py's shapes on CUDA
+
+
+def tiles_of(config: str) -> tuple[str, TileConfig]:
+    """("triton", tiles) of "triton 128x64/8/3"; ("fa4", fa4.TILE) of "fa4 128x128"."""
+    backend, shape = config.split()
+    if backend == "fa4":
+        return backend, fa4.TILE
+    blocks, warps, stages = shape.split("/")
+    bm, bn = blocks.split("x")
+    return backend, TileConfig(int(bm), int(bn), int(warps), int(stages))
+
+
+def timings_of(results: list[dict]) -> list[tuple[str, cost.Timing]]:
+    """(pattern name, Timing) of every row of costmodel results, block maps built on the CPU."""
+    out, patterns = [], {}
+    for r in results:
+        N = r["N"]
+        s = Shapes(B, H, H, N, N, D, D)
+        pattern = patterns.setdefault((r["pattern"], N), build(r["pattern"], N, H, torch.device("cpu")).attncc)
+        for row in r["rows"]:
+            backend, tiles = tiles_of(row["config"])
+            _, meta = META_CACHE.get(pattern.kernel_pattern, s, tiles, torch.device("cpu"))
+            out.append((r["pattern"], cost.Timing(meta, B, H, D, tiles, backend, row["measured_ms"])))
+    return out
+
+
+def scores(timings: list[tuple[str, cost.Timing]], profile: cost.Profile) -> dict:
+    """Per pattern: Spearman, the pick's measured time / the best measured, rms log error."""
+    by: dict[str, list[cost.Timing]] = {}
+    for name, t in timings:
+        by.setdefault(name, []).append(t)
+    out = {}
+    for name, ts in by.items():
+        pred = [cost.simulate(t.meta, t.B, t.H, t.D, t.tiles, t.backend, profile).ms for t in ts]
+        meas = [t.ms for t in ts]
+        pick = min(range(len(ts)), key=lambda i: pred[i])
+        out[name] = {"spearman": spearman(pred, meas), "pick_vs_best": meas[pick] / min(meas),
+                     "rms_log_err": math.sqrt(statistics.fmean(math.log(p / m) ** 2 for p, m in zip(pred, meas)))}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--profile", default="h200", help="a shipped profile's key, or a profile's JSON file")
+    ap.add_argument("--hold-out", default="", help="comma list of patterns left out of the fit")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    held = set(filter(None, args.hold_out.split(",")))
+    timings = [t for path in args.results for t in timings_of(json.loads(open(path).read()))]
+    path = Path(args.profile)
+    shipped = cost.load_profile(path.stem, path.parent) if path.suffix == ".json" else cost.load_profile(args.profile)
+    refitted, errors = shipped, {}
+    for backend in sorted({t.backend for _, t in timings}):
+        spec, errors[backend] = cost.fit(refitted, backend, [t for name, t in timings if name not in held])
+        refitted = replace(refitted, backends={**refitted.backends, backend: spec})
+    before, after = scores(timings, shipped), scores(timings, refitted)
+    lines = [f"Refit of profile {args.profile!r} to {', '.join(args.results)}; held out: {', '.join(sorted(held)) or '-'}",
+             "", "| pattern | in fit | Spearman shipped / refitted | pick / best shipped / refitted | "
+             "rms log err shipped / refitted |", "|---|---|---:|---:|---:|"]
+    for name in before:
+        b, a = before[name], after[name]
+        lines.append(f"| {name} | {'held out' if name in held else 'yes'} | {b['spearman']:.2f} / {a['spearman']:.2f} | "
+                     f"{b['pick_vs_best']:.2f}x / {a['pick_vs_best']:.2f}x | {b['rms_log_err']:.2f} / {a['rms_log_err']:.2f} |")
+    coefficients = {b: {k: v for k, v in refitted.backends[b].items() if k not in ("tflops", "backward")}
+                    for b in errors}
+    lines += ["", "refitted (rms log error in the fit: " + ", ".join(f"{b} {e:.3f}" for b, e in errors.items()) + "):",
+              "", "```json", json.dumps(coefficients, indent=1), "```"]
+    print("\n".join(lines))
+    result = {"held_out": sorted(held), "before": before, "after": after, "coefficients": coefficients,
+              "fit_rms_log_err": errors}
+    write_table(args.out_dir, "refit", result, lines)
+    return result
+
+
+if __name__ == "__main__":
+    main()
