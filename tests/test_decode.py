@@ -70,13 +70,13 @@ def test_forced_splits_agree(page_size):
 
 def test_splits_follow_the_cost_model():
     _, kern = check_paged(ac.patterns.causal(), [300, 0], 1, 4, 2, 16)
-    assert kern.config["kv_splits"] == 1  # 300 keys: no split of 512
+    assert kern.config["kv_splits"] == 2  # 300 keys: 10 tiles of 32, two splits of at least 128
     # B * Hkv * row blocks = 8 programs on the generic profile's 108 SMs, 2 waves: 27, capped by
-    # 64 live tiles of 32 keys / 512 keys per split = 4
+    # 8 live tiles of 32 keys / 128 keys per split = 2, or not (6400 tiles), then a power of two
     from attncc.compiler import cost
 
-    assert cost.decode_splits(8, 64, 32, cost.load_profile("generic")) == 4
-    assert cost.decode_splits(8, 64 * 100, 32, cost.load_profile("generic")) == 27
+    generic = cost.load_profile("generic")
+    assert [cost.decode_splits(8, tiles, 32, generic) for tiles in (3, 8, 12, 64 * 100)] == [1, 2, 2, 16]
     assert cost.decode_splits(1024, 64 * 100, 32, cost.load_profile("generic")) == 1
 
 
@@ -99,6 +99,57 @@ def test_paged_calls_do_not_gather(monkeypatch):
     kern = ac.compile(ac.patterns.sinks(3, 10), q, kc, vc, page_table=table, kv_lens=kv_lens)
     meta = kern._meta
     assert int(meta.full_num.sum() + meta.partial_num.sum()) == 2
+
+
+def test_a_decode_loop_reuses_its_lists_for_a_span_of_steps(monkeypatch):
+    from attncc.runtime import decode
+
+    monkeypatch.setattr(decode, "DECODE_SPAN", 5)
+    built = []
+    real = decode.build_meta
+
+    def counted(*args, **kwargs):
+        meta = real(*args, **kwargs)
+        built.append(meta.lengths_to.tolist())
+        return meta
+    monkeypatch.setattr(decode, "build_meta", counted)
+    Hq, Hkv, D = 4, 2, 16
+    cache = ac.KVCache(num_pages=16, page_size=16, heads=Hkv, head_dim=D, batch=3, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    keys, values = [torch.randn(Hkv, 30, D, generator=g) for _ in range(2)], [torch.randn(Hkv, 30, D, generator=g) for _ in range(2)]
+    cache.append(torch.stack(keys), torch.stack(values), seqs=[0, 2])  # sequence 1 stays empty
+    pattern = ac.patterns.sinks(2, 20)  # its window moves every step
+    for step in range(13):
+        if step == 12:  # sequence 0 ends, another takes its place: shorter, so the lists are rebuilt
+            cache.release(0)
+            keys[0], values[0] = torch.randn(Hkv, 16, D, generator=g), torch.randn(Hkv, 16, D, generator=g)
+            cache.append(keys[0][None], values[0][None], seqs=[0])
+        new_k, new_v = torch.randn(2, Hkv, 1, D, generator=g), torch.randn(2, Hkv, 1, D, generator=g)
+        cache.append(new_k, new_v, seqs=[0, 2])
+        keys = [torch.cat([keys[i], new_k[i]], 1) for i in range(2)]
+        values = [torch.cat([values[i], new_v[i]], 1) for i in range(2)]
+        q = torch.randn(3, Hq, 1, D, generator=g)
+        out, lse = cache.attention(q, pattern, return_lse=True)
+        assert (out[1] == 0).all() and (lse[1] == -torch.inf).all()
+        for i, b in enumerate((0, 2)):
+            ref, ref_lse = oracle(q[b], keys[i], values[i], pattern)
+            assert rel(out[b], ref) < 1e-5 and rel(lse[b], ref_lse) < 1e-5, (step, b)
+    # lengths 31..35 (the tile of 32 keys crossed on the way), 36..40, 41..42, then 17 beside 43
+    assert built == [[36, 1, 36], [41, 1, 41], [46, 1, 46], [22, 1, 48]]
+
+
+def test_lists_serve_one_length_where_the_span_leaves_the_domain():
+    ids = torch.tensor([0] * 20 + [1] * 11)  # document ids of the first 31 positions only
+    pattern = ac.Pattern(lambda b, h, q, kv: (ids[q] == ids[kv]) & (q >= kv), name="short_ids")
+    q, kc, vc, table, kv_lens = paged_inputs([31, 25], Q_LEN=2)
+    kern = ac.compile(pattern, q, kc, vc, page_table=table, kv_lens=kv_lens)
+    assert kern._meta.serves(kv_lens) and not kern._meta.serves(kv_lens + 1)
+    out = kern(q, kc, vc, page_table=table, kv_lens=kv_lens)
+    for b, n in enumerate((31, 25)):
+        k_s, v_s = dense_sequence(kc, table, b, n), dense_sequence(vc, table, b, n)
+        assert rel(out[b], oracle(q[b], k_s, v_s, pattern)[0]) < 1e-5
+    with pytest.raises(ac.PatternError, match="not defined everywhere"):
+        kern(q, kc, vc, page_table=table, kv_lens=torch.tensor([32, 25], dtype=torch.int32))
 
 
 def test_gradients_take_the_other_path():

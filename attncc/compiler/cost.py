@@ -424,18 +424,22 @@ def _short(node, limit: int = 90) -> str:
 
 
 DECODE_WAVES = 2  # programs per SM the decode kernel's splits aim for
-DECODE_MIN_SPLIT_KEYS = 512  # the shortest kv range worth a split of its own
+DECODE_MIN_SPLIT_KEYS = 128  # the shortest kv range worth a split of its own
 
 
 def decode_splits(programs: int, live_tiles: int, BLOCK_N: int, profile: Profile) -> int:
     """How many splits the decode kernel (templates/decode.py.tmpl) cuts each kv range into.
 
-    S = ceil(DECODE_WAVES * SMs / programs), enough programs for about two waves over the GPU,
-    bounded by live_tiles * BLOCK_N / DECODE_MIN_SPLIT_KEYS (no split shorter than 512 keys of the
-    longest live range, so a program's prologue, epilogue and the combine stay small), at least 1.
-    programs: the grid without splits, B * Hkv * row blocks; live_tiles: the most FULL + PARTIAL kv
-    tiles of any (sequence, kv head). Not measured yet: the constants follow FlashDecoding's habit
-    of filling the GPU and vLLM's 512-key partitions.
+    The largest power of two at most ceil(DECODE_WAVES * SMs / programs) (about two waves of
+    programs over the GPU) and at most live_tiles * BLOCK_N / DECODE_MIN_SPLIT_KEYS (no split
+    shorter than 128 keys of the longest live range), at least 1. programs: the grid without
+    splits, B * Hkv * row blocks; live_tiles: the most FULL + PARTIAL kv tiles of any (sequence,
+    kv head). Measured on the H200 (benchmarks/decode_sweep.py, Hq 32 / Hkv 8, D 128, bf16,
+    paged; benchmarks/results/2026-12-01-nvidia-h200-decode-sweep.md): B1 causal 8K Q_LEN 1 2.09
+    TB/s at S = 32 against 1.84 at 16 (the old 512-key floor) and 2.04 at 64; B16 Q_LEN 8, 8K
+    keys, 3.20 at S = 2 and 2.99 at 4 against 2.47 at the old 3 (128K keys: 3.64, 3.63, 2.85);
+    B64 best at 1; sinks + 1K window at B1 0.36 at 8 against 0.23 at the old 2.
     """
     want = -(-DECODE_WAVES * profile.sms // max(1, programs))
-    return max(1, min(want, live_tiles * BLOCK_N // DECODE_MIN_SPLIT_KEYS))
+    bound = max(1, min(want, live_tiles * BLOCK_N // DECODE_MIN_SPLIT_KEYS))
+    return 1 << (bound.bit_length() - 1)

@@ -9,12 +9,15 @@ lists come from the block map of the same call written over the dense indices
 (b, h), merged over the query heads of each kv head: a tile is FULL only if FULL for all of
 them, EMPTY only if EMPTY for all. Tiles at or past a sequence's length are EMPTY (never read);
 the one holding the length is PARTIAL. The metadata is cached per pattern value, shapes, tiles,
-splits and the versions of page_table and kv_lens, so a repeated call neither rebuilds it nor
-synchronises; a new kv_lens (the next decode step) rebuilds it and checks the page table again.
+splits and the versions of page_table and kv_lens, so a repeated call (the next layer of the
+same step) neither rebuilds it nor synchronises. A new kv_lens or page_table (the next step) is
+checked again (one synchronisation) and reuses the lists while every length stays within the
+DECODE_SPAN steps they were built for (build_meta: one more synchronisation); a decode loop
+rebuilds them once per DECODE_SPAN steps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,6 +44,8 @@ class DecodeMeta:
     longest (the dense call's KV_LEN); splits: the kernel's S; live_tiles: the most FULL + PARTIAL
     tiles of any (sequence, kv head); block_mask: the per-(b, h) map the lists merge (one query
     tile of Q_LEN rows); buffers, params, plan: as in KernelMeta (runtime/kernel.py).
+    lengths_from / lengths_to: int64 [B], the paged calls whose lengths lie between serve these
+    lists (build_meta's span; None for a dense call).
     """
     full_num: torch.Tensor
     full_idx: torch.Tensor
@@ -59,6 +64,21 @@ class DecodeMeta:
     buffers: dict
     params: torch.Tensor
     plan: NumericPlan
+    lengths_from: torch.Tensor | None = None
+    lengths_to: torch.Tensor | None = None
+
+    def serves(self, kv_lens: torch.Tensor) -> bool:
+        """Whether these lists serve a paged call with lengths kv_lens (int [B]): each in
+        [lengths_from, lengths_to) (one host synchronisation)."""
+        lens = kv_lens.long()
+        return bool(((lens >= self.lengths_from) & (lens < self.lengths_to)).all())
+
+    def at(self, kv_lens: torch.Tensor, Q_LEN: int) -> "DecodeMeta":
+        """This metadata with the query offsets and lengths of the call with kv_lens."""
+        from .sequences import query_offsets
+
+        kv_len = kv_lens.contiguous()
+        return replace(self, kv_len=kv_len, q_offset=query_offsets(kv_len, Q_LEN))
 
 
 def group_classes(bm: BlockMask, Hkv: int, KV_LEN: int) -> torch.Tensor:
@@ -85,25 +105,37 @@ def tile_lists(classes: torch.Tensor, value: int) -> tuple[torch.Tensor, torch.T
     return num.contiguous(), torch.where(slots < num[..., None], first, 0).int().contiguous()
 
 
+DECODE_SPAN = 64  # decode steps one paged block map serves: each length may grow by up to 63
+
+
 def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.device, splits: int | None,
-               kv_lens: torch.Tensor | None) -> DecodeMeta:
+               kv_lens: torch.Tensor | None, span: int = 1, capacity: int | None = None) -> DecodeMeta:
     """DecodeMeta for a dense call (kv_lens None) or a checked paged one with these lengths (s.KV
-    the longest); splits None: cost.decode_splits decides."""
+    the longest); splits None: cost.decode_splits decides.
+
+    Paged, `span` > 1: the lists also serve every later call whose lengths grew by less than
+    `span` (each at most `capacity`, the page table's tokens; an empty sequence's while it stays
+    empty), so a decode loop rebuilds them once per `span` steps: a tile is FULL only where it is
+    FULL for the queries of every such length at the keys below the current one, EMPTY only where
+    it is EMPTY for all of them up to the longest; the kernel evaluates the mask and the real
+    lengths in the PARTIAL tiles between. The positions of the whole span pass the domain check
+    (else span 1: the exact lists of this call). q_offset and kv_len are this call's."""
     from .calibrate import profile_for
     from .kernel import lists_contiguous, param_values
-    from .sequences import paged_pattern
+    from .sequences import query_offsets
 
     if kv_lens is None:
         q_offset = torch.zeros(s.B, dtype=torch.int32, device=device)
         kv_len = torch.full((s.B,), s.KV, dtype=torch.int32, device=device)
-        positions = pattern
+        bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, s.Q, tiles.BLOCK_N, device)
+        check_domain(pattern, (pattern.score,), s.B, s.Hq, s.Q, s.KV, device)
+        classes = group_classes(bm, s.Hkv, s.KV)
+        keys, lo, hi = s.KV, None, None
     else:
         kv_len = kv_lens.contiguous()
-        positions = paged_pattern(pattern, kv_len, s.Q)
-        q_offset = positions.buffers["paged_query_offset"]
-    bm = build_block_mask(positions, s.B, s.Hq, s.Q, s.KV, s.Q, tiles.BLOCK_N, device)
-    check_domain(positions, (positions.score,), s.B, s.Hq, s.Q, s.KV, device)
-    classes = group_classes(bm, s.Hkv, s.KV)
+        q_offset = query_offsets(kv_len, s.Q)
+        lo = kv_len.long()
+        bm, classes, keys, hi = _span_classes(pattern, s, tiles, lo, span, capacity, device)
     full_num, full_idx = tile_lists(classes, FULL)
     partial_num, partial_idx = tile_lists(classes, PARTIAL)
     live = int((full_num + partial_num).max())
@@ -111,13 +143,44 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
         row_blocks = -(-s.group * s.Q // tiles.BLOCK_M)
         splits = cost.decode_splits(s.B * s.Hkv * row_blocks, live, tiles.BLOCK_N, profile_for(device))
     buffers = {n: t.to(device) for n, t in pattern.buffers.items()}
-    # the kernel evaluates `pattern` at positions below s.KV (paged) or s.Q (dense)
-    positions_q = s.KV if kv_lens is not None else s.Q
-    plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, s.KV, device)
+    # the kernel evaluates `pattern` at positions below `keys` (paged) or s.Q (dense)
+    positions_q = keys if kv_lens is not None else s.Q
+    plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, keys, device)
     Bm, Hm = full_num.shape
     return DecodeMeta(full_num, full_idx, partial_num, partial_idx, Hm if Bm > 1 else 0, 1 if Hm > 1 else 0,
                       lists_contiguous(full_num, full_idx), lists_contiguous(partial_num, partial_idx), q_offset,
-                      kv_len, s.KV, splits, live, bm, buffers, param_values(pattern.params, device), plan)
+                      kv_len, s.KV, splits, live, bm, buffers, param_values(pattern.params, device), plan, lo, hi)
+
+
+def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tensor, span: int,
+                  capacity: int | None, device: torch.device):
+    """(block map, merged classes int8 [B|1, Hkv|1, KB], keys the map spans, hi int64 [B]) of a
+    paged call whose lengths lie in [lo, hi) (build_meta); span 1 where the span's positions are
+    outside the pattern's domain (a buffer too short for them: the domain check says so)."""
+    from ..dsl.trace import PatternError
+    from .sequences import paged_pattern
+
+    if span > 1:
+        grown = torch.minimum(lo + span - 1, torch.full_like(lo, capacity if capacity is not None else 1 << 62))
+        top = torch.where(lo > 0, torch.maximum(grown, lo), lo)  # the longest length of the span
+        rows = s.Q + int((top - lo).max())  # the queries of every length in the span, from lo's first
+        keys = max(1, int(top.max()))
+        lowest = paged_pattern(pattern, lo, s.Q)  # queries lo - Q_LEN .. over `rows`, keys below lo
+        highest = paged_pattern(pattern, top, rows)  # the same queries, keys below top
+        try:
+            check_domain(highest, (highest.score,), s.B, s.Hq, rows, keys, device)
+            full = build_block_mask(lowest, s.B, s.Hq, rows, keys, rows, tiles.BLOCK_N, device)
+            bm = build_block_mask(highest, s.B, s.Hq, rows, keys, rows, tiles.BLOCK_N, device)
+        except PatternError:
+            span = 1
+    if span == 1:
+        positions = paged_pattern(pattern, lo, s.Q)
+        bm = build_block_mask(positions, s.B, s.Hq, s.Q, s.KV, s.Q, tiles.BLOCK_N, device)
+        check_domain(positions, (positions.score,), s.B, s.Hq, s.Q, s.KV, device)
+        return bm, group_classes(bm, s.Hkv, s.KV), s.KV, lo + 1
+    full, empty = group_classes(full, s.Hkv, keys), group_classes(bm, s.Hkv, keys)
+    classes = torch.where(full == FULL, FULL, torch.where(empty == EMPTY, EMPTY, PARTIAL)).to(torch.int8)
+    return bm, classes, keys, top + 1
 
 
 DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, the tensors the key names by id)
@@ -178,18 +241,24 @@ class DecodeKernel:
                 check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument
             inputs = (buffer_key(page_table), buffer_key(kv_lens), tuple(k.shape), tuple(v.shape))
 
-            def build():
+            def build():  # new versions of the table or lengths (the next step): checked, lists reused
                 shapes = check_paged(q, k, v, page_table, kv_lens)
-                meta = build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, kv_lens)
-                return shapes, meta, page_table, kv_lens  # the key holds their ids: keep them alive
+                span_key = common + ("span", tuple(k.shape), tuple(v.shape), page_table.shape[1])
+                lists = DECODE_CACHE.get(span_key)
+                if lists is None or not lists.serves(kv_lens):
+                    lists = build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, kv_lens,
+                                       DECODE_SPAN, page_table.shape[1] * k.shape[1])
+                    DECODE_CACHE.put(span_key, lists)
+                return shapes, lists.at(kv_lens, shapes.Q), page_table, kv_lens  # the key holds their ids
         else:
             shapes = check_qkv(q, k, v)
             inputs = (shapes,)
 
             def build():
                 return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None)
-        key = pattern_key(self.pattern) + inputs + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
-                                                    self.tiles, self.forced_splits)
+        common = pattern_key(self.pattern) + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
+                                              self.tiles, self.forced_splits)
+        key = common + inputs
         if q.device != self.device:
             raise ValueError(f"q is on {q.device}, but this kernel was compiled for {self.device}")
         hit = DECODE_CACHE.get(key)
@@ -217,7 +286,8 @@ class DecodeKernel:
 
     @property
     def block_mask(self) -> BlockMask:
-        """The per-(b, h) block map of the call it was built for: one query tile of Q_LEN rows."""
+        """The per-(b, h) block map the kernel's lists came from: one query tile of Q_LEN rows (a
+        paged call's: of the queries of every length the lists serve, keys below the longest)."""
         return self._meta.block_mask
 
     def __call__(self, q, k, v, *, page_table=None, kv_lens=None, return_lse: bool = False):

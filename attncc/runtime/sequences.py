@@ -81,17 +81,20 @@ def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
     kv_lens = _int_tensor("kv_lens", kv_lens, (B,), q.device)
     lens = kv_lens.long()
     capacity = page_table.shape[1] * page_size
-    if bool(((lens != 0) & (lens < Q_LEN)).any()) or bool((lens < 0).any()) or bool((lens > capacity).any()):
+    # the pages each sequence uses (of a length in range) must be pages of the cache; the verdicts
+    # and the longest length come back in one synchronisation
+    wrong_len = ((lens != 0) & (lens < Q_LEN)) | (lens < 0) | (lens > capacity)
+    used = torch.arange(page_table.shape[1], device=lens.device)[None, :] * page_size < lens[:, None]
+    bad = used & ((page_table < 0) | (page_table >= num_pages))
+    L, any_wrong_len, any_bad = (int(x) for x in torch.stack((lens.max(), wrong_len.any(), bad.any())).tolist())
+    if any_wrong_len:
         raise ValueError(f"each kv_len must be 0 or between Q_LEN={Q_LEN} (the queries are the sequence's last "
                          f"tokens) and max_pages * page_size = {capacity}; got {kv_lens.tolist()}")
-    L = max(1, int(lens.max()))
-    used, pages = _token_pages(page_table, lens, page_size, L)
-    bad = used & ((pages < 0) | (pages >= num_pages))
-    if bool(bad.any()):
-        b, t = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"page_table[{b}, {t // page_size}] = {int(pages[b, t])} is not a page of the "
-                         f"{num_pages}-page cache (sequence {b} uses it for token {t})")
-    return Shapes(B, Hq, Hkv, Q_LEN, L, D, v_cache.shape[3])
+    if any_bad:
+        b, p = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"page_table[{b}, {p}] = {int(page_table[b, p])} is not a page of the "
+                         f"{num_pages}-page cache (sequence {b} uses it for tokens from {p * page_size})")
+    return Shapes(B, Hq, Hkv, Q_LEN, max(1, L), D, v_cache.shape[3])
 
 
 def _token_pages(page_table: torch.Tensor, lens: torch.Tensor, page_size: int, L: int):
@@ -101,11 +104,15 @@ def _token_pages(page_table: torch.Tensor, lens: torch.Tensor, page_size: int, L
     return slots[None, :] < lens[:, None], page_table.long().gather(1, index)
 
 
+def query_offsets(kv_lens: torch.Tensor, Q_LEN: int) -> torch.Tensor:
+    """int32 [B]: the position of each sequence's first query, kv_lens[b] - Q_LEN (0 if empty)."""
+    return torch.where(kv_lens > 0, kv_lens - Q_LEN, 0).to(torch.int32)
+
+
 def paged_pattern(pattern: Pattern, kv_lens: torch.Tensor, Q_LEN: int) -> Pattern:
     """`pattern` over the dense call's indices (b, query q < Q_LEN, key kv < L): query q at
     position kv_lens[b] - Q_LEN + q, keys live below kv_lens[b]."""
-    offsets = torch.where(kv_lens > 0, kv_lens - Q_LEN, 0).to(torch.int32)
-    names = {"paged_query_offset": offsets, "paged_kv_len": kv_lens}
+    names = {"paged_query_offset": query_offsets(kv_lens, Q_LEN), "paged_kv_len": kv_lens}
     position = ir.op("add", _Q, ir.load("paged_query_offset", (_B,)))
     live = ir.op("lt", _KV, ir.load("paged_kv_len", (_B,)))
     return remap_positions(pattern, _B, position, _KV, live, names)
