@@ -97,3 +97,32 @@ def test_dense_decode_at_serving_sizes():
     out, lse = kern(q, k, v, return_lse=True)
     ref, ref_lse = ac.reference(q, k, v, pattern, return_lse=True)
     assert rel(out, ref) < 2e-2 and rel(lse, ref_lse) < 1e-2
+
+
+def test_a_serving_loop_over_a_kv_cache(monkeypatch):
+    """70 decode steps of B 16 sequences in an ac.KVCache (bf16, pages of 64): the tile lists of
+    step 0 serve the next 63 (runtime/decode.DECODE_SPAN), then are rebuilt; every few steps each
+    sequence against the oracle on its own keys."""
+    from attncc.runtime import decode
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lens = torch.randint(2000, 9000, (B,), generator=torch.Generator().manual_seed(3)).tolist()
+    cache = ac.KVCache(num_pages=B * 160, page_size=64, heads=HKV, head_dim=D, batch=B, device="cuda")
+    keys = [torch.randn(HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g) for n in lens]
+    values = [torch.randn(HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g) for n in lens]
+    for b in range(B):
+        cache.append(keys[b][None], values[b][None], seqs=[b])
+    pattern = ac.patterns.sinks(4, 1024)
+    builds = []
+    real = decode.build_meta
+    monkeypatch.setattr(decode, "build_meta", lambda *args, **kwargs: builds.append(1) or real(*args, **kwargs))
+    for step in range(70):
+        new_k, new_v = (torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        cache.append(new_k, new_v)
+        keys = [torch.cat([keys[b], new_k[b]], 1) for b in range(B)]
+        values = [torch.cat([values[b], new_v[b]], 1) for b in range(B)]
+        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        out, lse = cache.attention(q, pattern, return_lse=True)
+        if step % 9 == 0 or step in (63, 64):
+            check(out, lse, q, keys, values, pattern, cache.kv_lens)
+    assert len(builds) == 2  # steps 0-63, then 64-69
