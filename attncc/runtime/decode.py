@@ -29,17 +29,16 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.pattern import Pattern
 from . import cache
 from .inputs import Shapes, check_qkv, check_scale
+from .tiles import TileLists
 
 MAX_SPLITS = 65535  # the grid's second axis
 
 
 @dataclass(frozen=True)
-class DecodeMeta:
+class DecodeMeta(TileLists):
     """What the decode kernel reads besides q, k, v.
 
-    full_num / partial_num: int32 [B|1, Hkv|1], the FULL / PARTIAL kv tiles of each (sequence,
-    kv head); full_idx / partial_idx: int32 [.., width >= 1], ascending; stride_b / stride_h: the
-    element strides of the counts (0 on a broadcast dim); *_contiguous: every list is a run.
+    TileLists of each (sequence, kv head): counts int32 [B|1, Hkv|1], kv tiles [.., width].
     q_offset / kv_len: int32 [B], each sequence's first query position and its keys; max_len: the
     longest (the dense call's KV_LEN); splits: the kernel's S; live_tiles: the most FULL + PARTIAL
     tiles of any (sequence, kv head); block_mask: the per-(b, h) map the lists merge (one query
@@ -47,14 +46,6 @@ class DecodeMeta:
     lengths_from / lengths_to: int64 [B], the paged calls whose lengths lie between serve these
     lists (build_meta's span; None for a dense call).
     """
-    full_num: torch.Tensor
-    full_idx: torch.Tensor
-    partial_num: torch.Tensor
-    partial_idx: torch.Tensor
-    stride_b: int
-    stride_h: int
-    full_contiguous: bool
-    partial_contiguous: bool
     q_offset: torch.Tensor
     kv_len: torch.Tensor
     max_len: int
@@ -121,7 +112,7 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     lengths in the PARTIAL tiles between. The positions of the whole span pass the domain check
     (else span 1: the exact lists of this call). q_offset and kv_len are this call's."""
     from .calibrate import profile_for
-    from .kernel import lists_contiguous, param_values
+    from .kernel import param_values
     from .sequences import query_offsets
 
     if kv_lens is None:
@@ -146,10 +137,9 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     # the kernel evaluates `pattern` at positions below `keys` (paged) or s.Q (dense)
     positions_q = keys if kv_lens is not None else s.Q
     plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, keys, device)
-    Bm, Hm = full_num.shape
-    return DecodeMeta(full_num, full_idx, partial_num, partial_idx, Hm if Bm > 1 else 0, 1 if Hm > 1 else 0,
-                      lists_contiguous(full_num, full_idx), lists_contiguous(partial_num, partial_idx), q_offset,
-                      kv_len, s.KV, splits, live, bm, buffers, param_values(pattern.params, device), plan, lo, hi)
+    return DecodeMeta(**TileLists.fields(full_num, full_idx, partial_num, partial_idx), q_offset=q_offset,
+                      kv_len=kv_len, max_len=s.KV, splits=splits, live_tiles=live, block_mask=bm, buffers=buffers,
+                      params=param_values(pattern.params, device), plan=plan, lengths_from=lo, lengths_to=hi)
 
 
 def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tensor, span: int,

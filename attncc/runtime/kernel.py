@@ -30,47 +30,29 @@ from ..dsl.pattern import Pattern
 from . import autograd, cache, fa4
 from .choices import KernelChoice, tile_tuple
 from .inputs import Shapes, check_qkv
+from .tiles import TileLists
 
 _META_CACHE_SIZE = 64
 _PARTIAL_WEIGHT = 1.5  # a PARTIAL tile costs about this many FULL ones (mask code, bounds)
 
 
 @dataclass(frozen=True)
-class KernelMeta:
-    """Block-mask metadata in the form the generated kernel reads.
-
-    full_num / partial_num / order: int32 [B|1, H|1, QB]; full_idx / partial_idx: int32
-    [B|1, H|1, QB, width] (ascending kv tile indices); stride_b / stride_h: element strides of the
-    [.., QB] arrays, 0 on a broadcast dim. A ragged last kv tile (KV_LEN % BLOCK_N != 0) is always
-    in the partial list, so the FULL loop never reads past KV_LEN. `order` lists each head's query
-    tiles heaviest first. *_contiguous: every row's list is first..first+count-1.
-    mean_row_tiles: live (FULL + PARTIAL) kv tiles per query tile, averaged (read once at build).
-    params: int64 [max(1, #params)], the params' values (floats as float64 bits), as the kernel
-    reads them; plan: the numeric plan (machine types) for these shapes, params and buffers.
+class KernelMeta(TileLists):
+    """Block-mask metadata in the form the generated forward reads: TileLists per query tile
+    (counts [B|1, H|1, QB], kv tile indices [.., QB, width]). A ragged last kv tile (KV_LEN %
+    BLOCK_N != 0) is always in the partial list, so the FULL loop never reads past KV_LEN.
+    order: int32 [B|1, H|1, QB], each head's query tiles heaviest first. mean_row_tiles: live
+    (FULL + PARTIAL) kv tiles per query tile, averaged (read once at build). params: int64
+    [max(1, #params)], the params' values (floats as float64 bits), as the kernel reads them;
+    plan: the numeric plan (machine types) for these shapes, params and buffers.
     expression_ops: compiler/cost.expression_ops of the pattern (what the cost model charges).
     """
-    full_num: torch.Tensor
-    full_idx: torch.Tensor
-    partial_num: torch.Tensor
-    partial_idx: torch.Tensor
     order: torch.Tensor
-    stride_b: int
-    stride_h: int
-    full_contiguous: bool
-    partial_contiguous: bool
     buffers: dict
     mean_row_tiles: float
     params: torch.Tensor
     plan: NumericPlan
     expression_ops: cost.ExpressionOps = cost.ExpressionOps()
-
-
-def lists_contiguous(num: torch.Tensor, idx: torch.Tensor) -> bool:
-    """Whether every row's (ascending) list of `num` entries is a run of consecutive tiles."""
-    if idx.shape[-1] == 0:
-        return True
-    last = idx.gather(-1, (num.long() - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return bool(((num == 0) | (last - idx[..., 0] == num - 1)).all())
 
 
 def _widen(idx: torch.Tensor, width: int) -> torch.Tensor:
@@ -109,12 +91,6 @@ def _ragged_to_partial(full_num, full_idx, part_num, part_idx, LEN: int, BLOCK: 
     return full_num, _widen(full_idx, 1), part_num, _widen(part_idx, 1)
 
 
-def _strides(num: torch.Tensor) -> tuple[int, int]:
-    """Element strides of [B|1, H|1, R] lists over b and h, 0 on a broadcast dim."""
-    Bm, Hm, R = num.shape
-    return (Hm * R if Bm > 1 else 0), (R if Hm > 1 else 0)
-
-
 def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: NumericPlan,
                 expression_ops: cost.ExpressionOps = cost.ExpressionOps()) -> KernelMeta:
     """KernelMeta from a BlockMask built for the kernel's tiles (see the class docstring)."""
@@ -122,31 +98,18 @@ def kernel_meta(bm, KV_LEN: int, buffers: dict, params: torch.Tensor, plan: Nume
         bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, KV_LEN, bm.BLOCK_N)
     weight = full_num.float() + _PARTIAL_WEIGHT * part_num.float()
     order = torch.argsort(-weight, dim=-1, stable=True).int()
-    stride_b, stride_h = _strides(full_num)
     return KernelMeta(
-        full_num=full_num.contiguous(), full_idx=full_idx.contiguous(),
-        partial_num=part_num.contiguous(), partial_idx=part_idx.contiguous(), order=order.contiguous(),
-        stride_b=stride_b, stride_h=stride_h,
-        full_contiguous=lists_contiguous(full_num, full_idx),
-        partial_contiguous=lists_contiguous(part_num, part_idx),
+        **TileLists.fields(full_num, full_idx, part_num, part_idx), order=order.contiguous(),
         buffers=buffers, mean_row_tiles=float((full_num + part_num).float().mean()), params=params, plan=plan,
         expression_ops=expression_ops)
 
 
 @dataclass(frozen=True)
-class BackwardMeta:
+class BackwardMeta(TileLists):
     """What the backward kernels need beyond KernelMeta: the transposed lists of the dK/dV kernel
-    (per (b, h, kv tile) the query tiles, ascending; int32 [B|1, H|1, KB] counts and [.., KB, width]
-    indices; a ragged last query tile always PARTIAL) and the numeric plan of the backward's
-    expressions (mask, score and the score mod's derivative)."""
-    full_num: torch.Tensor
-    full_idx: torch.Tensor
-    partial_num: torch.Tensor
-    partial_idx: torch.Tensor
-    stride_b: int
-    stride_h: int
-    full_contiguous: bool
-    partial_contiguous: bool
+    (TileLists per (b, h, kv tile): its query tiles, ascending; int32 [B|1, H|1, KB] counts and
+    [.., KB, width] indices; a ragged last query tile always PARTIAL) and the numeric plan of the
+    backward's expressions (mask, score and the score mod's derivative)."""
     plan: NumericPlan
 
 
@@ -154,11 +117,8 @@ def backward_meta(bm, pattern: Pattern, s: Shapes, buffers: dict, device) -> Bac
     """BackwardMeta from the forward's BlockMask (its transposed lists, built on first use)."""
     full_num, full_idx, part_num, part_idx = _ragged_to_partial(
         bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, s.Q, bm.BLOCK_M)
-    stride_b, stride_h = _strides(full_num)
     plan = numeric_plan(kernel_roots(pattern, "backward"), pattern.params, buffers, s.B, s.Hq, s.Q, s.KV, device)
-    return BackwardMeta(full_num.contiguous(), full_idx.contiguous(), part_num.contiguous(), part_idx.contiguous(),
-                        stride_b, stride_h, lists_contiguous(full_num, full_idx),
-                        lists_contiguous(part_num, part_idx), plan)
+    return BackwardMeta(**TileLists.fields(full_num, full_idx, part_num, part_idx), plan=plan)
 
 
 def _live_kv_span(meta: KernelMeta) -> tuple[torch.Tensor, torch.Tensor]:
