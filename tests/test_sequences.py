@@ -9,6 +9,7 @@ import torch
 
 import attncc as ac
 from attncc.dsl import ir
+from attncc.runtime import sequences
 
 
 def oracle(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, pattern, seed: int = 0):
@@ -180,6 +181,28 @@ def test_kvcache_serves_a_decode_loop():
         cache.append(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         ac.KVCache(4, 20, 2, 16, 1)
+
+
+def test_a_kvcache_vouches_for_its_lengths_until_they_change_elsewhere(monkeypatch):
+    cache = ac.KVCache(num_pages=12, page_size=16, heads=2, head_dim=16, batch=2, dtype=torch.float32)
+    cache.append(*torch.randn(2, 2, 2, 20, 16))
+    lens, table = cache.kv_lens, cache.page_table
+    assert sequences.vouched_lengths(lens, table, 12) == (20, 20)
+    assert sequences.vouched_lengths(lens, table, 11) is None  # a smaller cache: its pages are checked
+    assert sequences.vouched_lengths(lens.clone(), table, 12) is None  # another tensor
+    q = torch.randn(2, 4, 1, 16)
+    monkeypatch.setattr(torch, "stack", None)  # the device check's one synchronisation: not taken
+    assert sequences.check_paged(q, cache.k, cache.v, table, lens).KV == 20
+    monkeypatch.undo()
+    lens[1] = 3  # written behind the cache's back: no longer vouched, checked on the device
+    assert sequences.vouched_lengths(lens, table, 12) is None
+    assert sequences.check_paged(q, cache.k, cache.v, table, lens).KV == 20
+    table[0, 0] = 99
+    lens[1] = 20
+    with pytest.raises(ValueError, match=r"page_table\[0, 0\] = 99 is not a page of the 12-page cache"):
+        sequences.check_paged(q, cache.k, cache.v, table, lens)
+    cache.release(0)
+    assert sequences.vouched_lengths(cache.kv_lens, cache.page_table, 12) == (0, 20)
 
 
 @pytest.mark.parametrize("name, splits", [("sinks_window", 5), ("alibi", 64), ("causal", 2)])

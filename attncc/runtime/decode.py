@@ -13,7 +13,8 @@ splits and the versions of page_table and kv_lens, so a repeated call (the next 
 same step) neither rebuilds it nor synchronises. A new kv_lens or page_table (the next step) is
 checked again (one synchronisation) and reuses the lists while every length stays within the
 DECODE_SPAN steps they were built for (build_meta: one more synchronisation); a decode loop
-rebuilds them once per DECODE_SPAN steps.
+rebuilds them once per DECODE_SPAN steps. Over an ac.KVCache, whose host lengths vouch for its
+kv_lens and page_table (sequences.vouch), a step does not synchronise at all.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ class DecodeMeta(TileLists):
     longest (the dense call's KV_LEN); splits: the kernel's S; live_tiles: the most FULL + PARTIAL
     tiles of any (sequence, kv head); block_mask: the per-(b, h) map the lists merge (one query
     tile of Q_LEN rows); buffers, params, plan: as in KernelMeta (runtime/kernel.py).
-    lengths_from / lengths_to: int64 [B], the paged calls whose lengths lie between serve these
-    lists (build_meta's span; None for a dense call).
+    lengths_from / lengths_to: int64 [B] on the CPU, the paged calls whose lengths lie between
+    serve these lists (build_meta's span; None for a dense call).
     """
     q_offset: torch.Tensor
     kv_len: torch.Tensor
@@ -58,10 +59,11 @@ class DecodeMeta(TileLists):
     lengths_from: torch.Tensor | None = None
     lengths_to: torch.Tensor | None = None
 
-    def serves(self, kv_lens: torch.Tensor) -> bool:
+    def serves(self, kv_lens: torch.Tensor, known: tuple[int, ...] | None = None) -> bool:
         """Whether these lists serve a paged call with lengths kv_lens (int [B]): each in
-        [lengths_from, lengths_to) (one host synchronisation)."""
-        lens = kv_lens.long()
+        [lengths_from, lengths_to); `known`: the same lengths on the host (else one
+        synchronisation reads them)."""
+        lens = torch.tensor(known) if known is not None else kv_lens.cpu().long()
         return bool(((lens >= self.lengths_from) & (lens < self.lengths_to)).all())
 
     def at(self, kv_lens: torch.Tensor, Q_LEN: int) -> "DecodeMeta":
@@ -139,7 +141,8 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, keys, device)
     return DecodeMeta(**TileLists.fields(full_num, full_idx, partial_num, partial_idx), q_offset=q_offset,
                       kv_len=kv_len, max_len=s.KV, splits=splits, live_tiles=live, block_mask=bm, buffers=buffers,
-                      params=param_values(pattern.params, device), plan=plan, lengths_from=lo, lengths_to=hi)
+                      params=param_values(pattern.params, device), plan=plan,
+                      lengths_from=None if lo is None else lo.cpu(), lengths_to=None if hi is None else hi.cpu())
 
 
 def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tensor, span: int,
@@ -221,7 +224,7 @@ class DecodeKernel:
     def _entry(self, q, k, v, page_table, kv_lens) -> tuple[Shapes, DecodeMeta]:
         """(Shapes, DecodeMeta) for these inputs, from the cache: a miss checks them and builds."""
         from .kernel import buffer_key, pattern_key
-        from .sequences import check_paged
+        from .sequences import check_paged, vouched_lengths
 
         if self.paged != (page_table is not None) or (kv_lens is None) == self.paged:
             raise ValueError("this decode kernel was built for " + ("paged caches: pass page_table and kv_lens"
@@ -235,7 +238,7 @@ class DecodeKernel:
                 shapes = check_paged(q, k, v, page_table, kv_lens)
                 span_key = common + ("span", tuple(k.shape), tuple(v.shape), page_table.shape[1])
                 lists = DECODE_CACHE.get(span_key)
-                if lists is None or not lists.serves(kv_lens):
+                if lists is None or not lists.serves(kv_lens, vouched_lengths(kv_lens, page_table, k.shape[0])):
                     lists = build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, kv_lens,
                                        DECODE_SPAN, page_table.shape[1] * k.shape[1])
                     DECODE_CACHE.put(span_key, lists)

@@ -29,6 +29,7 @@ class KVCache:
         self._lens = [0] * batch                      # host copies: bookkeeping without device syncs
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is taken first
+        self._vouch()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, seqs: list[int] | None = None) -> None:
         """Write n new tokens of each of `seqs` (default: every sequence): k [len(seqs), heads, n,
@@ -54,10 +55,25 @@ class KVCache:
                 self._pages[b].append(page)
             rows += [self._pages[b][t // P] * P + t % P for t in range(self._lens[b], self._lens[b] + n)]
             self._lens[b] += n
-        index = torch.tensor(rows, device=self.k.device)
+        index = self._to_device(rows, torch.int64)
         self.k.view(-1, *self.k.shape[2:])[index] = k.transpose(1, 2).flatten(0, 1).to(self.k.dtype)
         self.v.view(-1, *self.v.shape[2:])[index] = v.transpose(1, 2).flatten(0, 1).to(self.v.dtype)
-        self.kv_lens.copy_(torch.tensor(self._lens, dtype=torch.int32))
+        self.kv_lens.copy_(self._to_device(self._lens, torch.int32))
+        self._vouch()
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A host list on the cache's device; on CUDA through pinned memory without waiting for the
+        GPU (a plain copy from pageable memory would wait for the work queued before it)."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.k.device.type != "cuda":
+            return host.to(self.k.device)
+        return host.pin_memory().to(self.k.device, non_blocking=True)
+
+    def _vouch(self) -> None:
+        """Tell the paged calls the lengths it keeps on the host (runtime/sequences.vouch)."""
+        from .sequences import vouch
+
+        vouch(self.kv_lens, self.page_table, self.k.shape[0], self._lens)
 
     def release(self, b: int) -> None:
         """Free sequence b's pages; it starts again empty."""
@@ -66,6 +82,7 @@ class KVCache:
         self._lens[b] = 0
         self.page_table[b] = -1
         self.kv_lens[b] = 0
+        self._vouch()
 
     def attention(self, q: torch.Tensor, pattern=None, **kwargs):
         """ac.attention over the cache: q [batch, Hq, Q_LEN, head_dim], the sequences' newest tokens."""

@@ -22,6 +22,8 @@ own buffers are indexed by positions within a sequence (size them to the longest
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..dsl import ir
@@ -60,10 +62,34 @@ def remap_positions(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live:
                            {**pattern.buffers, **buffers}, pattern.name)
 
 
+_VOUCHED: dict[int, tuple] = {}  # id(kv_lens) -> (weakref, version, page_table weakref, version, pages, lengths)
+
+
+def vouch(kv_lens: torch.Tensor, page_table: torch.Tensor, num_pages: int, lengths: list[int]) -> None:
+    """Record that kv_lens holds `lengths` and that the pages page_table gives those lengths are
+    below num_pages, as both tensors are now (ac.KVCache, which writes both, after each change):
+    check_paged and the decode kernel's cache then take the lengths from here, with no
+    synchronisation, until either tensor changes (their versions) or is another tensor."""
+    for key in [k for k, entry in _VOUCHED.items() if entry[0]() is None]:
+        del _VOUCHED[key]
+    _VOUCHED[id(kv_lens)] = (weakref.ref(kv_lens), kv_lens._version, weakref.ref(page_table), page_table._version,
+                             num_pages, tuple(lengths))
+
+
+def vouched_lengths(kv_lens, page_table, num_pages: int) -> tuple[int, ...] | None:
+    """The lengths `vouch` recorded for exactly these tensors at their current versions, for a
+    cache of at least the pages vouched for; else None."""
+    entry = _VOUCHED.get(id(kv_lens))
+    if entry is None or entry[0]() is not kv_lens or entry[2]() is not page_table:
+        return None
+    fresh = (entry[1], entry[3]) == (kv_lens._version, page_table._version) and num_pages >= entry[4]
+    return entry[5] if fresh else None
+
+
 def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table, kv_lens) -> Shapes:
     """The Shapes of the dense call equal to a paged one (KV = L = max(1, max(kv_lens))); a
     ValueError for any bad input, including a page_table entry a sequence uses that is not a page
-    of the cache (one host synchronisation)."""
+    of the cache (one host synchronisation; none for tensors an ac.KVCache vouched for)."""
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("a paged call takes q [B, Hq, Q_LEN, D] and caches [num_pages, page_size, Hkv, D]")
     B, Hq, Q_LEN, D = q.shape
@@ -79,8 +105,11 @@ def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
     if page_table.dim() != 2 or page_table.shape[0] != B:
         raise ValueError(f"page_table must have shape [B={B}, max_pages], got {list(page_table.shape)}")
     kv_lens = _int_tensor("kv_lens", kv_lens, (B,), q.device)
-    lens = kv_lens.long()
     capacity = page_table.shape[1] * page_size
+    known = vouched_lengths(kv_lens, page_table, num_pages)
+    if known is not None and all(n == 0 or Q_LEN <= n <= capacity for n in known):
+        return Shapes(B, Hq, Hkv, Q_LEN, max(1, *known), D, v_cache.shape[3])
+    lens = kv_lens.long()
     # the pages each sequence uses (of a length in range) must be pages of the cache; the verdicts
     # and the longest length come back in one synchronisation
     wrong_len = ((lens != 0) & (lens < Q_LEN)) | (lens < 0) | (lens > capacity)
