@@ -108,6 +108,7 @@ SIMPLIFICATIONS = [
     (ir.op("sub", x, x), zero), (ir.op("add", x, zero), x), (ir.op("add", zero, x), x),
     (ir.op("sub", x, zero), x), (ir.op("mul", x, one), x), (ir.op("mul", one, x), x),
     (ir.op("mul", x, zero), zero), (ir.op("floordiv", x, one), x),
+    (ir.op("mod", x, one), zero), (ir.op("mod", x, ir.const(-1)), zero), (ir.op("add", q, ir.op("mod", q, one)), q),
     (ir.op("neg", ir.op("neg", x)), x), (ir.op("not", ir.op("not", c)), c),
     (ir.op("and", c, ir.TRUE), c), (ir.op("and", ir.TRUE, c), c), (ir.op("and", c, ir.FALSE), ir.FALSE),
     (ir.op("or", c, ir.FALSE), c), (ir.op("or", ir.TRUE, c), ir.TRUE), (ir.op("and", c, c), c),

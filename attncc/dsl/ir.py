@@ -315,6 +315,11 @@ def _unit_divisor(name, a, b):
     return a if kind_of(a) == "int" and _is(b, 1) else None
 
 
+def _unit_modulus(name, a, b):
+    """x % 1 -> 0 and x % -1 -> 0 for an integer x (a layout without dilation writes x % 1)."""
+    return Const(0) if kind_of(a) == "int" and (_is(b, 1) or _is(b, -1)) else None
+
+
 def _involution(name, a):
     """-(-x) -> x; not (not x) -> x for a boolean x (an integer buffer read used as a truth value
     is not the same value as the truth value itself)."""
@@ -384,6 +389,7 @@ RULES: list[tuple[tuple[str, ...], Callable]] = [
     (("add", "sub", "mul"), _identity),
     (("sub", "mul"), _self_cancel),
     (("floordiv",), _unit_divisor),
+    (("mod",), _unit_modulus),
     (("neg", "not"), _involution),
     (LOGIC, _left_chain),
     (LOGIC, _logic_units),
