@@ -1,6 +1,7 @@
 """Validation of the cost simulator (compiler/cost.py) against measurement — a benchmark, not a test.
 
     python benchmarks/costmodel.py [--patterns causal,swa1024,...] [--N 8192] [--out-dir DIR] [--smoke]
+    python benchmarks/costmodel.py --predict h200 --patterns sinks,chunked   # on any machine: predictions only
 
 For each pattern, every candidate forward configuration (runtime/choices.TRITON_CANDIDATES, and
 the fa4 backend where it runs) is timed (do_bench median, bf16, B=4 H=16 D=128 on CUDA) and
@@ -100,13 +101,48 @@ def run_pattern(name: str, N: int, B: int, H: int, D: int, device: torch.device)
             "hand_rules": auto.config["backend"], "hand_rules_vs_best": auto_ms / best}
 
 
+def predict_pattern(name: str, N: int, profile_key: str) -> dict:
+    """Every candidate's predicted ms for `name` at B4 H16 N D128 bf16 on a shipped profile, block
+    maps built on the CPU (nothing runs): predictions to commit before a GPU run measures them."""
+    from attncc.runtime import fa4
+    from attncc.runtime.choices import TARGETS
+    from attncc.runtime.inputs import Shapes
+
+    B, H, D = 4, 16, 128
+    cpu = torch.device("cpu")
+    pattern = build(name, N, H, cpu).attncc.kernel_pattern
+    s = Shapes(B, H, H, N, N, D, D)
+    profile = cost.load_profile(profile_key)
+    configs = [(f"triton {t.BLOCK_M}x{t.BLOCK_N}/{t.num_warps}/{t.num_stages}", "triton", t) for t in TRITON_CANDIDATES]
+    if fa4.refusal_on(pattern, s, TARGETS[profile_key][1], torch.bfloat16, cpu, assume_installed=True) is None:
+        configs.append(("fa4 128x128", "fa4", fa4.TILE))
+    rows = []
+    for label, backend, tiles in configs:
+        _, meta = META_CACHE.get(pattern, s, tiles, cpu)
+        rows.append({"config": label, "predicted_ms": cost.simulate(meta, B, H, D, tiles, backend, profile).ms})
+    return {"pattern": name, "N": N, "profile": profile_key, "rows": rows,
+            "pick": min(rows, key=lambda r: r["predicted_ms"])["config"]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--patterns", default=PATTERNS)
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton's interpreter)")
+    ap.add_argument("--predict", metavar="PROFILE", default=None,
+                    help="only predict, on the CPU, on this shipped profile (h200, h100): nothing is timed")
     args = ap.parse_args(argv)
+    if args.predict:
+        results = [predict_pattern(name, args.N, args.predict) for name in args.patterns.split(",")]
+        lines = [f"Predicted forward ms on profile {args.predict!r}, B4 H16 N{args.N} D128 bf16 (attncc "
+                 f"{ac.__version__}), the simulator's pick first:", ""]
+        for r in results:
+            ranked = sorted(r["rows"], key=lambda x: x["predicted_ms"])
+            lines.append(f"- {r['pattern']}: " + ", ".join(f"{x['config']} {x['predicted_ms']:.3f}" for x in ranked))
+        print("\n".join(lines))
+        write_table(args.out_dir, "costmodel-predictions", results, lines)
+        return {"results": results}
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     B, H, D, N = (4, 16, 128, args.N) if device.type == "cuda" else (1, 2, 32, 256)
     results = [run_pattern(name, N, B, H, D, device) for name in args.patterns.split(",")]

@@ -419,7 +419,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--patterns", default=None,
                    help=f"comma list of {', '.join(bp.NAMES)} for every shape (default: all on main, "
-                        f"{', '.join(EXTRA_PATTERNS)} on the others)")
+                        f"{', '.join(EXTRA_PATTERNS)} on the others); also, named only, "
+                        f"{', '.join(bp.VALIDATION_NAMES)}")
     p.add_argument("--backward", action="store_true", help="also measure forward+backward")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and scaled pattern sizes (runs on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -443,7 +444,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.shape_names = [s for s in args.shapes.split(",") if s]
     bad = [s for s in args.shape_names if s not in shapes]
     names = args.patterns.split(",") if args.patterns else []
-    bad += [n for n in names if n not in bp.NAMES]
+    bad += [n for n in names if n not in bp.NAMES + bp.VALIDATION_NAMES]
     if bad:
         p.error(f"unknown shape(s)/pattern(s): {', '.join(bad)}")
     args.rows = [(s, n) for s in args.shape_names

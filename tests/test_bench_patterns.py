@@ -16,7 +16,7 @@ from benchmarks import patterns as bp  # noqa: E402
 from benchmarks import suite  # noqa: E402
 
 
-@pytest.mark.parametrize("name", bp.NAMES)
+@pytest.mark.parametrize("name", bp.NAMES + bp.VALIDATION_NAMES)
 def test_flex_mask_equals_attncc_mask_dense(name):
     n, heads = 256, 4
     pat = bp.build(name, n, heads, sizes=bp.SMOKE)
@@ -43,7 +43,7 @@ def _sample_pairs(n: int, count: int = 100_000) -> tuple[torch.Tensor, torch.Ten
     return torch.cat([q, q2[keep]]), torch.cat([kv, kv2[keep]])
 
 
-@pytest.mark.parametrize("name", bp.NAMES)
+@pytest.mark.parametrize("name", bp.NAMES + bp.VALIDATION_NAMES)
 def test_flex_mask_equals_attncc_mask_at_benchmark_sizes(name):
     n, heads = 8192, 16
     pat = bp.build(name, n, heads)
@@ -70,6 +70,10 @@ def test_benchmark_definitions_spelled_out():
     lengths = bp.document_lengths(n)
     ends = torch.tensor(lengths).cumsum(0)
     assert one("document", int(ends[0]) - 1, 0) and not one("document", int(ends[0]), int(ends[0]) - 1)
+    assert one("sinks", 5000, 3) and not one("sinks", 5000, 4) and one("sinks", 5000, 5000 - 1024)
+    assert one("chunked", 2047, 1024) and not one("chunked", 2048, 2047) and not one("chunked", 1024, 1025)
+    assert one("global_tokens", 5000, 512) and not one("global_tokens", 5000, 513) and one("global_tokens", 4000, 4256)
+    assert one("strided_heads", 5000, 8) and not one("strided_heads", 5000, 9)  # head 0: shard 0
     alibi = bp.build("alibi", n, 16)
     score = alibi.score_mod(torch.tensor(0.0), 0, torch.tensor(3), torch.tensor(10), torch.tensor(4))
     assert math.isclose(float(score), -6 * 2 ** (-8 * 4 / 16), rel_tol=1e-6)
@@ -88,7 +92,7 @@ def _dense_attention(q, k, v, pat: bp.BenchPattern) -> torch.Tensor:
     return torch.softmax(s, -1) @ v.double()
 
 
-@pytest.mark.parametrize("name", bp.NAMES)
+@pytest.mark.parametrize("name", bp.NAMES + bp.VALIDATION_NAMES)
 def test_flex_functions_give_the_reference_output(name):
     n, heads, d = 256, 4, 16
     gen = torch.Generator().manual_seed(2)

@@ -136,6 +136,9 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
 
     assert costmodel.spearman([1, 2, 3], [10, 20, 30]) == 1.0 and costmodel.spearman([1, 2, 3], [3, 2, 1]) == -1.0
     assert costmodel.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+    predicted = costmodel.main(["--predict", "h200", "--N", "1024", "--patterns", "sinks,chunked"])["results"]
+    assert [len(r["rows"]) for r in predicted] == [5, 5]  # four Triton tiles and fa4, nothing timed
+    assert all(r["pick"] == min(r["rows"], key=lambda x: x["predicted_ms"])["config"] for r in predicted)
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
     assert len(result["rows"]) == 4 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
     assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
