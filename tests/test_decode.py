@@ -138,6 +138,11 @@ def test_a_decode_loop_reuses_its_lists_for_a_span_of_steps(monkeypatch):
     assert built == [[36, 1, 36], [41, 1, 41], [46, 1, 46], [22, 1, 48]]
 
 
+def test_the_span_stops_at_the_page_tables_capacity():
+    _, kern = check_paged(ac.patterns.sinks(2, 9), [30, 5, 0], 1, 4, 2, 16)  # 2 pages: 32 tokens
+    assert kern._meta.lengths_to.tolist() == [33, 33, 1] and kern._meta.lengths_from.tolist() == [30, 5, 0]
+
+
 def test_lists_serve_one_length_where_the_span_leaves_the_domain():
     ids = torch.tensor([0] * 20 + [1] * 11)  # document ids of the first 31 positions only
     pattern = ac.Pattern(lambda b, h, q, kv: (ids[q] == ids[kv]) & (q >= kv), name="short_ids")

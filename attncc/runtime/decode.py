@@ -151,15 +151,15 @@ def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tens
     paged call whose lengths lie in [lo, hi) (build_meta); span 1 where the span's positions are
     outside the pattern's domain (a buffer too short for them: the domain check says so)."""
     from ..dsl.trace import PatternError
-    from .sequences import paged_pattern
+    from .sequences import paged_pattern, query_offsets
 
     if span > 1:
         grown = torch.minimum(lo + span - 1, torch.full_like(lo, capacity if capacity is not None else 1 << 62))
         top = torch.where(lo > 0, torch.maximum(grown, lo), lo)  # the longest length of the span
         rows = s.Q + int((top - lo).max())  # the queries of every length in the span, from lo's first
         keys = max(1, int(top.max()))
-        lowest = paged_pattern(pattern, lo, s.Q)  # queries lo - Q_LEN .. over `rows`, keys below lo
-        highest = paged_pattern(pattern, top, rows)  # the same queries, keys below top
+        lowest = paged_pattern(pattern, lo, s.Q)  # queries from lo - Q_LEN over `rows`, keys below lo
+        highest = paged_pattern(pattern, top, rows, query_offsets(lo, s.Q))  # the same queries, keys below top
         try:
             check_domain(highest, (highest.score,), s.B, s.Hq, rows, keys, device)
             full = build_block_mask(lowest, s.B, s.Hq, rows, keys, rows, tiles.BLOCK_N, device)

@@ -138,10 +138,13 @@ def query_offsets(kv_lens: torch.Tensor, Q_LEN: int) -> torch.Tensor:
     return torch.where(kv_lens > 0, kv_lens - Q_LEN, 0).to(torch.int32)
 
 
-def paged_pattern(pattern: Pattern, kv_lens: torch.Tensor, Q_LEN: int) -> Pattern:
+def paged_pattern(pattern: Pattern, kv_lens: torch.Tensor, Q_LEN: int,
+                  offsets: torch.Tensor | None = None) -> Pattern:
     """`pattern` over the dense call's indices (b, query q < Q_LEN, key kv < L): query q at
-    position kv_lens[b] - Q_LEN + q, keys live below kv_lens[b]."""
-    names = {"paged_query_offset": query_offsets(kv_lens, Q_LEN), "paged_kv_len": kv_lens}
+    position offsets[b] + q (default kv_lens[b] - Q_LEN: the sequence's last tokens), keys live
+    below kv_lens[b]."""
+    offsets = query_offsets(kv_lens, Q_LEN) if offsets is None else offsets.to(torch.int32)
+    names = {"paged_query_offset": offsets, "paged_kv_len": kv_lens}
     position = ir.op("add", _Q, ir.load("paged_query_offset", (_B,)))
     live = ir.op("lt", _KV, ir.load("paged_kv_len", (_B,)))
     return remap_positions(pattern, _B, position, _KV, live, names)
