@@ -256,3 +256,15 @@ def test_the_decode_benchmark_runs_in_smoke_mode(tmp_path):
     assert len(rows) == 1 and isinstance(rows[0]["paged_tbps"], float) and isinstance(rows[0]["attncc_3_tbps"], float)
     assert rows[0]["attncc_3_splits"] == 3 and isinstance(rows[0]["attncc_auto_tbps"], float)
     assert "| pattern | B |" in (tmp_path / "decode.md").read_text()
+
+
+def test_the_serving_loop_benchmark_runs_in_smoke_mode(tmp_path):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import serving_loop
+
+    rows = serving_loop.main(["--smoke", "--patterns", "sinks", "--out-dir", str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["step_ms"] > 0 and rows[0]["repeat_ms"] > 0
+    assert "| sinks | 2 | 40 | 2 |" in (tmp_path / "serving_loop.md").read_text()
