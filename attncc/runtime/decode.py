@@ -12,8 +12,8 @@ the one holding the length is PARTIAL. The metadata is cached per pattern value,
 splits and the versions of page_table and kv_lens, so a repeated call (the next layer of the
 same step) neither rebuilds it nor synchronises. A new kv_lens or page_table (the next step) is
 checked again (one synchronisation) and reuses the lists while every length stays within the
-DECODE_SPAN steps they were built for (build_meta: one more synchronisation); a decode loop
-rebuilds them once per DECODE_SPAN steps. Over an ac.KVCache, whose host lengths vouch for its
+DECODE_SPAN steps they were built for (DecodeMeta.serves: one more); a decode loop rebuilds them
+(build_meta) once per DECODE_SPAN steps. Over an ac.KVCache, whose host lengths vouch for its
 kv_lens and page_table (sequences.vouch), a step does not synchronise at all.
 """
 from __future__ import annotations
