@@ -340,3 +340,10 @@ def test_block_classes_sound_and_exact(name, pat, H):
         rough = classify(pat, 1, H, Q, KV, BM, BN, refine=False).dense()
         assert bool(((rough == truth) | (rough == 1)).all()), (name, Q, KV, BM, BN)
         assert torch.equal(classify(pat, 1, H, Q, KV, BM, BN).dense(), truth), (name, Q, KV, BM, BN)
+
+
+def test_softcap_refuses_a_cap_that_is_not_a_positive_finite_number():
+    assert ac.patterns.softcap(2).params == {"cap": 2.0}
+    for bad in (0, -3.0, float("inf"), float("nan"), True, "30"):
+        with pytest.raises(ValueError, match="cap must be a finite number > 0"):
+            ac.patterns.softcap(bad)

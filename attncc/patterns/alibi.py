@@ -11,7 +11,10 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
 
 
 def alibi(num_heads: int, causal: bool = True, device=None) -> Pattern:
-    """score = score + slope[h] * (kv - q); mask = q >= kv when causal."""
+    """score = score + slope[h] * (kv - q), mask = q >= kv when causal (ALiBi, Press et al. 2022).
+
+    num_heads: H, for slope_h = 2^(-8 (h + 1) / H) (alibi_slopes, a float buffer: learnable when it
+    requires grad); causal: mask the future; device: where the slopes live."""
     slope = alibi_slopes(num_heads, device)
     mask = (lambda b, h, q, kv: q >= kv) if causal else None
     return Pattern(mask, lambda s, b, h, q, kv: s + slope[h] * (kv - q), name="alibi")

@@ -8,7 +8,10 @@ from ..dsl.trace import param
 
 
 def causal(offset: int = 0) -> Pattern:
-    """mask = q + offset >= kv (offset is a param: changing it never recompiles)."""
+    """mask = q + offset >= kv (Vaswani et al. 2017, "Attention Is All You Need").
+
+    offset: int param (rebinding never recompiles): 0 aligns query i with key i; KV_LEN - Q_LEN
+    aligns the queries with the last keys (bottom-right, as in decoding)."""
     if offset == 0:
         return Pattern(lambda b, h, q, kv: q >= kv, name="causal")
     off = param("offset", offset)

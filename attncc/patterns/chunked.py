@@ -11,7 +11,9 @@ from ._checks import count
 
 
 def chunked(chunk: int, causal: bool = True) -> Pattern:
-    """mask = q // C == kv // C (and q >= kv when causal); C = chunk."""
+    """mask = q // C == kv // C, and q >= kv when causal (Llama 4's chunked local attention).
+
+    chunk: C, a compile-time int >= 1 (it shapes the block map); causal: within the chunk."""
     C = count("chunk", chunk, 1)
     if causal:
         return Pattern(lambda b, h, q, kv: (q // C == kv // C) & (q >= kv), name="chunked")

@@ -16,7 +16,11 @@ from ._checks import count
 
 
 def global_tokens(is_global: torch.Tensor, window: int | None = None, causal: bool = False) -> Pattern:
-    """mask = is_global[q] | is_global[kv] | (|q - kv| <= W) (& q >= kv when causal)."""
+    """mask = is_global[q] | is_global[kv] | (|q - kv| <= W), & q >= kv when causal (Longformer,
+    Beltagy et al. 2020).
+
+    is_global: bool [N], the global positions (covers sequences up to N); window: W, an int param,
+    or None for no band; causal: keep only q >= kv."""
     if not isinstance(is_global, torch.Tensor) or is_global.dtype != torch.bool or is_global.dim() != 1:
         got = (f"{is_global.dtype} of shape {tuple(is_global.shape)}" if isinstance(is_global, torch.Tensor)
                else type(is_global).__name__)

@@ -4,6 +4,8 @@ from ..dsl.trace import param
 
 
 def prefix_lm(prefix: int) -> Pattern:
-    """mask = kv < P or q >= kv."""
+    """mask = kv < P or q >= kv (prefix LM: UniLM, Dong et al. 2019; T5, Raffel et al. 2020).
+
+    prefix: P, an int param: the first P keys are seen by every query, the rest causally."""
     P = param("P", prefix)
     return Pattern(lambda b, h, q, kv: (kv < P) | (q >= kv), name="prefix_lm")

@@ -11,7 +11,10 @@ from ._checks import count
 
 
 def sinks(num_sinks: int, window: int) -> Pattern:
-    """mask = q >= kv and (kv < S or q - kv <= W); S = num_sinks, W = window."""
+    """mask = q >= kv and (kv < S or q - kv <= W) (StreamingLLM, Xiao et al. 2023).
+
+    num_sinks: S, int param >= 0, the first keys every query keeps; window: W, int param >= 0, the
+    keys before the query it sees (the query itself always)."""
     S = param("S", count("num_sinks", num_sinks))
     W = param("W", count("window", window))
     return Pattern(lambda b, h, q, kv: (q >= kv) & ((kv < S) | (q - kv <= W)), name="sinks")

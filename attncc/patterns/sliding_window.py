@@ -7,7 +7,10 @@ from ..dsl.trace import param
 
 
 def sliding_window(window: int, causal: bool = True) -> Pattern:
-    """mask = q >= kv and q - kv <= W (or |q - kv| <= W when causal=False)."""
+    """mask = q >= kv and q - kv <= W, or |q - kv| <= W when causal=False (Longformer, Beltagy et
+    al. 2020; Mistral 7B, Jiang et al. 2023).
+
+    window: W, an int param (the query itself and the W keys before it); causal: one-sided."""
     W = param("W", window)
     if causal:
         return Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv <= W), name="sliding_window")
