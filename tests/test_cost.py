@@ -92,7 +92,8 @@ def test_makespan_is_list_scheduling():
 def test_explain_on_meta_tensors(make, target):
     q, k, v = (torch.empty(2, 8, 2048, 128, dtype=torch.bfloat16, device="meta") for _ in range(3))
     text = ac.explain(make(), q, k, v, target=target)
-    for part in ("EMPTY", "PARTIAL", "FULL", "live pairs", "tile efficiency", "roofline", "predicted:", "profile"):
+    for part in ("EMPTY", "PARTIAL", "FULL", "live pairs", "tile efficiency", "roofline", "predicted:", "profile",
+                 "per score element: mask"):
         assert part in text, part
     assert "<- runs" in text or "sdpa-cudnn" in text
     assert ("fa4 " in text) == (target in ("h200", "h100"))  # both profiles model fa4

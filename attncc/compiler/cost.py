@@ -385,6 +385,10 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
               f"PARTIAL {n_part} ({n_part / n_all:.1%}), FULL {n_full} ({n_full / n_all:.1%})",
               f"live pairs: {pairs:.4g} ({pairs / (B * H * s.Q * s.KV):.2%} of all){'' if exact else ' (estimated from a sample of the PARTIAL tiles)'}; "
               f"tile efficiency {pairs / max(computed, 1):.1%} (live pairs / pairs in computed tiles)"]
+    ops = meta.expression_ops
+    lines.append(f"per score element: mask {ops.mask:g} weighted operators ({ops.mask_pairwise:g} pairwise), on "
+                 f"PARTIAL tiles; score mod {ops.score:g} ({ops.score_pairwise:g} pairwise), on every live tile "
+                 f"(Triton pays the pairwise ones, FA4's hooks all)")
     flop_ms, byte_ms = roofline_ms(pairs, B, s.Hq, s.Hkv, s.Q, s.KV, s.D, s.Dv, dtype, profile)
     roof = max(flop_ms, byte_ms)
     lines.append(f"roofline: {_fmt_ms(roof)} (matrix {_fmt_ms(flop_ms)}, memory {_fmt_ms(byte_ms)})")
