@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attncc as ac
 from attncc.runtime import choices, sequences
@@ -136,6 +138,52 @@ def test_a_decode_loop_reuses_its_lists_for_a_span_of_steps(monkeypatch):
             assert rel(out[b], ref) < 1e-5 and rel(lse[b], ref_lse) < 1e-5, (step, b)
     # lengths 31..35 (the tile of 32 keys crossed on the way), 36..40, 41..42, then 17 beside 43
     assert built == [[36, 1, 36], [41, 1, 41], [46, 1, 46], [22, 1, 48]]
+
+
+def _classes(meta, B: int, Hkv: int, KB: int) -> torch.Tensor:
+    """int8 [B, Hkv, KB] from a DecodeMeta's lists: FULL, PARTIAL, else EMPTY."""
+    from attncc.compiler.blockmask import EMPTY, FULL, PARTIAL
+
+    out = torch.full((B, Hkv, KB), EMPTY, dtype=torch.int8)
+    for value, num, idx in ((FULL, meta.full_num, meta.full_idx), (PARTIAL, meta.partial_num, meta.partial_idx)):
+        num, idx = num.expand(B, Hkv), idx.expand(B, Hkv, -1)
+        for b in range(B):
+            for h in range(Hkv):
+                out[b, h, idx[b, h, :int(num[b, h])].long()] = value
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_span_lists_are_sound_for_every_length_they_serve(data):
+    """A tile the span's lists call FULL is FULL for every length they serve, and a tile some
+    served length sees is listed (FULL or PARTIAL): the kernel's loops stay exact."""
+    from attncc.compiler.blockmask import EMPTY, FULL
+    from attncc.compiler.codegen import TileConfig
+    from attncc.runtime import decode
+    from attncc.runtime.inputs import Shapes
+
+    Hq, Hkv, Q = 4, 2, data.draw(st.integers(1, 3), label="Q_LEN")
+    # the non-causal ones see keys past the queries: only the lengths bound them
+    every_7th = torch.arange(200) % 7 == 0
+    patterns = {**PATTERNS, "two_sided_window": lambda Hq: ac.patterns.sliding_window(40, causal=False),
+                "global_tokens": lambda Hq: ac.patterns.global_tokens(every_7th, window=3)}
+    name = data.draw(st.sampled_from(sorted(patterns)), label="pattern")
+    lens = data.draw(st.lists(st.one_of(st.just(0), st.integers(Q, 150)), min_size=1, max_size=3), label="lens")
+    span, capacity = data.draw(st.integers(2, 40), label="span"), data.draw(st.sampled_from([150, 192]), label="capacity")
+    tiles = TileConfig(16, data.draw(st.sampled_from([16, 32]), label="BLOCK_N"), 4, 1)
+    pattern, cpu, B = patterns[name](Hq), torch.device("cpu"), len(lens)
+    meta = decode.build_meta(pattern, Shapes(B, Hq, Hkv, Q, max(1, *lens), 16, 16), tiles, cpu, 1, torch.tensor(
+        lens, dtype=torch.int32), span, capacity)
+    served = [data.draw(st.integers(int(lo), int(hi) - 1), label=f"length {b}")
+              for b, (lo, hi) in enumerate(zip(meta.lengths_from, meta.lengths_to))]
+    assert all(n == 0 or Q <= n <= capacity for n in served)
+    exact = decode.build_meta(pattern, Shapes(B, Hq, Hkv, Q, max(1, *served), 16, 16), tiles, cpu, 1,
+                              torch.tensor(served, dtype=torch.int32))
+    KB = max(meta.block_mask.shape[3], exact.block_mask.shape[3])
+    merged, truth = _classes(meta, B, Hkv, KB), _classes(exact, B, Hkv, KB)
+    assert bool(((merged != FULL) | (truth == FULL)).all()), "a FULL tile that is not FULL for a served length"
+    assert bool(((truth == EMPTY) | (merged != EMPTY)).all()), "a live tile the lists leave out"
 
 
 def test_the_span_stops_at_the_page_tables_capacity():
