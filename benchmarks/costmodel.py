@@ -15,6 +15,7 @@ pick within 5% of the best in >= 90% of cases and never worse than 15%, Spearman
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -59,15 +60,29 @@ def spearman(a: list[float], b: list[float]) -> float:
     return num / den if den else 1.0
 
 
+def config_label(backend: str, tiles) -> str:
+    """A configuration's name in the results: "triton 128x64/8/3", "fa4 128x128" (refit.tiles_of reads it)."""
+    shape = f"{tiles.BLOCK_M}x{tiles.BLOCK_N}"
+    return f"fa4 {shape}" if backend == "fa4" else f"{backend} {shape}/{tiles.num_warps}/{tiles.num_stages}"
+
+
+def ranking(predicted: list[float], measured: list[float]) -> dict:
+    """How the predictions rank the configurations: Spearman, the measured time of the
+    simulator's pick (least predicted) over the best measured, the rms log error."""
+    pick = min(range(len(predicted)), key=lambda i: predicted[i])
+    return {"spearman": spearman(predicted, measured), "pick_vs_best": measured[pick] / min(measured),
+            "rms_log_err": math.sqrt(statistics.fmean(math.log(p / m) ** 2 for p, m in zip(predicted, measured)))}
+
+
 def candidates(pattern, q, k, v) -> list[tuple[str, dict]]:
     """(label, kernel_options) of every configuration compared."""
     from attncc.runtime import fa4
 
-    out = [(f"triton {t.BLOCK_M}x{t.BLOCK_N}/{t.num_warps}/{t.num_stages}",
+    out = [(config_label("triton", t),
             {"backend": "triton", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "num_warps": t.num_warps,
              "num_stages": t.num_stages}) for t in TRITON_CANDIDATES]
     if q.is_cuda and fa4.refusal(pattern.kernel_pattern, check_qkv(q, k, v), q) is None:
-        out.append(("fa4 128x128", {"backend": "fa4"}))
+        out.append((config_label("fa4", fa4.TILE), {"backend": "fa4"}))
     return out
 
 
@@ -94,10 +109,9 @@ def run_pattern(name: str, N: int, B: int, H: int, D: int, device: torch.device)
     auto = ac.compile(pattern, q, k, v)
     auto_ms = time_ms(lambda: auto(q, k, v), device)
     best = min(r["measured_ms"] for r in rows)
-    pick = min(rows, key=lambda r: r["predicted_ms"])
-    return {"pattern": name, "N": N, "profile": profile.key, "rows": rows,
-            "spearman": spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
-            "pick": pick["config"], "pick_vs_best": pick["measured_ms"] / best,
+    ranked = ranking([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
+    return {"pattern": name, "N": N, "profile": profile.key, "rows": rows, "spearman": ranked["spearman"],
+            "pick": min(rows, key=lambda r: r["predicted_ms"])["config"], "pick_vs_best": ranked["pick_vs_best"],
             "hand_rules": auto.config["backend"], "hand_rules_vs_best": auto_ms / best}
 
 
@@ -113,13 +127,13 @@ def predict_pattern(name: str, N: int, profile_key: str) -> dict:
     pattern = build(name, N, H, cpu).attncc.kernel_pattern
     s = Shapes(B, H, H, N, N, D, D)
     profile = cost.load_profile(profile_key)
-    configs = [(f"triton {t.BLOCK_M}x{t.BLOCK_N}/{t.num_warps}/{t.num_stages}", "triton", t) for t in TRITON_CANDIDATES]
+    configs = [("triton", t) for t in TRITON_CANDIDATES]
     if fa4.refusal_on(pattern, s, TARGETS[profile_key][1], torch.bfloat16, cpu, assume_installed=True) is None:
-        configs.append(("fa4 128x128", "fa4", fa4.TILE))
+        configs.append(("fa4", fa4.TILE))
     rows = []
-    for label, backend, tiles in configs:
+    for backend, tiles in configs:
         _, meta = META_CACHE.get(pattern, s, tiles, cpu)
-        rows.append({"config": label, "predicted_ms": cost.simulate(meta, B, H, D, tiles, backend, profile).ms})
+        rows.append({"config": config_label(backend, tiles), "predicted_ms": cost.simulate(meta, B, H, D, tiles, backend, profile).ms})
     return {"pattern": name, "N": N, "profile": profile_key, "rows": rows,
             "pick": min(rows, key=lambda r: r["predicted_ms"])["config"]}
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +28,7 @@ from attncc.compiler.codegen import TileConfig  # noqa: E402
 from attncc.runtime import fa4  # noqa: E402
 from attncc.runtime.inputs import Shapes  # noqa: E402
 from attncc.runtime.kernel import META_CACHE  # noqa: E402
-from benchmarks.costmodel import spearman  # noqa: E402
+from benchmarks.costmodel import ranking  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
 from benchmarks.report import write_table  # noqa: E402
 
@@ -66,14 +64,8 @@ def scores(timings: list[tuple[str, cost.Timing]], profile: cost.Profile) -> dic
     by: dict[str, list[cost.Timing]] = {}
     for name, t in timings:
         by.setdefault(name, []).append(t)
-    out = {}
-    for name, ts in by.items():
-        pred = [cost.simulate(t.meta, t.B, t.H, t.D, t.tiles, t.backend, profile).ms for t in ts]
-        meas = [t.ms for t in ts]
-        pick = min(range(len(ts)), key=lambda i: pred[i])
-        out[name] = {"spearman": spearman(pred, meas), "pick_vs_best": meas[pick] / min(meas),
-                     "rms_log_err": math.sqrt(statistics.fmean(math.log(p / m) ** 2 for p, m in zip(pred, meas)))}
-    return out
+    return {name: ranking([cost.simulate(t.meta, t.B, t.H, t.D, t.tiles, t.backend, profile).ms for t in ts],
+                          [t.ms for t in ts]) for name, ts in by.items()}
 
 
 def main(argv=None) -> dict:

@@ -136,18 +136,13 @@ class ExpressionOps:
 def expression_ops(pattern: Pattern) -> ExpressionOps:
     """The ExpressionOps of `pattern` in kernel order (a token layout's index arithmetic included)."""
     def count(root: ir.Node) -> tuple[float, float]:
-        seen, stack, total, pairwise = set(), [root], 0.0, 0.0
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
+        total = pairwise = 0.0
+        for node in ir.walk(root):
             if isinstance(node, (ir.Op, ir.Load)):
                 weight = LOAD_WEIGHT if isinstance(node, ir.Load) else OP_WEIGHTS.get(node.op, 1.0)
                 reads = ir.free_vars(node)
                 total += weight
                 pairwise += weight if ir.SCORE_VAR in reads or {"q", "kv"} <= reads else 0.0
-            stack.extend(node.children())
         return total, pairwise
     return ExpressionOps(*count(token_mask(pattern)), *count(pattern.score))
 
@@ -255,14 +250,16 @@ def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, fl
                 current = (trial, err)
         return current
 
-    best = best_of([{**spec, "partial_factor": f, "program_us": p, "programs_per_sm": o}
-                    for f in PARTIAL_FACTORS for p in PROGRAM_US for o in occupancies], None)
+    def tile_grid(around: dict) -> list[dict]:  # PARTIAL factor x prologue x occupancy
+        return [{**around, "partial_factor": f, "program_us": p, "programs_per_sm": o}
+                for f in PARTIAL_FACTORS for p in PROGRAM_US for o in occupancies]
+
+    best = best_of(tile_grid(spec), None)
     for _ in range(FIT_ROUNDS):
         before = best[1]
         best = best_of([{**best[0], "mask_op": x} for x in MASK_OPS], best)
         best = best_of([{**best[0], "score_op": x} for x in SCORE_OPS], best)
-        best = best_of([{**best[0], "partial_factor": f, "program_us": p, "programs_per_sm": o}
-                        for f in PARTIAL_FACTORS for p in PROGRAM_US for o in occupancies], best)
+        best = best_of(tile_grid(best[0]), best)
         if best[1] >= before - 1e-12:
             break
     return best

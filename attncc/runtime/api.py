@@ -190,9 +190,9 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from .kernel import Kernel
 
-    if target is not None:
-        return _target_kernel(pattern, q, k, v, kernel_options, target, page_table is not None or kv_lens is not None)
     paged = page_table is not None or kv_lens is not None
+    if target is not None:
+        return _target_kernel(pattern, q, k, v, kernel_options, target, paged)
     if paged and (page_table is None or kv_lens is None):
         raise ValueError("a paged call needs both page_table and kv_lens")
     with torch.no_grad():  # the choice for an inference call; the kernel falls back where grads are needed

@@ -10,7 +10,7 @@ compares (choices.TRITON_CANDIDATES) and for fa4 where it runs:
   2-D neighbourhood mask and a softcapped score (`fit_patterns` too).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones. SM count, peak rates and bandwidth come from
-the shipped profile the GPU's name matches (else "generic"); occupancy is kept from it too.
+the shipped profile the GPU's name matches (else "generic"); so do the occupancies the fit starts from.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from . import cache
 from .choices import TRITON_CANDIDATES
 from .inputs import check_qkv
 from .kernel import META_CACHE
+
 
 def user_profiles() -> Path:
     """Where calibrated profiles live: <attncc cache dir>/profiles."""

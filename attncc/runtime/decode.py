@@ -28,8 +28,10 @@ from ..compiler.codegen import TileConfig, kernel_roots
 from ..compiler.domain import check_domain
 from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.pattern import Pattern
+from ..dsl.trace import PatternError
 from . import cache
 from .inputs import Shapes, check_qkv, check_scale
+from .sequences import check_paged, paged_pattern, query_offsets, vouched_lengths
 from .tiles import TileLists
 
 MAX_SPLITS = 65535  # the grid's second axis
@@ -68,8 +70,6 @@ class DecodeMeta(TileLists):
 
     def at(self, kv_lens: torch.Tensor, Q_LEN: int) -> "DecodeMeta":
         """This metadata with the query offsets and lengths of the call with kv_lens."""
-        from .sequences import query_offsets
-
         kv_len = kv_lens.contiguous()
         return replace(self, kv_len=kv_len, q_offset=query_offsets(kv_len, Q_LEN))
 
@@ -115,7 +115,6 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     (else span 1: the exact lists of this call). q_offset and kv_len are this call's."""
     from .calibrate import profile_for
     from .kernel import param_values
-    from .sequences import query_offsets
 
     if kv_lens is None:
         q_offset = torch.zeros(s.B, dtype=torch.int32, device=device)
@@ -150,9 +149,6 @@ def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tens
     """(block map, merged classes int8 [B|1, Hkv|1, KB], keys the map spans, hi int64 [B]) of a
     paged call whose lengths lie in [lo, hi) (build_meta); span 1 where the span's positions are
     outside the pattern's domain (a buffer too short for them: the domain check says so)."""
-    from ..dsl.trace import PatternError
-    from .sequences import paged_pattern, query_offsets
-
     if span > 1:
         grown = torch.minimum(lo + span - 1, torch.full_like(lo, capacity if capacity is not None else 1 << 62))
         top = torch.where(lo > 0, torch.maximum(grown, lo), lo)  # the longest length of the span
@@ -224,7 +220,6 @@ class DecodeKernel:
     def _entry(self, q, k, v, page_table, kv_lens) -> tuple[Shapes, DecodeMeta]:
         """(Shapes, DecodeMeta) for these inputs, from the cache: a miss checks them and builds."""
         from .kernel import buffer_key, pattern_key
-        from .sequences import check_paged, vouched_lengths
 
         if self.paged != (page_table is not None) or (kv_lens is None) == self.paged:
             raise ValueError("this decode kernel was built for " + ("paged caches: pass page_table and kv_lens"

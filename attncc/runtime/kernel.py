@@ -207,7 +207,6 @@ class _MetaCache:
         """compiler.cost.simulate's forward ms for this entry on `backend` and `profile` (None where the
         profile lacks the backend), computed once (list scheduling of every program is milliseconds
         of Python: never per call)."""
-
         if backend not in profile.backends:
             return None
         with self.lock:
@@ -458,8 +457,8 @@ class Kernel:
         dq_meta, dkdv_meta, module = self._backward_module(s)
         dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v, out, dout = interpretable(self.interpret, q, k, v, out, dout)
-        grads = launch(self.interpret, module.backward, q, k, v, out, lse, dout, dlse, dq_meta, dkdv_meta, self.scale,
-                             dq_meta.buffers)
+        grads = launch(self.interpret, module.backward, q, k, v, out, lse, dout, dlse, dq_meta, dkdv_meta,
+                       self.scale, dq_meta.buffers)
         return tuple(g.to(t) for g, t in zip(grads, dtypes))
 
     def buffer_backward(self, names: list[str], q, k, v, out, lse, dout, dlse, s: Shapes) -> list[torch.Tensor]:
