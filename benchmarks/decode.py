@@ -56,14 +56,14 @@ def bandwidth(ms: float, nbytes: int) -> float:
     return nbytes / (ms * 1e-3) / 1e12  # TB/s
 
 
-def timed(fn, device) -> tuple[float, str]:
-    """(ms, how): a CUDA graph of fn replayed where it captures, else triton's do_bench."""
+def timed(fn, device, rep: int = 50) -> tuple[float, str]:
+    """(ms, how): a CUDA graph of fn replayed (for `rep` ms) where it captures, else triton's do_bench."""
     if device.type == "cuda":
         import triton
 
         fn()
         try:
-            return triton.testing.do_bench_cudagraph(fn, rep=50), "graph"
+            return triton.testing.do_bench_cudagraph(fn, rep=rep), "graph"
         except Exception:  # noqa: BLE001 — a callable that cannot be captured is timed plainly
             torch.cuda.synchronize()
     return time_ms(fn, device), "plain"

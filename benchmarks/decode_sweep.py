@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
-from benchmarks.decode import bandwidth, live_keys, native_mask, paged_copy  # noqa: E402
+from benchmarks.decode import bandwidth, live_keys, native_mask, paged_copy, timed  # noqa: E402
 from benchmarks.report import write_table  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -32,8 +32,6 @@ SPLITS = [2, 4, 8, 16, 32, 64]
 
 def sweep_row(name: str, B: int, KV: int, q_len: int, device) -> dict:
     """{label: (TB/s, rel diff from the first configuration)} for one row."""
-    import triton
-
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(B, HQ, q_len, D, device=device, dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(B, HKV, KV, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
@@ -50,7 +48,7 @@ def sweep_row(name: str, B: int, KV: int, q_len: int, device) -> dict:
         kern = ac.compile(pattern, q, *caches, page_table=table, kv_lens=lens, kernel_options=options)
         o = kern(q, *caches, page_table=table, kv_lens=lens).float()
         first = o if first is None else first
-        ms = triton.testing.do_bench_cudagraph(lambda: kern(q, *caches, page_table=table, kv_lens=lens), rep=30)
+        ms, _ = timed(lambda: kern(q, *caches, page_table=table, kv_lens=lens), device, rep=30)
         label = f"{bn}/{warps}/{stages} S={kern.config['kv_splits']}{'' if S is None else ' forced'}"
         out[label] = (round(bandwidth(ms, nbytes), 2), float(f"{((o - first).norm() / first.norm()).item():.1e}"))
     return out

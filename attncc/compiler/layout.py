@@ -210,4 +210,3 @@ def default_layout(canvas, dilation=1) -> Layout | None:
         if all(s % (b * d) == 0 for s, b, d in zip(canvas, brick, dil)):
             return Layout(canvas, brick, dil)
     return None
-

@@ -110,8 +110,8 @@ def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
     1 <= kernel, kernel * dilation <= canvas (NATTEN's rule, which also makes kernel <= canvas)
     and 1 <= stride <= kernel on every axis. Even kernels are allowed (k // 2 keys before the
     centre, k // 2 - 1 after, as NATTEN >= 0.20). When a brick divides every (dilation class of an)
-    axis, the kernels run in the layout of compiler/layout.best_layout (the brick leaving the
-    fewest tiles for this kernel), and Q_LEN and KV_LEN must then be prod(canvas).
+    axis, the kernels run in the layout `_brick_layout` picks (the brick leaving the fewest tiles
+    for this kernel), and Q_LEN and KV_LEN must then be prod(canvas).
     """
     dims = canvas_dims(canvas)
     nd = len(dims)
@@ -136,7 +136,8 @@ def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
 
 
 BRICK_TOKENS = 128  # a brick is one 128-row query tile; a 64-key kv tile is its first half
-PARTIAL_WEIGHT = 2.5  # a PARTIAL tile against a FULL one (the H200 profile's fitted factor)
+PARTIAL_WEIGHT = 2.5  # a PARTIAL tile against a FULL one: the H200 profile's Triton factor when
+# chosen (refitted to 3.0 since, with the operators priced apart; the suite's bricks are the same at 3.0)
 
 
 def _brick_layout(dims, ks, ds, ss, cs) -> Layout | None:
