@@ -143,6 +143,30 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
     assert len(result["rows"]) == 4 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
     assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
+    assert result["refused"] == []
+
+
+def test_the_validation_benchmark_lists_a_configuration_refused_for_shared_memory(tmp_path, monkeypatch):
+    """On the H200 global_tokens' 64x128/4/3 forward needed 240 KiB of 227: the run goes on without it."""
+    import sys
+
+    from triton.runtime.errors import OutOfResources
+
+    from attncc.runtime import kernel
+
+    sys.path.insert(0, str(cost.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import costmodel
+
+    real = kernel.launch
+
+    def launch(interpret, fn, *args, **kwargs):
+        if fn.__globals__.get("BLOCK_N") == 128 and fn.__globals__.get("BLOCK_M") == 64:
+            raise OutOfResources(245760, 232448, "shared memory")
+        return real(interpret, fn, *args, **kwargs)
+    monkeypatch.setattr(kernel, "launch", launch)
+    result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
+    assert result["refused"] == ["triton 64x128/4/3"] and len(result["rows"]) == 3
+    assert "triton 64x128/4/3 |" in (tmp_path / "costmodel.md").read_text()
 
 
 def test_refit_recovers_a_profile_from_recorded_timings_and_scores_held_out_patterns(tmp_path, monkeypatch):

@@ -316,3 +316,32 @@ def test_the_serving_loop_benchmark_runs_in_smoke_mode(tmp_path):
     rows = serving_loop.main(["--smoke", "--patterns", "sinks", "--out-dir", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["step_ms"] > 0 and rows[0]["repeat_ms"] > 0
     assert "| sinks | 2 | 40 | 2 |" in (tmp_path / "serving_loop.md").read_text()
+
+
+def test_repeated_decode_calls_reuse_one_kernel(monkeypatch):
+    """A step's layers (and the next steps) run one DecodeKernel: no checks or choices rebuilt;
+    another parameter value, shape or option gets its own."""
+    from attncc.runtime import decode
+
+    made = []
+    real = decode.DecodeKernel.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(args[0])
+        real(self, *args, **kwargs)
+    monkeypatch.setattr(decode.DecodeKernel, "__init__", counted)
+    lens = [37, 50]
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=1)
+    for window in (10, 10, 12, 10):
+        pattern = ac.patterns.sinks(3, window)
+        for _ in range(2):
+            out = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens)
+            want, _ = oracle(q[1], dense_sequence(kc, table, 1, 50), dense_sequence(vc, table, 1, 50), pattern)
+            assert rel(out[1], want) < 1e-5
+    kv_lens -= 1  # the lengths change in place (a new version): the same kernel, new lists
+    out = ac.attention(q, kc, vc, ac.patterns.sinks(3, 10), page_table=table, kv_lens=kv_lens)
+    want, _ = oracle(q[1], dense_sequence(kc, table, 1, 49), dense_sequence(vc, table, 1, 49), ac.patterns.sinks(3, 10))
+    assert rel(out[1], want) < 1e-5
+    ac.attention(q, kc, vc, ac.patterns.sinks(3, 10), page_table=table, kv_lens=kv_lens, kernel_options={"kv_splits": 2})
+    assert [p.params for p in made] == [ac.patterns.sinks(3, 10).params, ac.patterns.sinks(3, 12).params,
+                                        ac.patterns.sinks(3, 10).params]

@@ -106,7 +106,7 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .calibrate import profile_for
     from .choices import (AUTOTUNE_TOP, KernelChoice, check_options, choose_backend, choose_backward_tiles,
-                          choose_tiles, choose_tma, ranked_candidates)
+                          choose_tiles, choose_tma, forced_tiles, ranked_candidates)
     from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
@@ -138,25 +138,27 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
                              "layout has the kernels gather them; leave tma unset")
         tma = False
     choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
-                          tma, layout, options.get("deterministic", True))
+                          tma, layout, options.get("deterministic", True), *forced_tiles(options))
     return pattern, s, check_scale(scale, s.D), choice
 
 
 def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layout):
-    """The candidate (backend, forward tiles) whose forward measured fastest on these inputs
-    (kernel_options autotune=True: the simulator's top few, each timed by do_bench)."""
+    """The (backend, forward tiles) whose forward measured fastest on these inputs (kernel_options
+    autotune=True: the simulator's top few, each timed by do_bench; a candidate that needed fewer
+    stages to fit in shared memory is timed, and returned, with them)."""
     from .calibrate import time_ms
     from .choices import KernelChoice, choose_backward_tiles
     from .kernel import Kernel
 
     backward = choose_backward_tiles(s, q.dtype, q.device, {})
-
-    def measured(candidate):
-        backend, tiles = candidate
+    timed = []
+    for backend, tiles in candidates:
         kern = Kernel(pattern, s, q.device, scale, KernelChoice(tiles, backward, backend, False, layout))
         with torch.no_grad():
-            return time_ms(lambda: kern.run(q, k, v, s, False), q.device)
-    return min(candidates, key=measured)
+            ms = time_ms(lambda: kern.run(q, k, v, s, False), q.device)
+        timed.append((ms, backend, kern.tiles))
+    _, backend, tiles = min(timed, key=lambda t: t[0])
+    return backend, tiles
 
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -299,17 +301,25 @@ def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool
     if reuse:
         key = pattern_key(pat) + (pat.layout, s, q.dtype, k.dtype, v.dtype, q.device, scale, return_lse,
                                   tuple(sorted((kernel_options or {}).items())))
-        try:
-            hash(key)
-        except TypeError:  # an unhashable option value: no reuse
-            key = None
-    kern = None if key is None else _KERNELS.get(key)
+
+    def make():
+        kernel_pattern, _, scale_, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
+        return Kernel(kernel_pattern, s, q.device, scale_, choice)
+    return _reused(_KERNELS, key, make), s
+
+
+def _reused(kernels: LRU, key: tuple | None, make):
+    """kernels[key], else make() kept under key (never where key is None or unhashable)."""
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option value: no reuse
+        key = None
+    kern = None if key is None else kernels.get(key)
     if kern is None:
-        kernel_pattern, s, scale, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
-        kern = Kernel(kernel_pattern, s, q.device, scale, choice)
+        kern = make()
         if key is not None:
-            _KERNELS.put(key, kern)
-    return kern, s
+            kernels.put(key, kern)
+    return kern
 
 
 _KERNELS = LRU(16)  # call key -> Kernel; each holds its block masks: a few recent calls, not a second cache
@@ -317,10 +327,13 @@ _KERNELS = LRU(16)  # call key -> Kernel; each holds its block masks: a few rece
 
 def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged: bool):
     """The DecodeKernel (runtime/decode.py) for this call where runtime/choices.choose_decode picks
-    it (never under torch.compile nor with gradients required), else None."""
+    it (never under torch.compile nor with gradients required), else None. Reused while the
+    pattern's value, shapes, dtypes, scale and options repeat (a step's layers, the next steps):
+    on the CPU 89 instead of 205 us of Python per call before the launch."""
     from .autograd import needs_grad
     from .choices import choose_decode
     from .decode import DecodeKernel
+    from .kernel import pattern_key
 
     options = kernel_options or {}
     if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
@@ -331,8 +344,14 @@ def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens,
     KV = None if paged else k.shape[2]
     if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v)):
         return None
-    return DecodeKernel(pattern, q, k, v, scale=scale, kernel_options=options,
-                        page_table=page_table if paged else None, kv_lens=kv_lens if paged else None)
+    key = pattern_key(pattern) + (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
+                                  q.device, scale, paged, tuple(sorted(options.items())))
+    return _reused(_DECODE_KERNELS, key, lambda: DecodeKernel(
+        pattern, q, k, v, scale=scale, kernel_options=options, page_table=page_table if paged else None,
+        kv_lens=kv_lens if paged else None))
+
+
+_DECODE_KERNELS = LRU(16)  # call key -> DecodeKernel: a decode step's next layer skips its checks and choices
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):

@@ -30,6 +30,18 @@ class KernelChoice:
     tma: bool = False
     layout: Layout | None = None
     deterministic: bool = True
+    tiles_forced: bool = False     # kernel_options set the forward's tiles: never changed at run time
+    backward_forced: bool = False  # ... or the backward's (dkdv_tiles / dq_tiles)
+
+
+def forced_tiles(options: dict) -> tuple[bool, bool]:
+    """(forward, backward): whether kernel_options set any of the forward's / backward's tiles."""
+    return any(k in options for k in _TILE_OPTIONS), any(k in options for k in _BACKWARD_OPTIONS)
+
+
+def fewer_stages(t: TileConfig) -> TileConfig | None:
+    """t with one pipeline stage fewer (less shared memory), None at one stage."""
+    return TileConfig(t.BLOCK_M, t.BLOCK_N, t.num_warps, t.num_stages - 1) if t.num_stages > 1 else None
 
 
 def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:

@@ -295,15 +295,22 @@ class DecodeKernel:
 
     def forward(self, q, k, v, page_table=None, kv_lens=None):
         """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd."""
-        from .kernel import interpretable, launch
+        from .choices import forced_tiles
+        from .kernel import after_shared_memory_refusal, interpretable, launch
 
-        _, meta = self._entry(q, k, v, page_table, kv_lens)
-        module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
-        dtype = q.dtype
-        q, k, v = interpretable(self.interpret, q, k, v)
         table = page_table.contiguous() if self.paged else None
-        out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers, table)
-        return out.to(dtype), lse
+        qi, ki, vi = interpretable(self.interpret, q, k, v)
+        while True:
+            _, meta = self._entry(q, k, v, page_table, kv_lens)
+            module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
+            try:
+                out, lse = launch(self.interpret, module.forward, qi, ki, vi, meta, self.scale, meta.buffers, table)
+                return out.to(q.dtype), lse
+            except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
+                self.tiles = after_shared_memory_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0],
+                                                         "BLOCK_M/BLOCK_N/num_warps/num_stages")
+                self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens)
+                self.module = self._module(self._meta)
 
     def __repr__(self) -> str:
         return f"DecodeKernel({self.pattern!r}, {self.config})"

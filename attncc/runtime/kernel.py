@@ -28,7 +28,7 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
 from ..dsl.pattern import Pattern
 from . import autograd, cache, fa4
-from .choices import KernelChoice, tile_tuple
+from .choices import KernelChoice, fewer_stages, tile_tuple
 from .inputs import Shapes, check_qkv
 from .tiles import TileLists
 
@@ -317,6 +317,27 @@ def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
             q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def after_shared_memory_refusal(error: Exception, tiles: TileConfig, forced: bool, options: str,
+                                 other: TileConfig | None = None) -> TileConfig:
+    """The tiles to retry with after a launch raised `error`: one stage fewer where Triton refused
+    the kernel for want of shared memory (how much a kernel needs depends on the pattern's
+    expressions, so no estimate can promise it fits; the sooner the better, the fewer stages the
+    slower). Re-raises anything else; a ValueError naming kernel_options `options` where they
+    `forced` the tiles or no stage is left to drop (`other`: the backward's second kernel, which
+    drops one with them)."""
+    from triton.runtime.errors import OutOfResources
+
+    if not isinstance(error, OutOfResources) or "shared memory" not in str(error):
+        raise error
+    smaller = fewer_stages(tiles)
+    if forced or (smaller is None and (other is None or fewer_stages(other) is None)):
+        why = "the tiles kernel_options set" if forced else "the kernel at one stage"
+        raise ValueError(f"{why} ({tile_tuple(tiles)}{'' if other is None else ', ' + str(tile_tuple(other))}: "
+                         f"BLOCK_M, BLOCK_N, num_warps, num_stages) need more shared memory than this GPU has "
+                         f"({error}); set kernel_options {options} to smaller tiles or fewer stages") from error
+    return smaller or tiles
+
+
 class Kernel:
     """A compiled attention for one pattern: `.source`, `.config`, `.block_mask`, `__call__`.
 
@@ -342,6 +363,7 @@ class Kernel:
         self.layout = choice.layout
         self._rows = choice.layout if choice.backend == "triton" else None  # the kernels gather rows through it
         self.deterministic = choice.deterministic
+        self._tiles_forced, self._backward_forced = choice.tiles_forced, choice.backward_forced
         self.device = device
         self.interpret = device.type != "cuda"
         self.block_mask, self._meta = META_CACHE.get(pattern, shapes, self.tiles, device)
@@ -440,11 +462,21 @@ class Kernel:
         """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) from the generated kernel."""
         if self.backend == "fa4":
             return fa4.forward(self._fa4_call(s), q, k, v, self.scale)
-        meta, module = self._specialised(s, q.device)
         dtype = q.dtype
         q, k, v = interpretable(self.interpret, q, k, v)
-        out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers, tma=self.tma)
-        return out.to(dtype), lse
+        while True:
+            meta, module = self._specialised(s, q.device)
+            try:
+                out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers,
+                                  tma=self.tma)
+                return out.to(dtype), lse
+            except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
+                smaller = after_shared_memory_refusal(e, self.tiles, self._tiles_forced, "BLOCK_M/BLOCK_N/"
+                                                       "num_warps/num_stages")
+                self.tiles = smaller
+                self.block_mask, self._meta = META_CACHE.get(self.pattern, self._shapes, smaller, self.device)
+                self.module = kernel_module(self.pattern, smaller, self._meta.plan, interpret=self.interpret,
+                                            layout=self._rows)
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
@@ -454,12 +486,19 @@ class Kernel:
             call = self._fa4_call(s)
             if fa4.backward_refusal(call, self.pattern, s, self.deterministic) is None:
                 return fa4.backward(call, q, k, v, out, lse, dout, dlse, self.scale, self.deterministic)
-        dq_meta, dkdv_meta, module = self._backward_module(s)
         dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v, out, dout = interpretable(self.interpret, q, k, v, out, dout)
-        grads = launch(self.interpret, module.backward, q, k, v, out, lse, dout, dlse, dq_meta, dkdv_meta,
-                       self.scale, dq_meta.buffers)
-        return tuple(g.to(t) for g, t in zip(grads, dtypes))
+        while True:
+            dq_meta, dkdv_meta, module = self._backward_module(s)
+            try:
+                grads = launch(self.interpret, module.backward, q, k, v, out, lse, dout, dlse, dq_meta,
+                               dkdv_meta, self.scale, dq_meta.buffers)
+                return tuple(g.to(t) for g, t in zip(grads, dtypes))
+            except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
+                bt = self.backward_tiles
+                dkdv = after_shared_memory_refusal(e, bt.dkdv, self._backward_forced, "dkdv_tiles/dq_tiles",
+                                                    other=bt.dq)
+                self.backward_tiles = BackwardTiles(dkdv, fewer_stages(bt.dq) or bt.dq)
 
     def buffer_backward(self, names: list[str], q, k, v, out, lse, dout, dlse, s: Shapes) -> list[torch.Tensor]:
         """The gradients of the pattern's float buffers `names` (runtime/buffer_grads.py), each in

@@ -1,0 +1,121 @@
+"""Kernels Triton refuses for want of shared memory (runtime/kernel.after_shared_memory_refusal):
+how much a kernel needs depends on the pattern's expressions (on the H200 global_tokens' 64x128
+forward at 3 stages needed 240 KiB of 227), so tiles the automatic choice picked retry with one
+stage fewer, and tiles kernel_options forced fail with an error naming them. Triton's interpreter
+has no shared memory: these tests refuse launches themselves, then check the retried kernel
+against ac.reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+import attncc as ac
+from attncc.compiler.codegen import BackwardTiles, TileConfig
+from attncc.runtime import choices, kernel
+from test_sequences import dense_sequence, oracle, paged_inputs, rel
+
+
+@pytest.fixture
+def refuse(monkeypatch):
+    """refuse(name, n): the next n launches of generated functions called `name` raise Triton's
+    shared-memory OutOfResources (as a kernel too large for the GPU does at its first launch)."""
+    left = {}
+    real = kernel.launch
+
+    def launch(interpret, fn, *args, **kwargs):
+        if left.get(fn.__name__, 0) > 0:
+            left[fn.__name__] -= 1
+            raise OutOfResources(245760, 232448, "shared memory")
+        return real(interpret, fn, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "launch", launch)
+
+    def arm(name: str, n: int):
+        left[name] = n
+        return left
+    return arm
+
+
+@pytest.fixture
+def staged(monkeypatch):
+    """The interpreter's tiles with 3 stages (the interpreter ignores stages; the CPU table has 1)."""
+    choose, backward, decode = choices.choose_tiles, choices.choose_backward_tiles, choices.choose_decode_tiles
+    three = lambda t: TileConfig(t.BLOCK_M, t.BLOCK_N, t.num_warps, 3)  # noqa: E731
+    monkeypatch.setattr(choices, "choose_tiles", lambda *a: three(choose(*a)))
+    monkeypatch.setattr(choices, "choose_backward_tiles",
+                        lambda *a: BackwardTiles(*(three(t) for t in (lambda b: (b.dkdv, b.dq))(backward(*a)))))
+    monkeypatch.setattr(choices, "choose_decode_tiles", lambda *a: three(decode(*a)))
+
+
+def inputs(requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, 45, 16, generator=g) for _ in range(3))
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def test_an_automatic_forward_refused_for_shared_memory_retries_with_fewer_stages(refuse, staged):
+    q, k, v = inputs()
+    pattern = ac.patterns.sliding_window(9)
+    kern = ac.compile(pattern, q, k, v)
+    assert kern.config["num_stages"] == 3
+    left = refuse("forward", 2)
+    out = kern(q, k, v)
+    assert kern.config["num_stages"] == 1 and left["forward"] == 0
+    assert rel(out, ac.reference(q, k, v, pattern)) < 1e-5
+    assert rel(kern(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5  # the smaller kernel stays
+
+
+def test_forced_tiles_refused_for_shared_memory_name_the_options(refuse):
+    q, k, v = inputs()
+    kern = ac.compile(ac.patterns.causal(), q, k, v, kernel_options={"num_stages": 3})
+    refuse("forward", 1)
+    with pytest.raises(ValueError, match=r"kernel_options set \(\(32, 32, 4, 3\).*shared memory.*fewer stages"):
+        kern(q, k, v)
+
+
+def test_a_refusal_at_one_stage_is_an_error_not_a_loop(refuse, staged):
+    q, k, v = inputs()
+    kern = ac.compile(ac.patterns.causal(), q, k, v)
+    refuse("forward", 10)
+    with pytest.raises(ValueError, match="at one stage.*shared memory"):
+        kern(q, k, v)
+
+
+def test_other_launch_errors_pass_through(monkeypatch, staged):
+    q, k, v = inputs()
+    kern = ac.compile(ac.patterns.causal(), q, k, v)
+
+    def broken(interpret, fn, *args, **kwargs):
+        raise OutOfResources(300, 255, "registers")
+    monkeypatch.setattr(kernel, "launch", broken)
+    with pytest.raises(OutOfResources, match="registers"):
+        kern(q, k, v)
+    assert kern.config["num_stages"] == 3
+
+
+def test_a_refused_backward_retries_both_kernels_with_fewer_stages(refuse, staged):
+    q, k, v = inputs(requires_grad=True, seed=1)
+    pattern = ac.patterns.document(lengths=[20, 25])
+    kern = ac.compile(pattern, q, k, v)
+    dout = torch.randn(1, 2, 45, 16, generator=torch.Generator().manual_seed(2))
+    left = refuse("backward", 1)
+    grads = torch.autograd.grad(kern(q, k, v), (q, k, v), dout)
+    assert left["backward"] == 0 and kern.config["dkdv_tiles"][3] == 2 and kern.config["dq_tiles"][3] == 2
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(ac.reference(qd, kd, vd, pattern), (qd, kd, vd), dout.double())
+    assert all(rel(g, w) < 1e-5 for g, w in zip(grads, want))
+
+
+def test_a_refused_decode_kernel_retries_with_fewer_stages(refuse, staged):
+    lens = [37, 70]
+    q, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=2, Hq=4, Hkv=2, page_size=16, num_pages=12, seed=3)
+    pattern = ac.patterns.sinks(3, 20)
+    kern = ac.compile(pattern, q, kc, vc, page_table=table, kv_lens=kv_lens)
+    assert kern.config["kernel"] == "decode" and kern.config["num_stages"] == 3
+    refuse("forward", 1)
+    out = kern(q, kc, vc, page_table=table, kv_lens=kv_lens)
+    assert kern.config["num_stages"] == 2
+    for b, n in enumerate(lens):
+        want, _ = oracle(q[b], dense_sequence(kc, table, b, n), dense_sequence(vc, table, b, n), pattern)
+        assert rel(out[b], want) < 1e-5
