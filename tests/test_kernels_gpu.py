@@ -106,6 +106,25 @@ def test_the_cost_model_picks_the_tiles():
     assert rel(swa(q, k, v), ac.reference(q, k, v, ac.patterns.sliding_window(1024))) < 2e-2
 
 
+def test_a_kernel_too_large_for_shared_memory_runs_with_fewer_stages(monkeypatch):
+    """global_tokens' 64x128/4/3 forward needed 240 KiB of the H200's 227 (2026-12-01): chosen
+    automatically it runs at 2 stages; forced by kernel_options it is an error naming them."""
+    from attncc.runtime import choices
+
+    N = 8192
+    q, k, v = qkv(1, 4, 4, N, 128)
+    pattern = ac.patterns.global_tokens(torch.arange(N, device="cuda") % 512 == 0, 256)
+    tiles = TileConfig(64, 128, 4, 3)
+    with pytest.raises(ValueError, match="kernel_options set.*shared memory"):
+        compile(pattern, q, k, v, kernel_options={"backend": "triton", "BLOCK_M": 64, "BLOCK_N": 128,
+                                                  "num_warps": 4, "num_stages": 3})(q, k, v)
+    monkeypatch.setattr(choices, "ranked_candidates", lambda *args, **kwargs: [("triton", tiles)])
+    kern = compile(pattern, q, k, v, kernel_options=OURS)
+    out = kern(q, k, v)
+    assert kern.config["num_stages"] < 3 and (kern.config["BLOCK_M"], kern.config["BLOCK_N"]) == (64, 128)
+    assert rel(out, ac.reference(q, k, v, pattern)) < 2e-2
+
+
 # ----------------------------------------------------------------------------------------------
 # Exact numbers at real sizes (tests/test_numerics.py on CPU)
 
