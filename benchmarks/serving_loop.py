@@ -8,7 +8,8 @@ on CUDA); each step appends one token per sequence and runs `layers` attention c
 cache (a model's layers share lengths and page table). Wall time per step over `steps` steps
 after a warm-up (one synchronisation at the end), beside the same number of calls on unchanged
 inputs (`repeat`: launches and kernels only, no new lengths): their difference is what a new
-step costs beyond its kernels (checks, tile lists, the appends). --smoke: tiny sizes on CPU.
+step costs beyond its kernels (checks, tile lists, the appends); then as many steps again
+counting and timing the tile-list builds (runtime/decode.build_meta). --smoke: tiny sizes on CPU.
 """
 from __future__ import annotations
 
@@ -62,7 +63,32 @@ def run_row(name: str, B: int, KV: int, steps: int, layers: int, device, dims) -
         sync(device)
         out[f"{label}_ms"] = (time.perf_counter() - t) * 1e3 / steps
     out["new_step_ms"] = out["step_ms"] - out["repeat_ms"]
+    out["builds"], out["build_ms"] = timed_builds(step, steps, device)
     return out
+
+
+def timed_builds(step, steps: int, device) -> tuple[int, float]:
+    """(tile-list builds in `steps` more steps, mean ms of one, synchronised before and after):
+    what of a new step's extra the lists rebuilt once per DECODE_SPAN steps explain. A separate
+    pass, since the synchronisations change the steps' timing."""
+    from attncc.runtime import decode
+
+    real, times = decode.build_meta, []
+
+    def build_meta(*args, **kwargs):
+        sync(device)
+        t = time.perf_counter()
+        meta = real(*args, **kwargs)
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+        return meta
+    decode.build_meta = build_meta
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        decode.build_meta = real
+    return len(times), sum(times) / max(1, len(times))
 
 
 def main(argv=None) -> list[dict]:
@@ -84,10 +110,10 @@ def main(argv=None) -> list[dict]:
             for name in args.patterns.split(",") for B in batches for KV in kvs]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [f"Decode steps over an ac.KVCache on {gpu}, torch {torch.__version__}: ms per step", "",
-             "| pattern | B | KV | layers | step | repeat (no new lengths) | new step's extra |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| pattern | B | KV | layers | step | repeat (no new lengths) | new step's extra | list builds "
+             "in as many steps | ms per build |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['pattern']} | {r['B']} | {r['KV']} | {r['layers']} | {r['step_ms']:.3f} | {r['repeat_ms']:.3f} | "
-              f"{r['new_step_ms']:.3f} |" for r in rows]
+              f"{r['new_step_ms']:.3f} | {r['builds']} | {r['build_ms']:.1f} |" for r in rows]
     print("\n".join(lines))
     write_table(args.out_dir, "serving_loop", rows, lines)
     return rows
