@@ -188,7 +188,10 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     k/v through tensor descriptors where the strides allow, on Hopper or CPU; default: on CUDA for
     head dims above 128, where it measured faster) and autotune (True: time the cost simulator's
     AUTOTUNE_TOP best forward configurations on these inputs and take the fastest; where the
-    simulator does not choose, runtime/choices.cost_choice, it changes nothing).
+    simulator does not choose, runtime/choices.cost_choice, it changes nothing). A kernel Triton
+    refuses at its first launch for want of shared memory (how much it needs depends on the
+    pattern) runs with one pipeline stage fewer, `kern.config` saying so, unless kernel_options
+    set its tiles: then a ValueError names them.
     """
     from .kernel import Kernel
 
