@@ -130,6 +130,19 @@ def test_simplification_rules(built, expected):
     assert built is expected
 
 
+def test_float_zeros_fold_only_where_ieee_keeps_every_value():
+    """x + 0.0 is +0.0 at x = -0.0 (so 1 / (0.0 + -score) at score 0 is +inf, not -inf): only
+    x - 0.0, x + -0.0 and -0.0 + x fold (hypothesis found pow(0.0 + (-0.0 - score), -1))."""
+    pos, neg = ir.const(0.0), ir.const(-0.0)
+    for kept in (ir.op("add", score, pos), ir.op("add", pos, score), ir.op("sub", score, neg)):
+        assert kept is not score
+    for folded in (ir.op("sub", score, pos), ir.op("add", score, neg), ir.op("add", neg, score)):
+        assert folded is score
+    node = ir.op("pow", ir.op("add", pos, ir.op("sub", neg, score)), ir.const(-1))
+    at_zero = ev.evaluate(node, {"score": torch.tensor([0.0, -0.0], dtype=torch.float64)}, {}, {})
+    assert at_zero.tolist() == [math.inf, math.inf]
+
+
 @pytest.mark.parametrize("name,torch_fn", [
     ("mul", lambda s: s * 0.0),   # inf * 0 is nan, not 0
     ("sub", lambda s: s - s),     # inf - inf is nan

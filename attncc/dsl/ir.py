@@ -224,10 +224,6 @@ def _is(n: Node, value) -> bool:
     return isinstance(n, Const) and type(n.value) is type(value) and n.value == value
 
 
-def _is_zero(n: Node) -> bool:
-    return _is(n, 0) or _is(n, 0.0)
-
-
 def _is_one(n: Node) -> bool:
     return _is(n, 1) or _is(n, 1.0)
 
@@ -291,14 +287,25 @@ def where_01(c: Node) -> Node:
 # -- rewrite rules: (operators, rule(name, *args) -> simpler node or None), tried in order
 
 def _identity(name, a, b):
-    """x + 0, x - 0, x * 1 -> x; 0 + x, 1 * x -> x (same kinds, so the result keeps its kind)."""
+    """x * 1, 1 * x -> x; integers: x + 0, 0 + x, x - 0 -> x; floats only where IEEE leaves every x
+    as it is: x - 0.0, x + -0.0, -0.0 + x (x + 0.0 is +0.0 at x = -0.0). Same kinds, so the
+    result keeps its kind."""
     if kind_of(a) != kind_of(b):
         return None
-    if (name == "mul" and _is_one(b)) or (name != "mul" and _is_zero(b)):
+    if name == "mul":
+        return a if _is_one(b) else b if _is_one(a) else None
+    if kind_of(a) == "int":
+        if _is(b, 0):
+            return a
+        return b if name == "add" and _is(a, 0) else None
+    if _signed_zero(b, negative=name == "add"):
         return a
-    if name != "sub" and (_is_one(a) if name == "mul" else _is_zero(a)):
-        return b
-    return None
+    return b if name == "add" and _signed_zero(a, negative=True) else None
+
+
+def _signed_zero(n: Node, negative: bool) -> bool:
+    """Whether n is the float constant -0.0 (negative) or +0.0."""
+    return _is(n, 0.0) and (math.copysign(1.0, n.value) < 0) == negative
 
 
 def _self_cancel(name, a, b):
