@@ -41,10 +41,15 @@ def refuse(monkeypatch):
 def staged(monkeypatch):
     """The interpreter's tiles with 3 stages (the interpreter ignores stages; the CPU table has 1)."""
     choose, backward, decode = choices.choose_tiles, choices.choose_backward_tiles, choices.choose_decode_tiles
-    three = lambda t: TileConfig(t.BLOCK_M, t.BLOCK_N, t.num_warps, 3)  # noqa: E731
+
+    def three(t: TileConfig) -> TileConfig:
+        return TileConfig(t.BLOCK_M, t.BLOCK_N, t.num_warps, 3)
+
+    def three_backward(*args) -> BackwardTiles:
+        tiles = backward(*args)
+        return BackwardTiles(three(tiles.dkdv), three(tiles.dq))
     monkeypatch.setattr(choices, "choose_tiles", lambda *a: three(choose(*a)))
-    monkeypatch.setattr(choices, "choose_backward_tiles",
-                        lambda *a: BackwardTiles(*(three(t) for t in (lambda b: (b.dkdv, b.dq))(backward(*a)))))
+    monkeypatch.setattr(choices, "choose_backward_tiles", three_backward)
     monkeypatch.setattr(choices, "choose_decode_tiles", lambda *a: three(decode(*a)))
 
 

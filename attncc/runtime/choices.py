@@ -36,7 +36,7 @@ class KernelChoice:
 
 def forced_tiles(options: dict) -> tuple[bool, bool]:
     """(forward, backward): whether kernel_options set any of the forward's / backward's tiles."""
-    return any(k in options for k in _TILE_OPTIONS), any(k in options for k in _BACKWARD_OPTIONS)
+    return any(k in options for k in TILE_OPTIONS), any(k in options for k in BACKWARD_TILE_OPTIONS)
 
 
 def fewer_stages(t: TileConfig) -> TileConfig | None:
@@ -49,9 +49,9 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
     return (t.BLOCK_M, t.BLOCK_N, t.num_warps, t.num_stages)
 
 
-_TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-_BACKWARD_OPTIONS = ("dkdv_tiles", "dq_tiles")
-_OPTIONS = _TILE_OPTIONS + _BACKWARD_OPTIONS + ("backend", "tma", "deterministic", "autotune")
+TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+BACKWARD_TILE_OPTIONS = ("dkdv_tiles", "dq_tiles")
+_OPTIONS = TILE_OPTIONS + BACKWARD_TILE_OPTIONS + ("backend", "tma", "deterministic", "autotune")
 # handled by ac.attention before a kernel is chosen (runtime/decode.py, runtime/sequences.split_kv),
 # refused by ac.compile unless the decode kernel runs
 CALL_OPTIONS = ("kv_splits", "decode")
@@ -85,7 +85,7 @@ def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: d
 
 def _overridden(base: TileConfig, options: dict) -> TileConfig:
     """`base` with the tile fields kernel_options set (each checked)."""
-    fields = {k: options.get(k, getattr(base, k)) for k in _TILE_OPTIONS}
+    fields = {k: options.get(k, getattr(base, k)) for k in TILE_OPTIONS}
     for k, val in fields.items():
         _check_tile_field(f"kernel_options[{k!r}]", k, val)
     return TileConfig(**fields)
@@ -128,7 +128,7 @@ def choose_backward_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, o
         if not isinstance(val, (tuple, list)) or len(val) != 4:
             raise ValueError(f"kernel_options[{name!r}] must be (BLOCK_M, BLOCK_N, num_warps, num_stages), "
                              f"got {val!r}")
-        for field, x in zip(_TILE_OPTIONS, val):
+        for field, x in zip(TILE_OPTIONS, val):
             _check_tile_field(f"kernel_options[{name!r}] {field}", field, x)
         picked[name] = TileConfig(*val)
     return BackwardTiles(picked["dkdv_tiles"], picked["dq_tiles"])
@@ -165,7 +165,7 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
 
     if (backend not in ("triton", "fa4") or options.get("backend", "auto") not in ("auto", "triton")
             or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)
-            or not 64 < max(s.D, s.Dv) <= 128 or any(k in options for k in _TILE_OPTIONS)):
+            or not 64 < max(s.D, s.Dv) <= 128 or any(k in options for k in TILE_OPTIONS)):
         return []
     candidates = [("triton", t) for t in TRITON_CANDIDATES] + ([("fa4", fa4.TILE)] if backend == "fa4" else [])
     candidates = [c for c in candidates if c[0] in profile.backends]

@@ -307,8 +307,7 @@ class DecodeKernel:
                 out, lse = launch(self.interpret, module.forward, qi, ki, vi, meta, self.scale, meta.buffers, table)
                 return out.to(q.dtype), lse
             except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
-                self.tiles = after_shared_memory_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0],
-                                                         "BLOCK_M/BLOCK_N/num_warps/num_stages")
+                self.tiles = after_shared_memory_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0])
                 self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens)
                 self.module = self._module(self._meta)
 

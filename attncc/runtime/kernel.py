@@ -28,7 +28,7 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
 from ..dsl.pattern import Pattern
 from . import autograd, cache, fa4
-from .choices import KernelChoice, fewer_stages, tile_tuple
+from .choices import BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fewer_stages, tile_tuple
 from .inputs import Shapes, check_qkv
 from .tiles import TileLists
 
@@ -317,14 +317,14 @@ def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
             q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def after_shared_memory_refusal(error: Exception, tiles: TileConfig, forced: bool, options: str,
+def after_shared_memory_refusal(error: Exception, tiles: TileConfig, forced: bool,
                                  other: TileConfig | None = None) -> TileConfig:
     """The tiles to retry with after a launch raised `error`: one stage fewer where Triton refused
     the kernel for want of shared memory (how much a kernel needs depends on the pattern's
     expressions, so no estimate can promise it fits; the sooner the better, the fewer stages the
-    slower). Re-raises anything else; a ValueError naming kernel_options `options` where they
-    `forced` the tiles or no stage is left to drop (`other`: the backward's second kernel, which
-    drops one with them)."""
+    slower). Re-raises anything else; a ValueError naming the kernel_options to change where they
+    `forced` the tiles or no stage is left to drop. `other`: the backward's dQ tiles (`tiles` its
+    dK/dV ones), which drop a stage with them."""
     from triton.runtime.errors import OutOfResources
 
     if not isinstance(error, OutOfResources) or "shared memory" not in str(error):
@@ -332,6 +332,7 @@ def after_shared_memory_refusal(error: Exception, tiles: TileConfig, forced: boo
     smaller = fewer_stages(tiles)
     if forced or (smaller is None and (other is None or fewer_stages(other) is None)):
         why = "the tiles kernel_options set" if forced else "the kernel at one stage"
+        options = "/".join(TILE_OPTIONS if other is None else BACKWARD_TILE_OPTIONS)
         raise ValueError(f"{why} ({tile_tuple(tiles)}{'' if other is None else ', ' + str(tile_tuple(other))}: "
                          f"BLOCK_M, BLOCK_N, num_warps, num_stages) need more shared memory than this GPU has "
                          f"({error}); set kernel_options {options} to smaller tiles or fewer stages") from error
@@ -357,7 +358,6 @@ class Kernel:
         self.pattern = pattern
         self.scale = scale
         self.backend = choice.backend
-        self.tiles = fa4.TILE if self.backend == "fa4" else choice.tiles
         self.backward_tiles = choice.backward_tiles
         self.tma = choice.tma
         self.layout = choice.layout
@@ -366,13 +366,18 @@ class Kernel:
         self._tiles_forced, self._backward_forced = choice.tiles_forced, choice.backward_forced
         self.device = device
         self.interpret = device.type != "cuda"
-        self.block_mask, self._meta = META_CACHE.get(pattern, shapes, self.tiles, device)
-        if self.backend == "fa4":
-            self._fa4, self.module = fa4.prepare(pattern, shapes, device), None
-        else:
-            self.module = kernel_module(pattern, self.tiles, self._meta.plan, interpret=self.interpret,
-                                        layout=self._rows)
         self._shapes = shapes
+        self._use_tiles(fa4.TILE if self.backend == "fa4" else choice.tiles)
+        if self.backend == "fa4":
+            self._fa4 = fa4.prepare(pattern, shapes, device)
+
+    def _use_tiles(self, tiles: TileConfig) -> None:
+        """Run the forward at `tiles`: their block mask and metadata at the built shapes, and the
+        generated module (None on fa4, whose hooks fa4.prepare builds)."""
+        self.tiles = tiles
+        self.block_mask, self._meta = META_CACHE.get(self.pattern, self._shapes, tiles, self.device)
+        self.module = None if self.backend == "fa4" else kernel_module(
+            self.pattern, tiles, self._meta.plan, interpret=self.interpret, layout=self._rows)
 
     @property
     def config(self) -> dict:
@@ -471,12 +476,7 @@ class Kernel:
                                   tma=self.tma)
                 return out.to(dtype), lse
             except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
-                smaller = after_shared_memory_refusal(e, self.tiles, self._tiles_forced, "BLOCK_M/BLOCK_N/"
-                                                       "num_warps/num_stages")
-                self.tiles = smaller
-                self.block_mask, self._meta = META_CACHE.get(self.pattern, self._shapes, smaller, self.device)
-                self.module = kernel_module(self.pattern, smaller, self._meta.plan, interpret=self.interpret,
-                                            layout=self._rows)
+                self._use_tiles(after_shared_memory_refusal(e, self.tiles, self._tiles_forced))
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
@@ -496,8 +496,7 @@ class Kernel:
                 return tuple(g.to(t) for g, t in zip(grads, dtypes))
             except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
                 bt = self.backward_tiles
-                dkdv = after_shared_memory_refusal(e, bt.dkdv, self._backward_forced, "dkdv_tiles/dq_tiles",
-                                                    other=bt.dq)
+                dkdv = after_shared_memory_refusal(e, bt.dkdv, self._backward_forced, other=bt.dq)
                 self.backward_tiles = BackwardTiles(dkdv, fewer_stages(bt.dq) or bt.dq)
 
     def buffer_backward(self, names: list[str], q, k, v, out, lse, dout, dlse, s: Shapes) -> list[torch.Tensor]:
