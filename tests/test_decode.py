@@ -244,7 +244,8 @@ def test_dense_decode_matches_the_reference():
         rule(65, 8192, decode=True)
 
 
-def test_bf16_and_non_finite_values():
+@pytest.mark.parametrize("splits", [1, 3])  # the exact path on a worklist / inlined in the program
+def test_bf16_and_non_finite_values(splits):
     lens = [40, 33]
     q, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=2)
     pattern = ac.patterns.sinks(2, 8)
@@ -253,7 +254,7 @@ def test_bf16_and_non_finite_values():
     vc[p0, 5] = torch.nan  # masked out for every query (past the sinks, before the window)
     vc[p1, 12] = torch.inf  # past kv_len = 40 in a used page: never read
     vc[int(table[1, 0]), 1] = torch.nan  # a sink: live, so sequence 1's outputs are NaN there
-    out = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens)
+    out = ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, kernel_options={"kv_splits": splits})
     assert not out[0].isnan().any()
     want, _ = oracle(q[0], dense_sequence(kc, table, 0, 40), dense_sequence(vc, table, 0, 40), pattern)
     assert rel(out[0], want) < 1e-5
