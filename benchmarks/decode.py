@@ -7,7 +7,8 @@ decode backend and SDPA, in one process — a benchmark, not a test.
 
 Per row (Hq 32 / Hkv 8, D 128, bf16): attncc's split-KV decode kernel on a paged cache (page_size
 64, read in place) with the splits the cost model picks ("paged"), and on the dense cache for each
---splits value ("auto" or a forced S); FlexAttention (torch.compile'd flex_attention with
+--splits value ("auto" or a forced S), and on the same sequences packed ("packed": cu_seqlens,
+read in place as pages of one-token stride); FlexAttention (torch.compile'd flex_attention with
 kernel_options BACKEND="TRITON_DECODE" where this torch has it, else its default dispatch, which
 sends short queries to flex_decoding); SDPA (causal only: lower-right causal for Q_LEN > 1). The
 queries are each sequence's last Q_LEN tokens. Bytes counted: the keys live for some query of the
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
 from attncc.runtime.calibrate import time_ms  # noqa: E402
+from attncc.runtime.decode import DecodeKernel  # noqa: E402
 from benchmarks.report import write_table  # noqa: E402
 
 PAGE_SIZE = 64
@@ -176,7 +178,20 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
         measure(f"attncc_{S}", kern, q, k, v)
     if device.type == "cuda" and 4 * k.numel() * k.element_size() > 0.9 * torch.cuda.mem_get_info()[1]:
         row["paged"], row["paged_splits"] = "skipped (the dense and paged caches together exceed memory)", "—"
+        row["packed"], row["packed_splits"] = "skipped", "—"
         return row
+    # the same sequences packed (cu_seqlens): read in place by the decode kernel
+    qp, kp, vp = (t.transpose(0, 1).flatten(1, 2)[None] for t in (q, k, v))
+    cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
+    lens = dict(cu_seqlens_q=cu(q_len), cu_seqlens_k=cu(KV))
+    kern = DecodeKernel(ac.Pattern(native, name=name), qp, kp, vp, **lens)
+    err = ((kern(qp, kp, vp, **lens)[0, :, :q_len].double() - want[0]).norm() / want.norm()).item()  # sequence 0
+    if err > 2e-2:
+        row["packed"] = f"FAILED (rel err {err:.1e})"
+    else:
+        row["packed_tbps"] = bandwidth(timed(lambda: kern(qp, kp, vp, **lens), device)[0], nbytes)
+    row["packed_splits"] = kern.config["kv_splits"]
+    qp = kp = vp = kern = None
     table, caches = paged_copy(k, v, g)
     k = v = None  # the dense cache's memory, for the paged one
     lens = torch.full((B,), KV, dtype=torch.int32, device=device)
@@ -191,13 +206,14 @@ def table_lines(rows: list[dict], splits: list, flex_label: str, title: str) -> 
     """The markdown table of run_row's rows (dense columns for each of `splits`), flex's failures below."""
     fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else ("—" if x is None else str(x))  # noqa: E731
     dense = [f"attncc dense {S}" for S in splits]
-    head = ["pattern", "B", "KV", "Q_LEN", "live MB", "copy", "attncc paged (S)", *dense, flex_label,
+    head = ["pattern", "B", "KV", "Q_LEN", "live MB", "copy", "attncc paged (S)", "attncc packed (S)", *dense, flex_label,
             "sdpa", "paged / flex", "paged / copy", "timing"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         paged, flex_tbps = r.get("paged_tbps"), r.get("flex_tbps")
         cells = [r["pattern"], r["B"], r["KV"], r["Q_LEN"], f"{r['live_MB']:.1f}", fmt(r["copy_tbps"]),
                  f"{fmt(paged if paged is not None else r.get('paged'))} ({r['paged_splits']})",
+                 f"{fmt(r.get('packed_tbps', r.get('packed')))} ({r.get('packed_splits', '—')})",
                  *[f"{fmt(r.get(f'attncc_{S}_tbps', r.get(f'attncc_{S}')))} ({r[f'attncc_{S}_splits']})"
                    for S in splits],
                  "failed" if "flex_error" in r else fmt(flex_tbps), fmt(r.get("sdpa_tbps")),

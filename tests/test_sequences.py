@@ -150,6 +150,87 @@ def test_bad_varlen_inputs_are_refused_clearly():
         ac.attention(q, k, k, blocky, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12))
 
 
+def packed(lens_q, lens_k, Hq=4, Hkv=2, D=16, seed=2):
+    """q [1, Hq, sum(lens_q), D], k, v [1, Hkv, sum(lens_k), D], cu_seqlens_q, cu_seqlens_k."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, Hq, sum(lens_q), D, generator=g)
+    k, v = (torch.randn(1, Hkv, sum(lens_k), D, generator=g) for _ in range(2))
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    return q, k, v, cu(lens_q), cu(lens_k)
+
+
+def check_each_sequence(out, lse, q, k, v, lens_q, lens_k, pattern, tol=1e-5):
+    sq, sk = 0, 0
+    for nq, nk in zip(lens_q, lens_k):
+        want, want_lse = oracle(q[0, :, sq:sq + nq], k[0, :, sk:sk + nk], v[0, :, sk:sk + nk], pattern)
+        assert rel(out[0, :, sq:sq + nq], want) < tol and rel(lse[0, :, sq:sq + nq], want_lse) < tol
+        sq, sk = sq + nq, sk + nk
+
+
+@pytest.fixture
+def decode_runs(monkeypatch):
+    """The packed calls the decode kernel ran (DecodeKernel.forward spied on)."""
+    from attncc.runtime.decode import DecodeKernel
+
+    runs, forward = [], DecodeKernel.forward
+
+    def spy(self, *args, **kwargs):
+        runs.append(self.config)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(DecodeKernel, "forward", spy)
+    return runs
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("Q_LEN, splits", [(1, None), (3, 1), (3, 4)])
+def test_packed_decode_reads_the_sequences_in_place(name, Q_LEN, splits, decode_runs):
+    pattern = PATTERNS[name]()
+    lens_k = [40, Q_LEN, 64, 33, 32]  # several tiles, as short as its queries, whole tiles, ragged
+    q, k, v, cu_q, cu_k = packed([Q_LEN] * len(lens_k), lens_k)
+    options = {} if splits is None else {"kv_splits": splits}
+    out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
+                            kernel_options=options)
+    assert [c["packed"] for c in decode_runs] == [True] and out.shape == (1, 4, Q_LEN * len(lens_k), 16)
+    check_each_sequence(out, lse, q, k, v, [Q_LEN] * len(lens_k), lens_k, pattern)
+
+
+def test_packed_decode_loop_reuses_its_kernel_and_lists(decode_runs, monkeypatch):
+    from attncc.runtime import decode
+
+    builds, real = [], decode.build_meta
+    monkeypatch.setattr(decode, "build_meta", lambda *args, **kwargs: builds.append(1) or real(*args, **kwargs))
+    pattern = ac.patterns.sinks(2, 12)
+    lens_k = [30, 5, 62]
+    kernels = set()
+    for step in range(4):  # one new token per sequence per step: the 30-key one crosses a tile
+        q, k, v, cu_q, cu_k = packed([1] * 3, lens_k, seed=step)
+        out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+        check_each_sequence(out, lse, q, k, v, [1] * 3, lens_k, pattern)
+        kernels.add(id(ac.runtime.api._packed_decode_kernel(pattern, q, k, v, None, None, cu_q, cu_k)))
+        lens_k = [n + 1 for n in lens_k]
+    assert len(decode_runs) == 4 and len(kernels) == 1
+    assert len(builds) == 1  # the lists of the first step served the next three (DECODE_SPAN)
+
+
+def test_packed_calls_the_decode_kernel_cannot_take(decode_runs):
+    pattern = ac.patterns.causal()
+    q, k, v, cu_q, cu_k = packed([2, 1, 2], [9, 5, 20])  # different query counts: the dense kernels
+    out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    check_each_sequence(out, lse, q, k, v, [2, 1, 2], [9, 5, 20], pattern)
+    with pytest.raises(ValueError, match="different numbers of queries"):
+        ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, kernel_options={"decode": True})
+    q, k, v, cu_q, cu_k = packed([2, 2], [9, 20])
+    q.requires_grad_()  # gradients: the dense kernels, which have a backward
+    out = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert decode_runs == [] and torch.isfinite(grad).all()
+    qd = q.detach().double().requires_grad_()
+    want = torch.cat([oracle(qd[0, :, 2 * i:2 * i + 2], k[0, :, a:b].double(), v[0, :, a:b].double(), pattern)[0]
+                      for i, (a, b) in enumerate([(0, 9), (9, 29)])], 1)
+    (want_grad,) = torch.autograd.grad(want.sum(), qd)
+    assert rel(grad, want_grad) < 1e-4
+
+
 def test_kvcache_serves_a_decode_loop():
     g = torch.Generator().manual_seed(3)
     cache = ac.KVCache(num_pages=12, page_size=16, heads=2, head_dim=16, batch=3, dtype=torch.float32)

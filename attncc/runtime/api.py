@@ -228,18 +228,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     sequences packed. Either way the pattern sees positions within each sequence, whose queries
     are its last tokens: query i of a sequence with L keys and Q_s queries sits at L - Q_s + i.
 
-    Decode (runtime/decode.py; runtime/choices.choose_decode): paged calls with Q_LEN <= 64, and
-    dense calls of up to 64 queries over at least 4096 keys, run the split-KV decode kernel, which
-    reads the caches in place; kernel_options kv_splits sets its number of splits (default: the
+    Decode (runtime/decode.py; runtime/choices.choose_decode): paged calls with Q_LEN <= 64,
+    packed calls whose sequences all have the same Q_LEN <= 64 queries, and dense calls of up to
+    64 queries over at least 4096 keys, run the split-KV decode kernel, which reads the caches in
+    place; kernel_options kv_splits sets its number of splits (default: the
     cost model's), decode=False / True forbids / forces it. It is inference only: where q, k, v or
     a buffer require grad, the call runs the dense kernels (paged caches gathered), which have a
     backward.
     """
     paged = page_table is not None or kv_lens is not None
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    decode = None if varlen else _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
-    if decode is not None:
-        return decode.run(q, k, v, page_table, kv_lens, return_lse)
+    if varlen and not paged and cu_seqlens_q is not None and cu_seqlens_k is not None:
+        decode = _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q, cu_seqlens_k)
+        if decode is not None:
+            return decode.run(q, k, v, None, None, return_lse, cu_seqlens_q, cu_seqlens_k)
+    elif not varlen:
+        decode = _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
+        if decode is not None:
+            return decode.run(q, k, v, page_table, kv_lens, return_lse)
     kernel_options = {n: x for n, x in (kernel_options or {}).items() if n != "decode"}
     if paged or varlen:
         from .sequences import paged_call, varlen_call
@@ -352,6 +358,35 @@ def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens,
     return _reused(_DECODE_KERNELS, key, lambda: DecodeKernel(
         pattern, q, k, v, scale=scale, kernel_options=options, page_table=page_table if paged else None,
         kv_lens=kv_lens if paged else None))
+
+
+def _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q, cu_seqlens_k):
+    """The DecodeKernel that reads a packed call's k, v in place where every sequence has the same
+    Q_LEN queries and runtime/choices.choose_decode takes it (as for a paged call), else None (the
+    dense kernels over the packed call). Checks the cu_seqlens (a few host synchronisations)."""
+    from .autograd import needs_grad
+    from .choices import choose_decode
+    from .decode import DecodeKernel
+    from .kernel import pattern_key
+    from .sequences import check_varlen, uniform_queries
+
+    options = kernel_options or {}
+    if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return None  # the other paths say what is wrong
+    pattern = as_pattern(pattern)
+    Q_LEN = uniform_queries(check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)[0])
+    if Q_LEN is None:
+        if options.get("decode") is True:
+            raise ValueError("kernel_options decode=True cannot run this call: its packed sequences have different "
+                             "numbers of queries (the decode kernel reads sequences of equal query counts)")
+        return None
+    if not choose_decode(pattern, Q_LEN, None, options, needs_grad(pattern, q, k, v)):
+        return None
+    key = pattern_key(pattern) + (tuple(q.shape), tuple(k.shape[:2]), tuple(k.shape[3:]), tuple(v.shape[:2]),
+                                  tuple(v.shape[3:]), Q_LEN, q.dtype, k.dtype, v.dtype, q.device, scale, "packed",
+                                  tuple(sorted(options.items())))
+    return _reused(_DECODE_KERNELS, key, lambda: DecodeKernel(
+        pattern, q, k, v, scale=scale, kernel_options=options, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
 
 
 _DECODE_KERNELS = LRU(16)  # call key -> DecodeKernel: a decode step's next layer skips its checks and choices

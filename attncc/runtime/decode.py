@@ -1,5 +1,7 @@
 """The split-KV decode path: a few queries per sequence (Q_LEN <= 64) against a long KV cache read
-in place, paged or dense (templates/decode.py.tmpl; runtime/choices.choose_decode says when).
+in place, paged, packed or dense (templates/decode.py.tmpl; runtime/choices.choose_decode says when).
+A packed call (cu_seqlens_q / cu_seqlens_k, every sequence with the same Q_LEN queries) reads its
+k, v as a paged cache whose pages start at any token (runtime/sequences.token_pages).
 
 Positions: in a paged call query i of sequence b sits at kv_lens[b] - Q_LEN + i and its keys at
 0..kv_lens[b]-1 (runtime/sequences.py); in a dense call the indices are 0..Q_LEN-1 and
@@ -187,7 +189,8 @@ class DecodeKernel:
 
     Built for q [B, Hq, Q_LEN, D] (Q_LEN <= 64) and either paged caches k, v [num_pages,
     page_size, Hkv, D|Dv] with page_table int32 [B, max_pages] and kv_lens int32 [B], or dense
-    k, v [B, Hkv, KV_LEN, D|Dv]. kernel_options: kv_splits (default: cost.decode_splits), BLOCK_M,
+    k, v [B, Hkv, KV_LEN, D|Dv], or S sequences packed (cu_seqlens_q, cu_seqlens_k int32 [S + 1],
+    each sequence with the same Q_LEN queries): q [1, Hq, S * Q_LEN, D], k, v [1, Hkv, total, D|Dv]. kernel_options: kv_splits (default: cost.decode_splits), BLOCK_M,
     BLOCK_N, num_warps, num_stages (runtime/choices.choose_decode_tiles); the others apply to the
     fallback. Inference only: a call whose q, k, v or buffers require grad runs ac.attention's
     other path (the dense kernels, paged caches gathered), which has a backward.
@@ -195,8 +198,10 @@ class DecodeKernel:
 
     def __init__(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  scale: float | None = None, kernel_options: dict | None = None,
-                 page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None):
+                 page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
+                 cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
         from .choices import check_options, choose_decode_tiles
+        from .sequences import check_varlen, uniform_queries
 
         pattern.require_bound()
         self.pattern, self.kernel_options = pattern, dict(kernel_options or {})
@@ -204,46 +209,87 @@ class DecodeKernel:
         self.forced_splits = _check_splits(options.pop("kv_splits", None))
         options.pop("decode", None)
         options = check_options(options)
-        self.paged = page_table is not None
+        self.paged, self.packed = page_table is not None, cu_seqlens_q is not None or cu_seqlens_k is not None
         if any(t.dim() != 4 for t in (q, k, v)):
             raise ValueError(f"q, k, v must have 4 dims, got shapes {[tuple(t.shape) for t in (q, k, v)]}")
         for name, d in (("q", q.shape[-1]), ("v", v.shape[-1])):
             if not 16 <= d <= 256:
                 raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
+        Q_LEN = q.shape[2]
+        if self.packed:
+            Q_LEN = uniform_queries(check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)[0])
+            if Q_LEN is None:
+                raise ValueError("the decode kernel reads packed sequences that all have the same number of "
+                                 "queries (at least one); ac.attention runs the others on the dense kernels")
         group = max(1, q.shape[1] // max(1, k.shape[2] if self.paged else k.shape[1]))
-        self.tiles = choose_decode_tiles(group * q.shape[2], max(q.shape[-1], v.shape[-1]), q.device, options)
+        self.tiles = choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]), q.device, options)
         self.scale = check_scale(scale, q.shape[-1])
         self.device, self.interpret = q.device, q.device.type != "cuda"
-        self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens)
+        self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
         self.module = self._module(self._meta)
 
-    def _entry(self, q, k, v, page_table, kv_lens) -> tuple[Shapes, DecodeMeta]:
-        """(Shapes, DecodeMeta) for these inputs, from the cache: a miss checks them and builds."""
-        from .kernel import buffer_key, pattern_key
+    def _lists(self, common: tuple, shapes: Shapes, q, k, v, page_table, kv_lens, known) -> DecodeMeta:
+        """The span lists of a paged (or packed) call, reused from the cache while they serve its
+        lengths (`known`: the lengths on the host, where vouched), else built."""
+        # a packed call's total keys grow every step, and its table's width with them (token_pages)
+        dims = (k.shape[1], k.shape[3], v.shape[3]) if self.packed else (tuple(k.shape), tuple(v.shape),
+                                                                           page_table.shape[1])
+        span_key = common + ("span", dims)
+        lists = DECODE_CACHE.get(span_key)
+        if lists is None or not lists.serves(kv_lens, known):
+            page_size = self.tiles.BLOCK_N if self.packed else k.shape[1]
+            lists = build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, kv_lens,
+                               DECODE_SPAN, page_table.shape[1] * page_size)
+            DECODE_CACHE.put(span_key, lists)
+        return lists.at(kv_lens, shapes.Q)
 
-        if self.paged != (page_table is not None) or (kv_lens is None) == self.paged:
-            raise ValueError("this decode kernel was built for " + ("paged caches: pass page_table and kv_lens"
-                                                                    if self.paged else "dense k, v: no page_table"))
-        if self.paged:
+    def _entry(self, q, k, v, page_table, kv_lens, cu_seqlens_q=None, cu_seqlens_k=None) -> tuple:
+        """(Shapes, DecodeMeta, page table, kv_lens) for these inputs, from the cache: a miss
+        checks them and builds (a packed call's table and lengths: from its cu_seqlens)."""
+        from .kernel import buffer_key, pattern_key
+        from .sequences import check_varlen, token_pages, uniform_queries
+
+        mode = "packed" if self.packed else "paged" if self.paged else "dense"
+        given = ("packed" if cu_seqlens_q is not None or cu_seqlens_k is not None else
+                 "paged" if page_table is not None or kv_lens is not None else "dense")
+        if given != mode or (mode == "paged" and (page_table is None or kv_lens is None)) \
+                or (mode == "packed" and (cu_seqlens_q is None or cu_seqlens_k is None)):
+            raise ValueError("this decode kernel was built for " + {
+                "paged": "paged caches: pass page_table and kv_lens",
+                "packed": "packed sequences: pass cu_seqlens_q and cu_seqlens_k",
+                "dense": "dense k, v: no page_table or cu_seqlens"}[mode])
+        if self.packed:
+            inputs = (buffer_key(cu_seqlens_q), buffer_key(cu_seqlens_k), tuple(q.shape), tuple(k.shape),
+                      tuple(v.shape))
+
+            def build():  # new cu_seqlens (the next step): checked, lists reused while they serve
+                cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)
+                Q_LEN = uniform_queries(cu_q)
+                if Q_LEN is None:
+                    raise ValueError("the decode kernel reads packed sequences that all have the same number of "
+                                     "queries (at least one); ac.attention runs the others on the dense kernels")
+                table, lens = token_pages(cu_k, self.tiles.BLOCK_N, DECODE_SPAN)
+                shapes = Shapes(lens.numel(), q.shape[1], k.shape[1], Q_LEN, max(1, int(lens.max())), q.shape[3],
+                                v.shape[3])
+                meta = self._lists(common, shapes, q, k, v, table, lens, None)
+                return shapes, meta, table, lens, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
+        elif self.paged:
             if not all(isinstance(t, torch.Tensor) for t in (q, k, v, page_table, kv_lens)):
                 check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument
             inputs = (buffer_key(page_table), buffer_key(kv_lens), tuple(k.shape), tuple(v.shape))
 
             def build():  # new versions of the table or lengths (the next step): checked, lists reused
                 shapes = check_paged(q, k, v, page_table, kv_lens)
-                span_key = common + ("span", tuple(k.shape), tuple(v.shape), page_table.shape[1])
-                lists = DECODE_CACHE.get(span_key)
-                if lists is None or not lists.serves(kv_lens, vouched_lengths(kv_lens, page_table, k.shape[0])):
-                    lists = build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, kv_lens,
-                                       DECODE_SPAN, page_table.shape[1] * k.shape[1])
-                    DECODE_CACHE.put(span_key, lists)
-                return shapes, lists.at(kv_lens, shapes.Q), page_table, kv_lens  # the key holds their ids
+                meta = self._lists(common, shapes, q, k, v, page_table, kv_lens,
+                                   vouched_lengths(kv_lens, page_table, k.shape[0]))
+                return shapes, meta, page_table, kv_lens  # the key holds their ids
         else:
             shapes = check_qkv(q, k, v)
             inputs = (shapes,)
 
             def build():
-                return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None)
+                return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None), \
+                    None, None
         common = pattern_key(self.pattern) + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
                                               self.tiles, self.forced_splits)
         key = common + inputs
@@ -253,7 +299,7 @@ class DecodeKernel:
         if hit is None:
             hit = build()
             DECODE_CACHE.put(key, hit)
-        return hit[:2]
+        return hit[:4]
 
     def _module(self, meta: DecodeMeta):
         from .kernel import kernel_module
@@ -262,10 +308,12 @@ class DecodeKernel:
 
     @property
     def config(self) -> dict:
-        """The backend and kernel ("decode"), its splits, tiles, and whether it reads pages."""
+        """The backend and kernel ("decode"), its splits, tiles, and whether it reads pages (of a
+        cache, or of packed sequences)."""
         t = self.tiles
         return {"backend": "triton", "kernel": "decode", "kv_splits": self._meta.splits, "paged": self.paged,
-                "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "num_warps": t.num_warps, "num_stages": t.num_stages}
+                "packed": self.packed, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "num_warps": t.num_warps,
+                "num_stages": t.num_stages}
 
     @property
     def source(self) -> str:
@@ -278,38 +326,51 @@ class DecodeKernel:
         paged call's: of the queries of every length the lists serve, keys below the longest)."""
         return self._meta.block_mask
 
-    def __call__(self, q, k, v, *, page_table=None, kv_lens=None, return_lse: bool = False):
-        """out [B, Hq, Q_LEN, Dv] in q's dtype (and lse float32 [B, Hq, Q_LEN] when return_lse)."""
-        return self.run(q, k, v, page_table, kv_lens, return_lse)
+    def __call__(self, q, k, v, *, page_table=None, kv_lens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                 return_lse: bool = False):
+        """out [B, Hq, Q_LEN, Dv] in q's dtype (and lse float32 [B, Hq, Q_LEN] when return_lse); a
+        packed call's [1, Hq, total_q, Dv] and [1, Hq, total_q]."""
+        return self.run(q, k, v, page_table, kv_lens, return_lse, cu_seqlens_q, cu_seqlens_k)
 
-    def run(self, q, k, v, page_table, kv_lens, return_lse: bool):
+    def run(self, q, k, v, page_table, kv_lens, return_lse: bool, cu_seqlens_q=None, cu_seqlens_k=None):
         from . import autograd
         from .api import attention
 
         if autograd.needs_grad(self.pattern, q, k, v):  # decode is inference: the path with a backward
             return attention(q, k, v, self.pattern, scale=self.scale, return_lse=return_lse,
                              kernel_options={**self.kernel_options, "decode": False},
-                             page_table=page_table, kv_lens=kv_lens)
-        out, lse = self.forward(q, k, v, page_table, kv_lens)
+                             page_table=page_table, kv_lens=kv_lens, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k)
+        out, lse = self.forward(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
         return (out, lse) if return_lse else out
 
-    def forward(self, q, k, v, page_table=None, kv_lens=None):
-        """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd."""
+    def forward(self, q, k, v, page_table=None, kv_lens=None, cu_seqlens_q=None, cu_seqlens_k=None):
+        """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd (packed:
+        [1, Hq, total_q, Dv] and [1, Hq, total_q])."""
         from .choices import forced_tiles
         from .kernel import after_shared_memory_refusal, interpretable, launch
 
-        table = page_table.contiguous() if self.paged else None
         qi, ki, vi = interpretable(self.interpret, q, k, v)
         while True:
-            _, meta = self._entry(q, k, v, page_table, kv_lens)
+            shapes, meta, table, _ = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
             module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
+            if self.packed:  # [1, Hq, S * Q_LEN, D] -> [S, Hq, Q_LEN, D], a view
+                qs = qi[0].unflatten(1, (shapes.B, shapes.Q)).transpose(0, 1)
+                extra = {"token_pages": self.tiles.BLOCK_N}
+            else:
+                qs, extra = qi, {}
+            table = table.contiguous() if table is not None else None
             try:
-                out, lse = launch(self.interpret, module.forward, qi, ki, vi, meta, self.scale, meta.buffers, table)
-                return out.to(q.dtype), lse
+                out, lse = launch(self.interpret, module.forward, qs, ki, vi, meta, self.scale, meta.buffers, table,
+                                  **extra)
+                break
             except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
                 self.tiles = after_shared_memory_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0])
-                self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens)
+                self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
                 self.module = self._module(self._meta)
+        if self.packed:  # back to the packed rows
+            out, lse = out.transpose(0, 1).flatten(1, 2)[None], lse.transpose(0, 1).flatten(1, 2)[None]
+        return out.to(q.dtype), lse
 
     def __repr__(self) -> str:
         return f"DecodeKernel({self.pattern!r}, {self.config})"

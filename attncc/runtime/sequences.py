@@ -15,7 +15,10 @@ own buffers are indexed by positions within a sequence (size them to the longest
   [B, Hkv, max(kv_lens), D] keys and values (one copy of the used cache) for the dense kernels.
 - varlen (`varlen_call`): q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D], the sequences
   concatenated; cu_seqlens_q, cu_seqlens_k int32 [S + 1], non-decreasing from 0 to the totals,
-  each sequence with at most as many queries as keys.
+  each sequence with at most as many queries as keys. Where every sequence has the same Q <= 64
+  queries and no gradient is needed, the decode kernel reads k, v in place (`token_pages`: pages
+  whose stride is one token, so a sequence may start anywhere); otherwise the dense kernels run
+  the packed call with the pattern rewritten (the sequences as a block-diagonal mask).
 - split-KV (`split_kv`, kernel_options kv_splits=S): the keys cut into S chunks that run as S
   batch rows of one launch (more programs for a few queries over many keys), merged by their
   LSE (`merge_splits`); the pattern sees the original positions.
@@ -163,8 +166,8 @@ def paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pa
     return gather(k_cache), gather(v_cache), paged_pattern(pattern, kv_lens, s.Q)
 
 
-def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q, cu_seqlens_k) -> Pattern:
-    """The pattern of the dense packed call equal to the variable-length one (module docstring)."""
+def check_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_q, cu_k) int64 [S + 1] of a valid packed call (module docstring), else a ValueError."""
     if q.shape[0] != 1 or k.shape[0] != 1:
         raise ValueError("a variable-length call takes the sequences packed in one batch row: q [1, Hq, total_q, D], "
                          "k and v [1, Hkv, total_k, D]")
@@ -181,6 +184,13 @@ def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q
         s = int((len_q > len_k).nonzero()[0])
         raise ValueError(f"sequence {s} has {int(len_q[s])} queries but {int(len_k[s])} keys; the queries are a "
                          "sequence's last tokens, so at most as many")
+    return cu_q, cu_k
+
+
+def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q, cu_seqlens_k) -> Pattern:
+    """The pattern of the dense packed call equal to the variable-length one (module docstring)."""
+    cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)
+    len_q, len_k = cu_q.diff(), cu_k.diff()
     S = len_q.numel()
     seq_q = torch.repeat_interleave(torch.arange(S, device=q.device), len_q)
     seq_k = torch.repeat_interleave(torch.arange(S, device=q.device), len_k)
@@ -191,6 +201,28 @@ def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q
     seq = ir.load("varlen_seq_q", (_Q,))
     live = ir.op("eq", seq, ir.load("varlen_seq_k", (_KV,)))
     return remap_positions(pattern, seq, ir.load("varlen_pos_q", (_Q,)), ir.load("varlen_pos_k", (_KV,)), live, names)
+
+
+def uniform_queries(cu_q: torch.Tensor) -> int | None:
+    """Q where every sequence of a packed call (checked cu_seqlens_q, int [S + 1]) has Q >= 1
+    queries, else None (one host synchronisation)."""
+    lens = cu_q.diff()
+    low, high = (int(x) for x in torch.stack((lens.min(), lens.max())).tolist())
+    return low if low == high and low > 0 else None
+
+
+def token_pages(cu_k: torch.Tensor, page_size: int, headroom: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page_table int32 [S, pages], kv_lens int32 [S]) that read a packed call's keys in place as
+    pages whose stride is one token: sequence s's page j starts at token cu_k[s] + j * page_size
+    of the packed k [1, Hkv, total_k, D] (entries past its length are never read). page_size: a
+    power of two >= 16 (the decode kernel takes its BLOCK_N: one entry per tile). pages: enough
+    for the longest length plus `headroom` keys (the lengths the decode kernel's tile lists, built
+    for this call, may serve as the sequences grow)."""
+    lens = cu_k.diff()
+    pages = -(-(int(lens.max()) + headroom) // page_size)
+    offsets = cu_k[:-1, None] + torch.arange(pages, device=cu_k.device)[None, :] * page_size
+    # entries past a sequence's length are never dereferenced: clamped, never wrapped, into int32
+    return offsets.clamp(max=2 ** 31 - 1).int().contiguous(), lens.int().contiguous()
 
 
 def split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, splits: int):
