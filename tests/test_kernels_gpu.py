@@ -289,15 +289,19 @@ def test_paged_and_varlen_calls_at_real_sizes(splits):
             continue
         want, _ = oracle(q[b], kv[0], kv[1], pattern)
         assert rel(out[b], want) < 2e-2
-    # the same sequences packed: one new token each for the non-empty ones
+    # the same sequences packed, read in place by the decode kernel: one new token each for the
+    # non-empty ones, then 1, 4 and 2 (the queries padded to 4 per sequence)
     live = [b for b, kv in enumerate(chunks) if kv is not None]
-    qp = torch.cat([q[b, :, -1:] for b in live], 1)[None]
     kp = torch.cat([chunks[b][0] for b in live], 1)[None]
     vp = torch.cat([chunks[b][1] for b in live], 1)[None]
     cu = lambda lengths: torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
                                       device="cuda")
-    packed = ac.attention(qp, kp, vp, pattern, cu_seqlens_q=cu([1] * len(live)), cu_seqlens_k=cu([lens[b] for b in live]),
-                          kernel_options={"kv_splits": splits})  # the decode kernel, reading the packed k, v in place
-    for i, b in enumerate(live):
-        want, _ = oracle(q[b, :, -1:], chunks[b][0], chunks[b][1], pattern)
-        assert rel(packed[0, :, i:i + 1], want) < 2e-2
+    for counts in ([1] * len(live), [1, 4, 2]):
+        qp = torch.cat([q[b, :, -n:] for b, n in zip(live, counts)], 1)[None]
+        packed = ac.attention(qp, kp, vp, pattern, cu_seqlens_q=cu(counts), cu_seqlens_k=cu([lens[b] for b in live]),
+                              kernel_options={"kv_splits": splits})
+        row = 0
+        for b, n in zip(live, counts):
+            want, _ = oracle(q[b, :, -n:], chunks[b][0], chunks[b][1], pattern)
+            assert rel(packed[0, :, row:row + n], want) < 2e-2
+            row += n

@@ -212,12 +212,23 @@ def test_packed_decode_loop_reuses_its_kernel_and_lists(decode_runs, monkeypatch
     assert len(builds) == 1  # the lists of the first step served the next three (DECODE_SPAN)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_packed_decode_pads_sequences_with_fewer_queries(splits, decode_runs):
+    pattern = ac.patterns.sinks(2, 6)
+    lens_q, lens_k = [2, 0, 1, 3, 0], [9, 7, 5, 40, 0]  # fewer queries, none, one, the most; an empty one
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k)
+    out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
+                            kernel_options={"kv_splits": splits})
+    assert [c["packed"] for c in decode_runs] == [True] and out.shape == (1, 4, 6, 16)
+    check_each_sequence(out, lse, q, k, v, lens_q, lens_k, pattern)
+
+
 def test_packed_calls_the_decode_kernel_cannot_take(decode_runs):
     pattern = ac.patterns.causal()
-    q, k, v, cu_q, cu_k = packed([2, 1, 2], [9, 5, 20])  # different query counts: the dense kernels
+    q, k, v, cu_q, cu_k = packed([3, 1], [9, 2])  # 2 keys, fewer than the 3 query slots: the dense kernels
     out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
-    check_each_sequence(out, lse, q, k, v, [2, 1, 2], [9, 5, 20], pattern)
-    with pytest.raises(ValueError, match="different numbers of queries"):
+    check_each_sequence(out, lse, q, k, v, [3, 1], [9, 2], pattern)
+    with pytest.raises(ValueError, match="fewer keys than the most queries"):
         ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, kernel_options={"decode": True})
     q, k, v, cu_q, cu_k = packed([2, 2], [9, 20])
     q.requires_grad_()  # gradients: the dense kernels, which have a backward

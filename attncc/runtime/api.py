@@ -229,7 +229,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     are its last tokens: query i of a sequence with L keys and Q_s queries sits at L - Q_s + i.
 
     Decode (runtime/decode.py; runtime/choices.choose_decode): paged calls with Q_LEN <= 64,
-    packed calls whose sequences all have the same Q_LEN <= 64 queries, and dense calls of up to
+    packed calls of at most 64 queries per sequence (each with 0 keys or at least as many as the
+    most queries of any), and dense calls of up to
     64 queries over at least 4096 keys, run the split-KV decode kernel, which reads the caches in
     place; kernel_options kv_splits sets its number of splits (default: the
     cost model's), decode=False / True forbids / forces it. It is inference only: where q, k, v or
@@ -361,24 +362,25 @@ def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens,
 
 
 def _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q, cu_seqlens_k):
-    """The DecodeKernel that reads a packed call's k, v in place where every sequence has the same
-    Q_LEN queries and runtime/choices.choose_decode takes it (as for a paged call), else None (the
-    dense kernels over the packed call). Checks the cu_seqlens (a few host synchronisations)."""
+    """The DecodeKernel that reads a packed call's k, v in place (its queries padded to the most of
+    any sequence, Q_LEN, where each sequence has 0 or at least Q_LEN keys: sequences.decode_queries)
+    where runtime/choices.choose_decode takes it (as for a paged call), else None (the dense kernels
+    over the packed call). Checks the cu_seqlens (a few host synchronisations)."""
     from .autograd import needs_grad
     from .choices import choose_decode
     from .decode import DecodeKernel
     from .kernel import pattern_key
-    from .sequences import check_varlen, uniform_queries
+    from .sequences import check_varlen, decode_queries
 
     options = kernel_options or {}
     if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return None  # the other paths say what is wrong
     pattern = as_pattern(pattern)
-    Q_LEN = uniform_queries(check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)[0])
+    Q_LEN = decode_queries(*check_varlen(q, k, cu_seqlens_q, cu_seqlens_k))
     if Q_LEN is None:
         if options.get("decode") is True:
-            raise ValueError("kernel_options decode=True cannot run this call: its packed sequences have different "
-                             "numbers of queries (the decode kernel reads sequences of equal query counts)")
+            raise ValueError("kernel_options decode=True cannot run this call: a packed sequence has fewer keys "
+                             "than the most queries of any (or none has queries)")
         return None
     if not choose_decode(pattern, Q_LEN, None, options, needs_grad(pattern, q, k, v)):
         return None

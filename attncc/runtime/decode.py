@@ -1,7 +1,7 @@
 """The split-KV decode path: a few queries per sequence (Q_LEN <= 64) against a long KV cache read
 in place, paged, packed or dense (templates/decode.py.tmpl; runtime/choices.choose_decode says when).
-A packed call (cu_seqlens_q / cu_seqlens_k, every sequence with the same Q_LEN queries) reads its
-k, v as a paged cache whose pages start at any token (runtime/sequences.token_pages).
+A packed call (cu_seqlens_q / cu_seqlens_k) reads its k, v as a paged cache whose pages start at
+any token (runtime/sequences.token_pages), its queries padded to the most of any sequence.
 
 Positions: in a paged call query i of sequence b sits at kv_lens[b] - Q_LEN + i and its keys at
 0..kv_lens[b]-1 (runtime/sequences.py); in a dense call the indices are 0..Q_LEN-1 and
@@ -174,7 +174,20 @@ def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tens
     return bm, classes, keys, top + 1
 
 
-DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, the tensors the key names by id)
+DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, table, lengths, rows, the tensors the key names by id)
+
+
+def packed_queries(q, k, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(cu_q, cu_k, Q_LEN) of a packed call the decode kernel can read (sequences.check_varlen,
+    decode_queries), else a ValueError saying why not."""
+    from .sequences import check_varlen, decode_queries
+
+    cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)
+    Q_LEN = decode_queries(cu_q, cu_k)
+    if Q_LEN is None:
+        raise ValueError("the decode kernel reads packed sequences with queries, each with 0 keys or at least "
+                         "as many as the most queries of any; ac.attention runs the others on the dense kernels")
+    return cu_q, cu_k, Q_LEN
 
 
 def _check_splits(splits) -> int | None:
@@ -189,8 +202,9 @@ class DecodeKernel:
 
     Built for q [B, Hq, Q_LEN, D] (Q_LEN <= 64) and either paged caches k, v [num_pages,
     page_size, Hkv, D|Dv] with page_table int32 [B, max_pages] and kv_lens int32 [B], or dense
-    k, v [B, Hkv, KV_LEN, D|Dv], or S sequences packed (cu_seqlens_q, cu_seqlens_k int32 [S + 1],
-    each sequence with the same Q_LEN queries): q [1, Hq, S * Q_LEN, D], k, v [1, Hkv, total, D|Dv]. kernel_options: kv_splits (default: cost.decode_splits), BLOCK_M,
+    k, v [B, Hkv, KV_LEN, D|Dv], or S sequences packed (cu_seqlens_q, cu_seqlens_k int32 [S + 1]):
+    q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D|Dv], the queries padded to Q_LEN, the most of
+    any sequence, each sequence having 0 keys or at least Q_LEN (packed_queries). kernel_options: kv_splits (default: cost.decode_splits), BLOCK_M,
     BLOCK_N, num_warps, num_stages (runtime/choices.choose_decode_tiles); the others apply to the
     fallback. Inference only: a call whose q, k, v or buffers require grad runs ac.attention's
     other path (the dense kernels, paged caches gathered), which has a backward.
@@ -201,7 +215,6 @@ class DecodeKernel:
                  page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                  cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
         from .choices import check_options, choose_decode_tiles
-        from .sequences import check_varlen, uniform_queries
 
         pattern.require_bound()
         self.pattern, self.kernel_options = pattern, dict(kernel_options or {})
@@ -215,12 +228,7 @@ class DecodeKernel:
         for name, d in (("q", q.shape[-1]), ("v", v.shape[-1])):
             if not 16 <= d <= 256:
                 raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
-        Q_LEN = q.shape[2]
-        if self.packed:
-            Q_LEN = uniform_queries(check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)[0])
-            if Q_LEN is None:
-                raise ValueError("the decode kernel reads packed sequences that all have the same number of "
-                                 "queries (at least one); ac.attention runs the others on the dense kernels")
+        Q_LEN = packed_queries(q, k, cu_seqlens_q, cu_seqlens_k)[2] if self.packed else q.shape[2]
         group = max(1, q.shape[1] // max(1, k.shape[2] if self.paged else k.shape[1]))
         self.tiles = choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]), q.device, options)
         self.scale = check_scale(scale, q.shape[-1])
@@ -244,10 +252,11 @@ class DecodeKernel:
         return lists.at(kv_lens, shapes.Q)
 
     def _entry(self, q, k, v, page_table, kv_lens, cu_seqlens_q=None, cu_seqlens_k=None) -> tuple:
-        """(Shapes, DecodeMeta, page table, kv_lens) for these inputs, from the cache: a miss
-        checks them and builds (a packed call's table and lengths: from its cu_seqlens)."""
+        """(Shapes, DecodeMeta, page table, kv_lens, query rows) for these inputs, from the cache: a
+        miss checks them and builds (a packed call's table, lengths and rows: from its cu_seqlens,
+        sequences.token_pages and query_rows; the others' rows None)."""
         from .kernel import buffer_key, pattern_key
-        from .sequences import check_varlen, token_pages, uniform_queries
+        from .sequences import query_rows, token_pages
 
         mode = "packed" if self.packed else "paged" if self.paged else "dense"
         given = ("packed" if cu_seqlens_q is not None or cu_seqlens_k is not None else
@@ -263,16 +272,13 @@ class DecodeKernel:
                       tuple(v.shape))
 
             def build():  # new cu_seqlens (the next step): checked, lists reused while they serve
-                cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)
-                Q_LEN = uniform_queries(cu_q)
-                if Q_LEN is None:
-                    raise ValueError("the decode kernel reads packed sequences that all have the same number of "
-                                     "queries (at least one); ac.attention runs the others on the dense kernels")
+                cu_q, cu_k, Q_LEN = packed_queries(q, k, cu_seqlens_q, cu_seqlens_k)
                 table, lens = token_pages(cu_k, self.tiles.BLOCK_N, DECODE_SPAN)
                 shapes = Shapes(lens.numel(), q.shape[1], k.shape[1], Q_LEN, max(1, int(lens.max())), q.shape[3],
                                 v.shape[3])
                 meta = self._lists(common, shapes, q, k, v, table, lens, None)
-                return shapes, meta, table, lens, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
+                rows = query_rows(cu_q, Q_LEN)
+                return shapes, meta, table, lens, rows, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
         elif self.paged:
             if not all(isinstance(t, torch.Tensor) for t in (q, k, v, page_table, kv_lens)):
                 check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument
@@ -282,14 +288,14 @@ class DecodeKernel:
                 shapes = check_paged(q, k, v, page_table, kv_lens)
                 meta = self._lists(common, shapes, q, k, v, page_table, kv_lens,
                                    vouched_lengths(kv_lens, page_table, k.shape[0]))
-                return shapes, meta, page_table, kv_lens  # the key holds their ids
+                return shapes, meta, page_table, kv_lens, None  # the key holds their ids
         else:
             shapes = check_qkv(q, k, v)
             inputs = (shapes,)
 
             def build():
                 return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None), \
-                    None, None
+                    None, None, None
         common = pattern_key(self.pattern) + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
                                               self.tiles, self.forced_splits)
         key = common + inputs
@@ -299,7 +305,7 @@ class DecodeKernel:
         if hit is None:
             hit = build()
             DECODE_CACHE.put(key, hit)
-        return hit[:4]
+        return hit[:5]
 
     def _module(self, meta: DecodeMeta):
         from .kernel import kernel_module
@@ -352,10 +358,13 @@ class DecodeKernel:
 
         qi, ki, vi = interpretable(self.interpret, q, k, v)
         while True:
-            shapes, meta, table, _ = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
+            shapes, meta, table, _, rows = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
             module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
-            if self.packed:  # [1, Hq, S * Q_LEN, D] -> [S, Hq, Q_LEN, D], a view
-                qs = qi[0].unflatten(1, (shapes.B, shapes.Q)).transpose(0, 1)
+            if self.packed:  # [1, Hq, total_q, D] -> [S, Hq, Q_LEN, D]: a view, or padded
+                if rows is None:
+                    qs = qi[0].unflatten(1, (shapes.B, shapes.Q)).transpose(0, 1)
+                else:
+                    qs = qi[0][:, rows.clamp(min=0)].transpose(0, 1)  # padding slots: any query's row
                 extra = {"token_pages": self.tiles.BLOCK_N}
             else:
                 qs, extra = qi, {}
@@ -368,8 +377,12 @@ class DecodeKernel:
                 self.tiles = after_shared_memory_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0])
                 self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
                 self.module = self._module(self._meta)
-        if self.packed:  # back to the packed rows
-            out, lse = out.transpose(0, 1).flatten(1, 2)[None], lse.transpose(0, 1).flatten(1, 2)[None]
+        if self.packed:  # back to the packed rows, in order (padding dropped)
+            out, lse = out.transpose(0, 1).flatten(1, 2), lse.transpose(0, 1).flatten(1, 2)
+            if rows is not None:
+                real = (rows >= 0).flatten()
+                out, lse = out[:, real], lse[:, real]
+            out, lse = out[None], lse[None]
         return out.to(q.dtype), lse
 
     def __repr__(self) -> str:

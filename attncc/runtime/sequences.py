@@ -15,10 +15,12 @@ own buffers are indexed by positions within a sequence (size them to the longest
   [B, Hkv, max(kv_lens), D] keys and values (one copy of the used cache) for the dense kernels.
 - varlen (`varlen_call`): q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D], the sequences
   concatenated; cu_seqlens_q, cu_seqlens_k int32 [S + 1], non-decreasing from 0 to the totals,
-  each sequence with at most as many queries as keys. Where every sequence has the same Q <= 64
-  queries and no gradient is needed, the decode kernel reads k, v in place (`token_pages`: pages
-  whose stride is one token, so a sequence may start anywhere); otherwise the dense kernels run
-  the packed call with the pattern rewritten (the sequences as a block-diagonal mask).
+  each sequence with at most as many queries as keys. Where no sequence has more than 64 queries
+  nor fewer keys than the most queries of any (`decode_queries`) and no gradient is needed, the
+  decode kernel reads k, v in place (`token_pages`: pages whose stride is one token, so a
+  sequence may start anywhere), the queries padded to that many per sequence (`query_rows`);
+  otherwise the dense kernels run the packed call with the pattern rewritten (the sequences as a
+  block-diagonal mask).
 - split-KV (`split_kv`, kernel_options kv_splits=S): the keys cut into S chunks that run as S
   batch rows of one launch (more programs for a few queries over many keys), merged by their
   LSE (`merge_splits`); the pattern sees the original positions.
@@ -203,12 +205,28 @@ def varlen_call(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, cu_seqlens_q
     return remap_positions(pattern, seq, ir.load("varlen_pos_q", (_Q,)), ir.load("varlen_pos_k", (_KV,)), live, names)
 
 
-def uniform_queries(cu_q: torch.Tensor) -> int | None:
-    """Q where every sequence of a packed call (checked cu_seqlens_q, int [S + 1]) has Q >= 1
-    queries, else None (one host synchronisation)."""
-    lens = cu_q.diff()
-    low, high = (int(x) for x in torch.stack((lens.min(), lens.max())).tolist())
-    return low if low == high and low > 0 else None
+def decode_queries(cu_q: torch.Tensor, cu_k: torch.Tensor) -> int | None:
+    """Q_LEN, the most queries of any sequence of a packed call (checked cu_seqlens, int [S + 1]),
+    where the decode kernel can read it — every sequence with 0 or at least Q_LEN keys, so that
+    the padded query rows of a shorter one sit at positions of its own — else None (also when no
+    sequence has queries). One host synchronisation."""
+    len_q, len_k = cu_q.diff(), cu_k.diff()
+    most = int(len_q.max())
+    if most == 0 or bool(((len_k > 0) & (len_k < most)).any()):
+        return None
+    return most
+
+
+def query_rows(cu_q: torch.Tensor, Q_LEN: int) -> torch.Tensor | None:
+    """int64 [S, Q_LEN]: the packed row of each sequence's query slot, its Q_s queries in its last
+    Q_s slots (so slot i sits at position kv_len - Q_LEN + i, as in a paged call) and -1 in the
+    others (padding); None where every sequence has Q_LEN queries (the packed q is then a view)."""
+    len_q = cu_q.diff()
+    if bool((len_q == Q_LEN).all()):
+        return None
+    slot = torch.arange(Q_LEN, device=cu_q.device)[None, :]
+    first = Q_LEN - len_q[:, None]  # the slot of the sequence's first query
+    return torch.where(slot >= first, cu_q[:-1, None] + slot - first, -1)
 
 
 def token_pages(cu_k: torch.Tensor, page_size: int, headroom: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
