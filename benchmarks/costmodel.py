@@ -1,10 +1,12 @@
 """Validation of the cost simulator (compiler/cost.py) against measurement — a benchmark, not a test.
 
-    python benchmarks/costmodel.py [--patterns causal,swa1024,...] [--N 8192] [--out-dir DIR] [--smoke]
+    python benchmarks/costmodel.py [--patterns causal,swa1024,...] [--shape main] [--N 8192] [--out-dir DIR] [--smoke]
     python benchmarks/costmodel.py --predict h200 --patterns sinks,chunked   # on any machine: predictions only
 
 For each pattern, every candidate forward configuration (runtime/choices.TRITON_CANDIDATES, and
-the fa4 backend where it runs) is timed (do_bench median, bf16, B=4 H=16 D=128 on CUDA) and
+the fa4 backend where it runs) is timed (do_bench median, bf16, at one of BENCHMARKS.md's shapes,
+benchmarks/patterns.SHAPES: main B4 H16 N8192 D128, gqa Hq32/Hkv8, long B1 N32768, odd N8000;
+--N overrides its N) and
 predicted on the profile of the GPU (its name's profile, else "generic"); each output is checked
 against the float64 oracle on batch 0 first. Per pattern: the Spearman rank correlation between
 predicted and measured times, the measured time of the simulator's pick and of auto's
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 import os
 import statistics
 import sys
@@ -31,7 +34,7 @@ from attncc.runtime.calibrate import profile_for, time_ms  # noqa: E402
 from attncc.runtime.choices import TRITON_CANDIDATES  # noqa: E402
 from attncc.runtime.inputs import check_qkv  # noqa: E402
 from attncc.runtime.kernel import META_CACHE  # noqa: E402
-from benchmarks.patterns import build  # noqa: E402
+from benchmarks.patterns import SHAPES, SMOKE_SHAPES, Shape, build  # noqa: E402
 from benchmarks.report import write_table  # noqa: E402
 
 PATTERNS = "full,causal,swa1024,prefixlm2048,document,alibi,softcap,dilated,natten2d"
@@ -88,10 +91,12 @@ def candidates(pattern, q, k, v) -> list[tuple[str, dict]]:
     return out
 
 
-def run_pattern(name: str, N: int, B: int, H: int, D: int, device: torch.device) -> dict:
+def run_pattern(name: str, shape: Shape, device: torch.device) -> dict:
+    B, H, N, D = shape.B, shape.Hq, shape.N, shape.D
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+    q = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(B, shape.Hkv, N, D, device=device, dtype=dtype, generator=g) for _ in range(2))
     pattern = build(name, N, H, device).attncc
     profile = profile_for(device)
     s = check_qkv(q, k, v)
@@ -119,23 +124,23 @@ def run_pattern(name: str, N: int, B: int, H: int, D: int, device: torch.device)
     auto_ms = time_ms(lambda: auto(q, k, v), device)
     best = min(r["measured_ms"] for r in rows)
     ranked = ranking([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
-    return {"pattern": name, "N": N, "profile": profile.key, "rows": rows, "refused": refused,
+    return {"pattern": name, "N": N, "shape": vars(shape), "profile": profile.key, "rows": rows, "refused": refused,
             "spearman": ranked["spearman"],
             "pick": min(rows, key=lambda r: r["predicted_ms"])["config"], "pick_vs_best": ranked["pick_vs_best"],
             "hand_rules": auto.config["backend"], "hand_rules_vs_best": auto_ms / best}
 
 
-def predict_pattern(name: str, N: int, profile_key: str) -> dict:
-    """Every candidate's predicted ms for `name` at B4 H16 N D128 bf16 on a shipped profile, block
+def predict_pattern(name: str, shape: Shape, profile_key: str) -> dict:
+    """Every candidate's predicted ms for `name` at `shape` in bf16 on a shipped profile, block
     maps built on the CPU (nothing runs): predictions to commit before a GPU run measures them."""
     from attncc.runtime import fa4
     from attncc.runtime.choices import TARGETS
     from attncc.runtime.inputs import Shapes
 
-    B, H, D = 4, 16, 128
+    B, H, N, D = shape.B, shape.Hq, shape.N, shape.D
     cpu = torch.device("cpu")
     pattern = build(name, N, H, cpu).attncc.kernel_pattern
-    s = Shapes(B, H, H, N, N, D, D)
+    s = Shapes(B, H, shape.Hkv, N, N, D, D)
     profile = cost.load_profile(profile_key)
     configs = [("triton", t) for t in TRITON_CANDIDATES]
     if fa4.refusal_on(pattern, s, TARGETS[profile_key][1], torch.bfloat16, cpu, assume_installed=True) is None:
@@ -144,22 +149,26 @@ def predict_pattern(name: str, N: int, profile_key: str) -> dict:
     for backend, tiles in configs:
         _, meta = META_CACHE.get(pattern, s, tiles, cpu)
         rows.append({"config": config_label(backend, tiles), "predicted_ms": cost.simulate(meta, B, H, D, tiles, backend, profile).ms})
-    return {"pattern": name, "N": N, "profile": profile_key, "rows": rows,
+    return {"pattern": name, "N": N, "shape": vars(shape), "profile": profile_key, "rows": rows,
             "pick": min(rows, key=lambda r: r["predicted_ms"])["config"]}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--patterns", default=PATTERNS)
-    ap.add_argument("--N", type=int, default=8192)
+    ap.add_argument("--shape", default="main", choices=sorted(SHAPES))
+    ap.add_argument("--N", type=int, default=None, help="the shape's sequence length instead")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton's interpreter)")
     ap.add_argument("--predict", metavar="PROFILE", default=None,
                     help="only predict, on the CPU, on this shipped profile (h200, h100): nothing is timed")
     args = ap.parse_args(argv)
+    shape = SHAPES[args.shape]
+    if args.N is not None:
+        shape = replace(shape, N=args.N)
     if args.predict:
-        results = [predict_pattern(name, args.N, args.predict) for name in args.patterns.split(",")]
-        lines = [f"Predicted forward ms on profile {args.predict!r}, B4 H16 N{args.N} D128 bf16 (attncc "
+        results = [predict_pattern(name, shape, args.predict) for name in args.patterns.split(",")]
+        lines = [f"Predicted forward ms on profile {args.predict!r}, {shape.label()} bf16 (attncc "
                  f"{ac.__version__}), the simulator's pick first:", ""]
         for r in results:
             ranked = sorted(r["rows"], key=lambda x: x["predicted_ms"])
@@ -168,8 +177,9 @@ def main(argv=None) -> dict:
         write_table(args.out_dir, "costmodel-predictions", results, lines)
         return {"results": results}
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    B, H, D, N = (4, 16, 128, args.N) if device.type == "cuda" else (1, 2, 32, 256)
-    results = [run_pattern(name, N, B, H, D, device) for name in args.patterns.split(",")]
+    if device.type != "cuda":
+        shape = SMOKE_SHAPES[args.shape]
+    results = [run_pattern(name, shape, device) for name in args.patterns.split(",")]
     lines = ["| pattern | Spearman | simulator's pick | its time / best | auto's time / best | max rel err | "
              "refused (shared memory) |", "|---|---:|---|---:|---:|---:|---|"]
     for r in results:

@@ -22,6 +22,29 @@ VALIDATION_NAMES = ("sinks", "chunked", "global_tokens", "strided_heads")
 
 
 @dataclass(frozen=True)
+class Shape:
+    """A benchmark shape: q [B, Hq, N, D], k and v [B, Hkv, N, D]."""
+    B: int
+    Hq: int
+    Hkv: int
+    N: int
+    D: int
+
+    def label(self) -> str:
+        heads = f"H{self.Hq}" if self.Hq == self.Hkv else f"Hq{self.Hq}/Hkv{self.Hkv}"
+        return f"B{self.B} {heads} N{self.N} D{self.D}"
+
+
+# BENCHMARKS.md's shapes (suite.py, costmodel.py) and their tiny CPU versions
+SHAPES = {"main": Shape(4, 16, 16, 8192, 128), "d64": Shape(4, 16, 16, 8192, 64),
+          "gqa": Shape(4, 32, 8, 8192, 128), "long": Shape(1, 16, 16, 32768, 128),
+          "odd": Shape(4, 16, 16, 8000, 128)}
+SMOKE_SHAPES = {"main": Shape(1, 2, 2, 256, 32), "d64": Shape(1, 2, 2, 256, 16),
+                "gqa": Shape(1, 4, 2, 256, 32), "long": Shape(1, 2, 2, 512, 32),
+                "odd": Shape(1, 2, 2, 250, 32)}
+
+
+@dataclass(frozen=True)
 class Sizes:
     """The pattern family parameters. `BENCH` is BENCHMARKS.md; `SMOKE` scales them to tiny N."""
     window: int = 1024                                 # swa1024: q >= kv and q - kv <= window

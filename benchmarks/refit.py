@@ -4,8 +4,8 @@ held out of the fit — on CPU (block maps are built here; nothing runs on a GPU
     python benchmarks/refit.py RESULTS.json [...] [--profile h200] [--hold-out prefixlm2048,alibi]
                                [--out-dir DIR]
 
-RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms), all
-at B4 H16 D128 bf16 and their N. compiler/cost.fit refits each backend's PARTIAL factor, prologue,
+RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms), bf16
+at the shape each records (older files: B4 H16 D128 and their N). compiler/cost.fit refits each backend's PARTIAL factor, prologue,
 occupancy and operator costs to every row except the held-out patterns' (the profile's rates are
 kept); the table gives, per pattern, the Spearman rank correlation, the measured time of the
 simulator's pick against the best measured and the rms log error, under the profile as shipped and
@@ -32,7 +32,7 @@ from benchmarks.costmodel import ranking  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
 from benchmarks.report import write_table  # noqa: E402
 
-B, H, D = 4, 16, 128  # benchmarks/costmodel.py's shapes on CUDA
+B, H, D = 4, 16, 128  # benchmarks/costmodel.py's main shape (results that do not record theirs)
 
 
 def tiles_of(config: str) -> tuple[str, TileConfig]:
@@ -50,12 +50,14 @@ def timings_of(results: list[dict]) -> list[tuple[str, cost.Timing]]:
     out, patterns = [], {}
     for r in results:
         N = r["N"]
-        s = Shapes(B, H, H, N, N, D, D)
-        pattern = patterns.setdefault((r["pattern"], N), build(r["pattern"], N, H, torch.device("cpu")).attncc)
+        shape = r.get("shape", {"B": B, "Hq": H, "Hkv": H, "D": D})  # rows before shapes were recorded: main's
+        s = Shapes(shape["B"], shape["Hq"], shape["Hkv"], N, N, shape["D"], shape["D"])
+        pattern = patterns.setdefault((r["pattern"], N, s.Hq),
+                                      build(r["pattern"], N, s.Hq, torch.device("cpu")).attncc)
         for row in r["rows"]:
             backend, tiles = tiles_of(row["config"])
             _, meta = META_CACHE.get(pattern.kernel_pattern, s, tiles, torch.device("cpu"))
-            out.append((r["pattern"], cost.Timing(meta, B, H, D, tiles, backend, row["measured_ms"])))
+            out.append((r["pattern"], cost.Timing(meta, s.B, s.Hq, s.D, tiles, backend, row["measured_ms"])))
     return out
 
 

@@ -49,28 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import attncc as ac  # noqa: E402
 from benchmarks import patterns as bp  # noqa: E402
+from benchmarks.patterns import SHAPES, SMOKE_SHAPES, Shape  # noqa: E402
 from benchmarks.report import cell, output_paths, write  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Shape:
-    B: int
-    Hq: int
-    Hkv: int
-    N: int
-    D: int
-
-    def label(self) -> str:
-        heads = f"H{self.Hq}" if self.Hq == self.Hkv else f"Hq{self.Hq}/Hkv{self.Hkv}"
-        return f"B{self.B} {heads} N{self.N} D{self.D}"
-
-
-SHAPES = {"main": Shape(4, 16, 16, 8192, 128), "d64": Shape(4, 16, 16, 8192, 64),
-          "gqa": Shape(4, 32, 8, 8192, 128), "long": Shape(1, 16, 16, 32768, 128),
-          "odd": Shape(4, 16, 16, 8000, 128)}
-SMOKE_SHAPES = {"main": Shape(1, 2, 2, 256, 32), "d64": Shape(1, 2, 2, 256, 16),
-                "gqa": Shape(1, 4, 2, 256, 32), "long": Shape(1, 2, 2, 512, 32),
-                "odd": Shape(1, 2, 2, 250, 32)}
 EXTRA_PATTERNS = ("full", "causal", "document", "swa1024")  # default for every shape but main
 IMPLS = ("attncc", "flex", "cudnn", "fa2")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}

@@ -144,6 +144,11 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     assert len(result["rows"]) == 4 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
     assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
     assert result["refused"] == []
+    # another of BENCHMARKS.md's shapes: GQA, predicted and (tiny, interpreted) measured
+    gqa = costmodel.main(["--predict", "h200", "--shape", "gqa", "--N", "1024", "--patterns", "causal"])["results"][0]
+    assert gqa["shape"] == {"B": 4, "Hq": 32, "Hkv": 8, "N": 1024, "D": 128} and len(gqa["rows"]) == 5
+    small = costmodel.main(["--smoke", "--shape", "gqa", "--patterns", "causal"])["results"][0]
+    assert small["shape"]["Hkv"] == 2 and all(r["rel_err"] < 1e-4 for r in small["rows"])
 
 
 def test_the_validation_benchmark_lists_a_configuration_refused_for_shared_memory(tmp_path, monkeypatch):
