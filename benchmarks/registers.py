@@ -5,7 +5,7 @@ machine (no GPU needed) — a developer's probe, not a test of speed.
                                    [--tiles 128,64,8,3] [--dkdv 64,128,8,3] [--dq 128,64,8,3]
                                    [--splits 1] [--arch 90]
 
-Each pattern's kernels are generated at B1 H2 N1024 D128 bf16 (decode: Hq 32 / Hkv 8, one query,
+Each pattern's kernels are generated at B1 H2 N8192 D128 bf16 (decode: Hq 32 / Hkv 8, one query,
 dense keys; --tiles its BLOCK_M packed rows, e.g. 16,64,4,3, and --splits its kv splits). The
 sizes only set Triton's specialisations, which match the suite's (every stride and length
 divisible by 16). The kernels are compiled by
@@ -38,7 +38,7 @@ from attncc.runtime.inputs import Shapes  # noqa: E402
 from attncc.runtime.kernel import META_CACHE, kernel_module  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
 
-B, H, N, D = 1, 2, 1024, 128
+B, H, N, D = 1, 2, 8192, 128
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
@@ -100,7 +100,8 @@ def probe(name: str, kind: str, forward_tiles: TileConfig, backward_tiles: Backw
           splits: int = 1) -> list[dict]:
     """One row per kernel of `name`'s `kind` module."""
     cpu = torch.device("cpu")
-    pattern = build(name, N, H).attncc.kernel_pattern
+    natural = build(name, N, H).attncc
+    pattern, rows = natural.kernel_pattern, natural.layout  # a token layout: the Triton kernels gather its rows
     s = Shapes(B, H, H, N, N, D, D)
     q, k, v, out, dout = (torch.randn(B, H, N, D, dtype=torch.bfloat16) for _ in range(5))
     lse = torch.zeros(B, H, N)
@@ -115,12 +116,13 @@ def probe(name: str, kind: str, forward_tiles: TileConfig, backward_tiles: Backw
         launch = lambda: module.forward(q, k, v, meta, 0.088, meta.buffers)  # noqa: E731
     elif kind == "forward":
         _, meta = META_CACHE.get(pattern, s, forward_tiles, cpu)
-        module = kernel_module(pattern, forward_tiles, meta.plan, interpret=False)
+        module = kernel_module(pattern, forward_tiles, meta.plan, interpret=False, layout=rows)
         launch = lambda: module.forward(q, k, v, meta, 0.088, meta.buffers, tma=False)  # noqa: E731
     else:
         _, dq_meta = META_CACHE.get(pattern, s, backward_tiles.dq, cpu)
         dkdv_meta = META_CACHE.backward(pattern, s, backward_tiles.dkdv, cpu)
-        module = kernel_module(pattern, backward_tiles, dkdv_meta.plan, interpret=False, kind="backward")
+        module = kernel_module(pattern, backward_tiles, dkdv_meta.plan, interpret=False, kind="backward",
+                               layout=rows)
         launch = lambda: module.backward(q, k, v, out, lse, dout, None, dq_meta, dkdv_meta, 0.088,  # noqa: E731
                                          dq_meta.buffers)
     return [{"pattern": name, "kernel": kernel_name, **ptxas_figures(kernel, arch)}
