@@ -210,6 +210,11 @@ def test_packed_decode_loop_reuses_its_kernel_and_lists(decode_runs, monkeypatch
         lens_k = [n + 1 for n in lens_k]
     assert len(decode_runs) == 4 and len(kernels) == 1
     assert len(builds) == 1  # the lists of the first step served the next three (DECODE_SPAN)
+    checks, real_check = [], sequences.check_varlen
+    monkeypatch.setattr(sequences, "check_varlen", lambda *args: checks.append(1) or real_check(*args))
+    for layer in range(3):  # a step's layers: the same cu_seqlens, checked once
+        ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert checks == [] and len(decode_runs) == 7  # this step's were checked above
 
 
 @pytest.mark.parametrize("splits", [1, 3])

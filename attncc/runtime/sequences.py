@@ -178,13 +178,17 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k) -
     if cu_q.dim() != 1 or cu_q.shape != cu_k.shape or cu_q.numel() < 2:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must be [S + 1] each, S >= 1; got {list(cu_q.shape)} "
                          f"and {list(cu_k.shape)}")
-    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[2]), ("cu_seqlens_k", cu_k, k.shape[2])):
-        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {cu.tolist()}")
-    len_q, len_k = cu_q.diff(), cu_k.diff()
-    if bool((len_q > len_k).any()):
-        s = int((len_q > len_k).nonzero()[0])
-        raise ValueError(f"sequence {s} has {int(len_q[s])} queries but {int(len_k[s])} keys; the queries are a "
+    totals = torch.tensor([q.shape[2], k.shape[2]], device=cu_q.device)
+    cu = torch.stack((cu_q, cu_k))  # [2, S + 1]
+    lens = cu.diff()
+    # every verdict in one synchronisation: bad starts or ends, falls, more queries than keys
+    wrong = torch.cat(((cu[:, 0] != 0) | (cu[:, -1] != totals) | (lens < 0).any(1), (lens[0] > lens[1]).any()[None]))
+    if bool(wrong.any()):
+        for name, one, total, bad in zip(("cu_seqlens_q", "cu_seqlens_k"), cu, totals.tolist(), wrong.tolist()):
+            if bad:
+                raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {one.tolist()}")
+        s = int((lens[0] > lens[1]).nonzero()[0])
+        raise ValueError(f"sequence {s} has {int(lens[0, s])} queries but {int(lens[1, s])} keys; the queries are a "
                          "sequence's last tokens, so at most as many")
     return cu_q, cu_k
 
@@ -211,10 +215,9 @@ def decode_queries(cu_q: torch.Tensor, cu_k: torch.Tensor) -> int | None:
     the padded query rows of a shorter one sit at positions of its own — else None (also when no
     sequence has queries). One host synchronisation."""
     len_q, len_k = cu_q.diff(), cu_k.diff()
-    most = int(len_q.max())
-    if most == 0 or bool(((len_k > 0) & (len_k < most)).any()):
-        return None
-    return most
+    most = len_q.max()
+    most, short = (int(x) for x in torch.stack((most, ((len_k > 0) & (len_k < most)).any())).tolist())
+    return None if most == 0 or short else most
 
 
 def query_rows(cu_q: torch.Tensor, Q_LEN: int) -> torch.Tensor | None:
