@@ -142,6 +142,12 @@ def test_bad_varlen_inputs_are_refused_clearly():
         ac.attention(q, k, k, ac.patterns.causal(), cu_seqlens_q=cu(0, 6, 10), cu_seqlens_k=cu(0, 5, 12))
     with pytest.raises(ValueError, match="cu_seqlens_k must rise from 0 to 12"):
         ac.attention(q, k, k, ac.patterns.causal(), cu_seqlens_q=cu(0, 6, 10), cu_seqlens_k=cu(0, 8, 11))
+    with pytest.raises(ValueError, match="not a multiple of the 4 heads"):  # checked before the decode kernel
+        ac.attention(torch.randn(1, 6, 2, 16), torch.randn(1, 4, 12, 16), torch.randn(1, 4, 12, 16),
+                     ac.patterns.causal(), cu_seqlens_q=cu(0, 1, 2), cu_seqlens_k=cu(0, 5, 12))
+    with pytest.raises(ValueError, match="k and v must have the same length"):
+        ac.attention(q[:, :, :2], k, k[:, :, :11], ac.patterns.causal(), cu_seqlens_q=cu(0, 1, 2),
+                     cu_seqlens_k=cu(0, 5, 12))
     with pytest.raises(ValueError, match="packed in one batch row"):
         ac.attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), ac.patterns.causal(),
                      cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12))

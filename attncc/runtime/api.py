@@ -380,7 +380,7 @@ def _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q,
         if isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor) else None
     hit = _PACKED_QUERIES.get(checked) if checked is not None else None
     if hit is None:  # a new step's cu_seqlens (its other layers: a lookup, no synchronisation)
-        hit = (decode_queries(*check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)), cu_seqlens_q, cu_seqlens_k)
+        hit = (decode_queries(*check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, v)), cu_seqlens_q, cu_seqlens_k)
         if checked is not None:
             _PACKED_QUERIES.put(checked, hit)  # the entry holds the tensors whose ids the key names
     Q_LEN = hit[0]

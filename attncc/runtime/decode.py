@@ -177,12 +177,12 @@ def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tens
 DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, table, lengths, rows, the tensors the key names by id)
 
 
-def packed_queries(q, k, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor, int]:
+def packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(cu_q, cu_k, Q_LEN) of a packed call the decode kernel can read (sequences.check_varlen,
     decode_queries), else a ValueError saying why not."""
     from .sequences import check_varlen, decode_queries
 
-    cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k)
+    cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, v)
     Q_LEN = decode_queries(cu_q, cu_k)
     if Q_LEN is None:
         raise ValueError("the decode kernel reads packed sequences with queries, each with 0 keys or at least "
@@ -228,7 +228,7 @@ class DecodeKernel:
         for name, d in (("q", q.shape[-1]), ("v", v.shape[-1])):
             if not 16 <= d <= 256:
                 raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
-        Q_LEN = packed_queries(q, k, cu_seqlens_q, cu_seqlens_k)[2] if self.packed else q.shape[2]
+        Q_LEN = packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k)[2] if self.packed else q.shape[2]
         group = max(1, q.shape[1] // max(1, k.shape[2] if self.paged else k.shape[1]))
         self.tiles = choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]), q.device, options)
         self.scale = check_scale(scale, q.shape[-1])
@@ -272,7 +272,7 @@ class DecodeKernel:
                       tuple(v.shape))
 
             def build():  # new cu_seqlens (the next step): checked, lists reused while they serve
-                cu_q, cu_k, Q_LEN = packed_queries(q, k, cu_seqlens_q, cu_seqlens_k)
+                cu_q, cu_k, Q_LEN = packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k)
                 table, lens = token_pages(cu_k, self.tiles.BLOCK_N, DECODE_SPAN)
                 shapes = Shapes(lens.numel(), q.shape[1], k.shape[1], Q_LEN, max(1, int(lens.max())), q.shape[3],
                                 v.shape[3])

@@ -168,8 +168,12 @@ def paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pa
     return gather(k_cache), gather(v_cache), paged_pattern(pattern, kv_lens, s.Q)
 
 
-def check_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cu_q, cu_k) int64 [S + 1] of a valid packed call (module docstring), else a ValueError."""
+def check_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k,
+                 v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_q, cu_k) int64 [S + 1] of a valid packed call (module docstring; with v, also q, k, v's
+    dtypes, devices, heads and head dims: inputs.check_qkv), else a ValueError."""
+    if v is not None:
+        check_qkv(q, k, v)
     if q.shape[0] != 1 or k.shape[0] != 1:
         raise ValueError("a variable-length call takes the sequences packed in one batch row: q [1, Hq, total_q, D], "
                          "k and v [1, Hkv, total_k, D]")
