@@ -174,7 +174,7 @@ def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tens
     return bm, classes, keys, top + 1
 
 
-DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, table, lengths, rows, the tensors the key names by id)
+DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, table, lengths, padding, the tensors the key names)
 
 
 def packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -204,9 +204,9 @@ class DecodeKernel:
     page_size, Hkv, D|Dv] with page_table int32 [B, max_pages] and kv_lens int32 [B], or dense
     k, v [B, Hkv, KV_LEN, D|Dv], or S sequences packed (cu_seqlens_q, cu_seqlens_k int32 [S + 1]):
     q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D|Dv], the queries padded to Q_LEN, the most of
-    any sequence, each sequence having 0 keys or at least Q_LEN (packed_queries). kernel_options: kv_splits (default: cost.decode_splits), BLOCK_M,
-    BLOCK_N, num_warps, num_stages (runtime/choices.choose_decode_tiles); the others apply to the
-    fallback. Inference only: a call whose q, k, v or buffers require grad runs ac.attention's
+    any sequence, each sequence having 0 keys or at least Q_LEN (packed_queries). kernel_options:
+    kv_splits (default: cost.decode_splits), BLOCK_M, BLOCK_N, num_warps, num_stages
+    (runtime/choices.choose_decode_tiles); the others apply to the fallback. Inference only: a call whose q, k, v or buffers require grad runs ac.attention's
     other path (the dense kernels, paged caches gathered), which has a backward.
     """
 
@@ -252,9 +252,11 @@ class DecodeKernel:
         return lists.at(kv_lens, shapes.Q)
 
     def _entry(self, q, k, v, page_table, kv_lens, cu_seqlens_q=None, cu_seqlens_k=None) -> tuple:
-        """(Shapes, DecodeMeta, page table, kv_lens, query rows) for these inputs, from the cache: a
-        miss checks them and builds (a packed call's table, lengths and rows: from its cu_seqlens,
-        sequences.token_pages and query_rows; the others' rows None)."""
+        """(Shapes, DecodeMeta, page table, kv_lens, padding) for these inputs, from the cache: a miss
+        checks them and builds (a packed call's table and lengths from its cu_seqlens by
+        sequences.token_pages; its padding, where some sequence has fewer than Q_LEN queries: the
+        packed row int64 [S, Q_LEN] each query slot reads and the slots int64 [total_q] that hold
+        the queries, from sequences.query_rows; else None)."""
         from .kernel import buffer_key, pattern_key
         from .sequences import query_rows, token_pages
 
@@ -278,7 +280,9 @@ class DecodeKernel:
                                 v.shape[3])
                 meta = self._lists(common, shapes, q, k, v, table, lens, None)
                 rows = query_rows(cu_q, Q_LEN)
-                return shapes, meta, table, lens, rows, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
+                # padded: the packed row each slot reads (padding: any), and the slots holding queries
+                pad = None if rows is None else (rows.clamp(min=0), (rows >= 0).flatten().nonzero().squeeze(1))
+                return shapes, meta, table, lens, pad, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
         elif self.paged:
             if not all(isinstance(t, torch.Tensor) for t in (q, k, v, page_table, kv_lens)):
                 check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument
@@ -358,13 +362,11 @@ class DecodeKernel:
 
         qi, ki, vi = interpretable(self.interpret, q, k, v)
         while True:
-            shapes, meta, table, _, rows = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
+            shapes, meta, table, _, pad = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
             module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
-            if self.packed:  # [1, Hq, total_q, D] -> [S, Hq, Q_LEN, D]: a view, or padded
-                if rows is None:
-                    qs = qi[0].unflatten(1, (shapes.B, shapes.Q)).transpose(0, 1)
-                else:
-                    qs = qi[0][:, rows.clamp(min=0)].transpose(0, 1)  # padding slots: any query's row
+            if self.packed:  # [1, Hq, total_q, D] -> [S, Hq, Q_LEN, D]: a view, or padded (no synchronisation)
+                qs = qi[0].unflatten(1, (shapes.B, shapes.Q)) if pad is None else qi[0][:, pad[0]]
+                qs = qs.transpose(0, 1)
                 extra = {"token_pages": self.tiles.BLOCK_N}
             else:
                 qs, extra = qi, {}
@@ -379,9 +381,8 @@ class DecodeKernel:
                 self.module = self._module(self._meta)
         if self.packed:  # back to the packed rows, in order (padding dropped)
             out, lse = out.transpose(0, 1).flatten(1, 2), lse.transpose(0, 1).flatten(1, 2)
-            if rows is not None:
-                real = (rows >= 0).flatten()
-                out, lse = out[:, real], lse[:, real]
+            if pad is not None:
+                out, lse = out.index_select(1, pad[1]), lse.index_select(1, pad[1])
             out, lse = out[None], lse[None]
         return out.to(q.dtype), lse
 
