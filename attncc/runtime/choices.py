@@ -315,12 +315,12 @@ def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad:
     (benchmarks/results/2026-12-01-nvidia-h200-decode.md).
 
     KV: the dense call's keys, None for a paged call (or a packed one, which reads its k, v as
-    pages). Never when gradients are required (decode
-    is inference: the call takes the dense kernels, paged caches gathered first), when
-    kernel_options force a backend other than "triton", or for more than DECODE_MAX_Q queries or
-    a token layout. Otherwise always for paged and packed calls (it reads
-    the pages in place; the other paths copy them, or run a packed call as one block-diagonal mask) and for dense calls with at least
-    DECODE_MIN_KEYS keys and 16 per query. Not measured yet: the dense threshold is a guess at
+    pages). Never when gradients are required (decode is inference: the call takes the dense
+    kernels, paged caches gathered first), when kernel_options force a backend other than
+    "triton", or for more than DECODE_MAX_Q queries or a token layout. Otherwise always for paged
+    and packed calls (it reads the pages in place; the other paths copy them, or run a packed
+    call as one block-diagonal mask) and for dense calls with at least DECODE_MIN_KEYS keys and 16
+    per query. Not measured yet: the dense threshold is a guess at
     where a query tile of the forward leaves the GPU idle.
     """
     forced = options.get("decode")

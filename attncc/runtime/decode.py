@@ -206,8 +206,9 @@ class DecodeKernel:
     q [1, Hq, total_q, D], k, v [1, Hkv, total_k, D|Dv], the queries padded to Q_LEN, the most of
     any sequence, each sequence having 0 keys or at least Q_LEN (packed_queries). kernel_options:
     kv_splits (default: cost.decode_splits), BLOCK_M, BLOCK_N, num_warps, num_stages
-    (runtime/choices.choose_decode_tiles); the others apply to the fallback. Inference only: a call whose q, k, v or buffers require grad runs ac.attention's
-    other path (the dense kernels, paged caches gathered), which has a backward.
+    (runtime/choices.choose_decode_tiles); the others apply to the fallback. Inference only: a
+    call whose q, k, v or buffers require grad runs ac.attention's other path (the dense kernels,
+    paged caches gathered), which has a backward.
     """
 
     def __init__(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
