@@ -234,6 +234,21 @@ def test_packed_decode_pads_sequences_with_fewer_queries(splits, decode_runs):
     check_each_sequence(out, lse, q, k, v, lens_q, lens_k, pattern)
 
 
+def test_compile_returns_the_packed_decode_kernel():
+    pattern = ac.patterns.sinks(2, 6)
+    q, k, v, cu_q, cu_k = packed([1, 2], [30, 9])
+    kern = ac.compile(pattern, q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert kern.config["kernel"] == "decode" and kern.config["packed"] and "attention_decode" in kern.source
+    out, lse = kern(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    check_each_sequence(out, lse, q, k, v, [1, 2], [30, 9], pattern)
+    with pytest.raises(ValueError, match="packed sequences: pass cu_seqlens_q and cu_seqlens_k"):
+        kern(q, k, v)
+    with pytest.raises(ValueError, match="takes packed sequences for the decode kernel only"):
+        ac.compile(pattern, q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, kernel_options={"decode": False})
+    with pytest.raises(ValueError, match="needs both cu_seqlens_q and cu_seqlens_k"):
+        ac.compile(pattern, q, k, v, cu_seqlens_q=cu_q)
+
+
 def test_packed_calls_the_decode_kernel_cannot_take(decode_runs):
     pattern = ac.patterns.causal()
     q, k, v, cu_q, cu_k = packed([3, 1], [9, 2])  # 2 keys, fewer than the 3 query slots: the dense kernels

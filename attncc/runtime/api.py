@@ -163,7 +163,8 @@ def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layou
 
 def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             scale: float | None = None, kernel_options: dict | None = None,
-            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None, target: str | None = None):
+            page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None, target: str | None = None,
+            cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
     """A Kernel for `pattern` at these inputs' shapes, dtype and device (q [B,Hq,Q,D], k/v [B,Hkv,KV,D]).
 
     target: a shipped profile ("h200", "h100"): a runtime/target.TargetKernel, the choice the
@@ -172,9 +173,10 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     Where ac.attention would run the split-KV decode kernel (runtime/choices.choose_decode: paged
     caches k, v [num_pages, page_size, Hkv, D] with page_table and kv_lens, which compile takes
-    for Q_LEN <= 64 only; dense calls of a few queries over many keys), a runtime/decode.DecodeKernel
-    (`.config["kernel"] == "decode"`, its kv_splits; called as kern(q, k, v, page_table=...,
-    kv_lens=...)).
+    for Q_LEN <= 64 only; packed sequences with cu_seqlens_q / cu_seqlens_k, which it takes where
+    the decode kernel reads them; dense calls of a few queries over many keys), a
+    runtime/decode.DecodeKernel (`.config["kernel"] == "decode"`, its kv_splits; called as
+    kern(q, k, v, page_table=..., kv_lens=...) or kern(q, k, v, cu_seqlens_q=..., cu_seqlens_k=...)).
 
     `kern.source` is the generated source (Triton kernels, or the CuTe hooks and the call of the fa4
     backend), `kern.config` the backend and tiles/warps/stages, `kern.block_mask` the BlockMask,
@@ -196,17 +198,24 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     from .kernel import Kernel
 
     paged = page_table is not None or kv_lens is not None
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if target is not None:
+        if packed:
+            raise ValueError("ac.compile with a target describes the dense kernels; it takes no cu_seqlens")
         return _target_kernel(pattern, q, k, v, kernel_options, target, paged)
     if paged and (page_table is None or kv_lens is None):
         raise ValueError("a paged call needs both page_table and kv_lens")
+    if packed and (paged or cu_seqlens_q is None or cu_seqlens_k is None):
+        raise ValueError("a packed call needs both cu_seqlens_q and cu_seqlens_k (and no page_table or kv_lens)")
     with torch.no_grad():  # the choice for an inference call; the kernel falls back where grads are needed
-        decode = _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged)
+        decode = (_packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q, cu_seqlens_k)
+                  if packed else _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged))
     if decode is not None:
         return decode
-    if paged:
-        raise ValueError("ac.compile takes paged caches for the decode kernel only (Q_LEN <= 64, "
-                         "kernel_options without decode=False or another backend); ac.attention runs the rest")
+    if paged or packed:
+        raise ValueError(f"ac.compile takes {'paged caches' if paged else 'packed sequences'} for the decode kernel "
+                         "only (at most 64 queries per sequence, kernel_options without decode=False or another "
+                         "backend); ac.attention runs the rest")
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, False)
     return Kernel(pattern, s, q.device, scale, choice)
 
