@@ -221,6 +221,11 @@ def test_packed_decode_loop_reuses_its_kernel_and_lists(decode_runs, monkeypatch
     for layer in range(3):  # a step's layers: the same cu_seqlens, checked once
         ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert checks == [] and len(decode_runs) == 7  # this step's were checked above
+    q, k, v, cu_q, cu_k = packed([1] * 3, lens_k, seed=9)
+    for layer in range(3):  # a new step: its cu_seqlens checked once for all its layers and kernels
+        out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    check_each_sequence(out, lse, q, k, v, [1] * 3, lens_k, pattern)
+    assert checks == [1] and len(decode_runs) == 10
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -374,25 +374,17 @@ def _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q,
     """The DecodeKernel that reads a packed call's k, v in place (its queries padded to the most of
     any sequence, Q_LEN, where each sequence has 0 or at least Q_LEN keys: sequences.decode_queries)
     where runtime/choices.choose_decode takes it (as for a paged call), else None (the dense kernels
-    over the packed call). Checks the cu_seqlens (a few host synchronisations)."""
+    over the packed call). Checks the cu_seqlens once per version (decode.packed_verdict)."""
     from .autograd import needs_grad
     from .choices import choose_decode
-    from .decode import DecodeKernel
-    from .kernel import buffer_key, pattern_key
-    from .sequences import check_varlen, decode_queries
+    from .decode import DecodeKernel, packed_verdict
+    from .kernel import pattern_key
 
     options = kernel_options or {}
     if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return None  # the other paths say what is wrong
     pattern = as_pattern(pattern)
-    checked = (buffer_key(cu_seqlens_q), buffer_key(cu_seqlens_k), q.shape[2], k.shape[2]) \
-        if isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor) else None
-    hit = _PACKED_QUERIES.get(checked) if checked is not None else None
-    if hit is None:  # a new step's cu_seqlens (its other layers: a lookup, no synchronisation)
-        hit = (decode_queries(*check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, v)), cu_seqlens_q, cu_seqlens_k)
-        if checked is not None:
-            _PACKED_QUERIES.put(checked, hit)  # the entry holds the tensors whose ids the key names
-    Q_LEN = hit[0]
+    Q_LEN = packed_verdict(q, k, v, cu_seqlens_q, cu_seqlens_k)[2]
     if Q_LEN is None:
         if options.get("decode") is True:
             raise ValueError("kernel_options decode=True cannot run this call: a packed sequence has fewer keys "
@@ -408,7 +400,6 @@ def _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q,
 
 
 _DECODE_KERNELS = LRU(16)  # call key -> DecodeKernel: a decode step's next layer skips its checks and choices
-_PACKED_QUERIES = LRU(16)  # cu_seqlens by version -> (the decode kernel's Q_LEN or None, the two tensors)
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):

@@ -177,13 +177,33 @@ def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tens
 DECODE_CACHE = cache.LRU(64)  # call key -> (Shapes, DecodeMeta, table, lengths, padding, the tensors the key names)
 
 
-def packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(cu_q, cu_k, Q_LEN) of a packed call the decode kernel can read (sequences.check_varlen,
-    decode_queries), else a ValueError saying why not."""
+PACKED_VERDICTS = cache.LRU(16)  # cu_seqlens by version, q/k/v shapes -> (cu_q, cu_k, Q_LEN or None, the tensors)
+
+
+def packed_verdict(q, k, v, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """(cu_q, cu_k int64 [S + 1], Q_LEN) of a valid packed call (sequences.check_varlen, else its
+    ValueError): Q_LEN is sequences.decode_queries' verdict, None where the decode kernel cannot
+    read the call. Checked once per version of the cu_seqlens (a decode step's other layers: a
+    lookup, no host synchronisation)."""
+    from .kernel import buffer_key
     from .sequences import check_varlen, decode_queries
 
-    cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, v)
-    Q_LEN = decode_queries(cu_q, cu_k)
+    tensors = isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
+    key = (buffer_key(cu_seqlens_q), buffer_key(cu_seqlens_k)) + tuple(
+        (tuple(t.shape), t.dtype, t.device) for t in (q, k, v)) if tensors else None
+    hit = PACKED_VERDICTS.get(key) if tensors else None
+    if hit is None:
+        cu_q, cu_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, v)
+        hit = (cu_q, cu_k, decode_queries(cu_q, cu_k), cu_seqlens_q, cu_seqlens_k)  # the key names their ids
+        if tensors:
+            PACKED_VERDICTS.put(key, hit)
+    return hit[:3]
+
+
+def packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """packed_verdict's (cu_q, cu_k, Q_LEN) where the decode kernel can read the call, else a
+    ValueError saying why not."""
+    cu_q, cu_k, Q_LEN = packed_verdict(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if Q_LEN is None:
         raise ValueError("the decode kernel reads packed sequences with queries, each with 0 keys or at least "
                          "as many as the most queries of any; ac.attention runs the others on the dense kernels")
