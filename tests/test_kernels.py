@@ -218,7 +218,20 @@ def test_sign_analysis_picks_plain_or_floor_operators():
     blocky = ac.Pattern(lambda b, h, q, kv: q // 16 == kv // 16)
     qq, kk, vv = qkv(1, 1, 1, 40, 40, 16)
     src = compile(blocky, qq, kk, vv).source
-    assert "((q // 16) == (kv // 16))" in src and "def floordiv" not in src
+    assert "((q >> 4) == (kv >> 4))" in src and "def floordiv" not in src
+
+
+def test_floor_operators_by_powers_of_two_are_shifts_for_every_sign():
+    # (q - kv) is negative below the diagonal: floor semantics there are the arithmetic shift and
+    # the low bits (Python's -5 // 8 == -1, -5 % 8 == 3), never C's truncation
+    pattern = ac.Pattern(lambda b, h, q, kv: ((q - kv) // 8 == -2) | ((kv - q) % 16 == 5) | ((q - kv) % 7 == 2))
+    q, k, v = qkv(1, 2, 1, 75, 83, 16, seed=3)
+    kern = compile(pattern, q, k, v)
+    assert ">> 3)" in kern.source and "& 15)" in kern.source and "floormod(" in kern.source  # % 7: the helper
+    out, lse = kern(q, k, v, return_lse=True)
+    ref, ref_lse = ac.reference(q, k, v, pattern, return_lse=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_inputs_raise_clear_errors():

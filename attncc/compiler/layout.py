@@ -155,7 +155,8 @@ class Layout:
 
 class _Text(str):
     """Source text with + and * by ints (and floor ops by ints), so `_natural` prints Triton
-    expressions; the identities x * 1, x + 0, x // 1 and x % 1 = 0 print nothing."""
+    expressions; the identities x * 1, x + 0, x // 1 and x % 1 = 0 print nothing, and floor
+    operations by powers of two print as shifts and masks."""
 
     def __add__(self, other):
         return self if str(other) == "0" else _Text(other) if self == "0" else _Text(f"({self} + {other})")
@@ -164,10 +165,12 @@ class _Text(str):
         return self if other == 1 else _Text(f"({self} * {other})")
 
     def div(self, y: int):
-        return self if y == 1 else _Text(f"({self} // {y})")
+        if y & (y - 1) == 0:  # a power of two (p >= 0): a shift, not a division
+            return self if y == 1 else _Text(f"({self} >> {y.bit_length() - 1})")
+        return _Text(f"({self} // {y})")
 
     def mod(self, y: int):
-        return _Text("0") if y == 1 else _Text(f"({self} % {y})")
+        return _Text("0") if y == 1 else _Text(f"({self} & {y - 1})") if y & (y - 1) == 0 else _Text(f"({self} % {y})")
 
 
 class _Expr:
