@@ -138,15 +138,15 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     assert costmodel.spearman([1, 2, 3], [10, 20, 30]) == 1.0 and costmodel.spearman([1, 2, 3], [3, 2, 1]) == -1.0
     assert costmodel.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
     predicted = costmodel.main(["--predict", "h200", "--N", "1024", "--patterns", "sinks,chunked"])["results"]
-    assert [len(r["rows"]) for r in predicted] == [5, 5]  # four Triton tiles and fa4, nothing timed
+    assert [len(r["rows"]) for r in predicted] == [6, 6]  # five Triton tiles and fa4, nothing timed
     assert all(r["pick"] == min(r["rows"], key=lambda x: x["predicted_ms"])["config"] for r in predicted)
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
-    assert len(result["rows"]) == 4 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
+    assert len(result["rows"]) == 5 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
     assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
     assert result["refused"] == []
     # another of BENCHMARKS.md's shapes: GQA, predicted and (tiny, interpreted) measured
     gqa = costmodel.main(["--predict", "h200", "--shape", "gqa", "--N", "1024", "--patterns", "causal"])["results"][0]
-    assert gqa["shape"] == {"B": 4, "Hq": 32, "Hkv": 8, "N": 1024, "D": 128} and len(gqa["rows"]) == 5
+    assert gqa["shape"] == {"B": 4, "Hq": 32, "Hkv": 8, "N": 1024, "D": 128} and len(gqa["rows"]) == 6
     small = costmodel.main(["--smoke", "--shape", "gqa", "--patterns", "causal"])["results"][0]
     assert small["shape"]["Hkv"] == 2 and all(r["rel_err"] < 1e-4 for r in small["rows"])
 
@@ -170,7 +170,7 @@ def test_the_validation_benchmark_lists_a_configuration_refused_for_shared_memor
         return real(interpret, fn, *args, **kwargs)
     monkeypatch.setattr(kernel, "launch", launch)
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
-    assert result["refused"] == ["triton 64x128/4/3"] and len(result["rows"]) == 3
+    assert result["refused"] == ["triton 64x128/4/3"] and len(result["rows"]) == 4
     assert "triton 64x128/4/3 |" in (tmp_path / "costmodel.md").read_text()
 
 
@@ -269,6 +269,25 @@ def test_fit_recovers_the_partial_factor_prologue_and_occupancy():
         cost.fit(start, "fa4", timings)
 
 
+def test_fit_recovers_a_partial_factor_per_tile_shape():
+    truth = cost.load_profile("h200")
+    spec = {**truth.backends["triton"], "partial_factor": {"128x64": 2.5, "64x64": 1.3, "default": 1.3},
+            "program_us": 2.0, "mask_op": 0.0, "programs_per_sm": {"default": 1}}
+    truth = dataclasses.replace(truth, backends={"triton": spec})
+    start = dataclasses.replace(truth, backends={"triton": {**spec, "partial_factor": 1.0, "program_us": 0.0}})
+    s = Shapes(B=2, Hq=4, Hkv=4, Q=2048, KV=2048, D=128, Dv=128)
+    timings = []
+    for pattern in (ac.patterns.causal(), ac.patterns.sliding_window(200), ac.patterns.chunked(300)):
+        for tiles in (T, TileConfig(64, 64, 4, 3)):
+            _, meta = META_CACHE.get(pattern, s, tiles, torch.device("cpu"))
+            timings.append(cost.Timing(meta, s.B, s.Hq, s.D, tiles, "triton",
+                                       cost.simulate(meta, s.B, s.Hq, s.D, tiles, "triton", truth).ms))
+    fitted, err = cost.fit(start, "triton", timings)
+    assert fitted["program_us"] == 2.0 and err < 1e-9, (fitted, err)
+    assert cost.partial_factor(fitted, T) == 2.5 and cost.partial_factor(fitted, TileConfig(64, 64, 4, 3)) == 1.3
+    assert cost.partial_factor({"partial_factor": 1.7}, T) == 1.7  # one number serves every shape
+
+
 def test_fit_recovers_the_costs_of_mask_and_score_operators():
     truth = cost.load_profile("h200")
     spec = {**truth.backends["fa4"], "partial_factor": 1.6, "program_us": 1.0, "mask_op": 0.03, "score_op": 0.05}
@@ -291,8 +310,10 @@ def test_fit_recovers_the_costs_of_mask_and_score_operators():
 
 
 def test_expression_ops_count_distinct_weighted_operators_and_the_pairwise_ones():
-    ops = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: q // 8 == kv // 8))
+    ops = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: q // 6 == kv // 6))
     assert (ops.mask, ops.mask_pairwise, ops.score, ops.score_pairwise) == (9.0, 1.0, 0.0, 0.0)
+    by_eight = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: (q // 8 == kv // 8) & (q % 8 != 3)))
+    assert by_eight.mask == 1 + 1 + 1 + 1 + 1 + 1  # two shifts, a mask, ==, != and "and": 1 each
     shared = ac.Pattern(lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 64))  # q - kv once
     assert cost.expression_ops(shared).mask == 4.0
     softcap, alibi = cost.expression_ops(ac.patterns.softcap(30.0)), cost.expression_ops(ac.patterns.alibi(4))

@@ -113,11 +113,17 @@ def profile_for(device: torch.device | None = None, target: str | None = None,
 
 
 # an operator's per-element cost relative to an add or compare: integer division and modulo are
-# instruction sequences, transcendentals run on the special-function units, a buffer element is a
-# gather from memory
+# instruction sequences (by a power of two: one shift or mask, weight 1), transcendentals run on
+# the special-function units, a buffer element is a gather from memory
 OP_WEIGHTS = {"floordiv": 4.0, "mod": 4.0, "truediv": 2.0, "pow": 4.0, "exp": 2.0, "log": 2.0,
               "sqrt": 2.0, "tanh": 2.0, "sigmoid": 3.0}
 LOAD_WEIGHT = 2.0
+
+
+def _by_power_of_two(node: ir.Op) -> bool:
+    """An integer floor division or modulo by 2**k: a shift or a mask in the kernels (lowering.py)."""
+    y = node.args[1] if node.op in ("floordiv", "mod") else None
+    return isinstance(y, ir.Const) and type(y.value) is int and y.value > 0 and y.value & (y.value - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,8 @@ def expression_ops(pattern: Pattern) -> ExpressionOps:
         total = pairwise = 0.0
         for node in ir.walk(root):
             if isinstance(node, (ir.Op, ir.Load)):
-                weight = LOAD_WEIGHT if isinstance(node, ir.Load) else OP_WEIGHTS.get(node.op, 1.0)
+                weight = LOAD_WEIGHT if isinstance(node, ir.Load) else 1.0 if _by_power_of_two(node) \
+                    else OP_WEIGHTS.get(node.op, 1.0)
                 reads = ir.free_vars(node)
                 total += weight
                 pairwise += weight if ir.SCORE_VAR in reads or {"q", "kv"} <= reads else 0.0
@@ -147,12 +154,22 @@ def expression_ops(pattern: Pattern) -> ExpressionOps:
     return ExpressionOps(*count(token_mask(pattern)), *count(pattern.score))
 
 
-def tile_costs(spec: dict, ops: ExpressionOps, backend: str) -> tuple[float, float]:
+def partial_factor(spec: dict, tiles: TileConfig | None = None) -> float:
+    """A backend spec's PARTIAL factor: one number, or per tile shape ("BMxBN" keys and a
+    "default"; `tiles` None or unlisted: the default)."""
+    factor = spec["partial_factor"]
+    if isinstance(factor, dict):
+        return float(factor.get(shape_key(tiles), factor["default"]) if tiles is not None else factor["default"])
+    return float(factor)
+
+
+def tile_costs(spec: dict, ops: ExpressionOps, backend: str, tiles: TileConfig | None = None) -> tuple[float, float]:
     """(FULL, PARTIAL) tile cost in units of a FULL tile of full attention, for `backend`'s `spec`
-    (its mask_op and score_op: the cost of one weighted operator per element) and a kernel's `ops`."""
+    (its PARTIAL factor at `tiles`; mask_op and score_op: the cost of one weighted operator per
+    element) and a kernel's `ops`."""
     mask, score = (ops.mask, ops.score) if backend == "fa4" else (ops.mask_pairwise, ops.score_pairwise)
     extra = spec.get("score_op", 0.0) * score
-    return 1.0 + extra, spec["partial_factor"] + spec.get("mask_op", 0.0) * mask + extra
+    return 1.0 + extra, partial_factor(spec, tiles) + spec.get("mask_op", 0.0) * mask + extra
 
 
 @dataclass(frozen=True)
@@ -174,7 +191,7 @@ def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, prof
     slots = profile.sms * occupancy
     slot_tflops = profile.rate(backend, tiles) / slots  # each slot's share of the GPU's rate
     tile_ms = 4.0 * tiles.BLOCK_M * tiles.BLOCK_N * D / (slot_tflops * 1e12) * 1e3
-    full_cost, partial_cost = tile_costs(spec, meta.expression_ops, backend)
+    full_cost, partial_cost = tile_costs(spec, meta.expression_ops, backend, tiles)
     work = (full_cost * full + partial_cost * partial) * tile_ms + spec["program_us"] * 1e-3 * occupancy
     launched = work.gather(-1, order).flatten()  # launch order: per (b, h), heaviest query tiles first
     return Prediction(_makespan(launched.tolist(), slots), work, slots)
@@ -215,7 +232,7 @@ class Timing:
     ms: float
 
 
-PARTIAL_FACTORS = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0)
+PARTIAL_FACTORS = (1.0, 1.15, 1.3, 1.45, 1.6, 1.8, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0)
 PROGRAM_US = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 MASK_OPS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1)
 SCORE_OPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15)
@@ -227,8 +244,11 @@ def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, fl
     backend's)): the grid of PARTIAL_FACTORS x PROGRAM_US x occupancies (1 or the profile's, for
     tile shapes it allows more than one), then mask_op over MASK_OPS and score_op over SCORE_OPS,
     by coordinate descent (each coordinate's grid in turn, keeping the others, until a round
-    improves nothing, at most FIT_ROUNDS); rates are kept (measured on full attention). A
-    coordinate the timings do not constrain (no mask or score operators) keeps the spec's value."""
+    improves nothing, at most FIT_ROUNDS). With several tile shapes timed, each round also tries a
+    PARTIAL factor per shape (a dict, its "default" the common factor found first): for each
+    prologue, each shape's best factor on its own timings (they depend on no other shape's). Rates
+    are kept (measured on full attention). A coordinate the timings do not constrain (no mask or
+    score operators) keeps the spec's value."""
     mine = [t for t in timings if t.backend == backend]
     if not mine:
         raise ValueError(f"no timings of backend {backend!r} to fit")
@@ -237,15 +257,17 @@ def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, fl
     free = sorted(k for k, n in base.items() if n > 1)
     occupancies = [{**spec.get("programs_per_sm", {}), **base, **{k: 1 for i, k in enumerate(free) if mask >> i & 1}}
                    for mask in range(1 << len(free))]
+    by_shape: dict[str, list[Timing]] = {}
+    for t in mine:
+        by_shape.setdefault(shape_key(t.tiles), []).append(t)
 
-    def error(trial: dict) -> float:
+    def squares(trial: dict, subset: list[Timing]) -> float:
         prof = replace(profile, backends={**profile.backends, backend: trial})
-        return math.sqrt(sum(math.log(simulate(t.meta, t.B, t.H, t.D, t.tiles, backend, prof).ms / t.ms) ** 2
-                             for t in mine) / len(mine))
+        return sum(math.log(simulate(t.meta, t.B, t.H, t.D, t.tiles, backend, prof).ms / t.ms) ** 2 for t in subset)
 
     def best_of(trials: list[dict], current: tuple[dict, float] | None) -> tuple[dict, float]:
         for trial in trials:
-            err = error(trial)
+            err = math.sqrt(squares(trial, mine) / len(mine))
             if current is None or err < current[1] - 1e-12:
                 current = (trial, err)
         return current
@@ -254,12 +276,21 @@ def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, fl
         return [{**around, "partial_factor": f, "program_us": p, "programs_per_sm": o}
                 for f in PARTIAL_FACTORS for p in PROGRAM_US for o in occupancies]
 
+    def per_shape(around: dict) -> list[dict]:  # per prologue: each shape's own best factor
+        common = partial_factor(around)
+        return [{**around, "program_us": p, "partial_factor": {"default": common, **{
+            key: min(PARTIAL_FACTORS, key=lambda f: squares({**around, "program_us": p, "partial_factor": f}, ts))
+            for key, ts in by_shape.items()}}} for p in PROGRAM_US]
+
     best = best_of(tile_grid(spec), None)
     for _ in range(FIT_ROUNDS):
         before = best[1]
         best = best_of([{**best[0], "mask_op": x} for x in MASK_OPS], best)
         best = best_of([{**best[0], "score_op": x} for x in SCORE_OPS], best)
-        best = best_of(tile_grid(best[0]), best)
+        if not isinstance(best[0]["partial_factor"], dict):
+            best = best_of(tile_grid(best[0]), best)
+        if len(by_shape) > 1:
+            best = best_of(per_shape(best[0]), best)
         if best[1] >= before - 1e-12:
             break
     return best

@@ -138,23 +138,21 @@ def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
 BRICK_TOKENS = 128  # a brick is one 128-row query tile; a 64-key kv tile is its first half
 
 
-def partial_weight() -> float:
-    """A PARTIAL tile against a FULL one: the shipped H200 profile's Triton PARTIAL factor (one
-    fixed profile, so a pattern's layout never depends on the machine that builds it)."""
-    from ..compiler.cost import load_profile
-
-    return load_profile("h200").backends["triton"]["partial_factor"]
+# A PARTIAL tile against a FULL one when bricks are compared: a constant (the H200 profile's
+# Triton factor at 128 x 64 when the bricks were chosen, 2026-12-01), so a pattern's layout never
+# depends on the machine that builds it nor moves when a profile is refitted
+PARTIAL_WEIGHT = 3.0
 
 
 def _brick_layout(dims, ks, ds, ss, cs) -> Layout | None:
     """The layout whose brick of BRICK_TOKENS tokens leaves this neighbourhood the fewest tiles to
-    compute at 128 x 64 (PARTIAL ones weighted partial_weight(); `tile_counts`). E.g. NATTEN's 5x9x9
+    compute at 128 x 64 (PARTIAL ones weighted PARTIAL_WEIGHT; `tile_counts`). E.g. NATTEN's 5x9x9
     on an 8x32x32 video: 8x4x4 bricks, 1152 live tiles per (b, h) (tile efficiency 35%), against
     2200 with 2x8x8 (20%). Falls back to compiler/layout.default_layout where no brick of
     that size divides the axes with a box for its first half."""
     windows = [_axis_pairs(*axis) for axis in zip(dims, ks, ds, ss, cs)]
     sides = [[b for b in range(1, n // d + 1) if (n // d) % b == 0] for n, d in zip(dims, ds)]
-    best, best_cost, weight = None, None, partial_weight()
+    best, best_cost, weight = None, None, PARTIAL_WEIGHT
     for brick in itertools.product(*sides):
         counts = tile_counts(windows, brick) if math.prod(brick) == BRICK_TOKENS else None
         if counts is None:
