@@ -21,6 +21,7 @@ do_bench; the table says which. --smoke: tiny shapes on CPU (the times mean noth
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -181,6 +182,9 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
         row["packed"], row["packed_splits"] = "skipped", "—"
         return row
     # the same sequences packed (cu_seqlens): read in place by the decode kernel
+    if not fits(2 * k.numel() * k.element_size(), device):
+        row["packed"], row["packed_splits"] = "skipped (no memory for the packed copy)", "—"
+        return _paged_columns(row, name, native, q, k, v, g, device, measure)
     qp, kp, vp = (t.transpose(0, 1).flatten(1, 2)[None] for t in (q, k, v))
     cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
     lens = dict(cu_seqlens_q=cu(q_len), cu_seqlens_k=cu(KV))
@@ -192,8 +196,26 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
         row["packed_tbps"] = bandwidth(timed(lambda: kern(qp, kp, vp, **lens), device)[0], nbytes)
     row["packed_splits"] = kern.config["kv_splits"]
     qp = kp = vp = kern = None
-    table, caches = paged_copy(k, v, g)
-    k = v = None  # the dense cache's memory, for the paged one
+    return _paged_columns(row, name, native, q, k, v, g, device, measure)
+
+
+def fits(nbytes: int, device) -> bool:
+    """Whether `nbytes` more fit in the GPU's free memory (after returning the allocator's cached
+    blocks), with 5% to spare; always on CPU."""
+    if device.type != "cuda":
+        return True
+    gc.collect()
+    torch.cuda.empty_cache()
+    return nbytes * 1.05 < torch.cuda.mem_get_info(device)[0]
+
+
+def _paged_columns(row, name, native, q, k, v, g, device, measure) -> dict:
+    """The paged column of run_row: the same cache in pages of PAGE_SIZE, read in place."""
+    if not fits(2 * k.numel() * k.element_size(), device):
+        row["paged"], row["paged_splits"] = "skipped (no memory for the paged copy)", "—"
+        return row
+    B, KV = k.shape[0], k.shape[2]
+    table, caches = paged_copy(k, v, g)  # the dense cache stays alive beside it: peak = both
     lens = torch.full((B,), KV, dtype=torch.int32, device=device)
     kern = ac.compile(ac.Pattern(native, name=name), q, *caches, page_table=table, kv_lens=lens,
                       kernel_options={"decode": True})
