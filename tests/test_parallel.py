@@ -35,6 +35,7 @@ CASES = {
     "document": (250, 1, 1, lambda N: ac.patterns.document([70, 37, 100, 43])),
     "sliding_window": (229, 1, 1, lambda N: ac.patterns.sliding_window(40)),
     "random": (200, 2, 1, _random_pattern),
+    "neighborhood": (240, 1, 1, lambda N: ac.patterns.neighborhood((12, 20), (5, 7))),  # 4x4 bricks: planned in them
 }
 
 
@@ -231,6 +232,23 @@ def test_shard_and_unshard_round_trip_and_cross_attention_lengths():
     assert [len(runs) for runs in plan.kv_runs] == [1, 1, 1]  # keys: contiguous equal shards
     for r in range(3):
         assert torch.equal(plan.shard(q, r)[:, :, :, 0], q[:, :, plan.positions(r).long(), 0])
+
+
+def test_a_token_layout_is_planned_in_its_kernel_order():
+    pattern = ac.patterns.neighborhood((12, 20), (5, 7))
+    plan = ac.ShardPlan(pattern, 240, 240, 3)
+    assert plan.layout == pattern.layout and "kernel order" in plan.describe()
+    x = torch.randn(1, 2, 240, 4)
+    parts = [plan.shard(x, r) for r in range(3)]
+    assert torch.equal(plan.unshard(parts), x)
+    for r in range(3):  # rank r's shard: its kernel positions' natural rows
+        assert torch.equal(parts[r], x[:, :, pattern.layout.perm[plan.positions(r).long()]])
+    row_major = ac.ShardPlan(pattern.with_layout(None), 240, 240, 3)
+    assert plan.work.sum() < row_major.work.sum()  # compact bricks: fewer live tiles (91 against 105)
+    with pytest.raises(ValueError, match="permutes 240 tokens"):
+        ac.ShardPlan(pattern, 240, 250, 3)
+    with pytest.raises(ValueError, match="token layout"):
+        ac.context_parallel_attention(x, x, x, pattern.with_layout(None), ac.ShardPlan(pattern, 240, 240, 1))
 
 
 def test_context_parallel_cost_model():

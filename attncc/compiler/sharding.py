@@ -9,6 +9,9 @@ loaded rank), for G = W, 2W, 4W, ... chunks: the first G whose heaviest rank is 
 contiguous shards; causal gets zigzag, the LPT order of 2W segments; document masks as many
 segments as their balance needs). Self-attention (Q_LEN == KV_LEN) shares one assignment for
 queries and keys; for Q_LEN != KV_LEN the keys are split into W contiguous equal shards.
+A pattern with a token layout (compiler/layout.py) is planned in the layout's kernel order, on
+its mask there: chunks are runs of bricks (a 2-D neighbourhood's shards are compact regions, not
+strips of rows); `shard` and `unshard` take and give natural order.
 
 `work[r, s]`: the live tiles of rank r's queries against rank s's keys (summed over the stored
 b, h); a zero means rank r never needs shard s. Every rank builds the same plan from the same
@@ -95,12 +98,13 @@ def runs_of(owner: torch.Tensor, rank: int, chunk: int, length: int) -> tuple[tu
 class ShardPlan:
     """Which query and key tokens each of `world_size` ranks owns (see the module docstring).
 
-    pattern: the mask the plan balances (no block predicate, no token layout); Q_LEN, KV_LEN: the
-    full lengths; B, H: needed only when the mask reads b or h; chunk: tokens per shard unit
-    (default `default_chunk`); tolerance: accepted max/mean live-tile load.
-    Attributes: q_runs[r] / kv_runs[r], token ranges rank r owns (ascending); work float64
-    [W, W]; load float64 [W] (work.sum(1)); ring_steps (1 + the farthest ring distance r - s mod W
-    at which rank r needs shard s).
+    pattern: the mask the plan balances (no block predicate; a token layout is planned in its
+    kernel order); Q_LEN, KV_LEN: the full lengths; B, H: needed only when the mask reads b or h;
+    chunk: tokens per shard unit (default `default_chunk`); tolerance: accepted max/mean
+    live-tile load. Attributes: q_runs[r] / kv_runs[r], token ranges rank r owns (ascending, in
+    the plan's order: natural, or the layout's kernel order); layout: the pattern's token layout
+    or None; work float64 [W, W]; load float64 [W] (work.sum(1)); ring_steps (1 + the farthest
+    ring distance r - s mod W at which rank r needs shard s).
     """
 
     def __init__(self, pattern: Pattern | None, Q_LEN: int, KV_LEN: int, world_size: int, *, B: int | None = None,
@@ -108,12 +112,15 @@ class ShardPlan:
         pattern = Pattern(name="full") if pattern is None else pattern
         if not isinstance(pattern, Pattern):
             raise ValueError(f"pattern must be an attncc.Pattern (None: full attention), got {type(pattern).__name__}")
-        if pattern.has_block_mask or pattern.layout is not None:
-            raise ValueError("context parallelism takes masks on q and kv: no block predicate (qb, kb), no token "
-                             "layout (the shards' positions are not whole tiles of the sequence)")
+        if pattern.has_block_mask:
+            raise ValueError("context parallelism takes masks on q and kv: no block predicate (qb, kb: tiles of the "
+                             "whole sequence, which the shards cut)")
         pattern.require_bound()
         W = evaluate.check_size("world_size", world_size)
         Q_LEN, KV_LEN = evaluate.check_size("Q_LEN", Q_LEN), evaluate.check_size("KV_LEN", KV_LEN)
+        if pattern.layout is not None:
+            pattern.layout.check(Q_LEN, KV_LEN)
+        planned = pattern.kernel_pattern  # the mask in the order the plan deals out (a layout's kernel order)
         chunk = default_chunk(min(Q_LEN, KV_LEN), W) if chunk is None else evaluate.check_size("chunk", chunk)
         if not tolerance >= 1.0:
             raise ValueError(f"tolerance is a max/mean load ratio, at least 1.0; got {tolerance!r}")
@@ -121,16 +128,17 @@ class ShardPlan:
         if min(QB, KB) < W:
             raise ValueError(f"Q_LEN={Q_LEN}, KV_LEN={KV_LEN} in chunks of {chunk} tokens give {min(QB, KB)} chunks, "
                              f"fewer than the {W} ranks; pass a smaller chunk (or use fewer ranks)")
-        used = ir.free_vars(evaluate.token_mask(pattern))
+        used = ir.free_vars(evaluate.token_mask(planned))
         Bs = evaluate.check_size("B", B, True) if "b" in used else 1
         Hs = evaluate.check_size("H", H, True) if "h" in used else 1
         device = device or next((t.device for t in pattern.buffers.values()), torch.device("cpu"))
-        check_domain(pattern, (evaluate.token_mask(pattern),), Bs, Hs, Q_LEN, KV_LEN, device)
-        tiles = classify(pattern, Bs, Hs, Q_LEN, KV_LEN, chunk, chunk, device)
+        check_domain(planned, (evaluate.token_mask(planned),), Bs, Hs, Q_LEN, KV_LEN, device)
+        tiles = classify(planned, Bs, Hs, Q_LEN, KV_LEN, chunk, chunk, device)
         chunk_work = sum(tiles.lists(c)[0].sum((0, 1)) for c in (FULL, PARTIAL)).double().cpu()
         q_owner = balanced_owner(chunk_work, W, tolerance)
         kv_owner = q_owner if Q_LEN == KV_LEN else torch.arange(KB) * W // KB
         self.pattern, self.Q_LEN, self.KV_LEN, self.world_size, self.chunk = pattern, Q_LEN, KV_LEN, W, chunk
+        self.layout = pattern.layout
         self.B, self.H, self.tolerance = (B if "b" in used else None), (H if "h" in used else None), tolerance
         self.q_runs = tuple(runs_of(q_owner, r, chunk, Q_LEN) for r in range(W))
         self.kv_runs = tuple(runs_of(kv_owner, r, chunk, KV_LEN) for r in range(W))
@@ -146,8 +154,9 @@ class ShardPlan:
         return sum(b - a for a, b in self._runs(kind)[self._rank(rank)])
 
     def positions(self, rank: int, kind: str = "q", device=None) -> torch.Tensor:
-        """int32 [tokens(rank, kind)]: the natural positions of rank's tokens, in shard order (made
-        once per device and kept: the kernels' block-mask cache knows them by identity)."""
+        """int32 [tokens(rank, kind)]: the positions of rank's tokens, in shard order — natural
+        positions, or a token layout's kernel positions (`layout.perm` maps them to natural ones).
+        Made once per device and kept: the kernels' block-mask cache knows them by identity."""
         key = (self._rank(rank), kind, torch.device(device or "cpu"))
         if key not in self._positions:
             runs = self._runs(kind)[key[0]]
@@ -155,8 +164,12 @@ class ShardPlan:
         return self._positions[key]
 
     def shard(self, x: torch.Tensor, rank: int) -> torch.Tensor:
-        """x [B, H, N, D] (N = Q_LEN or KV_LEN) -> [B, H, tokens(rank), D], rank's tokens in order."""
+        """x [B, H, N, D] (N = Q_LEN or KV_LEN, natural order) -> [B, H, tokens(rank), D], rank's
+        tokens in shard order."""
         kind = self._kind_of(x)
+        if self.layout is not None:  # rank's kernel positions, read at their natural rows
+            rows = self.layout.perm.to(x.device)[self.positions(rank, kind, x.device).long()]
+            return x.index_select(2, rows)
         return torch.cat([x[:, :, a:b] for a, b in self._runs(kind)[self._rank(rank)]], 2)
 
     def unshard(self, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -168,7 +181,8 @@ class ShardPlan:
         for kind in ("q", "kv"):
             if lengths == [self.tokens(r, kind) for r in range(self.world_size)]:
                 order = torch.cat([self.positions(r, kind) for r in range(self.world_size)]).long()
-                return torch.cat(list(parts), 2)[:, :, torch.argsort(order).to(parts[0].device)]
+                whole = torch.cat(list(parts), 2)[:, :, torch.argsort(order).to(parts[0].device)]
+                return whole if self.layout is None else self.layout.unpermute(whole)
         raise ValueError(f"unshard: the shards have {lengths} tokens at dim 2 of [B, H, N, D]; this plan's ranks "
                          f"own {[self.tokens(r) for r in range(self.world_size)]} query tokens"
                          + ("" if self.Q_LEN == self.KV_LEN else
@@ -177,9 +191,10 @@ class ShardPlan:
     def describe(self) -> str:
         """Per rank: tokens, contiguous runs, live tiles (and max/mean), the kv shards it needs."""
         W = self.world_size
+        order = "" if self.layout is None else f" in {self.layout!r}'s kernel order"
         lines = [f"context parallelism: {W} ranks, Q_LEN={self.Q_LEN} KV_LEN={self.KV_LEN}, chunks of {self.chunk} "
-                 f"tokens; live {self.chunk}x{self.chunk} tiles per rank max/mean {imbalance(self.load):.3f}; ring "
-                 f"steps {self.ring_steps} of {W}"]
+                 f"tokens{order}; live {self.chunk}x{self.chunk} tiles per rank max/mean {imbalance(self.load):.3f}; "
+                 f"ring steps {self.ring_steps} of {W}"]
         for r in range(W):
             needs = [s for s in range(W) if self.work[r, s] > 0]
             lines.append(f"  rank {r}: {self.tokens(r)} tokens in {len(self.q_runs[r])} runs, "

@@ -2,9 +2,11 @@
 
 Rank r holds its ShardPlan shard (compiler/sharding.py) of q [B, Hq, n_r, D] and k, v
 [B, Hkv, m_r, D|Dv]. Its queries meet each kv shard s they need in an ordinary attncc call on the
-pattern rewritten to see natural positions (int32 buffers cp_q_pos [n_r] and cp_kv_pos [m_s]
-replace q and kv, as runtime/sequences.py does for packed sequences); the partial outputs merge by
-LSE (sequences.merge_splits), in float32, in the fixed shard order s = (r - t) mod W, t = 0, 1, ...
+pattern rewritten to see the plan's positions (int32 buffers cp_q_pos [n_r] and cp_kv_pos [m_s]
+replace q and kv, as runtime/sequences.py does for packed sequences; with a token layout the
+shards and positions are in its kernel order and the pattern is its kernel_pattern); the partial
+outputs merge by LSE (sequences.merge_splits), in float32, in the fixed shard order
+s = (r - t) mod W, t = 0, 1, ...
 
 K and V (packed as one [B, Hkv, m, D + Dv] tensor) move by torch.distributed (gloo on CPU, NCCL on
 GPUs), the way compiler/cost.context_parallel_ms predicts cheaper:
@@ -55,6 +57,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     pattern = as_pattern(pattern)
     if not isinstance(plan, ShardPlan):
         raise ValueError(f"plan must be an attncc.ShardPlan, got {type(plan).__name__}")
+    if pattern.layout != plan.layout:
+        raise ValueError(f"the pattern's token layout ({pattern.layout}) is not the plan's ({plan.layout}); build "
+                         "the plan from this pattern")
     if not _same_mask(pattern, plan.pattern):
         raise ValueError("the pattern's mask is not the one the plan was built for (its kv-shard skipping would be "
                          "wrong); build the plan from this pattern (a different score mod is fine)")
@@ -76,7 +81,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"context parallelism does not give gradients to the pattern's buffers {grads}")
     if comm == "auto":
         comm = choose_comm(plan, s, q.dtype, q.device, backward=any(t.requires_grad for t in (q, k, v)))
-    call = _Call(plan, pattern, rank, peer, group, comm, check_scale(scale, s.D), dict(kernel_options or {}))
+    call = _Call(plan, pattern.kernel_pattern, rank, peer, group, comm, check_scale(scale, s.D),
+                 dict(kernel_options or {}))
     out, lse = _ContextParallel.apply(q, k, v, call)
     return (out, lse) if return_lse else out
 
@@ -154,7 +160,7 @@ def _rank_in(plan: ShardPlan, group) -> tuple[int, Callable[[int], int]]:
 
 @functools.lru_cache(maxsize=256)
 def _shard_pattern(pattern: Pattern, plan: ShardPlan, rank: int, shard: int, device: torch.device) -> Pattern:
-    """`pattern` as rank's queries see kv shard `shard`: q and kv read their natural positions."""
+    """`pattern` as rank's queries see kv shard `shard`: q and kv read their positions in the plan."""
     buffers = {"cp_q_pos": plan.positions(rank, "q", device), "cp_kv_pos": plan.positions(shard, "kv", device)}
     q, kv = ir.load("cp_q_pos", (ir.Var("q"),)), ir.load("cp_kv_pos", (ir.Var("kv"),))
     return remap_positions(pattern, ir.Var("b"), q, kv, ir.TRUE, buffers, "context-parallel calls")
