@@ -312,8 +312,9 @@ def test_fit_recovers_the_costs_of_mask_and_score_operators():
 def test_expression_ops_count_distinct_weighted_operators_and_the_pairwise_ones():
     ops = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: q // 6 == kv // 6))
     assert (ops.mask, ops.mask_pairwise, ops.score, ops.score_pairwise) == (9.0, 1.0, 0.0, 0.0)
-    by_eight = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: (q // 8 == kv // 8) & (q % 8 != 3)))
-    assert by_eight.mask == 1 + 1 + 1 + 1 + 1 + 1  # two shifts, a mask, ==, != and "and": 1 each
+    by_eight = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: ((q - kv) // 8 == 1) & (q % 8 != 3)))
+    assert by_eight.mask == 1 + 4 + 1 + 4 + 1 + 1  # FA4's hooks divide: q - kv, //, ==, %, !=, and
+    assert by_eight.mask_pairwise == 1 + 1 + 1 + 1  # Triton's pairwise ones: q - kv, a shift, ==, and
     shared = ac.Pattern(lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 64))  # q - kv once
     assert cost.expression_ops(shared).mask == 4.0
     softcap, alibi = cost.expression_ops(ac.patterns.softcap(30.0)), cost.expression_ops(ac.patterns.alibi(4))

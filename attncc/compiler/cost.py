@@ -113,15 +113,15 @@ def profile_for(device: torch.device | None = None, target: str | None = None,
 
 
 # an operator's per-element cost relative to an add or compare: integer division and modulo are
-# instruction sequences (by a power of two: one shift or mask, weight 1), transcendentals run on
-# the special-function units, a buffer element is a gather from memory
+# instruction sequences (by a power of two in the Triton kernels: one shift or mask, weight 1),
+# transcendentals run on the special-function units, a buffer element is a gather from memory
 OP_WEIGHTS = {"floordiv": 4.0, "mod": 4.0, "truediv": 2.0, "pow": 4.0, "exp": 2.0, "log": 2.0,
               "sqrt": 2.0, "tanh": 2.0, "sigmoid": 3.0}
 LOAD_WEIGHT = 2.0
 
 
 def _by_power_of_two(node: ir.Op) -> bool:
-    """An integer floor division or modulo by 2**k: a shift or a mask in the kernels (lowering.py)."""
+    """An integer floor division or modulo by 2**k: a shift or a mask in the Triton kernels (lowering.py)."""
     y = node.args[1] if node.op in ("floordiv", "mod") else None
     return isinstance(y, ir.Const) and type(y.value) is int and y.value > 0 and y.value & (y.value - 1) == 0
 
@@ -145,11 +145,11 @@ def expression_ops(pattern: Pattern) -> ExpressionOps:
         total = pairwise = 0.0
         for node in ir.walk(root):
             if isinstance(node, (ir.Op, ir.Load)):
-                weight = LOAD_WEIGHT if isinstance(node, ir.Load) else 1.0 if _by_power_of_two(node) \
-                    else OP_WEIGHTS.get(node.op, 1.0)
+                weight = LOAD_WEIGHT if isinstance(node, ir.Load) else OP_WEIGHTS.get(node.op, 1.0)
                 reads = ir.free_vars(node)
-                total += weight
-                pairwise += weight if ir.SCORE_VAR in reads or {"q", "kv"} <= reads else 0.0
+                total += weight  # FA4's hooks (compiler/cute.py) divide even by powers of two
+                if ir.SCORE_VAR in reads or {"q", "kv"} <= reads:
+                    pairwise += 1.0 if _by_power_of_two(node) else weight  # the Triton kernels shift
         return total, pairwise
     return ExpressionOps(*count(token_mask(pattern)), *count(pattern.score))
 
