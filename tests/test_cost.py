@@ -315,6 +315,9 @@ def test_expression_ops_count_distinct_weighted_operators_and_the_pairwise_ones(
     by_eight = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: ((q - kv) // 8 == 1) & (q % 8 != 3)))
     assert by_eight.mask == 1 + 4 + 1 + 4 + 1 + 1  # FA4's hooks divide: q - kv, //, ==, %, !=, and
     assert by_eight.mask_pairwise == 1 + 1 + 1 + 1  # Triton's pairwise ones: q - kv, a shift, ==, and
+    table = torch.arange(64.0).view(8, 8)
+    gathered = cost.expression_ops(ac.Pattern(lambda b, h, q, kv: table[q % 8, kv % 8] > 3.0))
+    assert gathered.mask_pairwise == 2 + 1  # a pairwise buffer read (2) and its comparison
     shared = ac.Pattern(lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 64))  # q - kv once
     assert cost.expression_ops(shared).mask == 4.0
     softcap, alibi = cost.expression_ops(ac.patterns.softcap(30.0)), cost.expression_ops(ac.patterns.alibi(4))

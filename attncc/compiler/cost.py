@@ -120,9 +120,9 @@ OP_WEIGHTS = {"floordiv": 4.0, "mod": 4.0, "truediv": 2.0, "pow": 4.0, "exp": 2.
 LOAD_WEIGHT = 2.0
 
 
-def _by_power_of_two(node: ir.Op) -> bool:
+def _by_power_of_two(node: ir.Node) -> bool:
     """An integer floor division or modulo by 2**k: a shift or a mask in the Triton kernels (lowering.py)."""
-    y = node.args[1] if node.op in ("floordiv", "mod") else None
+    y = node.args[1] if isinstance(node, ir.Op) and node.op in ("floordiv", "mod") else None
     return isinstance(y, ir.Const) and type(y.value) is int and y.value > 0 and y.value & (y.value - 1) == 0
 
 
