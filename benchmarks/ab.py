@@ -39,7 +39,8 @@ def patterns(ac, N: int, H: int, device) -> dict:
     except TypeError:  # a base revision from before document(lengths, offsets, causal, ids)
         document = ac.patterns.document(ids)
     return {"swa1024": ac.patterns.sliding_window(1024), "document": document,
-            "dilated": ac.patterns.dilated(2048, 4), "prefixlm2048": ac.patterns.prefix_lm(2048),
+            "dilated": ac.patterns.dilated(2048, 4, seq_len=N), "prefixlm2048": ac.patterns.prefix_lm(2048),
+            "natten2d": ac.patterns.natten2d(64, 128, 17), "natten3d": ac.patterns.neighborhood((8, 32, 32), (5, 9, 9)),
             "alibi": ac.patterns.alibi(H, device=device), "softcap": ac.patterns.softcap(30.0),
             "causal": ac.patterns.causal()}
 
@@ -47,7 +48,7 @@ def patterns(ac, N: int, H: int, device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--extract", metavar="REV", help="prepare .ab/attncc_base from git revision REV and exit")
-    ap.add_argument("--patterns", default="swa1024,document,dilated,prefixlm2048,alibi,softcap,causal")
+    ap.add_argument("--patterns", default="swa1024,document,dilated,prefixlm2048,alibi,softcap,causal,natten2d,natten3d")
     args = ap.parse_args()
     if args.extract:
         return extract(args.extract)
