@@ -120,12 +120,6 @@ OP_WEIGHTS = {"floordiv": 4.0, "mod": 4.0, "truediv": 2.0, "pow": 4.0, "exp": 2.
 LOAD_WEIGHT = 2.0
 
 
-def _by_power_of_two(node: ir.Node) -> bool:
-    """An integer floor division or modulo by 2**k: a shift or a mask in the Triton kernels (lowering.py)."""
-    y = node.args[1] if isinstance(node, ir.Op) and node.op in ("floordiv", "mod") else None
-    return isinstance(y, ir.Const) and type(y.value) is int and y.value > 0 and y.value & (y.value - 1) == 0
-
-
 @dataclass(frozen=True)
 class ExpressionOps:
     """Weighted operator counts (OP_WEIGHTS, else 1; LOAD_WEIGHT a buffer read) of the distinct
@@ -149,7 +143,8 @@ def expression_ops(pattern: Pattern) -> ExpressionOps:
                 reads = ir.free_vars(node)
                 total += weight  # FA4's hooks (compiler/cute.py) divide even by powers of two
                 if ir.SCORE_VAR in reads or {"q", "kv"} <= reads:
-                    pairwise += 1.0 if _by_power_of_two(node) else weight  # the Triton kernels shift
+                    shift = ir.kind_of(node) == "int" and ir.power_of_two_divisor(node) is not None
+                    pairwise += 1.0 if shift else weight  # the Triton kernels shift (lowering.floor_op)
         return total, pairwise
     return ExpressionOps(*count(token_mask(pattern)), *count(pattern.score))
 

@@ -225,12 +225,11 @@ class Lowering:
     def floor_op(self, n: ir.Op, a: list[str]) -> str:
         if self.compute[n] in ("f32", "f64"):
             return f"floordiv_f({a[0]}, {a[1]})" if n.op == "floordiv" else f"floormod({a[0]}, {a[1]})"
-        y = n.args[1]
-        if isinstance(y, ir.Const) and not isinstance(y.value, bool) and y.value > 0 and y.value & (y.value - 1) == 0:
+        k = ir.power_of_two_divisor(n)
+        if k is not None:
             # by 2**k in two's complement: floor division is the arithmetic shift, floor mod the
             # low k bits, for every sign of the dividend (no sign fix-up, no division)
-            k = y.value.bit_length() - 1
-            return f"({a[0]} >> {k})" if n.op == "floordiv" else f"({a[0]} & {y.value - 1})"
+            return f"({a[0]} >> {k})" if n.op == "floordiv" else f"({a[0]} & {(1 << k) - 1})"
         if all(x in self.plan.nonneg for x in n.args):
             return f"({a[0]} {ir.SYMBOL[n.op]} {a[1]})"
         return f"{'floordiv' if n.op == 'floordiv' else 'floormod'}({a[0]}, {a[1]})"

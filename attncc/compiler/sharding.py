@@ -148,6 +148,7 @@ class ShardPlan:
         distance = (torch.arange(W)[:, None] - torch.arange(W)[None, :]) % W
         self.ring_steps = 1 + int(torch.where(live, distance, 0).max())
         self._positions: dict = {}
+        self._rows: dict = {}
 
     def tokens(self, rank: int, kind: str = "q") -> int:
         """How many query (kind "q") or key ("kv") tokens `rank` owns."""
@@ -168,9 +169,16 @@ class ShardPlan:
         tokens in shard order."""
         kind = self._kind_of(x)
         if self.layout is not None:  # rank's kernel positions, read at their natural rows
-            rows = self.layout.perm.to(x.device)[self.positions(rank, kind, x.device).long()]
-            return x.index_select(2, rows)
+            return x.index_select(2, self._natural_rows(rank, kind, x.device))
         return torch.cat([x[:, :, a:b] for a, b in self._runs(kind)[self._rank(rank)]], 2)
+
+    def _natural_rows(self, rank: int, kind: str, device) -> torch.Tensor:
+        """int64 [tokens(rank, kind)]: the natural rows of rank's kernel positions (a token
+        layout's plan), made once per device and kept (shard runs every layer, every step)."""
+        key = (self._rank(rank), kind, torch.device(device))
+        if key not in self._rows:
+            self._rows[key] = self.layout.perm[self.positions(rank, kind).long()].to(device)
+        return self._rows[key]
 
     def unshard(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """[B, H, N, D] in natural token order from every rank's shard (parts[r] from rank r)."""

@@ -445,6 +445,17 @@ def score_free(node: Node) -> bool:
     return SCORE_VAR not in free_vars(node)
 
 
+def power_of_two_divisor(node: Node) -> int | None:
+    """k where `node` is a floor division or modulo by the integer constant 2**k (a shift or a
+    bit-mask of an integer dividend), else None."""
+    if not (isinstance(node, Op) and node.op in ("floordiv", "mod")):
+        return None
+    y = node.args[1]
+    if not isinstance(y, Const) or type(y.value) is not int or y.value <= 0 or y.value & (y.value - 1):
+        return None
+    return y.value.bit_length() - 1
+
+
 def params_of(node: Node) -> dict[str, Param]:
     return {n.name: n for n in walk(node) if isinstance(n, Param)}
 
