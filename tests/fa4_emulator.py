@@ -1,13 +1,16 @@
 """A CPU stand-in for the slice of FlashAttention-4's API runtime/fa4.py calls, with FA4's documented
 semantics, so the fa4 backend's wiring (layouts, block-sparse lists, hooks, aux scalars and
-tensors, LSE, the backward's routing) is tested without a GPU. The hooks run through
+tensors, LSE, the backward's routing, local windows and varlen batches) is tested without a GPU. The hooks run through
 tests/cute_shim.py, element by element; the arithmetic around them is float64 torch.
 
 Semantics emulated: q/k/v arrive as [B, N, H, D] views; with block-sparse tensors, a query tile's
 FULL kv tiles are live without mask_mod, its PARTIAL ones where mask_mod says, the rest dead;
-without them, every pair (causal=False) or kv <= q (causal=True) is live; score_mod sees the
-scaled score; rows with no live key give out 0 and lse -inf; the backward applies score_mod_bwd
-to dS."""
+without them, every pair (causal=False) or kv <= q (causal=True) is live, and a local window
+(window_size_left / _right, None: unbounded, causal meaning right = 0) keeps local row i and
+column j where j - i - (Sk - Sq) lies in [-left, right] (aligned bottom-right, as FA4's mask.py);
+varlen calls (cu_seqlens_q / _k) take q/k/v as [total, H, D] and lse as [H, total], each sequence
+attending on its own; score_mod sees the scaled score; rows with no live key give out 0 and lse
+-inf; the backward applies score_mod_bwd to dS."""
 from __future__ import annotations
 
 import math
@@ -40,10 +43,17 @@ def _scalar_hook(fn, lanes, *extra, **kw):
     return out[0].v
 
 
-def _live(B, H, Q, KV, causal, sparse, mask_mod, aux):
+def _live(B, H, Q, KV, causal, sparse, mask_mod, aux, window=(None, None)):
     if sparse is None:
-        live = torch.ones(B, H, Q, KV, dtype=torch.bool)
-        return live.tril() if causal else live
+        left, right = window
+        right = 0 if causal else right
+        d = torch.arange(KV)[None] - torch.arange(Q)[:, None] - (KV - Q)  # j - i - (Sk - Sq)
+        live = torch.ones(Q, KV, dtype=torch.bool)
+        if left is not None:
+            live &= d >= -left
+        if right is not None:
+            live &= d <= right
+        return live.expand(B, H, Q, KV)
     live = torch.zeros(B, H, Q, KV, dtype=torch.bool)
     BM, BN = sparse.block_size
     for b in range(B):
@@ -78,12 +88,13 @@ def _expand(t, H):
     return t.repeat_interleave(H // t.shape[1], dim=1)
 
 
-def _forward_parts(q, k, v, scale, causal, score_mod, mask_mod, sparse, aux):
+def _forward_parts(q, k, v, scale, causal, score_mod, mask_mod, sparse, aux, window=(None, None)):
+    assert mask_mod is None or window == (None, None), "FA4 drops its window when a mask_mod is given"
     qf, kf, vf = (x.transpose(1, 2).double() for x in (q, k, v))  # [B, H, N, D]
     B, H, Q, _ = qf.shape
     kf, vf = _expand(kf, H), _expand(vf, H)
     raw = scale * qf @ kf.transpose(-1, -2)
-    live = _live(B, H, Q, kf.shape[2], causal, sparse, mask_mod, aux)
+    live = _live(B, H, Q, kf.shape[2], causal, sparse, mask_mod, aux, window)
     modded = _modded(raw, live, score_mod, aux).masked_fill(~live, -math.inf)
     m = modded.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), 0.0, m)
@@ -99,25 +110,56 @@ def _aux(aux_tensors, aux_scalars):
     return ([cute_shim.Buffer(t) for t in aux_tensors] if aux_tensors else [], aux_scalars)
 
 
+def _sequences(cu_q, cu_k):
+    """The (rows, cols) token slices of each sequence of a varlen call."""
+    return [(slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1])))
+            for i in range(cu_q.numel() - 1)]
+
+
 def flash_attn_fwd(q, k, v, softmax_scale, causal=False, score_mod=None, mask_mod=None, block_sparse_tensors=None,
-                   aux_tensors=None, aux_scalars=None, return_lse=True, **unused):
+                   aux_tensors=None, aux_scalars=None, return_lse=True, window_size_left=None, window_size_right=None,
+                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, **unused):
     assert not unused, unused
-    assert q.stride(-1) == 1 and q.dim() == 4
+    assert q.stride(-1) == 1
+    if cu_seqlens_q is not None:
+        assert q.dim() == 3 and block_sparse_tensors is None and max_seqlen_q >= int(cu_seqlens_q.diff().max())
+        parts = [flash_attn_fwd(q[r][None], k[c][None], v[c][None], softmax_scale, causal, score_mod, mask_mod,
+                                aux_tensors=aux_tensors, aux_scalars=aux_scalars, window_size_left=window_size_left,
+                                window_size_right=window_size_right)[:2]
+                 for r, c in _sequences(cu_seqlens_q, cu_seqlens_k)]  # [1, n, H, D], [1, H, n]
+        return torch.cat([o[0] for o, _ in parts]), torch.cat([x[0] for _, x in parts], dim=1), None, None, None
+    assert q.dim() == 4
     *_, out, lse = _forward_parts(q, k, v, softmax_scale, causal, score_mod, mask_mod, block_sparse_tensors,
-                                  _aux(aux_tensors, aux_scalars))
+                                  _aux(aux_tensors, aux_scalars), (window_size_left, window_size_right))
     return out.transpose(1, 2).to(q.dtype), lse.float(), None, None, None
 
 
 def flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, deterministic=False, score_mod=None,
                    score_mod_bwd=None, mask_mod=None, aux_tensors=None, aux_scalars=None, block_sparse_tensors=None,
-                   dlse=None):
+                   dlse=None, window_size_left=None, window_size_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                   max_seqlen_q=None, max_seqlen_k=None):
+    if cu_seqlens_q is not None:
+        assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0])
+        parts = [flash_attn_bwd(q[r][None], k[c][None], v[c][None], out[r][None], dout[r][None], lse[None, :, r],
+                                softmax_scale, causal, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors,
+                                aux_scalars, None, None if dlse is None else dlse[None, :, r], window_size_left,
+                                window_size_right)
+                 for r, c in _sequences(cu_seqlens_q, cu_seqlens_k)]
+        return tuple(torch.cat([p[i][0] for p in parts]) for i in range(3))
     aux = _aux(aux_tensors, aux_scalars)
     qf, kf, vf, raw, live, p, o, lse64 = _forward_parts(q, k, v, softmax_scale, causal, score_mod, mask_mod,
-                                                        block_sparse_tensors, aux)
+                                                        block_sparse_tensors, aux,
+                                                        (window_size_left, window_size_right))
+    # P and rowsum(dO * O) from the given out and lse, as FA4 does (attncc's bands pass the whole
+    # attention's): p, normalised by this call's own lse, rescaled to the given one
+    o = out.transpose(1, 2).double()
+    given = lse.double()[..., None]
+    p = torch.where(torch.isinf(given), 0.0, p * torch.exp(torch.where(torch.isinf(lse64[..., None]), given,
+                                                                       lse64[..., None]) - given))
     do = dout.transpose(1, 2).double()
     delta = (do * o).sum(-1, keepdim=True)
     if dlse is not None:
-        delta = delta - torch.where(torch.isinf(lse64), 0.0, dlse.double())[..., None]
+        delta = delta - torch.where(torch.isinf(given[..., 0]), 0.0, dlse.double())[..., None]
     ds = p * (do @ vf.transpose(-1, -2) - delta)
     if score_mod_bwd is not None:
         for b, h, i, j in live.nonzero().tolist():

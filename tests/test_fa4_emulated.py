@@ -52,7 +52,16 @@ CASES = {
     "document": (lambda: ac.patterns.document(lengths=[90, 30, 16]), {}),
     "alibi_gqa": (lambda: ac.patterns.alibi(2), {"Hq": 2, "Hkv": 1}),
     "empty_rows": (lambda: ac.Pattern(lambda b, h, q, kv: (q - kv >= 40) & (q - kv < 100)), {}),
+    # FA4's own local / varlen masks (runtime/fa4.Native): bands on slices, segments folded
+    "prefix_lm": (lambda: ac.patterns.prefix_lm(50), {}),
+    "sinks": (lambda: ac.patterns.sinks(3, 40), {}),
+    "document_gqa_batch": (lambda: ac.patterns.document(lengths=[60, 1, 75]), {"B": 2, "Hq": 2, "Hkv": 1}),
+    "chunked_odd": (lambda: ac.patterns.chunked(48), {"N": 131}),
+    "swa_softcap": (lambda: ac.patterns.sliding_window(30) & ac.patterns.softcap(5.0, causal=False), {}),
+    "dilated": (lambda: ac.patterns.dilated(40, 3), {}),
 }
+NATIVE = {"swa": "local", "document": "varlen", "document_gqa_batch": "varlen", "chunked_odd": "varlen",
+          "swa_softcap": "local", "prefix_lm": "block-sparse", "sinks": "block-sparse", "empty_rows": "block-sparse"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -73,14 +82,37 @@ def test_forward_lse_and_gradients_match_reference(name):
     want = torch.autograd.grad((ac.reference(*leaves64, pattern) * w.double()).sum(), leaves64)
     for a, b in zip(ours, want):
         assert rel(a, b) < 1e-4, (name, rel(a, b))
+    assert (kern.config["fa4_kernel"], "fa4_native" in kern.config) == (
+        (NATIVE[name], True) if name in NATIVE else (kern.config["fa4_kernel"], False)), kern.config
+
+
+@pytest.mark.parametrize("name", ["prefix_lm", "document_gqa_batch"])
+def test_native_backward_through_lse(name):
+    """A loss reading the LSE too: each band's (and the varlen call's) dlse share is exact."""
+    make, shape = CASES[name]
+    pattern = make()
+    q, k, v = inputs(**shape)
+    kern = fa4_kernel(pattern, q, k, v)
+    assert kern.config["backward"] == "fa4" and "fa4_native" in kern.config
+    w = torch.randn(q.shape[:3], dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = kern(*leaves, return_lse=True)
+    ours = torch.autograd.grad(out.sum() + (lse * w.float()).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = ac.reference(*leaves64, pattern, return_lse=True)
+    want = torch.autograd.grad(out64.sum() + (lse64 * w).sum(), leaves64)
+    for a, b in zip(ours, want):
+        assert rel(a, b) < 1e-4, (name, rel(a, b))
 
 
 def test_the_backward_is_routed_by_what_fa4_does_well():
     q, k, v = inputs()
     assert fa4_kernel(ac.patterns.causal(), q, k, v).config["backward"] == "fa4"
-    sparse = fa4_kernel(ac.patterns.sliding_window(70), q, k, v)
+    assert fa4_kernel(ac.patterns.sliding_window(70), q, k, v).config["backward"] == "fa4"  # FA4's own window
+    assert fa4_kernel(ac.patterns.prefix_lm(50), q, k, v).config["backward"] == "fa4"  # two bands
+    sparse = fa4_kernel(ac.patterns.dilated(40, 3), q, k, v)  # no band: only the block-sparse backward
     assert sparse.config["backward"].startswith("triton (FA4's block-sparse backward is not deterministic")
-    assert fa4_kernel(ac.patterns.sliding_window(70), q, k, v, deterministic=False).config["backward"] == "fa4"
+    assert fa4_kernel(ac.patterns.dilated(40, 3), q, k, v, deterministic=False).config["backward"] == "fa4"
     qg, kg, vg = inputs(Hq=2, Hkv=1)
     assert "GQA" in fa4_kernel(ac.patterns.alibi(2), qg, kg, vg).config["backward"]
     assert fa4_kernel(ac.patterns.causal(), qg, kg, vg).config["backward"] == "fa4"  # reads no h
@@ -89,7 +121,9 @@ def test_the_backward_is_routed_by_what_fa4_does_well():
 def test_source_config_and_runtime_params():
     q, k, v = inputs()
     kern = fa4_kernel(ac.patterns.sliding_window(70), q, k, v)
-    assert kern.config["backend"] == "fa4" and kern.config["fa4_kernel"] == "block-sparse"
+    assert kern.config["backend"] == "fa4" and kern.config["fa4_kernel"] == "local"
+    assert kern.config["fa4_native"] == "q [0, 136) x kv [0, 136) local window (70, 0)"
+    assert "The forward runs it instead of the call above" in kern.source
     assert "def mask_mod(" in kern.source and "p_W = aux_scalars[0]" in kern.source and "_flash_attn_fwd" in kern.source
     dense = fa4_kernel(ac.patterns.causal(), q, k, v)
     assert dense.config["fa4_kernel"] == "causal" and "block_sparse_tensors=None (FA4's own causal kernel)" in dense.source
@@ -97,3 +131,4 @@ def test_source_config_and_runtime_params():
         pat = ac.patterns.sliding_window(W)
         assert rel(fa4_kernel(pat, q, k, v)(q, k, v), ac.reference(q, k, v, pat)) < 1e-5
     assert len(fa4._HOOKS) == 1  # sliding_window's, for every W; causal runs FA4's own kernel, no hooks
+    assert fa4_kernel(ac.patterns.prefix_lm(50), q, k, v).config["fa4_kernel"] == "block-sparse"

@@ -28,6 +28,8 @@ PATTERNS = {
     "alibi": lambda N, H: ac.patterns.alibi(H, device="cuda"),
     "dilated": lambda N, H: ac.patterns.dilated(500, 3),
     "prefix_lm": lambda N, H: ac.patterns.prefix_lm(700),
+    "sinks": lambda N, H: ac.patterns.sinks(4, 300),
+    "chunked": lambda N, H: ac.patterns.chunked(384),
     "relbias": lambda N, H: ac.Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv < 900),
                                        lambda s, b, h, q, kv, t=_table(N): s + t[q - kv + N - 1]),
     "empty_rows": lambda N, H: ac.Pattern(lambda b, h, q, kv: (q - kv >= 64) & (q - kv < 512)),
@@ -52,7 +54,8 @@ def test_forward_and_lse_match_reference(name, shape):
     assert not out.isnan().any() and (out[~live] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["causal", "swa", "document", "softcap", "alibi", "relbias", "empty_rows", "full"])
+@pytest.mark.parametrize("name", ["causal", "swa", "document", "softcap", "alibi", "relbias", "empty_rows", "full",
+                                  "prefix_lm", "sinks", "chunked"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["B2H8N2048D128", "gqa4-N1999-D64"])
 def test_gradients_match_reference_and_are_deterministic(name, shape):
     B, Hq, Hkv, N, D = shape
@@ -64,10 +67,19 @@ def test_gradients_match_reference_and_are_deterministic(name, shape):
     assert all(torch.equal(a, b) for a, b in zip(ours, again))  # deterministic
 
 
+@pytest.mark.parametrize("name, kind", [("swa", "local"), ("document", "varlen"), ("chunked", "varlen"),
+                                        ("prefix_lm", "block-sparse"), ("sinks", "block-sparse")])
+def test_bands_and_segments_run_fa4s_own_deterministic_backward(name, kind):
+    B, Hq, Hkv, N, D = SHAPES[0]
+    q, k, v = qkv(B, Hq, Hkv, N, D)
+    config = compile(PATTERNS[name](N, Hq), q, k, v, kernel_options=FA4).config
+    assert (config["fa4_kernel"], config["backward"], "fa4_native" in config) == (kind, "fa4", True), config
+
+
 def test_nondeterministic_fa4_backward_of_a_block_sparse_pattern():
     B, Hq, Hkv, N, D = SHAPES[0]
     q, k, v = qkv(B, Hq, Hkv, N, D)
-    pat = PATTERNS["document"](N, Hq)
+    pat = PATTERNS["dilated"](N, Hq)  # no bands: FA4's block-sparse backward, nondeterministic on SM90
     options = {"backend": "fa4", "deterministic": False}
     assert compile(pat, q, k, v, kernel_options=options).config["backward"] == "fa4"
     assert compile(pat, q, k, v, kernel_options=FA4).config["backward"].startswith("triton")

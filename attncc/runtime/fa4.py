@@ -7,7 +7,9 @@ tensors are attncc's BlockMask at FA4's 128x128 tile (built symbolically, no den
 the transposed lists for the backward, with FA4's dQ write order for a deterministic backward;
 params travel as FA4's runtime aux_scalars (a new value recompiles nothing), buffers as
 aux_tensors. Plain full attention and equal-length causal attention run FA4's own dense and
-causal kernels, with no hooks. FA4's compiled kernels are cached on disk (its AOT cache, under
+causal kernels, with no hooks; masks that are exact unions of bands or segments (compiler/bands.py:
+sliding windows, prefix LM, sinks, documents, chunks) run FA4's own local and varlen kernels
+(`Native`), which on SM90 also give the deterministic backward its block-sparse kernels lack. FA4's compiled kernels are cached on disk (its AOT cache, under
 attncc's cache directory unless FLASH_ATTENTION_CUTE_DSL_CACHE_* say otherwise), keyed by a hash
 of the hooks' source, so a known pattern's first call in a new process compiles nothing.
 
@@ -22,7 +24,7 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
-from ..compiler import cute
+from ..compiler import bands, cute
 from ..compiler.codegen import TileConfig, kernel_roots
 from ..compiler.lowering import BufferSpec
 from ..dsl import ir
@@ -126,6 +128,56 @@ def hooks_source(pattern: Pattern, s: Shapes, device) -> str:
     return cute.generate(pattern, _roots(pattern, s), specs, _plan(pattern, s, device), attncc.__version__)
 
 
+@dataclass(frozen=True)
+class Native:
+    """The mask as FA4's own masks (compiler/bands.py), no mask_mod and no block sparsity: `bands`,
+    each an FA4 call on the slices q[q0:q1], kv[k0:k1] with its local window, their gradients summed
+    in a fixed order; or `segments`, one varlen call whose sequences are the segments, batch and
+    heads folded into FA4's head axis ([B, H, N, D] -> [N, B*H, D], a view of contiguous tensors)."""
+    Q: int
+    KV: int
+    bands: tuple[bands.Band, ...] | None = None
+    segments: bands.Segments | None = None
+    cu_seqlens: torch.Tensor | None = None  # int32 [num_segments + 1] on the device
+
+    def whole(self) -> bool:
+        """One call covering every row: the forward runs it too (out and LSE need no merge)."""
+        if self.segments is not None:
+            return True
+        (b,) = self.bands if len(self.bands) == 1 else (None,)
+        return b is not None and (b.q0, b.q1, b.k0, b.k1) == (0, self.Q, 0, self.KV)
+
+    def windows(self) -> list[tuple[int | None, int | None]]:
+        if self.segments is not None:
+            lo, hi = self.segments.lo, self.segments.hi
+            return [(None if lo is None else -lo, hi)]
+        return [b.window() for b in self.bands]
+
+    def describe(self) -> str:
+        def mask(left, right):
+            return ("dense" if left is None and right is None else "causal" if left is None and right == 0
+                    else f"local window ({left}, {right})")
+        if self.segments is not None:
+            n = self.segments.offsets.numel() - 1
+            return f"varlen: {n} segments (longest {self.segments.longest()}), {mask(*self.windows()[0])} within each"
+        return "; ".join(f"q [{b.q0}, {b.q1}) x kv [{b.k0}, {b.k1}) {mask(*b.window())}" for b in self.bands)
+
+
+def native_plan(pattern: Pattern, s: Shapes, device) -> Native | None:
+    """The pattern as FA4's own local / varlen masks at shapes s, or None: the mask must be an
+    exact union of bands or segments (compiler/bands.py) with windows FA4 takes (>= 0), the score
+    mod free of positions (the calls see sliced and folded indices), no block predicate."""
+    if pattern.has_block_mask or ir.free_vars(pattern.score) - {ir.SCORE_VAR}:
+        return None
+    found = bands.bands(pattern.mask, pattern.params, s.Q, s.KV)
+    if found and all(w is None or w >= 0 for b in found for w in b.window()):
+        return Native(s.Q, s.KV, bands=found)
+    seg = bands.segments(pattern.mask, pattern.params, pattern.buffers, s.Q, s.KV)
+    if seg is not None and (seg.lo is None or seg.lo <= 0) and (seg.hi is None or seg.hi >= 0):
+        return Native(s.Q, s.KV, segments=seg, cu_seqlens=seg.offsets.to(device=device, dtype=torch.int32))
+    return None
+
+
 @dataclass
 class Call:
     """Everything one FA4 call needs for a pattern at some shapes; see `prepare`."""
@@ -136,13 +188,23 @@ class Call:
     aux_tensors: list | None
     aux_scalars: tuple | None
     source: str
+    native: Native | None = None  # the mask as FA4's own local / varlen masks, where it is one
     _backward_sparse: dict = field(default_factory=dict)
 
     def text(self) -> str:
         """How attncc calls FA4 for this pattern, as Python comments (what `kern.source` ends with)."""
         hooks = [n for n in ("mask_mod", "score_mod", "score_mod_bwd") if self.mod(n) is not None]
         return call_text(self.causal, self.sparse is not None, hooks, len(self.aux_tensors or []),
-                         len(self.aux_scalars or ()))
+                         len(self.aux_scalars or ()), self.native)
+
+    def kind(self) -> str:
+        """The forward's FA4 kernel: "dense", "causal", "local" / "varlen" (a whole Native plan) or
+        "block-sparse"."""
+        if self.sparse is None:
+            return "causal" if self.causal else "dense"
+        if self.native is not None and self.native.whole():
+            return "varlen" if self.native.segments is not None else "local"
+        return "block-sparse"
 
     def mod(self, name: str):
         return getattr(self.hooks, name, None) if self.hooks is not None else None
@@ -167,7 +229,8 @@ class Call:
         return self._backward_sparse[deterministic]
 
 
-def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params: int) -> str:
+def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params: int,
+              native: Native | None = None) -> str:
     """The FA4 calls attncc makes, as Python comments (see Call.text)."""
     lists = ("attncc's BlockMask at 128x128 (partial/full kv tiles per q tile)" if sparse
              else "None (FA4's own " + ("causal" if causal else "dense") + " kernel)")
@@ -181,6 +244,17 @@ def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params
              "      block_sparse_tensors=" + ("the transposed lists (q tiles per kv tile), with FA4's dQ write order"
                                            " when deterministic)" if sparse else "None)"),
              "  or attncc's Triton backward on these out and lse (Kernel.config['backward'] says which, and why)"]
+    if native is not None:
+        varlen = native.segments is not None
+        call = ("with cu_seqlens_q = cu_seqlens_k = the segments' offsets, max_seqlen_q/k = the longest, "
+                "q/k/v folded to [N, B*H, D]" if varlen else "on q[q0:q1], kv[k0:k1] per band")
+        lines += [f"The mask is FA4's own (compiler/bands.py): {native.describe()}.",
+                  ("  The forward runs it instead of the call above" if native.whole() else
+                   "  The forward is the block-sparse call above; the backward") + " calls FA4 without mask_mod and",
+                  f"  block_sparse_tensors, window_size_left/right as listed, {call}" + ("" if varlen else ";"),
+                  *([] if varlen else ["  each band's backward takes the whole attention's out and lse rows (its exact "
+                                       "share), the shares summed in order"]),
+                  "  (on SM90 only these masks run FA4's deterministic backward)"]
     return "\n".join("# " + line for line in lines)
 
 
@@ -189,8 +263,9 @@ def describe(pattern: Pattern, s: Shapes, device) -> str:
     dense = dense_kind(pattern, s)
     hooks = list(cute.hook_roots(pattern, _roots(pattern, s)))
     params = len(cute.scalar_params(pattern, _plan(pattern, s, device)))
+    native = None if dense else native_plan(pattern, s, device)
     return hooks_source(pattern, s, device) + "\n\n" + call_text(dense == "causal", dense is None, hooks,
-                                                                 len(pattern.buffers), params) + "\n"
+                                                                 len(pattern.buffers), params, native) + "\n"
 
 
 _CALLS = cache.LRU(64)  # (id(meta), id(bwd)) -> (meta, bwd, Call): the ids stay theirs while kept
@@ -222,7 +297,7 @@ def prepare(pattern: Pattern, s: Shapes, device) -> Call:
     plan = bwd.plan
     scalars = tuple(getattr(fa.cutlass, t.split(".")[1])(pattern.params[n]) for n, t in cute.scalar_params(pattern, plan))
     call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), tensors or None, scalars or None,
-                source)
+                source, None if dense else native_plan(pattern, s, device))
     _CALLS.put(key, (meta, bwd, call))
     return call
 
@@ -246,17 +321,46 @@ def forward(call: Call, q, k, v, scale: float):
     """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q], natural log) from FA4's forward;
     out is a view of FA4's [B, Q, Hq, Dv] result (the torch.compile op makes it contiguous)."""
     fa = _fa()
+    native = call.native if call.native is not None and call.native.whole() else None
+    if native is not None and native.segments is not None:
+        left, right = native.windows()[0]
+        longest = native.segments.longest()
+        out, lse, *_ = fa.interface._flash_attn_fwd(
+            *map(_fold, (q, k, v)), softmax_scale=scale, causal=False, window_size_left=left,
+            window_size_right=right, cu_seqlens_q=native.cu_seqlens, cu_seqlens_k=native.cu_seqlens,
+            max_seqlen_q=longest, max_seqlen_k=longest, score_mod=call.mod("score_mod"),
+            aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True)
+        return _unfold(out, q.shape[0]), lse.view(q.shape[:3])
+    left, right = native.windows()[0] if native is not None else (None, None)
     out, lse, *_ = fa.interface._flash_attn_fwd(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=call.causal,
-        score_mod=call.mod("score_mod"), mask_mod=call.mod("mask_mod"), block_sparse_tensors=call.sparse,
-        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True)
+        score_mod=call.mod("score_mod"), mask_mod=None if native else call.mod("mask_mod"),
+        block_sparse_tensors=None if native else call.sparse, aux_tensors=call.aux_tensors,
+        aux_scalars=call.aux_scalars, return_lse=True, **_window(native, left, right))
     return out.transpose(1, 2), lse
+
+
+def _window(native, left, right) -> dict:
+    return {} if native is None else {"window_size_left": left, "window_size_right": right}
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> [N, B*H, D] (FA4's varlen layout, batch folded into the heads; a view when
+    x's batch and head strides merge, else a copy)."""
+    B, H, N, D = x.shape
+    return x.reshape(B * H, N, D).transpose(0, 1)
+
+
+def _unfold(x: torch.Tensor, B: int) -> torch.Tensor:
+    """[N, B*H, D] -> [B, H, N, D], a view."""
+    N, BH, D = x.shape
+    return x.transpose(0, 1).view(B, BH // B, N, D)
 
 
 def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: bool) -> str | None:
     """Why FA4's backward does not compute this call's gradients (None: it does); attncc's Triton
     backward then runs on FA4's forward outputs (the same out and LSE, checked against float64)."""
-    if call.sparse is not None and deterministic:
+    if call.sparse is not None and deterministic and call.native is None:
         return "FA4's block-sparse backward is not deterministic on SM90 (kernel_options deterministic=False runs it)"
     if s.Hq != s.Hkv and "h" in ir.free_vars(pattern.score) | ir.free_vars(pattern.mask):
         return "FA4's GQA backward failed attncc's float64 check on a head-dependent pattern (ALiBi, H200, 2026-12-01)"
@@ -264,8 +368,10 @@ def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: boo
 
 
 def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, deterministic: bool = True):
-    """(dq, dk, dv) [B, H, N, D], views of FA4's [B, N, H, D] results, from FA4's backward (see
-    backward_refusal)."""
+    """(dq, dk, dv) [B, H, N, D] from FA4's backward (see backward_refusal): views of FA4's
+    [B, N, H, D] results, or with a Native plan the sums of its calls' gradients."""
+    if call.native is not None:
+        return _native_backward(call, q, k, v, out, lse, dout, dlse, scale, deterministic)
     fa = _fa()
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     dq, dk, dv = fa.interface._flash_attn_bwd(
@@ -275,3 +381,48 @@ def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, determinis
         block_sparse_tensors=call.backward_sparse(deterministic),
         dlse=None if dlse is None else dlse.contiguous())
     return t(dq), t(dk), t(dv)
+
+
+def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, deterministic: bool):
+    """The gradients from FA4's own local / varlen backward, one call per band. Each call gets the
+    whole attention's out and LSE for its rows, so it computes exactly its pairs' share (P and
+    rowsum(dO * O) are global); the shares add up in a fixed order, in float32 where they overlap."""
+    fa = _fa()
+    native = call.native
+    hooks = dict(score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"),
+                 aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, deterministic=deterministic)
+    if native.segments is not None:
+        left, right = native.windows()[0]
+        longest = native.segments.longest()
+        B = q.shape[0]
+        grads = fa.interface._flash_attn_bwd(
+            *map(_fold, (q, k, v, out, dout)), lse.reshape(-1, lse.shape[-1]).contiguous(), scale, False,
+            window_size_left=left, window_size_right=right, cu_seqlens_q=native.cu_seqlens,
+            cu_seqlens_k=native.cu_seqlens, max_seqlen_q=longest, max_seqlen_k=longest,
+            dlse=None if dlse is None else dlse.reshape(-1, dlse.shape[-1]).contiguous(), **hooks)
+        return tuple(_unfold(g, B) for g in grads)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    parts = []
+    for band, (left, right) in zip(native.bands, native.windows()):
+        rows, cols = slice(band.q0, band.q1), slice(band.k0, band.k1)
+        dq, dk, dv = fa.interface._flash_attn_bwd(
+            t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
+            lse[:, :, rows].contiguous(), scale, False, window_size_left=left, window_size_right=right,
+            dlse=None if dlse is None else dlse[:, :, rows].contiguous(), **hooks)
+        parts.append(((rows, t(dq)), (cols, t(dk)), (cols, t(dv))))
+    return tuple(_assemble(like, [p[i] for p in parts]) for i, like in enumerate((q, k, v)))
+
+
+def _assemble(like: torch.Tensor, pieces: list) -> torch.Tensor:
+    """A gradient shaped like `like` [B, H, N, D] from (token slice, gradient of those tokens)
+    pieces: the one piece itself where it covers every token, else zeros with the pieces added in
+    order, in float32 where two overlap (each piece is rounded once, their sum once)."""
+    n = like.shape[2]
+    if len(pieces) == 1 and pieces[0][0] == slice(0, n):
+        return pieces[0][1]
+    spans = sorted((sl.start, sl.stop) for sl, _ in pieces)
+    overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    total = torch.zeros(like.shape, dtype=torch.float32 if overlap else like.dtype, device=like.device)
+    for sl, g in pieces:
+        total[:, :, sl] += g
+    return total.to(like.dtype)

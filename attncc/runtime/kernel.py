@@ -384,8 +384,9 @@ class Kernel:
         t, b = self.tiles, self.backward_tiles
         if self.backend == "fa4":
             why = fa4.backward_refusal(self._fa4, self.pattern, self._shapes, self.deterministic)
-            return {"backend": "fa4", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
-                    "fa4_kernel": "causal" if self._fa4.causal else "block-sparse" if self._fa4.sparse else "dense",
+            native = self._fa4.native
+            return {"backend": "fa4", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "fa4_kernel": self._fa4.kind(),
+                    **({"fa4_native": native.describe()} if native is not None else {}),
                     "backward": "fa4" if why is None else f"triton ({why})", "deterministic": self.deterministic,
                     "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
         return {"backend": self.backend, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
