@@ -86,6 +86,15 @@ def test_forward_lse_and_gradients_match_reference(name):
         (NATIVE[name], True) if name in NATIVE else (kern.config["fa4_kernel"], False)), kern.config
 
 
+def test_narrow_bands_that_would_serialise_fa4s_backward_are_refused():
+    """sinks' 4 sink columns at the main shape: one kv tile per head, 128 q tiles in a row each."""
+    s = check_qkv(*(torch.empty(4, 16, 8192, 128, device="meta") for _ in range(3)))
+    assert fa4.native_plan(ac.patterns.sinks(4, 1024), s, "cpu") is None
+    assert len(fa4.native_plan(ac.patterns.prefix_lm(2048), s, "cpu").bands) == 2
+    small = check_qkv(*(torch.empty(1, 2, 1000, 64, device="meta") for _ in range(3)))
+    assert fa4.native_plan(ac.patterns.sinks(4, 100), small, "cpu") is not None  # 16 q tiles: short chains
+
+
 @pytest.mark.parametrize("name", ["prefix_lm", "document_gqa_batch"])
 def test_native_backward_through_lse(name):
     """A loss reading the LSE too: each band's (and the varlen call's) dlse share is exact."""

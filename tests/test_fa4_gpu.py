@@ -68,12 +68,15 @@ def test_gradients_match_reference_and_are_deterministic(name, shape):
 
 
 @pytest.mark.parametrize("name, kind", [("swa", "local"), ("document", "varlen"), ("chunked", "varlen"),
-                                        ("prefix_lm", "block-sparse"), ("sinks", "block-sparse")])
+                                        ("prefix_lm", "block-sparse"), ("sinks", None)])
 def test_bands_and_segments_run_fa4s_own_deterministic_backward(name, kind):
-    B, Hq, Hkv, N, D = SHAPES[0]
+    B, Hq, Hkv, N, D = 4, 16, 16, 4096, 128
     q, k, v = qkv(B, Hq, Hkv, N, D)
     config = compile(PATTERNS[name](N, Hq), q, k, v, kernel_options=FA4).config
-    assert (config["fa4_kernel"], config["backward"], "fa4_native" in config) == (kind, "fa4", True), config
+    if kind is None:  # the sink columns would serialise FA4's backward (fa4._fills)
+        assert config["backward"].startswith("triton") and "fa4_native" not in config, config
+    else:
+        assert (config["fa4_kernel"], config["backward"], "fa4_native" in config) == (kind, "fa4", True), config
 
 
 def test_nondeterministic_fa4_backward_of_a_block_sparse_pattern():

@@ -171,11 +171,26 @@ def native_plan(pattern: Pattern, s: Shapes, device) -> Native | None:
         return None
     found = bands.bands(pattern.mask, pattern.params, s.Q, s.KV)
     if found and all(w is None or w >= 0 for b in found for w in b.window()):
-        return Native(s.Q, s.KV, bands=found)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" \
+            else H200_SMS
+        return Native(s.Q, s.KV, bands=found) if all(_fills(b, s, sms) for b in found) else None
     seg = bands.segments(pattern.mask, pattern.params, pattern.buffers, s.Q, s.KV)
     if seg is not None and (seg.lo is None or seg.lo <= 0) and (seg.hi is None or seg.hi >= 0):
         return Native(s.Q, s.KV, segments=seg, cu_seqlens=seg.offsets.to(device=device, dtype=torch.int32))
     return None
+
+
+H200_SMS = 132  # the SMs a plan made off the GPU assumes (attncc show --target h200)
+BACKWARD_TILE = (64, 128)  # FA4's SM90 backward tile (rows of q, rows of kv) at head dim 128
+
+
+def _fills(band: bands.Band, s: Shapes, sms: int) -> bool:
+    """Whether FA4's backward of `band` keeps the GPU busy: it runs one program per kv tile and head,
+    each walking the band's q tiles in turn, so a narrow band (the sink columns of `sinks`) with
+    fewer programs than SMs is one long serial chain: measured on the H200 (2026-12-02, sinks at
+    the main shape) it cost more than attncc's Triton backward."""
+    programs = -(-(band.k1 - band.k0) // BACKWARD_TILE[1]) * s.B * s.Hq
+    return programs >= sms or -(-(band.q1 - band.q0) // BACKWARD_TILE[0]) <= 16
 
 
 @dataclass
@@ -418,11 +433,17 @@ def _assemble(like: torch.Tensor, pieces: list) -> torch.Tensor:
     pieces: the one piece itself where it covers every token, else zeros with the pieces added in
     order, in float32 where two overlap (each piece is rounded once, their sum once)."""
     n = like.shape[2]
-    if len(pieces) == 1 and pieces[0][0] == slice(0, n):
+    whole = [i for i, (sl, _) in enumerate(pieces) if sl == slice(0, n)]
+    if len(pieces) == 1 and whole:
         return pieces[0][1]
     spans = sorted((sl.start, sl.stop) for sl, _ in pieces)
     overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
-    total = torch.zeros(like.shape, dtype=torch.float32 if overlap else like.dtype, device=like.device)
+    dtype = torch.float32 if overlap else like.dtype
+    if whole:  # start from a piece that covers every token: no zero fill
+        total = pieces[whole[0]][1].to(dtype, copy=True)
+        pieces = pieces[:whole[0]] + pieces[whole[0] + 1:]
+    else:
+        total = torch.zeros(like.shape, dtype=dtype, device=like.device)
     for sl, g in pieces:
         total[:, :, sl] += g
     return total.to(like.dtype)
