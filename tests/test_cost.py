@@ -101,6 +101,16 @@ def test_explain_on_meta_tensors(make, target):
     assert ("fa4 could run this call" in text) == ("<- runs" not in fa4_line)
 
 
+def test_explain_names_fa4s_own_masks_where_they_run():
+    q, k, v = (torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta") for _ in range(3))
+    swa = ac.explain(ac.patterns.sliding_window(1024), q, k, v, target="h200")
+    assert "FA4's own masks (compiler/bands.py), forward and backward: q [0, 8192) x kv [0, 8192) local window " \
+           "(1024, 0)" in swa
+    prefix = ac.explain(ac.patterns.prefix_lm(2048), q, k, v, target="h200")
+    assert "in the backward: q [0, 8192) x kv [0, 2048) dense; q [2048, 8192) x kv [2048, 8192) causal" in prefix
+    assert "FA4's own masks" not in ac.explain(ac.patterns.dilated(1024, 4), q, k, v, target="h200")
+
+
 def test_explain_refuses_bad_targets_and_meta_without_one():
     q, k, v = (torch.empty(1, 2, 64, 16, device="meta") for _ in range(3))
     with pytest.raises(ValueError, match="target must be one of"):

@@ -86,6 +86,30 @@ def test_forward_lse_and_gradients_match_reference(name):
         (NATIVE[name], True) if name in NATIVE else (kern.config["fa4_kernel"], False)), kern.config
 
 
+@pytest.mark.parametrize("Q, KV", [(100, 136), (136, 100)])
+@pytest.mark.parametrize("make", [lambda: ac.patterns.causal(), lambda: ac.patterns.sliding_window(30),
+                                  lambda: ac.patterns.prefix_lm(20)], ids=["causal", "swa", "prefix_lm"])
+def test_bands_with_different_lengths(make, Q, KV):
+    """Absolute indices with Q != KV: bands trimmed to their live rows and columns, FA4's windows
+    re-aligned to its bottom-right convention; rows and keys outside every band get zeros."""
+    pattern = make()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 2, Q, 16, generator=g), torch.randn(1, 2, KV, 16, generator=g), \
+        torch.randn(1, 2, KV, 16, generator=g)
+    kern = fa4_kernel(pattern, q, k, v)
+    assert "fa4_native" in kern.config and kern.config["backward"] == "fa4"
+    w = torch.randn(1, 2, Q, 16, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = kern(*leaves)
+    ours = torch.autograd.grad((out * w).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = ac.reference(*leaves64, pattern)
+    want = torch.autograd.grad((ref * w.double()).sum(), leaves64)
+    assert rel(out, ref) < 1e-5
+    for a, b in zip(ours, want):
+        assert rel(a, b) < 1e-4
+
+
 def test_narrow_bands_that_would_serialise_fa4s_backward_are_refused():
     """sinks' 4 sink columns at the main shape: one kv tile per head, 128 q tiles in a row each."""
     s = check_qkv(*(torch.empty(4, 16, 8192, 128, device="meta") for _ in range(3)))
@@ -132,7 +156,7 @@ def test_source_config_and_runtime_params():
     kern = fa4_kernel(ac.patterns.sliding_window(70), q, k, v)
     assert kern.config["backend"] == "fa4" and kern.config["fa4_kernel"] == "local"
     assert kern.config["fa4_native"] == "q [0, 136) x kv [0, 136) local window (70, 0)"
-    assert "The forward runs it instead of the call above" in kern.source
+    assert "The forward (instead of the call above) and the backward call FA4" in kern.source
     assert "def mask_mod(" in kern.source and "p_W = aux_scalars[0]" in kern.source and "_flash_attn_fwd" in kern.source
     dense = fa4_kernel(ac.patterns.causal(), q, k, v)
     assert dense.config["fa4_kernel"] == "causal" and "block_sparse_tensors=None (FA4's own causal kernel)" in dense.source

@@ -485,6 +485,11 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
                  "not the forward configurations above")
     if not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
+    elif chosen[0] == "fa4" and fa4.dense_kind(kp, s) is None:
+        native = fa4.native_plan(kp, s, lists)
+        if native is not None:
+            text += (f"\nfa4 runs the mask as FA4's own masks (compiler/bands.py), "
+                     f"{'forward and backward' if native.whole() else 'in the backward'}: {native.describe()}")
     elif chosen[0] != "fa4":
         text += ("\nfa4 could run this call, but it would read permuted copies; attncc's Triton kernels gather the "
                  "token layout's rows in place (runtime/choices.fa4_measured_faster)" if pattern.layout is not None
@@ -511,7 +516,7 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
     tiles = choose_backward_tiles(s, dtype, torch.device("cuda"), options)
     ms = cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, lists),
                                 META_CACHE.get(pattern, s, tiles.dq, lists)[1], s.B, s.Hq, s.Hkv, s.D, tiles, profile)
-    where = " (where attncc's Triton backward runs; fa4's own, on dense and causal masks, is not modelled)" \
+    where = " (where attncc's Triton backward runs; fa4's own, on dense, causal, local and varlen masks, is not modelled)" \
         if backend == "fa4" else ""
     return f"backward: Triton dK/dV {tiles.dkdv} + dQ {tiles.dq}: predicted {ms:.3f} ms{where}"
 

@@ -264,8 +264,8 @@ def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params
         call = ("with cu_seqlens_q = cu_seqlens_k = the segments' offsets, max_seqlen_q/k = the longest, "
                 "q/k/v folded to [N, B*H, D]" if varlen else "on q[q0:q1], kv[k0:k1] per band")
         lines += [f"The mask is FA4's own (compiler/bands.py): {native.describe()}.",
-                  ("  The forward runs it instead of the call above" if native.whole() else
-                   "  The forward is the block-sparse call above; the backward") + " calls FA4 without mask_mod and",
+                  ("  The forward (instead of the call above) and the backward" if native.whole() else
+                   "  The forward is the block-sparse call above; the backward") + " call FA4 without mask_mod and",
                   f"  block_sparse_tensors, window_size_left/right as listed, {call}" + ("" if varlen else ";"),
                   *([] if varlen else ["  each band's backward takes the whole attention's out and lse rows (its exact "
                                        "share), the shares summed in order"]),
