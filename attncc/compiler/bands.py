@@ -119,18 +119,16 @@ def _compare(name: str, e: tuple[int, int, int]):
         unit, g = (-unit[0], -unit[1]), -g
     if unit not in _AXES:
         return None
-    # g * X + r <name> 0 with X the axis value: X <name'> -r / g
+    # g * X + r <name> 0 with X the axis value, g > 0: X <name> -r / g, bounded in exact integers
     if g < 0:
         name = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}.get(name, name)
         g, r = -g, -r
-    t = -r / g  # X <name> t, t rational
+    floor, ceil, exact = (-r) // g, -(r // g), r % g == 0
     inf = math.inf
-    lo_gt, hi_lt = math.floor(t) + 1, math.ceil(t) - 1   # X > t  <=> X >= lo_gt;  X < t <=> X <= hi_lt
-    runs = {"lt": ((-inf, hi_lt),), "le": ((-inf, math.floor(t)),), "gt": ((lo_gt, inf),),
-            "ge": ((math.ceil(t), inf),),
-            "eq": ((t, t),) if t == int(t) else (),
-            "ne": ((-inf, inf),) if t != int(t) else ((-inf, t - 1), (t + 1, inf))}[name]
-    return _Atom(_AXES[unit], tuple((lo, hi) if isinstance(lo, float) else (int(lo), hi) for lo, hi in runs))
+    runs = {"lt": ((-inf, ceil - 1),), "le": ((-inf, floor),), "gt": ((floor + 1, inf),), "ge": ((ceil, inf),),
+            "eq": ((floor, floor),) if exact else (),
+            "ne": ((-inf, floor - 1), (floor + 1, inf)) if exact else ((-inf, inf),)}[name]
+    return _Atom(_AXES[unit], runs)
 
 
 def _formula(node: ir.Node, params: dict):

@@ -8,10 +8,11 @@ the transposed lists for the backward, with FA4's dQ write order for a determini
 params travel as FA4's runtime aux_scalars (a new value recompiles nothing), buffers as
 aux_tensors. Plain full attention and equal-length causal attention run FA4's own dense and
 causal kernels, with no hooks; masks that are exact unions of bands or segments (compiler/bands.py:
-sliding windows, prefix LM, sinks, documents, chunks) run FA4's own local and varlen kernels
-(`Native`), which on SM90 also give the deterministic backward its block-sparse kernels lack. FA4's compiled kernels are cached on disk (its AOT cache, under
-attncc's cache directory unless FLASH_ATTENTION_CUTE_DSL_CACHE_* say otherwise), keyed by a hash
-of the hooks' source, so a known pattern's first call in a new process compiles nothing.
+sliding windows, prefix LM, documents, chunks) run FA4's own local and varlen kernels (`Native`),
+which on SM90 also give the deterministic backward its block-sparse kernels lack. FA4's compiled
+kernels are cached on disk (its AOT cache, under attncc's cache directory unless
+FLASH_ATTENTION_CUTE_DSL_CACHE_* say otherwise), keyed by a hash of the hooks' source, so a known
+pattern's first call in a new process compiles nothing.
 
 Layout: attncc's tensors are [B, H, N, D]; FA4 reads [B, N, H, D], as transposed views.
 """
