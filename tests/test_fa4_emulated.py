@@ -32,7 +32,8 @@ def fa4_kernel(pattern, q, k, v, **options):
     s = check_qkv(q, k, v)
     options = check_options(options)
     choice = KernelChoice(fa4.TILE, choose_backward_tiles(s, q.dtype, q.device, options), "fa4",
-                          deterministic=options.get("deterministic", True))
+                          deterministic=options.get("deterministic", True),
+                          fa4_native=options.get("fa4_native", True))
     return Kernel(pattern.kernel_pattern, s, q.device, 1 / math.sqrt(s.D), choice)
 
 
@@ -108,6 +109,17 @@ def test_bands_with_different_lengths(make, Q, KV):
     assert rel(out, ref) < 1e-5
     for a, b in zip(ours, want):
         assert rel(a, b) < 1e-4
+
+
+def test_fa4_native_false_keeps_the_hooks_and_block_lists():
+    q, k, v = inputs()
+    pattern = ac.patterns.sliding_window(70)
+    kern = fa4_kernel(pattern, q, k, v, fa4_native=False)
+    assert kern.config["fa4_kernel"] == "block-sparse" and "fa4_native" not in kern.config
+    assert kern.config["backward"].startswith("triton (FA4's block-sparse backward is not deterministic")
+    assert rel(kern(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5
+    with pytest.raises(ValueError, match="fa4_native"):
+        check_options({"fa4_native": "no"})
 
 
 def test_narrow_bands_that_would_serialise_fa4s_backward_are_refused():

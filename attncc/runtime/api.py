@@ -138,7 +138,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
                              "layout has the kernels gather them; leave tma unset")
         tma = False
     choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
-                          tma, layout, options.get("deterministic", True), *forced_tiles(options))
+                          tma, layout, options.get("deterministic", True), options.get("fa4_native", True),
+                          *forced_tiles(options))
     return pattern, s, check_scale(scale, s.D), choice
 
 
@@ -184,7 +185,9 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     "fa4": FlashAttention-4's kernels with attncc's hooks; "sdpa-cudnn"; a forced backend that
     cannot run the call is a ValueError saying why; see runtime/choices.choose_backend),
     deterministic (default True: bitwise-reproducible gradients; False lets the fa4 backend run
-    FA4's own block-sparse backward, whose dQ accumulation order varies; see fa4.backward_refusal), BLOCK_M,
+    FA4's own block-sparse backward, whose dQ accumulation order varies; see fa4.backward_refusal),
+    fa4_native (default True: masks that are unions of bands or segments run FA4's own local and
+    varlen kernels, compiler/bands.py; False: its hooks and block lists, as every other mask), BLOCK_M,
     BLOCK_N, num_warps, num_stages (the Triton forward), dkdv_tiles and dq_tiles (the Triton
     backward's two kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)), tma (True: read
     k/v through tensor descriptors where the strides allow, on Hopper or CPU; default: on CUDA for
@@ -485,7 +488,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
                  "not the forward configurations above")
     if not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
-    elif chosen[0] == "fa4" and fa4.dense_kind(kp, s) is None:
+    elif chosen[0] == "fa4" and fa4.dense_kind(kp, s) is None and options.get("fa4_native", True):
         native = fa4.native_plan(kp, s, lists)
         if native is not None:
             text += (f"\nfa4 runs the mask as FA4's own masks (compiler/bands.py), "

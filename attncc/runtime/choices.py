@@ -30,6 +30,7 @@ class KernelChoice:
     tma: bool = False
     layout: Layout | None = None
     deterministic: bool = True
+    fa4_native: bool = True        # fa4: run band / segment masks on FA4's own kernels (fa4.native_plan)
     tiles_forced: bool = False     # kernel_options set the forward's tiles: never changed at run time
     backward_forced: bool = False  # ... or the backward's (dkdv_tiles / dq_tiles)
 
@@ -51,7 +52,7 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
 
 TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 BACKWARD_TILE_OPTIONS = ("dkdv_tiles", "dq_tiles")
-_OPTIONS = TILE_OPTIONS + BACKWARD_TILE_OPTIONS + ("backend", "tma", "deterministic", "autotune")
+_OPTIONS = TILE_OPTIONS + BACKWARD_TILE_OPTIONS + ("backend", "tma", "deterministic", "autotune", "fa4_native")
 # handled by ac.attention before a kernel is chosen (runtime/decode.py, runtime/sequences.split_kv),
 # refused by ac.compile unless the decode kernel runs
 CALL_OPTIONS = ("kv_splits", "decode")
@@ -223,7 +224,7 @@ def check_options(options) -> dict:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
-    for flag in ("tma", "deterministic", "autotune"):
+    for flag in ("tma", "deterministic", "autotune", "fa4_native"):
         if not isinstance(options.get(flag, True), bool):
             raise ValueError(f"kernel_options[{flag!r}] must be a bool, got {options[flag]!r}")
     if options.get("backend", "auto") not in ("auto",) + BACKENDS:

@@ -284,18 +284,19 @@ def describe(pattern: Pattern, s: Shapes, device) -> str:
                                                                  len(pattern.buffers), params, native) + "\n"
 
 
-_CALLS = cache.LRU(64)  # (id(meta), id(bwd)) -> (meta, bwd, Call): the ids stay theirs while kept
+_CALLS = cache.LRU(64)  # (id(meta), id(bwd), native) -> (meta, bwd, Call): the ids stay theirs while kept
 _HOOKS: dict = {}
 
 
-def prepare(pattern: Pattern, s: Shapes, device) -> Call:
-    """The Call for `pattern` at shapes s on `device` (cached with the block mask it reads)."""
+def prepare(pattern: Pattern, s: Shapes, device, native: bool = True) -> Call:
+    """The Call for `pattern` at shapes s on `device` (cached with the block mask it reads); native:
+    run band / segment masks on FA4's own kernels (`native_plan`) where they are such."""
     from .kernel import META_CACHE
 
     fa = _fa()
     _, meta = META_CACHE.get(pattern, s, TILE, device)
     bwd = META_CACHE.backward(pattern, s, TILE, device)
-    key = (id(meta), id(bwd))
+    key = (id(meta), id(bwd), native)
     hit = _CALLS.get(key)
     if hit is not None and hit[0] is meta and hit[1] is bwd:
         return hit[2]
@@ -313,7 +314,7 @@ def prepare(pattern: Pattern, s: Shapes, device) -> Call:
     plan = bwd.plan
     scalars = tuple(getattr(fa.cutlass, t.split(".")[1])(pattern.params[n]) for n, t in cute.scalar_params(pattern, plan))
     call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), tensors or None, scalars or None,
-                source, None if dense else native_plan(pattern, s, device))
+                source, None if dense or not native else native_plan(pattern, s, device))
     _CALLS.put(key, (meta, bwd, call))
     return call
 

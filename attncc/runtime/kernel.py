@@ -363,13 +363,14 @@ class Kernel:
         self.layout = choice.layout
         self._rows = choice.layout if choice.backend == "triton" else None  # the kernels gather rows through it
         self.deterministic = choice.deterministic
+        self.fa4_native = choice.fa4_native
         self._tiles_forced, self._backward_forced = choice.tiles_forced, choice.backward_forced
         self.device = device
         self.interpret = device.type != "cuda"
         self._shapes = shapes
         self._use_tiles(fa4.TILE if self.backend == "fa4" else choice.tiles)
         if self.backend == "fa4":
-            self._fa4 = fa4.prepare(pattern, shapes, device)
+            self._fa4 = fa4.prepare(pattern, shapes, device, self.fa4_native)
 
     def _use_tiles(self, tiles: TileConfig) -> None:
         """Run the forward at `tiles`: their block mask and metadata at the built shapes, and the
@@ -514,7 +515,7 @@ class Kernel:
         return buffer_grads(self.pattern, names, q, k, v, out, lse, dout, dlse, self.scale, span)
 
     def _fa4_call(self, s: Shapes) -> "fa4.Call":
-        return self._fa4 if s == self._shapes else fa4.prepare(self.pattern, s, self.device)
+        return self._fa4 if s == self._shapes else fa4.prepare(self.pattern, s, self.device, self.fa4_native)
 
     def __repr__(self) -> str:
         return f"Kernel({self.pattern!r}, {self.config})"
