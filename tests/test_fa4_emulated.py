@@ -122,6 +122,21 @@ def test_fa4_native_false_keeps_the_hooks_and_block_lists():
         check_options({"fa4_native": "no"})
 
 
+def test_band_gradients_assemble_exactly():
+    """Uncovered tokens zero, single cover copied, overlaps summed in float32 and rounded once."""
+    g = torch.Generator().manual_seed(5)
+    like = torch.empty(1, 2, 10, 3, dtype=torch.bfloat16)
+    spans = [slice(0, 10), slice(2, 7), slice(5, 9)]
+    pieces = [(sl, torch.randn(1, 2, sl.stop - sl.start, 3, generator=g).bfloat16()) for sl in spans]
+    want = torch.zeros(1, 2, 10, 3, dtype=torch.float64)
+    for sl, piece in pieces:
+        want[:, :, sl] += piece.double()
+    assert torch.equal(fa4._assemble(like, [(sl, p.clone()) for sl, p in pieces]), want.bfloat16())
+    gaps = [pieces[1], pieces[2]]  # tokens 0-1 and 9 uncovered
+    got = fa4._assemble(like, [(sl, p.clone()) for sl, p in gaps])
+    assert torch.equal(got, (want - pieces[0][1].double()).bfloat16()) and (got[:, :, [0, 1, 9]] == 0).all()
+
+
 def test_narrow_bands_that_would_serialise_fa4s_backward_are_refused():
     """sinks' 4 sink columns at the main shape: one kv tile per head, 128 q tiles in a row each."""
     s = check_qkv(*(torch.empty(4, 16, 8192, 128, device="meta") for _ in range(3)))

@@ -432,20 +432,20 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
 
 def _assemble(like: torch.Tensor, pieces: list) -> torch.Tensor:
     """A gradient shaped like `like` [B, H, N, D] from (token slice, gradient of those tokens)
-    pieces: the one piece itself where it covers every token, else zeros with the pieces added in
-    order, in float32 where two overlap (each piece is rounded once, their sum once)."""
+    pieces. Token ranges no piece covers are zero, ranges one piece covers are that piece, ranges
+    several cover are their sum in float32, rounded once. A piece covering every token is the
+    result itself, written only where others overlap it."""
     n = like.shape[2]
-    whole = [i for i, (sl, _) in enumerate(pieces) if sl == slice(0, n)]
-    if len(pieces) == 1 and whole:
-        return pieces[0][1]
-    spans = sorted((sl.start, sl.stop) for sl, _ in pieces)
-    overlap = any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
-    dtype = torch.float32 if overlap else like.dtype
-    if whole:  # start from a piece that covers every token: no zero fill
-        total = pieces[whole[0]][1].to(dtype, copy=True)
-        pieces = pieces[:whole[0]] + pieces[whole[0] + 1:]
-    else:
-        total = torch.zeros(like.shape, dtype=dtype, device=like.device)
-    for sl, g in pieces:
-        total[:, :, sl] += g
-    return total.to(like.dtype)
+    whole = next((g for sl, g in pieces if sl == slice(0, n)), None)
+    total = whole if whole is not None else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    cuts = sorted({0, n} | {x for sl, _ in pieces for x in (sl.start, sl.stop)})
+    for a, b in zip(cuts, cuts[1:]):
+        parts = [g[:, :, a - sl.start:b - sl.start] for sl, g in pieces if sl.start <= a and b <= sl.stop]
+        if len(parts) > 1:
+            acc = parts[0].float()
+            for g in parts[1:]:
+                acc += g
+            total[:, :, a:b] = acc
+        elif whole is None:
+            total[:, :, a:b] = parts[0] if parts else 0
+    return total
