@@ -79,6 +79,22 @@ def test_bands_and_segments_run_fa4s_own_deterministic_backward(name, kind):
         assert (config["fa4_kernel"], config["backward"], "fa4_native" in config) == (kind, "fa4", True), config
 
 
+@pytest.mark.parametrize("name, shape", [("prefix_lm", (4, 16, 16, 2048, 64)), ("sinks", (2, 8, 2, 1000, 64))])
+def test_several_bands_on_fa4s_own_kernels(name, shape):
+    """Shapes where every band fills the GPU (fa4._fills): the bands' own FA4 backward runs, on
+    slices with Sq != Sk (prefix_lm's dense columns, sinks' sink columns with a shifted window),
+    against float64 and bitwise repeatable."""
+    B, Hq, Hkv, N, D = shape
+    q, k, v = qkv(B, Hq, Hkv, N, D)
+    pat = PATTERNS[name](N, Hq)
+    config = compile(pat, q, k, v, kernel_options=FA4).config
+    assert config["backward"] == "fa4" and "fa4_native" in config and ";" in config["fa4_native"], config
+    w = torch.randn(B, Hq, N, D, device="cuda")
+    ours = checked_grads(pat, q, k, v, w, FA4)
+    again = grads(lambda q, k, v: attention(q, k, v, pat, kernel_options=FA4), q, k, v, w)
+    assert all(torch.equal(a, b) for a, b in zip(ours, again))
+
+
 def test_nondeterministic_fa4_backward_of_a_block_sparse_pattern():
     B, Hq, Hkv, N, D = SHAPES[0]
     q, k, v = qkv(B, Hq, Hkv, N, D)
