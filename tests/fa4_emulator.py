@@ -43,17 +43,22 @@ def _scalar_hook(fn, lanes, *extra, **kw):
     return out[0].v
 
 
+def window_mask(Q, KV, left, right):
+    """FA4's local window on Q rows x KV columns, aligned bottom-right: row i, column j live where
+    j - i - (KV - Q) lies in [-left, right] (None: unbounded that side)."""
+    d = torch.arange(KV)[None] - torch.arange(Q)[:, None] - (KV - Q)
+    live = torch.ones(Q, KV, dtype=torch.bool)
+    if left is not None:
+        live &= d >= -left
+    if right is not None:
+        live &= d <= right
+    return live
+
+
 def _live(B, H, Q, KV, causal, sparse, mask_mod, aux, window=(None, None)):
     if sparse is None:
         left, right = window
-        right = 0 if causal else right
-        d = torch.arange(KV)[None] - torch.arange(Q)[:, None] - (KV - Q)  # j - i - (Sk - Sq)
-        live = torch.ones(Q, KV, dtype=torch.bool)
-        if left is not None:
-            live &= d >= -left
-        if right is not None:
-            live &= d <= right
-        return live.expand(B, H, Q, KV)
+        return window_mask(Q, KV, left, 0 if causal else right).expand(B, H, Q, KV)
     live = torch.zeros(B, H, Q, KV, dtype=torch.bool)
     BM, BN = sparse.block_size
     for b in range(B):

@@ -45,30 +45,16 @@ class Band:
         shift = self.q0 - self.k0 - (self.k1 - self.k0) + (self.q1 - self.q0)  # kv - q = j - i + Sk - Sq - shift
         return (None if self.lo is None else -self.lo - shift, None if self.hi is None else self.hi + shift)
 
-    def live(self) -> int:
-        """The number of (q, kv) pairs in the band: the per-row count is piecewise linear in q,
-        summed exactly piece by piece."""
-        lo, hi = _big(self.lo, -1), _big(self.hi)
-        count = lambda q: max(0, min(self.k1 - 1, q + hi) - max(self.k0, q + lo) + 1)  # noqa: E731
-        kinks = (self.k0 - hi, self.k1 - lo, self.k1 - 1 - hi, self.k0 - lo)
-        cuts = sorted({self.q0, self.q1, *(c for c in kinks if self.q0 < c < self.q1)})
-        return sum((count(a) + count(z - 1)) * (z - a) // 2 for a, z in zip(cuts, cuts[1:]))
-
 
 @dataclass(frozen=True)
 class Segments:
     """Segments [offsets[i], offsets[i+1]) of the sequence, each seeing only itself, inside it
-    pairs with lo <= kv - q <= hi (None: unbounded); offsets int64 [num_segments + 1] on the CPU."""
+    pairs with lo <= kv - q <= hi (None: unbounded); offsets int64 [num_segments + 1] on the CPU,
+    `longest` the longest segment's length."""
     offsets: torch.Tensor
+    longest: int
     lo: int | None
     hi: int | None
-
-    def longest(self) -> int:
-        return int(self.offsets.diff().max())
-
-
-def _big(x: int | None, sign: int = 1) -> int:
-    return x if x is not None else sign * (1 << 62)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +206,7 @@ def _band(q0: int, q1: int, k0: int, k1: int, lo: int, hi: int) -> Band | None:
     q0, q1 = max(q0, k0 - hi), min(q1, k1 - lo)           # rows with some kv in [k0, k1)
     if q0 >= q1:
         return None
-    k0, k1 = max(k0, q0 + lo), min(k1, q1 - 1 + hi + 1)   # columns some such row reaches
+    k0, k1 = max(k0, q0 + lo), min(k1, q1 + hi)           # columns some such row reaches
     if k0 >= k1:
         return None
     return Band(q0, q1, k0, k1, None if lo <= k0 - (q1 - 1) else lo, None if hi >= (k1 - 1) - q0 else hi)
@@ -302,7 +288,7 @@ def segments(mask: ir.Node, params: dict, buffers: dict, Q: int, KV: int) -> Seg
         if offsets is None:
             return None
         longest = int(offsets.diff().max())
-        return Segments(offsets, None if lo <= -(longest - 1) else lo, None if hi >= longest - 1 else hi)
+        return Segments(offsets, longest, None if lo <= -(longest - 1) else lo, None if hi >= longest - 1 else hi)
     return None
 
 

@@ -145,8 +145,8 @@ class Native:
         """One call covering every row: the forward runs it too (out and LSE need no merge)."""
         if self.segments is not None:
             return True
-        (b,) = self.bands if len(self.bands) == 1 else (None,)
-        return b is not None and (b.q0, b.q1, b.k0, b.k1) == (0, self.Q, 0, self.KV)
+        b = self.bands[0]
+        return len(self.bands) == 1 and (b.q0, b.q1, b.k0, b.k1) == (0, self.Q, 0, self.KV)
 
     def windows(self) -> list[tuple[int | None, int | None]]:
         if self.segments is not None:
@@ -154,13 +154,19 @@ class Native:
             return [(None if lo is None else -lo, hi)]
         return [b.window() for b in self.bands]
 
+    def varlen_args(self) -> dict:
+        """FA4's keyword arguments for the segments' varlen call (its window included)."""
+        n = self.segments.longest
+        return {**window_args(*self.windows()[0]), "cu_seqlens_q": self.cu_seqlens, "cu_seqlens_k": self.cu_seqlens,
+                "max_seqlen_q": n, "max_seqlen_k": n}
+
     def describe(self) -> str:
         def mask(left, right):
             return ("dense" if left is None and right is None else "causal" if left is None and right == 0
                     else f"local window ({left}, {right})")
         if self.segments is not None:
             n = self.segments.offsets.numel() - 1
-            return f"varlen: {n} segments (longest {self.segments.longest()}), {mask(*self.windows()[0])} within each"
+            return f"varlen: {n} segments (longest {self.segments.longest}), {mask(*self.windows()[0])} within each"
         return "; ".join(f"q [{b.q0}, {b.q1}) x kv [{b.k0}, {b.k1}) {mask(*b.window())}" for b in self.bands)
 
 
@@ -340,25 +346,21 @@ def forward(call: Call, q, k, v, scale: float):
     fa = _fa()
     native = call.native if call.native is not None and call.native.whole() else None
     if native is not None and native.segments is not None:
-        left, right = native.windows()[0]
-        longest = native.segments.longest()
         out, lse, *_ = fa.interface._flash_attn_fwd(
-            *map(_fold, (q, k, v)), softmax_scale=scale, causal=False, window_size_left=left,
-            window_size_right=right, cu_seqlens_q=native.cu_seqlens, cu_seqlens_k=native.cu_seqlens,
-            max_seqlen_q=longest, max_seqlen_k=longest, score_mod=call.mod("score_mod"),
-            aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True)
+            *map(_fold, (q, k, v)), softmax_scale=scale, causal=False, score_mod=call.mod("score_mod"),
+            aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True, **native.varlen_args())
         return _unfold(out, q.shape[0]), lse.view(q.shape[:3])
-    left, right = native.windows()[0] if native is not None else (None, None)
     out, lse, *_ = fa.interface._flash_attn_fwd(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=call.causal,
         score_mod=call.mod("score_mod"), mask_mod=None if native else call.mod("mask_mod"),
         block_sparse_tensors=None if native else call.sparse, aux_tensors=call.aux_tensors,
-        aux_scalars=call.aux_scalars, return_lse=True, **_window(native, left, right))
+        aux_scalars=call.aux_scalars, return_lse=True, **(window_args(*native.windows()[0]) if native else {}))
     return out.transpose(1, 2), lse
 
 
-def _window(native, left, right) -> dict:
-    return {} if native is None else {"window_size_left": left, "window_size_right": right}
+def window_args(left: int | None, right: int | None) -> dict:
+    """FA4's keyword arguments for a local window (None: unbounded that side)."""
+    return {"window_size_left": left, "window_size_right": right}
 
 
 def _fold(x: torch.Tensor) -> torch.Tensor:
@@ -409,23 +411,19 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
     hooks = dict(score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"),
                  aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, deterministic=deterministic)
     if native.segments is not None:
-        left, right = native.windows()[0]
-        longest = native.segments.longest()
-        B = q.shape[0]
         grads = fa.interface._flash_attn_bwd(
             *map(_fold, (q, k, v, out, dout)), lse.reshape(-1, lse.shape[-1]).contiguous(), scale, False,
-            window_size_left=left, window_size_right=right, cu_seqlens_q=native.cu_seqlens,
-            cu_seqlens_k=native.cu_seqlens, max_seqlen_q=longest, max_seqlen_k=longest,
-            dlse=None if dlse is None else dlse.reshape(-1, dlse.shape[-1]).contiguous(), **hooks)
-        return tuple(_unfold(g, B) for g in grads)
+            dlse=None if dlse is None else dlse.reshape(-1, dlse.shape[-1]).contiguous(), **native.varlen_args(),
+            **hooks)
+        return tuple(_unfold(g, q.shape[0]) for g in grads)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     parts = []
     for band, (left, right) in zip(native.bands, native.windows()):
         rows, cols = slice(band.q0, band.q1), slice(band.k0, band.k1)
         dq, dk, dv = fa.interface._flash_attn_bwd(
             t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
-            lse[:, :, rows].contiguous(), scale, False, window_size_left=left, window_size_right=right,
-            dlse=None if dlse is None else dlse[:, :, rows].contiguous(), **hooks)
+            lse[:, :, rows].contiguous(), scale, False, dlse=None if dlse is None else dlse[:, :, rows].contiguous(),
+            **window_args(left, right), **hooks)
         parts.append(((rows, t(dq)), (cols, t(dk)), (cols, t(dv))))
     return tuple(_assemble(like, [p[i] for p in parts]) for i, like in enumerate((q, k, v)))
 
