@@ -1,6 +1,7 @@
 """The fa4 backend's three ways to run a band or segment mask, in one process (bf16, main shape):
 
 - native: FA4's own local / varlen kernels (compiler/bands.py), deterministic backward (default);
+- native-nondet: the same kernels, FA4's nondeterministic backward (deterministic=False);
 - hooks: mask_mod + block lists forward, attncc's deterministic Triton backward (fa4_native=False);
 - hooks-nondet: the same forward, FA4's nondeterministic block-sparse backward (what FlexAttention's
   FLASH backend runs; fa4_native=False, deterministic=False).
@@ -24,7 +25,8 @@ sys.path.insert(0, ROOT)
 import attncc as ac  # noqa: E402
 from benchmarks.patterns import SHAPES, build  # noqa: E402
 
-WAYS = {"native": {"backend": "fa4"}, "hooks": {"backend": "fa4", "fa4_native": False},
+WAYS = {"native": {"backend": "fa4"}, "native-nondet": {"backend": "fa4", "deterministic": False},
+        "hooks": {"backend": "fa4", "fa4_native": False},
         "hooks-nondet": {"backend": "fa4", "fa4_native": False, "deterministic": False}}
 
 

@@ -142,7 +142,16 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal=False, score_mod=None, mask_mo
 def flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, deterministic=False, score_mod=None,
                    score_mod_bwd=None, mask_mod=None, aux_tensors=None, aux_scalars=None, block_sparse_tensors=None,
                    dlse=None, window_size_left=None, window_size_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                   max_seqlen_q=None, max_seqlen_k=None):
+                   max_seqlen_q=None, max_seqlen_k=None, dq=None, dk=None, dv=None):
+    if any(x is not None for x in (dq, dk, dv)):  # FA4 writes into given outputs of the inputs' shapes
+        grads = flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, deterministic, score_mod, score_mod_bwd,
+                               mask_mod, aux_tensors, aux_scalars, block_sparse_tensors, dlse, window_size_left,
+                               window_size_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        for given, g in zip((dq, dk, dv), grads):
+            if given is not None:
+                assert given.shape == g.shape and given.dtype == g.dtype
+                given.copy_(g)
+        return tuple(g if given is None else given for given, g in zip((dq, dk, dv), grads))
     if cu_seqlens_q is not None:
         assert q.dim() == 3 and lse.shape == (q.shape[1], q.shape[0])
         parts = [flash_attn_bwd(q[r][None], k[c][None], v[c][None], out[r][None], dout[r][None], lse[None, :, r],

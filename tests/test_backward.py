@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import attncc as ac
 from attncc.testing import random_patterns, shapes
 
-SETTINGS = settings(max_examples=14, deadline=None, database=None, derandomize=True,
+SETTINGS = settings(max_examples=10, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 

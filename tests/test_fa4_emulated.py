@@ -123,19 +123,32 @@ def test_fa4_native_false_keeps_the_hooks_and_block_lists():
         check_options({"fa4_native": "no"})
 
 
+def assembled(pieces, n=10):
+    """_assemble as _native_backward drives it: the first-covering pieces written in place."""
+    total = torch.full((1, 2, n, 3), float("nan"), dtype=torch.bfloat16)
+    direct = fa4._first_covers([sl for sl, _ in pieces])
+    for (sl, p), d in zip(pieces, direct):
+        if d:
+            total[:, :, sl] = p
+    return fa4._assemble(total, [(sl, None if d else p.clone()) for (sl, p), d in zip(pieces, direct)])
+
+
 def test_band_gradients_assemble_exactly():
-    """Uncovered tokens zero, single cover copied, overlaps summed in float32 and rounded once."""
+    """Uncovered tokens zero, single cover copied, overlaps summed in float32 and rounded once
+    (three covers: tokens 5-6), whichever pieces were written in place."""
     g = torch.Generator().manual_seed(5)
-    like = torch.empty(1, 2, 10, 3, dtype=torch.bfloat16)
     spans = [slice(0, 10), slice(2, 7), slice(5, 9)]
     pieces = [(sl, torch.randn(1, 2, sl.stop - sl.start, 3, generator=g).bfloat16()) for sl in spans]
     want = torch.zeros(1, 2, 10, 3, dtype=torch.float64)
     for sl, piece in pieces:
         want[:, :, sl] += piece.double()
-    assert torch.equal(fa4._assemble(like, [(sl, p.clone()) for sl, p in pieces]), want.bfloat16())
-    gaps = [pieces[1], pieces[2]]  # tokens 0-1 and 9 uncovered
-    got = fa4._assemble(like, [(sl, p.clone()) for sl, p in gaps])
+    assert fa4._first_covers(spans) == [True, False, False]
+    assert torch.equal(assembled(pieces), want.bfloat16())
+    gaps = [pieces[1], pieces[2]]  # tokens 0-1 and 9 uncovered; 2-6 written in place, 5-8 buffered
+    assert fa4._first_covers([sl for sl, _ in gaps]) == [True, False]
+    got = assembled(gaps)
     assert torch.equal(got, (want - pieces[0][1].double()).bfloat16()) and (got[:, :, [0, 1, 9]] == 0).all()
+    assert fa4._first_covers([slice(0, 4), slice(4, 10)]) == [True, True]
 
 
 def test_narrow_bands_that_would_serialise_fa4s_backward_are_refused():

@@ -39,6 +39,7 @@ def test_gradients_and_classification_are_checked(monkeypatch):
 
     real = kernel.Kernel.backward
     monkeypatch.setattr(kernel.Kernel, "backward", lambda self, *a: tuple(g * 1.01 for g in real(self, *a)))
+    monkeypatch.setattr(testing, "SHRINK_SECONDS", 3.0)  # any failing example will do here
     with pytest.raises(AssertionError, match="relative error"):
         testing.check_pattern(ac.patterns.causal(), max_examples=2, max_len=30)
 
@@ -53,6 +54,7 @@ def test_unsound_classification_is_caught(monkeypatch):
         monkeypatch.setattr(type(bm), "to_dense", lambda self: torch.full(self.shape, 2, dtype=torch.int8))
         return bm
     monkeypatch.setattr(api, "create_block_mask", all_full)
+    monkeypatch.setattr(testing, "SHRINK_SECONDS", 3.0)  # any failing example will do here
     with pytest.raises(AssertionError, match="FULL tile .* holds dead pairs"):
         testing.check_pattern(ac.patterns.causal(), max_examples=2, max_len=40, grad=False)
 

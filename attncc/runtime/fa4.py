@@ -417,33 +417,54 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
             **hooks)
         return tuple(_unfold(g, q.shape[0]) for g in grads)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
-    parts = []
-    for band, (left, right) in zip(native.bands, native.windows()):
-        rows, cols = slice(band.q0, band.q1), slice(band.k0, band.k1)
-        dq, dk, dv = fa.interface._flash_attn_bwd(
+    totals = tuple(torch.empty_like(x) for x in (q, k, v))
+    spans = [(slice(b.q0, b.q1),) + (slice(b.k0, b.k1),) * 2 for b in native.bands]  # dq, dk, dv tokens
+    direct = [_first_covers([sp[i] for sp in spans]) for i in range(3)]
+    pieces: tuple[list, list, list] = ([], [], [])
+    for n, (left, right) in enumerate(native.windows()):
+        rows, cols, _ = spans[n]
+        outs = {name: t(totals[i][:, :, spans[n][i]]) for i, name in enumerate(("dq", "dk", "dv")) if direct[i][n]}
+        grads = fa.interface._flash_attn_bwd(
             t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
             lse[:, :, rows].contiguous(), scale, False, dlse=None if dlse is None else dlse[:, :, rows].contiguous(),
-            **window_args(left, right), **hooks)
-        parts.append(((rows, t(dq)), (cols, t(dk)), (cols, t(dv))))
-    return tuple(_assemble(like, [p[i] for p in parts]) for i, like in enumerate((q, k, v)))
+            **window_args(left, right), **outs, **hooks)
+        for i, g in enumerate(grads):
+            pieces[i].append((spans[n][i], None if direct[i][n] else t(g)))
+    return tuple(_assemble(total, p) for total, p in zip(totals, pieces))
 
 
-def _assemble(like: torch.Tensor, pieces: list) -> torch.Tensor:
-    """A gradient shaped like `like` [B, H, N, D] from (token slice, gradient of those tokens)
-    pieces. Token ranges no piece covers are zero, ranges one piece covers are that piece, ranges
-    several cover are their sum in float32, rounded once. A piece covering every token is the
-    result itself, written only where others overlap it."""
-    n = like.shape[2]
-    whole = next((g for sl, g in pieces if sl == slice(0, n)), None)
-    total = whole if whole is not None else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+def _first_covers(spans: list[slice]) -> list[bool]:
+    """Which pieces write their gradient straight into the result: each that overlaps no earlier
+    such piece (the others land in buffers that _assemble adds in)."""
+    flags, taken = [], []
+    for sl in spans:
+        flags.append(all(sl.stop <= o.start or o.stop <= sl.start for o in taken))
+        if flags[-1]:
+            taken.append(sl)
+    return flags
+
+
+def _assemble(total: torch.Tensor, pieces: list) -> torch.Tensor:
+    """`total` [B, H, N, D] completed from (token slice, gradient of those tokens) pieces, a piece
+    given as None having been written into total[:, :, slice] already. Tokens no piece covers
+    become zero, tokens one covers that piece, tokens several cover their sum in float32, rounded
+    once (two 16-bit pieces: PyTorch's add, which computes in float32)."""
+    n = total.shape[2]
     cuts = sorted({0, n} | {x for sl, _ in pieces for x in (sl.start, sl.stop)})
     for a, b in zip(cuts, cuts[1:]):
-        parts = [g[:, :, a - sl.start:b - sl.start] for sl, g in pieces if sl.start <= a and b <= sl.stop]
-        if len(parts) > 1:
+        here = total[:, :, a:b]
+        parts = [here if g is None else g[:, :, a - sl.start:b - sl.start] for sl, g in pieces
+                 if sl.start <= a and b <= sl.stop]
+        if not parts:
+            here.zero_()
+        elif len(parts) == 1:
+            if parts[0] is not here:
+                here.copy_(parts[0])
+        elif len(parts) == 2:
+            torch.add(parts[0], parts[1], out=here)
+        else:
             acc = parts[0].float()
             for g in parts[1:]:
                 acc += g
-            total[:, :, a:b] = acc
-        elif whole is None:
-            total[:, :, a:b] = parts[0] if parts else 0
+            here.copy_(acc)
     return total
