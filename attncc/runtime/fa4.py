@@ -18,6 +18,7 @@ Layout: attncc's tensors are [B, H, N, D]; FA4 reads [B, N, H, D], as transposed
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -178,26 +179,11 @@ def native_plan(pattern: Pattern, s: Shapes, device) -> Native | None:
         return None
     found = bands.bands(pattern.mask, pattern.params, s.Q, s.KV)
     if found and all(w is None or w >= 0 for b in found for w in b.window()):
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" \
-            else H200_SMS
-        return Native(s.Q, s.KV, bands=found) if all(_fills(b, s, sms) for b in found) else None
+        return Native(s.Q, s.KV, bands=found)
     seg = bands.segments(pattern.mask, pattern.params, pattern.buffers, s.Q, s.KV)
     if seg is not None and (seg.lo is None or seg.lo <= 0) and (seg.hi is None or seg.hi >= 0):
         return Native(s.Q, s.KV, segments=seg, cu_seqlens=seg.offsets.to(device=device, dtype=torch.int32))
     return None
-
-
-H200_SMS = 132  # the SMs a plan made off the GPU assumes (attncc show --target h200)
-BACKWARD_TILE = (64, 128)  # FA4's SM90 backward tile (rows of q, rows of kv) at head dim 128
-
-
-def _fills(band: bands.Band, s: Shapes, sms: int) -> bool:
-    """Whether FA4's backward of `band` keeps the GPU busy: it runs one program per kv tile and head,
-    each walking the band's q tiles in turn, so a narrow band (the sink columns of `sinks`) with
-    fewer programs than SMs is one long serial chain: measured on the H200 (2026-12-02, sinks at
-    the main shape) it cost more than attncc's Triton backward."""
-    programs = -(-(band.k1 - band.k0) // BACKWARD_TILE[1]) * s.B * s.Hq
-    return programs >= sms or -(-(band.q1 - band.q0) // BACKWARD_TILE[0]) <= 16
 
 
 @dataclass
@@ -421,16 +407,47 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
     spans = [(slice(b.q0, b.q1),) + (slice(b.k0, b.k1),) * 2 for b in native.bands]  # dq, dk, dv tokens
     direct = [_first_covers([sp[i] for sp in spans]) for i in range(3)]
     pieces: tuple[list, list, list] = ([], [], [])
+    sides = []
     for n, (left, right) in enumerate(native.windows()):
         rows, cols, _ = spans[n]
         outs = {name: t(totals[i][:, :, spans[n][i]]) for i, name in enumerate(("dq", "dk", "dv")) if direct[i][n]}
-        grads = fa.interface._flash_attn_bwd(
-            t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
-            lse[:, :, rows].contiguous(), scale, False, dlse=None if dlse is None else dlse[:, :, rows].contiguous(),
-            **window_args(left, right), **outs, **hooks)
+        with _band_stream(n, q, sides):
+            grads = fa.interface._flash_attn_bwd(
+                t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
+                lse[:, :, rows].contiguous(), scale, False,
+                dlse=None if dlse is None else dlse[:, :, rows].contiguous(), **window_args(left, right), **outs,
+                **hooks)
         for i, g in enumerate(grads):
             pieces[i].append((spans[n][i], None if direct[i][n] else t(g)))
+    if sides:
+        main = torch.cuda.current_stream(q.device)
+        for side in sides:
+            main.wait_stream(side)
+        for p in pieces:  # buffers made on a side stream, read and freed on this one
+            for _, g in p:
+                if g is not None:
+                    g.record_stream(main)
     return tuple(_assemble(total, p) for total, p in zip(totals, pieces))
+
+
+_SIDE_STREAMS: dict = {}  # (device index, band number) -> torch.cuda.Stream
+
+
+@contextlib.contextmanager
+def _band_stream(n: int, like: torch.Tensor, sides: list):
+    """Band n's FA4 backward: the first band's on the current stream, each later one's on a side
+    stream of its own (appended to `sides`), started after the current stream's work so far, so
+    bands run side by side: a band that leaves SMs idle (sinks' sink columns, one program per head
+    walking every q tile; FA4's deterministic dQ waits) lends them to the others."""
+    if n == 0 or not like.is_cuda:
+        yield
+        return
+    main = torch.cuda.current_stream(like.device)
+    side = _SIDE_STREAMS.setdefault((like.device.index, n), torch.cuda.Stream(like.device))
+    side.wait_stream(main)
+    sides.append(side)
+    with torch.cuda.stream(side):
+        yield
 
 
 def _first_covers(spans: list[slice]) -> list[bool]:
