@@ -387,5 +387,47 @@ def test_backward_model_scales_with_the_work_and_shows_in_explain():
     assert 0.45 < causal / full < 0.65  # half the tiles, the diagonal ones PARTIAL
     assert predicted(ac.patterns.causal(), Hkv=2) >= causal  # GQA: as much work on fewer dK/dV programs
     q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
-    assert "backward: Triton dK/dV" in ac.explain(ac.patterns.sliding_window(1024), q, q, q, target="h200")
-    assert "backward: no model in the 'h100' profile" in ac.explain(ac.patterns.causal(), q, q, q, target="h100")
+    dilated = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200")  # runs attncc's Triton backward
+    assert "backward: attncc's Triton dK/dV" in dilated and "not what runs" not in dilated
+    assert "backward: FA4's own kernels, 1 call(s), deterministic: no model in the 'h100' profile" in \
+        ac.explain(ac.patterns.causal(), q, q, q, target="h100")
+
+
+def test_fa4_backward_model_walks_each_bands_q_tiles():
+    """One program per 128-column kv tile and query head, walking the 64-row q tiles its band
+    reaches; programs list-scheduled one per SM; the deterministic factor; a second call covering
+    the same rows adds the pass that sums them."""
+    from attncc.compiler.bands import Band
+
+    assert cost.fa4_tiles_per_program(Band(0, 512, 0, 512, None, 0)) == [8, 6, 4, 2]  # causal
+    assert cost.fa4_tiles_per_program(Band(0, 8192, 0, 4, None, 0)) == [128]  # sinks' sink columns
+    assert cost.fa4_tiles_per_program(Band(100, 356, 0, 256, -64, 0)) == [2, 4]  # rows 100..191; 128..319
+    assert cost.fa4_tiles_per_program(Band(0, 256, 300, 556, None, None)) == [4, 4]  # dense, any offset
+    spec = H200.backends["fa4"]["backward"]
+    tile_ms = 2 * 5 * 64 * 128 * 128 / (spec["tflops"] / H200.sms * 1e12) * 1e3
+    sink = Band(0, 8192, 0, 4, None, 0)
+    memory = (8192 * 16 * 14 + 4 * 16 * 8) * 4 * 128 / (H200.hbm_tbps * 1e12) * 1e3
+    chain = cost.simulate_fa4_backward([(sink,)], 4, 16, 16, 128, H200, deterministic=False)
+    assert chain == pytest.approx(128 * tile_ms + memory)  # 64 programs < 132 SMs: one program's walk
+    assert cost.simulate_fa4_backward([(sink,)], 4, 16, 16, 128, H200) == pytest.approx(
+        chain * spec["deterministic_factor"])
+    dense = Band(0, 8192, 0, 8192, None, None)
+    many = cost.simulate_fa4_backward([(dense,)], 4, 16, 16, 128, H200, deterministic=False)
+    assert 64 * 128 * 64 * tile_ms / H200.sms < many < 1.02 * 64 * 128 * 64 * tile_ms / H200.sms + 1
+    window = Band(4, 8192, 4, 8192, -1024, 0)
+    apart = sum(cost.simulate_fa4_backward([(b,)], 4, 16, 16, 128, H200, False) for b in (sink, window))
+    both = cost.simulate_fa4_backward([(sink,), (window,)], 4, 16, 16, 128, H200, False)
+    assert both == pytest.approx(apart + 3 * 8188 * 16 * 4 * 128 * 2 / (H200.hbm_tbps * 1e12) * 1e3)  # dq rows 4..
+
+
+def test_explain_predicts_fa4s_own_backward_where_it_runs():
+    q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    sinks = ac.explain(ac.patterns.sinks(4, 1024), q, q, q, target="h200")
+    assert "backward: FA4's own kernels, 2 call(s), deterministic: predicted" in sinks
+    assert "(not what runs)" in sinks
+    docs = ac.explain(ac.patterns.document(lengths=[3000, 5192]), q, q, q, target="h200",
+                      kernel_options={"deterministic": False})
+    assert "backward: FA4's own kernels, 1 call(s), nondeterministic: predicted" in docs
+    hooks = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200", kernel_options={
+        "backend": "fa4", "deterministic": False})
+    assert "backward: FA4's block-sparse backward, nondeterministic (not modelled)" in hooks

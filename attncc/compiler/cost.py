@@ -14,6 +14,9 @@ Model (forward):
 - The roofline is the larger of the live pairs' FLOPs at the profile's peak matrix rate and the
   bytes of q, k, v and o at its HBM bandwidth.
 
+Backward: attncc's Triton backward (`simulate_backward`) and FA4's own dense / causal / local /
+varlen backward (`simulate_fa4_backward`, by band geometry: compiler/bands.py).
+
 Each profile says where its numbers come from (h200: measured and fitted; h100, generic: estimates).
 The runtime picks backend and forward tiles by this simulator where profiles are measured
 (runtime/choices.cost_choice: 16-bit CUDA, 64 < D <= 128); elsewhere by its table, and `explain`
@@ -32,6 +35,7 @@ import torch
 
 from ..dsl import ir
 from ..dsl.pattern import Pattern
+from .bands import Band
 from .codegen import TileConfig
 from .evaluate import evaluate, token_mask
 
@@ -213,6 +217,54 @@ def simulate_backward(dkdv_meta, dq_meta, B: int, H: int, Hkv: int, D: int, tile
     dq = (full_cost * full + partial_cost * partial) * tile_ms(tiles.dq, 3) + spec["program_us"] * 1e-3
     dq = dq.gather(-1, dq_meta.order.expand(B, H, -1).long())
     return _makespan(dkdv.flatten().tolist(), slots) + _makespan(dq.flatten().tolist(), slots)
+
+
+FA4_BACKWARD_TILE = (64, 128)  # FA4's SM90 backward tile: query rows x key columns (head dim 128)
+
+
+def fa4_tiles_per_program(band: Band) -> list[int]:
+    """For each 128-column kv tile of `band` (FA4's backward runs one program per kv tile and query
+    head), how many 64-row q tiles it walks: those holding a row the band pairs with the tile,
+    counted on the band's own grid (FA4 sees the slices q[q0:q1], kv[k0:k1])."""
+    m, n = FA4_BACKWARD_TILE
+    lo = -math.inf if band.lo is None else band.lo
+    hi = math.inf if band.hi is None else band.hi
+    counts = []
+    for c0 in range(band.k0, band.k1, n):
+        c1 = min(c0 + n, band.k1)
+        first, last = max(band.q0, c0 - hi), min(band.q1 - 1, c1 - 1 - lo)  # rows with some lo <= kv - q <= hi
+        counts.append(0 if first > last else int((last - band.q0) // m - (first - band.q0) // m + 1))
+    return counts
+
+
+def simulate_fa4_backward(calls: list[tuple[Band, ...]], B: int, Hq: int, Hkv: int, D: int, profile: Profile,
+                          deterministic: bool = True) -> float:
+    """FA4's own backward, predicted ms: `calls` in order, each one FA4 call over its bands (one
+    band, or a varlen call's segments). A call runs a program per kv tile of each band and query
+    head, walking its q tiles (fa4_tiles_per_program), 5 dots per 64x128 tile at the profile's fa4
+    `backward` rate, list-scheduled one per SM; plus its passes over memory (out, dout, the float32
+    dQ accumulator and dq per row; k, v, dk, dv per column); times the `deterministic_factor`
+    (FA4's ordered dQ accumulation). Token ranges several calls cover add one more pass (the sum)."""
+    spec = profile.backends["fa4"]["backward"]
+    m, n = FA4_BACKWARD_TILE
+    tile_ms = 2.0 * 5 * m * n * D / (spec["tflops"] / profile.sms * 1e12) * 1e3
+    byte_ms = 1e3 / (profile.hbm_tbps * 1e12)
+    total = 0.0
+    for call in calls:
+        work = [c * tile_ms for band in call for c in fa4_tiles_per_program(band)] * (B * Hq)
+        rows = sum(b.q1 - b.q0 for b in call)
+        cols = sum(b.k1 - b.k0 for b in call)
+        total += _makespan(work, profile.sms) + (rows * Hq * 14 + cols * Hkv * 8) * B * D * byte_ms
+    if deterministic:
+        total *= spec["deterministic_factor"]
+    if len(calls) > 1:  # gradients of token ranges two calls cover: read both, write the sum
+        rows = [(b.q0, b.q1) for c in calls for b in c]
+        cols = [(b.k0, b.k1) for c in calls for b in c]
+        for span, heads in ((rows, Hq), (cols, Hkv), (cols, Hkv)):  # dq, dk, dv
+            cuts = sorted({x for ab in span for x in ab})
+            shared = sum(b - a for a, b in zip(cuts, cuts[1:]) if sum(s <= a and b <= t for s, t in span) > 1)
+            total += 3 * shared * heads * B * D * 2 * byte_ms
+    return total
 
 
 @dataclass(frozen=True)

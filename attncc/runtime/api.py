@@ -506,22 +506,38 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dict, profile, backend: str) -> str:
-    """explain's line on the backward: attncc's Triton backward predicted by cost.simulate_backward
-    (where the profile models it), else what runs."""
+    """explain's lines on the backward: FA4's own backward predicted by cost.simulate_fa4_backward
+    where it runs, attncc's Triton backward by cost.simulate_backward (where the profile models
+    them), else what runs."""
     from ..compiler import cost
     from .choices import choose_backward_tiles
     from .kernel import META_CACHE
 
     if backend == "sdpa-cudnn":
         return "backward: SDPA's cuDNN backward (not modelled)"
+    deterministic = options.get("deterministic", True)
+    lines = []
+    if backend == "fa4":
+        from . import fa4
+
+        own = fa4.own_backward_calls(pattern, s, lists, options.get("fa4_native", True))
+        how = "deterministic" if deterministic else "nondeterministic"
+        if own is None and not deterministic and fa4.dense_kind(pattern, s) is None:
+            lines.append("backward: FA4's block-sparse backward, nondeterministic (not modelled)")
+        elif own is not None and "backward" not in profile.backends["fa4"]:
+            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: no model in the {profile.key!r} profile")
+        elif own is not None:
+            ms = cost.simulate_fa4_backward(own, s.B, s.Hq, s.Hkv, s.D, profile, deterministic)
+            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: predicted {ms:.3f} ms "
+                         "(cost.simulate_fa4_backward)")
     if "backward" not in profile.backends.get("triton", {}):
-        return f"backward: no model in the {profile.key!r} profile"
+        return lines[0] if lines else f"backward: no model in the {profile.key!r} profile"
     tiles = choose_backward_tiles(s, dtype, torch.device("cuda"), options)
     ms = cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, lists),
                                 META_CACHE.get(pattern, s, tiles.dq, lists)[1], s.B, s.Hq, s.Hkv, s.D, tiles, profile)
-    where = " (where attncc's Triton backward runs; fa4's own, on dense, causal, local and varlen masks, is not modelled)" \
-        if backend == "fa4" else ""
-    return f"backward: Triton dK/dV {tiles.dkdv} + dQ {tiles.dq}: predicted {ms:.3f} ms{where}"
+    lines.append(f"{'  attncc' if lines else 'backward: attncc'}'s Triton dK/dV {tiles.dkdv} + dQ {tiles.dq}: "
+                 f"predicted {ms:.3f} ms" + (" (not what runs)" if lines else ""))
+    return "\n".join(lines)
 
 
 def create_block_mask(pattern: Pattern | None, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,

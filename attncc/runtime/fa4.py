@@ -161,6 +161,14 @@ class Native:
         return {**window_args(*self.windows()[0]), "cu_seqlens_q": self.cu_seqlens, "cu_seqlens_k": self.cu_seqlens,
                 "max_seqlen_q": n, "max_seqlen_k": n}
 
+    def calls(self) -> list[tuple[bands.Band, ...]]:
+        """The backward's FA4 calls, each as its bands: one call per band, or the varlen call's
+        segments (for cost.simulate_fa4_backward)."""
+        if self.segments is None:
+            return [(b,) for b in self.bands]
+        o = self.segments.offsets.tolist()
+        return [tuple(bands.Band(a, b, a, b, self.segments.lo, self.segments.hi) for a, b in zip(o, o[1:]) if b > a)]
+
     def describe(self) -> str:
         def mask(left, right):
             return ("dense" if left is None and right is None else "causal" if left is None and right == 0
@@ -367,9 +375,25 @@ def backward_refusal(call: Call, pattern: Pattern, s: Shapes, deterministic: boo
     backward then runs on FA4's forward outputs (the same out and LSE, checked against float64)."""
     if call.sparse is not None and deterministic and call.native is None:
         return "FA4's block-sparse backward is not deterministic on SM90 (kernel_options deterministic=False runs it)"
+    return _gqa_refusal(pattern, s)
+
+
+def _gqa_refusal(pattern: Pattern, s: Shapes) -> str | None:
     if s.Hq != s.Hkv and "h" in ir.free_vars(pattern.score) | ir.free_vars(pattern.mask):
         return "FA4's GQA backward failed attncc's float64 check on a head-dependent pattern (ALiBi, H200, 2026-12-01)"
     return None
+
+
+def own_backward_calls(pattern: Pattern, s: Shapes, device, native: bool = True) -> list[tuple[bands.Band, ...]] | None:
+    """The calls of FA4's own dense / causal / local / varlen backward for `pattern` at shapes s,
+    each as its bands (what `backward` runs, deterministic), or None where another backward runs."""
+    if _gqa_refusal(pattern, s) is not None:
+        return None
+    dense = dense_kind(pattern, s)
+    if dense is not None:
+        return [(bands.Band(0, s.Q, 0, s.KV, None, 0 if dense == "causal" else None),)]
+    plan = native_plan(pattern, s, device) if native else None
+    return None if plan is None else plan.calls()
 
 
 def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, deterministic: bool = True):
