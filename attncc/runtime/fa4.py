@@ -431,11 +431,12 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
     spans = [(slice(b.q0, b.q1),) + (slice(b.k0, b.k1),) * 2 for b in native.bands]  # dq, dk, dv tokens
     direct = [_first_covers([sp[i] for sp in spans]) for i in range(3)]
     pieces: tuple[list, list, list] = ([], [], [])
-    sides = []
+    sides: list = []
+    inputs_ready = torch.cuda.current_stream(q.device).record_event() if q.is_cuda else None
     for n, (left, right) in enumerate(native.windows()):
         rows, cols, _ = spans[n]
         outs = {name: t(totals[i][:, :, spans[n][i]]) for i, name in enumerate(("dq", "dk", "dv")) if direct[i][n]}
-        with _band_stream(n, q, sides):
+        with _band_stream(n, q, inputs_ready, sides):
             grads = fa.interface._flash_attn_bwd(
                 t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
                 lse[:, :, rows].contiguous(), scale, False,
@@ -458,17 +459,17 @@ _SIDE_STREAMS: dict = {}  # (device index, band number) -> torch.cuda.Stream
 
 
 @contextlib.contextmanager
-def _band_stream(n: int, like: torch.Tensor, sides: list):
+def _band_stream(n: int, like: torch.Tensor, inputs_ready, sides: list):
     """Band n's FA4 backward: the first band's on the current stream, each later one's on a side
-    stream of its own (appended to `sides`), started after the current stream's work so far, so
-    bands run side by side: a band that leaves SMs idle (sinks' sink columns, one program per head
-    walking every q tile; FA4's deterministic dQ waits) lends them to the others."""
+    stream of its own (appended to `sides`) that starts at `inputs_ready` (an event recorded on
+    the current stream before the first band), so bands run side by side: a band that leaves SMs
+    idle (sinks' sink columns, one program per head walking every q tile; FA4's deterministic dQ
+    waits) lends them to the others. The current stream waits for the side streams afterwards."""
     if n == 0 or not like.is_cuda:
         yield
         return
-    main = torch.cuda.current_stream(like.device)
     side = _SIDE_STREAMS.setdefault((like.device.index, n), torch.cuda.Stream(like.device))
-    side.wait_stream(main)
+    side.wait_event(inputs_ready)
     sides.append(side)
     with torch.cuda.stream(side):
         yield
