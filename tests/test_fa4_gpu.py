@@ -78,8 +78,9 @@ def test_bands_and_segments_run_fa4s_own_deterministic_backward(name, kind):
 
 @pytest.mark.parametrize("name, shape", [("prefix_lm", (4, 16, 16, 2048, 64)), ("sinks", (2, 8, 2, 1000, 64))])
 def test_several_bands_on_fa4s_own_kernels(name, shape):
-    """The bands' own FA4 backward (the later bands on side streams), on slices with Sq != Sk (prefix_lm's dense columns, sinks' sink columns with a shifted window),
-    against float64 and bitwise repeatable."""
+    """The bands' own FA4 backward (the later bands on side streams), on slices with Sq != Sk
+    (prefix_lm's dense columns, sinks' sink columns with a shifted window), against float64 and
+    bitwise repeatable."""
     B, Hq, Hkv, N, D = shape
     q, k, v = qkv(B, Hq, Hkv, N, D)
     pat = PATTERNS[name](N, Hq)

@@ -525,7 +525,8 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
         if own is None and not deterministic and fa4.dense_kind(pattern, s) is None:
             lines.append("backward: FA4's block-sparse backward, nondeterministic (not modelled)")
         elif own is not None and "backward" not in profile.backends["fa4"]:
-            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: no model in the {profile.key!r} profile")
+            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: "
+                         f"no model in the {profile.key!r} profile")
         elif own is not None:
             ms = cost.simulate_fa4_backward(own, s.B, s.Hq, s.Hkv, s.D, profile, deterministic)
             lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: predicted {ms:.3f} ms "
