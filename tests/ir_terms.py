@@ -10,6 +10,7 @@ Integer divisors are never zero by construction; buffer indices are taken `% siz
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from functools import lru_cache
@@ -280,6 +281,32 @@ SPELLINGS = {
 # min/max against an int constant may also be written as clamp
 _CLAMP = {"min": lambda a, b: _t(a).clamp(max=b), "max": lambda a, b: torch.clamp(_t(a), min=b)}
 _XOR = lambda a, b: _t(a) ^ _t(b)  # noqa: E731  (ne of two booleans)
+
+
+@contextlib.contextmanager
+def ieee_min_max():
+    """torch.minimum / maximum (and two-tensor torch.min / max) with the reference's -0.0 < +0.0 in
+    either operand order, for computing expected values: torch's vectorised CPU paths return
+    either zero, so 1 / torch.minimum(0.0, -0.0) is +inf or -inf by memory position."""
+    from attncc.dsl.ops import _torch_min_max
+
+    originals = {name: getattr(torch, name) for name in ("minimum", "maximum", "min", "max")}
+    ieee = {"min": _torch_min_max(originals["minimum"], True), "max": _torch_min_max(originals["maximum"], False)}
+
+    def two_tensors(name: str):
+        def f(*args, **kwargs):
+            if len(args) == 2 and not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+                return ieee[name](*args)
+            return originals[name](*args, **kwargs)
+        return f
+    patched = {"minimum": ieee["min"], "maximum": ieee["max"], "min": two_tensors("min"), "max": two_tensors("max")}
+    try:
+        for name, f in patched.items():
+            setattr(torch, name, f)
+        yield
+    finally:
+        for name, f in originals.items():
+            setattr(torch, name, f)
 
 
 def as_function(term, seed: int, buffers: dict = BUFFERS):

@@ -7,13 +7,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import attncc as ac
 from attncc import PatternError
 from attncc.compiler import evaluate as ev
 from attncc.dsl import ir
-from ir_terms import BBUF, FBUF, IBUF, PARAMS, SCORES, as_function, bool_terms, float_terms
+from ir_terms import BBUF, FBUF, IBUF, PARAMS, SCORES, as_function, bool_terms, float_terms, ieee_min_max
 
 B, H, Q, KV = 2, 3, 6, 7
 IDX = (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
@@ -46,13 +46,15 @@ def test_random_mask_function_traces_to_what_it_computes(term, seed):
 
     pat = ac.Pattern(mask_mod=mask_mod)
     params = PARAMS
-    expected = torch.broadcast_to(torch.as_tensor(mask_mod(*IDX)), (B, H, Q, KV))
+    with ieee_min_max():
+        expected = torch.broadcast_to(torch.as_tensor(mask_mod(*IDX)), (B, H, Q, KV))
     assert torch.equal(ac.create_mask(pat, B, H, Q, KV), expected.bool())
     assert {id(t) for t in pat.buffers.values()} <= {id(IBUF), id(FBUF), id(BBUF)}
     assert set(pat.params) <= set(PARAMS)
     params = TRACE_PARAMS
     rebound = pat.bind(**{k: TRACE_PARAMS[k] for k in pat.params})
-    expected = torch.broadcast_to(torch.as_tensor(mask_mod(*IDX)), (B, H, Q, KV))
+    with ieee_min_max():
+        expected = torch.broadcast_to(torch.as_tensor(mask_mod(*IDX)), (B, H, Q, KV))
     assert torch.equal(ac.create_mask(rebound, B, H, Q, KV), expected.bool())
 
 
@@ -69,12 +71,15 @@ def test_random_block_predicate_reads_as_blocks_of_tokens(term, seed, bq, bk):
     pat = ac.Pattern(lambda b, h, q, kv: q + 3 >= kv, block_mask_mod=block_mod, block_size=(bq, bk))
     params = PARAMS
     b, h, q, kv = IDX
-    expected = torch.broadcast_to(torch.as_tensor(block_mod(b, h, q // bq, kv // bk)), (B, H, Q, KV))
+    with ieee_min_max():
+        expected = torch.broadcast_to(torch.as_tensor(block_mod(b, h, q // bq, kv // bk)), (B, H, Q, KV))
     assert torch.equal(ac.create_mask(pat, B, H, Q, KV), expected.bool() & (q + 3 >= kv))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(term=float_terms(), seed=st.integers(0, 2 ** 16))
+@example(term=("op", "pow", (("op", "min", (("var", "score"), ("op", "neg", (("var", "score"),)))), ("const", -1))),
+         seed=0)  # 1 / min(0.0, -0.0): -inf (found by CI when torch's own minimum was the expected value)
 def test_random_score_function_traces_to_what_it_computes(term, seed):
     f = as_function(term, seed)
     params = {k: ac.param(k, v) for k, v in PARAMS.items()}
@@ -87,7 +92,8 @@ def test_random_score_function_traces_to_what_it_computes(term, seed):
     pat = pat.bind(**{k: TRACE_PARAMS[k] for k in pat.params})
     b, h, q, kv = IDX
     got = ev.evaluate(pat.score, {"b": b, "h": h, "q": q, "kv": kv, "score": SCORE}, pat.params, pat.buffers)
-    expected = torch.as_tensor(score_mod(SCORE, *IDX), dtype=torch.float64)
+    with ieee_min_max():
+        expected = torch.as_tensor(score_mod(SCORE, *IDX), dtype=torch.float64)
     torch.testing.assert_close(torch.broadcast_to(got, (B, H, Q, KV)).double(),
                                torch.broadcast_to(expected, (B, H, Q, KV)), rtol=1e-9, atol=1e-9, equal_nan=True)
 
