@@ -258,12 +258,12 @@ def simulate_fa4_backward(calls: list[tuple[Band, ...]], B: int, Hq: int, Hkv: i
     if deterministic:
         total *= spec["deterministic_factor"]
     if len(calls) > 1:  # gradients of token ranges two calls cover: read both, write the sum
-        rows = [(b.q0, b.q1) for c in calls for b in c]
-        cols = [(b.k0, b.k1) for c in calls for b in c]
-        for span, heads in ((rows, Hq), (cols, Hkv), (cols, Hkv)):  # dq, dk, dv
+        def shared(span: list[tuple[int, int]]) -> int:
             cuts = sorted({x for ab in span for x in ab})
-            shared = sum(b - a for a, b in zip(cuts, cuts[1:]) if sum(s <= a and b <= t for s, t in span) > 1)
-            total += 3 * shared * heads * B * D * 2 * byte_ms
+            return sum(b - a for a, b in zip(cuts, cuts[1:]) if sum(s <= a and b <= t for s, t in span) > 1)
+        tokens = (shared([(b.q0, b.q1) for c in calls for b in c]) * Hq  # dq
+                  + 2 * shared([(b.k0, b.k1) for c in calls for b in c]) * Hkv)  # dk and dv
+        total += 3 * tokens * B * D * 2 * byte_ms
     return total
 
 

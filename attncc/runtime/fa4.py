@@ -432,7 +432,8 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
     direct = [_first_covers([sp[i] for sp in spans]) for i in range(3)]
     pieces: tuple[list, list, list] = ([], [], [])
     sides: list = []
-    inputs_ready = torch.cuda.current_stream(q.device).record_event() if q.is_cuda else None
+    inputs_ready = (torch.cuda.current_stream(q.device).record_event()  # where the side streams start
+                    if q.is_cuda and len(native.bands) > 1 else None)
     for n, (left, right) in enumerate(native.windows()):
         rows, cols, _ = spans[n]
         outs = {name: t(totals[i][:, :, spans[n][i]]) for i, name in enumerate(("dq", "dk", "dv")) if direct[i][n]}
