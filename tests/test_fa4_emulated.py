@@ -192,6 +192,33 @@ def test_the_backward_is_routed_by_what_fa4_does_well():
     assert fa4_kernel(ac.patterns.causal(), qg, kg, vg).config["backward"] == "fa4"  # reads no h
 
 
+def test_the_cost_model_picks_the_faster_backward(monkeypatch):
+    """Where FA4's own backward can run, the one the profile predicts faster runs (both exact)."""
+    import dataclasses
+
+    from attncc.compiler import cost
+    from attncc.runtime import calibrate
+
+    def profile(backend, slower):  # the H200 profile with one backward's rate divided by `slower`
+        h200 = cost.load_profile("h200")
+        backends = {**h200.backends, backend: {**h200.backends[backend], "backward": {
+            **h200.backends[backend]["backward"], "tflops": h200.backends[backend]["backward"]["tflops"] / slower}}}
+        return dataclasses.replace(h200, backends=backends)
+
+    q, k, v = inputs(N=200)
+    pattern = ac.patterns.prefix_lm(50)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad((ac.reference(*leaves64, pattern) * w.double()).sum(), leaves64)
+    for backend, runs in (("fa4", "triton (attncc's Triton backward is predicted faster"), ("triton", "fa4")):
+        monkeypatch.setattr(calibrate, "profile_for", lambda device, p=profile(backend, 1000.0): p)
+        kern = fa4_kernel(pattern, q, k, v)
+        assert kern.config["backward"].startswith(runs)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ours = torch.autograd.grad((kern(*leaves) * w).sum(), leaves)
+        assert max(rel(a, b) for a, b in zip(ours, want)) < 1e-4
+
+
 def test_source_config_and_runtime_params():
     q, k, v = inputs()
     kern = fa4_kernel(ac.patterns.sliding_window(70), q, k, v)

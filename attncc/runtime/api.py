@@ -507,37 +507,35 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dict, profile, backend: str) -> str:
     """explain's lines on the backward: FA4's own backward predicted by cost.simulate_fa4_backward
-    where it runs, attncc's Triton backward by cost.simulate_backward (where the profile models
-    them), else what runs."""
-    from ..compiler import cost
-    from .choices import choose_backward_tiles
-    from .kernel import META_CACHE
+    where it can run, attncc's Triton backward by cost.simulate_backward (where the profile models
+    them), the one that runs marked (choices.fa4_backward_model_refusal decides between them)."""
+    from .choices import choose_backward_tiles, fa4_own_backward_ms, triton_backward_ms
 
     if backend == "sdpa-cudnn":
         return "backward: SDPA's cuDNN backward (not modelled)"
     deterministic = options.get("deterministic", True)
-    lines = []
+    native = options.get("fa4_native", True)
+    tiles = choose_backward_tiles(s, dtype, torch.device("cuda"), options)
+    mine = triton_backward_ms(pattern, s, tiles, lists, profile)
+    lines, fa4_runs = [], False
     if backend == "fa4":
         from . import fa4
 
-        own = fa4.own_backward_calls(pattern, s, lists, options.get("fa4_native", True))
+        own = fa4.own_backward_calls(pattern, s, lists, native)
         how = "deterministic" if deterministic else "nondeterministic"
         if own is None and not deterministic and fa4.dense_kind(pattern, s) is None:
             lines.append("backward: FA4's block-sparse backward, nondeterministic (not modelled)")
-        elif own is not None and "backward" not in profile.backends["fa4"]:
-            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: "
-                         f"no model in the {profile.key!r} profile")
+            fa4_runs = True
         elif own is not None:
-            ms = cost.simulate_fa4_backward(own, s.B, s.Hq, s.Hkv, s.D, profile, deterministic)
-            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: predicted {ms:.3f} ms "
-                         "(cost.simulate_fa4_backward)")
-    if "backward" not in profile.backends.get("triton", {}):
+            ms = fa4_own_backward_ms(pattern, s, lists, deterministic, native, profile)
+            fa4_runs = ms is None or mine is None or mine >= ms
+            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: " +
+                         (f"no model in the {profile.key!r} profile" if ms is None else
+                          f"predicted {ms:.3f} ms (cost.simulate_fa4_backward)") + (" <- runs" if fa4_runs else ""))
+    if mine is None:
         return lines[0] if lines else f"backward: no model in the {profile.key!r} profile"
-    tiles = choose_backward_tiles(s, dtype, torch.device("cuda"), options)
-    ms = cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, lists),
-                                META_CACHE.get(pattern, s, tiles.dq, lists)[1], s.B, s.Hq, s.Hkv, s.D, tiles, profile)
     lines.append(f"{'  attncc' if lines else 'backward: attncc'}'s Triton dK/dV {tiles.dkdv} + dQ {tiles.dq}: "
-                 f"predicted {ms:.3f} ms" + (" (not what runs)" if lines else ""))
+                 f"predicted {mine:.3f} ms" + ("" if not lines else " (not what runs)" if fa4_runs else " <- runs"))
     return "\n".join(lines)
 
 

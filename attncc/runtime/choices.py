@@ -181,6 +181,49 @@ TRITON_CANDIDATES = (TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileCo
                      TileConfig(64, 128, 4, 3), TileConfig(64, 32, 4, 2))
 
 
+def triton_backward_ms(pattern: Pattern, s: Shapes, tiles: BackwardTiles, lists_device: torch.device,
+                       profile) -> float | None:
+    """attncc's Triton backward at `tiles`, predicted ms (cost.simulate_backward; block masks built
+    on `lists_device` and cached), or None where `profile` does not model it."""
+    from ..compiler import cost
+    from .kernel import META_CACHE
+
+    if "backward" not in profile.backends.get("triton", {}):
+        return None
+    return cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, lists_device),
+                                  META_CACHE.get(pattern, s, tiles.dq, lists_device)[1], s.B, s.Hq, s.Hkv, s.D,
+                                  tiles, profile)
+
+
+def fa4_own_backward_ms(pattern: Pattern, s: Shapes, lists_device: torch.device, deterministic: bool,
+                        native: bool, profile) -> float | None:
+    """FA4's own dense / causal / local / varlen backward for this call, predicted ms
+    (cost.simulate_fa4_backward), or None where it does not run (fa4.own_backward_calls) or
+    `profile` does not model it."""
+    from ..compiler import cost
+    from . import fa4
+
+    calls = fa4.own_backward_calls(pattern, s, lists_device, native)
+    if calls is None or "backward" not in profile.backends.get("fa4", {}):
+        return None
+    return cost.simulate_fa4_backward(calls, s.B, s.Hq, s.Hkv, s.D, profile, deterministic)
+
+
+def fa4_backward_model_refusal(pattern: Pattern, s: Shapes, lists_device: torch.device, tiles: BackwardTiles,
+                               deterministic: bool, native: bool, profile) -> str | None:
+    """Why attncc's Triton backward runs after FA4's forward where FA4's own backward could: the cost
+    model predicts it faster. None (FA4's backward runs) where FA4's is predicted no slower, or where
+    the profile models only one of them, or FA4 runs its block-sparse backward (not modelled)."""
+    own = fa4_own_backward_ms(pattern, s, lists_device, deterministic, native, profile)
+    if own is None:
+        return None
+    mine = triton_backward_ms(pattern, s, tiles, lists_device, profile)
+    if mine is None or mine >= own:
+        return None
+    return (f"attncc's Triton backward is predicted faster: {mine:.3f} ms against FA4's own {own:.3f} ms "
+            f"(compiler/cost.py, {profile.key!r} profile)")
+
+
 def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict,
                      layout=None) -> tuple[str, TileConfig]:
     """(backend, forward tiles) the automatic choice takes on the GPU `target` names (TARGETS),

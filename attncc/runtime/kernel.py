@@ -28,7 +28,8 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
 from ..dsl.pattern import Pattern
 from . import autograd, cache, fa4
-from .choices import BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fewer_stages, tile_tuple
+from .choices import (BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fa4_backward_model_refusal, fewer_stages,
+                      tile_tuple)
 from .inputs import Shapes, check_qkv
 from .tiles import TileLists
 
@@ -369,6 +370,7 @@ class Kernel:
         self.interpret = device.type != "cuda"
         self._shapes = shapes
         self._use_tiles(fa4.TILE if self.backend == "fa4" else choice.tiles)
+        self._backward_by_model: dict = {}  # shapes -> fa4_backward_model_refusal's answer
         if self.backend == "fa4":
             self._fa4 = fa4.prepare(pattern, shapes, device, self.fa4_native)
 
@@ -384,7 +386,7 @@ class Kernel:
     def config(self) -> dict:
         t, b = self.tiles, self.backward_tiles
         if self.backend == "fa4":
-            why = fa4.backward_refusal(self._fa4, self.pattern, self._shapes, self.deterministic)
+            why = self._fa4_backward_refusal(self._fa4, self._shapes)
             native = self._fa4.native
             return {"backend": "fa4", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "fa4_kernel": self._fa4.kind(),
                     **({"fa4_native": native.describe()} if native is not None else {}),
@@ -486,7 +488,7 @@ class Kernel:
         dout = torch.zeros_like(out) if dout is None else dout
         if self.backend == "fa4":
             call = self._fa4_call(s)
-            if fa4.backward_refusal(call, self.pattern, s, self.deterministic) is None:
+            if self._fa4_backward_refusal(call, s) is None:
                 return fa4.backward(call, q, k, v, out, lse, dout, dlse, self.scale, self.deterministic)
         dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v, out, dout = interpretable(self.interpret, q, k, v, out, dout)
@@ -513,6 +515,21 @@ class Kernel:
             dlse = None if dlse is None else self._rows.permute(dlse)
         span = _live_kv_span(meta) + (self.tiles.BLOCK_M, self.tiles.BLOCK_N)
         return buffer_grads(self.pattern, names, q, k, v, out, lse, dout, dlse, self.scale, span)
+
+    def _fa4_backward_refusal(self, call: "fa4.Call", s: Shapes) -> str | None:
+        """Why FA4's backward does not compute this call's gradients (None: it does): what it cannot
+        run (fa4.backward_refusal), then the cost model's choice between FA4's own backward and
+        attncc's Triton backward (choices.fa4_backward_model_refusal; once per shapes)."""
+        why = fa4.backward_refusal(call, self.pattern, s, self.deterministic)
+        if why is not None:
+            return why
+        if s not in self._backward_by_model:
+            from .calibrate import profile_for
+
+            self._backward_by_model[s] = fa4_backward_model_refusal(
+                self.pattern, s, self.device, self.backward_tiles, self.deterministic, self.fa4_native,
+                profile_for(self.device))
+        return self._backward_by_model[s]
 
     def _fa4_call(self, s: Shapes) -> "fa4.Call":
         return self._fa4 if s == self._shapes else fa4.prepare(self.pattern, s, self.device, self.fa4_native)
