@@ -18,8 +18,12 @@ Layout: attncc's tensors are [B, H, N, D]; FA4 reads [B, N, H, D], as transposed
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
+import importlib.util
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from types import ModuleType, SimpleNamespace
@@ -50,6 +54,7 @@ def _fa():
             try:
                 os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
                 os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache.cache_dir() / "fa4"))
+                _register_quack_lazily()
                 import cutlass
                 from flash_attn.cute import interface
                 from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch, compute_dq_write_order
@@ -60,6 +65,57 @@ def _fa():
                 _FA.append(f"FlashAttention-4 is not importable ({type(exc).__name__}: {exc}); "
                            f"install it with pip install 'attncc[fa4]' ({TESTED})")
         return _FA[0]
+
+
+def _register_quack_lazily() -> None:
+    """FA4 imports a few of quack's CuTe helper modules (quack.cute_dsl_utils, layout_utils,
+    copy_utils, sm90_utils); quack's package __init__ also imports its rmsnorm, softmax and
+    cross_entropy kernels, which pull in torch's dynamo and FSDP (about 4 s of FA4's 9 s import
+    on the H200). Where quack is not imported yet (and no ptxas patch is asked for, which its
+    __init__ must apply first), register it lazily (`register_lazily`) and import quack.dsl, what
+    its __init__ runs first (for its process-wide CuTe patches)."""
+    if "quack" in sys.modules or os.environ.get("CUTE_DSL_PTXAS_PATH") is not None:
+        return
+    if register_lazily("quack"):
+        importlib.import_module("quack.dsl")
+
+
+def register_lazily(name: str) -> bool:
+    """Put package `name` in sys.modules without running its __init__ (False where it is not an
+    importable package): a submodule asked of it (`from name import sub`) is imported alone; the
+    first name its __init__ binds at top level, or any other missing name, runs the __init__ then
+    (PEP 562 module __getattr__), so the package behaves as if imported normally."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or not spec.submodule_search_locations or not spec.origin:
+        return False
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    bound = set()  # every name the __init__ may bind, at any depth (more than it binds is safe)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    package = importlib.util.module_from_spec(spec)
+
+    def lazy(attr: str):
+        if attr not in bound and importlib.util.find_spec(f"{name}.{attr}") is not None:
+            return importlib.import_module(f"{name}.{attr}")
+        with _LOCK:
+            if package.__dict__.pop("__getattr__", None) is not None:
+                spec.loader.exec_module(package)
+        if attr not in package.__dict__:
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+        return package.__dict__[attr]
+
+    package.__getattr__ = lazy
+    sys.modules[name] = package
+    return True
 
 
 def missing() -> str | None:
