@@ -527,7 +527,7 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
             lines.append("backward: FA4's block-sparse backward, nondeterministic (not modelled)")
             fa4_runs = True
         elif own is not None:
-            ms = fa4_own_backward_ms(pattern, s, lists, deterministic, native, profile)
+            ms = fa4_own_backward_ms(own, s, deterministic, profile)
             fa4_runs = ms is None or mine is None or mine >= ms
             lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: " +
                          (f"no model in the {profile.key!r} profile" if ms is None else

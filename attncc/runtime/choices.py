@@ -195,15 +195,12 @@ def triton_backward_ms(pattern: Pattern, s: Shapes, tiles: BackwardTiles, lists_
                                   tiles, profile)
 
 
-def fa4_own_backward_ms(pattern: Pattern, s: Shapes, lists_device: torch.device, deterministic: bool,
-                        native: bool, profile) -> float | None:
-    """FA4's own dense / causal / local / varlen backward for this call, predicted ms
-    (cost.simulate_fa4_backward), or None where it does not run (fa4.own_backward_calls) or
-    `profile` does not model it."""
+def fa4_own_backward_ms(calls, s: Shapes, deterministic: bool, profile) -> float | None:
+    """FA4's own dense / causal / local / varlen backward predicted ms (cost.simulate_fa4_backward)
+    for its `calls` (fa4.own_backward_calls; None: it does not run), or None where it does not run
+    or `profile` does not model it."""
     from ..compiler import cost
-    from . import fa4
 
-    calls = fa4.own_backward_calls(pattern, s, lists_device, native)
     if calls is None or "backward" not in profile.backends.get("fa4", {}):
         return None
     return cost.simulate_fa4_backward(calls, s.B, s.Hq, s.Hkv, s.D, profile, deterministic)
@@ -214,7 +211,9 @@ def fa4_backward_model_refusal(pattern: Pattern, s: Shapes, lists_device: torch.
     """Why attncc's Triton backward runs after FA4's forward where FA4's own backward could: the cost
     model predicts it faster. None (FA4's backward runs) where FA4's is predicted no slower, or where
     the profile models only one of them, or FA4 runs its block-sparse backward (not modelled)."""
-    own = fa4_own_backward_ms(pattern, s, lists_device, deterministic, native, profile)
+    from . import fa4
+
+    own = fa4_own_backward_ms(fa4.own_backward_calls(pattern, s, lists_device, native), s, deterministic, profile)
     if own is None:
         return None
     mine = triton_backward_ms(pattern, s, tiles, lists_device, profile)
