@@ -189,6 +189,9 @@ def test_a_repeated_call_reuses_its_kernel_without_choosing_again(monkeypatch):
     doc.copy_(ac.patterns.lengths_to_ids([50, 46]))  # the buffer's new version: chosen again, new lists
     compare(pat, q, k, v)
     assert len(prepared) == 3
+    for _ in range(2):  # tiles given as lists (as JSON gives them) reuse the kernel too
+        attention(q, k, v, pat, kernel_options={"dkdv_tiles": [16, 32, 4, 1]})
+    assert len(prepared) == 4
 
 
 def test_source_is_the_generated_module():

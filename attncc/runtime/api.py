@@ -322,12 +322,22 @@ def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool
     key = None
     if reuse:
         key = pattern_key(pat) + (pat.layout, s, q.dtype, k.dtype, v.dtype, q.device, scale, return_lse,
-                                  tuple(sorted((kernel_options or {}).items())))
+                                  _frozen(kernel_options or {}))
 
     def make():
         kernel_pattern, _, scale_, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
         return Kernel(kernel_pattern, s, q.device, scale_, choice)
     return _reused(_KERNELS, key, make), s
+
+
+def _frozen(value):
+    """kernel_options as a hashable key: dicts as sorted item tuples, lists as tuples (tiles given
+    as [BLOCK_M, BLOCK_N, num_warps, num_stages], e.g. from JSON, reuse their Kernel too)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def _reused(kernels: LRU, key: tuple | None, make):
