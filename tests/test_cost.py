@@ -393,6 +393,31 @@ def test_backward_model_scales_with_the_work_and_shows_in_explain():
         ac.explain(ac.patterns.causal(), q, q, q, target="h100")
 
 
+def test_the_backward_tiles_are_the_models_pick():
+    """Small tiles where PARTIAL tiles dominate (natten2d, measured 1.65x faster on the H200), the
+    table's large ones on causal (0.90x with small); only where the profile models both pairs; not on
+    CPU, float32, other head dims, or when kernel_options set backward tiles; explain says so."""
+    from attncc.runtime import choices
+
+    large, small = choices.BACKWARD_CANDIDATES
+    cpu = torch.device("cpu")
+    s = Shapes(4, 16, 16, 8192, 8192, 128, 128)
+    natten = ac.patterns.natten2d(64, 128, 17).kernel_pattern
+    assert choices.model_backward_tiles(natten, s, cpu, H200, large) == small
+    assert choices.model_backward_tiles(ac.patterns.causal(), s, cpu, H200, large) == large
+    h100 = cost.load_profile("h100")  # no rates for the small pair: the table's
+    assert choices.model_backward_tiles(natten, s, cpu, h100, large) == large
+    cuda = torch.device("cuda")
+    assert choices.backward_modelled(s, torch.bfloat16, cuda, {})
+    assert not choices.backward_modelled(s, torch.bfloat16, cpu, {})
+    assert not choices.backward_modelled(s, torch.float32, cuda, {})
+    assert not choices.backward_modelled(Shapes(4, 16, 16, 8192, 8192, 64, 64), torch.bfloat16, cuda, {})
+    assert not choices.backward_modelled(s, torch.bfloat16, cuda, {"dq_tiles": (64, 64, 4, 2)})
+    q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    text = ac.explain(ac.patterns.natten2d(64, 128, 17), q, q, q, target="h200")
+    assert "backward: attncc's Triton dK/dV 32x64" in text and "runner-up: Triton dK/dV 64x128" in text
+
+
 def test_fa4_backward_model_walks_each_bands_q_tiles():
     """One program per 128-column kv tile and query head, walking the 64-row q tiles its band
     reaches; programs list-scheduled one per SM; the deterministic factor; a second call covering

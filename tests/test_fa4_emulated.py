@@ -199,10 +199,12 @@ def test_the_cost_model_picks_the_faster_backward(monkeypatch):
     from attncc.compiler import cost
     from attncc.runtime import calibrate
 
-    def profile(backend, slower):  # the H200 profile with one backward's rate divided by `slower`
+    def profile(backend, slower):  # the H200 profile with one backward's rates divided by `slower`
         h200 = cost.load_profile("h200")
-        backends = {**h200.backends, backend: {**h200.backends[backend], "backward": {
-            **h200.backends[backend]["backward"], "tflops": h200.backends[backend]["backward"]["tflops"] / slower}}}
+        spec = h200.backends[backend]["backward"]
+        rates = spec["tflops"]
+        rates = {k: r / slower for k, r in rates.items()} if isinstance(rates, dict) else rates / slower
+        backends = {**h200.backends, backend: {**h200.backends[backend], "backward": {**spec, "tflops": rates}}}
         return dataclasses.replace(h200, backends=backends)
 
     q, k, v = inputs(N=200)

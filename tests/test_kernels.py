@@ -291,3 +291,34 @@ def test_buffers_made_under_inference_mode():
         assert META_CACHE.builds == builds  # cached by content
         doc[40:] = 0                        # an in-place write leaves no version: the digest sees it
         compare(pat, q, k, v)
+
+
+def test_backward_tiles_picked_by_the_model_on_first_use(monkeypatch):
+    """A Kernel whose backward tiles the cost model picks (as on 16-bit CUDA) resolves them the first
+    time they are asked for, on its GPU's profile, and its gradients are exact at the pick."""
+    from attncc.compiler import cost
+    from attncc.runtime import calibrate, choices
+    from attncc.runtime.inputs import check_qkv
+    from attncc.runtime.kernel import Kernel
+
+    asked = []
+    monkeypatch.setattr(calibrate, "profile_for", lambda device: asked.append(device) or cost.load_profile("h200"))
+    pattern = ac.patterns.natten2d(8, 16, 5)
+    q, k, v = qkv(1, 2, 2, 128, 128, 16)
+    s = check_qkv(q, k, v)
+    table = choices.BACKWARD_CANDIDATES[0]  # the CUDA table's (16-bit, D <= 128)
+    choice = choices.KernelChoice(choices.choose_tiles(s, q.dtype, q.device, {}), table, "triton",
+                                  backward_by_model=True)
+    kern = Kernel(pattern.kernel_pattern, s, q.device, 1 / math.sqrt(16), choice)
+    assert not asked  # the forward alone never asks
+    picked = choices.model_backward_tiles(pattern.kernel_pattern, s, q.device, cost.load_profile("h200"), table)
+    assert picked in choices.BACKWARD_CANDIDATES
+    assert kern.config["dkdv_tiles"] == choices.tile_tuple(picked.dkdv) and len(asked) == 1
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    ours = torch.autograd.grad((kern(*leaves) * w).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad((ac.reference(*leaves64, pattern.kernel_pattern) * w.double()).sum(), leaves64)
+    for a, b in zip(ours, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-4
+    assert len(asked) == 1

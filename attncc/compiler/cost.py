@@ -196,25 +196,42 @@ def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, prof
     return Prediction(_makespan(launched.tolist(), slots), work, slots)
 
 
+def backward_field(spec: dict, field: str, kernel: str, tiles: TileConfig) -> float:
+    """A field ("tflops", "partial_factor" or "program_us") of the Triton backward's spec for `kernel`
+    ("dkdv" or "dq") at `tiles`: one number, or per kernel and tile shape ("dkdv 64x128" keys and a
+    "default")."""
+    value = spec[field]
+    if isinstance(value, dict):
+        return float(value.get(f"{kernel} {shape_key(tiles)}", value["default"]))
+    return float(value)
+
+
 def simulate_backward(dkdv_meta, dq_meta, B: int, H: int, Hkv: int, D: int, tiles, profile: Profile) -> float:
     """The Triton backward's predicted ms: the dK/dV kernel (a program per kv tile of each (b, kv
     head), over the query tiles of its transposed lists for every query head of the group, 4 dots
     per tile) then the dQ kernel (a program per query tile, heavy-first, 3 dots per tile), each a
-    makespan at the profile's `backward` rate, PARTIAL factor and prologue (runtime/kernel.py:
-    BackwardMeta, KernelMeta; tiles: BackwardTiles)."""
+    makespan at the profile's `backward` rate, PARTIAL factor and prologue for that kernel and tile
+    shape (backward_field; runtime/kernel.py: BackwardMeta, KernelMeta; tiles:
+    BackwardTiles)."""
     spec = profile.backends["triton"]["backward"]
     slots = profile.sms
     group = H // Hkv
 
-    def tile_ms(t, dots):
-        return 2.0 * dots * t.BLOCK_M * t.BLOCK_N * D / (spec["tflops"] / slots * 1e12) * 1e3
+    def tile_costs_ms(kernel, t, dots):
+        rate = backward_field(spec, "tflops", kernel, t)
+        extra = spec.get("score_op", 0.0) * dq_meta.expression_ops.score_pairwise
+        partial = backward_field(spec, "partial_factor", kernel, t) + spec.get("mask_op", 0.0) * \
+            dq_meta.expression_ops.mask_pairwise + extra
+        tile_ms = 2.0 * dots * t.BLOCK_M * t.BLOCK_N * D / (rate / slots * 1e12) * 1e3
+        return (1.0 + extra) * tile_ms, partial * tile_ms
 
-    full_cost, partial_cost = tile_costs(spec, dq_meta.expression_ops, "triton")
+    full_ms, partial_ms = tile_costs_ms("dkdv", tiles.dkdv, 4)
     full = dkdv_meta.full_num.expand(B, H, -1).double().view(B, Hkv, group, -1).sum(2)
     partial = dkdv_meta.partial_num.expand(B, H, -1).double().view(B, Hkv, group, -1).sum(2)
-    dkdv = (full_cost * full + partial_cost * partial) * tile_ms(tiles.dkdv, 4) + spec["program_us"] * 1e-3
+    dkdv = full_ms * full + partial_ms * partial + backward_field(spec, "program_us", "dkdv", tiles.dkdv) * 1e-3
+    full_ms, partial_ms = tile_costs_ms("dq", tiles.dq, 3)
     full, partial = dq_meta.full_num.expand(B, H, -1).double(), dq_meta.partial_num.expand(B, H, -1).double()
-    dq = (full_cost * full + partial_cost * partial) * tile_ms(tiles.dq, 3) + spec["program_us"] * 1e-3
+    dq = full_ms * full + partial_ms * partial + backward_field(spec, "program_us", "dq", tiles.dq) * 1e-3
     dq = dq.gather(-1, dq_meta.order.expand(B, H, -1).long())
     return _makespan(dkdv.flatten().tolist(), slots) + _makespan(dq.flatten().tolist(), slots)
 

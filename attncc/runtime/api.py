@@ -105,8 +105,8 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .calibrate import profile_for
-    from .choices import (AUTOTUNE_TOP, KernelChoice, check_options, choose_backend, choose_backward_tiles,
-                          choose_tiles, choose_tma, forced_tiles, ranked_candidates)
+    from .choices import (AUTOTUNE_TOP, KernelChoice, backward_modelled, check_options, choose_backend,
+                          choose_backward_tiles, choose_tiles, choose_tma, forced_tiles, ranked_candidates)
     from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
@@ -139,7 +139,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
         tma = False
     choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
                           tma, layout, options.get("deterministic", True), options.get("fa4_native", True),
-                          *forced_tiles(options))
+                          *forced_tiles(options), backward_modelled(s, q.dtype, q.device, options))
     return pattern, s, check_scale(scale, s.D), choice
 
 
@@ -519,13 +519,20 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
     """explain's lines on the backward: FA4's own backward predicted by cost.simulate_fa4_backward
     where it can run, attncc's Triton backward by cost.simulate_backward (where the profile models
     them), the one that runs marked (choices.fa4_backward_model_refusal decides between them)."""
-    from .choices import choose_backward_tiles, fa4_own_backward_ms, triton_backward_ms
+    from .choices import (BACKWARD_CANDIDATES, backward_modelled, choose_backward_tiles, fa4_own_backward_ms,
+                          model_backward_tiles, triton_backward_ms)
 
     if backend == "sdpa-cudnn":
         return "backward: SDPA's cuDNN backward (not modelled)"
     deterministic = options.get("deterministic", True)
     native = options.get("fa4_native", True)
-    tiles = choose_backward_tiles(s, dtype, torch.device("cuda"), options)
+    cuda = torch.device("cuda")
+    tiles = choose_backward_tiles(s, dtype, cuda, options)
+    others = []
+    if backward_modelled(s, dtype, cuda, options):
+        picked = model_backward_tiles(pattern, s, lists, profile, tiles)
+        others = [c for c in BACKWARD_CANDIDATES if c != picked and (c == tiles or picked != tiles)]
+        tiles = picked
     mine = triton_backward_ms(pattern, s, tiles, lists, profile)
     lines, fa4_runs = [], False
     if backend == "fa4":
@@ -546,6 +553,9 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
         return lines[0] if lines else f"backward: no model in the {profile.key!r} profile"
     lines.append(f"{'  attncc' if lines else 'backward: attncc'}'s Triton dK/dV {tiles.dkdv} + dQ {tiles.dq}: "
                  f"predicted {mine:.3f} ms" + ("" if not lines else " (not what runs)" if fa4_runs else " <- runs"))
+    for other in others:
+        lines.append(f"  runner-up: Triton dK/dV {other.dkdv} + dQ {other.dq}: predicted "
+                     f"{triton_backward_ms(pattern, s, other, lists, profile):.3f} ms (choices.model_backward_tiles)")
     return "\n".join(lines)
 
 

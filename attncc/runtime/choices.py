@@ -33,6 +33,7 @@ class KernelChoice:
     fa4_native: bool = True        # fa4: run band / segment masks on FA4's own kernels (fa4.native_plan)
     tiles_forced: bool = False     # kernel_options set the forward's tiles: never changed at run time
     backward_forced: bool = False  # ... or the backward's (dkdv_tiles / dq_tiles)
+    backward_by_model: bool = False  # the backward's tiles: the cost model's pick (model_backward_tiles)
 
 
 def forced_tiles(options: dict) -> tuple[bool, bool]:
@@ -101,8 +102,9 @@ def _check_tile_field(where: str, field: str, val) -> None:
 
 
 def choose_backward_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> BackwardTiles:
-    """The backward's tiles (options["dkdv_tiles"] / ["dq_tiles"], each (BLOCK_M, BLOCK_N,
-    num_warps, num_stages), override either kernel's).
+    """The backward's table tiles (options["dkdv_tiles"] / ["dq_tiles"], each (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), override either kernel's); where backward_modelled, the cost model
+    picks between them and a smaller pair (model_backward_tiles).
 
     CPU (Triton's interpreter): dK/dV 16x32 and dQ 32x16, so tests exercise two granularities
     other than the forward's. CUDA, 16-bit: BACKWARD_TILES, from benchmarks/backward_sweep.py on
@@ -141,6 +143,37 @@ BACKWARD_TILES = (
     (128, BackwardTiles(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3))),
     (256, BackwardTiles(TileConfig(64, 64, 8, 1), TileConfig(64, 64, 4, 2))),
 )
+
+
+# the backward's candidates where the cost model picks (backward_modelled): the table's large tiles,
+# and small ones for masks of many PARTIAL tiles (H200, 2026-12-03, backward alone, both checked
+# against float64: natten2d 2.85 -> 1.76 ms, global_tokens 8.86 -> 5.51, sinks 2.73 -> 2.40,
+# causal 7.03 -> 7.78; benchmarks/results/2026-12-03-nvidia-h200-backward-tiles.md)
+BACKWARD_CANDIDATES = (BackwardTiles(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
+                       BackwardTiles(TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 2)))
+
+
+def backward_modelled(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> bool:
+    """Whether the cost model picks the backward's tiles (model_backward_tiles): 16-bit CUDA, 64 <
+    D <= 128 (where the candidates were measured), no backward tiles in kernel_options."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and 64 < max(s.D, s.Dv) <= 128
+            and not any(k in options for k in BACKWARD_TILE_OPTIONS))
+
+
+def model_backward_tiles(pattern: Pattern, s: Shapes, lists_device: torch.device, profile,
+                         fallback: BackwardTiles) -> BackwardTiles:
+    """The BACKWARD_CANDIDATES pair of least predicted time (triton_backward_ms), among those the
+    profile has rates for (a pair other than the table's needs its "dkdv BMxBN" and "dq BMxBN"
+    entries); `fallback` (the table's) where fewer than two are modelled."""
+    from ..compiler.cost import shape_key
+
+    spec = profile.backends.get("triton", {}).get("backward", {})
+    rates = spec.get("tflops") if isinstance(spec.get("tflops"), dict) else {}
+    modelled = [c for c in BACKWARD_CANDIDATES if c == fallback or (
+        f"dkdv {shape_key(c.dkdv)}" in rates and f"dq {shape_key(c.dq)}" in rates)]
+    if len(modelled) < 2:
+        return fallback
+    return min(modelled, key=lambda c: triton_backward_ms(pattern, s, c, lists_device, profile))
 
 
 AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulator's best

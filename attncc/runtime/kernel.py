@@ -29,7 +29,7 @@ from ..dsl.ir import TRUE
 from ..dsl.pattern import Pattern
 from . import autograd, cache, fa4
 from .choices import (BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fa4_backward_model_refusal, fewer_stages,
-                      tile_tuple)
+                      model_backward_tiles, tile_tuple)
 from .inputs import Shapes, check_qkv
 from .tiles import TileLists
 
@@ -359,7 +359,8 @@ class Kernel:
         self.pattern = pattern
         self.scale = scale
         self.backend = choice.backend
-        self.backward_tiles = choice.backward_tiles
+        self._backward_tiles = choice.backward_tiles
+        self._pick_backward_tiles = choice.backward_by_model  # resolved on first use (backward_tiles)
         self.tma = choice.tma
         self.layout = choice.layout
         self._rows = choice.layout if choice.backend == "triton" else None  # the kernels gather rows through it
@@ -381,6 +382,23 @@ class Kernel:
         self.block_mask, self._meta = META_CACHE.get(self.pattern, self._shapes, tiles, self.device)
         self.module = None if self.backend == "fa4" else kernel_module(
             self.pattern, tiles, self._meta.plan, interpret=self.interpret, layout=self._rows)
+
+    @property
+    def backward_tiles(self) -> BackwardTiles:
+        """The backward's tiles: kernel_options' or the table's, or where the cost model picks
+        (choices.backward_modelled) its choice, made the first time they are asked for (a forward
+        alone never builds the candidates' block maps)."""
+        if self._pick_backward_tiles:
+            from .calibrate import profile_for
+
+            self._backward_tiles = model_backward_tiles(self.pattern, self._shapes, self.device,
+                                                        profile_for(self.device), self._backward_tiles)
+            self._pick_backward_tiles = False
+        return self._backward_tiles
+
+    @backward_tiles.setter
+    def backward_tiles(self, tiles: BackwardTiles) -> None:
+        self._backward_tiles, self._pick_backward_tiles = tiles, False
 
     @property
     def config(self) -> dict:
