@@ -118,6 +118,7 @@ def test_compile_for_a_target_describes_the_kernel_on_any_machine():
     natten = ac.patterns.natten2d(64, 128, 17)
     gathered = ac.compile(natten, q, k, v, target="h200")
     assert gathered.config["backend"] == "triton" and "The natural index of kernel position p" in gathered.source
+    assert (gathered.config["dkdv_tiles"], gathered.config["dq_tiles"]) == ((32, 64, 4, 3), (64, 64, 4, 2))
     with pytest.raises(ValueError, match="describes a run on the NVIDIA H200"):
         kern(q, k, v)
     with pytest.raises(ValueError, match="target must be one of"):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from ..compiler import cost
-from ..compiler.codegen import generate
+from ..compiler.codegen import BackwardTiles, generate
 from ..compiler.lowering import BufferSpec
 from ..dsl.pattern import Pattern
 from . import fa4
-from .choices import TARGETS, choose_on_target
+from .choices import (TARGETS, backward_modelled, choose_backward_tiles, choose_on_target, model_backward_tiles,
+                      tile_tuple)
 from .inputs import Shapes
 
 _CPU = torch.device("cpu")
@@ -27,8 +28,19 @@ class TargetKernel:
         from .kernel import META_CACHE
 
         self.pattern, self.target, self.layout, self._shapes = pattern, target, layout, s
+        self._dtype, self._options = dtype, options
         self.backend, self.tiles = choose_on_target(pattern, s, dtype, target, options, layout)
         self.block_mask, self._meta = META_CACHE.get(pattern, s, self.tiles, _CPU)
+
+    @property
+    def backward_tiles(self) -> BackwardTiles:
+        """The tiles attncc's Triton backward would run at on the target (the cost model's pick where
+        it picks: choices.backward_modelled)."""
+        cuda = torch.device("cuda")
+        table = choose_backward_tiles(self._shapes, self._dtype, cuda, self._options)
+        if not backward_modelled(self._shapes, self._dtype, cuda, self._options):
+            return table
+        return model_backward_tiles(self.pattern, self._shapes, _CPU, cost.load_profile(self.target), table)
 
     @property
     def config(self) -> dict:
@@ -36,6 +48,9 @@ class TargetKernel:
         out = {"backend": self.backend, "target": self.target, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N}
         if self.backend != "fa4":
             out.update(num_warps=t.num_warps, num_stages=t.num_stages)
+        if self.backend != "sdpa-cudnn":  # fa4: where attncc's Triton backward runs after FA4's forward
+            b = self.backward_tiles
+            out.update(dkdv_tiles=tile_tuple(b.dkdv), dq_tiles=tile_tuple(b.dq))
         return out
 
     @property
