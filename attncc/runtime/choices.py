@@ -1,7 +1,14 @@
-"""What runs for a call, until the cost model (issue 12) decides it: the backend (attncc's Triton
-kernels, FlashAttention-4's kernels fed with attncc's hooks, or SDPA's cuDNN), the forward's tiles,
-the backward's, TMA, and the kernel_options that override them.
-The rules are hand-measured (H100 2026-11-22, H200 2026-12-01); each says where its numbers come from.
+"""What runs for a call: the backend (attncc's Triton kernels, FlashAttention-4's kernels fed with
+attncc's hooks, or SDPA's cuDNN), the forward's tiles, the backward's backend and tiles, TMA, and the
+kernel_options that override them.
+
+The cost model (compiler/cost.py, on the GPU's profile) decides where a profile measures the
+candidates: the forward's backend between triton and fa4 and its tiles (ranked_candidates), the
+backward after FA4's forward (fa4_backward_model_refusal) and the Triton backward's tiles
+(model_backward_tiles). Rules decide the rest, each saying where its numbers come from (H100
+2026-11-22, H200 2026-12-01..03): whether fa4 may run at all (fa4.refusal, fa4_measured_faster:
+not with a token layout), cuDNN for plain full / causal attention (not modelled), the tile tables
+outside the profiled range (CPU, float32, other head dims), TMA, and the decode path.
 """
 from __future__ import annotations
 
