@@ -2,7 +2,7 @@
 held out of the fit — on CPU (block maps are built here; nothing runs on a GPU).
 
     python benchmarks/refit.py RESULTS.json [...] [--profile h200] [--hold-out prefixlm2048,alibi]
-                               [--out-dir DIR]
+                               [--out-dir DIR] [--partial-grid 128x128:1.6,1.8,2.0]
 
 RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms), bf16
 at the shape each records (older files: B4 H16 D128 and their N). compiler/cost.fit refits each backend's PARTIAL factor, prologue,
@@ -10,6 +10,8 @@ occupancy and operator costs to every row except the held-out patterns' (the pro
 kept); the table gives, per pattern, the Spearman rank correlation, the measured time of the
 simulator's pick against the best measured and the rms log error, under the profile as shipped and
 as refitted. Copy the printed coefficients into compiler/profiles/<profile>.json to adopt them.
+--partial-grid SHAPE:F1,F2,...: instead, the same scores with the Triton PARTIAL factor of tile
+shape SHAPE set to each value (nothing else refitted): for choosing a factor by its picks.
 """
 from __future__ import annotations
 
@@ -70,17 +72,39 @@ def scores(timings: list[tuple[str, cost.Timing]], profile: cost.Profile) -> dic
                           [t.ms for t in ts]) for name, ts in by.items()}
 
 
+def partial_grid(timings: list[tuple[str, cost.Timing]], profile: cost.Profile, grid: str) -> dict:
+    """Scores (pick / best, Spearman per pattern; rms of the rms log errors) with the Triton PARTIAL
+    factor of one tile shape set to each value of `grid` ("128x128:1.6,1.8")."""
+    shape, values = grid.split(":")
+    triton = profile.backends["triton"]
+    factors = triton["partial_factor"] if isinstance(triton["partial_factor"], dict) else {
+        "default": triton["partial_factor"]}
+    out = {}
+    for value in map(float, values.split(",")):
+        trial = replace(profile, backends={**profile.backends, "triton": {
+            **triton, "partial_factor": {**factors, shape: value}}})
+        sc = scores(timings, trial)
+        rms = (sum(v["rms_log_err"] ** 2 for v in sc.values()) / len(sc)) ** 0.5
+        out[value] = sc
+        print(f"{shape} PARTIAL factor {value}: rms log error {rms:.3f}; pick / best, Spearman: " +
+              ", ".join(f"{k} {v['pick_vs_best']:.2f}x {v['spearman']:.2f}" for k, v in sc.items()))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+")
     ap.add_argument("--profile", default="h200", help="a shipped profile's key, or a profile's JSON file")
     ap.add_argument("--hold-out", default="", help="comma list of patterns left out of the fit")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--partial-grid", default=None, help="SHAPE:F1,F2,... (see above)")
     args = ap.parse_args(argv)
     held = set(filter(None, args.hold_out.split(",")))
     timings = [t for path in args.results for t in timings_of(json.loads(open(path).read()))]
     path = Path(args.profile)
     shipped = cost.load_profile(path.stem, path.parent) if path.suffix == ".json" else cost.load_profile(args.profile)
+    if args.partial_grid:
+        return partial_grid(timings, shipped, args.partial_grid)
     refitted, errors = shipped, {}
     for backend in sorted({t.backend for _, t in timings}):
         spec, errors[backend] = cost.fit(refitted, backend, [t for name, t in timings if name not in held])
