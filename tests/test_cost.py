@@ -219,6 +219,10 @@ def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch
     spec = data["backends"]["triton"]
     assert spec["tflops"]["32x32"] > 0 and spec["partial_factor"] >= 1.0 and spec["program_us"] >= 0
     assert "measured by attncc calibrate" in data["provenance"]
+    backward = spec["backward"]["tflops"]  # both backward tile pairs' rates measured
+    assert backward["default"] > 0 and backward["dkdv 32x64"] > 0 and backward["dq 64x64"] > 0
+    assert spec["backward"]["partial_factor"]["dkdv 32x64"] == H200.backends["triton"]["backward"][
+        "partial_factor"]["dkdv 32x64"]  # the other coefficients: the shipped profile's (generic: the H200's)
     data["match"] = ["My GPU"]  # as calibrate writes it on a GPU named so
     out.write_text(json.dumps(data))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -7,7 +7,12 @@ compares (choices.TRITON_CANDIDATES) and for fa4 where it runs:
   fitted (compiler/cost.fit, a grid search for the least rms log error) to the times of
   `fit_patterns` (causal, a sliding window, a document mask) at every configuration;
 - the costs of the mask's and the score mod's operators: fitted the same way, to the times of a
-  2-D neighbourhood mask and a softcapped score (`fit_patterns` too).
+  2-D neighbourhood mask and a softcapped score (`fit_patterns` too);
+- the Triton backward's rates: each pair of choices.BACKWARD_CANDIDATES times the backward of full
+  attention, and the pair's rates in the shipped profile's backward spec (the H200's where the
+  matching profile has none) are scaled by predicted / measured; its PARTIAL factors, prologues and
+  operator cost, and FA4's backward spec, are the shipped profile's (fitting them needs sparse
+  timings at every pair: benchmarks/refit_backward.py --tiles).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones. SM count, peak rates and bandwidth come from
 the shipped profile the GPU's name matches (else "generic"); so do the occupancies the fit starts from.
@@ -27,7 +32,7 @@ from ..compiler.codegen import TileConfig
 from ..dsl.parse import parse
 from ..dsl.pattern import Pattern
 from . import cache
-from .choices import TRITON_CANDIDATES
+from .choices import BACKWARD_CANDIDATES, TRITON_CANDIDATES, tile_tuple
 from .inputs import check_qkv
 from .kernel import META_CACHE
 
@@ -78,10 +83,39 @@ def fit_patterns(N: int) -> dict:
             "softcap": parse("mask = q >= kv\nscore = 30.0 * tanh(score / 30.0)")}
 
 
+def _backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, candidates) -> dict:
+    """The Triton backward's spec for `profile` (its forward measured): the shipped one's (`base`,
+    else the H200's), each candidate pair's rates scaled by its predicted / measured backward time
+    of full attention on q, k, v (the two kernels of a pair by the same factor)."""
+    from .api import attention
+    from .choices import triton_backward_ms
+
+    prior = base.backends.get("triton", {}).get("backward") or cost.load_profile("h200").backends["triton"]["backward"]
+    spec = {key: (dict(val) if isinstance(val, dict) else {"default": val})
+            if key in ("tflops", "partial_factor", "program_us") else val for key, val in prior.items()}
+    full, s = Pattern(name="full"), check_qkv(q, k, v)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+    for n, pair in enumerate(candidates):
+        options = {"backend": "triton", "dkdv_tiles": tile_tuple(pair.dkdv), "dq_tiles": tile_tuple(pair.dq)}
+        out_ = attention(*leaves, full, kernel_options=options)
+        measured = time_ms(lambda: torch.autograd.grad(out_, leaves, dout, retain_graph=True), q.device)
+        trial = replace(profile, backends={**profile.backends, "triton": {
+            **profile.backends["triton"], "backward": spec}})
+        ratio = triton_backward_ms(full, s, pair, q.device, trial) / measured
+        keys = (["default"] if n == 0 else
+                [f"dkdv {cost.shape_key(pair.dkdv)}", f"dq {cost.shape_key(pair.dq)}"])
+        for key in keys:
+            rate = spec["tflops"].get(key, spec["tflops"]["default"])
+            spec["tflops"][key] = float(f"{rate * ratio:.4g}")
+    return spec
+
+
 def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D: int = 128,
-              out: Path | None = None, candidates=TRITON_CANDIDATES) -> Path:
+              out: Path | None = None, candidates=TRITON_CANDIDATES, backward_candidates=BACKWARD_CANDIDATES) -> Path:
     """Measure a profile on `device` (see the module docstring) for the Triton tile shapes
-    `candidates` (and fa4 where it runs) and write it; returns its path."""
+    `candidates` (and fa4 where it runs) and the backward's tile pairs `backward_candidates`
+    (the first one's rates are the spec's default), and write it; returns its path."""
     from . import fa4
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -112,6 +146,10 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
         spec["tflops"]["default"] = min(spec["tflops"].values())
         rated = replace(base, backends={**base.backends, backend: spec})
         backends[backend], errors[backend] = cost.fit(rated, backend, timings)
+    measured = replace(base, backends={**base.backends, **backends})
+    backends["triton"]["backward"] = _backward_spec(base, measured, q, k, v, backward_candidates)
+    if "fa4" in backends and "backward" in base.backends.get("fa4", {}):
+        backends["fa4"]["backward"] = base.backends["fa4"]["backward"]
     key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     data = {"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
         torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0],
@@ -121,7 +159,10 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
                           f"rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues, "
                           f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration (rms log error "
                           + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
-                          + f"); SMs and peaks from the {base.key!r} profile"}
+                          + f"); the Triton backward's rates from full attention's backward at each tile pair, "
+                          f"its other coefficients and FA4's backward from the "
+                          f"{base.key if 'backward' in base.backends.get('triton', {}) else 'h200'!r} profile; "
+                          f"SMs and peaks from the {base.key!r} profile"}
     path = out or user_profiles() / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
