@@ -11,6 +11,7 @@ PACKAGE = {
         import sys
         from lazypkg.heavy import tool
         from lazypkg.light import helper as light_helper
+        from lazypkg.tool2 import tool2
         sys.modules["lazypkg.init_ran"] = True
         VERSION = "1"
         def function():
@@ -19,6 +20,7 @@ PACKAGE = {
             pass
     """,
     "light.py": "def helper():\n    return 'light'\n",
+    "tool2.py": "def tool2():\n    return 'tool2'\n",
     "heavy.py": "import sys\nsys.modules['lazypkg.heavy_ran'] = True\ndef tool():\n    return 'tool'\n",
     "other.py": "X = 3\n",
 }
@@ -47,12 +49,25 @@ print("ok")
 """
 
 
+SUBMODULE_FIRST = """
+import sys, types
+from attncc.runtime.fa4 import register_lazily
+assert register_lazily("lazypkg")
+import lazypkg.tool2                      # a submodule under a name the __init__ rebinds to a function
+assert sys.modules["lazypkg.init_ran"] is True
+from lazypkg import tool2
+assert not isinstance(tool2, types.ModuleType) and tool2() == "tool2"
+print("ok")
+"""
+
+
 def test_registered_package_runs_its_init_only_when_needed(tmp_path):
     root = tmp_path / "lazypkg"
     root.mkdir()
     for name, text in PACKAGE.items():
         (root / name).write_text(textwrap.dedent(text))
-    for asked in ("function", "VERSION", "Thing", "tool"):
-        out = subprocess.run([sys.executable, "-c", CHILD.format(asked=asked)], capture_output=True, text=True,
+    for asked, code in (("function", CHILD), ("VERSION", CHILD), ("Thing", CHILD), ("tool", CHILD),
+                        ("tool2", SUBMODULE_FIRST)):
+        out = subprocess.run([sys.executable, "-c", code.format(asked=asked)], capture_output=True, text=True,
                              env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0 and out.stdout.strip() == "ok", (asked, out.stderr[-2000:])

@@ -80,11 +80,38 @@ def _register_quack_lazily() -> None:
         importlib.import_module("quack.dsl")
 
 
+class _LazyPackage(ModuleType):
+    """A package register_lazily put in sys.modules: its __init__ runs on first need."""
+
+    def _complete(self) -> None:
+        with _LOCK:
+            state = self.__dict__.pop("_lazy_init", None)
+            if state is not None:
+                state.spec.loader.exec_module(self)
+
+    def __getattr__(self, attr: str):
+        state = self.__dict__.get("_lazy_init")
+        if state is not None and attr not in state.bound and \
+                importlib.util.find_spec(f"{self.__name__}.{attr}") is not None:
+            return importlib.import_module(f"{self.__name__}.{attr}")  # a submodule, imported alone
+        self._complete()
+        if attr not in self.__dict__:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
+        return self.__dict__[attr]
+
+    def __setattr__(self, attr: str, value) -> None:
+        super().__setattr__(attr, value)
+        state = self.__dict__.get("_lazy_init")
+        if state is not None and attr in state.bound and isinstance(value, ModuleType):
+            self._complete()  # a submodule under a name the __init__ rebinds (`from pkg.f import f`): bind it now
+
+
 def register_lazily(name: str) -> bool:
     """Put package `name` in sys.modules without running its __init__ (False where it is not an
     importable package): a submodule asked of it (`from name import sub`) is imported alone; the
     first name its __init__ binds at top level, or any other missing name, runs the __init__ then
-    (PEP 562 module __getattr__), so the package behaves as if imported normally."""
+    (PEP 562 module __getattr__), as does importing a submodule under a name the __init__ binds,
+    so the package ends up as if imported normally."""
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None or not spec.submodule_search_locations or not spec.origin:
         return False
@@ -102,18 +129,8 @@ def register_lazily(name: str) -> bool:
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
     package = importlib.util.module_from_spec(spec)
-
-    def lazy(attr: str):
-        if attr not in bound and importlib.util.find_spec(f"{name}.{attr}") is not None:
-            return importlib.import_module(f"{name}.{attr}")
-        with _LOCK:
-            if package.__dict__.pop("__getattr__", None) is not None:
-                spec.loader.exec_module(package)
-        if attr not in package.__dict__:
-            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
-        return package.__dict__[attr]
-
-    package.__getattr__ = lazy
+    package.__dict__["_lazy_init"] = SimpleNamespace(spec=spec, bound=frozenset(bound))
+    package.__class__ = _LazyPackage
     sys.modules[name] = package
     return True
 
