@@ -371,7 +371,7 @@ class Kernel:
         self.interpret = device.type != "cuda"
         self._shapes = shapes
         self._use_tiles(fa4.TILE if self.backend == "fa4" else choice.tiles)
-        self._backward_by_model: dict = {}  # shapes -> fa4_backward_model_refusal's answer
+        self._fa4_backward_why: dict = {}  # shapes -> fa4_backward_model_refusal's answer
         if self.backend == "fa4":
             self._fa4 = fa4.prepare(pattern, shapes, device, self.fa4_native)
 
@@ -541,13 +541,13 @@ class Kernel:
         why = fa4.backward_refusal(call, self.pattern, s, self.deterministic)
         if why is not None:
             return why
-        if s not in self._backward_by_model:
+        if s not in self._fa4_backward_why:
             from .calibrate import profile_for
 
-            self._backward_by_model[s] = fa4_backward_model_refusal(
+            self._fa4_backward_why[s] = fa4_backward_model_refusal(
                 self.pattern, s, self.device, self.backward_tiles, self.deterministic, self.fa4_native,
                 profile_for(self.device))
-        return self._backward_by_model[s]
+        return self._fa4_backward_why[s]
 
     def _fa4_call(self, s: Shapes) -> "fa4.Call":
         return self._fa4 if s == self._shapes else fa4.prepare(self.pattern, s, self.device, self.fa4_native)
