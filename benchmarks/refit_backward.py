@@ -28,9 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
 from attncc.compiler import cost  # noqa: E402
 from attncc.compiler.codegen import BackwardTiles, TileConfig  # noqa: E402
-from attncc.runtime.choices import tile_tuple  # noqa: E402
+from attncc.runtime.choices import tile_tuple, triton_backward_ms  # noqa: E402
 from attncc.runtime.inputs import Shapes  # noqa: E402
-from attncc.runtime.kernel import META_CACHE  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
 
 B, H, N, D = 4, 16, 8192, 128
@@ -89,8 +88,7 @@ def fit_tiles(profile) -> None:
     def predicted(row, trial: dict) -> float:
         _, tiles, pattern, _, _ = row
         prof = replace(profile, backends={**profile.backends, "triton": {**triton, "backward": trial}})
-        return cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, cpu),
-                                      META_CACHE.get(pattern, s, tiles.dq, cpu)[1], B, H, H, D, tiles, prof)
+        return triton_backward_ms(pattern, s, tiles, cpu, prof)
 
     def fit(field: str, key: str | None, grid, chosen):
         def error(x):
@@ -164,8 +162,7 @@ def main() -> None:
         rates = {**rates, "default": tflops} if isinstance(rates, dict) else tflops
         trial = replace(profile, backends={**profile.backends,
                                            "triton": {**triton, "backward": {**triton["backward"], "tflops": rates}}})
-        return cost.simulate_backward(META_CACHE.backward(pattern, s, TILES.dkdv, cpu),
-                                      META_CACHE.get(pattern, s, TILES.dq, cpu)[1], B, H, H, D, TILES, trial)
+        return triton_backward_ms(pattern, s, TILES, cpu, trial)
 
     def error(tflops: float) -> float:
         fit = [math.log(predicted(p, tflops) / ms) ** 2 for name, source, p, ms in rows if (name, source) in FIT]

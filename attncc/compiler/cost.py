@@ -162,13 +162,15 @@ def partial_factor(spec: dict, tiles: TileConfig | None = None) -> float:
     return float(factor)
 
 
-def tile_costs(spec: dict, ops: ExpressionOps, backend: str, tiles: TileConfig | None = None) -> tuple[float, float]:
+def tile_costs(spec: dict, ops: ExpressionOps, backend: str, tiles: TileConfig | None = None,
+               factor: float | None = None) -> tuple[float, float]:
     """(FULL, PARTIAL) tile cost in units of a FULL tile of full attention, for `backend`'s `spec`
-    (its PARTIAL factor at `tiles`; mask_op and score_op: the cost of one weighted operator per
-    element) and a kernel's `ops`."""
+    (its PARTIAL factor at `tiles`, or `factor` where given; mask_op and score_op: the cost of one
+    weighted operator per element) and a kernel's `ops`."""
     mask, score = (ops.mask, ops.score) if backend == "fa4" else (ops.mask_pairwise, ops.score_pairwise)
     extra = spec.get("score_op", 0.0) * score
-    return 1.0 + extra, partial_factor(spec, tiles) + spec.get("mask_op", 0.0) * mask + extra
+    factor = partial_factor(spec, tiles) if factor is None else factor
+    return 1.0 + extra, factor + spec.get("mask_op", 0.0) * mask + extra
 
 
 @dataclass(frozen=True)
@@ -217,13 +219,12 @@ def simulate_backward(dkdv_meta, dq_meta, B: int, H: int, Hkv: int, D: int, tile
     slots = profile.sms
     group = H // Hkv
 
-    def tile_costs_ms(kernel, t, dots):
+    def tile_costs_ms(kernel, t, dots):  # (FULL, PARTIAL) tile ms of `kernel` at tiles t
         rate = backward_field(spec, "tflops", kernel, t)
-        extra = spec.get("score_op", 0.0) * dq_meta.expression_ops.score_pairwise
-        partial = backward_field(spec, "partial_factor", kernel, t) + spec.get("mask_op", 0.0) * \
-            dq_meta.expression_ops.mask_pairwise + extra
         tile_ms = 2.0 * dots * t.BLOCK_M * t.BLOCK_N * D / (rate / slots * 1e12) * 1e3
-        return (1.0 + extra) * tile_ms, partial * tile_ms
+        full_cost, partial_cost = tile_costs(spec, dq_meta.expression_ops, "triton",
+                                             factor=backward_field(spec, "partial_factor", kernel, t))
+        return full_cost * tile_ms, partial_cost * tile_ms
 
     full_ms, partial_ms = tile_costs_ms("dkdv", tiles.dkdv, 4)
     full = dkdv_meta.full_num.expand(B, H, -1).double().view(B, Hkv, group, -1).sum(2)

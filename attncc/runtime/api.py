@@ -519,20 +519,18 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
     """explain's lines on the backward: FA4's own backward predicted by cost.simulate_fa4_backward
     where it can run, attncc's Triton backward by cost.simulate_backward (where the profile models
     them), the one that runs marked (choices.fa4_backward_model_refusal decides between them)."""
-    from .choices import (BACKWARD_CANDIDATES, backward_modelled, choose_backward_tiles, fa4_own_backward_ms,
-                          model_backward_tiles, triton_backward_ms)
+    from .choices import (backward_modelled, choose_backward_tiles, fa4_own_backward_ms, modelled_backward_candidates,
+                          pick_backward_tiles, triton_backward_ms)
 
     if backend == "sdpa-cudnn":
         return "backward: SDPA's cuDNN backward (not modelled)"
     deterministic = options.get("deterministic", True)
     native = options.get("fa4_native", True)
     cuda = torch.device("cuda")
-    tiles = choose_backward_tiles(s, dtype, cuda, options)
-    others = []
-    if backward_modelled(s, dtype, cuda, options):
-        picked = model_backward_tiles(pattern, s, lists, profile, tiles)
-        others = [c for c in BACKWARD_CANDIDATES if c != picked and (c == tiles or picked != tiles)]
-        tiles = picked
+    tiles = pick_backward_tiles(pattern, s, dtype, options, lists, profile)
+    modelled = (modelled_backward_candidates(profile, choose_backward_tiles(s, dtype, cuda, options))
+                if backward_modelled(s, dtype, cuda, options) else [])
+    others = [c for c in modelled if c != tiles] if len(modelled) > 1 else []  # the pick's runners-up
     mine = triton_backward_ms(pattern, s, tiles, lists, profile)
     lines, fa4_runs = [], False
     if backend == "fa4":

@@ -167,20 +167,36 @@ def backward_modelled(s: Shapes, dtype: torch.dtype, device: torch.device, optio
             and not any(k in options for k in BACKWARD_TILE_OPTIONS))
 
 
-def model_backward_tiles(pattern: Pattern, s: Shapes, lists_device: torch.device, profile,
-                         fallback: BackwardTiles) -> BackwardTiles:
-    """The BACKWARD_CANDIDATES pair of least predicted time (triton_backward_ms), among those the
-    profile has rates for (a pair other than the table's needs its "dkdv BMxBN" and "dq BMxBN"
-    entries); `fallback` (the table's) where fewer than two are modelled."""
+def modelled_backward_candidates(profile, table: BackwardTiles) -> list[BackwardTiles]:
+    """The BACKWARD_CANDIDATES pairs `profile` has rates for: the table's pair (the spec's default
+    rates) and each other whose "dkdv BMxBN" and "dq BMxBN" entries it holds."""
     from ..compiler.cost import shape_key
 
     spec = profile.backends.get("triton", {}).get("backward", {})
     rates = spec.get("tflops") if isinstance(spec.get("tflops"), dict) else {}
-    modelled = [c for c in BACKWARD_CANDIDATES if c == fallback or (
+    return [c for c in BACKWARD_CANDIDATES if c == table or (
         f"dkdv {shape_key(c.dkdv)}" in rates and f"dq {shape_key(c.dq)}" in rates)]
+
+
+def model_backward_tiles(pattern: Pattern, s: Shapes, lists_device: torch.device, profile,
+                         fallback: BackwardTiles) -> BackwardTiles:
+    """The modelled_backward_candidates pair of least predicted time (triton_backward_ms);
+    `fallback` (the table's) where fewer than two are modelled."""
+    modelled = modelled_backward_candidates(profile, fallback)
     if len(modelled) < 2:
         return fallback
     return min(modelled, key=lambda c: triton_backward_ms(pattern, s, c, lists_device, profile))
+
+
+def pick_backward_tiles(pattern: Pattern, s: Shapes, dtype: torch.dtype, options: dict, lists_device: torch.device,
+                        profile) -> BackwardTiles:
+    """The tiles attncc's Triton backward runs at on a CUDA GPU of `profile`: the cost model's pick
+    where backward_modelled, else choose_backward_tiles' (block masks built on `lists_device`)."""
+    cuda = torch.device("cuda")
+    table = choose_backward_tiles(s, dtype, cuda, options)
+    if not backward_modelled(s, dtype, cuda, options):
+        return table
+    return model_backward_tiles(pattern, s, lists_device, profile, table)
 
 
 AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulator's best

@@ -6,6 +6,8 @@ It has a Kernel's `config`, `source`, `block_mask` and `predicted_ms`, and canno
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..compiler import cost
@@ -13,8 +15,7 @@ from ..compiler.codegen import BackwardTiles, generate
 from ..compiler.lowering import BufferSpec
 from ..dsl.pattern import Pattern
 from . import fa4
-from .choices import (TARGETS, backward_modelled, choose_backward_tiles, choose_on_target, model_backward_tiles,
-                      tile_tuple)
+from .choices import TARGETS, choose_on_target, pick_backward_tiles, tile_tuple
 from .inputs import Shapes
 
 _CPU = torch.device("cpu")
@@ -32,15 +33,11 @@ class TargetKernel:
         self.backend, self.tiles = choose_on_target(pattern, s, dtype, target, options, layout)
         self.block_mask, self._meta = META_CACHE.get(pattern, s, self.tiles, _CPU)
 
-    @property
+    @functools.cached_property
     def backward_tiles(self) -> BackwardTiles:
-        """The tiles attncc's Triton backward would run at on the target (the cost model's pick where
-        it picks: choices.backward_modelled)."""
-        cuda = torch.device("cuda")
-        table = choose_backward_tiles(self._shapes, self._dtype, cuda, self._options)
-        if not backward_modelled(self._shapes, self._dtype, cuda, self._options):
-            return table
-        return model_backward_tiles(self.pattern, self._shapes, _CPU, cost.load_profile(self.target), table)
+        """The tiles attncc's Triton backward would run at on the target (choices.pick_backward_tiles)."""
+        return pick_backward_tiles(self.pattern, self._shapes, self._dtype, self._options, _CPU,
+                                   cost.load_profile(self.target))
 
     @property
     def config(self) -> dict:
