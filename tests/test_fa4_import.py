@@ -1,5 +1,7 @@
-"""runtime/fa4.register_lazily: a package registered without running its __init__ imports the
-submodules asked of it alone and runs the __init__ the first time a name it binds is asked for."""
+"""runtime/lazy_imports (how runtime/fa4 imports FlashAttention-4): a package registered without
+running its __init__ imports the submodules asked of it alone and runs the __init__ the first time
+a name it binds is asked for; names imported from a deferred module are stand-ins that import it
+on first use (a call, a subclass, isinstance), leaving the modules as a normal import would."""
 from __future__ import annotations
 
 import subprocess
@@ -27,7 +29,7 @@ PACKAGE = {
 
 CHILD = """
 import sys
-from attncc.runtime.fa4 import register_lazily
+from attncc.runtime.lazy_imports import register_lazily
 assert register_lazily("lazypkg")
 assert not register_lazily("no_such_package_here")
 from lazypkg import light, other          # submodules: imported alone
@@ -51,7 +53,7 @@ print("ok")
 
 SUBMODULE_FIRST = """
 import sys, types
-from attncc.runtime.fa4 import register_lazily
+from attncc.runtime.lazy_imports import register_lazily
 assert register_lazily("lazypkg")
 import lazypkg.tool2                      # a submodule under a name the __init__ rebinds to a function
 assert sys.modules["lazypkg.init_ran"] is True
@@ -71,3 +73,66 @@ def test_registered_package_runs_its_init_only_when_needed(tmp_path):
         out = subprocess.run([sys.executable, "-c", code.format(asked=asked)], capture_output=True, text=True,
                              env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0 and out.stdout.strip() == "ok", (asked, out.stderr[-2000:])
+
+
+DEFERRING = {
+    "__init__.py": "",
+    "iface.py": """
+        from defpkg.heavy import Heavy, make
+        from defpkg.heavier import Heavier
+        def run():
+            return make()
+    """,
+    "eager.py": """
+        from defpkg.heavier import Heavier
+        INSTANCE = Heavier()                 # used while the import is still deferring
+    """,
+    "heavy.py": """
+        import sys
+        sys.modules["defpkg_heavy_ran"] = True
+        class Heavy:
+            pass
+        def make():
+            return Heavy()
+    """,
+    "heavier.py": "from defpkg.heavy import Heavy\nclass Heavier(Heavy):\n    pass\n",
+}
+
+DEFERRED_CHILD = """
+import sys
+from attncc.runtime.lazy_imports import Deferred, deferred
+with deferred(["defpkg.heavy", "defpkg.heavier"]):
+    import defpkg.iface as iface
+assert "defpkg_heavy_ran" not in sys.modules and "defpkg.heavy" not in sys.modules
+assert isinstance(iface.make, Deferred) and "defpkg.heavy" in repr(iface.make)
+obj = iface.run()                            # the first use imports the real module
+assert sys.modules["defpkg_heavy_ran"] is True
+import defpkg.heavy as real
+assert type(obj) is real.Heavy and isinstance(obj, iface.Heavy) and not isinstance(3, iface.Heavy)
+class Sub(iface.Heavy):
+    pass
+assert Sub.__mro__[1] is real.Heavy and issubclass(Sub, iface.Heavy)
+assert iface.Heavier.__mro__[1] is real.Heavy and iface.Heavier.__name__ == "Heavier"
+print("ok")
+"""
+
+EAGER_CHILD = """
+import sys
+from attncc.runtime.lazy_imports import deferred
+with deferred(["defpkg.heavy", "defpkg.heavier"]):
+    import defpkg.eager as eager
+import defpkg.heavy, defpkg.heavier
+assert type(eager.INSTANCE) is defpkg.heavier.Heavier and defpkg.heavier.Heavier.__mro__[1] is defpkg.heavy.Heavy
+print("ok")
+"""
+
+
+def test_deferred_modules_are_imported_on_first_use(tmp_path):
+    root = tmp_path / "defpkg"
+    root.mkdir()
+    for name, text in DEFERRING.items():
+        (root / name).write_text(textwrap.dedent(text))
+    for code in (DEFERRED_CHILD, EAGER_CHILD):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

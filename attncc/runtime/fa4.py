@@ -18,10 +18,9 @@ Layout: attncc's tensors are [B, H, N, D]; FA4 reads [B, N, H, D], as transposed
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib
-import importlib.util
+import importlib.metadata
 import os
 import sys
 import threading
@@ -35,10 +34,19 @@ from ..compiler.codegen import TileConfig, kernel_roots
 from ..compiler.lowering import BufferSpec
 from ..dsl import ir
 from ..dsl.pattern import Pattern
-from . import cache
+from . import cache, lazy_imports
 from .inputs import Shapes
 
-TESTED = "flash-attn-4==4.0.0b36 with nvidia-cutlass-dsl==4.8.1 (H200, torch 2.11)"
+TESTED_VERSION = "4.0.0b36"
+TESTED = f"flash-attn-4=={TESTED_VERSION} with nvidia-cutlass-dsl==4.8.1 (H200, torch 2.11)"
+# The modules of the tested FA4 whose kernels no SM90 call runs (SM80, SM100, SM120, MLA and their
+# helpers; no SM90 module imports them): FA4's interface imports them all, attncc defers them to
+# their first use (lazy_imports.deferred), as on a newer GPU.
+_NOT_RUN_ON_SM90 = tuple(f"flash_attn.cute.{m}" for m in (
+    "flash_bwd", "flash_fwd_sm100", "flash_fwd_sm120", "flash_bwd_sm100", "flash_bwd_sm120",
+    "flash_fwd_mla_sm100", "flash_fwd_mla_1cta_sm100", "flash_fwd_mla_1cta_kb64_sm100",
+    "flash_bwd_mla_sm100", "flash_bwd_mla_dk_sm100", "flash_bwd_mla_dq_dqv_sm100",
+    "flash_bwd_mla_dq_dqv_sm100_h64", "sm100_hd256_2cta_fmha_backward"))
 TILE = TileConfig(128, 128, 4, 1)  # FA4's SM90 tile with block sparsity (D <= 128): the block mask's
 MAX_HEAD_DIM = 128
 
@@ -56,7 +64,9 @@ def _fa():
                 os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache.cache_dir() / "fa4"))
                 _register_quack_lazily()
                 import cutlass
-                from flash_attn.cute import interface
+
+                with lazy_imports.deferred(_NOT_RUN_ON_SM90 if _is_tested_version() else ()):
+                    from flash_attn.cute import interface
                 from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch, compute_dq_write_order
 
                 _FA.append(SimpleNamespace(cutlass=cutlass, interface=interface, Sparse=BlockSparseTensorsTorch,
@@ -76,63 +86,15 @@ def _register_quack_lazily() -> None:
     its __init__ runs first (for its process-wide CuTe patches)."""
     if "quack" in sys.modules or os.environ.get("CUTE_DSL_PTXAS_PATH") is not None:
         return
-    if register_lazily("quack"):
+    if lazy_imports.register_lazily("quack"):
         importlib.import_module("quack.dsl")
 
 
-class _LazyPackage(ModuleType):
-    """A package register_lazily put in sys.modules: its __init__ runs on first need."""
-
-    def _complete(self) -> None:
-        with _LOCK:
-            state = self.__dict__.pop("_lazy_init", None)
-            if state is not None:
-                state.spec.loader.exec_module(self)
-
-    def __getattr__(self, attr: str):
-        state = self.__dict__.get("_lazy_init")
-        if state is not None and attr not in state.bound and \
-                importlib.util.find_spec(f"{self.__name__}.{attr}") is not None:
-            return importlib.import_module(f"{self.__name__}.{attr}")  # a submodule, imported alone
-        self._complete()
-        if attr not in self.__dict__:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
-        return self.__dict__[attr]
-
-    def __setattr__(self, attr: str, value) -> None:
-        super().__setattr__(attr, value)
-        state = self.__dict__.get("_lazy_init")
-        if state is not None and attr in state.bound and isinstance(value, ModuleType):
-            self._complete()  # a submodule under a name the __init__ rebinds (`from pkg.f import f`): bind it now
-
-
-def register_lazily(name: str) -> bool:
-    """Put package `name` in sys.modules without running its __init__ (False where it is not an
-    importable package): a submodule asked of it (`from name import sub`) is imported alone; the
-    first name its __init__ binds at top level, or any other missing name, runs the __init__ then
-    (PEP 562 module __getattr__), as does importing a submodule under a name the __init__ binds,
-    so the package ends up as if imported normally."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None or not spec.submodule_search_locations or not spec.origin:
-        return False
+def _is_tested_version() -> bool:
     try:
-        with open(spec.origin, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-    except (OSError, SyntaxError, ValueError):
+        return importlib.metadata.version("flash-attn-4") == TESTED_VERSION
+    except importlib.metadata.PackageNotFoundError:
         return False
-    bound = set()  # every name the __init__ may bind, at any depth (more than it binds is safe)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            bound.add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
-    package = importlib.util.module_from_spec(spec)
-    package.__dict__["_lazy_init"] = SimpleNamespace(spec=spec, bound=frozenset(bound))
-    package.__class__ = _LazyPackage
-    sys.modules[name] = package
-    return True
 
 
 def missing() -> str | None:
