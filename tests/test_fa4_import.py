@@ -63,16 +63,23 @@ print("ok")
 """
 
 
-def test_registered_package_runs_its_init_only_when_needed(tmp_path):
-    root = tmp_path / "lazypkg"
+def _write_package(root, files: dict) -> None:
     root.mkdir()
-    for name, text in PACKAGE.items():
+    for name, text in files.items():
         (root / name).write_text(textwrap.dedent(text))
+
+
+def _child_says_ok(code: str, path) -> None:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(path), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_registered_package_runs_its_init_only_when_needed(tmp_path):
+    _write_package(tmp_path / "lazypkg", PACKAGE)
     for asked, code in (("function", CHILD), ("VERSION", CHILD), ("Thing", CHILD), ("tool", CHILD),
                         ("tool2", SUBMODULE_FIRST)):
-        out = subprocess.run([sys.executable, "-c", code.format(asked=asked)], capture_output=True, text=True,
-                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
-        assert out.returncode == 0 and out.stdout.strip() == "ok", (asked, out.stderr[-2000:])
+        _child_says_ok(code.format(asked=asked), tmp_path)
 
 
 DEFERRING = {
@@ -128,11 +135,6 @@ print("ok")
 
 
 def test_deferred_modules_are_imported_on_first_use(tmp_path):
-    root = tmp_path / "defpkg"
-    root.mkdir()
-    for name, text in DEFERRING.items():
-        (root / name).write_text(textwrap.dedent(text))
+    _write_package(tmp_path / "defpkg", DEFERRING)
     for code in (DEFERRED_CHILD, EAGER_CHILD):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
-        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+        _child_says_ok(code, tmp_path)
