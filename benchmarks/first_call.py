@@ -2,11 +2,16 @@
 
     python benchmarks/first_call.py [--N 8192] [--patterns swa1024,document] [--backend fa4]
 
-Each pattern runs in two fresh processes sharing fresh attncc and Triton cache directories: the
-first finds both caches cold (trace, block mask, codegen, Triton compile), the second finds them
-warm (BENCHMARKS.md's goal: under 0.5 s; FA4's own compile cache lives in attncc's cache directory, so
+Each pattern runs in two fresh processes sharing fresh attncc, Triton and Python bytecode cache
+directories and one Python bytecode cache for the run (PYTHONPYCACHEPREFIX, filled first by a
+call with throwaway caches, so every module a call imports has its bytecode, as after pip's
+install: a read-only site-packages, as on the device machine, would otherwise recompile their
+sources in each process): the first finds the caches cold
+(trace, block mask, codegen, Triton compile), the second finds them warm (BENCHMARKS.md's goal: under 0.5 s; FA4's own compile cache lives in attncc's cache directory, so
 `--backend fa4` measures it too: cold = CuTe-DSL compile, warm = FA4 loading its compiled kernel). The time is from the call to the synchronised result,
 after `import attncc` and input creation (reported separately). bf16, B=4 H=16 D=128 on CUDA.
+With --profile, the warm call's cProfile is printed and, where $OUT is set, saved there
+(first_call-<pattern>-<backend>.prof, for pstats).
 """
 from __future__ import annotations
 
@@ -49,7 +54,10 @@ def child(name: str, N: int, profile: bool, backend: str) -> dict:
     elapsed = time.perf_counter() - t1
     if profiler:
         profiler.disable()
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats("cumulative").print_stats(30)
+        if os.environ.get("OUT"):
+            stats.dump_stats(os.path.join(os.environ["OUT"], f"first_call-{name}-{backend}.prof"))
     return {"pattern": name, "import_s": imported, "first_call_s": elapsed}
 
 
@@ -65,12 +73,17 @@ def main() -> None:
         print(json.dumps(child(args.child, args.N, args.profile, args.backend)))
         return
     rows = []
-    for name in args.patterns.split(","):
+    bytecode = tempfile.TemporaryDirectory()
+    for i, name in enumerate(args.patterns.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(os.environ, ATTNCC_CACHE_DIR=f"{tmp}/attncc", TRITON_CACHE_DIR=f"{tmp}/triton")
+            env = dict(os.environ, ATTNCC_CACHE_DIR=f"{tmp}/attncc", TRITON_CACHE_DIR=f"{tmp}/triton",
+                       PYTHONPYCACHEPREFIX=bytecode.name)
+            cmd = [sys.executable, __file__, "--child", name, "--N", str(args.N), "--backend", args.backend]
+            if i == 0:  # the bytecode, with caches thrown away
+                subprocess.run(cmd, env=dict(env, ATTNCC_CACHE_DIR=f"{tmp}/x", TRITON_CACHE_DIR=f"{tmp}/y"),
+                               check=True, capture_output=True)
             runs = []
             for which in ("cold", "warm"):
-                cmd = [sys.executable, __file__, "--child", name, "--N", str(args.N), "--backend", args.backend]
                 done = subprocess.run(cmd + ["--profile"] * (args.profile and which == "warm"),
                                       env=env, check=True, capture_output=True, text=True)
                 runs.append(json.loads(done.stdout))
