@@ -2,14 +2,15 @@
 
     python benchmarks/first_call.py [--N 8192] [--patterns swa1024,document] [--backend fa4]
 
-Each pattern runs in two fresh processes sharing fresh attncc, Triton and Python bytecode cache
-directories and one Python bytecode cache for the run (PYTHONPYCACHEPREFIX, filled first by a
-call with throwaway caches, so every module a call imports has its bytecode, as after pip's
-install: a read-only site-packages, as on the device machine, would otherwise recompile their
-sources in each process): the first finds the caches cold
-(trace, block mask, codegen, Triton compile), the second finds them warm (BENCHMARKS.md's goal: under 0.5 s; FA4's own compile cache lives in attncc's cache directory, so
-`--backend fa4` measures it too: cold = CuTe-DSL compile, warm = FA4 loading its compiled kernel). The time is from the call to the synchronised result,
-after `import attncc` and input creation (reported separately). bf16, B=4 H=16 D=128 on CUDA.
+Each pattern runs in two fresh processes sharing fresh attncc and Triton cache directories: the
+first finds them cold (trace, block mask, codegen, Triton compile), the second warm (BENCHMARKS.md's
+goal: under 0.5 s; FA4's own compile cache lives in attncc's cache directory, so `--backend fa4`
+measures it too: cold = CuTe-DSL compile, warm = FA4 loading its compiled kernel). One Python
+bytecode cache serves the run (PYTHONPYCACHEPREFIX, filled first by a call with throwaway caches):
+every module a call imports has its bytecode, as after pip's install, where a read-only
+site-packages or PYTHONDONTWRITEBYTECODE (as on the device machine) would recompile their sources
+in every process. The time is from the call to the synchronised result, after `import attncc` and
+input creation (reported separately). bf16, B=4 H=16 D=128 on CUDA.
 With --profile, the warm call's cProfile is printed and, where $OUT is set, saved there
 (first_call-<pattern>-<backend>.prof, for pstats).
 """
@@ -58,7 +59,8 @@ def child(name: str, N: int, profile: bool, backend: str) -> dict:
         stats.sort_stats("cumulative").print_stats(30)
         if os.environ.get("OUT"):
             stats.dump_stats(os.path.join(os.environ["OUT"], f"first_call-{name}-{backend}.prof"))
-    return {"pattern": name, "import_s": imported, "first_call_s": elapsed}
+    return {"pattern": name, "import_s": imported, "first_call_s": elapsed,
+            "bytecode_written": not sys.dont_write_bytecode}
 
 
 def main() -> None:
@@ -78,6 +80,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, ATTNCC_CACHE_DIR=f"{tmp}/attncc", TRITON_CACHE_DIR=f"{tmp}/triton",
                        PYTHONPYCACHEPREFIX=bytecode.name)
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
             cmd = [sys.executable, __file__, "--child", name, "--N", str(args.N), "--backend", args.backend]
             if i == 0:  # the bytecode, with caches thrown away
                 subprocess.run(cmd, env=dict(env, ATTNCC_CACHE_DIR=f"{tmp}/x", TRITON_CACHE_DIR=f"{tmp}/y"),

@@ -1,4 +1,8 @@
 """The generated backward kernels (interpreter, CPU) against float64 autograd through ac.reference."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -186,6 +190,30 @@ def test_torch_compile_fullgraph_matches_eager():
     assert all(torch.equal(a, b) for a, b in zip(eager, torch.autograd.grad(value, (q, k, v))))
     full = torch.compile(lambda q, k, v: ac.attention(q, k, v).sum(), backend="aot_eager", fullgraph=True)
     assert torch.allclose(full(q, k, v), ac.attention(q, k, v).sum())
+
+
+FRESH_PROCESS = """
+import sys, torch, attncc as ac
+q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+pat = ac.patterns.causal()
+eager = ac.attention(q, k, v, pat)
+eager.sum().backward()
+assert "torch._dynamo" not in sys.modules, "an eager call imported torch._dynamo"
+assert "attncc.runtime.compiled_op" not in sys.modules
+grads = [t.grad.clone() for t in (q, k, v)]
+for t in (q, k, v):
+    t.grad = None
+out = torch.compile(lambda q, k, v: ac.attention(q, k, v, pat), backend="aot_eager", fullgraph=True)(q, k, v)   # the custom ops' module is imported while dynamo traces
+out.sum().backward()
+assert torch.equal(out, eager) and all(torch.equal(t.grad, g) for t, g in zip((q, k, v), grads))
+print("ok")
+"""
+
+
+def test_eager_calls_never_import_dynamo_and_compile_still_works():
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_torch_compile_buffer_gradients_and_tile_options():

@@ -1,7 +1,6 @@
 """runtime/lazy_imports (how runtime/fa4 imports FlashAttention-4): a package registered without
 running its __init__ imports the submodules asked of it alone and runs the __init__ the first time
-a name it binds is asked for; names imported from a deferred module are stand-ins that import it
-on first use (a call, a subclass, isinstance), leaving the modules as a normal import would."""
+a name it binds is asked for."""
 from __future__ import annotations
 
 import subprocess
@@ -80,61 +79,3 @@ def test_registered_package_runs_its_init_only_when_needed(tmp_path):
     for asked, code in (("function", CHILD), ("VERSION", CHILD), ("Thing", CHILD), ("tool", CHILD),
                         ("tool2", SUBMODULE_FIRST)):
         _child_says_ok(code.format(asked=asked), tmp_path)
-
-
-DEFERRING = {
-    "__init__.py": "",
-    "iface.py": """
-        from defpkg.heavy import Heavy, make
-        from defpkg.heavier import Heavier
-        def run():
-            return make()
-    """,
-    "eager.py": """
-        from defpkg.heavier import Heavier
-        INSTANCE = Heavier()                 # used while the import is still deferring
-    """,
-    "heavy.py": """
-        import sys
-        sys.modules["defpkg_heavy_ran"] = True
-        class Heavy:
-            pass
-        def make():
-            return Heavy()
-    """,
-    "heavier.py": "from defpkg.heavy import Heavy\nclass Heavier(Heavy):\n    pass\n",
-}
-
-DEFERRED_CHILD = """
-import sys
-from attncc.runtime.lazy_imports import Deferred, deferred
-with deferred(["defpkg.heavy", "defpkg.heavier"]):
-    import defpkg.iface as iface
-assert "defpkg_heavy_ran" not in sys.modules and "defpkg.heavy" not in sys.modules
-assert isinstance(iface.make, Deferred) and "defpkg.heavy" in repr(iface.make)
-obj = iface.run()                            # the first use imports the real module
-assert sys.modules["defpkg_heavy_ran"] is True
-import defpkg.heavy as real
-assert type(obj) is real.Heavy and isinstance(obj, iface.Heavy) and not isinstance(3, iface.Heavy)
-class Sub(iface.Heavy):
-    pass
-assert Sub.__mro__[1] is real.Heavy and issubclass(Sub, iface.Heavy)
-assert iface.Heavier.__mro__[1] is real.Heavy and iface.Heavier.__name__ == "Heavier"
-print("ok")
-"""
-
-EAGER_CHILD = """
-import sys
-from attncc.runtime.lazy_imports import deferred
-with deferred(["defpkg.heavy", "defpkg.heavier"]):
-    import defpkg.eager as eager
-import defpkg.heavy, defpkg.heavier
-assert type(eager.INSTANCE) is defpkg.heavier.Heavier and defpkg.heavier.Heavier.__mro__[1] is defpkg.heavy.Heavy
-print("ok")
-"""
-
-
-def test_deferred_modules_are_imported_on_first_use(tmp_path):
-    _write_package(tmp_path / "defpkg", DEFERRING)
-    for code in (DEFERRED_CHILD, EAGER_CHILD):
-        _child_says_ok(code, tmp_path)

@@ -98,7 +98,7 @@ class Pattern:
         setter(self, "buffers", dict(sorted(buffers.items())))
         setter(self, "name", name)
         # a process-unique string naming this pattern object: what torch.compile'd graphs hold
-        # (runtime/autograd.py), as a constant, to find it again (by_uid)
+        # (runtime/compiled_op.py), as a constant, to find it again (by_uid)
         setter(self, "uid", f"attncc-pattern-{next(_UIDS)}")
         _BY_UID[self.uid] = self
         # the pattern the kernels run: itself, or in a layout's coordinates (built once, here)

@@ -287,7 +287,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         out, lse = merge_splits(*attention(q2, k2, v2, split, scale=check_scale(scale, q.shape[-1]), return_lse=True,
                                            kernel_options=options), S)
         return (out, lse) if return_lse else out
-    if torch.compiler.is_compiling():  # one custom op (runtime/autograd.py) for torch.compile
+    if torch.compiler.is_compiling():  # one custom op (runtime/compiled_op.py) for torch.compile
         return _compiled_attention(q, k, v, as_pattern(pattern), scale, return_lse, kernel_options)
     kern, s = _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse=not (paged or varlen))
     return kern.run(q, k, v, s, return_lse)
@@ -416,7 +416,7 @@ _DECODE_KERNELS = LRU(16)  # call key -> DecodeKernel: a decode step's next laye
 
 
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
-    from .autograd import attention_op, options_json
+    from .compiled_op import attention_op, options_json
 
     layout = pattern.layout
     if layout is not None:

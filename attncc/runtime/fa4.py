@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.metadata
 import os
 import sys
 import threading
@@ -37,16 +36,7 @@ from ..dsl.pattern import Pattern
 from . import cache, lazy_imports
 from .inputs import Shapes
 
-TESTED_VERSION = "4.0.0b36"
-TESTED = f"flash-attn-4=={TESTED_VERSION} with nvidia-cutlass-dsl==4.8.1 (H200, torch 2.11)"
-# The modules of the tested FA4 whose kernels no SM90 call runs (SM80, SM100, SM120, MLA and their
-# helpers; no SM90 module imports them): FA4's interface imports them all, attncc defers them to
-# their first use (lazy_imports.deferred), as on a newer GPU.
-_NOT_RUN_ON_SM90 = tuple(f"flash_attn.cute.{m}" for m in (
-    "flash_bwd", "flash_fwd_sm100", "flash_fwd_sm120", "flash_bwd_sm100", "flash_bwd_sm120",
-    "flash_fwd_mla_sm100", "flash_fwd_mla_1cta_sm100", "flash_fwd_mla_1cta_kb64_sm100",
-    "flash_bwd_mla_sm100", "flash_bwd_mla_dk_sm100", "flash_bwd_mla_dq_dqv_sm100",
-    "flash_bwd_mla_dq_dqv_sm100_h64", "sm100_hd256_2cta_fmha_backward"))
+TESTED = "flash-attn-4==4.0.0b36 with nvidia-cutlass-dsl==4.8.1 (H200, torch 2.11)"
 TILE = TileConfig(128, 128, 4, 1)  # FA4's SM90 tile with block sparsity (D <= 128): the block mask's
 MAX_HEAD_DIM = 128
 
@@ -64,9 +54,7 @@ def _fa():
                 os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache.cache_dir() / "fa4"))
                 _register_quack_lazily()
                 import cutlass
-
-                with lazy_imports.deferred(_NOT_RUN_ON_SM90 if _is_tested_version() else ()):
-                    from flash_attn.cute import interface
+                from flash_attn.cute import interface
                 from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch, compute_dq_write_order
 
                 _FA.append(SimpleNamespace(cutlass=cutlass, interface=interface, Sparse=BlockSparseTensorsTorch,
@@ -88,13 +76,6 @@ def _register_quack_lazily() -> None:
         return
     if lazy_imports.register_lazily("quack"):
         importlib.import_module("quack.dsl")
-
-
-def _is_tested_version() -> bool:
-    try:
-        return importlib.metadata.version("flash-attn-4") == TESTED_VERSION
-    except importlib.metadata.PackageNotFoundError:
-        return False
 
 
 def missing() -> str | None:
