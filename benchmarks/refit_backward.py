@@ -106,7 +106,7 @@ def fit_tiles(profile) -> None:
         return [r for r in rows if r[0] == name and (tile_tuple(r[1].dkdv), tile_tuple(r[1].dq)) == (dkdv, dq)
                 and not r[4]]
 
-    small_k, small_q = f"dkdv {SMALL[0][0]}x{SMALL[0][1]}", f"dq {SMALL[1][0]}x{SMALL[1][1]}"
+    small_k, small_q = (f"{kernel} {cost.shape_key(TileConfig(*t))}" for kernel, t in zip(("dkdv", "dq"), SMALL))
     mask_op = fit("mask_op", None, [x / 1000 for x in range(0, 301, 5)], pick("natten2d", *LARGE) + pick("natten3d", *LARGE))
     print(f"mask_op: {mask_op[0]} (rms log error {mask_op[1]:.3f} on natten2d, natten3d at the large tiles)")
     sparse = pick("natten2d", SMALL[0], LARGE[1]) + pick("natten3d", SMALL[0], LARGE[1]) + pick("natten2d", *SMALL)

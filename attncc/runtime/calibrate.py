@@ -96,12 +96,11 @@ def _backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, candidate
     full, s = Pattern(name="full"), check_qkv(q, k, v)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     dout = torch.randn_like(q)
-    for n, pair in enumerate(candidates):
+    trial = replace(profile, backends={**profile.backends, "triton": {**profile.backends["triton"], "backward": spec}})
+    for n, pair in enumerate(candidates):  # (spec's rates are scaled in place: trial sees each pair's scaling)
         options = {"backend": "triton", "dkdv_tiles": tile_tuple(pair.dkdv), "dq_tiles": tile_tuple(pair.dq)}
         out_ = attention(*leaves, full, kernel_options=options)
         measured = time_ms(lambda: torch.autograd.grad(out_, leaves, dout, retain_graph=True), q.device)
-        trial = replace(profile, backends={**profile.backends, "triton": {
-            **profile.backends["triton"], "backward": spec}})
         ratio = triton_backward_ms(full, s, pair, q.device, trial) / measured
         keys = (["default"] if n == 0 else
                 [f"dkdv {cost.shape_key(pair.dkdv)}", f"dq {cost.shape_key(pair.dq)}"])

@@ -156,7 +156,7 @@ BACKWARD_TILES = (
 # and small ones for masks of many PARTIAL tiles (H200, 2026-12-03, backward alone, both checked
 # against float64: natten2d 2.85 -> 1.76 ms, global_tokens 8.86 -> 5.51, sinks 2.73 -> 2.40,
 # causal 7.03 -> 7.78; benchmarks/results/2026-12-03-nvidia-h200-backward-tiles.md)
-BACKWARD_CANDIDATES = (BackwardTiles(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
+BACKWARD_CANDIDATES = (next(t for limit, t in BACKWARD_TILES if limit == 128),
                        BackwardTiles(TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 2)))
 
 
