@@ -12,7 +12,7 @@ import torch
 import attncc as ac
 import cute_shim
 import fa4_emulator
-from attncc.runtime import cache, fa4
+from attncc.runtime import cache, fa4, sliver
 from attncc.runtime.choices import KernelChoice, check_options, choose_backward_tiles
 from attncc.runtime.inputs import check_qkv
 from attncc.runtime.kernel import Kernel
@@ -55,14 +55,16 @@ CASES = {
     "empty_rows": (lambda: ac.Pattern(lambda b, h, q, kv: (q - kv >= 40) & (q - kv < 100)), {}),
     # FA4's own local / varlen masks (runtime/fa4.Native): bands on slices, segments folded
     "prefix_lm": (lambda: ac.patterns.prefix_lm(50), {}),
-    "sinks": (lambda: ac.patterns.sinks(3, 40), {}),
+    "sinks": (lambda: ac.patterns.sinks(3, 40), {}),  # its sink columns: attncc's sliver kernel (interpreter)
+    "sinks_gqa_batch": (lambda: ac.patterns.sinks(5, 30), {"B": 2, "Hq": 2, "Hkv": 1, "N": 131}),
     "document_gqa_batch": (lambda: ac.patterns.document(lengths=[60, 1, 75]), {"B": 2, "Hq": 2, "Hkv": 1}),
     "chunked_odd": (lambda: ac.patterns.chunked(48), {"N": 131}),
     "swa_softcap": (lambda: ac.patterns.sliding_window(30) & ac.patterns.softcap(5.0, causal=False), {}),
     "dilated": (lambda: ac.patterns.dilated(40, 3), {}),
 }
 NATIVE = {"swa": "local", "document": "varlen", "document_gqa_batch": "varlen", "chunked_odd": "varlen",
-          "swa_softcap": "local", "prefix_lm": "block-sparse", "sinks": "block-sparse", "empty_rows": "block-sparse"}
+          "swa_softcap": "local", "prefix_lm": "block-sparse", "sinks": "block-sparse",
+          "sinks_gqa_batch": "block-sparse", "empty_rows": "block-sparse"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -152,15 +154,17 @@ def test_band_gradients_assemble_exactly():
 
 
 def test_narrow_bands_stay_native():
-    """sinks' 4 sink columns at the main shape (one kv tile per head, 128 q tiles in a row): their
-    FA4 backward runs beside the window's (a side stream), measured faster than the Triton backward."""
+    """sinks' 4 sink columns at the main shape: a sliver band (attncc's sliver kernel computes its
+    gradients) beside the window's FA4 backward (a side stream), predicted faster than the Triton
+    backward."""
     s = check_qkv(*(torch.empty(4, 16, 8192, 128, device="meta") for _ in range(3)))
     sink, window = fa4.native_plan(ac.patterns.sinks(4, 1024), s, "cpu").bands
     assert (sink.q0, sink.q1, sink.k0, sink.k1, sink.lo, sink.hi) == (0, 8192, 0, 4, None, 0)
     assert (window.q0, window.q1, window.k0, window.k1, window.lo, window.hi) == (4, 8192, 4, 8192, -1024, 0)
+    assert sliver.runs(sink, has_score_mod=False) and not sliver.runs(window, has_score_mod=False)
 
 
-@pytest.mark.parametrize("name", ["prefix_lm", "document_gqa_batch"])
+@pytest.mark.parametrize("name", ["prefix_lm", "document_gqa_batch", "sinks_gqa_batch"])
 def test_native_backward_through_lse(name):
     """A loss reading the LSE too: each band's (and the varlen call's) dlse share is exact."""
     make, shape = CASES[name]

@@ -26,6 +26,7 @@ import torch
 from ..dsl import ir
 
 MAX_BANDS = 4  # more pieces than this cost more in extra calls than the native kernels save
+SLIVER_KEYS = 64  # a band of at most this many keys is a sliver (is_sliver)
 _AXES = {(1, 0): "q", (0, 1): "kv", (-1, 1): "d"}  # coefficient pattern of (q, kv) -> axis
 
 
@@ -44,6 +45,13 @@ class Band:
         aligns a window bottom-right, j - i - (Sk - Sq) in [-left, right] for local rows i, cols j."""
         shift = self.q0 - self.k0 - (self.k1 - self.k0) + (self.q1 - self.q0)  # kv - q = j - i + Sk - Sq - shift
         return (None if self.lo is None else -self.lo - shift, None if self.hi is None else self.hi + shift)
+
+
+def is_sliver(band: Band) -> bool:
+    """A band of at most SLIVER_KEYS keys (sinks' sink columns): FA4's backward runs it as one program
+    per 128-key tile walking every query tile alone, 32x the work of 4 keys and serial in the
+    query tiles; attncc's sliver kernel (templates/sliver_backward.py.tmpl) splits it by query rows."""
+    return band.k1 - band.k0 <= SLIVER_KEYS
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 
 from ..dsl import ir
 from ..dsl.pattern import Pattern
+from .bands import SLIVER_KEYS
 from .derivative import derivative
 from .evaluate import token_mask
 from .layout import Layout
@@ -174,6 +175,12 @@ def _describe(pattern: Pattern, bufs: list[BufferSpec], plan: NumericPlan, roots
     lines.append("numeric plan: int32 and float32, " + (f"with {' and '.join(wide)} where values need them"
                                                          if wide else "nothing wider needed"))
     return "\n".join("    " + line for line in lines)
+
+
+def sliver_source(version: str) -> str:
+    """Stand-alone source of the sliver-band backward (templates/sliver_backward.py.tmpl): one
+    kernel for every pattern, the band's bounds its arguments (see bands.is_sliver)."""
+    return _template("sliver_backward.py.tmpl").substitute(VERSION=version, SLIVER_KEYS=SLIVER_KEYS)
 
 
 @lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ import torch
 
 from ..dsl import ir
 from ..dsl.pattern import Pattern
-from .bands import Band
+from .bands import Band, is_sliver
 from .codegen import TileConfig
 from .evaluate import evaluate, token_mask
 
@@ -256,25 +256,31 @@ def fa4_tiles_per_program(band: Band) -> list[int]:
 
 
 def simulate_fa4_backward(calls: list[tuple[Band, ...]], B: int, Hq: int, Hkv: int, D: int, profile: Profile,
-                          deterministic: bool = True) -> float:
+                          deterministic: bool = True, slivers: bool = False) -> float:
     """FA4's own backward, predicted ms: `calls` in order, each one FA4 call over its bands (one
     band, or a varlen call's segments). A call runs a program per kv tile of each band and query
     head, walking its q tiles (fa4_tiles_per_program), 5 dots per 64x128 tile at the profile's fa4
     `backward` rate, list-scheduled one per SM; plus its passes over memory (out, dout, the float32
     dQ accumulator and dq per row; k, v, dk, dv per column); times the `deterministic_factor`
-    (FA4's ordered dQ accumulation). Token ranges several calls cover add one more pass (the sum)."""
+    (FA4's ordered dQ accumulation). With `slivers`, a one-band call of a sliver band
+    (bands.is_sliver) is attncc's sliver kernel instead: one pass over q, out, dout and dq of its
+    rows at the bandwidth. Token ranges several calls cover add one more pass (the sum)."""
     spec = profile.backends["fa4"]["backward"]
     m, n = FA4_BACKWARD_TILE
     tile_ms = 2.0 * 5 * m * n * D / (spec["tflops"] / profile.sms * 1e12) * 1e3
     byte_ms = 1e3 / (profile.hbm_tbps * 1e12)
-    total = 0.0
+    total = ours = 0.0
     for call in calls:
-        work = [c * tile_ms for band in call for c in fa4_tiles_per_program(band)] * (B * Hq)
         rows = sum(b.q1 - b.q0 for b in call)
+        if slivers and len(call) == 1 and is_sliver(call[0]):
+            ours += rows * Hq * 4 * B * D * 2 * byte_ms
+            continue
+        work = [c * tile_ms for band in call for c in fa4_tiles_per_program(band)] * (B * Hq)
         cols = sum(b.k1 - b.k0 for b in call)
         total += _makespan(work, profile.sms) + (rows * Hq * 14 + cols * Hkv * 8) * B * D * byte_ms
     if deterministic:
         total *= spec["deterministic_factor"]
+    total += ours
     if len(calls) > 1:  # gradients of token ranges two calls cover: read both, write the sum
         def shared(span: list[tuple[int, int]]) -> int:
             cuts = sorted({x for ab in span for x in ab})

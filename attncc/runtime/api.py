@@ -534,7 +534,7 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
     mine = triton_backward_ms(pattern, s, tiles, lists, profile)
     lines, fa4_runs = [], False
     if backend == "fa4":
-        from . import fa4
+        from . import fa4, sliver
 
         own = fa4.own_backward_calls(pattern, s, lists, native)
         how = "deterministic" if deterministic else "nondeterministic"
@@ -542,9 +542,11 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
             lines.append("backward: FA4's block-sparse backward, nondeterministic (not modelled)")
             fa4_runs = True
         elif own is not None:
-            ms = fa4_own_backward_ms(own, s, deterministic, profile)
+            ms = fa4_own_backward_ms(own, pattern, s, deterministic, profile)
             fa4_runs = ms is None or mine is None or mine >= ms
-            lines.append(f"backward: FA4's own kernels, {len(own)} call(s), {how}: " +
+            slivers = sum(len(c) == 1 and sliver.runs(c[0], pattern.has_score_mod) for c in own)
+            lines.append(f"backward: FA4's own kernels, {len(own) - slivers} call(s)"
+                         + (f" and {slivers} sliver band(s) on attncc's kernel" if slivers else "") + f", {how}: " +
                          (f"no model in the {profile.key!r} profile" if ms is None else
                           f"predicted {ms:.3f} ms (cost.simulate_fa4_backward)") + (" <- runs" if fa4_runs else ""))
     if mine is None:

@@ -251,15 +251,17 @@ def triton_backward_ms(pattern: Pattern, s: Shapes, tiles: BackwardTiles, lists_
                                   tiles, profile)
 
 
-def fa4_own_backward_ms(calls, s: Shapes, deterministic: bool, profile) -> float | None:
+def fa4_own_backward_ms(calls, pattern: Pattern, s: Shapes, deterministic: bool, profile) -> float | None:
     """FA4's own dense / causal / local / varlen backward predicted ms (cost.simulate_fa4_backward)
-    for its `calls` (fa4.own_backward_calls; None: it does not run), or None where it does not run
-    or `profile` does not model it."""
+    for its `calls` (fa4.own_backward_calls; None: it does not run), sliver bands on attncc's
+    kernel where it runs them (a pattern without a score mod), or None where it does not run or
+    `profile` does not model it."""
     from ..compiler import cost
 
     if calls is None or "backward" not in profile.backends.get("fa4", {}):
         return None
-    return cost.simulate_fa4_backward(calls, s.B, s.Hq, s.Hkv, s.D, profile, deterministic)
+    return cost.simulate_fa4_backward(calls, s.B, s.Hq, s.Hkv, s.D, profile, deterministic,
+                                      slivers=not pattern.has_score_mod)
 
 
 def fa4_backward_model_refusal(pattern: Pattern, s: Shapes, lists_device: torch.device, tiles: BackwardTiles,
@@ -269,7 +271,8 @@ def fa4_backward_model_refusal(pattern: Pattern, s: Shapes, lists_device: torch.
     the profile models only one of them, or FA4 runs its block-sparse backward (not modelled)."""
     from . import fa4
 
-    own = fa4_own_backward_ms(fa4.own_backward_calls(pattern, s, lists_device, native), s, deterministic, profile)
+    own = fa4_own_backward_ms(fa4.own_backward_calls(pattern, s, lists_device, native), pattern, s, deterministic,
+                              profile)
     if own is None:
         return None
     mine = triton_backward_ms(pattern, s, tiles, lists_device, profile)

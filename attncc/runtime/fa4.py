@@ -33,7 +33,7 @@ from ..compiler.codegen import TileConfig, kernel_roots
 from ..compiler.lowering import BufferSpec
 from ..dsl import ir
 from ..dsl.pattern import Pattern
-from . import cache, lazy_imports
+from . import cache, lazy_imports, sliver
 from .inputs import Shapes
 
 TESTED = "flash-attn-4==4.0.0b36 with nvidia-cutlass-dsl==4.8.1 (H200, torch 2.11)"
@@ -429,9 +429,10 @@ def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, determinis
 
 
 def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, deterministic: bool):
-    """The gradients from FA4's own local / varlen backward, one call per band. Each call gets the
-    whole attention's out and LSE for its rows, so it computes exactly its pairs' share (P and
-    rowsum(dO * O) are global); the shares add up in a fixed order, in float32 where they overlap."""
+    """The gradients from FA4's own local / varlen backward, one call per band (a sliver band without a
+    score mod: attncc's sliver kernel, runtime/sliver.py). Each call gets the whole attention's out
+    and LSE for its rows, so it computes exactly its pairs' share (P and rowsum(dO * O) are global);
+    the shares add up in a fixed order, in float32 where they overlap."""
     fa = _fa()
     native = call.native
     hooks = dict(score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"),
@@ -452,15 +453,24 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
                     if q.is_cuda and len(native.bands) > 1 else None)
     for n, (left, right) in enumerate(native.windows()):
         rows, cols, _ = spans[n]
-        outs = {name: t(totals[i][:, :, spans[n][i]]) for i, name in enumerate(("dq", "dk", "dv")) if direct[i][n]}
+        band = native.bands[n]
         with _band_stream(n, q, inputs_ready, sides):
-            grads = fa.interface._flash_attn_bwd(
-                t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
-                lse[:, :, rows].contiguous(), scale, False,
-                dlse=None if dlse is None else dlse[:, :, rows].contiguous(), **window_args(left, right), **outs,
-                **hooks)
+            if sliver.runs(band, call.mod("score_mod") is not None):
+                dq = totals[0][:, :, rows] if direct[0][n] else q.new_empty(q[:, :, rows].shape)
+                grads = (dq, *sliver.backward(q, k, v, out, dout, lse, dlse, band, scale, dq))
+                for i in (1, 2):
+                    if direct[i][n]:
+                        totals[i][:, :, cols].copy_(grads[i])
+            else:
+                outs = {name: t(totals[i][:, :, spans[n][i]]) for i, name in enumerate(("dq", "dk", "dv"))
+                        if direct[i][n]}
+                grads = tuple(t(g) for g in fa.interface._flash_attn_bwd(
+                    t(q[:, :, rows]), t(k[:, :, cols]), t(v[:, :, cols]), t(out[:, :, rows]), t(dout[:, :, rows]),
+                    lse[:, :, rows].contiguous(), scale, False,
+                    dlse=None if dlse is None else dlse[:, :, rows].contiguous(), **window_args(left, right),
+                    **outs, **hooks))
         for i, g in enumerate(grads):
-            pieces[i].append((spans[n][i], None if direct[i][n] else t(g)))
+            pieces[i].append((spans[n][i], None if direct[i][n] else g))
     if sides:
         main = torch.cuda.current_stream(q.device)
         for side in sides:
