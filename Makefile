@@ -19,7 +19,8 @@ demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	# two workers (pytest-xdist), a test file per worker at a time: test files share compiled kernels
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV)
