@@ -6,6 +6,8 @@ query rows and sums the dk / dv shares in a fixed order: deterministic either wa
 score mod: patterns with one keep FA4's call (`runs`)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..compiler import bands, codegen
@@ -22,14 +24,10 @@ def backward(q, k, v, out, dout, lse, dlse, band: bands.Band, scale: float, dq: 
     """(dk, dv) float32 [B, Hkv, k1 - k0, D] of `band`'s pairs; writes their dq into dq [B, H, q1 - q0,
     D] (a view of the result or a buffer). q [B, H, Q, D], k, v [B, Hkv, KV, D], out and dout like
     q, lse float32 [B, H, Q] (natural log) of the whole attention, dlse its gradient or None."""
-    import attncc
-
     from .kernel import interpretable, launch
 
     interpret = not q.is_cuda
-    source = codegen.sliver_source(attncc.__version__)
-    module = cache.load_kernel_module({"kind": "sliver-backward", "source": source}, lambda: source,
-                                      interpret=interpret)
+    module = _module(interpret)
     q, k, v, out, dout = interpretable(interpret, q, k, v, out, dout)
     into = torch.empty(dq.shape, dtype=q.dtype, device=dq.device) if q.dtype != dq.dtype else dq
     geometry = (band.q0, band.q1, band.k0, band.k1, band.lo, band.hi)
@@ -37,3 +35,14 @@ def backward(q, k, v, out, dout, lse, dlse, band: bands.Band, scale: float, dq: 
     if into is not dq:
         dq.copy_(into)
     return dk, dv
+
+
+@functools.lru_cache(maxsize=None)
+def _module(interpret: bool):
+    """The kernel's module, loaded once per process (each backward would otherwise rebuild and hash
+    its source on the way to the cache, on the call's host path)."""
+    import attncc
+
+    source = codegen.sliver_source(attncc.__version__)
+    return cache.load_kernel_module({"kind": "sliver-backward", "source": source}, lambda: source,
+                                    interpret=interpret)
