@@ -199,7 +199,6 @@ def _show_target(pattern: ac.Pattern, args) -> int:
     """What runs on the GPU `args.target` names (runtime/choices.TARGETS), printed on any machine:
     the backend the automatic choice takes there (with FlashAttention-4 installed) and its source."""
     from .runtime import choices, fa4
-    from .runtime.inputs import check_qkv
 
     name, capability = choices.TARGETS[args.target]
     if args.dtype is None:
@@ -211,7 +210,7 @@ def _show_target(pattern: ac.Pattern, args) -> int:
         print("# backend: fa4 (FlashAttention-4's kernels with these hooks; it must be installed there: "
               "pip install 'attncc[fa4]')")
     else:
-        why = fa4.refusal_on(kern.pattern, check_qkv(q, k, v), capability, q.dtype, "cpu", assume_installed=True)
+        why = fa4.refusal_on(kern.pattern, kern.shapes, capability, q.dtype, "cpu", assume_installed=True)
         print(f"# backend: {kern.backend} (not fa4: {why or 'the cost model or the layout rule of runtime/choices.py prefer it'}); "
               f"Triton tiles {kern.tiles}" + (" (SDPA's cuDNN kernel runs; this is attncc's fallback)"
                                              if kern.backend == "sdpa-cudnn" else ""))

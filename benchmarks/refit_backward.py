@@ -9,7 +9,7 @@ and the mask operator cost instead, to the 2026-12-03 tile sweeps (SWEEP below);
 The times (B4 H16 N8192 D128 bf16, dK/dV 64x128/8/3 + dQ 128x64/8/3) are forward+backward minus
 forward, as recorded in benchmarks/results: the suite after the fused delta pass
 (2026-12-02-nvidia-h200-suite-delta.md, effective TFLOP/s, converted with the patterns' live
-pairs) and `python benchmarks/fa4_native.py --patterns prefixlm2048,sinks`'s hooks way on
+pairs) and `python benchmarks/ways.py --patterns prefixlm2048,sinks`'s hooks way on
 2026-12-02 (ms; Triton backward on FA4's forward). The rate is fitted to FIT, the others are held
 out; the PARTIAL factor and prologue are kept. Prints the table and the rate.
 """

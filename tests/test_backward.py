@@ -36,11 +36,11 @@ def oracle(pattern, q, k, v, w_out, w_lse):
     return torch.autograd.grad(loss, (qd, kd, vd))
 
 
-def check(pattern, q, k, v, seed=0):
+def check(pattern, q, k, v, seed=0, kernel_options=None):
     g = torch.Generator().manual_seed(seed + 1)
     w_out = torch.randn(*q.shape[:3], v.shape[3], generator=g)
     w_lse = torch.randn(*q.shape[:3], generator=g)
-    ours = grads(pattern, q, k, v, w_out, w_lse)
+    ours = grads(pattern, q, k, v, w_out, w_lse, kernel_options)
     want = oracle(pattern, q, k, v, w_out, w_lse)
     for name, a, b, t in zip("qkv", ours, want, (q, k, v)):
         assert a.dtype == t.dtype and a.shape == t.shape, name

@@ -108,7 +108,12 @@ def test_explain_names_fa4s_own_masks_where_they_run():
            "(1024, 0)" in swa
     prefix = ac.explain(ac.patterns.prefix_lm(2048), q, k, v, target="h200")
     assert "in the backward: q [0, 8192) x kv [0, 2048) dense; q [2048, 8192) x kv [2048, 8192) causal" in prefix
-    assert "FA4's own masks" not in ac.explain(ac.patterns.dilated(1024, 4), q, k, v, target="h200")
+    unfolded = ac.explain(ac.patterns.dilated(1024, 4), q, k, v, target="h200", kernel_options={"fold": False})
+    assert "FA4's own masks" not in unfolded and "runs folded" not in unfolded
+    # folded (runtime/fold.py): the residue classes are heads of a call of N/4 tokens, a local window each
+    dilated = ac.explain(ac.patterns.dilated(1024, 4), q, k, v, target="h200")
+    assert "shapes: B=64 Hq=4 Hkv=4 Q=2048 KV=2048 D=128" in dilated and "runs folded: residue classes mod 4" in dilated
+    assert "forward and backward: q [0, 2048) x kv [0, 2048) local window (256, 256)" in dilated
 
 
 def test_explain_refuses_bad_targets_and_meta_without_one():
@@ -368,7 +373,7 @@ def test_autotune_times_the_candidates_and_takes_the_fastest(monkeypatch):
         return fake[seen[-1].BLOCK_M * seen[-1].BLOCK_N]
     monkeypatch.setattr(calibrate, "time_ms", time_ms)
     monkeypatch.setattr(Kernel, "run", lambda self, *args: seen.append(self.tiles))
-    assert api._fastest(pattern, s, q, k, v, 0.2, candidates, None) == candidates[1]
+    assert api._fastest(pattern, s, q, k, v, 0.2, candidates, None, None) == candidates[1]
     assert seen == [c[1] for c in candidates]
     with pytest.raises(ValueError, match="autotune"):
         choices.check_options({"autotune": "yes"})
@@ -391,7 +396,8 @@ def test_backward_model_scales_with_the_work_and_shows_in_explain():
     assert 0.45 < causal / full < 0.65  # half the tiles, the diagonal ones PARTIAL
     assert predicted(ac.patterns.causal(), Hkv=2) >= causal  # GQA: as much work on fewer dK/dV programs
     q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
-    dilated = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200")  # runs attncc's Triton backward
+    dilated = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200",  # runs attncc's Triton backward
+                         kernel_options={"fold": False})
     assert "backward: attncc's Triton dK/dV" in dilated and "not what runs" not in dilated
     assert "backward: FA4's own kernels, 1 call(s), deterministic: no model in the 'h100' profile" in \
         ac.explain(ac.patterns.causal(), q, q, q, target="h100")
@@ -459,5 +465,5 @@ def test_explain_predicts_fa4s_own_backward_where_it_runs():
                       kernel_options={"deterministic": False})
     assert "backward: FA4's own kernels, 1 call(s), nondeterministic: predicted" in docs
     hooks = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200", kernel_options={
-        "backend": "fa4", "deterministic": False})
+        "backend": "fa4", "deterministic": False, "fold": False})
     assert "backward: FA4's block-sparse backward, nondeterministic (not modelled)" in hooks

@@ -27,6 +27,8 @@ PATTERNS = {
     "softcap": lambda N, H: ac.patterns.softcap(30.0),
     "alibi": lambda N, H: ac.patterns.alibi(H, device="cuda"),
     "dilated": lambda N, H: ac.patterns.dilated(500, 3),
+    # at N % 4 == 0 and MHA folded (runtime/fold.py): residue classes as heads, FA4's own local window
+    "dilated4_softcap": lambda N, H: ac.patterns.dilated(500, 4) & ac.patterns.softcap(30.0, causal=False),
     "prefix_lm": lambda N, H: ac.patterns.prefix_lm(700),
     "sinks": lambda N, H: ac.patterns.sinks(4, 300),
     "chunked": lambda N, H: ac.patterns.chunked(384),
@@ -55,7 +57,7 @@ def test_forward_and_lse_match_reference(name, shape):
 
 
 @pytest.mark.parametrize("name", ["causal", "swa", "document", "softcap", "alibi", "relbias", "empty_rows", "full",
-                                  "prefix_lm", "sinks", "chunked"])
+                                  "prefix_lm", "sinks", "chunked", "dilated4_softcap"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["B2H8N2048D128", "gqa4-N1999-D64"])
 def test_gradients_match_reference_and_are_deterministic(name, shape):
     B, Hq, Hkv, N, D = shape
@@ -68,7 +70,8 @@ def test_gradients_match_reference_and_are_deterministic(name, shape):
 
 
 @pytest.mark.parametrize("name, kind", [("swa", "local"), ("document", "varlen"), ("chunked", "varlen"),
-                                        ("prefix_lm", "block-sparse"), ("sinks", "block-sparse")])
+                                        ("prefix_lm", "block-sparse"), ("sinks", "block-sparse"),
+                                        ("dilated4_softcap", "local")])
 def test_bands_and_segments_run_fa4s_own_deterministic_backward(name, kind):
     B, Hq, Hkv, N, D = 4, 16, 16, 4096, 128
     q, k, v = qkv(B, Hq, Hkv, N, D)

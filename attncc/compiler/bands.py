@@ -11,6 +11,9 @@ pieces from the IR, exactly, or says there are none (None):
 - `segments(mask, params, buffers, Q, KV)`: `Segments` (cu_seqlens-style offsets, one band
   inside every segment) where the mask is seg(q) == seg(kv) & band, seg a buffer of run-contiguous
   ids read at q and kv, or `x // C`.
+- `residues(mask, params, Q, KV)`: `Residues` where the mask is q = kv (mod s) & a formula of
+  kv - q alone (a dilated window): each residue class is then that formula on its own, in
+  class-local positions (runtime/fold.py runs the classes as heads of one call, views only).
 
 Only masks of the index variables q and kv qualify: comparisons of integer-affine expressions
 along q, kv or kv - q (abs of one included), combined by and / or / not, with params at their
@@ -305,6 +308,55 @@ def _and(nodes: list[ir.Node]) -> ir.Node:
     for n in nodes[1:]:
         out = ir.op("and", out, n)
     return out
+
+
+@dataclass(frozen=True)
+class Residues:
+    """The mask is q = kv (mod `stride`) & `mask`, with `mask` (IR) the rest in class-local positions:
+    token stride*i + r is position i of class r, and a pair of one class is live where `mask` holds
+    at its class-local q, kv (exact: the rest reads kv - q alone, and kv - q = stride * (kv' - q'))."""
+    stride: int
+    mask: ir.Node
+
+
+def _residue_stride(node: ir.Node, params: dict) -> int | None:
+    """s where `node` is q = kv (mod s), s >= 2 a constant: `(q - kv) % s == 0` (either sign, any
+    offset that is a multiple of s) or `q % s == kv % s`; else None."""
+    if not (isinstance(node, ir.Op) and node.op == "eq"):
+        return None
+    a, b = node.args
+    for x, y in ((a, b), (b, a)):
+        if isinstance(x, ir.Op) and x.op == "mod" and y == ir.const(0):
+            e, s = _affine(x.args[0], params), x.args[1]
+            if (isinstance(s, ir.Const) and type(s.value) is int and s.value >= 2 and e is not None
+                    and e[0] == -e[1] and abs(e[0]) == 1 and e[2] % s.value == 0):
+                return s.value
+    if all(isinstance(x, ir.Op) and x.op == "mod" for x in (a, b)) and a.args[1] == b.args[1]:
+        s = a.args[1]
+        if (isinstance(s, ir.Const) and type(s.value) is int and s.value >= 2
+                and {a.args[0], b.args[0]} == {ir.Var("q"), ir.Var("kv")}):
+            return s.value
+    return None
+
+
+def residues(mask: ir.Node, params: dict, Q: int, KV: int) -> Residues | None:
+    """The mask as residue classes mod s, each a formula of kv - q alone (a dilated window:
+    abs(q - kv) <= W and (q - kv) % s == 0), with Q and KV multiples of s; else None."""
+    parts = _conjuncts(mask)
+    for i, part in enumerate(parts):
+        stride = _residue_stride(part, params)
+        if stride is None or Q % stride or KV % stride:
+            continue
+        rest = parts[:i] + parts[i + 1:]
+        if not rest:
+            return Residues(stride, ir.TRUE)
+        rest = _and(rest)
+        f = _formula(rest, params)
+        if f is None or any(atom.axis != "d" for atom in _atoms(f)):
+            return None
+        scaled = {v: ir.op("mul", ir.const(stride), ir.Var(v)) for v in ("q", "kv")}
+        return Residues(stride, ir.substitute(rest, lambda n: scaled.get(n.name) if isinstance(n, ir.Var) else None))
+    return None
 
 
 def _offsets(key, buffers: dict, Q: int) -> torch.Tensor | None:

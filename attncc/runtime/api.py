@@ -119,42 +119,54 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
         TRITON_KEY.start()
     pattern = as_pattern(pattern)
     pattern.require_bound()
-    layout = pattern.layout
-    if layout is not None:
-        layout.check(s.Q, s.KV)
-    pattern = pattern.kernel_pattern  # in the layout's coordinates, if it has one
     options = check_options(kernel_options)
-    tiles = choose_tiles(s, q.dtype, q.device, options)
-    backend = choose_backend(pattern, s, q, options, return_lse, layout)
-    ranked = ranked_candidates(pattern, s, q.dtype, q.device, options, backend, profile_for(q.device))
+    pattern, ks, layout, fold = kernel_form(pattern, s, options)
+    tiles = choose_tiles(ks, q.dtype, q.device, options)
+    backend = choose_backend(pattern, ks, q, options, return_lse, layout)
+    ranked = ranked_candidates(pattern, ks, q.dtype, q.device, options, backend, profile_for(q.device))
     if options.get("autotune") and ranked:
-        ranked = [_fastest(pattern, s, q, k, v, check_scale(scale, s.D), ranked[:AUTOTUNE_TOP], layout)]
+        ranked = [_fastest(pattern, s, q, k, v, check_scale(scale, s.D), ranked[:AUTOTUNE_TOP], layout, fold)]
     if ranked:
         backend, tiles = ranked[0]
-    tma = choose_tma(s, q.device, options)
+    tma = choose_tma(ks, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):
             raise ValueError("kernel_options tma=True reads contiguous kv rows, but this pattern's token "
                              "layout has the kernels gather them; leave tma unset")
         tma = False
-    choice = KernelChoice(tiles, choose_backward_tiles(s, q.dtype, q.device, options), backend,
+    choice = KernelChoice(tiles, choose_backward_tiles(ks, q.dtype, q.device, options), backend,
                           tma, layout, options.get("deterministic", True), options.get("fa4_native", True),
-                          *forced_tiles(options), backward_modelled(s, q.dtype, q.device, options))
+                          *forced_tiles(options), backward_modelled(ks, q.dtype, q.device, options), fold=fold)
     return pattern, s, check_scale(scale, s.D), choice
 
 
-def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layout):
+def kernel_form(pattern: Pattern, s, options: dict):
+    """(the pattern the kernels run, their shapes, the token layout or None, the residue fold or
+    None) for a call of `pattern` at shapes s: folded where runtime/fold.fold_for folds it (the fold
+    replaces a layout), else in the layout's coordinates where the pattern has one (checked against
+    the lengths), else the pattern itself."""
+    from .fold import fold_for
+
+    fold = fold_for(pattern, s, options)
+    if fold is not None:
+        return fold.pattern, fold.shapes(s), None, fold
+    if pattern.layout is not None:
+        pattern.layout.check(s.Q, s.KV)
+    return pattern.kernel_pattern, s, pattern.layout, None
+
+
+def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layout, fold):
     """The (backend, forward tiles) whose forward measured fastest on these inputs (kernel_options
     autotune=True: the simulator's top few, each timed by do_bench; a candidate that needed fewer
-    stages to fit in shared memory is timed, and returned, with them)."""
+    stages to fit in shared memory is timed, and returned, with them). s: the call's shapes."""
     from .calibrate import time_ms
     from .choices import KernelChoice, choose_backward_tiles
     from .kernel import Kernel
 
-    backward = choose_backward_tiles(s, q.dtype, q.device, {})
+    backward = choose_backward_tiles(s if fold is None else fold.shapes(s), q.dtype, q.device, {})
     timed = []
     for backend, tiles in candidates:
-        kern = Kernel(pattern, s, q.device, scale, KernelChoice(tiles, backward, backend, False, layout))
+        kern = Kernel(pattern, s, q.device, scale, KernelChoice(tiles, backward, backend, False, layout, fold=fold))
         with torch.no_grad():
             ms = time_ms(lambda: kern.run(q, k, v, s, False), q.device)
         timed.append((ms, backend, kern.tiles))
@@ -304,9 +316,9 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     s = check_qkv(q, k, v)
     pattern = as_pattern(pattern)
     pattern.require_bound()
-    if pattern.layout is not None:
-        pattern.layout.check(s.Q, s.KV)
-    return TargetKernel(pattern.kernel_pattern, s, q.dtype, target, check_options(kernel_options), pattern.layout)
+    options = check_options(kernel_options)
+    kp, ks, layout, fold = kernel_form(pattern, s, options)
+    return TargetKernel(kp, ks, q.dtype, target, options, layout, fold)
 
 
 def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool = True):
@@ -418,15 +430,8 @@ _DECODE_KERNELS = LRU(16)  # call key -> DecodeKernel: a decode step's next laye
 def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options):
     from .compiled_op import attention_op, options_json
 
-    layout = pattern.layout
-    if layout is not None:
-        layout.check(q.shape[2], k.shape[2])
-        q, k, v = (layout.permute(t) for t in (q, k, v))
-    kernel_pattern = pattern.kernel_pattern
-    out, lse = attention_op(q, k, v, [t for t in kernel_pattern.buffers.values()], kernel_pattern.uid,
-                            options_json(kernel_options), scale)
-    if layout is not None:
-        out, lse = layout.unpermute(out), layout.unpermute(lse)
+    out, lse = attention_op(q, k, v, list(pattern.buffers.values()), pattern.uid, options_json(kernel_options),
+                            scale)  # natural token order in and out: the Kernel folds or permutes
     return (out, lse) if return_lse else out
 
 
@@ -462,10 +467,8 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     s = check_qkv(q, k, v)
     pattern = as_pattern(pattern)
     pattern.require_bound()
-    if pattern.layout is not None:
-        pattern.layout.check(s.Q, s.KV)
-    kp = pattern.kernel_pattern
     options = check_options(kernel_options)
+    kp, ks, layout, fold = kernel_form(pattern, s, options)
     if target is not None and target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     if target is None and q.device.type == "meta":
@@ -473,41 +476,43 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     profile = profile_for(q.device, target)
     if target is not None:
         lists = torch.device("cpu")
-        chosen = choose_on_target(kp, s, q.dtype, target, options, pattern.layout)
-        why_not_fa4 = fa4.refusal_on(kp, s, TARGETS[target][1], q.dtype, lists, assume_installed=True)
+        chosen = choose_on_target(kp, ks, q.dtype, target, options, layout)
+        why_not_fa4 = fa4.refusal_on(kp, ks, TARGETS[target][1], q.dtype, lists, assume_installed=True)
     else:
         lists = q.device
         _, _, _, choice = _prepare(pattern, q, k, v, None, options, False)
         chosen = (choice.backend, choice.tiles)
-        why_not_fa4 = fa4.refusal(kp, s, q)
+        why_not_fa4 = fa4.refusal(kp, ks, q)
     fa4_ok = why_not_fa4 is None
     candidates = [("triton", t) for t in TRITON_CANDIDATES]
     if chosen[0] == "triton" and chosen[1] not in TRITON_CANDIDATES:
         candidates.append(chosen)
     if fa4_ok and "fa4" in profile.backends:
         candidates.append(("fa4", fa4.TILE))
-    text = cost.report(kp, s, q.dtype, lists, profile, chosen, candidates, png)
+    text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png)
+    if fold is not None:
+        text += f"\nruns folded: {fold.describe()}; the report above is the folded call's"
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
-    if choose_decode(kp, s.Q, s.KV, options, False):
+    if choose_decode(pattern, s.Q, s.KV, options, False):
         from .decode import DecodeKernel
 
         splits = ("chosen at run time (cost.decode_splits)" if target is not None
-                  else DecodeKernel(kp, q, k, v, kernel_options=kernel_options).config["kv_splits"])
+                  else DecodeKernel(pattern, q, k, v, kernel_options=kernel_options).config["kv_splits"])
         text += (f"\nruns: attncc's split-KV decode kernel (runtime/decode.py), kv_splits {splits}, "
                  "not the forward configurations above")
     if not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
-    elif chosen[0] == "fa4" and fa4.dense_kind(kp, s) is None and options.get("fa4_native", True):
-        native = fa4.native_plan(kp, s, lists)
+    elif chosen[0] == "fa4" and fa4.dense_kind(kp, ks) is None and options.get("fa4_native", True):
+        native = fa4.native_plan(kp, ks, lists)
         if native is not None:
             text += (f"\nfa4 runs the mask as FA4's own masks (compiler/bands.py), "
                      f"{'forward and backward' if native.whole() else 'in the backward'}: {native.describe()}")
     elif chosen[0] != "fa4":
         text += ("\nfa4 could run this call, but it would read permuted copies; attncc's Triton kernels gather the "
-                 "token layout's rows in place (runtime/choices.fa4_measured_faster)" if pattern.layout is not None
+                 "token layout's rows in place (runtime/choices.fa4_measured_faster)" if layout is not None
                  else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
-    text += "\n" + _backward_line(kp, s, q.dtype, lists, options, profile, chosen[0])
+    text += "\n" + _backward_line(kp, ks, q.dtype, lists, options, profile, chosen[0])
     if plan is not None:
         from .parallel import explain_text
 

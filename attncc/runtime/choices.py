@@ -30,7 +30,8 @@ TARGETS = {"h200": ("NVIDIA H200", (9, 0)), "h100": ("NVIDIA H100", (9, 0))}
 @dataclass(frozen=True)
 class KernelChoice:
     """What runs: the forward's tiles, the backward's, the backend (one of BACKENDS), whether the
-    forward reads K/V through tensor descriptors, and the token layout (or None)."""
+    forward reads K/V through tensor descriptors, the token layout (or None), and the residue fold
+    (runtime/fold.Fold, or None; it replaces the layout)."""
     tiles: TileConfig
     backward_tiles: BackwardTiles
     backend: str
@@ -41,6 +42,7 @@ class KernelChoice:
     tiles_forced: bool = False     # kernel_options set the forward's tiles: never changed at run time
     backward_forced: bool = False  # ... or the backward's (dkdv_tiles / dq_tiles)
     backward_by_model: bool = False  # the backward's tiles: the cost model's pick (model_backward_tiles)
+    fold: object | None = None       # runtime/fold.Fold: the call runs folded (tiles, backend chosen folded)
 
 
 def forced_tiles(options: dict) -> tuple[bool, bool]:
@@ -60,7 +62,7 @@ def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
 
 TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 BACKWARD_TILE_OPTIONS = ("dkdv_tiles", "dq_tiles")
-_OPTIONS = TILE_OPTIONS + BACKWARD_TILE_OPTIONS + ("backend", "tma", "deterministic", "autotune", "fa4_native")
+_OPTIONS = TILE_OPTIONS + BACKWARD_TILE_OPTIONS + ("backend", "tma", "deterministic", "autotune", "fa4_native", "fold")
 # handled by ac.attention before a kernel is chosen (runtime/decode.py, runtime/sequences.split_kv),
 # refused by ac.compile unless the decode kernel runs
 CALL_OPTIONS = ("kv_splits", "decode")
@@ -325,7 +327,7 @@ def check_options(options) -> dict:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"kernel_options has unknown key(s) {unknown}; known: {list(_OPTIONS)}")
-    for flag in ("tma", "deterministic", "autotune", "fa4_native"):
+    for flag in ("tma", "deterministic", "autotune", "fa4_native", "fold"):
         if not isinstance(options.get(flag, True), bool):
             raise ValueError(f"kernel_options[{flag!r}] must be a bool, got {options[flag]!r}")
     if options.get("backend", "auto") not in ("auto",) + BACKENDS:

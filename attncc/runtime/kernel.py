@@ -349,9 +349,11 @@ class Kernel:
     are FA4's 128x128) or "sdpa-cudnn" (SDPA's cuDNN backend, forward and backward, for plain full
     or equal-length causal attention with no score mod on CUDA). With a token layout (`layout`,
     compiler/layout.py) the kernels, `.source` and `.block_mask` are in the layout's token order;
-    `__call__` takes and returns natural order: attncc's Triton kernels gather and scatter the rows
-    (token_row in .source), the other backends run on permuted copies. `predicted_ms` is the cost model's forward prediction
-    (compiler/cost.py; None on CPU and for sdpa-cudnn).
+    with a residue fold (`fold`, runtime/fold.py) they are the folded call's (batch B*H, the classes
+    as heads). `__call__`, `forward` and `backward` take and return natural order: folds are views,
+    attncc's Triton kernels gather and scatter a layout's rows (token_row in .source), the other
+    backends run on permuted copies. `predicted_ms` is the cost model's forward prediction
+    (compiler/cost.py; None on CPU and for sdpa-cudnn). `shapes` are the call's (natural) shapes.
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
@@ -364,12 +366,14 @@ class Kernel:
         self.tma = choice.tma
         self.layout = choice.layout
         self._rows = choice.layout if choice.backend == "triton" else None  # the kernels gather rows through it
+        self.fold = choice.fold
         self.deterministic = choice.deterministic
         self.fa4_native = choice.fa4_native
         self._tiles_forced, self._backward_forced = choice.tiles_forced, choice.backward_forced
         self.device = device
         self.interpret = device.type != "cuda"
-        self._shapes = shapes
+        self._call_shapes = shapes
+        self._shapes = shapes if self.fold is None else self.fold.shapes(shapes)  # what the kernels run
         self._use_tiles(fa4.TILE if self.backend == "fa4" else choice.tiles)
         self._fa4_backward_why: dict = {}  # shapes -> fa4_backward_model_refusal's answer
         if self.backend == "fa4":
@@ -406,13 +410,15 @@ class Kernel:
         if self.backend == "fa4":
             why = self._fa4_backward_refusal(self._fa4, self._shapes)
             native = self._fa4.native
-            return {"backend": "fa4", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "fa4_kernel": self._fa4.kind(),
-                    **({"fa4_native": native.describe()} if native is not None else {}),
-                    "backward": "fa4" if why is None else f"triton ({why})", "deterministic": self.deterministic,
-                    "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
-        return {"backend": self.backend, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
-                "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma,
-                "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
+            config = {"backend": "fa4", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "fa4_kernel": self._fa4.kind(),
+                      **({"fa4_native": native.describe()} if native is not None else {}),
+                      "backward": "fa4" if why is None else f"triton ({why})", "deterministic": self.deterministic,
+                      "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
+        else:
+            config = {"backend": self.backend, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N,
+                      "num_warps": t.num_warps, "num_stages": t.num_stages, "tma": self.tma,
+                      "dkdv_tiles": tile_tuple(b.dkdv), "dq_tiles": tile_tuple(b.dq)}
+        return config if self.fold is None else {**config, "fold": self.fold.describe()}
 
     @property
     def predicted_ms(self) -> float | None:
@@ -462,18 +468,31 @@ class Kernel:
         """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
         if self.layout is not None:
             self.layout.check(s.Q, s.KV)
-        if self.layout is not None and self._rows is None:  # a backend that reads kernel order
-            result = self._run(*(self.layout.permute(t) for t in (q, k, v)), s, return_lse)
-            return tuple(map(self.layout.unpermute, result)) if return_lse else self.layout.unpermute(result)
-        return self._run(q, k, v, s, return_lse)
-
-    def _run(self, q, k, v, s: Shapes, return_lse: bool):
-        if self.backend == "sdpa-cudnn" and not return_lse and s == self._shapes:
-            return _sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE)  # SDPA's own backward
+        if self.backend == "sdpa-cudnn" and not return_lse and s == self._call_shapes:
+            fold = self.fold.fold if self.fold is not None else lambda x: x  # noqa: E731
+            out = _sdpa(fold(q), fold(k), fold(v), self.scale, causal=self.pattern.mask is not TRUE)
+            return out if self.fold is None else self.fold.unfold(out)  # SDPA's own backward
         if autograd.needs_grad(self.pattern, q, k, v):
             return autograd.attention(self, q, k, v, s, return_lse)
         out, lse = self.forward(q, k, v, s)
         return (out, lse) if return_lse else out
+
+    def _kernel_order(self, s: Shapes, *xs):
+        """(xs in the order the kernels read, their shapes): folded views, a layout's permuted
+        copies (a backend that does not gather rows), or xs themselves (None stays None)."""
+        if self.fold is not None:
+            return [None if x is None else self.fold.fold(x) for x in xs], self.fold.shapes(s)
+        if self.layout is not None and self._rows is None:
+            return [None if x is None else self.layout.permute(x) for x in xs], s
+        return list(xs), s
+
+    def _natural_order(self, *xs) -> tuple:
+        """_kernel_order's inverse on results."""
+        if self.fold is not None:
+            return tuple(map(self.fold.unfold, xs))
+        if self.layout is not None and self._rows is None:
+            return tuple(map(self.layout.unpermute, xs))
+        return xs
 
     def _specialised(self, s: Shapes, device) -> tuple[KernelMeta, types.ModuleType]:
         """The metadata and forward module for shapes `s` (other lengths: their own block mask, and
@@ -486,7 +505,12 @@ class Kernel:
         return meta, kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret, layout=self._rows)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes):
-        """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) from the generated kernel."""
+        """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) from the generated kernel
+        (natural token order in and out)."""
+        (q, k, v), s = self._kernel_order(s, q, k, v)
+        return self._natural_order(*self._forward(q, k, v, s))
+
+    def _forward(self, q, k, v, s: Shapes):
         if self.backend == "fa4":
             return fa4.forward(self._fa4_call(s), q, k, v, self.scale)
         dtype = q.dtype
@@ -502,8 +526,12 @@ class Kernel:
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
-        gradient of out (None: zeros), dlse that of lse (None: zeros)."""
+        gradient of out (None: zeros), dlse that of lse (None: zeros); natural token order."""
         dout = torch.zeros_like(out) if dout is None else dout
+        (q, k, v, out, lse, dout, dlse), s = self._kernel_order(s, q, k, v, out, lse, dout, dlse)
+        return self._natural_order(*self._backward(q, k, v, out, lse, dout, dlse, s))
+
+    def _backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         if self.backend == "fa4":
             call = self._fa4_call(s)
             if self._fa4_backward_refusal(call, s) is None:
@@ -528,9 +556,9 @@ class Kernel:
 
         _, meta = META_CACHE.get(self.pattern, s, self.tiles, q.device)
         dout = torch.zeros_like(out) if dout is None else dout
-        if self._rows is not None:  # the tensors are in natural order, the pattern in kernel order
-            q, k, v, out, lse, dout = (self._rows.permute(t) for t in (q, k, v, out, lse, dout))
-            dlse = None if dlse is None else self._rows.permute(dlse)
+        if self.layout is not None:  # the tensors are in natural order, the pattern in kernel order
+            q, k, v, out, lse, dout = (self.layout.permute(t) for t in (q, k, v, out, lse, dout))
+            dlse = None if dlse is None else self.layout.permute(dlse)
         span = _live_kv_span(meta) + (self.tiles.BLOCK_M, self.tiles.BLOCK_N)
         return buffer_grads(self.pattern, names, q, k, v, out, lse, dout, dlse, self.scale, span)
 

@@ -22,16 +22,23 @@ _CPU = torch.device("cpu")
 
 
 class TargetKernel:
-    """The choice for `pattern` (in kernel order; `layout` its token layout or None) at shapes s
-    and `dtype` on the GPU `target` names, with FlashAttention-4 and cuDNN taken to be installed."""
+    """The choice for `pattern` (in kernel order; `layout` its token layout or None, `fold` its
+    residue fold or None) at the kernels' shapes s and `dtype` on the GPU `target` names, with
+    FlashAttention-4 and cuDNN taken to be installed."""
 
-    def __init__(self, pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict, layout):
+    def __init__(self, pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict, layout,
+                 fold=None):
         from .kernel import META_CACHE
 
-        self.pattern, self.target, self.layout, self._shapes = pattern, target, layout, s
+        self.pattern, self.target, self.layout, self.fold, self._shapes = pattern, target, layout, fold, s
         self._dtype, self._options = dtype, options
         self.backend, self.tiles = choose_on_target(pattern, s, dtype, target, options, layout)
         self.block_mask, self._meta = META_CACHE.get(pattern, s, self.tiles, _CPU)
+
+    @property
+    def shapes(self) -> Shapes:
+        """The shapes the kernels run at (the folded call's where the call folds)."""
+        return self._shapes
 
     @functools.cached_property
     def backward_tiles(self) -> BackwardTiles:
@@ -48,6 +55,8 @@ class TargetKernel:
         if self.backend != "sdpa-cudnn":  # fa4: where attncc's Triton backward runs after FA4's forward
             b = self.backward_tiles
             out.update(dkdv_tiles=tile_tuple(b.dkdv), dq_tiles=tile_tuple(b.dq))
+        if self.fold is not None:
+            out["fold"] = self.fold.describe()
         return out
 
     @property

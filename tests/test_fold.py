@@ -1,0 +1,130 @@
+"""Residue folds (runtime/fold.py, compiler/bands.residues): a dilated mask's residue classes run as
+the heads of one call on views. The decomposition is exact pair by pair, folded calls match the
+float64 oracle (outputs, LSE, gradients; odd class lengths, cross lengths, empty rows, softcap),
+they read views and return natural order, and calls that cannot fold do not."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attncc as ac
+from attncc.compiler import bands
+from attncc.runtime.fold import fold_for
+from attncc.runtime.inputs import check_qkv
+from test_backward import check, qkv
+
+
+def unfolded_mask(found: bands.Residues, params: dict, Q: int, KV: int) -> torch.Tensor:
+    """The natural-order [Q, KV] mask the residue decomposition describes: pairs of one class whose
+    class-local positions the folded mask keeps."""
+    s = found.stride
+    local = ac.create_mask(ac.Pattern.from_ir(found.mask, params=params), None, None, Q // s, KV // s)[0, 0]
+    q, kv = torch.arange(Q)[:, None], torch.arange(KV)[None]
+    return (q % s == kv % s) & local[q // s, kv // s]
+
+
+RESIDUE_FORMS = ["(q - kv) % {s} == 0", "(kv - q) % {s} == 0", "q % {s} == kv % {s}", "(q - kv + {s}) % {s} == 0"]
+RESTS = ["", " and abs(q - kv) <= {w}", " and q >= kv and q - kv <= {w}", " and kv - q > 2", " and not (q - kv < -{w})"]
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from(RESIDUE_FORMS), st.sampled_from(RESTS), st.integers(2, 5), st.integers(0, 30),
+       st.integers(1, 9), st.integers(1, 9))
+def test_the_decomposition_is_exact(form, rest, s, w, qn, kvn):
+    text = "mask = " + (form + rest).format(s=s, w=w)
+    pattern = ac.parse(text)
+    Q, KV = s * qn, s * kvn
+    found = bands.residues(pattern.mask, pattern.params, Q, KV)
+    assert found is not None and found.stride == s, text
+    assert torch.equal(unfolded_mask(found, pattern.params, Q, KV), ac.create_mask(pattern, None, None, Q, KV)[0, 0])
+
+
+@pytest.mark.parametrize("text, Q, KV", [
+    ("mask = (q - kv) % 4 == 0 and kv < 100", 64, 64),        # the rest reads kv alone: classes differ
+    ("mask = (q - kv) % 4 == 0", 62, 64),                     # lengths not multiples of the stride
+    ("mask = (q - kv) % 4 == 1", 64, 64),                     # q = kv + 1 (mod 4): not a class to itself
+    ("mask = (2 * q - kv) % 4 == 0", 64, 64),
+    ("mask = (q - kv) % 1 == 0", 64, 64),
+    ("mask = q % 4 == kv % 3", 48, 48),
+    ("mask = (q - kv) % 4 == 0 or q == kv", 64, 64),
+])
+def test_what_is_not_residue_classes(text, Q, KV):
+    pattern = ac.parse(text)
+    assert bands.residues(pattern.mask, pattern.params, Q, KV) is None
+
+
+CALLS = {  # pattern, (B, Hq, Hkv, Q, KV, D)
+    "dilated": (lambda: ac.patterns.dilated(40, 4), (2, 3, 3, 100, 100, 16)),            # 25 per class: ragged tiles
+    "dilated_layout": (lambda: ac.patterns.dilated(40, 4, seq_len=96), (1, 2, 2, 96, 96, 16)),  # the fold wins
+    "causal_softcap": (lambda: ac.patterns.dilated(30, 3) & ac.patterns.causal() & ac.patterns.softcap(5.0, causal=False),
+                       (1, 2, 2, 87, 87, 32)),
+    "cross_lengths": (lambda: ac.parse("mask = (kv - q) % 3 == 0 and kv - q <= 20"), (1, 2, 2, 45, 66, 16)),
+    "empty_rows": (lambda: ac.parse("mask = (q - kv) % 2 == 0 and q - kv >= 30"), (1, 1, 1, 64, 64, 16)),
+    "classes_only": (lambda: ac.parse("mask = q % 5 == kv % 5"), (1, 2, 2, 40, 40, 16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_folded_calls_match_the_oracle(name):
+    make, shape = CALLS[name]
+    pattern = make()
+    q, k, v = qkv(*shape, seed=3)
+    kern = ac.compile(pattern, q, k, v)
+    assert kern.config["fold"].startswith("residue classes mod") and kern.layout is None
+    ac.testing.compare(pattern, q.detach(), k.detach(), v.detach())   # outputs, LSE, empty rows, NaN placement
+    check(pattern, q, k, v)                                            # gradients (through the LSE too)
+    if name == "empty_rows":
+        out, lse = ac.attention(q.detach(), k.detach(), v.detach(), pattern, return_lse=True)
+        assert (out[:, :, :30] == 0).all() and (lse[:, :, :30] == -torch.inf).all()
+
+
+def test_the_fold_reads_views_and_returns_natural_order():
+    pattern = ac.patterns.dilated(24, 4)
+    q, k, v = (t.detach() for t in qkv(2, 3, 3, 64, 64, 16, seed=1))
+    s = check_qkv(q, k, v)
+    fold = fold_for(pattern, s, {})
+    assert fold.stride == 4 and fold.shapes(s) == type(s)(6, 4, 4, 16, 16, 16, 16)
+    view = fold.fold(q)
+    assert view.data_ptr() == q.data_ptr() and view.shape == (6, 4, 16, 16)
+    assert torch.equal(view[1 * 3 + 2, 3, 5], q[1, 2, 4 * 5 + 3])    # token 4*5 + 3 of (1, 2): head 3, row 5
+    assert torch.equal(fold.unfold(view), q)
+    # inputs laid out [B, N, H, D] (the batch and head strides do not merge): the view copies, same result
+    t = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert torch.equal(ac.attention(*t, pattern), ac.attention(q, k, v, pattern))
+
+
+@pytest.mark.parametrize("pattern, shape, options", [
+    (lambda: ac.patterns.dilated(24, 4), (1, 4, 2, 64, 64, 16), {}),                 # GQA
+    (lambda: ac.patterns.dilated(24, 4), (1, 2, 2, 66, 66, 16), {}),                 # 66 % 4
+    (lambda: ac.patterns.dilated(24, 4), (1, 2, 2, 64, 64, 16), {"fold": False}),
+    (lambda: ac.patterns.dilated(24, 4) & ac.patterns.alibi(2), (1, 2, 2, 64, 64, 16), {}),  # the score reads h, q, kv
+    (lambda: ac.Pattern(lambda b, h, q, kv: (q - kv) % 4 == 0, block_mask_mod=lambda b, h, qb, kb: qb >= kb,
+                        block_size=16), (1, 2, 2, 64, 64, 16), {}),
+])
+def test_calls_that_do_not_fold_still_run_exactly(pattern, shape, options):
+    pattern = pattern()
+    q, k, v = qkv(*shape, seed=4)
+    assert "fold" not in ac.compile(pattern, q, k, v, kernel_options=options).config
+    check(pattern, q, k, v, kernel_options=options)
+
+
+def test_explain_and_target_report_the_fold():
+    q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    kern = ac.compile(ac.patterns.dilated(2048, 4, seq_len=8192), q, q, q, target="h200")
+    assert kern.config["fold"].startswith("residue classes mod 4") and kern.layout is None
+    assert kern.shapes.B == 64 and kern.shapes.Hq == 4 and kern.shapes.Q == 2048
+    q, k, v = (t.detach() for t in qkv(1, 2, 2, 64, 64, 16))
+    assert "runs folded: residue classes mod 4" in ac.explain(ac.patterns.dilated(24, 4), q, k, v)
+
+
+def test_torch_compile_runs_the_fold():
+    pattern = ac.patterns.dilated(20, 3, seq_len=48)
+
+    def loss(q, k, v):
+        out, lse = ac.attention(q, k, v, pattern, return_lse=True)
+        return (out * out).sum() + lse.sum()
+
+    q, k, v = qkv(1, 2, 2, 48, 48, 16, seed=6)
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, torch.autograd.grad(compiled(q, k, v), (q, k, v))))
