@@ -55,7 +55,6 @@ def test_what_is_not_residue_classes(text, Q, KV):
 
 CALLS = {  # pattern, (B, Hq, Hkv, Q, KV, D)
     "dilated": (lambda: ac.patterns.dilated(40, 4), (2, 3, 3, 100, 100, 16)),            # 25 per class: ragged tiles
-    "dilated_layout": (lambda: ac.patterns.dilated(40, 4, seq_len=96), (1, 2, 2, 96, 96, 16)),  # the fold wins
     "causal_softcap": (lambda: ac.patterns.dilated(30, 3) & ac.patterns.causal() & ac.patterns.softcap(5.0, causal=False),
                        (1, 2, 2, 87, 87, 32)),
     "cross_lengths": (lambda: ac.parse("mask = (kv - q) % 3 == 0 and kv - q <= 20"), (1, 2, 2, 45, 66, 16)),
@@ -108,9 +107,24 @@ def test_calls_that_do_not_fold_still_run_exactly(pattern, shape, options):
     check(pattern, q, k, v, kernel_options=options)
 
 
+def test_a_layout_stays_unless_fa4_runs_the_fold():
+    """With a token layout, attncc's Triton kernels gather its rows in place (faster than the fold's
+    copied-back output); on a GPU where fa4 runs the folded call, the fold replaces the layout."""
+    pattern = ac.patterns.dilated(40, 4, seq_len=96)
+    q, k, v = qkv(1, 2, 2, 96, 96, 16, seed=2)
+    kern = ac.compile(pattern, q, k, v)  # the CPU: Triton
+    assert kern.layout == pattern.layout and "fold" not in kern.config
+    meta = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    on_h200 = ac.compile(ac.patterns.dilated(2048, 4, seq_len=8192), meta, meta, meta, target="h200")
+    assert on_h200.backend == "fa4" and on_h200.layout is None and "fold" in on_h200.config
+    forced = ac.compile(ac.patterns.dilated(2048, 4, seq_len=8192), meta, meta, meta, target="h200",
+                        kernel_options={"backend": "triton"})
+    assert forced.layout is not None and "fold" not in forced.config
+
+
 def test_explain_and_target_report_the_fold():
     q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
-    kern = ac.compile(ac.patterns.dilated(2048, 4, seq_len=8192), q, q, q, target="h200")
+    kern = ac.compile(ac.patterns.dilated(2048, 4), q, q, q, target="h200")
     assert kern.config["fold"].startswith("residue classes mod 4") and kern.layout is None
     assert kern.shapes.B == 64 and kern.shapes.Hq == 4 and kern.shapes.Q == 2048
     q, k, v = (t.detach() for t in qkv(1, 2, 2, 64, 64, 16))
@@ -118,7 +132,7 @@ def test_explain_and_target_report_the_fold():
 
 
 def test_torch_compile_runs_the_fold():
-    pattern = ac.patterns.dilated(20, 3, seq_len=48)
+    pattern = ac.patterns.dilated(20, 3)
 
     def loss(q, k, v):
         out, lse = ac.attention(q, k, v, pattern, return_lse=True)

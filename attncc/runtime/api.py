@@ -120,14 +120,15 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     pattern = as_pattern(pattern)
     pattern.require_bound()
     options = check_options(kernel_options)
-    pattern, ks, layout, fold = kernel_form(pattern, s, options)
-    tiles = choose_tiles(ks, q.dtype, q.device, options)
-    backend = choose_backend(pattern, ks, q, options, return_lse, layout)
-    ranked = ranked_candidates(pattern, ks, q.dtype, q.device, options, backend, profile_for(q.device))
-    if options.get("autotune") and ranked:
-        ranked = [_fastest(pattern, s, q, k, v, check_scale(scale, s.D), ranked[:AUTOTUNE_TOP], layout, fold)]
-    if ranked:
-        backend, tiles = ranked[0]
+    scale = check_scale(scale, s.D)
+
+    def choose(kp, ks, layout, fold):  # (backend, forward tiles) of the kernels' form of the call
+        backend = choose_backend(kp, ks, q, options, return_lse, layout)
+        ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile_for(q.device))
+        if options.get("autotune") and ranked:
+            ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
+        return ranked[0] if ranked else (backend, choose_tiles(ks, q.dtype, q.device, options))
+    pattern, ks, layout, fold, (backend, tiles) = kernel_form(pattern, s, options, choose)
     tma = choose_tma(ks, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):
@@ -137,22 +138,29 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     choice = KernelChoice(tiles, choose_backward_tiles(ks, q.dtype, q.device, options), backend,
                           tma, layout, options.get("deterministic", True), options.get("fa4_native", True),
                           *forced_tiles(options), backward_modelled(ks, q.dtype, q.device, options), fold=fold)
-    return pattern, s, check_scale(scale, s.D), choice
+    return pattern, s, scale, choice
 
 
-def kernel_form(pattern: Pattern, s, options: dict):
+def kernel_form(pattern: Pattern, s, options: dict, choose):
     """(the pattern the kernels run, their shapes, the token layout or None, the residue fold or
-    None) for a call of `pattern` at shapes s: folded where runtime/fold.fold_for folds it (the fold
-    replaces a layout), else in the layout's coordinates where the pattern has one (checked against
-    the lengths), else the pattern itself."""
+    None, choose's (backend, forward tiles) for them) for a call of `pattern` at shapes s, where
+    choose(kernel pattern, shapes, layout, fold) picks the backend and tiles of a form: folded where
+    runtime/fold.fold_for folds it, except that a token layout stays where the folded call would not
+    run on fa4 (attncc's Triton kernels gather the layout's rows in place, while their folded output
+    is copied back: dilated on the H100, 0.756 ms in the layout against 0.888 folded,
+    benchmarks/results/2026-12-06-nvidia-h100-fold-ways.md); else in the layout's coordinates where
+    the pattern has one (checked against the lengths); else the pattern itself."""
     from .fold import fold_for
 
     fold = fold_for(pattern, s, options)
     if fold is not None:
-        return fold.pattern, fold.shapes(s), None, fold
+        picked = choose(fold.pattern, fold.shapes(s), None, fold)
+        if pattern.layout is None or picked[0] == "fa4":
+            return fold.pattern, fold.shapes(s), None, fold, picked
     if pattern.layout is not None:
         pattern.layout.check(s.Q, s.KV)
-    return pattern.kernel_pattern, s, pattern.layout, None
+    kp = pattern.kernel_pattern
+    return kp, s, pattern.layout, None, choose(kp, s, pattern.layout, None)
 
 
 def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layout, fold):
@@ -317,8 +325,15 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     pattern = as_pattern(pattern)
     pattern.require_bound()
     options = check_options(kernel_options)
-    kp, ks, layout, fold = kernel_form(pattern, s, options)
+    kp, ks, layout, fold, _ = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options))
     return TargetKernel(kp, ks, q.dtype, target, options, layout, fold)
+
+
+def _target_choice(dtype, target: str, options: dict):
+    """kernel_form's `choose` for a run on the GPU `target` names (runtime/choices.choose_on_target)."""
+    from .choices import choose_on_target
+
+    return lambda kp, ks, layout, fold: choose_on_target(kp, ks, dtype, target, options, layout)
 
 
 def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool = True):
@@ -461,14 +476,13 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from ..compiler import cost
     from .calibrate import profile_for
-    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_decode, choose_on_target
+    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_decode
     from . import fa4
 
     s = check_qkv(q, k, v)
     pattern = as_pattern(pattern)
     pattern.require_bound()
     options = check_options(kernel_options)
-    kp, ks, layout, fold = kernel_form(pattern, s, options)
     if target is not None and target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     if target is None and q.device.type == "meta":
@@ -476,11 +490,13 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     profile = profile_for(q.device, target)
     if target is not None:
         lists = torch.device("cpu")
-        chosen = choose_on_target(kp, ks, q.dtype, target, options, layout)
+        kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options))
         why_not_fa4 = fa4.refusal_on(kp, ks, TARGETS[target][1], q.dtype, lists, assume_installed=True)
     else:
         lists = q.device
-        _, _, _, choice = _prepare(pattern, q, k, v, None, options, False)
+        kp, _, _, choice = _prepare(pattern, q, k, v, None, options, False)
+        layout, fold = choice.layout, choice.fold
+        ks = s if fold is None else fold.shapes(s)
         chosen = (choice.backend, choice.tiles)
         why_not_fa4 = fa4.refusal(kp, ks, q)
     fa4_ok = why_not_fa4 is None
