@@ -4,9 +4,13 @@
 decides the sparsity structure, and a constant lets Triton strength-reduce `% d` (a mask for
 powers of two) where a runtime divisor would cost an integer division per score.
 
-With `seq_len` (a multiple of d) the kernels run in a residue layout (compiler/layout.py): the
-tokens of each class i % d stored together, so each class is a plain sliding window of W // d
-and tiles are dense instead of 1/d live. Results are the same, in natural token order.
+Its residue classes (tokens i with equal i % d) attend only to themselves, each a plain sliding
+window of W // d in class-local positions. Where Q_LEN and KV_LEN are multiples of d (and Hq ==
+Hkv) a call runs them as d heads of one call on views of q, k, v (runtime/fold.py: dense tiles, and
+FA4's own local-window kernel where fa4 runs). With `seq_len` (a multiple of d) the pattern also
+carries a residue layout (compiler/layout.py: each class's tokens stored together), which attncc's
+Triton kernels gather in place where the fold does not run on fa4. Results are the same, in natural
+token order.
 """
 from ..compiler.layout import default_layout
 from ..dsl.pattern import Pattern
