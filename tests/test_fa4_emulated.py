@@ -67,10 +67,12 @@ CASES = {
     # residue classes mod 4 as heads of one call (runtime/fold.py): FA4's own local window, on views
     "dilated_folded": (lambda: ac.patterns.dilated(40, 4) & ac.patterns.softcap(5.0, causal=False),
                        {"B": 2, "Hq": 2, "Hkv": 2}),
+    "dilated_folded_gqa": (lambda: ac.patterns.dilated(40, 4) & ac.patterns.causal(), {"B": 2, "Hq": 4, "Hkv": 2}),
 }
 NATIVE = {"swa": "local", "document": "varlen", "document_gqa_batch": "varlen", "chunked_odd": "varlen",
           "swa_softcap": "local", "prefix_lm": "block-sparse", "sinks": "block-sparse",
-          "sinks_gqa_batch": "block-sparse", "empty_rows": "block-sparse", "dilated_folded": "local"}
+          "sinks_gqa_batch": "block-sparse", "empty_rows": "block-sparse", "dilated_folded": "local",
+          "dilated_folded_gqa": "local"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

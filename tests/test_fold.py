@@ -60,6 +60,7 @@ CALLS = {  # pattern, (B, Hq, Hkv, Q, KV, D)
     "cross_lengths": (lambda: ac.parse("mask = (kv - q) % 3 == 0 and kv - q <= 20"), (1, 2, 2, 45, 66, 16)),
     "empty_rows": (lambda: ac.parse("mask = (q - kv) % 2 == 0 and q - kv >= 30"), (1, 1, 1, 64, 64, 16)),
     "classes_only": (lambda: ac.parse("mask = q % 5 == kv % 5"), (1, 2, 2, 40, 40, 16)),
+    "gqa": (lambda: ac.patterns.dilated(30, 4) & ac.patterns.causal(), (2, 4, 2, 64, 64, 16)),  # [B, s*H, N/s, D]
 }
 
 
@@ -87,13 +88,21 @@ def test_the_fold_reads_views_and_returns_natural_order():
     assert view.data_ptr() == q.data_ptr() and view.shape == (6, 4, 16, 16)
     assert torch.equal(view[1 * 3 + 2, 3, 5], q[1, 2, 4 * 5 + 3])    # token 4*5 + 3 of (1, 2): head 3, row 5
     assert torch.equal(fold.unfold(view), q)
-    # inputs laid out [B, N, H, D] (the batch and head strides do not merge): the view copies, same result
+    # inputs laid out [B, N, H, D], as models make them: classes and heads as heads, [B, 4*H, N/4, D]
     t = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    fold = fold_for(pattern, s, {}, t)
+    assert not fold.by_batch and fold.shapes(s) == type(s)(2, 12, 12, 16, 16, 16, 16)
+    view = fold.fold(t[0])
+    assert view.data_ptr() == t[0].data_ptr() and torch.equal(view[1, 3 * 3 + 2, 5], q[1, 2, 4 * 5 + 3])
+    assert torch.equal(fold.unfold(view), q)
     assert torch.equal(ac.attention(*t, pattern), ac.attention(q, k, v, pattern))
+    # GQA folds only so ([B*Hq, ...] batches would not match k's); contiguous inputs are then copied
+    k2, v2 = (x[:, :1] for x in (k, v))
+    gqa = fold_for(pattern, check_qkv(q, k2, v2), {}, (q, k2, v2))
+    assert not gqa.by_batch and gqa.shapes(check_qkv(q, k2, v2)).Hkv == 4
 
 
 @pytest.mark.parametrize("pattern, shape, options", [
-    (lambda: ac.patterns.dilated(24, 4), (1, 4, 2, 64, 64, 16), {}),                 # GQA
     (lambda: ac.patterns.dilated(24, 4), (1, 2, 2, 66, 66, 16), {}),                 # 66 % 4
     (lambda: ac.patterns.dilated(24, 4), (1, 2, 2, 64, 64, 16), {"fold": False}),
     (lambda: ac.patterns.dilated(24, 4) & ac.patterns.alibi(2), (1, 2, 2, 64, 64, 16), {}),  # the score reads h, q, kv

@@ -128,7 +128,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
         if options.get("autotune") and ranked:
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
         return ranked[0] if ranked else (backend, choose_tiles(ks, q.dtype, q.device, options))
-    pattern, ks, layout, fold, (backend, tiles) = kernel_form(pattern, s, options, choose)
+    pattern, ks, layout, fold, (backend, tiles) = kernel_form(pattern, s, options, choose, (q, k, v))
     tma = choose_tma(ks, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):
@@ -141,9 +141,10 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     return pattern, s, scale, choice
 
 
-def kernel_form(pattern: Pattern, s, options: dict, choose):
+def kernel_form(pattern: Pattern, s, options: dict, choose, tensors: tuple):
     """(the pattern the kernels run, their shapes, the token layout or None, the residue fold or
-    None, choose's (backend, forward tiles) for them) for a call of `pattern` at shapes s, where
+    None, choose's (backend, forward tiles) for them) for a call of `pattern` at shapes s on
+    `tensors` (q, k, v: their memory layout picks the fold's mapping), where
     choose(kernel pattern, shapes, layout, fold) picks the backend and tiles of a form: folded where
     runtime/fold.fold_for folds it, except that a token layout stays where the folded call would not
     run on fa4 (attncc's Triton kernels gather the layout's rows in place, while their folded output
@@ -152,7 +153,7 @@ def kernel_form(pattern: Pattern, s, options: dict, choose):
     the pattern has one (checked against the lengths); else the pattern itself."""
     from .fold import fold_for
 
-    fold = fold_for(pattern, s, options)
+    fold = fold_for(pattern, s, options, tensors)
     if fold is not None:
         picked = choose(fold.pattern, fold.shapes(s), None, fold)
         if pattern.layout is None or picked[0] == "fa4":
@@ -325,7 +326,7 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     pattern = as_pattern(pattern)
     pattern.require_bound()
     options = check_options(kernel_options)
-    kp, ks, layout, fold, _ = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options))
+    kp, ks, layout, fold, _ = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options), (q, k, v))
     return TargetKernel(kp, ks, q.dtype, target, options, layout, fold)
 
 
@@ -342,6 +343,7 @@ def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool
     skipping the choice (block-map lookups, FA4's refusal, the cost model): a few microseconds
     instead of a millisecond of Python before each launch. reuse=False (paged and packed calls,
     whose rewritten pattern is new every call): never kept."""
+    from .fold import view_class
     from .kernel import Kernel, pattern_key
 
     s = check_qkv(q, k, v)
@@ -349,7 +351,7 @@ def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool
     key = None
     if reuse:
         key = pattern_key(pat) + (pat.layout, s, q.dtype, k.dtype, v.dtype, q.device, scale, return_lse,
-                                  _frozen(kernel_options or {}))
+                                  _frozen(kernel_options or {}), view_class(q, k, v))
 
     def make():
         kernel_pattern, _, scale_, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
@@ -490,7 +492,8 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     profile = profile_for(q.device, target)
     if target is not None:
         lists = torch.device("cpu")
-        kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options))
+        kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options),
+                                                   (q, k, v))
         why_not_fa4 = fa4.refusal_on(kp, ks, TARGETS[target][1], q.dtype, lists, assume_installed=True)
     else:
         lists = q.device
