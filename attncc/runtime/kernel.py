@@ -468,10 +468,9 @@ class Kernel:
         """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
         if self.layout is not None:
             self.layout.check(s.Q, s.KV)
-        if self.backend == "sdpa-cudnn" and not return_lse and s == self._call_shapes:
-            fold = self.fold.fold if self.fold is not None else lambda x: x  # noqa: E731
-            out = _sdpa(fold(q), fold(k), fold(v), self.scale, causal=self.pattern.mask is not TRUE)
-            return out if self.fold is None else self.fold.unfold(out)  # SDPA's own backward
+        if self.backend == "sdpa-cudnn" and not return_lse and s == self._call_shapes:  # SDPA's own backward
+            (q, k, v), _ = self._kernel_order(s, q, k, v)
+            return self._natural_order(_sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE))[0]
         if autograd.needs_grad(self.pattern, q, k, v):
             return autograd.attention(self, q, k, v, s, return_lse)
         out, lse = self.forward(q, k, v, s)
