@@ -471,7 +471,7 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
              f"shapes: B={s.B} Hq={s.Hq} Hkv={s.Hkv} Q={s.Q} KV={s.KV} D={s.D} Dv={s.Dv} {str(dtype).replace('torch.', '')}",
              f"target: {profile.name} (profile {profile.key!r}: {profile.sms} SMs, "
              f"{profile.peak_matrix_tflops.get(str(dtype).replace('torch.', ''), '?')} TFLOP/s peak, "
-             f"{profile.hbm_tbps} TB/s)", f"  profile: {profile.provenance}", ""]
+             f"{profile.hbm_tbps} TB/s)", f"  profile: {_first_sentence(profile.provenance)}", ""]
     bm, meta = META_CACHE.get(pattern, s, chosen[1], device)
     B, H, QB, KB = s.B, s.Hq, bm.shape[2], bm.shape[3]
     n_full = int(bm.full_kv_num.sum()) * (B // bm.B) * (H // bm.H)
@@ -519,6 +519,13 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
         lines.append(f"the simulator would pick {rows[0][1]} {rows[0][2]}; the marked one runs (runtime/choices.py: "
                      "kernel_options, or a call outside the measured profiles)")
     return "\n".join(lines)
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """A profile's provenance as its first sentence (cut at `limit` characters), pointing to the rest."""
+    head = text.split(". ")[0].rstrip(".")
+    head = head if len(head) <= limit else head[:limit].rsplit(" ", 1)[0] + " ..."
+    return head + ("." if head == text.rstrip(".") else " (the profile's provenance field says where each number comes from).")
 
 
 def _short(node, limit: int = 90) -> str:
