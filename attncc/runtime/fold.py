@@ -70,20 +70,18 @@ class Fold:
                 f"{ir.to_text(self.pattern.mask)} in class-local positions (runtime/fold.py)")
 
 
-def _fold(x: torch.Tensor, n: int, by_batch: bool) -> torch.Tensor:
+def _fold(x: torch.Tensor, n: int, by_batch: bool, copy: bool = True) -> torch.Tensor:
+    """Fold.fold; copy=False raises a RuntimeError where the mapping cannot read x as a view."""
     B, H, N = x.shape[:3]
-    if by_batch:
-        return x.reshape(B * H, N // n, n, *x.shape[3:]).transpose(1, 2)
-    return x.transpose(1, 2).reshape(B, N // n, n * H, *x.shape[3:]).transpose(1, 2)
+    t = x if by_batch else x.transpose(1, 2)
+    shape = (B * H, N // n, n) if by_batch else (B, N // n, n * H)
+    return (t.reshape if copy else t.view)(*shape, *x.shape[3:]).transpose(1, 2)
 
 
 def _folds_as_view(x: torch.Tensor, n: int, by_batch: bool) -> bool:
     """Whether fold's mapping reads x without a copy."""
-    B, H, N = x.shape[:3]
-    t = x if by_batch else x.transpose(1, 2)
-    shape = (B * H, N // n, n) if by_batch else (B, N // n, n * H)
     try:
-        t.view(*shape, *x.shape[3:])
+        _fold(x, n, by_batch, copy=False)
     except RuntimeError:
         return False
     return True
