@@ -326,8 +326,9 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     pattern = as_pattern(pattern)
     pattern.require_bound()
     options = check_options(kernel_options)
-    kp, ks, layout, fold, _ = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options), (q, k, v))
-    return TargetKernel(kp, ks, q.dtype, target, options, layout, fold)
+    kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options),
+                                               (q, k, v))
+    return TargetKernel(kp, ks, q.dtype, target, options, layout, fold, chosen)
 
 
 def _target_choice(dtype, target: str, options: dict):

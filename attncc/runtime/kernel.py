@@ -367,6 +367,11 @@ class Kernel:
         self.layout = choice.layout
         self._rows = choice.layout if choice.backend == "triton" else None  # the kernels gather rows through it
         self.fold = choice.fold
+        # natural order <-> the kernels' order: fold views, a layout's permuted copies (a backend
+        # that does not gather rows), or none
+        self._reorder = ((self.fold.fold, self.fold.unfold) if self.fold is not None else
+                         (self.layout.permute, self.layout.unpermute) if self.layout is not None and self._rows is None
+                         else None)
         self.deterministic = choice.deterministic
         self.fa4_native = choice.fa4_native
         self._tiles_forced, self._backward_forced = choice.tiles_forced, choice.backward_forced
@@ -477,21 +482,15 @@ class Kernel:
         return (out, lse) if return_lse else out
 
     def _kernel_order(self, s: Shapes, *xs):
-        """(xs in the order the kernels read, their shapes): folded views, a layout's permuted
-        copies (a backend that does not gather rows), or xs themselves (None stays None)."""
-        if self.fold is not None:
-            return [None if x is None else self.fold.fold(x) for x in xs], self.fold.shapes(s)
-        if self.layout is not None and self._rows is None:
-            return [None if x is None else self.layout.permute(x) for x in xs], s
-        return list(xs), s
+        """(xs in the order the kernels read, their shapes): see _reorder (None stays None)."""
+        if self._reorder is None:
+            return list(xs), s
+        to_kernel = self._reorder[0]
+        return [None if x is None else to_kernel(x) for x in xs], s if self.fold is None else self.fold.shapes(s)
 
     def _natural_order(self, *xs) -> tuple:
         """_kernel_order's inverse on results."""
-        if self.fold is not None:
-            return tuple(map(self.fold.unfold, xs))
-        if self.layout is not None and self._rows is None:
-            return tuple(map(self.layout.unpermute, xs))
-        return xs
+        return xs if self._reorder is None else tuple(map(self._reorder[1], xs))
 
     def _specialised(self, s: Shapes, device) -> tuple[KernelMeta, types.ModuleType]:
         """The metadata and forward module for shapes `s` (other lengths: their own block mask, and

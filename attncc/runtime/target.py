@@ -15,24 +15,25 @@ from ..compiler.codegen import BackwardTiles, generate
 from ..compiler.lowering import BufferSpec
 from ..dsl.pattern import Pattern
 from . import fa4
-from .choices import TARGETS, choose_on_target, pick_backward_tiles, tile_tuple
+from .choices import TARGETS, pick_backward_tiles, tile_tuple
 from .inputs import Shapes
 
 _CPU = torch.device("cpu")
 
 
 class TargetKernel:
-    """The choice for `pattern` (in kernel order; `layout` its token layout or None, `fold` its
-    residue fold or None) at the kernels' shapes s and `dtype` on the GPU `target` names, with
-    FlashAttention-4 and cuDNN taken to be installed."""
+    """`chosen` = (backend, forward tiles), the choice (choices.choose_on_target) for `pattern` (in
+    kernel order; `layout` its token layout or None, `fold` its residue fold or None) at the
+    kernels' shapes s and `dtype` on the GPU `target` names, with FlashAttention-4 and cuDNN taken
+    to be installed."""
 
     def __init__(self, pattern: Pattern, s: Shapes, dtype: torch.dtype, target: str, options: dict, layout,
-                 fold=None):
+                 fold, chosen: tuple):
         from .kernel import META_CACHE
 
         self.pattern, self.target, self.layout, self.fold, self._shapes = pattern, target, layout, fold, s
         self._dtype, self._options = dtype, options
-        self.backend, self.tiles = choose_on_target(pattern, s, dtype, target, options, layout)
+        self.backend, self.tiles = chosen
         self.block_mask, self._meta = META_CACHE.get(pattern, s, self.tiles, _CPU)
 
     @property
