@@ -2,8 +2,8 @@
 
     python benchmarks/backward_pick.py [--patterns swa1024,document,sinks,causal,natten2d,...]
 
-For each pattern (B4 H16 N8192 D128 bf16 on the GPU), attncc's Triton backward alone at every
-pair of runtime/choices.BACKWARD_CANDIDATES (forced through kernel_options, gradients of batch 0
+For each pattern (B4 H16 N8192 D128 bf16 on the GPU; --D another head dim), attncc's Triton backward
+alone at every pair of runtime/choices.BACKWARD_CANDIDATES of the head dim's class (forced through kernel_options, gradients of batch 0
 checked against float64 first), beside the profile's predictions (choices.triton_backward_ms)
 and the pair model_backward_tiles picks. Prints ms and whether the pick was the faster, a table
 last. 2026-12-03's run: benchmarks/results/2026-12-03-nvidia-h200-backward-tiles.md.
@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
+from attncc.compiler import cost  # noqa: E402
 from attncc.runtime import calibrate, choices  # noqa: E402
 from attncc.runtime.inputs import check_qkv  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
@@ -43,6 +44,7 @@ def main() -> None:
     s = check_qkv(q, k, v)
     profile = calibrate.profile_for(dev)
     table = choices.choose_backward_tiles(s, q.dtype, dev, {})
+    pairs = choices.BACKWARD_CANDIDATES[cost.head_dim_class(args.D)]
     print(f"{torch.cuda.get_device_name()} {s}; profile {profile.key!r}", flush=True)
     rows = []
     for name in args.patterns.split(","):
@@ -52,7 +54,7 @@ def main() -> None:
         ref = torch.autograd.grad(ac.reference(q1, k1, v1, pattern), (q1, k1, v1), dout[:1].double())
         picked = choices.model_backward_tiles(kp, s, dev, profile, table)
         timed = []
-        for pair in choices.BACKWARD_CANDIDATES:
+        for pair in pairs:
             opts = {"backend": "triton", "dkdv_tiles": choices.tile_tuple(pair.dkdv),
                     "dq_tiles": choices.tile_tuple(pair.dq)}
             out = ac.attention(q, k, v, pattern, kernel_options=opts)
@@ -70,8 +72,8 @@ def main() -> None:
         rows.append((name, timed, chosen[0] / best[0]))
     print(f"\n{s}, backward alone, ms (do_bench medians); the pick: choices.model_backward_tiles on {profile.key!r}\n")
     heads = " | ".join(f"{p.dkdv.BLOCK_M}x{p.dkdv.BLOCK_N} + {p.dq.BLOCK_M}x{p.dq.BLOCK_N} measured / predicted"
-                       for p in choices.BACKWARD_CANDIDATES)
-    print(f"| pattern | {heads} | pick / best |\n|---|" + "---:|" * (len(choices.BACKWARD_CANDIDATES) + 1))
+                       for p in pairs)
+    print(f"| pattern | {heads} | pick / best |\n|---|" + "---:|" * (len(pairs) + 1))
     for name, timed, ratio in rows:
         print(f"| {name} | " + " | ".join(f"{ms:.3f} / {pr:.3f}" for ms, pr, _ in timed) + f" | {ratio:.2f}x |")
 

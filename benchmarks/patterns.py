@@ -35,13 +35,14 @@ class Shape:
         return f"B{self.B} {heads} N{self.N} D{self.D}"
 
 
-# BENCHMARKS.md's shapes (suite.py, costmodel.py) and their tiny CPU versions
+# BENCHMARKS.md's shapes (suite.py, costmodel.py), d256 (ours: the cost model's largest head dim
+# class), and their tiny CPU versions
 SHAPES = {"main": Shape(4, 16, 16, 8192, 128), "d64": Shape(4, 16, 16, 8192, 64),
           "gqa": Shape(4, 32, 8, 8192, 128), "long": Shape(1, 16, 16, 32768, 128),
-          "odd": Shape(4, 16, 16, 8000, 128)}
+          "odd": Shape(4, 16, 16, 8000, 128), "d256": Shape(2, 16, 16, 8192, 256)}
 SMOKE_SHAPES = {"main": Shape(1, 2, 2, 256, 32), "d64": Shape(1, 2, 2, 256, 16),
                 "gqa": Shape(1, 4, 2, 256, 32), "long": Shape(1, 2, 2, 512, 32),
-                "odd": Shape(1, 2, 2, 250, 32)}
+                "odd": Shape(1, 2, 2, 250, 32), "d256": Shape(1, 2, 2, 128, 160)}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ held out of the fit — on CPU (block maps are built here; nothing runs on a GPU
                                [--out-dir DIR] [--partial-grid 128x128:1.6,1.8,2.0]
 
 RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms), bf16
-at the shape each records (older files: B4 H16 D128 and their N). compiler/cost.fit refits each backend's PARTIAL factor, prologue,
+at the shape each records (older files: B4 H16 D128 and their N), all of one head dim class (the
+class's figures are refitted: cost.HEAD_DIM_CLASSES). compiler/cost.fit refits each backend's PARTIAL factor, prologue,
 occupancy and operator costs to every row except the held-out patterns' (the profile's rates are
 kept); the table gives, per pattern, the Spearman rank correlation, the measured time of the
 simulator's pick against the best measured and the rms log error, under the profile as shipped and
@@ -107,8 +108,9 @@ def main(argv=None) -> dict:
         return partial_grid(timings, shipped, args.partial_grid)
     refitted, errors = shipped, {}
     for backend in sorted({t.backend for _, t in timings}):
-        spec, errors[backend] = cost.fit(refitted, backend, [t for name, t in timings if name not in held])
-        refitted = replace(refitted, backends={**refitted.backends, backend: spec})
+        fitted = [t for name, t in timings if name not in held]
+        spec, errors[backend] = cost.fit(refitted, backend, fitted)
+        refitted = refitted.with_spec(backend, fitted[0].D, spec)
     before, after = scores(timings, shipped), scores(timings, refitted)
     lines = [f"Refit of profile {args.profile!r} to {', '.join(args.results)}; held out: {', '.join(sorted(held)) or '-'}",
              "", "| pattern | in fit | Spearman shipped / refitted | pick / best shipped / refitted | "
@@ -117,7 +119,8 @@ def main(argv=None) -> dict:
         b, a = before[name], after[name]
         lines.append(f"| {name} | {'held out' if name in held else 'yes'} | {b['spearman']:.2f} / {a['spearman']:.2f} | "
                      f"{b['pick_vs_best']:.2f}x / {a['pick_vs_best']:.2f}x | {b['rms_log_err']:.2f} / {a['rms_log_err']:.2f} |")
-    coefficients = {b: {k: v for k, v in refitted.backends[b].items() if k not in ("tflops", "backward")}
+    D = timings[0][1].D
+    coefficients = {b: {k: v for k, v in refitted.spec(b, D).items() if k not in ("tflops", "backward", "head_dims")}
                     for b in errors}
     lines += ["", "refitted (rms log error in the fit: " + ", ".join(f"{b} {e:.3f}" for b, e in errors.items()) + "):",
               "", "```json", json.dumps(coefficients, indent=1), "```"]

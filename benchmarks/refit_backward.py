@@ -3,7 +3,7 @@ are built here; nothing runs on a GPU).
 
     python benchmarks/refit_backward.py [--profile h200] [--tiles]
 
---tiles: fit the small-tile candidate (choices.BACKWARD_CANDIDATES: dK/dV 32x64/4/3 + dQ 64x64/4/2)
+--tiles: fit the small-tile candidate (choices.BACKWARD_CANDIDATES[128]: dK/dV 32x64/4/3 + dQ 64x64/4/2)
 and the mask operator cost instead, to the 2026-12-03 tile sweeps (SWEEP below); see fit_tiles.
 
 The times (B4 H16 N8192 D128 bf16, dK/dV 64x128/8/3 + dQ 128x64/8/3) are forward+backward minus

@@ -398,7 +398,8 @@ def first_call(ctx: Context, shape: Shape) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--shapes", default="main,d64,gqa,long,odd",
+                   help=f"comma list of {', '.join(SHAPES)} (default: BENCHMARKS.md's)")
     p.add_argument("--patterns", default=None,
                    help=f"comma list of {', '.join(bp.NAMES)} for every shape (default: all on main, "
                         f"{', '.join(EXTRA_PATTERNS)} on the others); also, named only, "

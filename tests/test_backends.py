@@ -91,9 +91,10 @@ def test_cpu_calls_name_the_triton_backend():
 def test_show_target_prints_the_hooks_and_the_call(capsys):
     from attncc.cli import main
 
-    # a prefix-LM at 8192 tokens: block-sparse with long rows, where fa4 measured faster
+    # a prefix-LM at the main shape's 8192 tokens, 16 heads, D=128: block-sparse with long rows, where fa4
+    # measured faster
     assert main(["show", "param W = 2048\nmask = kv < W or q >= kv\nscore = score * 0.5", "--target", "h200",
-                 "--q-len", "8192"]) == 0
+                 "--q-len", "8192", "--heads", "16", "--head-dim", "128"]) == 0
     out = capsys.readouterr().out
     assert "backend: fa4" in out and "def mask_mod(" in out and "def score_mod(" in out
     assert "p_W = aux_scalars[0]" in out and "_flash_attn_fwd" in out

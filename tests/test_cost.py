@@ -228,6 +228,16 @@ def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch
     assert backward["default"] > 0 and backward["dkdv 32x64"] > 0 and backward["dq 64x64"] > 0
     assert spec["backward"]["partial_factor"]["dkdv 32x64"] == H200.backends["triton"]["backward"][
         "partial_factor"]["dkdv 32x64"]  # the other coefficients: the shipped profile's (generic: the H200's)
+    # another head dim class: its head_dims entry replaced, the base figures kept (here generic's)
+    assert main(["calibrate", "--smoke", "--head-dim", "16", "--out", str(tmp_path / "d64.json")]) == 0
+    d64 = json.loads((tmp_path / "d64.json").read_text())
+    generic = cost.load_profile("generic")
+    assert d64["head_dim"] == 128 and d64["backends"]["triton"]["tflops"] == generic.backends["triton"]["tflops"]
+    measured = d64["backends"]["triton"]["head_dims"]["64"]
+    assert measured["tflops"]["32x32"] > 0 and set(measured["backward"]["tflops"]) == {
+        "default", "dkdv 64x128", "dq 128x64", "dkdv 32x64", "dq 64x32"}  # D=64's three pairs, no D=128 keys
+    assert d64["backends"]["triton"]["head_dims"]["256"] == generic.backends["triton"]["head_dims"]["256"]
+    assert "head dim class 64" in d64["provenance"]
     data["match"] = ["My GPU"]  # as calibrate writes it on a GPU named so
     out.write_text(json.dumps(data))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -409,7 +419,7 @@ def test_the_backward_tiles_are_the_models_pick():
     CPU, float32, other head dims, or when kernel_options set backward tiles; explain says so."""
     from attncc.runtime import choices
 
-    large, small = choices.BACKWARD_CANDIDATES
+    large, small = choices.BACKWARD_CANDIDATES[128]
     cpu = torch.device("cpu")
     s = Shapes(4, 16, 16, 8192, 8192, 128, 128)
     natten = ac.patterns.natten2d(64, 128, 17).kernel_pattern
@@ -421,7 +431,13 @@ def test_the_backward_tiles_are_the_models_pick():
     assert choices.backward_modelled(s, torch.bfloat16, cuda, {})
     assert not choices.backward_modelled(s, torch.bfloat16, cpu, {})
     assert not choices.backward_modelled(s, torch.float32, cuda, {})
-    assert not choices.backward_modelled(Shapes(4, 16, 16, 8192, 8192, 64, 64), torch.bfloat16, cuda, {})
+    d64 = Shapes(4, 16, 16, 8192, 8192, 64, 64)  # modelled where a profile has the class's rates
+    assert choices.backward_modelled(d64, torch.bfloat16, cuda, {})
+    table64 = choices.choose_backward_tiles(d64, torch.bfloat16, cuda, {})
+    assert choices.modelled_backward_candidates(H200, table64, 64) == list(choices.BACKWARD_CANDIDATES[64])
+    assert choices.modelled_backward_candidates(H200.at_head_dim(128), table64, 64) == []  # no D=64 figures
+    assert not choices.backward_modelled(Shapes(4, 16, 16, 8192, 8192, 320, 320), torch.bfloat16, cuda, {})
+    assert not choices.backward_modelled(Shapes(4, 16, 16, 8192, 8192, 64, 128), torch.bfloat16, cuda, {})
     assert not choices.backward_modelled(s, torch.bfloat16, cuda, {"dq_tiles": (64, 64, 4, 2)})
     q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     text = ac.explain(ac.patterns.natten2d(64, 128, 17), q, q, q, target="h200")
@@ -467,3 +483,75 @@ def test_explain_predicts_fa4s_own_backward_where_it_runs():
     hooks = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200", kernel_options={
         "backend": "fa4", "deterministic": False, "fold": False})
     assert "backward: FA4's block-sparse backward, nondeterministic (not modelled)" in hooks
+
+
+def test_profiles_hold_figures_per_head_dim_class(tmp_path, monkeypatch):
+    """A profile's base figures hold for its head dim class (128); `head_dims` add others; a backend
+    without an entry for a class is not modelled there (the runtime's table decides)."""
+    assert [cost.head_dim_class(d) for d in (16, 64, 65, 128, 129, 256, 257)] == [64, 64, 128, 128, 256, 256, None]
+    t256 = TileConfig(128, 64, 8, 2)
+    assert H200.models("triton", 64) and H200.models("triton", 256) and H200.models("fa4", 64)
+    assert not H200.models("fa4", 256) and not H200.models("triton", 320)
+    assert H200.rate("triton", t256, 256) != H200.rate("triton", t256)  # D=256's own rate, not D=128's
+    assert H200.spec("triton", 100) is H200.backends["triton"]
+    at64 = H200.at_head_dim(40)
+    assert at64.head_dim == 64 and at64.spec("triton") == H200.spec("triton", 64) and "head_dims" not in at64.spec(
+        "triton")
+    spec = {"tflops": {"64x64": 100.0, "default": 100.0}, "partial_factor": 1.5, "program_us": 1.0}
+    mine = H200.with_spec("triton", 256, spec)
+    assert mine.spec("triton", 256)["tflops"] == spec["tflops"] and mine.spec("triton", 64) == H200.spec("triton", 64)
+    assert mine.spec("triton", 128)["tflops"] == H200.spec("triton", 128)["tflops"]
+    rebased = H200.with_spec("triton", 128, spec)  # the base class: its other classes stay
+    assert rebased.spec("triton", 128)["tflops"] == spec["tflops"] and rebased.models("triton", 256)
+    monkeypatch.setattr(cost, "PROFILES", tmp_path)
+    data = json.loads((cost.Path(ac.__file__).parent / "compiler/profiles/h200.json").read_text())
+    data["backends"]["triton"]["head_dims"]["96"] = data["backends"]["triton"]["head_dims"]["64"]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="head_dims keys must be among"):
+        cost.load_profile("bad")
+    only = {**data, "backends": {"fa4": {"head_dims": {"64": {"tflops": {"default": 500.0}}}}}}
+    (tmp_path / "only.json").write_text(json.dumps(only))
+    prof = cost.load_profile("only")  # figures at one class only: not modelled at the base one
+    assert prof.models("fa4", 64) and not prof.models("fa4", 128)
+
+
+def test_the_model_chooses_at_head_dims_64_and_256_what_measured_fastest():
+    """benchmarks/results/2026-12-06-nvidia-h100-head-dims.md: at D=256 the table's 64x64/4/2 was
+    1.23-1.35x slower than 128x64/8/2 on every dense and band mask, and 64x32/4/2 the best on
+    global_tokens; at D=64 64x32/4/2 the best on natten2d (0.322 ms against the table's 0.446) and
+    natten3d, fa4 on sinks."""
+    from attncc.runtime import choices
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    d256 = Shapes(2, 16, 16, 8192, 8192, 256, 256)
+    for pattern in (ac.patterns.causal(), ac.patterns.sliding_window(1024), ac.patterns.prefix_lm(2048)):
+        assert choices.cost_choice(pattern, d256, torch.bfloat16, cuda, {}, "triton", H200, cpu) == (
+            "triton", TileConfig(128, 64, 8, 2))
+    from benchmarks.patterns import build
+
+    assert choices.cost_choice(build("global_tokens", 8192, 16).attncc.kernel_pattern, d256, torch.bfloat16, cuda, {},
+                               "triton", H200, cpu) == ("triton", TileConfig(64, 32, 4, 2))
+    d64 = Shapes(4, 16, 16, 8192, 8192, 64, 64)
+    natten = build("natten2d", 8192, 16).attncc.kernel_pattern
+    assert choices.cost_choice(natten, d64, torch.bfloat16, cuda, {}, "triton", H200, cpu) == (
+        "triton", TileConfig(64, 32, 4, 2))
+    assert choices.cost_choice(ac.patterns.sinks(4, 1024), d64, torch.bfloat16, cuda, {}, "fa4", H200, cpu)[0] == "fa4"
+    # where the profile lacks a class, or D and Dv differ in class, the table decides
+    only128 = H200.at_head_dim(128)  # the D=128 figures alone
+    assert not only128.models("triton", 64)
+    assert choices.cost_choice(natten, d64, torch.bfloat16, cuda, {}, "triton", only128, cpu) is None
+    mixed = Shapes(4, 16, 16, 8192, 8192, 64, 128)
+    assert choices.cost_choice(natten, mixed, torch.bfloat16, cuda, {}, "triton", H200, cpu) is None
+    assert choices.triton_candidates(320) == ()
+
+
+def test_explain_at_other_head_dims_lists_that_class_or_says_it_is_not_modelled():
+    q, k, v = (torch.empty(1, 4, 2048, 256, device="meta") for _ in range(3))
+    text = ac.explain(ac.patterns.sliding_window(256), q, k, v, target="h200")
+    assert "triton  128x64, num_warps=8, num_stages=2" in text and "64x128, num_warps=8, num_stages=1" in text
+    q, k, v = (torch.randn(1, 2, 200, 32) for _ in range(3))
+    generic = ac.explain(ac.patterns.sliding_window(40), q, k, v)  # CPU: the generic profile's estimates
+    assert "<- runs" in generic
+    q, k, v = (torch.empty(1, 4, 2048, 320, device="meta") for _ in range(3))
+    text = ac.explain(ac.patterns.sliding_window(256), q, k, v, target="h200")
+    assert "not modelled at head dim 320 on this profile: triton" in text and "<- runs" not in text

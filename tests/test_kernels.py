@@ -306,13 +306,13 @@ def test_backward_tiles_picked_by_the_model_on_first_use(monkeypatch):
     pattern = ac.patterns.natten2d(8, 16, 5)
     q, k, v = qkv(1, 2, 2, 128, 128, 16)
     s = check_qkv(q, k, v)
-    table = choices.BACKWARD_CANDIDATES[0]  # the CUDA table's (16-bit, D <= 128)
+    table = choices.choose_backward_tiles(s, torch.bfloat16, torch.device("cuda"), {})  # D=16's CUDA table
     choice = choices.KernelChoice(choices.choose_tiles(s, q.dtype, q.device, {}), table, "triton",
                                   backward_by_model=True)
     kern = Kernel(pattern.kernel_pattern, s, q.device, 1 / math.sqrt(16), choice)
     assert not asked  # the forward alone never asks
     picked = choices.model_backward_tiles(pattern.kernel_pattern, s, q.device, cost.load_profile("h200"), table)
-    assert picked in choices.BACKWARD_CANDIDATES
+    assert picked in choices.BACKWARD_CANDIDATES[64]
     assert kern.config["dkdv_tiles"] == choices.tile_tuple(picked.dkdv) and len(asked) == 1
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     w = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))

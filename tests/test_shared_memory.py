@@ -1,14 +1,15 @@
-"""Kernels Triton refuses for want of shared memory (runtime/kernel.after_shared_memory_refusal):
+"""Kernels Triton refuses for want of shared memory or registers (runtime/kernel.after_resource_refusal):
 how much a kernel needs depends on the pattern's expressions (on the H200 global_tokens' 64x128
-forward at 3 stages needed 240 KiB of 227), so tiles the automatic choice picked retry with one
-stage fewer, and tiles kernel_options forced fail with an error naming them. Triton's interpreter
-has no shared memory: these tests refuse launches themselves, then check the retried kernel
-against ac.reference."""
+forward at 3 stages needed 240 KiB of 227; on the H100 ptxas failed to allocate registers for
+D=256 forwards with a token layout), so tiles the automatic choice picked retry with one stage
+fewer (shared memory) or more warps, then fewer keys per tile (registers), and tiles
+kernel_options forced fail with an error naming them. Triton's interpreter has neither: these
+tests refuse launches themselves, then check the retried kernel against ac.reference."""
 from __future__ import annotations
 
 import pytest
 import torch
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 import attncc as ac
 from attncc.compiler.codegen import BackwardTiles, TileConfig
@@ -18,21 +19,24 @@ from test_sequences import dense_sequence, oracle, paged_inputs, rel
 
 @pytest.fixture
 def refuse(monkeypatch):
-    """refuse(name, n): the next n launches of generated functions called `name` raise Triton's
-    shared-memory OutOfResources (as a kernel too large for the GPU does at its first launch)."""
-    left = {}
+    """refuse(name, n, registers=False): the next n launches of generated functions called `name`
+    raise Triton's shared-memory OutOfResources (as a kernel too large for the GPU does at its first
+    launch), or with `registers` ptxas' register allocation failure (as its compilation does)."""
+    left, kind = {}, {}
     real = kernel.launch
 
     def launch(interpret, fn, *args, **kwargs):
         if left.get(fn.__name__, 0) > 0:
             left[fn.__name__] -= 1
+            if kind[fn.__name__]:
+                raise PTXASError("ptxas fatal   : (C7600) Register allocation failed with register count of '255'.")
             raise OutOfResources(245760, 232448, "shared memory")
         return real(interpret, fn, *args, **kwargs)
 
     monkeypatch.setattr(kernel, "launch", launch)
 
-    def arm(name: str, n: int):
-        left[name] = n
+    def arm(name: str, n: int, registers: bool = False):
+        left[name], kind[name] = n, registers
         return left
     return arm
 
@@ -83,8 +87,40 @@ def test_a_refusal_at_one_stage_is_an_error_not_a_loop(refuse, staged):
     q, k, v = inputs()
     kern = ac.compile(ac.patterns.causal(), q, k, v)
     refuse("forward", 10)
-    with pytest.raises(ValueError, match="at one stage.*shared memory"):
+    with pytest.raises(ValueError, match="the smallest kernel.*shared memory"):
         kern(q, k, v)
+
+
+def test_a_forward_refused_for_registers_retries_with_more_warps_then_fewer_keys(refuse, staged):
+    q, k, v = inputs()
+    pattern = ac.patterns.sliding_window(9)
+    kern = ac.compile(pattern, q, k, v)
+    assert (kern.config["BLOCK_N"], kern.config["num_warps"]) == (32, 4)
+    left = refuse("forward", 2, registers=True)
+    out = kern(q, k, v)
+    assert left["forward"] == 0 and (kern.config["BLOCK_N"], kern.config["num_warps"], kern.config["num_stages"]) \
+        == (16, 8, 3)
+    assert rel(out, ac.reference(q, k, v, pattern)) < 1e-5
+    refuse("forward", 10, registers=True)
+    with pytest.raises(ValueError, match="the smallest kernel.*need more registers"):
+        kern(q, k, v)
+    forced = ac.compile(pattern, q, k, v, kernel_options={"num_warps": 4})
+    refuse("forward", 1, registers=True)
+    with pytest.raises(ValueError, match=r"kernel_options set.*registers.*more warps"):
+        forced(q, k, v)
+
+
+def test_a_backward_refused_for_registers_retries_both_kernels(refuse, staged):
+    q, k, v = inputs(requires_grad=True, seed=4)
+    pattern = ac.patterns.causal()
+    kern = ac.compile(pattern, q, k, v)
+    dout = torch.randn(1, 2, 45, 16, generator=torch.Generator().manual_seed(5))
+    left = refuse("backward", 1, registers=True)
+    grads = torch.autograd.grad(kern(q, k, v), (q, k, v), dout)
+    assert left["backward"] == 0 and kern.config["dkdv_tiles"][2] == 8 and kern.config["dq_tiles"][2] == 8
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(ac.reference(qd, kd, vd, pattern), (qd, kd, vd), dout.double())
+    assert all(rel(g, w) < 1e-5 for g, w in zip(grads, want))
 
 
 def test_other_launch_errors_pass_through(monkeypatch, staged):

@@ -18,9 +18,10 @@ Backward: attncc's Triton backward (`simulate_backward`) and FA4's own dense / c
 varlen backward (`simulate_fa4_backward`, by band geometry: compiler/bands.py).
 
 Each profile says where its numbers come from (h200: measured and fitted; h100, generic: estimates).
-The runtime picks backend and forward tiles by this simulator where profiles are measured
-(runtime/choices.cost_choice: 16-bit CUDA, 64 < D <= 128); elsewhere by its table, and `explain`
-then says where the simulator disagrees.
+A profile's figures hold for a class of head dims (HEAD_DIM_CLASSES: up to 64, 128, 256; its base
+class and the `head_dims` it adds). The runtime picks backend and tiles by this simulator where
+the profile models the call's class (runtime/choices.ranked_candidates: 16-bit CUDA); elsewhere
+by its table, and `explain` then says where the simulator disagrees.
 """
 from __future__ import annotations
 
@@ -44,12 +45,23 @@ _EXACT_PAIRS = 1 << 24  # PARTIAL-tile pairs counted exactly; beyond, a uniform 
 _BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
+HEAD_DIM_CLASSES = (64, 128, 256)  # a profile's figures hold for head dims up to each: 33..64 share 64's
+
+
+def head_dim_class(D: int) -> int | None:
+    """The HEAD_DIM_CLASSES entry whose figures apply to head dim D (the smallest >= D), None above 256."""
+    return next((c for c in HEAD_DIM_CLASSES if D <= c), None)
+
+
 @dataclass(frozen=True)
 class Profile:
     """A GPU's figures (see compiler/profiles/*.json); `backends[name]` holds per-tile-shape
     `tflops` and `programs_per_sm` (keyed "BMxBN", with a "default"), `partial_factor` and
-    `program_us`; `link_tbps` a GPU-to-GPU link's usable one-way bandwidth (context parallelism;
-    absent from a profile: 0.025, a PCIe-class guess)."""
+    `program_us`, measured at head dims of class `head_dim` (HEAD_DIM_CLASSES), and optionally
+    `head_dims` {"64": {...}, "256": {...}}: the fields measured at another class, which replace
+    the base ones there (a backend without an entry for a class is not modelled at it: `spec`);
+    `link_tbps` a GPU-to-GPU link's usable one-way bandwidth (context parallelism; absent from a
+    profile: 0.025, a PCIe-class guess)."""
     key: str
     name: str
     sms: int
@@ -59,14 +71,47 @@ class Profile:
     provenance: str
     match: tuple = ()
     link_tbps: float = 0.025
+    head_dim: int = 128
 
-    def rate(self, backend: str, tiles: TileConfig) -> float:
+    def spec(self, backend: str, D: int | None = None) -> dict | None:
+        """`backend`'s figures at head dim D (None: the base class), or None where the profile does
+        not model it there."""
+        base = self.backends.get(backend)
+        cls = self.head_dim if D is None else head_dim_class(D)
+        if base is None or cls is None:
+            return None
+        if cls == self.head_dim:
+            return base if "tflops" in base else None  # (a backend may have figures at other classes only)
+        extra = base.get("head_dims", {}).get(str(cls))
+        return None if extra is None else {**{k: v for k, v in base.items() if k != "head_dims"}, **extra}
+
+    def models(self, backend: str, D: int | None = None) -> bool:
+        """Whether the profile has `backend`'s figures at head dim D."""
+        return self.spec(backend, D) is not None
+
+    def at_head_dim(self, D: int) -> "Profile":
+        """This profile with the figures of D's class as its base (the backends modelled there)."""
+        backends = {b: {k: v for k, v in self.spec(b, D).items() if k != "head_dims"}
+                    for b in self.backends if self.models(b, D)}
+        return replace(self, backends=backends, head_dim=head_dim_class(D))
+
+    def with_spec(self, backend: str, D: int, spec: dict) -> "Profile":
+        """This profile with `backend`'s figures at D's class replaced by `spec` (its base figures
+        where D's class is the base class, else its `head_dims` entry)."""
+        cls, old = head_dim_class(D), self.backends.get(backend, {})
+        if cls == self.head_dim:
+            new = {**spec, **({"head_dims": old["head_dims"]} if "head_dims" in old else {})}
+        else:
+            new = {**old, "head_dims": {**old.get("head_dims", {}), str(cls): spec}}
+        return replace(self, backends={**self.backends, backend: new})
+
+    def rate(self, backend: str, tiles: TileConfig, D: int | None = None) -> float:
         """TFLOP/s one SM's worth of programs of this tile shape reach, divided by the SM count."""
-        table = self.backends[backend]["tflops"]
+        table = self.spec(backend, D)["tflops"]
         return float(table.get(shape_key(tiles), table.get("default", min(table.values()))))
 
-    def programs_per_sm(self, backend: str, tiles: TileConfig) -> int:
-        table = self.backends[backend].get("programs_per_sm", {})
+    def programs_per_sm(self, backend: str, tiles: TileConfig, D: int | None = None) -> int:
+        table = self.spec(backend, D).get("programs_per_sm", {})
         return int(table.get(shape_key(tiles), table.get("default", 1)))
 
 
@@ -91,12 +136,22 @@ def load_profile(key: str, directory: Path | None = None) -> Profile:
     missing = [f for f in _FIELDS if f not in data]
     if missing:
         raise ValueError(f"hardware profile {path} lacks {missing}")
+    head_dim = int(data.get("head_dim", Profile.head_dim))
+    if head_dim not in HEAD_DIM_CLASSES:
+        raise ValueError(f"hardware profile {path}: head_dim must be one of {HEAD_DIM_CLASSES}, got {head_dim}")
     for backend, spec in data["backends"].items():
-        if not spec.get("tflops") or not all(v > 0 for v in spec["tflops"].values()):
-            raise ValueError(f"hardware profile {path}: backend {backend!r} needs positive tflops per tile shape")
+        own = [(head_dim, spec)] if "tflops" in spec or not spec.get("head_dims") else []
+        for cls, fields in own + list(spec.get("head_dims", {}).items()):
+            if str(cls) not in map(str, HEAD_DIM_CLASSES):
+                raise ValueError(f"hardware profile {path}: backend {backend!r} head_dims keys must be among "
+                                 f"{HEAD_DIM_CLASSES}, got {cls!r}")
+            rates = fields.get("tflops")
+            if not rates or not all(v > 0 for v in rates.values()):
+                raise ValueError(f"hardware profile {path}: backend {backend!r} needs positive tflops per tile shape"
+                                 f" (head dim class {cls})")
     return Profile(key, data["name"], int(data["sms"]), data["peak_matrix_tflops"], float(data["hbm_tbps"]),
                    data["backends"], data["provenance"], tuple(data.get("match", ())),
-                   float(data.get("link_tbps", Profile.link_tbps)))
+                   float(data.get("link_tbps", Profile.link_tbps)), head_dim)
 
 
 def profile_for(device: torch.device | None = None, target: str | None = None,
@@ -184,13 +239,13 @@ class Prediction:
 
 def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, profile: Profile) -> Prediction:
     """The forward's predicted time for KernelMeta `meta` (runtime/kernel.py) at tiles `tiles`."""
-    spec = profile.backends[backend]
+    spec = profile.spec(backend, D)
     full = meta.full_num.expand(B, H, -1).double()
     partial = meta.partial_num.expand(B, H, -1).double()
     order = meta.order.expand(B, H, -1).long()
-    occupancy = profile.programs_per_sm(backend, tiles)
+    occupancy = profile.programs_per_sm(backend, tiles, D)
     slots = profile.sms * occupancy
-    slot_tflops = profile.rate(backend, tiles) / slots  # each slot's share of the GPU's rate
+    slot_tflops = profile.rate(backend, tiles, D) / slots  # each slot's share of the GPU's rate
     tile_ms = 4.0 * tiles.BLOCK_M * tiles.BLOCK_N * D / (slot_tflops * 1e12) * 1e3
     full_cost, partial_cost = tile_costs(spec, meta.expression_ops, backend, tiles)
     work = (full_cost * full + partial_cost * partial) * tile_ms + spec["program_us"] * 1e-3 * occupancy
@@ -215,7 +270,7 @@ def simulate_backward(dkdv_meta, dq_meta, B: int, H: int, Hkv: int, D: int, tile
     makespan at the profile's `backward` rate, PARTIAL factor and prologue for that kernel and tile
     shape (backward_field; runtime/kernel.py: BackwardMeta, KernelMeta; tiles:
     BackwardTiles)."""
-    spec = profile.backends["triton"]["backward"]
+    spec = profile.spec("triton", D)["backward"]
     slots = profile.sms
     group = H // Hkv
 
@@ -265,7 +320,7 @@ def simulate_fa4_backward(calls: list[tuple[Band, ...]], B: int, Hq: int, Hkv: i
     (FA4's ordered dQ accumulation). With `slivers`, a one-band call of a sliver band
     (bands.is_sliver) is attncc's sliver kernel instead: one pass over q, out, dout and dq of its
     rows at the bandwidth. Token ranges several calls cover add one more pass (the sum)."""
-    spec = profile.backends["fa4"]["backward"]
+    spec = profile.spec("fa4", D)["backward"]
     m, n = FA4_BACKWARD_TILE
     tile_ms = 2.0 * 5 * m * n * D / (spec["tflops"] / profile.sms * 1e12) * 1e3
     byte_ms = 1e3 / (profile.hbm_tbps * 1e12)
@@ -319,10 +374,17 @@ def fit(profile: Profile, backend: str, timings: list[Timing]) -> tuple[dict, fl
     PARTIAL factor per shape (a dict, its "default" the common factor found first): for each
     prologue, each shape's best factor on its own timings (they depend on no other shape's). Rates
     are kept (measured on full attention). A coordinate the timings do not constrain (no mask or
-    score operators) keeps the spec's value."""
+    score operators) keeps the spec's value. The timings share one head dim class (HEAD_DIM_CLASSES):
+    the spec fitted is the profile's at that class (Profile.at_head_dim)."""
     mine = [t for t in timings if t.backend == backend]
     if not mine:
         raise ValueError(f"no timings of backend {backend!r} to fit")
+    classes = {head_dim_class(t.D) for t in mine}
+    if len(classes) != 1:
+        raise ValueError(f"timings of one head dim class fit one spec, got classes {sorted(classes, key=str)}")
+    profile = profile.at_head_dim(mine[0].D)
+    if backend not in profile.backends:
+        raise ValueError(f"profile {profile.key!r} has no {backend!r} figures at head dim {mine[0].D}")
     spec = {"mask_op": 0.0, "score_op": 0.0, **profile.backends[backend]}
     base = {shape_key(t.tiles): profile.programs_per_sm(backend, t.tiles) for t in mine}
     free = sorted(k for k, n in base.items() if n > 1)
@@ -492,6 +554,11 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     roof = max(flop_ms, byte_ms)
     lines.append(f"roofline: {_fmt_ms(roof)} (matrix {_fmt_ms(flop_ms)}, memory {_fmt_ms(byte_ms)})")
     lines += ["", "configurations (forward), predicted:"]
+    unmodelled = sorted({b for b, _ in candidates if not profile.models(b, s.D)})
+    if unmodelled:
+        lines.append(f"  (not modelled at head dim {s.D} on this profile: {', '.join(unmodelled)}; "
+                     f"`attncc calibrate --head-dim {s.D}` measures them)")
+    candidates = [c for c in candidates if profile.models(c[0], s.D)]
     rows, chosen_pred = [], None
     for backend, tiles in candidates:
         _, m = META_CACHE.get(pattern, s, tiles, device)
@@ -502,11 +569,12 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     if png is not None:
         from ..viz import save_load_png
 
-        if chosen_pred is None:  # sdpa-cudnn runs: picture the first candidate's load
+        if chosen_pred is None and candidates:  # sdpa-cudnn runs: picture the first candidate's load
             _, m = META_CACHE.get(pattern, s, candidates[0][1], device)
             chosen_pred = simulate(m, B, H, s.D, candidates[0][1], candidates[0][0], profile)
         classes = bm.to_dense()[0, 0]
-        save_load_png(png, classes, chosen_pred.work[0, 0],
+        load = chosen_pred.work[0, 0] if chosen_pred is not None else torch.zeros(QB, dtype=torch.float64)
+        save_load_png(png, classes, load,
                       f"{pattern.name or 'custom'}: {chosen[0]} {chosen[1].BLOCK_M}x{chosen[1].BLOCK_N} "
                       f"on the {profile.name}")
     rows.sort(key=lambda r: r[0])

@@ -479,7 +479,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from ..compiler import cost
     from .calibrate import profile_for
-    from .choices import TARGETS, TRITON_CANDIDATES, check_options, choose_decode
+    from .choices import TARGETS, check_options, choose_decode, triton_candidates
     from . import fa4
 
     s = check_qkv(q, k, v)
@@ -504,10 +504,10 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         chosen = (choice.backend, choice.tiles)
         why_not_fa4 = fa4.refusal(kp, ks, q)
     fa4_ok = why_not_fa4 is None
-    candidates = [("triton", t) for t in TRITON_CANDIDATES]
-    if chosen[0] == "triton" and chosen[1] not in TRITON_CANDIDATES:
+    candidates = [("triton", t) for t in triton_candidates(ks.D)]
+    if chosen[0] == "triton" and chosen[1] not in triton_candidates(ks.D):
         candidates.append(chosen)
-    if fa4_ok and "fa4" in profile.backends:
+    if fa4_ok and profile.models("fa4", ks.D):
         candidates.append(("fa4", fa4.TILE))
     text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png)
     if fold is not None:
@@ -553,7 +553,7 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
     native = options.get("fa4_native", True)
     cuda = torch.device("cuda")
     tiles = pick_backward_tiles(pattern, s, dtype, options, lists, profile)
-    modelled = (modelled_backward_candidates(profile, choose_backward_tiles(s, dtype, cuda, options))
+    modelled = (modelled_backward_candidates(profile, choose_backward_tiles(s, dtype, cuda, options), s.D)
                 if backward_modelled(s, dtype, cuda, options) else [])
     others = [c for c in modelled if c != tiles] if len(modelled) > 1 else []  # the pick's runners-up
     mine = triton_backward_ms(pattern, s, tiles, lists, profile)

@@ -1,21 +1,23 @@
 """`attncc calibrate`: measure a hardware profile for the cost model (compiler/cost.py) on this GPU.
 
-What it measures (bf16, D=128, on the GPU it runs on), for each forward tile shape the simulator
-compares (choices.TRITON_CANDIDATES) and for fa4 where it runs:
+What it measures (bf16, at one head dim D, default 128, on the GPU it runs on), for each forward
+tile shape the simulator compares at D's class (choices.triton_candidates) and for fa4 where it runs:
 - the rate: full attention at B x H x N tokens, FLOPs / time (every tile FULL);
 - the PARTIAL factor, the per-program prologue and which tile shapes fit two programs per SM:
   fitted (compiler/cost.fit, a grid search for the least rms log error) to the times of
   `fit_patterns` (causal, a sliding window, a document mask) at every configuration;
 - the costs of the mask's and the score mod's operators: fitted the same way, to the times of a
   2-D neighbourhood mask and a softcapped score (`fit_patterns` too);
-- the Triton backward's rates: each pair of choices.BACKWARD_CANDIDATES times the backward of full
-  attention, and the pair's rates in the shipped profile's backward spec (the H200's where the
-  matching profile has none) are scaled by predicted / measured; its PARTIAL factors, prologues and
-  operator cost, and FA4's backward spec, are the shipped profile's (fitting them needs sparse
-  timings at every pair: benchmarks/refit_backward.py --tiles).
+- the Triton backward's rates: each pair of choices.BACKWARD_CANDIDATES (of D's class) times the
+  backward of full attention, and the pair's rates in the prior profile's backward spec (the
+  H200's where it has none) are scaled by predicted / measured; FA4's backward rate likewise from
+  its own; their PARTIAL factors, prologues and operator costs are the prior profile's (fitting
+  them needs sparse timings at every pair: benchmarks/refit_backward.py --tiles).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
-`cost.profile_for` finds it before the shipped ones. SM count, peak rates and bandwidth come from
-the shipped profile the GPU's name matches (else "generic"); so do the occupancies the fit starts from.
+`cost.profile_for` finds it before the shipped ones: the GPU's current profile with the figures of
+D's head dim class (cost.HEAD_DIM_CLASSES) replaced, so calibrating 64, 128 and 256 in turn
+builds one profile for all three. SM count, peak rates and bandwidth come from the profile the
+GPU's name matches (else "generic"); so do the occupancies the fit starts from.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from ..compiler.codegen import TileConfig
 from ..dsl.parse import parse
 from ..dsl.pattern import Pattern
 from . import cache
-from .choices import BACKWARD_CANDIDATES, TRITON_CANDIDATES, tile_tuple
+from .choices import tile_tuple
 from .inputs import check_qkv
 from .kernel import META_CACHE
 
@@ -83,40 +85,76 @@ def fit_patterns(N: int) -> dict:
             "softcap": parse("mask = q >= kv\nscore = 30.0 * tanh(score / 30.0)")}
 
 
-def _backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, candidates) -> dict:
-    """The Triton backward's spec for `profile` (its forward measured): the shipped one's (`base`,
-    else the H200's), each candidate pair's rates scaled by its predicted / measured backward time
-    of full attention on q, k, v (the two kernels of a pair by the same factor)."""
-    from .api import attention
+def _backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, candidates, log) -> dict:
+    """The Triton backward's spec for `profile` (its forward measured, at q's head dim class): the
+    prior one's (`base`'s at that class, else at its own, else the H200's), each candidate pair's
+    rates scaled by its predicted / measured backward time of full attention on q, k, v (the two
+    kernels of a pair by the same factor)."""
     from .choices import triton_backward_ms
 
-    prior = base.backends.get("triton", {}).get("backward") or cost.load_profile("h200").backends["triton"]["backward"]
+    D = q.shape[-1]
+    prior = ((base.spec("triton", D) or {}).get("backward") or base.backends.get("triton", {}).get("backward")
+             or cost.load_profile("h200").backends["triton"]["backward"])
     spec = {key: (dict(val) if isinstance(val, dict) else {"default": val})
             if key in ("tflops", "partial_factor", "program_us") else val for key, val in prior.items()}
-    full, s = Pattern(name="full"), check_qkv(q, k, v)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    dout = torch.randn_like(q)
+    keys = [["default"]] + [[f"dkdv {cost.shape_key(p.dkdv)}", f"dq {cost.shape_key(p.dq)}"] for p in candidates[1:]]
+    spec["tflops"] = {key: spec["tflops"].get(key, spec["tflops"]["default"]) for pair in keys for key in pair}
     trial = replace(profile, backends={**profile.backends, "triton": {**profile.backends["triton"], "backward": spec}})
-    for n, pair in enumerate(candidates):  # (spec's rates are scaled in place: trial sees each pair's scaling)
+    for pair, pair_keys in zip(candidates, keys):  # (rates scaled in place: trial sees each pair's scaling)
         options = {"backend": "triton", "dkdv_tiles": tile_tuple(pair.dkdv), "dq_tiles": tile_tuple(pair.dq)}
-        out_ = attention(*leaves, full, kernel_options=options)
-        measured = time_ms(lambda: torch.autograd.grad(out_, leaves, dout, retain_graph=True), q.device)
-        ratio = triton_backward_ms(full, s, pair, q.device, trial) / measured
-        keys = (["default"] if n == 0 else
-                [f"dkdv {cost.shape_key(pair.dkdv)}", f"dq {cost.shape_key(pair.dq)}"])
-        for key in keys:
-            rate = spec["tflops"].get(key, spec["tflops"]["default"])
-            spec["tflops"][key] = float(f"{rate * ratio:.4g}")
+        ms = _backward_ms(q, k, v, options)
+        log(f"triton backward {pair}: full {ms:.3f} ms")
+        ratio = triton_backward_ms(Pattern(name="full"), check_qkv(q, k, v), pair, q.device, trial) / ms
+        for key in pair_keys:
+            spec["tflops"][key] = float(f"{spec['tflops'][key] * ratio:.4g}")
     return spec
 
 
-def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D: int = 128,
-              out: Path | None = None, candidates=TRITON_CANDIDATES, backward_candidates=BACKWARD_CANDIDATES) -> Path:
-    """Measure a profile on `device` (see the module docstring) for the Triton tile shapes
-    `candidates` (and fa4 where it runs) and the backward's tile pairs `backward_candidates`
-    (the first one's rates are the spec's default), and write it; returns its path."""
-    from . import fa4
+def _fa4_backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, log) -> dict:
+    """FA4's backward spec for `profile` at q's head dim class: the prior one's (`base`'s, at that
+    class or its own), its rate scaled by predicted / measured of full attention's (deterministic)
+    backward on q, k, v."""
+    from .fa4 import own_backward_calls
+    from .choices import fa4_own_backward_ms
 
+    D, s, full = q.shape[-1], check_qkv(q, k, v), Pattern(name="full")
+    prior = dict((base.spec("fa4", D) or {}).get("backward") or base.backends["fa4"]["backward"])
+    trial = replace(profile, backends={**profile.backends, "fa4": {**profile.backends["fa4"], "backward": prior}})
+    predicted = fa4_own_backward_ms(own_backward_calls(full, s, q.device, True), full, s, True, trial)
+    ms = _backward_ms(q, k, v, {"backend": "fa4"})
+    log(f"fa4 backward: full {ms:.3f} ms")
+    prior["tflops"] = float(f"{prior['tflops'] * predicted / ms:.4g}")
+    return prior
+
+
+def _backward_ms(q, k, v, options: dict) -> float:
+    """ms of full attention's backward alone on q, k, v with `options`."""
+    from .api import attention
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, Pattern(name="full"), kernel_options=options)
+    dout = torch.randn_like(q)
+    return time_ms(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), q.device)
+
+
+def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D: int = 128,
+              out: Path | None = None, candidates=None, backward_candidates=None, log=None) -> Path:
+    """Measure a profile on `device` at head dim D (see the module docstring) for the Triton tile
+    shapes `candidates` (default: choices.triton_candidates(D)) and fa4 where it runs, and the
+    backward's tile pairs `backward_candidates` (default: choices.BACKWARD_CANDIDATES of D's class;
+    the first one's rates are the spec's default), and write it; returns its path. The profile
+    written is the one the GPU has now (a calibrated one, else the shipped one its name matches,
+    else "generic") with the figures of D's head dim class (cost.HEAD_DIM_CLASSES) replaced: its
+    base figures where that is its class, else its `head_dims` entry for the class. `log`, if given,
+    is called with a line per measurement."""
+    from . import fa4
+    from .choices import BACKWARD_CANDIDATES, triton_candidates
+
+    cls = cost.head_dim_class(D)
+    if cls is None:
+        raise ValueError(f"calibrate measures head dims up to {cost.HEAD_DIM_CLASSES[-1]}, got {D}")
+    candidates = triton_candidates(D) if candidates is None else candidates
+    backward_candidates = BACKWARD_CANDIDATES[cls] if backward_candidates is None else backward_candidates
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = profile_for(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
@@ -130,39 +168,54 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     backends: dict = {}
     fitted = fit_patterns(N)
     timings: list[cost.Timing] = []
+    log = log or (lambda line: None)
     for backend, tiles in configs:
         ms, _ = _measure(full, q, k, v, backend, tiles)
+        log(f"{backend} {tiles}: full {ms:.3f} ms")
+        prior = base.spec(backend, D) or base.backends.get(backend, {})
         spec = backends.setdefault(backend, {"tflops": {}, "partial_factor": 1.0, "program_us": 0.0,
-                                             "programs_per_sm": dict(base.backends.get(backend, {}).get(
-                                                 "programs_per_sm", {"default": 1}))})
+                                             "programs_per_sm": dict(prior.get("programs_per_sm", {"default": 1}))})
         spec["tflops"][cost.shape_key(tiles)] = float(f"{2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12:.4g}")
-        for pattern in fitted.values():
+        for pname, pattern in fitted.items():
             ms, kern = _measure(pattern, q, k, v, backend, tiles)
+            log(f"{backend} {tiles}: {pname} {ms:.3f} ms")
             _, meta = META_CACHE.get(kern.pattern, s, kern.tiles, device)
             timings.append(cost.Timing(meta, B, H, D, kern.tiles, backend, ms))
     errors = {}
+    at_class = replace(base, backends={}, head_dim=cls)  # the figures of D's class, as they are measured
     for backend, spec in backends.items():
         spec["tflops"]["default"] = min(spec["tflops"].values())
-        rated = replace(base, backends={**base.backends, backend: spec})
+        rated = replace(at_class, backends={backend: spec})
         backends[backend], errors[backend] = cost.fit(rated, backend, timings)
-    measured = replace(base, backends={**base.backends, **backends})
-    backends["triton"]["backward"] = _backward_spec(base, measured, q, k, v, backward_candidates)
-    if "fa4" in backends and "backward" in base.backends.get("fa4", {}):
-        backends["fa4"]["backward"] = base.backends["fa4"]["backward"]
+    measured = replace(at_class, backends=backends)
+    backends["triton"]["backward"] = _backward_spec(base, measured, q, k, v, backward_candidates, log)
+    fa4_backward = "fa4" in backends and ("backward" in (base.spec("fa4", D) or base.backends.get("fa4", {})))
+    if fa4_backward:
+        backends["fa4"]["backward"] = _fa4_backward_spec(base, measured, q, k, v, log)
+    data = _merged(base, backends, cls)
     key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    data = {"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
-        torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0],
-            "sms": base.sms, "peak_matrix_tflops": base.peak_matrix_tflops,
-            "hbm_tbps": base.hbm_tbps, "backends": backends,
-            "provenance": f"measured by attncc calibrate on {name}, {datetime.date.today()}, torch {torch.__version__}: "
-                          f"rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues, "
-                          f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration (rms log error "
-                          + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
-                          + f"); the Triton backward's rates from full attention's backward at each tile pair, "
-                          f"its other coefficients and FA4's backward from the "
-                          f"{base.key if 'backward' in base.backends.get('triton', {}) else 'h200'!r} profile; "
-                          f"SMs and peaks from the {base.key!r} profile"}
+    data.update({"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
+        torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0]})
+    data["provenance"] = (
+        f"measured by attncc calibrate on {name}, {datetime.date.today()}, torch {torch.__version__}, head dim class "
+        f"{cls}: rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues, "
+        f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration (rms log error "
+        + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
+        + "); the Triton backward's rates from full attention's backward at each tile pair"
+        + (", FA4's backward rate from its own" if fa4_backward else "")
+        + f", their other coefficients from the {base.key!r} profile (else the H200's); SMs and peaks from the "
+        f"{base.key!r} profile" + ("" if cls == base.head_dim else f". Other head dim classes: {base.provenance}"))
     path = out or user_profiles() / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def _merged(base: cost.Profile, measured: dict, cls: int) -> dict:
+    """`base` as profile JSON with `measured` (backend -> spec) as its figures of head dim class
+    `cls` (cost.Profile.with_spec)."""
+    for backend, spec in measured.items():
+        base = base.with_spec(backend, cls, spec)
+    return {"name": base.name, "match": list(base.match), "sms": base.sms,
+            "peak_matrix_tflops": base.peak_matrix_tflops, "hbm_tbps": base.hbm_tbps, "link_tbps": base.link_tbps,
+            "head_dim": base.head_dim, "backends": base.backends}

@@ -3,12 +3,13 @@ attncc's hooks, or SDPA's cuDNN), the forward's tiles, the backward's backend an
 kernel_options that override them.
 
 The cost model (compiler/cost.py, on the GPU's profile) decides where a profile measures the
-candidates: the forward's backend between triton and fa4 and its tiles (ranked_candidates), the
-backward after FA4's forward (fa4_backward_model_refusal) and the Triton backward's tiles
-(model_backward_tiles). Rules decide the rest, each saying where its numbers come from (H100
-2026-11-22, H200 2026-12-01..03): whether fa4 may run at all (fa4.refusal, fa4_measured_faster:
-not with a token layout), cuDNN for plain full / causal attention (not modelled), the tile tables
-outside the profiled range (CPU, float32, other head dims), TMA, and the decode path.
+candidates (16-bit CUDA, at the head dim classes it has figures for: up to 64, 128, 256): the
+forward's backend between triton and fa4 and its tiles (ranked_candidates), the backward after
+FA4's forward (fa4_backward_model_refusal) and the Triton backward's tiles (model_backward_tiles).
+Rules decide the rest, each saying where its numbers come from (H100 2026-11-22 and 2026-12-06,
+H200 2026-12-01..03): whether fa4 may run at all (fa4.refusal, fa4_measured_faster: not with a
+token layout), cuDNN for plain full / causal attention (not modelled), the tile tables outside the
+profiled range (CPU, float32, head dims a profile lacks), TMA, and the decode path.
 """
 from __future__ import annotations
 
@@ -53,6 +54,14 @@ def forced_tiles(options: dict) -> tuple[bool, bool]:
 def fewer_stages(t: TileConfig) -> TileConfig | None:
     """t with one pipeline stage fewer (less shared memory), None at one stage."""
     return TileConfig(t.BLOCK_M, t.BLOCK_N, t.num_warps, t.num_stages - 1) if t.num_stages > 1 else None
+
+
+def fewer_registers(t: TileConfig) -> TileConfig | None:
+    """t asking fewer registers per thread: twice the warps (up to 8: the accumulator and score
+    tiles spread over more threads), else half the keys per tile (down to 16), else None."""
+    if t.num_warps < 8:
+        return TileConfig(t.BLOCK_M, t.BLOCK_N, t.num_warps * 2, t.num_stages)
+    return TileConfig(t.BLOCK_M, t.BLOCK_N // 2, t.num_warps, t.num_stages) if t.BLOCK_N > 16 else None
 
 
 def tile_tuple(t: TileConfig) -> tuple[int, int, int, int]:
@@ -154,29 +163,42 @@ BACKWARD_TILES = (
 )
 
 
-# the backward's candidates where the cost model picks (backward_modelled): the table's large tiles,
-# and small ones for masks of many PARTIAL tiles (H200, 2026-12-03, backward alone, both checked
-# against float64: natten2d 2.85 -> 1.76 ms, global_tokens 8.86 -> 5.51, sinks 2.73 -> 2.40,
-# causal 7.03 -> 7.78; benchmarks/results/2026-12-03-nvidia-h200-backward-tiles.md)
-BACKWARD_CANDIDATES = (next(t for limit, t in BACKWARD_TILES if limit == 128),
-                       BackwardTiles(TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 2)))
+# the backward's candidates where the cost model picks (backward_modelled), per head dim class
+# (cost.HEAD_DIM_CLASSES), the table's pair first. 128: the table's large tiles, and small ones for
+# masks of many PARTIAL tiles (H200, 2026-12-03, backward alone, both checked against float64:
+# natten2d 2.85 -> 1.76 ms, global_tokens 8.86 -> 5.51, sinks 2.73 -> 2.40, causal 7.03 -> 7.78;
+# benchmarks/results/2026-12-03-nvidia-h200-backward-tiles.md). 64 and 256: the table's, D=128's
+# large pair (64) and a small pair, each pair's shapes distinct from the others' (a profile keys
+# rates by "dkdv BMxBN" / "dq BMxBN").
+BACKWARD_CANDIDATES = {
+    64: (BACKWARD_TILES[0][1], BACKWARD_TILES[1][1], BackwardTiles(TileConfig(32, 64, 4, 3), TileConfig(64, 32, 4, 2))),
+    128: (BACKWARD_TILES[1][1], BackwardTiles(TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 2))),
+    256: (BACKWARD_TILES[2][1], BackwardTiles(TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2))),
+}
 
 
 def backward_modelled(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> bool:
-    """Whether the cost model picks the backward's tiles (model_backward_tiles): 16-bit CUDA, 64 <
-    D <= 128 (where the candidates were measured), no backward tiles in kernel_options."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and 64 < max(s.D, s.Dv) <= 128
+    """Whether the cost model may pick the backward's tiles (model_backward_tiles; it does where the
+    GPU's profile has their rates): 16-bit CUDA, D and Dv of one head dim class, no backward tiles
+    in kernel_options."""
+    from ..compiler.cost import head_dim_class
+
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim_class(s.D) is not None and head_dim_class(s.D) == head_dim_class(s.Dv)
             and not any(k in options for k in BACKWARD_TILE_OPTIONS))
 
 
-def modelled_backward_candidates(profile, table: BackwardTiles) -> list[BackwardTiles]:
-    """The BACKWARD_CANDIDATES pairs `profile` has rates for: the table's pair (the spec's default
-    rates) and each other whose "dkdv BMxBN" and "dq BMxBN" entries it holds."""
-    from ..compiler.cost import shape_key
+def modelled_backward_candidates(profile, table: BackwardTiles, D: int) -> list[BackwardTiles]:
+    """The BACKWARD_CANDIDATES pairs of head dim D's class that `profile` has rates for there: the
+    table's pair (the spec's default rates) and each other whose "dkdv BMxBN" and "dq BMxBN"
+    entries it holds."""
+    from ..compiler.cost import head_dim_class, shape_key
 
-    spec = profile.backends.get("triton", {}).get("backward", {})
+    spec = (profile.spec("triton", D) or {}).get("backward")
+    if spec is None:
+        return []
     rates = spec.get("tflops") if isinstance(spec.get("tflops"), dict) else {}
-    return [c for c in BACKWARD_CANDIDATES if c == table or (
+    return [c for c in BACKWARD_CANDIDATES.get(head_dim_class(D), ()) if c == table or (
         f"dkdv {shape_key(c.dkdv)}" in rates and f"dq {shape_key(c.dq)}" in rates)]
 
 
@@ -184,7 +206,7 @@ def model_backward_tiles(pattern: Pattern, s: Shapes, lists_device: torch.device
                          fallback: BackwardTiles) -> BackwardTiles:
     """The modelled_backward_candidates pair of least predicted time (triton_backward_ms);
     `fallback` (the table's) where fewer than two are modelled."""
-    modelled = modelled_backward_candidates(profile, fallback)
+    modelled = modelled_backward_candidates(profile, fallback, s.D)
     if len(modelled) < 2:
         return fallback
     return min(modelled, key=lambda c: triton_backward_ms(pattern, s, c, lists_device, profile))
@@ -217,26 +239,43 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
     """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES,
     and fa4's where the rules picked fa4 (`backend`: it can run and no layout keeps it off). Empty
     where the model does not choose: another backend picked or forced, tile options given, or
-    outside where profiles are measured (16-bit CUDA, 64 < D <= 128; the table of choose_tiles
+    outside where the profile models the call (16-bit CUDA, D and Dv of one head dim class that the
+    profile has Triton's figures for, and fa4's where the rules picked fa4; the table of choose_tiles
     decides there). Block masks are built on `lists_device` (default: `device`) and cached."""
     from . import fa4
+    from ..compiler.cost import head_dim_class
     from .kernel import META_CACHE
 
     if (backend not in ("triton", "fa4") or options.get("backend", "auto") not in ("auto", "triton")
             or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)
-            or not 64 < max(s.D, s.Dv) <= 128 or any(k in options for k in TILE_OPTIONS)):
+            or head_dim_class(s.D) != head_dim_class(s.Dv) or not profile.models("triton", s.D)
+            or (backend == "fa4" and not profile.models("fa4", s.D)) or any(k in options for k in TILE_OPTIONS)):
         return []
-    candidates = [("triton", t) for t in TRITON_CANDIDATES] + ([("fa4", fa4.TILE)] if backend == "fa4" else [])
-    candidates = [c for c in candidates if c[0] in profile.backends]
+    candidates = [("triton", t) for t in triton_candidates(s.D)] + ([("fa4", fa4.TILE)] if backend == "fa4" else [])
     return sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
                                                                      profile))
 
 
-# forward configurations the simulator compares (the fa4 one where fa4 can run); 64x32/4/2 (48 KiB
-# of shared memory: several programs per SM) is for short sparse rows (natten2d 0.51 ms against
-# 0.65 at 64x64/4/3 on the H200, 2026-12-02; full attention 6.6 against 4.9)
-TRITON_CANDIDATES = (TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2),
-                     TileConfig(64, 128, 4, 3), TileConfig(64, 32, 4, 2))
+# forward configurations the simulator compares (the fa4 one where fa4 can run), per head dim class
+# (cost.HEAD_DIM_CLASSES), tile shapes distinct within a class (a profile keys rates by "BMxBN").
+# 128: 64x32/4/2 (48 KiB of shared memory: several programs per SM) is for short sparse rows
+# (natten2d 0.51 ms against 0.65 at 64x64/4/3 on the H200, 2026-12-02; full attention 6.6 against
+# 4.9). 64: the table's 128x64/4/3 and four more shapes; 256 (read through TMA): the table's
+# 64x64/4/2 and shapes whose shared memory fits (128x64 at 2 stages: 192 KiB).
+TRITON_CANDIDATES = {
+    64: (TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 128, 4, 3),
+         TileConfig(64, 32, 4, 2)),
+    128: (TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2), TileConfig(64, 128, 4, 3),
+          TileConfig(64, 32, 4, 2)),
+    256: (TileConfig(64, 64, 4, 2), TileConfig(64, 32, 4, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 128, 8, 1)),
+}
+
+
+def triton_candidates(D: int) -> tuple[TileConfig, ...]:
+    """TRITON_CANDIDATES of head dim D's class (none above 256)."""
+    from ..compiler.cost import head_dim_class
+
+    return TRITON_CANDIDATES.get(head_dim_class(D), ())
 
 
 def triton_backward_ms(pattern: Pattern, s: Shapes, tiles: BackwardTiles, lists_device: torch.device,
@@ -246,7 +285,7 @@ def triton_backward_ms(pattern: Pattern, s: Shapes, tiles: BackwardTiles, lists_
     from ..compiler import cost
     from .kernel import META_CACHE
 
-    if "backward" not in profile.backends.get("triton", {}):
+    if "backward" not in (profile.spec("triton", s.D) or {}):
         return None
     return cost.simulate_backward(META_CACHE.backward(pattern, s, tiles.dkdv, lists_device),
                                   META_CACHE.get(pattern, s, tiles.dq, lists_device)[1], s.B, s.Hq, s.Hkv, s.D,
@@ -260,7 +299,7 @@ def fa4_own_backward_ms(calls, pattern: Pattern, s: Shapes, deterministic: bool,
     `profile` does not model it."""
     from ..compiler import cost
 
-    if calls is None or "backward" not in profile.backends.get("fa4", {}):
+    if calls is None or "backward" not in (profile.spec("fa4", s.D) or {}):
         return None
     return cost.simulate_fa4_backward(calls, s.B, s.Hq, s.Hkv, s.D, profile, deterministic,
                                       slivers=not pattern.has_score_mod)

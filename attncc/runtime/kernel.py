@@ -28,7 +28,7 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
 from ..dsl.pattern import Pattern
 from . import autograd, cache, fa4
-from .choices import (BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fa4_backward_model_refusal, fewer_stages,
+from .choices import (BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fa4_backward_model_refusal, fewer_registers, fewer_stages,
                       model_backward_tiles, tile_tuple)
 from .inputs import Shapes, check_qkv
 from .tiles import TileLists
@@ -208,7 +208,7 @@ class _MetaCache:
         """compiler.cost.simulate's forward ms for this entry on `backend` and `profile` (None where the
         profile lacks the backend), computed once (list scheduling of every program is milliseconds
         of Python: never per call)."""
-        if backend not in profile.backends:
+        if not profile.models(backend, s.D):
             return None
         with self.lock:
             entry = self._entry(pattern, s, config, device)
@@ -318,26 +318,42 @@ def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
             q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def after_shared_memory_refusal(error: Exception, tiles: TileConfig, forced: bool,
-                                 other: TileConfig | None = None) -> TileConfig:
-    """The tiles to retry with after a launch raised `error`: one stage fewer where Triton refused
-    the kernel for want of shared memory (how much a kernel needs depends on the pattern's
-    expressions, so no estimate can promise it fits; the sooner the better, the fewer stages the
-    slower). Re-raises anything else; a ValueError naming the kernel_options to change where they
-    `forced` the tiles or no stage is left to drop. `other`: the backward's dQ tiles (`tiles` its
-    dK/dV ones), which drop a stage with them."""
-    from triton.runtime.errors import OutOfResources
+def resource_refusal(error: Exception):
+    """(what ran out, how tiles shrink for it) where `error` is Triton refusing a kernel for want of
+    a resource, else None: shared memory (a launch's OutOfResources) -> one stage fewer
+    (choices.fewer_stages); registers (ptxas failing register allocation: D=256 kernels with a token
+    layout's gathers on the H100) -> fewer registers per thread (choices.fewer_registers)."""
+    from triton.runtime.errors import OutOfResources, PTXASError
 
-    if not isinstance(error, OutOfResources) or "shared memory" not in str(error):
+    if isinstance(error, OutOfResources) and "shared memory" in str(error):
+        return "shared memory", fewer_stages
+    if isinstance(error, PTXASError) and "Register allocation failed" in str(error):
+        return "registers", fewer_registers
+    return None
+
+
+def after_resource_refusal(error: Exception, tiles: TileConfig, forced: bool,
+                           other: TileConfig | None = None) -> tuple[TileConfig, TileConfig | None]:
+    """The tiles to retry with after compiling or launching a kernel at `tiles` raised `error`:
+    smaller ones where Triton refused it for want of shared memory or registers (resource_refusal;
+    what a kernel needs depends on the pattern's expressions, so no estimate can promise it fits;
+    the sooner the better, smaller tiles are slower). Re-raises anything else; a ValueError naming
+    the kernel_options to change where they `forced` the tiles or nothing is left to shrink.
+    `other`: the backward's dQ tiles (`tiles` its dK/dV ones), which shrink with them; returns
+    (tiles, other)."""
+    refusal = resource_refusal(error)
+    if refusal is None:
         raise error
-    smaller = fewer_stages(tiles)
-    if forced or (smaller is None and (other is None or fewer_stages(other) is None)):
-        why = "the tiles kernel_options set" if forced else "the kernel at one stage"
+    resource, shrink = refusal
+    smaller, smaller_other = shrink(tiles), None if other is None else shrink(other)
+    if forced or (smaller is None and smaller_other is None):
+        why = "the tiles kernel_options set" if forced else "the smallest kernel"
         options = "/".join(TILE_OPTIONS if other is None else BACKWARD_TILE_OPTIONS)
         raise ValueError(f"{why} ({tile_tuple(tiles)}{'' if other is None else ', ' + str(tile_tuple(other))}: "
-                         f"BLOCK_M, BLOCK_N, num_warps, num_stages) need more shared memory than this GPU has "
-                         f"({error}); set kernel_options {options} to smaller tiles or fewer stages") from error
-    return smaller or tiles
+                         f"BLOCK_M, BLOCK_N, num_warps, num_stages) need more {resource} than this GPU has "
+                         f"({error}); set kernel_options {options} to smaller tiles"
+                         f"{' or fewer stages' if resource == 'shared memory' else ' or more warps'}") from error
+    return smaller or tiles, smaller_other or other
 
 
 class Kernel:
@@ -519,8 +535,8 @@ class Kernel:
                 out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers,
                                   tma=self.tma)
                 return out.to(dtype), lse
-            except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
-                self._use_tiles(after_shared_memory_refusal(e, self.tiles, self._tiles_forced))
+            except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
+                self._use_tiles(after_resource_refusal(e, self.tiles, self._tiles_forced)[0])
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
@@ -542,10 +558,10 @@ class Kernel:
                 grads = launch(self.interpret, module.backward, q, k, v, out, lse, dout, dlse, dq_meta,
                                dkdv_meta, self.scale, dq_meta.buffers)
                 return tuple(g.to(t) for g, t in zip(grads, dtypes))
-            except Exception as e:  # noqa: BLE001 — only Triton's shared-memory refusal is handled
+            except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
                 bt = self.backward_tiles
-                dkdv = after_shared_memory_refusal(e, bt.dkdv, self._backward_forced, other=bt.dq)
-                self.backward_tiles = BackwardTiles(dkdv, fewer_stages(bt.dq) or bt.dq)
+                self.backward_tiles = BackwardTiles(*after_resource_refusal(e, bt.dkdv, self._backward_forced,
+                                                                            other=bt.dq))
 
     def buffer_backward(self, names: list[str], q, k, v, out, lse, dout, dlse, s: Shapes) -> list[torch.Tensor]:
         """The gradients of the pattern's float buffers `names` (runtime/buffer_grads.py), each in
