@@ -167,8 +167,13 @@ def build_raw(term) -> ir.Node:
 # Term -> plain Python value at one point
 
 def _nan_min(a, b, f):
+    """IEEE 754-2019 minimum / maximum (f: min or max): NaN propagates and -0.0 < +0.0 (Python's
+    min / max return whichever zero comes first)."""
     if isinstance(a, float) and math.isnan(a) or isinstance(b, float) and math.isnan(b):
         return math.nan
+    if a == 0 and b == 0 and (isinstance(a, float) or isinstance(b, float)):
+        signs = (math.copysign(1.0, a), math.copysign(1.0, b))
+        return (0.0 if max(signs) > 0 else -0.0) if f is max else (-0.0 if min(signs) < 0 else 0.0)
     return f(a, b)
 
 

@@ -184,6 +184,7 @@ def test_the_validation_benchmark_lists_a_configuration_refused_for_shared_memor
             raise OutOfResources(245760, 232448, "shared memory")
         return real(interpret, fn, *args, **kwargs)
     monkeypatch.setattr(kernel, "launch", launch)
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))  # the refusal is recorded there
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
     assert result["refused"] == ["triton 64x128/4/3"] and len(result["rows"]) == 4
     assert "triton 64x128/4/3 |" in (tmp_path / "costmodel.md").read_text()
@@ -236,7 +237,6 @@ def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch
     measured = d64["backends"]["triton"]["head_dims"]["64"]
     assert measured["tflops"]["32x32"] > 0 and set(measured["backward"]["tflops"]) == {
         "default", "dkdv 64x128", "dq 128x64", "dkdv 32x64", "dq 64x32"}  # D=64's three pairs, no D=128 keys
-    assert d64["backends"]["triton"]["head_dims"]["256"] == generic.backends["triton"]["head_dims"]["256"]
     assert "head dim class 64" in d64["provenance"]
     data["match"] = ["My GPU"]  # as calibrate writes it on a GPU named so
     out.write_text(json.dumps(data))
@@ -409,7 +409,7 @@ def test_backward_model_scales_with_the_work_and_shows_in_explain():
     dilated = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200",  # runs attncc's Triton backward
                          kernel_options={"fold": False})
     assert "backward: attncc's Triton dK/dV" in dilated and "not what runs" not in dilated
-    assert "backward: FA4's own kernels, 1 call(s), deterministic: no model in the 'h100' profile" in \
+    assert "backward: FA4's own kernels, 1 call(s), deterministic: no model at head dim 128 in the 'h100' profile" in \
         ac.explain(ac.patterns.causal(), q, q, q, target="h100")
 
 

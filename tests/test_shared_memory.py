@@ -18,12 +18,13 @@ from test_sequences import dense_sequence, oracle, paged_inputs, rel
 
 
 @pytest.fixture
-def refuse(monkeypatch):
+def refuse(monkeypatch, tmp_path):
     """refuse(name, n, registers=False): the next n launches of generated functions called `name`
     raise Triton's shared-memory OutOfResources (as a kernel too large for the GPU does at its first
     launch), or with `registers` ptxas' register allocation failure (as its compilation does)."""
     left, kind = {}, {}
     real = kernel.launch
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))  # refusals are recorded there (cache.record_refusal)
 
     def launch(interpret, fn, *args, **kwargs):
         if left.get(fn.__name__, 0) > 0:
@@ -160,3 +161,34 @@ def test_a_refused_decode_kernel_retries_with_fewer_stages(refuse, staged):
     for b, n in enumerate(lens):
         want, _ = oracle(q[b], dense_sequence(kc, table, b, n), dense_sequence(vc, table, b, n), pattern)
         assert rel(out[b], want) < 1e-5
+
+
+def test_a_refusal_is_recorded_so_a_later_kernel_never_tries_those_tiles_again(refuse, staged, monkeypatch):
+    """ptxas' failures are not cached by Triton (about 10 s per process for a D=256 kernel): the
+    refusal is recorded beside the module in the attncc cache (cache.record_refusal), and a later
+    Kernel of the same tiles skips them without compiling or launching."""
+    from attncc.runtime import cache
+
+    q, k, v = inputs()
+    pattern = ac.patterns.sliding_window(9)
+    refuse("forward", 1, registers=True)
+    first = ac.compile(pattern, q, k, v)
+    first(q, k, v)
+    assert first.config["num_warps"] == 8
+    launched = []
+    real = kernel.launch
+
+    def watch(interpret, fn, *args, **kwargs):
+        launched.append(fn.__module__)
+        return real(interpret, fn, *args, **kwargs)
+    monkeypatch.setattr(kernel, "launch", watch)
+    again = ac.compile(pattern, q, k, v)  # a new Kernel (as in a new process): starts at the chosen tiles
+    assert again.config["num_warps"] == 4
+    assert rel(again(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5
+    assert again.config["num_warps"] == 8 and len(launched) == 1  # only the 8-warp module ran
+    refused = kernel.kernel_module(again.pattern, choices.choose_tiles(*[again._shapes, q.dtype, q.device, {}]),
+                                   again._meta.plan, interpret=True)
+    assert cache.refusal_of(refused) == "registers" and refused.__name__ not in launched
+    forced = ac.compile(pattern, q, k, v, kernel_options={"num_warps": 4})
+    with pytest.raises(ValueError, match="kernel_options set.*recorded in the attncc cache.*registers"):
+        forced(q, k, v)

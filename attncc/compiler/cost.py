@@ -58,8 +58,9 @@ class Profile:
     """A GPU's figures (see compiler/profiles/*.json); `backends[name]` holds per-tile-shape
     `tflops` and `programs_per_sm` (keyed "BMxBN", with a "default"), `partial_factor` and
     `program_us`, measured at head dims of class `head_dim` (HEAD_DIM_CLASSES), and optionally
-    `head_dims` {"64": {...}, "256": {...}}: the fields measured at another class, which replace
-    the base ones there (a backend without an entry for a class is not modelled at it: `spec`);
+    `head_dims` {"64": {...}, "256": {...}}: the whole spec measured at another class (nothing
+    falls back to the base class's figures: a backend without an entry for a class is not modelled
+    there, nor is its backward without a "backward" entry; `spec`);
     `link_tbps` a GPU-to-GPU link's usable one-way bandwidth (context parallelism; absent from a
     profile: 0.025, a PCIe-class guess)."""
     key: str
@@ -82,8 +83,7 @@ class Profile:
             return None
         if cls == self.head_dim:
             return base if "tflops" in base else None  # (a backend may have figures at other classes only)
-        extra = base.get("head_dims", {}).get(str(cls))
-        return None if extra is None else {**{k: v for k, v in base.items() if k != "head_dims"}, **extra}
+        return base.get("head_dims", {}).get(str(cls))  # complete by itself: nothing from the base class
 
     def models(self, backend: str, D: int | None = None) -> bool:
         """Whether the profile has `backend`'s figures at head dim D."""

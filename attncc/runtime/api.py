@@ -572,10 +572,10 @@ def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dic
             slivers = sum(len(c) == 1 and sliver.runs(c[0], pattern.has_score_mod) for c in own)
             lines.append(f"backward: FA4's own kernels, {len(own) - slivers} call(s)"
                          + (f" and {slivers} sliver band(s) on attncc's kernel" if slivers else "") + f", {how}: " +
-                         (f"no model in the {profile.key!r} profile" if ms is None else
+                         (f"no model at head dim {s.D} in the {profile.key!r} profile" if ms is None else
                           f"predicted {ms:.3f} ms (cost.simulate_fa4_backward)") + (" <- runs" if fa4_runs else ""))
     if mine is None:
-        return lines[0] if lines else f"backward: no model in the {profile.key!r} profile"
+        return lines[0] if lines else f"backward: no model at head dim {s.D} in the {profile.key!r} profile"
     lines.append(f"{'  attncc' if lines else 'backward: attncc'}'s Triton dK/dV {tiles.dkdv} + dQ {tiles.dq}: "
                  f"predicted {mine:.3f} ms" + ("" if not lines else " (not what runs)" if fa4_runs else " <- runs"))
     for other in others:

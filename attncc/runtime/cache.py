@@ -34,6 +34,7 @@ _FORMAT = 1  # bump when the file layout or key serialisation changes
 _HEADER_PREFIX = b"# attncc kernel cache entry, sha256="
 _HEADER = re.compile(re.escape(_HEADER_PREFIX) + rb"([0-9a-f]{64})\Z")
 _SOURCE_ATTR = "__attncc_source__"
+_KEY_ATTR = "__attncc_key__"
 _STAT_NAMES = ("memory_hits", "disk_hits", "generated", "corrupt_regenerated")
 
 _MODULES: dict[tuple, types.ModuleType] = {}  # (parts, environment, interpret) -> module
@@ -248,10 +249,37 @@ def load_kernel_module(key_parts: Mapping[str, str], generate: Callable[[], str]
                 source = _read_or_generate(path, generate)
                 name = f"_attncc_kernel_{key}" + ("_interpret" if interpret else "")
                 module = _MODULES[slot] = _execute(name, path, source, bool(interpret))
+                setattr(module, _KEY_ATTR, key)
                 return module
     with _LOCK:
         _STATS["memory_hits"] += 1
     return module
+
+
+def _refusal_path(module: types.ModuleType) -> pathlib.Path | None:
+    key = getattr(module, _KEY_ATTR, None)
+    return None if key is None else cache_dir() / "refused" / key
+
+
+def record_refusal(module: types.ModuleType, resource: str) -> None:
+    """Remember that this GPU refused `module`'s kernels for want of `resource` ("registers",
+    "shared memory"), keyed like the module (its environment names the GPU), so a later process
+    asks refusal_of instead of compiling them again (a failed ptxas run is not cached by Triton:
+    about 10 s each time for a D=256 kernel). Modules not loaded by this cache are not recorded."""
+    path = _refusal_path(module)
+    if path is None:
+        return
+    _make_private_dir(path.parent, "the attncc cache's refusal records", fix_mode=True)
+    _write_atomic(path, resource.encode("utf-8"))
+
+
+def refusal_of(module: types.ModuleType) -> str | None:
+    """The resource a recorded refusal of `module` names (record_refusal), or None."""
+    path = _refusal_path(module)
+    try:
+        return None if path is None else path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
 
 
 def source_of(module: types.ModuleType) -> str:

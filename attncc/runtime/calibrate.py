@@ -11,8 +11,8 @@ tile shape the simulator compares at D's class (choices.triton_candidates) and f
 - the Triton backward's rates: each pair of choices.BACKWARD_CANDIDATES (of D's class) times the
   backward of full attention, and the pair's rates in the prior profile's backward spec (the
   H200's where it has none) are scaled by predicted / measured; FA4's backward rate likewise from
-  its own; their PARTIAL factors, prologues and operator costs are the prior profile's (fitting
-  them needs sparse timings at every pair: benchmarks/refit_backward.py --tiles).
+  its own (where fa4 runs); their PARTIAL factors, prologues and operator costs are the prior
+  profile's (fitting them needs sparse timings at every pair: benchmarks/refit_backward.py --tiles).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones: the GPU's current profile with the figures of
 D's head dim class (cost.HEAD_DIM_CLASSES) replaced, so calibrating 64, 128 and 256 in turn
@@ -111,14 +111,15 @@ def _backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, candidate
 
 
 def _fa4_backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, log) -> dict:
-    """FA4's backward spec for `profile` at q's head dim class: the prior one's (`base`'s, at that
-    class or its own), its rate scaled by predicted / measured of full attention's (deterministic)
-    backward on q, k, v."""
+    """FA4's backward spec for `profile` at q's head dim class: the prior one's (`base`'s at that
+    class, else at its own, else the H200's), its rate scaled by predicted / measured of full
+    attention's (deterministic) backward on q, k, v."""
     from .fa4 import own_backward_calls
     from .choices import fa4_own_backward_ms
 
     D, s, full = q.shape[-1], check_qkv(q, k, v), Pattern(name="full")
-    prior = dict((base.spec("fa4", D) or {}).get("backward") or base.backends["fa4"]["backward"])
+    prior = dict((base.spec("fa4", D) or {}).get("backward") or base.backends.get("fa4", {}).get("backward")
+                 or cost.load_profile("h200").backends["fa4"]["backward"])
     trial = replace(profile, backends={**profile.backends, "fa4": {**profile.backends["fa4"], "backward": prior}})
     predicted = fa4_own_backward_ms(own_backward_calls(full, s, q.device, True), full, s, True, trial)
     ms = _backward_ms(q, k, v, {"backend": "fa4"})
@@ -189,8 +190,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
         backends[backend], errors[backend] = cost.fit(rated, backend, timings)
     measured = replace(at_class, backends=backends)
     backends["triton"]["backward"] = _backward_spec(base, measured, q, k, v, backward_candidates, log)
-    fa4_backward = "fa4" in backends and ("backward" in (base.spec("fa4", D) or base.backends.get("fa4", {})))
-    if fa4_backward:
+    if "fa4" in backends:
         backends["fa4"]["backward"] = _fa4_backward_spec(base, measured, q, k, v, log)
     data = _merged(base, backends, cls)
     key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
@@ -202,7 +202,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
         f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration (rms log error "
         + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
         + "); the Triton backward's rates from full attention's backward at each tile pair"
-        + (", FA4's backward rate from its own" if fa4_backward else "")
+        + (", FA4's backward rate from its own" if "fa4" in backends else "")
         + f", their other coefficients from the {base.key!r} profile (else the H200's); SMs and peaks from the "
         f"{base.key!r} profile" + ("" if cls == base.head_dim else f". Other head dim classes: {base.provenance}"))
     path = out or user_profiles() / f"{key}.json"

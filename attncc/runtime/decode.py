@@ -379,7 +379,7 @@ class DecodeKernel:
         """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd (packed:
         [1, Hq, total_q, Dv] and [1, Hq, total_q])."""
         from .choices import forced_tiles
-        from .kernel import after_resource_refusal, interpretable, launch
+        from .kernel import after_resource_refusal, interpretable, launch, refuse_if_recorded
 
         qi, ki, vi = interpretable(self.interpret, q, k, v)
         while True:
@@ -393,11 +393,13 @@ class DecodeKernel:
                 qs, extra = qi, {}
             table = table.contiguous() if table is not None else None
             try:
+                refuse_if_recorded(module)
                 out, lse = launch(self.interpret, module.forward, qs, ki, vi, meta, self.scale, meta.buffers, table,
                                   **extra)
                 break
             except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
-                self.tiles = after_resource_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0])[0]
+                self.tiles = after_resource_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0],
+                                                    module=module)[0]
                 self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
                 self.module = self._module(self._meta)
         if self.packed:  # back to the packed rows, in order (padding dropped)

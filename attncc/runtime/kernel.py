@@ -28,8 +28,8 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
 from ..dsl.pattern import Pattern
 from . import autograd, cache, fa4
-from .choices import (BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fa4_backward_model_refusal, fewer_registers, fewer_stages,
-                      model_backward_tiles, tile_tuple)
+from .choices import (BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fa4_backward_model_refusal, fewer_registers,
+                      fewer_stages, model_backward_tiles, tile_tuple)
 from .inputs import Shapes, check_qkv
 from .tiles import TileLists
 
@@ -318,33 +318,55 @@ def _sdpa(q, k, v, scale: float, causal: bool) -> torch.Tensor:
             q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def resource_refusal(error: Exception):
-    """(what ran out, how tiles shrink for it) where `error` is Triton refusing a kernel for want of
-    a resource, else None: shared memory (a launch's OutOfResources) -> one stage fewer
-    (choices.fewer_stages); registers (ptxas failing register allocation: D=256 kernels with a token
-    layout's gathers on the H100) -> fewer registers per thread (choices.fewer_registers)."""
+_SHRINK = {"shared memory": fewer_stages, "registers": fewer_registers}
+
+
+class RecordedRefusal(Exception):
+    """A kernel module this GPU refused before, in this or an earlier process (cache.record_refusal)."""
+
+    def __init__(self, resource: str):
+        super().__init__(f"recorded in the attncc cache: this GPU refused these kernels for want of {resource}")
+        self.resource = resource
+
+
+def refuse_if_recorded(module) -> None:
+    """Raise RecordedRefusal where the cache recorded that this GPU refused `module`."""
+    resource = cache.refusal_of(module)
+    if resource in _SHRINK:
+        raise RecordedRefusal(resource)
+
+
+def resource_refusal(error: Exception) -> str | None:
+    """What ran out where `error` is Triton refusing a kernel for want of a resource (or a
+    RecordedRefusal of one), else None: "shared memory" (a launch's OutOfResources; tiles shrink by
+    choices.fewer_stages) or "registers" (ptxas failing register allocation, as D=256 kernels with a
+    token layout's gathers did on the H100; choices.fewer_registers)."""
     from triton.runtime.errors import OutOfResources, PTXASError
 
+    if isinstance(error, RecordedRefusal):
+        return error.resource
     if isinstance(error, OutOfResources) and "shared memory" in str(error):
-        return "shared memory", fewer_stages
+        return "shared memory"
     if isinstance(error, PTXASError) and "Register allocation failed" in str(error):
-        return "registers", fewer_registers
+        return "registers"
     return None
 
 
-def after_resource_refusal(error: Exception, tiles: TileConfig, forced: bool,
-                           other: TileConfig | None = None) -> tuple[TileConfig, TileConfig | None]:
-    """The tiles to retry with after compiling or launching a kernel at `tiles` raised `error`:
-    smaller ones where Triton refused it for want of shared memory or registers (resource_refusal;
-    what a kernel needs depends on the pattern's expressions, so no estimate can promise it fits;
-    the sooner the better, smaller tiles are slower). Re-raises anything else; a ValueError naming
-    the kernel_options to change where they `forced` the tiles or nothing is left to shrink.
-    `other`: the backward's dQ tiles (`tiles` its dK/dV ones), which shrink with them; returns
-    (tiles, other)."""
-    refusal = resource_refusal(error)
-    if refusal is None:
+def after_resource_refusal(error: Exception, tiles: TileConfig, forced: bool, other: TileConfig | None = None,
+                           module=None) -> tuple[TileConfig, TileConfig | None]:
+    """The tiles to retry with after compiling or launching `module`'s kernels at `tiles` raised
+    `error`: smaller ones where Triton refused them for want of shared memory or registers
+    (resource_refusal; what a kernel needs depends on the pattern's expressions, so no estimate can
+    promise it fits; the sooner the better, smaller tiles are slower), the refusal recorded in the
+    cache for later processes (module given). Re-raises anything else; a ValueError naming the
+    kernel_options to change where they `forced` the tiles or nothing is left to shrink. `other`:
+    the backward's dQ tiles (`tiles` its dK/dV ones), which shrink with them; returns (tiles, other)."""
+    resource = resource_refusal(error)
+    if resource is None:
         raise error
-    resource, shrink = refusal
+    if module is not None and not isinstance(error, RecordedRefusal):
+        cache.record_refusal(module, resource)
+    shrink = _SHRINK[resource]
     smaller, smaller_other = shrink(tiles), None if other is None else shrink(other)
     if forced or (smaller is None and smaller_other is None):
         why = "the tiles kernel_options set" if forced else "the smallest kernel"
@@ -532,11 +554,12 @@ class Kernel:
         while True:
             meta, module = self._specialised(s, q.device)
             try:
+                refuse_if_recorded(module)
                 out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers,
                                   tma=self.tma)
                 return out.to(dtype), lse
             except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
-                self._use_tiles(after_resource_refusal(e, self.tiles, self._tiles_forced)[0])
+                self._use_tiles(after_resource_refusal(e, self.tiles, self._tiles_forced, module=module)[0])
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
@@ -555,13 +578,14 @@ class Kernel:
         while True:
             dq_meta, dkdv_meta, module = self._backward_module(s)
             try:
+                refuse_if_recorded(module)
                 grads = launch(self.interpret, module.backward, q, k, v, out, lse, dout, dlse, dq_meta,
                                dkdv_meta, self.scale, dq_meta.buffers)
                 return tuple(g.to(t) for g, t in zip(grads, dtypes))
             except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
                 bt = self.backward_tiles
                 self.backward_tiles = BackwardTiles(*after_resource_refusal(e, bt.dkdv, self._backward_forced,
-                                                                            other=bt.dq))
+                                                                            other=bt.dq, module=module))
 
     def buffer_backward(self, names: list[str], q, k, v, out, lse, dout, dlse, s: Shapes) -> list[torch.Tensor]:
         """The gradients of the pattern's float buffers `names` (runtime/buffer_grads.py), each in
