@@ -261,7 +261,9 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
 # 128: 64x32/4/2 (48 KiB of shared memory: several programs per SM) is for short sparse rows
 # (natten2d 0.51 ms against 0.65 at 64x64/4/3 on the H200, 2026-12-02; full attention 6.6 against
 # 4.9). 64: the table's 128x64/4/3 and four more shapes; 256 (read through TMA): the table's
-# 64x64/4/2 and shapes whose shared memory fits (128x64 at 2 stages: 192 KiB).
+# 64x64/4/2 and shapes whose shared memory fits (128x64 at 2 stages: 192 KiB; on the H100 it beat
+# 64x64/4/2 by 1.23-1.35x on dense and band masks; 128x32/8/2 failed ptxas' register allocation
+# even on full attention and left; benchmarks/results/2026-12-06-nvidia-h100-head-dims.md).
 TRITON_CANDIDATES = {
     64: (TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 128, 4, 3),
          TileConfig(64, 32, 4, 2)),
