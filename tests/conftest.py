@@ -17,3 +17,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def isolated_refusals(monkeypatch, tmp_path):
+    """Kernel refusals a test provokes are recorded in a cache of its own (runtime/cache.record_refusal)
+    and forgotten by the process afterwards, so no other test's kernels see them."""
+    from attncc.runtime import cache
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "attncc-cache"))
+    yield
+    for module in list(cache._MODULES.values()):
+        module.__dict__.pop(cache._REFUSAL_ATTR, None)

@@ -166,7 +166,8 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     assert small["shape"]["Hkv"] == 2 and all(r["rel_err"] < 1e-4 for r in small["rows"])
 
 
-def test_the_validation_benchmark_lists_a_configuration_refused_for_shared_memory(tmp_path, monkeypatch):
+def test_the_validation_benchmark_lists_a_configuration_refused_for_shared_memory(tmp_path, monkeypatch,
+                                                                                   isolated_refusals):
     """On the H200 global_tokens' 64x128/4/3 forward needed 240 KiB of 227: the run goes on without it."""
     import sys
 
@@ -184,7 +185,6 @@ def test_the_validation_benchmark_lists_a_configuration_refused_for_shared_memor
             raise OutOfResources(245760, 232448, "shared memory")
         return real(interpret, fn, *args, **kwargs)
     monkeypatch.setattr(kernel, "launch", launch)
-    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))  # the refusal is recorded there
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
     assert result["refused"] == ["triton 64x128/4/3"] and len(result["rows"]) == 4
     assert "triton 64x128/4/3 |" in (tmp_path / "costmodel.md").read_text()

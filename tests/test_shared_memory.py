@@ -13,18 +13,17 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 import attncc as ac
 from attncc.compiler.codegen import BackwardTiles, TileConfig
-from attncc.runtime import choices, kernel
+from attncc.runtime import cache, choices, kernel
 from test_sequences import dense_sequence, oracle, paged_inputs, rel
 
 
 @pytest.fixture
-def refuse(monkeypatch, tmp_path):
+def refuse(monkeypatch, isolated_refusals):
     """refuse(name, n, registers=False): the next n launches of generated functions called `name`
     raise Triton's shared-memory OutOfResources (as a kernel too large for the GPU does at its first
     launch), or with `registers` ptxas' register allocation failure (as its compilation does)."""
     left, kind = {}, {}
     real = kernel.launch
-    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))  # refusals are recorded there (cache.record_refusal)
 
     def launch(interpret, fn, *args, **kwargs):
         if left.get(fn.__name__, 0) > 0:
@@ -167,8 +166,6 @@ def test_a_refusal_is_recorded_so_a_later_kernel_never_tries_those_tiles_again(r
     """ptxas' failures are not cached by Triton (about 10 s per process for a D=256 kernel): the
     refusal is recorded beside the module in the attncc cache (cache.record_refusal), and a later
     Kernel of the same tiles skips them without compiling or launching."""
-    from attncc.runtime import cache
-
     q, k, v = inputs()
     pattern = ac.patterns.sliding_window(9)
     refuse("forward", 1, registers=True)
@@ -182,7 +179,9 @@ def test_a_refusal_is_recorded_so_a_later_kernel_never_tries_those_tiles_again(r
         launched.append(fn.__module__)
         return real(interpret, fn, *args, **kwargs)
     monkeypatch.setattr(kernel, "launch", watch)
-    again = ac.compile(pattern, q, k, v)  # a new Kernel (as in a new process): starts at the chosen tiles
+    for module in list(cache._MODULES.values()):  # as in a new process: only the disk remembers
+        module.__dict__.pop(cache._REFUSAL_ATTR, None)
+    again = ac.compile(pattern, q, k, v)  # a new Kernel: starts at the chosen tiles
     assert again.config["num_warps"] == 4
     assert rel(again(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5
     assert again.config["num_warps"] == 8 and len(launched) == 1  # only the 8-warp module ran

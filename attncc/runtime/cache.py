@@ -35,6 +35,7 @@ _HEADER_PREFIX = b"# attncc kernel cache entry, sha256="
 _HEADER = re.compile(re.escape(_HEADER_PREFIX) + rb"([0-9a-f]{64})\Z")
 _SOURCE_ATTR = "__attncc_source__"
 _KEY_ATTR = "__attncc_key__"
+_REFUSAL_ATTR = "__attncc_refusal__"  # a module's recorded refusal, read once per process ("" for none)
 _STAT_NAMES = ("memory_hits", "disk_hits", "generated", "corrupt_regenerated")
 
 _MODULES: dict[tuple, types.ModuleType] = {}  # (parts, environment, interpret) -> module
@@ -271,15 +272,21 @@ def record_refusal(module: types.ModuleType, resource: str) -> None:
         return
     _make_private_dir(path.parent, "the attncc cache's refusal records", fix_mode=True)
     _write_atomic(path, resource.encode("utf-8"))
+    setattr(module, _REFUSAL_ATTR, resource)
 
 
 def refusal_of(module: types.ModuleType) -> str | None:
-    """The resource a recorded refusal of `module` names (record_refusal), or None."""
-    path = _refusal_path(module)
-    try:
-        return None if path is None else path.read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
+    """The resource a recorded refusal of `module` names (record_refusal), or None; the record is
+    read once per module and process (launches ask on every call)."""
+    known = getattr(module, _REFUSAL_ATTR, None)
+    if known is None:
+        path = _refusal_path(module)
+        try:
+            known = "" if path is None else path.read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            known = ""
+        setattr(module, _REFUSAL_ATTR, known)
+    return known or None
 
 
 def source_of(module: types.ModuleType) -> str:
