@@ -191,3 +191,23 @@ def test_a_refusal_is_recorded_so_a_later_kernel_never_tries_those_tiles_again(r
     forced = ac.compile(pattern, q, k, v, kernel_options={"num_warps": 4})
     with pytest.raises(ValueError, match="kernel_options set.*recorded in the attncc cache.*registers"):
         forced(q, k, v)
+
+
+def test_a_forward_refused_for_registers_takes_the_simulators_next_candidate(refuse, monkeypatch):
+    """Tiles the simulator chose retry, after a register refusal, at its next-ranked candidate (on the
+    H100 dilated's D=256 pick 128x64/8/2 was refused; shrunk to 128x32/8/2 it ran 1.07x slower than
+    64x32/4/2, the best measured); with none left, smaller tiles as before."""
+    ranked = [TileConfig(32, 32, 4, 1), TileConfig(16, 16, 4, 1), TileConfig(32, 16, 4, 1)]
+    monkeypatch.setattr(choices, "ranked_candidates", lambda *a, **kw: [("triton", t) for t in ranked])
+    q, k, v = inputs()
+    pattern = ac.patterns.sliding_window(9)
+    kern = ac.compile(pattern, q, k, v)
+    assert kern.tiles == ranked[0]
+    left = refuse("forward", 1, registers=True)
+    out = kern(q, k, v)
+    assert left["forward"] == 0 and kern.tiles == ranked[1]
+    assert rel(out, ac.reference(q, k, v, pattern)) < 1e-5
+    again = ac.compile(pattern, q, k, v)
+    refuse("forward", 2, registers=True)  # ranked[0] recorded (no launch), ranked[1] and [2] refused, then shrunk
+    assert rel(again(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5
+    assert again.tiles == TileConfig(32, 16, 8, 1)

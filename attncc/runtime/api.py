@@ -129,6 +129,9 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
         return ranked[0] if ranked else (backend, choose_tiles(ks, q.dtype, q.device, options))
     pattern, ks, layout, fold, (backend, tiles) = kernel_form(pattern, s, options, choose, (q, k, v))
+    fallbacks = () if backend != "triton" or options.get("autotune") else tuple(  # (predictions are cached)
+        t for b, t in ranked_candidates(pattern, ks, q.dtype, q.device, options, backend, profile_for(q.device))
+        if b == "triton" and t != tiles)
     tma = choose_tma(ks, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):
@@ -137,7 +140,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
         tma = False
     choice = KernelChoice(tiles, choose_backward_tiles(ks, q.dtype, q.device, options), backend,
                           tma, layout, options.get("deterministic", True), options.get("fa4_native", True),
-                          *forced_tiles(options), backward_modelled(ks, q.dtype, q.device, options), fold=fold)
+                          *forced_tiles(options), backward_modelled(ks, q.dtype, q.device, options), fold=fold,
+                          fallbacks=fallbacks)
     return pattern, s, scale, choice
 
 

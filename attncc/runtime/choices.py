@@ -44,6 +44,7 @@ class KernelChoice:
     backward_forced: bool = False  # ... or the backward's (dkdv_tiles / dq_tiles)
     backward_by_model: bool = False  # the backward's tiles: the cost model's pick (model_backward_tiles)
     fold: object | None = None       # runtime/fold.Fold: the call runs folded (tiles, backend chosen folded)
+    fallbacks: tuple = ()            # Triton tiles the simulator ranked next (a forward refused for registers)
 
 
 def forced_tiles(options: dict) -> tuple[bool, bool]:

@@ -353,19 +353,23 @@ def resource_refusal(error: Exception) -> str | None:
 
 
 def after_resource_refusal(error: Exception, tiles: TileConfig, forced: bool, other: TileConfig | None = None,
-                           module=None) -> tuple[TileConfig, TileConfig | None]:
+                           module=None, fallbacks: list | None = None) -> tuple[TileConfig, TileConfig | None]:
     """The tiles to retry with after compiling or launching `module`'s kernels at `tiles` raised
-    `error`: smaller ones where Triton refused them for want of shared memory or registers
-    (resource_refusal; what a kernel needs depends on the pattern's expressions, so no estimate can
-    promise it fits; the sooner the better, smaller tiles are slower), the refusal recorded in the
-    cache for later processes (module given). Re-raises anything else; a ValueError naming the
-    kernel_options to change where they `forced` the tiles or nothing is left to shrink. `other`:
-    the backward's dQ tiles (`tiles` its dK/dV ones), which shrink with them; returns (tiles, other)."""
+    `error`, where Triton refused them for want of shared memory or registers (resource_refusal;
+    what a kernel needs depends on the pattern's expressions, so no estimate can promise it fits;
+    the sooner the better): for registers the next of the simulator's `fallbacks` (popped; its
+    ranking, as smaller tiles of the same shape may be slower than another shape), else smaller
+    tiles (choices.fewer_stages / fewer_registers). The refusal is recorded in the cache for later
+    processes (module given). Re-raises anything else; a ValueError naming the kernel_options to
+    change where they `forced` the tiles or nothing is left to shrink. `other`: the backward's dQ
+    tiles (`tiles` its dK/dV ones), which shrink with them; returns (tiles, other)."""
     resource = resource_refusal(error)
     if resource is None:
         raise error
     if module is not None and not isinstance(error, RecordedRefusal):
         cache.record_refusal(module, resource)
+    if resource == "registers" and fallbacks and not forced:
+        return fallbacks.pop(0), other
     shrink = _SHRINK[resource]
     smaller, smaller_other = shrink(tiles), None if other is None else shrink(other)
     if forced or (smaller is None and smaller_other is None):
@@ -413,6 +417,7 @@ class Kernel:
         self.deterministic = choice.deterministic
         self.fa4_native = choice.fa4_native
         self._tiles_forced, self._backward_forced = choice.tiles_forced, choice.backward_forced
+        self._fallbacks = list(choice.fallbacks)  # the simulator's next-ranked tiles (after_resource_refusal)
         self.device = device
         self.interpret = device.type != "cuda"
         self._call_shapes = shapes
@@ -559,7 +564,8 @@ class Kernel:
                                   tma=self.tma)
                 return out.to(dtype), lse
             except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
-                self._use_tiles(after_resource_refusal(e, self.tiles, self._tiles_forced, module=module)[0])
+                self._use_tiles(after_resource_refusal(e, self.tiles, self._tiles_forced, module=module,
+                                                       fallbacks=self._fallbacks)[0])
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
