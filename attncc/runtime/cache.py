@@ -34,7 +34,7 @@ _FORMAT = 1  # bump when the file layout or key serialisation changes
 _HEADER_PREFIX = b"# attncc kernel cache entry, sha256="
 _HEADER = re.compile(re.escape(_HEADER_PREFIX) + rb"([0-9a-f]{64})\Z")
 _SOURCE_ATTR = "__attncc_source__"
-_KEY_ATTR = "__attncc_key__"
+_KEY_ATTR = "__attncc_key__"  # a loaded module's cache key (+ "-interpret"): names its refusal record
 _REFUSAL_ATTR = "__attncc_refusal__"  # a module's recorded refusal, read once per process ("" for none)
 _STAT_NAMES = ("memory_hits", "disk_hits", "generated", "corrupt_regenerated")
 
@@ -250,7 +250,7 @@ def load_kernel_module(key_parts: Mapping[str, str], generate: Callable[[], str]
                 source = _read_or_generate(path, generate)
                 name = f"_attncc_kernel_{key}" + ("_interpret" if interpret else "")
                 module = _MODULES[slot] = _execute(name, path, source, bool(interpret))
-                setattr(module, _KEY_ATTR, key)
+                setattr(module, _KEY_ATTR, key + ("-interpret" if interpret else ""))
                 return module
     with _LOCK:
         _STATS["memory_hits"] += 1
