@@ -396,7 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = verbs.add_parser("calibrate", help="measure this GPU's profile for the cost model (attncc explain)")
     calibrate.add_argument("--out", metavar="FILE.json", default=None,
                            help="where to write it (default: the attncc cache's profiles/, found by explain)")
-    calibrate.add_argument("--head-dim", type=int, default=128,
+    calibrate.add_argument("--head-dim", type=_head_dim, default=128,
                            help="the head dim measured; its class's figures (64, 128, 256) replace the profile's")
     calibrate.add_argument("--smoke", action="store_true", help="a tiny dry run on CPU (Triton's interpreter)")
     bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/suite.py)")
