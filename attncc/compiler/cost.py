@@ -45,7 +45,7 @@ _EXACT_PAIRS = 1 << 24  # PARTIAL-tile pairs counted exactly; beyond, a uniform 
 _BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
-HEAD_DIM_CLASSES = (64, 128, 256)  # a profile's figures hold for head dims up to each: 33..64 share 64's
+HEAD_DIM_CLASSES = (64, 128, 256)  # head dims 16..64 share the figures of 64, 65..128 of 128, 129..256 of 256
 
 
 def head_dim_class(D: int) -> int | None:
