@@ -127,7 +127,8 @@ def run_pattern(name: str, shape: Shape, device: torch.device) -> dict:
     return {"pattern": name, "N": N, "shape": vars(shape), "profile": profile.key, "rows": rows, "refused": refused,
             "spearman": ranked["spearman"],
             "pick": min(rows, key=lambda r: r["predicted_ms"])["config"], "pick_vs_best": ranked["pick_vs_best"],
-            "hand_rules": auto.config["backend"], "hand_rules_vs_best": auto_ms / best}
+            "hand_rules": auto.config["backend"], "hand_rules_vs_best": auto_ms / best,
+            "auto": config_label(auto.backend, auto.tiles)}  # what ran (after any refusal's retry)
 
 
 def predict_pattern(name: str, shape: Shape, profile_key: str) -> dict:
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
              "refused (shared memory, registers) |", "|---|---:|---|---:|---:|---:|---|"]
     for r in results:
         lines.append(f"| {r['pattern']} | {r['spearman']:.2f} | {r['pick']} | {r['pick_vs_best']:.2f}x | "
-                     f"{r['hand_rules_vs_best']:.2f}x | {max(x['rel_err'] for x in r['rows']):.1e} | "
+                     f"{r['hand_rules_vs_best']:.2f}x ({r['auto']}) | {max(x['rel_err'] for x in r['rows']):.1e} | "
                      f"{', '.join(r['refused']) or '—'} |")
     within = sum(r["pick_vs_best"] <= 1.05 for r in results)
     lines.append(f"\nsimulator's pick within 5% of the best in {within}/{len(results)} cases, worst "

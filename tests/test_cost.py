@@ -158,6 +158,7 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     result = costmodel.main(["--smoke", "--patterns", "causal", "--out-dir", str(tmp_path)])["results"][0]
     assert len(result["rows"]) == 5 and all(r["rel_err"] < 1e-4 and r["predicted_ms"] > 0 for r in result["rows"])
     assert result["pick_vs_best"] >= 1.0 and (tmp_path / "costmodel.md").read_text().startswith("| pattern")
+    assert result["auto"] == "triton 32x32/4/1"  # what the automatic choice ran (the interpreter's table)
     assert result["refused"] == []
     # another of BENCHMARKS.md's shapes: GQA, predicted and (tiny, interpreted) measured
     gqa = costmodel.main(["--predict", "h200", "--shape", "gqa", "--N", "1024", "--patterns", "causal"])["results"][0]
