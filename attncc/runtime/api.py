@@ -170,8 +170,9 @@ def kernel_form(pattern: Pattern, s, options: dict, choose, tensors: tuple):
 
 def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layout, fold):
     """The (backend, forward tiles) whose forward measured fastest on these inputs (kernel_options
-    autotune=True: the simulator's top few, each timed by do_bench; a candidate that needed fewer
-    stages to fit in shared memory is timed, and returned, with them). s: the call's shapes."""
+    autotune=True: the simulator's top few, each timed by do_bench; a candidate Triton refused for
+    shared memory or registers is timed, and returned, at the smaller tiles it ran at:
+    kernel.after_resource_refusal). s: the call's shapes."""
     from .calibrate import time_ms
     from .choices import KernelChoice, choose_backward_tiles
     from .kernel import Kernel
