@@ -329,18 +329,22 @@ def cmd_explain(pattern: ac.Pattern, args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from .compiler import cost
     from .runtime.calibrate import calibrate
 
-    if args.smoke:
-        from .compiler.codegen import TileConfig
-
-        path = calibrate(torch.device("cpu"), B=1, H=1, N=64, D=args.head_dim,
-                         out=Path(args.out) if args.out else None, candidates=(TileConfig(32, 32, 4, 1),))
-    elif not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         raise Missing("calibrate measures a GPU: this machine has no CUDA device (--smoke runs a CPU dry run)")
-    else:
-        path = calibrate(torch.device("cuda"), D=args.head_dim, out=Path(args.out) if args.out else None,
-                         log=lambda line: print(line, flush=True))
+    path, base = None, None
+    for D in args.head_dim or cost.HEAD_DIM_CLASSES:  # each class into the profile the one before wrote
+        if args.smoke:
+            from .compiler.codegen import TileConfig
+
+            path = calibrate(torch.device("cpu"), B=1, H=1, N=64, D=D, out=Path(args.out) if args.out else None,
+                             candidates=(TileConfig(32, 32, 4, 1),), base=base)
+        else:
+            path = calibrate(torch.device("cuda"), D=D, out=Path(args.out) if args.out else None, base=base,
+                             log=lambda line: print(line, flush=True))
+        base = cost.read_profile(path)
     print(f"wrote {path}")
     print(path.read_text())
     return 0
@@ -396,8 +400,9 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = verbs.add_parser("calibrate", help="measure this GPU's profile for the cost model (attncc explain)")
     calibrate.add_argument("--out", metavar="FILE.json", default=None,
                            help="where to write it (default: the attncc cache's profiles/, found by explain)")
-    calibrate.add_argument("--head-dim", type=_head_dim, default=128,
-                           help="the head dim measured; its class's figures (64, 128, 256) replace the profile's")
+    calibrate.add_argument("--head-dim", type=_head_dim, action="append", default=None,
+                           help="a head dim to measure (repeatable; default 64, 128 and 256): the figures of its "
+                                "class (up to 64, 128, 256) replace the profile's")
     calibrate.add_argument("--smoke", action="store_true", help="a tiny dry run on CPU (Triton's interpreter)")
     bench = verbs.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks/suite.py)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite")

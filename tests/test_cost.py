@@ -226,6 +226,9 @@ def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch
     spec = data["backends"]["triton"]
     assert spec["tflops"]["32x32"] > 0 and spec["partial_factor"] >= 1.0 and spec["program_us"] >= 0
     assert "measured by attncc calibrate" in data["provenance"]
+    # by default every head dim class, each into the profile the one before wrote, one statement each
+    assert all("32x32" in spec["head_dims"][c]["tflops"] for c in ("64", "256"))
+    assert data["provenance"].count("measured by attncc calibrate") == 3 and "'generic' profile's" in data["provenance"]
     backward = spec["backward"]["tflops"]  # both backward tile pairs' rates measured
     assert backward["default"] > 0 and backward["dkdv 32x64"] > 0 and backward["dq 64x64"] > 0
     assert spec["backward"]["partial_factor"]["dkdv 32x64"] == H200.backends["triton"]["backward"][

@@ -132,6 +132,13 @@ def load_profile(key: str, directory: Path | None = None) -> Profile:
     if not path.is_file():
         known = sorted(p.stem for p in directory.glob("*.json"))
         raise ValueError(f"no hardware profile {key!r}; known: {known}")
+    return read_profile(path)
+
+
+def read_profile(path: Path) -> Profile:
+    """The profile in the JSON file `path`, read now (load_profile caches by name); a ValueError
+    says what a malformed file lacks."""
+    key = path.stem
     data = json.loads(path.read_text())
     missing = [f for f in _FIELDS if f not in data]
     if missing:
@@ -533,7 +540,7 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
              f"shapes: B={s.B} Hq={s.Hq} Hkv={s.Hkv} Q={s.Q} KV={s.KV} D={s.D} Dv={s.Dv} {str(dtype).replace('torch.', '')}",
              f"target: {profile.name} (profile {profile.key!r}: {profile.sms} SMs, "
              f"{profile.peak_matrix_tflops.get(str(dtype).replace('torch.', ''), '?')} TFLOP/s peak, "
-             f"{profile.hbm_tbps} TB/s)", f"  profile: {_first_sentence(profile.provenance)}", ""]
+             f"{profile.hbm_tbps} TB/s)", f"  profile: {first_sentence(profile.provenance)}", ""]
     bm, meta = META_CACHE.get(pattern, s, chosen[1], device)
     B, H, QB, KB = s.B, s.Hq, bm.shape[2], bm.shape[3]
     n_full = int(bm.full_kv_num.sum()) * (B // bm.B) * (H // bm.H)
@@ -589,7 +596,7 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     return "\n".join(lines)
 
 
-def _first_sentence(text: str, limit: int = 160) -> str:
+def first_sentence(text: str, limit: int = 160) -> str:
     """A profile's provenance as its first sentence (cut at `limit` characters), pointing to the rest."""
     head = text.split(". ")[0].rstrip(".")
     head = head if len(head) <= limit else head[:limit].rsplit(" ", 1)[0] + " ..."

@@ -15,9 +15,10 @@ tile shape the simulator compares at D's class (choices.triton_candidates) and f
   profile's (fitting them needs sparse timings at every pair: benchmarks/refit_backward.py --tiles).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones: the GPU's current profile with the figures of
-D's head dim class (cost.HEAD_DIM_CLASSES) replaced, so calibrating 64, 128 and 256 in turn
-builds one profile for all three. SM count, peak rates and bandwidth come from the profile the
-GPU's name matches (else "generic"); so do the occupancies the fit starts from.
+D's head dim class (cost.HEAD_DIM_CLASSES) replaced, so calibrating 64, 128 and 256 in turn (what
+`attncc calibrate` does without --head-dim) builds one profile for all three; its provenance keeps
+one statement per class. SM count, peak rates and bandwidth come from the profile the GPU's name
+matches (else "generic"); so do the occupancies the fit starts from.
 """
 from __future__ import annotations
 
@@ -139,15 +140,16 @@ def _backward_ms(q, k, v, options: dict) -> float:
 
 
 def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D: int = 128,
-              out: Path | None = None, candidates=None, backward_candidates=None, log=None) -> Path:
+              out: Path | None = None, candidates=None, backward_candidates=None, log=None,
+              base: cost.Profile | None = None) -> Path:
     """Measure a profile on `device` at head dim D (see the module docstring) for the Triton tile
     shapes `candidates` (default: choices.triton_candidates(D)) and fa4 where it runs, and the
     backward's tile pairs `backward_candidates` (default: choices.BACKWARD_CANDIDATES of D's class;
     the first one's rates are the spec's default), and write it; returns its path. The profile
-    written is the one the GPU has now (a calibrated one, else the shipped one its name matches,
-    else "generic") with the figures of D's head dim class (cost.HEAD_DIM_CLASSES) replaced: its
-    base figures where that is its class, else its `head_dims` entry for the class. `log`, if given,
-    is called with a line per measurement."""
+    written is `base` (default: the one the GPU has now: a calibrated one, else the shipped one its
+    name matches, else "generic") with the figures of D's head dim class (cost.HEAD_DIM_CLASSES)
+    replaced: its base figures where that is its class, else its `head_dims` entry for the class.
+    `log`, if given, is called with a line per measurement."""
     from . import fa4
     from .choices import BACKWARD_CANDIDATES, triton_candidates
 
@@ -157,7 +159,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     candidates = triton_candidates(D) if candidates is None else candidates
     backward_candidates = BACKWARD_CANDIDATES[cls] if backward_candidates is None else backward_candidates
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = profile_for(device)
+    base = base or profile_for(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(3))
@@ -192,23 +194,38 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     backends["triton"]["backward"] = _backward_spec(base, measured, q, k, v, backward_candidates, log)
     if "fa4" in backends:
         backends["fa4"]["backward"] = _fa4_backward_spec(base, measured, q, k, v, log)
-    data = _merged(base, backends, cls)
-    key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    data.update({"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
-        torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0]})
-    data["provenance"] = (
-        f"measured by attncc calibrate on {name}, {datetime.date.today()}, torch {torch.__version__}, head dim class "
-        f"{cls}: rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues, "
+    statement = (
+        f"head dim class {cls}: measured by attncc calibrate on {name}, {datetime.date.today()}, torch "
+        f"{torch.__version__}: rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues, "
         f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration (rms log error "
         + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
         + "); the Triton backward's rates from full attention's backward at each tile pair"
         + (", FA4's backward rate from its own" if "fa4" in backends else "")
-        + f", their other coefficients from the {base.key!r} profile (else the H200's); SMs and peaks from the "
-        f"{base.key!r} profile" + ("" if cls == base.head_dim else f". Other head dim classes: {base.provenance}"))
+        + f", their other coefficients from the {base.key!r} profile (else the H200's).")
+    for spec in backends.values():
+        spec["provenance"] = statement
+    data = _merged(base, backends, cls)
+    data.update({"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
+        torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0]})
+    data["provenance"] = _provenance(data, base)
+    key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     path = out or user_profiles() / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def _provenance(data: dict, base: cost.Profile) -> str:
+    """The profile's provenance: each head dim class's calibration statement (kept in its Triton
+    spec, so calibrating a class again replaces only that class's), and where the other figures
+    come from (SMs, peaks and classes not calibrated: `base`'s first sentence)."""
+    triton = data["backends"].get("triton", {})
+    specs = [(data["head_dim"], triton), *((int(c), s) for c, s in triton.get("head_dims", {}).items())]
+    said = [s["provenance"] for _, s in sorted(specs, key=lambda cs: cs[0]) if "provenance" in s]
+    marker = " SMs, peak rates and other figures: "
+    source = (base.provenance.split(marker, 1)[1] if marker in base.provenance  # (base was calibrated too)
+              else f"the {base.key!r} profile's ({cost.first_sentence(base.provenance)})")
+    return " ".join(said) + marker + source
 
 
 def _merged(base: cost.Profile, measured: dict, cls: int) -> dict:
