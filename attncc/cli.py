@@ -330,6 +330,7 @@ def cmd_explain(pattern: ac.Pattern, args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .compiler import cost
+    from .compiler.codegen import TileConfig
     from .runtime.calibrate import calibrate
 
     if not args.smoke and not torch.cuda.is_available():
@@ -337,8 +338,6 @@ def cmd_calibrate(args) -> int:
     path, base = None, None
     for D in args.head_dim or cost.HEAD_DIM_CLASSES:  # each class into the profile the one before wrote
         if args.smoke:
-            from .compiler.codegen import TileConfig
-
             path = calibrate(torch.device("cpu"), B=1, H=1, N=64, D=D, out=Path(args.out) if args.out else None,
                              candidates=(TileConfig(32, 32, 4, 1),), base=base)
         else:

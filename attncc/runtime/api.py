@@ -122,16 +122,17 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     options = check_options(kernel_options)
     scale = check_scale(scale, s.D)
 
+    rankings = {}  # folded or not -> the simulator's ranking of that form's configurations
+
     def choose(kp, ks, layout, fold):  # (backend, forward tiles) of the kernels' form of the call
         backend = choose_backend(kp, ks, q, options, return_lse, layout)
         ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile_for(q.device))
         if options.get("autotune") and ranked:
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
+        rankings[fold is not None] = ranked
         return ranked[0] if ranked else (backend, choose_tiles(ks, q.dtype, q.device, options))
     pattern, ks, layout, fold, (backend, tiles) = kernel_form(pattern, s, options, choose, (q, k, v))
-    fallbacks = () if backend != "triton" or options.get("autotune") else tuple(  # (predictions are cached)
-        t for b, t in ranked_candidates(pattern, ks, q.dtype, q.device, options, backend, profile_for(q.device))
-        if b == "triton" and t != tiles)
+    fallbacks = () if backend != "triton" else tuple(t for b, t in rankings[fold is not None][1:] if b == "triton")
     tma = choose_tma(ks, q.device, options)
     if layout is not None and tma:
         if options.get("tma"):

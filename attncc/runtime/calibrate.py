@@ -93,9 +93,7 @@ def _backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, candidate
     kernels of a pair by the same factor)."""
     from .choices import triton_backward_ms
 
-    D = q.shape[-1]
-    prior = ((base.spec("triton", D) or {}).get("backward") or base.backends.get("triton", {}).get("backward")
-             or cost.load_profile("h200").backends["triton"]["backward"])
+    prior = _prior_backward(base, "triton", q.shape[-1])
     spec = {key: (dict(val) if isinstance(val, dict) else {"default": val})
             if key in ("tflops", "partial_factor", "program_us") else val for key, val in prior.items()}
     keys = [["default"]] + [[f"dkdv {cost.shape_key(p.dkdv)}", f"dq {cost.shape_key(p.dq)}"] for p in candidates[1:]]
@@ -118,15 +116,21 @@ def _fa4_backward_spec(base: cost.Profile, profile: cost.Profile, q, k, v, log) 
     from .fa4 import own_backward_calls
     from .choices import fa4_own_backward_ms
 
-    D, s, full = q.shape[-1], check_qkv(q, k, v), Pattern(name="full")
-    prior = dict((base.spec("fa4", D) or {}).get("backward") or base.backends.get("fa4", {}).get("backward")
-                 or cost.load_profile("h200").backends["fa4"]["backward"])
+    s, full = check_qkv(q, k, v), Pattern(name="full")
+    prior = dict(_prior_backward(base, "fa4", q.shape[-1]))
     trial = replace(profile, backends={**profile.backends, "fa4": {**profile.backends["fa4"], "backward": prior}})
     predicted = fa4_own_backward_ms(own_backward_calls(full, s, q.device, True), full, s, True, trial)
     ms = _backward_ms(q, k, v, {"backend": "fa4"})
     log(f"fa4 backward: full {ms:.3f} ms")
     prior["tflops"] = float(f"{prior['tflops'] * predicted / ms:.4g}")
     return prior
+
+
+def _prior_backward(base: cost.Profile, backend: str, D: int) -> dict:
+    """`backend`'s backward spec to scale: `base`'s at D's head dim class, else at its own class,
+    else the shipped H200 profile's."""
+    return ((base.spec(backend, D) or {}).get("backward") or base.backends.get(backend, {}).get("backward")
+            or cost.load_profile("h200").backends[backend]["backward"])
 
 
 def _backward_ms(q, k, v, options: dict) -> float:
