@@ -22,10 +22,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def isolated_refusals(monkeypatch, tmp_path):
     """Kernel refusals a test provokes are recorded in a cache of its own (runtime/cache.record_refusal)
-    and forgotten by the process afterwards, so no other test's kernels see them."""
+    and forgotten by the process afterwards, so no other test's kernels see them. Yields that
+    forgetting (a test calls it to act as a new process would: only the disk remembers)."""
     from attncc.runtime import cache
 
+    def forget():
+        for module in list(cache._MODULES.values()):
+            module.__dict__.pop(cache._REFUSAL_ATTR, None)
+
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "attncc-cache"))
-    yield
-    for module in list(cache._MODULES.values()):
-        module.__dict__.pop(cache._REFUSAL_ATTR, None)
+    yield forget
+    forget()

@@ -162,7 +162,8 @@ def test_a_refused_decode_kernel_retries_with_fewer_stages(refuse, staged):
         assert rel(out[b], want) < 1e-5
 
 
-def test_a_refusal_is_recorded_so_a_later_kernel_never_tries_those_tiles_again(refuse, staged, monkeypatch):
+def test_a_refusal_is_recorded_so_a_later_kernel_never_tries_those_tiles_again(refuse, staged, monkeypatch,
+                                                                                  isolated_refusals):
     """ptxas' failures are not cached by Triton (about 10 s per process for a D=256 kernel): the
     refusal is recorded beside the module in the attncc cache (cache.record_refusal), and a later
     Kernel of the same tiles skips them without compiling or launching."""
@@ -179,8 +180,7 @@ def test_a_refusal_is_recorded_so_a_later_kernel_never_tries_those_tiles_again(r
         launched.append(fn.__module__)
         return real(interpret, fn, *args, **kwargs)
     monkeypatch.setattr(kernel, "launch", watch)
-    for module in list(cache._MODULES.values()):  # as in a new process: only the disk remembers
-        module.__dict__.pop(cache._REFUSAL_ATTR, None)
+    isolated_refusals()  # as in a new process: only the disk remembers
     again = ac.compile(pattern, q, k, v)  # a new Kernel: starts at the chosen tiles
     assert again.config["num_warps"] == 4
     assert rel(again(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5
