@@ -15,9 +15,10 @@ import types
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 
-_WIDTH = {"i1": 1, "u8": 8, "i32": 32, "i64": 64}
-_FLOAT_RANK = {"f32": 32, "f64": 64}
+_WIDTH = {"i1": 1, "u8": 8, "i8": 8, "i16": 16, "i32": 32, "i64": 64}
+_FLOAT_RANK = {"f16": 16, "bf16": 16, "f32": 32, "f64": 64}
 
 
 class Num:
@@ -33,6 +34,8 @@ class Num:
                 raise OverflowError(f"{v} does not fit {T}")
         elif T == "f32":
             v = float(np.float32(v))
+        elif T in ("f16", "bf16"):
+            v = float(torch.tensor(v, dtype=torch.float16 if T == "f16" else torch.bfloat16))
         else:
             v = float(v)
         self.v, self.T = v, T
@@ -208,6 +211,52 @@ class Buffer:
         return Num(self.t[tuple(i.v for i in idx)].item(), self.T)
 
 
+_MEMORY: dict[int, torch.Tensor] = {}  # kept for the whole run: no address is reused by another tensor
+
+
+def address_of(t: torch.Tensor) -> Num:
+    """What fa4.prepare passes for a buffer's address (`fa.address`): the contiguous tensor is
+    remembered, so a pointer made from the address reads it, bounds-checked."""
+    assert t.is_contiguous()
+    _MEMORY[t.data_ptr()] = t
+    return Num(t.data_ptr(), "i64")
+
+
+class Pointer:
+    """A global-memory pointer from make_ptr: an address the shim knows (address_of) plus an
+    element offset; `load` reads that element, raising IndexError outside the tensor."""
+
+    def __init__(self, dtype, base: torch.Tensor, offset: int = 0):
+        self.dtype, self.base, self.offset = dtype, base, offset
+
+    def __add__(self, off):
+        if not isinstance(off, Num) or off.T != "i32":
+            raise TypeError(f"pointer offset of type {getattr(off, 'T', type(off).__name__)}")
+        return Pointer(self.dtype, self.base, self.offset + off.v)
+
+    def load(self):
+        flat = self.base.reshape(-1)
+        if not 0 <= self.offset < flat.numel():
+            raise IndexError(f"read element {self.offset} of a buffer of {flat.numel()}")
+        return Num(flat[self.offset].item(), self.dtype.T)
+
+
+def make_ptr(dtype, value, mem_space, assumed_align=None):
+    if value.T != "i64" or mem_space != "gmem":
+        raise TypeError("the hooks make Int64 global-memory pointers only")
+    base = _MEMORY.get(value.v)
+    if base is None:
+        raise LookupError(f"no buffer at address {value.v:#x}")
+    if assumed_align != base.element_size() or _POINTEE_T[str(base.dtype)] != dtype.T:
+        raise TypeError(f"a {dtype.T} pointer aligned {assumed_align} to a {base.dtype} buffer")
+    return Pointer(dtype, base)
+
+
+_POINTEE_T = {"torch.uint8": "u8", "torch.int8": "i8", "torch.int16": "i16", "torch.int32": "i32",
+              "torch.int64": "i64", "torch.float16": "f16", "torch.bfloat16": "bf16", "torch.float32": "f32",
+              "torch.float64": "f64"}
+
+
 def _unary(f, float_only=True):
     def op(x, approx=False):
         x = as_numeric(x)
@@ -238,14 +287,17 @@ def _minmax(pick):
 
 def _make_modules():
     cutlass = types.ModuleType("cutlass")
-    for name, T in (("Boolean", "i1"), ("Uint8", "u8"), ("Int32", "i32"), ("Int64", "i64"),
-                    ("Float32", "f32"), ("Float64", "f64")):
+    for name, T in (("Boolean", "i1"), ("Uint8", "u8"), ("Int8", "i8"), ("Int16", "i16"), ("Int32", "i32"),
+                    ("Int64", "i64"), ("Float16", "f16"), ("BFloat16", "bf16"), ("Float32", "f32"),
+                    ("Float64", "f64")):
         setattr(cutlass, name, _Type(T))
     cutlass.range_constexpr = range
     cute = types.ModuleType("cutlass.cute")
     cute.jit = lambda f: f
     cute.make_rmem_tensor = _Frag
     cute.size = lambda shape: int(np.prod(shape))
+    cute.make_ptr = make_ptr
+    cute.AddressSpace = types.SimpleNamespace(gmem="gmem")
     m = types.SimpleNamespace()
     m.exp = _unary(lambda v: math.exp(v) if v < 709 else math.inf)
     m.exp2 = _unary(lambda v: 2.0 ** v if v < 1023 else math.inf)

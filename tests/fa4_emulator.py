@@ -196,5 +196,5 @@ def dq_write_order(*lists, spt=False):
 def namespace():
     """What fa4._fa() returns, for the emulator (the hooks' `cutlass` is the shim's)."""
     cutlass, _ = cute_shim._make_modules()
-    return SimpleNamespace(cutlass=cutlass, Sparse=Sparse, dq_write_order=dq_write_order,
+    return SimpleNamespace(cutlass=cutlass, address=cute_shim.address_of, Sparse=Sparse, dq_write_order=dq_write_order,
                            interface=SimpleNamespace(_flash_attn_fwd=flash_attn_fwd, _flash_attn_bwd=flash_attn_bwd))

@@ -34,11 +34,15 @@ def hooks_of(pattern: ac.Pattern):
     specs = {n: BufferSpec.of(n, t) for n, t in buffers.items()}
     source = cute.generate(pattern, roots, specs, plan, "test")
     ns = cute_shim.load(source)
-    tensors = [cute_shim.Buffer(buffers[n].view(torch.uint8) if buffers[n].dtype == torch.bool else buffers[n])
-               for n in sorted(buffers)]
+    inputs = cute.hook_inputs(pattern, roots, specs, plan)
+    held = {n: (t.view(torch.uint8) if t.dtype == torch.bool else t).contiguous() for n, t in buffers.items()}
+    tensors = [cute_shim.Buffer(held[n]) for n in inputs.tensors]
     types = {"cutlass." + k: cute_shim._Type(T) for k, T in (("Int32", "i32"), ("Int64", "i64"),
                                                             ("Float32", "f32"), ("Float64", "f64"))}
-    scalars = tuple(types[t](pattern.params[n]) for n, t in cute.scalar_params(pattern, plan))
+    params = dict(inputs.params)
+    scalars = tuple(types[params[n]](pattern.params[n]) if kind == "param" else
+                    cute_shim.address_of(held[n]) if kind == "address" else cute_shim.Num(held[n].stride(d), "i32")
+                    for kind, n, d in inputs.scalar_slots())
     return ns, source, tensors, scalars or None
 
 
@@ -201,3 +205,31 @@ def test_random_terms(mask, score, seed):
     except ac.PatternError:
         return  # an expression the numeric plan refuses (beyond int64) is not the printer's concern
     check(pattern, n=16, seed=seed)
+
+
+def test_buffers_read_at_b_and_h_only_travel_as_addresses():
+    """alibi's slopes and a per-(b, h) table are read through pointers from aux_scalars (no aux
+    tensors: FA4 then skips its per-element index wrap); a buffer read at q or kv anywhere stays an
+    aux tensor. Every dtype a buffer may have reads back its values."""
+    alibi = check(ac.patterns.alibi(H))
+    roots = kernel_roots(ac.patterns.alibi(H), "backward")
+    pattern = ac.patterns.alibi(H)
+    specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
+    plan = numeric_plan(roots, pattern.params, pattern.buffers, B, H, Q, KV)
+    inputs = cute.hook_inputs(pattern, roots, specs, plan)
+    assert inputs.tensors == () and inputs.pointers == (("slope", 1),)
+    assert inputs.scalar_slots() == [("address", "slope", 0), ("stride", "slope", 0)]
+    assert "cute.make_ptr(cutlass.Float32, aux_scalars[0], cute.AddressSpace.gmem, assumed_align=4)" in alibi
+    assert "aux_tensors[" not in alibi
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.float16,
+                  torch.bfloat16, torch.float32, torch.float64):
+        table = (torch.randn(B, H, generator=g) * 3).to(dtype)
+        shift = torch.randint(0, 5, (KV,), generator=g, dtype=torch.int32)
+        both = ac.Pattern(lambda b, h, q, kv: (q - kv + shift[kv] >= 0) & (q + shift[b] >= kv),
+                          lambda s, b, h, q, kv: s + table[b, h] * 0.5)
+        source = check(both, n=40, seed=int(dtype.itemsize))
+        assert "ptr_table" in source and "buf_shift = aux_tensors[0]" in source, dtype
+    per_head = ac.patterns.per_head({0: ac.patterns.causal(), 1: ac.patterns.sliding_window(4),
+                                     2: ac.patterns.causal()})
+    assert "ptr_head_group" in check(per_head, n=40)

@@ -10,11 +10,17 @@ Conventions inside the generated hooks:
   Boolean, the same widths the Triton kernels use, so both decide every mask bit alike.
 - `score` is the float32 score in natural units (FA4 multiplies by the softmax scale before the
   hook, as attncc's semantics want). Masked positions never reach `score_mod_bwd`'s result.
-- A param `W` is `p_W`, read from FA4's runtime `aux_scalars` tuple in the order of
-  `scalar_params(...)` (so a new value recompiles nothing); a buffer `doc` is `buf_doc`, a
-  CuTe tensor from `aux_tensors` in `sorted(buffers)` order (bool buffers arrive as uint8),
-  indexed by scalars. FA4 wraps q and kv of padded rows and columns into range before a hook
-  that reads aux tensors runs, so the domain check's proof covers every read.
+- A param `W` is `p_W`, read from FA4's runtime `aux_scalars` tuple (`HookInputs` says in which
+  order), so a new value recompiles nothing. A buffer whose every read is indexed by b, h, params
+  and constants only (alibi's `slope[h]`, per_head's `head_group[h]`) travels in aux_scalars too,
+  as its address (Int64) and its strides (Int32): `ptr_slope` is a global-memory pointer and a
+  read `(ptr_slope + h * s_slope_0).load()`. With no aux tensors at all FA4 skips its per-element
+  index wrap (two fast divisions) and hands the score mod two lanes per call instead of one, and
+  the compiler can share the read among a tile's elements (its address is the same for all).
+  Every other buffer `doc` is `buf_doc`, a CuTe tensor from `aux_tensors` in sorted order (bool
+  buffers arrive as uint8), indexed by scalars; FA4 wraps q and kv of padded rows and columns into
+  range before a hook that reads aux tensors runs, so the domain check's proof covers every read
+  (b and h never leave their range, so pointer reads need no wrap).
 - `//` on signed integers is floor division in CuTe-DSL (arith.floordivsi); its `%` may truncate,
   so a floor `%` whose operands are not proved non-negative is spelled `a - (a // b) * b`.
   Floats follow torch through helpers (floor division from fmod, as torch computes it).
@@ -22,6 +28,7 @@ Conventions inside the generated hooks:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -34,6 +41,12 @@ from .numerics import NumericPlan
 _CT = {"i32": "cutlass.Int32", "i64": "cutlass.Int64", "f32": "cutlass.Float32", "f64": "cutlass.Float64",
        "bool": "cutlass.Boolean"}
 _DTYPE_TYPE = {torch.int32: "i32", torch.int64: "i64", torch.float32: "f32", torch.float64: "f64"}
+# a buffer element's CuTe type when read through a pointer (bool is stored as one byte)
+_POINTEE = {torch.bool: "cutlass.Uint8", torch.uint8: "cutlass.Uint8", torch.int8: "cutlass.Int8",
+            torch.int16: "cutlass.Int16", torch.int32: "cutlass.Int32", torch.int64: "cutlass.Int64",
+            torch.float16: "cutlass.Float16", torch.bfloat16: "cutlass.BFloat16", torch.float32: "cutlass.Float32",
+            torch.float64: "cutlass.Float64"}
+TILE_INVARIANT = frozenset({"b", "h"})  # FA4 calls a hook for one (b, h) at a time
 _VAR_TYPE = {"b": "cutlass.Int32", "h": "cutlass.Int32", "q": "cutlass.Int32", "kv": "cutlass.Int32",
              "score": "cutlass.Float32"}
 _VAR_ARG = {"b": "batch_idx", "h": "head_idx", "q": "q_idx", "kv": "kv_idx", "score": "score_ssa"}
@@ -132,11 +145,19 @@ class CuteLowering(Lowering):
         one = self.literal(1.0, self.compute[n])
         return f"({one} / ({one} + cute.math.exp(-{a[0]})))"
 
+    def __init__(self, buffers: Mapping[str, BufferSpec], plan: NumericPlan, pointers: frozenset[str] = frozenset()):
+        super().__init__(buffers, plan)
+        self.pointers = pointers
+
     def _load(self, n: ir.Load) -> str:
         spec = self.spec(n)
         if self.plan.offsets[n] != "i32":
             raise ir.IRError(f"buffer {n.buffer!r} spans more than 2**31 elements; the fa4 backend indexes int32")
-        text = f"buf_{n.buffer}[{', '.join(self.typed(i, 'i32') for i in n.index)}]"
+        if n.buffer in self.pointers:
+            offset = " + ".join(f"{self.typed(i, 'i32')} * s_{n.buffer}_{d}" for d, i in enumerate(n.index))
+            text = f"(ptr_{n.buffer} + ({offset})).load()"
+        else:
+            text = f"buf_{n.buffer}[{', '.join(self.typed(i, 'i32') for i in n.index)}]"
         T = self.plan.types[n]
         if T == "bool":
             return f"({text} != 0)"
@@ -144,13 +165,52 @@ class CuteLowering(Lowering):
 
 
 def scalar_params(pattern: Pattern, plan: NumericPlan) -> list[tuple[str, str]]:
-    """(name, CuTe type) of each param the hooks read, in FA4's aux_scalars order."""
+    """(name, CuTe type) of each param the hooks read, in the order they lead aux_scalars."""
     out = []
     for name in pattern.params:
         node = ir.Param(name, pattern.param_kind(name))
         if node in plan.types:
             out.append((name, _CT[plan.types[node]]))
     return out
+
+
+def pointer_buffers(hooks: Mapping[str, ir.Node], buffers: Mapping[str, BufferSpec]) -> list[str]:
+    """The buffers (sorted) the hooks read only at indices of b, h, params and constants: they
+    travel as addresses in aux_scalars (see the module docstring)."""
+    loads: dict[str, list[ir.Load]] = {}
+    for root in hooks.values():
+        for n in ir.walk(root):
+            if isinstance(n, ir.Load):
+                loads.setdefault(n.buffer, []).append(n)
+    return sorted(b for b, reads in loads.items()
+                  if all(ir.free_vars(i) <= TILE_INVARIANT for r in reads for i in r.index))
+
+
+@dataclass(frozen=True)
+class HookInputs:
+    """What the hooks read from FA4's call: aux_scalars = the `params` (name, CuTe type) in order,
+    then for each buffer in `pointers` its address (Int64) and one Int32 stride per dimension (in
+    elements); aux_tensors = the buffers in `tensors`, in that order."""
+    params: tuple[tuple[str, str], ...]
+    pointers: tuple[tuple[str, int], ...]  # (buffer, ndim)
+    tensors: tuple[str, ...]
+
+    def scalar_slots(self) -> list[tuple[str, str, int]]:
+        """(kind, name, dimension) of each aux_scalars entry: ("param", W, 0), ("address", slope, 0),
+        ("stride", slope, d)."""
+        return ([("param", n, 0) for n, _ in self.params]
+                + [slot for b, ndim in self.pointers
+                   for slot in [("address", b, 0)] + [("stride", b, d) for d in range(ndim)]])
+
+
+def hook_inputs(pattern: Pattern, roots: tuple[ir.Node, ...], buffers: Mapping[str, BufferSpec],
+                plan: NumericPlan) -> HookInputs:
+    """The HookInputs of the hooks for kernel roots `roots` (compiler/codegen.kernel_roots)."""
+    hooks = hook_roots(pattern, roots)
+    read = {n.buffer for root in hooks.values() for n in ir.walk(root) if isinstance(n, ir.Load)}
+    pointers = pointer_buffers(hooks, buffers)
+    return HookInputs(tuple(scalar_params(pattern, plan)), tuple((b, buffers[b].ndim) for b in pointers),
+                      tuple(b for b in sorted(buffers) if b in read and b not in pointers))
 
 
 def hook_roots(pattern: Pattern, roots: tuple[ir.Node, ...]) -> dict[str, ir.Node]:
@@ -173,22 +233,24 @@ def generate(pattern: Pattern, roots: tuple[ir.Node, ...], buffers: Mapping[str,
     backward: mask, score, d(score)/d(raw score)). Raises ir.IRError naming the first operator or
     read the backend cannot express. Depends on the IR, buffer dtypes/ranks and the plan's types."""
     hooks = hook_roots(pattern, roots)
-    scalars = scalar_params(pattern, plan)
-    names = sorted(buffers)
+    inputs = hook_inputs(pattern, roots, buffers, plan)
     helpers: set[str] = set()
+    slots = inputs.scalar_slots()
     parts = [f'"""FlashAttention-4 hooks generated by attncc {version}.\n\n'
              + "".join(f"{name}: {_shown(root)}\n" for name, root in hooks.items())
-             + ("params (aux_scalars): " + ", ".join(f"{n} {t}" for n, t in scalars) + "\n" if scalars else "")
-             + ("buffers (aux_tensors): " + ", ".join(names) + "\n" if names else "") + '"""', _PRELUDE]
+             + ("aux_scalars: " + ", ".join(n if k == "param" else f"{k} of {n}" + (f" dim {d}" if k == "stride" else "")
+                                            for k, n, d in slots) + "\n" if slots else "")
+             + ("aux_tensors: " + ", ".join(inputs.tensors) + "\n" if inputs.tensors else "") + '"""', _PRELUDE]
     for name, root in hooks.items():
-        parts.append(_hook(name, root, buffers, names, scalars, plan, helpers))
+        parts.append(_hook(name, root, buffers, inputs, plan, helpers))
     for h in sorted(helpers):
         parts.insert(2, HELPERS[h] + "\n")
     return "\n\n".join(parts) + "\n"
 
 
-def _hook(name: str, root: ir.Node, buffers, names, scalars, plan, helpers: set[str]) -> str:
-    low = CuteLowering(buffers, plan)
+def _hook(name: str, root: ir.Node, buffers, inputs: HookInputs, plan, helpers: set[str]) -> str:
+    pointers = frozenset(b for b, _ in inputs.pointers)
+    low = CuteLowering(buffers, plan, pointers)
     result = low.lower(root)
     if name == "mask_mod":
         head, out_type, shape_of = "def mask_mod(batch_idx, head_idx, q_idx, kv_idx, seqlen_info, aux_tensors, " \
@@ -204,9 +266,16 @@ def _hook(name: str, root: ir.Node, buffers, names, scalars, plan, helpers: set[
     lines = ["@cute.jit", head, f'    """{what} = {_shown(root)}"""']
     used = ir.free_vars(root)
     loads = {n.buffer for n in ir.walk(root) if isinstance(n, ir.Load)}
-    lines += [f"    buf_{b} = aux_tensors[{names.index(b)}]" for b in names if b in loads]
+    lines += [f"    buf_{b} = aux_tensors[{inputs.tensors.index(b)}]" for b in inputs.tensors if b in loads]
     params = {n.name for n in ir.walk(root) if isinstance(n, ir.Param)}
-    lines += [f"    p_{p} = aux_scalars[{i}]" for i, (p, _) in enumerate(scalars) if p in params]
+    for i, (kind, b, d) in enumerate(inputs.scalar_slots()):
+        if kind == "param" and b in params:
+            lines.append(f"    p_{b} = aux_scalars[{i}]")
+        elif kind == "address" and b in loads:
+            lines.append(f"    ptr_{b} = cute.make_ptr({_POINTEE[buffers[b].dtype]}, aux_scalars[{i}], "
+                         f"cute.AddressSpace.gmem, assumed_align={buffers[b].dtype.itemsize})")
+        elif kind == "stride" and b in loads:
+            lines.append(f"    s_{b}_{d} = aux_scalars[{i}]")
     lane_vars = [v for v in ("score", "b", "h", "q", "kv") if v in used]
     if name == "score_mod_bwd":
         lane_vars = ["grad"] + lane_vars

@@ -5,8 +5,8 @@ TESTED). attncc's own analysis feeds it: the hooks are printed from the pattern'
 compiler/cute.py (mask_mod, score_mod, score_mod_bwd from the derivative IR); the block-sparse
 tensors are attncc's BlockMask at FA4's 128x128 tile (built symbolically, no dense evaluation),
 the transposed lists for the backward, with FA4's dQ write order for a deterministic backward;
-params travel as FA4's runtime aux_scalars (a new value recompiles nothing), buffers as
-aux_tensors. Plain full attention and equal-length causal attention run FA4's own dense and
+params travel as FA4's runtime aux_scalars (a new value recompiles nothing), buffers read at
+b and h only as addresses among them (compiler/cute.HookInputs), other buffers as aux_tensors. Plain full attention and equal-length causal attention run FA4's own dense and
 causal kernels, with no hooks; masks that are exact unions of bands or segments (compiler/bands.py:
 sliding windows, prefix LM, documents, chunks) run FA4's own local and varlen kernels (`Native`),
 which on SM90 also give the deterministic backward its block-sparse kernels lack. FA4's compiled
@@ -58,7 +58,8 @@ def _fa():
                 from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch, compute_dq_write_order
 
                 _FA.append(SimpleNamespace(cutlass=cutlass, interface=interface, Sparse=BlockSparseTensorsTorch,
-                                           dq_write_order=compute_dq_write_order))
+                                           dq_write_order=compute_dq_write_order,
+                                           address=lambda t: cutlass.Int64(t.data_ptr())))
             except Exception as exc:  # noqa: BLE001 — any import failure means: not available
                 _FA.append(f"FlashAttention-4 is not importable ({type(exc).__name__}: {exc}); "
                            f"install it with pip install 'attncc[fa4]' ({TESTED})")
@@ -142,8 +143,16 @@ def hooks_source(pattern: Pattern, s: Shapes, device) -> str:
     """The CuTe-DSL source of the hooks this call runs (raises ir.IRError where it has none)."""
     import attncc
 
-    specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
-    return cute.generate(pattern, _roots(pattern, s), specs, _plan(pattern, s, device), attncc.__version__)
+    return cute.generate(pattern, _roots(pattern, s), _specs(pattern), _plan(pattern, s, device), attncc.__version__)
+
+
+def _specs(pattern: Pattern) -> dict[str, BufferSpec]:
+    return {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
+
+
+def hook_inputs(pattern: Pattern, s: Shapes, device) -> cute.HookInputs:
+    """Which params and buffers the hooks read from aux_scalars and aux_tensors, in order."""
+    return cute.hook_inputs(pattern, _roots(pattern, s), _specs(pattern), _plan(pattern, s, device))
 
 
 @dataclass(frozen=True)
@@ -220,14 +229,15 @@ class Call:
     aux_tensors: list | None
     aux_scalars: tuple | None
     source: str
+    inputs: cute.HookInputs
+    pointees: tuple  # the tensors whose addresses are among aux_scalars (kept alive with the call)
     native: Native | None = None  # the mask as FA4's own local / varlen masks, where it is one
     _backward_sparse: dict = field(default_factory=dict)
 
     def text(self) -> str:
         """How attncc calls FA4 for this pattern, as Python comments (what `kern.source` ends with)."""
         hooks = [n for n in ("mask_mod", "score_mod", "score_mod_bwd") if self.mod(n) is not None]
-        return call_text(self.causal, self.sparse is not None, hooks, len(self.aux_tensors or []),
-                         len(self.aux_scalars or ()), self.native)
+        return call_text(self.causal, self.sparse is not None, hooks, self.inputs, self.native)
 
     def kind(self) -> str:
         """The forward's FA4 kernel: "dense", "causal", "local" / "varlen" (a whole Native plan) or
@@ -261,7 +271,7 @@ class Call:
         return self._backward_sparse[deterministic]
 
 
-def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params: int,
+def call_text(causal: bool, sparse: bool, hooks: list[str], inputs: cute.HookInputs,
               native: Native | None = None) -> str:
     """The FA4 calls attncc makes, as Python comments (see Call.text)."""
     lists = ("attncc's BlockMask at 128x128 (partial/full kv tiles per q tile)" if sparse
@@ -270,7 +280,9 @@ def call_text(causal: bool, sparse: bool, hooks: list[str], buffers: int, params
              "  out, lse = flash_attn.cute.interface._flash_attn_fwd(q, k, v, softmax_scale=scale,",
              f"      causal={causal}, " + ", ".join(f"{n}={n}" for n in hooks if n != "score_mod_bwd") + ",",
              f"      block_sparse_tensors={lists},",
-             f"      aux_tensors={buffers} buffer(s), aux_scalars={params} param(s) (runtime values), return_lse=True)",
+             f"      aux_tensors={len(inputs.tensors)} buffer(s), aux_scalars={len(inputs.params)} param(s)"
+             + (f" and {len(inputs.pointers)} buffer address(es) with strides" if inputs.pointers else "")
+             + " (runtime values), return_lse=True)",
              "  dq, dk, dv = flash_attn.cute.interface._flash_attn_bwd(..., deterministic=..., the same hooks"
              + (" and score_mod_bwd" if "score_mod_bwd" in hooks else "") + ",",
              "      block_sparse_tensors=" + ("the transposed lists (q tiles per kv tile), with FA4's dQ write order"
@@ -294,10 +306,9 @@ def describe(pattern: Pattern, s: Shapes, device) -> str:
     """The hooks' source and the calls for `pattern` at shapes s, without FA4 installed."""
     dense = dense_kind(pattern, s)
     hooks = list(cute.hook_roots(pattern, _roots(pattern, s)))
-    params = len(cute.scalar_params(pattern, _plan(pattern, s, device)))
     native = None if dense else native_plan(pattern, s, device)
     return hooks_source(pattern, s, device) + "\n\n" + call_text(dense == "causal", dense is None, hooks,
-                                                                 len(pattern.buffers), params, native) + "\n"
+                                                                 hook_inputs(pattern, s, device), native) + "\n"
 
 
 _CALLS = cache.LRU(64)  # (id(meta), id(bwd), native) -> (meta, bwd, Call): the ids stay theirs while kept
@@ -324,13 +335,21 @@ def prepare(pattern: Pattern, s: Shapes, device, native: bool = True) -> Call:
         sparse = fa.Sparse(mask_block_cnt=meta.partial_num, mask_block_idx=meta.partial_idx,
                            full_block_cnt=meta.full_num, full_block_idx=meta.full_idx,
                            block_size=(TILE.BLOCK_M, TILE.BLOCK_N))
-    names = sorted(meta.buffers)
-    tensors = [(meta.buffers[n].view(torch.uint8) if meta.buffers[n].dtype == torch.bool else meta.buffers[n])
-               .contiguous() for n in names]
-    plan = bwd.plan
-    scalars = tuple(getattr(fa.cutlass, t.split(".")[1])(pattern.params[n]) for n, t in cute.scalar_params(pattern, plan))
-    call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), tensors or None, scalars or None,
-                source, None if dense or not native else native_plan(pattern, s, device))
+    inputs = cute.hook_inputs(pattern, _roots(pattern, s), _specs(pattern), bwd.plan)
+    held = {n: (meta.buffers[n].view(torch.uint8) if meta.buffers[n].dtype == torch.bool else meta.buffers[n])
+            .contiguous() for n in (*inputs.tensors, *(b for b, _ in inputs.pointers))}
+    types = dict(inputs.params)
+    scalars = []
+    for kind, name, d in inputs.scalar_slots():
+        if kind == "param":
+            scalars.append(getattr(fa.cutlass, types[name].split(".")[1])(pattern.params[name]))
+        elif kind == "address":
+            scalars.append(fa.address(held[name]))
+        else:
+            scalars.append(fa.cutlass.Int32(held[name].stride(d)))
+    call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd),
+                [held[n] for n in inputs.tensors] or None, tuple(scalars) or None, source, inputs,
+                tuple(held[b] for b, _ in inputs.pointers), None if dense or not native else native_plan(pattern, s, device))
     _CALLS.put(key, (meta, bwd, call))
     return call
 
