@@ -192,25 +192,6 @@ class _Frag(list):
         return SSA(self, self.dtype)
 
 
-class Buffer:
-    """A CuTe tensor from a torch tensor: indexed by scalars, read as its element type."""
-
-    _TYPES = {"torch.int32": "i32", "torch.int64": "i64", "torch.float32": "f32", "torch.float64": "f64",
-              "torch.uint8": "u8"}
-
-    def __init__(self, t):
-        self.t, self.T = t, self._TYPES[str(t.dtype)]
-
-    def __getitem__(self, idx):
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        for i in idx:
-            if i.T != "i32":
-                raise TypeError(f"index of type {i.T}")
-        if any(not 0 <= i.v < n for i, n in zip(idx, self.t.shape)):
-            raise IndexError(f"read {[i.v for i in idx]} of a buffer shaped {tuple(self.t.shape)}")
-        return Num(self.t[tuple(i.v for i in idx)].item(), self.T)
-
-
 _MEMORY: dict[int, torch.Tensor] = {}  # kept for the whole run: no address is reused by another tensor
 
 

@@ -27,7 +27,7 @@ _SCORES = (-3.0, -0.5, 0.0, 0.25, 1.0, 2.5)
 
 
 def hooks_of(pattern: ac.Pattern):
-    """(namespace of the generated hooks under the shim, source, aux_tensors, aux_scalars)."""
+    """(namespace of the generated hooks under the shim, source, aux_tensors (None), aux_scalars)."""
     roots = kernel_roots(pattern, "backward")
     buffers = {n: t for n, t in pattern.buffers.items()}
     plan = numeric_plan(roots, pattern.params, buffers, B, H, Q, KV)
@@ -36,14 +36,15 @@ def hooks_of(pattern: ac.Pattern):
     ns = cute_shim.load(source)
     inputs = cute.hook_inputs(pattern, roots, specs, plan)
     held = {n: (t.view(torch.uint8) if t.dtype == torch.bool else t).contiguous() for n, t in buffers.items()}
-    tensors = [cute_shim.Buffer(held[n]) for n in inputs.tensors]
     types = {"cutlass." + k: cute_shim._Type(T) for k, T in (("Int32", "i32"), ("Int64", "i64"),
                                                             ("Float32", "f32"), ("Float64", "f64"))}
     params = dict(inputs.params)
+    last = {"q": Q - 1, "kv": KV - 1}
     scalars = tuple(types[params[n]](pattern.params[n]) if kind == "param" else
-                    cute_shim.address_of(held[n]) if kind == "address" else cute_shim.Num(held[n].stride(d), "i32")
+                    cute_shim.address_of(held[n]) if kind == "address" else
+                    cute_shim.Num(held[n].stride(d) if kind == "stride" else last[n], "i32")
                     for kind, n, d in inputs.scalar_slots())
-    return ns, source, tensors, scalars or None
+    return ns, source, None, scalars or None
 
 
 def points(n: int, seed: int = 0):
@@ -207,29 +208,39 @@ def test_random_terms(mask, score, seed):
     check(pattern, n=16, seed=seed)
 
 
-def test_buffers_read_at_b_and_h_only_travel_as_addresses():
-    """alibi's slopes and a per-(b, h) table are read through pointers from aux_scalars (no aux
-    tensors: FA4 then skips its per-element index wrap); a buffer read at q or kv anywhere stays an
-    aux tensor. Every dtype a buffer may have reads back its values."""
-    alibi = check(ac.patterns.alibi(H))
-    roots = kernel_roots(ac.patterns.alibi(H), "backward")
+def test_buffers_travel_as_addresses_and_reads_stay_in_range_on_padded_positions():
+    """Buffers reach the hooks as addresses and strides among aux_scalars (no aux tensors, so FA4
+    skips its per-element index wrap); a hook that reads a buffer at an index of q (kv) clamps q
+    (kv) to Q - 1 (KV - 1), so on the padded rows and columns of a ragged tile, which FA4 also
+    evaluates and then discards, it reads inside the buffer. Every dtype a buffer may have reads
+    back its values."""
     pattern = ac.patterns.alibi(H)
+    alibi = check(pattern)
+    roots = kernel_roots(pattern, "backward")
     specs = {n: BufferSpec.of(n, t) for n, t in pattern.buffers.items()}
     plan = numeric_plan(roots, pattern.params, pattern.buffers, B, H, Q, KV)
     inputs = cute.hook_inputs(pattern, roots, specs, plan)
-    assert inputs.tensors == () and inputs.pointers == (("slope", 1),)
+    assert inputs.pointers == (("slope", 1),) and inputs.bounds == ()  # read at h only: no clamp
     assert inputs.scalar_slots() == [("address", "slope", 0), ("stride", "slope", 0)]
     assert "cute.make_ptr(cutlass.Float32, aux_scalars[0], cute.AddressSpace.gmem, assumed_align=4)" in alibi
-    assert "aux_tensors[" not in alibi
+    assert "aux_tensors[" not in alibi and "_last" not in alibi
     g = torch.Generator().manual_seed(2)
+    padded = [(b, h, q, kv, s) for b, h, q, kv, s in points(24, seed=5)
+              for q, kv in ((q + Q, kv), (q, kv + KV), (Q + 90, KV + 90))]
     for dtype in (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.float16,
                   torch.bfloat16, torch.float32, torch.float64):
         table = (torch.randn(B, H, generator=g) * 3).to(dtype)
         shift = torch.randint(0, 5, (KV,), generator=g, dtype=torch.int32)
+        bias = torch.randn(Q, generator=g)
         both = ac.Pattern(lambda b, h, q, kv: (q - kv + shift[kv] >= 0) & (q + shift[b] >= kv),
-                          lambda s, b, h, q, kv: s + table[b, h] * 0.5)
+                          lambda s, b, h, q, kv: s + table[b, h] * 0.5 + bias[q])
         source = check(both, n=40, seed=int(dtype.itemsize))
-        assert "ptr_table" in source and "buf_shift = aux_tensors[0]" in source, dtype
+        assert "ptr_table" in source and "ptr_shift" in source and "aux_tensors[" not in source, dtype
+        ns, _, _, scalars = hooks_of(both)
+        roots = kernel_roots(both, "backward")
+        for name in cute.hook_roots(both, roots):
+            clamped = [(b, h, min(q, Q - 1), min(kv, KV - 1), s) for b, h, q, kv, s in padded]
+            assert run_hook(ns, name, None, scalars, padded) == run_hook(ns, name, None, scalars, clamped), name
     per_head = ac.patterns.per_head({0: ac.patterns.causal(), 1: ac.patterns.sliding_window(4),
                                      2: ac.patterns.causal()})
     assert "ptr_head_group" in check(per_head, n=40)

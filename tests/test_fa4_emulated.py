@@ -250,16 +250,16 @@ def test_source_config_and_runtime_params():
     assert fa4_kernel(ac.patterns.prefix_lm(50), q, k, v).config["fa4_kernel"] == "block-sparse"
 
 
-def test_head_indexed_buffers_travel_as_addresses_and_are_read_live():
-    """alibi's slopes reach FA4 as an address and a stride among aux_scalars, with no aux tensors;
+def test_buffers_travel_as_addresses_and_in_place_updates_are_read():
+    """alibi's slopes reach FA4 as an address and a stride among aux_scalars;
     an in-place update of the buffer (a learnable buffer's optimizer step) is what the next call
     reads."""
     q, k, v = inputs(Hq=2, Hkv=1)
     pattern = ac.patterns.alibi(2)
     kern = fa4_kernel(pattern, q, k, v)
     call = fa4.prepare(pattern.kernel_pattern, check_qkv(q, k, v), q.device)
-    assert call.aux_tensors is None and [s.T for s in call.aux_scalars] == ["i64", "i32"]
-    assert "aux_tensors=0 buffer(s), aux_scalars=0 param(s) and 1 buffer address(es) with strides" in kern.source
+    assert [s.T for s in call.aux_scalars] == ["i64", "i32"]
+    assert "aux_scalars=0 param(s), 1 buffer address(es) with their strides (runtime values)" in kern.source
     assert rel(kern(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5
     pattern.buffers["slope"].mul_(3.0)
     assert rel(kern(q, k, v), ac.reference(q, k, v, pattern)) < 1e-5

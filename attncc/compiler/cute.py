@@ -11,16 +11,16 @@ Conventions inside the generated hooks:
 - `score` is the float32 score in natural units (FA4 multiplies by the softmax scale before the
   hook, as attncc's semantics want). Masked positions never reach `score_mod_bwd`'s result.
 - A param `W` is `p_W`, read from FA4's runtime `aux_scalars` tuple (`HookInputs` says in which
-  order), so a new value recompiles nothing. A buffer whose every read is indexed by b, h, params
-  and constants only (alibi's `slope[h]`, per_head's `head_group[h]`) travels in aux_scalars too,
-  as its address (Int64) and its strides (Int32): `ptr_slope` is a global-memory pointer and a
-  read `(ptr_slope + h * s_slope_0).load()`. With no aux tensors at all FA4 skips its per-element
-  index wrap (two fast divisions) and hands the score mod two lanes per call instead of one, and
-  the compiler can share the read among a tile's elements (its address is the same for all).
-  Every other buffer `doc` is `buf_doc`, a CuTe tensor from `aux_tensors` in sorted order (bool
-  buffers arrive as uint8), indexed by scalars; FA4 wraps q and kv of padded rows and columns into
-  range before a hook that reads aux tensors runs, so the domain check's proof covers every read
-  (b and h never leave their range, so pointer reads need no wrap).
+  order), so a new value recompiles nothing. Buffers travel in aux_scalars too, each as its
+  address (Int64) and strides (Int32): `ptr_doc` is a global-memory pointer and `doc[q]` the read
+  `(ptr_doc + (q * s_doc_0)).load()`; FA4 gets no aux_tensors. (With aux tensors FA4 wraps q and kv
+  into range by two fast divisions per element and hands the score mod one lane per call; without
+  them, two lanes, and a read at b and h only — alibi's `slope[h]` — has one address for all of a
+  tile's elements.) FA4 calls the hooks on the padded rows and columns of a ragged last tile too and
+  discards what they return there; so that their reads stay in the buffers, a hook that reads a
+  buffer at an index of q (kv) first clamps q to `q_last` = Q - 1 (kv to KV - 1), runtime aux
+  scalars, which leaves every real position as it is: the domain check's proof over [0, Q) x
+  [0, KV) then covers every read.
 - `//` on signed integers is floor division in CuTe-DSL (arith.floordivsi); its `%` may truncate,
   so a floor `%` whose operands are not proved non-negative is spelled `a - (a // b) * b`.
   Floats follow torch through helpers (floor division from fmod, as torch computes it).
@@ -46,7 +46,6 @@ _POINTEE = {torch.bool: "cutlass.Uint8", torch.uint8: "cutlass.Uint8", torch.int
             torch.int16: "cutlass.Int16", torch.int32: "cutlass.Int32", torch.int64: "cutlass.Int64",
             torch.float16: "cutlass.Float16", torch.bfloat16: "cutlass.BFloat16", torch.float32: "cutlass.Float32",
             torch.float64: "cutlass.Float64"}
-TILE_INVARIANT = frozenset({"b", "h"})  # FA4 calls a hook for one (b, h) at a time
 _VAR_TYPE = {"b": "cutlass.Int32", "h": "cutlass.Int32", "q": "cutlass.Int32", "kv": "cutlass.Int32",
              "score": "cutlass.Float32"}
 _VAR_ARG = {"b": "batch_idx", "h": "head_idx", "q": "q_idx", "kv": "kv_idx", "score": "score_ssa"}
@@ -145,19 +144,12 @@ class CuteLowering(Lowering):
         one = self.literal(1.0, self.compute[n])
         return f"({one} / ({one} + cute.math.exp(-{a[0]})))"
 
-    def __init__(self, buffers: Mapping[str, BufferSpec], plan: NumericPlan, pointers: frozenset[str] = frozenset()):
-        super().__init__(buffers, plan)
-        self.pointers = pointers
-
     def _load(self, n: ir.Load) -> str:
         spec = self.spec(n)
         if self.plan.offsets[n] != "i32":
             raise ir.IRError(f"buffer {n.buffer!r} spans more than 2**31 elements; the fa4 backend indexes int32")
-        if n.buffer in self.pointers:
-            offset = " + ".join(f"{self.typed(i, 'i32')} * s_{n.buffer}_{d}" for d, i in enumerate(n.index))
-            text = f"(ptr_{n.buffer} + ({offset})).load()"
-        else:
-            text = f"buf_{n.buffer}[{', '.join(self.typed(i, 'i32') for i in n.index)}]"
+        offset = " + ".join(f"{self.typed(i, 'i32')} * s_{n.buffer}_{d}" for d, i in enumerate(n.index))
+        text = f"(ptr_{n.buffer} + ({offset})).load()"
         T = self.plan.types[n]
         if T == "bool":
             return f"({text} != 0)"
@@ -174,43 +166,33 @@ def scalar_params(pattern: Pattern, plan: NumericPlan) -> list[tuple[str, str]]:
     return out
 
 
-def pointer_buffers(hooks: Mapping[str, ir.Node], buffers: Mapping[str, BufferSpec]) -> list[str]:
-    """The buffers (sorted) the hooks read only at indices of b, h, params and constants: they
-    travel as addresses in aux_scalars (see the module docstring)."""
-    loads: dict[str, list[ir.Load]] = {}
-    for root in hooks.values():
-        for n in ir.walk(root):
-            if isinstance(n, ir.Load):
-                loads.setdefault(n.buffer, []).append(n)
-    return sorted(b for b, reads in loads.items()
-                  if all(ir.free_vars(i) <= TILE_INVARIANT for r in reads for i in r.index))
-
-
 @dataclass(frozen=True)
 class HookInputs:
-    """What the hooks read from FA4's call: aux_scalars = the `params` (name, CuTe type) in order,
-    then for each buffer in `pointers` its address (Int64) and one Int32 stride per dimension (in
-    elements); aux_tensors = the buffers in `tensors`, in that order."""
+    """What the hooks read from FA4's aux_scalars, in order: the `params` (name, CuTe type); for
+    each buffer in `pointers` its address (Int64) and one Int32 stride per dimension (in
+    elements); then for each of q and kv in `bounds` its last valid index (Int32, Q - 1 / KV - 1),
+    which every q / kv a hook reads is clamped to (see the module docstring)."""
     params: tuple[tuple[str, str], ...]
-    pointers: tuple[tuple[str, int], ...]  # (buffer, ndim)
-    tensors: tuple[str, ...]
+    pointers: tuple[tuple[str, int], ...]  # (buffer, ndim), sorted
+    bounds: tuple[str, ...]  # "q", "kv"
 
     def scalar_slots(self) -> list[tuple[str, str, int]]:
-        """(kind, name, dimension) of each aux_scalars entry: ("param", W, 0), ("address", slope, 0),
-        ("stride", slope, d)."""
+        """(kind, name, dimension) of each aux_scalars entry: ("param", "W", 0), ("address",
+        "slope", 0), ("stride", "slope", d), ("last", "kv", 0)."""
         return ([("param", n, 0) for n, _ in self.params]
                 + [slot for b, ndim in self.pointers
-                   for slot in [("address", b, 0)] + [("stride", b, d) for d in range(ndim)]])
+                   for slot in [("address", b, 0)] + [("stride", b, d) for d in range(ndim)]]
+                + [("last", v, 0) for v in self.bounds])
 
 
 def hook_inputs(pattern: Pattern, roots: tuple[ir.Node, ...], buffers: Mapping[str, BufferSpec],
                 plan: NumericPlan) -> HookInputs:
     """The HookInputs of the hooks for kernel roots `roots` (compiler/codegen.kernel_roots)."""
-    hooks = hook_roots(pattern, roots)
-    read = {n.buffer for root in hooks.values() for n in ir.walk(root) if isinstance(n, ir.Load)}
-    pointers = pointer_buffers(hooks, buffers)
-    return HookInputs(tuple(scalar_params(pattern, plan)), tuple((b, buffers[b].ndim) for b in pointers),
-                      tuple(b for b in sorted(buffers) if b in read and b not in pointers))
+    loads = [n for root in hook_roots(pattern, roots).values() for n in ir.walk(root) if isinstance(n, ir.Load)]
+    indexed = set().union(*(ir.free_vars(i) for n in loads for i in n.index))
+    return HookInputs(tuple(scalar_params(pattern, plan)),
+                      tuple((b, buffers[b].ndim) for b in sorted({n.buffer for n in loads})),
+                      tuple(v for v in ("q", "kv") if v in indexed))
 
 
 def hook_roots(pattern: Pattern, roots: tuple[ir.Node, ...]) -> dict[str, ir.Node]:
@@ -240,7 +222,9 @@ def generate(pattern: Pattern, roots: tuple[ir.Node, ...], buffers: Mapping[str,
              + "".join(f"{name}: {_shown(root)}\n" for name, root in hooks.items())
              + ("aux_scalars: " + ", ".join(n if k == "param" else f"{k} of {n}" + (f" dim {d}" if k == "stride" else "")
                                             for k, n, d in slots) + "\n" if slots else "")
-             + ("aux_tensors: " + ", ".join(inputs.tensors) + "\n" if inputs.tensors else "") + '"""', _PRELUDE]
+             + ("q and kv in range of every buffer read: " + ", ".join(f"{v} <= {v}_last" for v in inputs.bounds) + "\n"
+                if inputs.bounds else "")
+             + '"""', _PRELUDE]
     for name, root in hooks.items():
         parts.append(_hook(name, root, buffers, inputs, plan, helpers))
     for h in sorted(helpers):
@@ -249,8 +233,7 @@ def generate(pattern: Pattern, roots: tuple[ir.Node, ...], buffers: Mapping[str,
 
 
 def _hook(name: str, root: ir.Node, buffers, inputs: HookInputs, plan, helpers: set[str]) -> str:
-    pointers = frozenset(b for b, _ in inputs.pointers)
-    low = CuteLowering(buffers, plan, pointers)
+    low = CuteLowering(buffers, plan)
     result = low.lower(root)
     if name == "mask_mod":
         head, out_type, shape_of = "def mask_mod(batch_idx, head_idx, q_idx, kv_idx, seqlen_info, aux_tensors, " \
@@ -265,8 +248,9 @@ def _hook(name: str, root: ir.Node, buffers, inputs: HookInputs, plan, helpers: 
     what = {"mask_mod": "mask", "score_mod": "score", "score_mod_bwd": "grad * d(score)/d(raw score)"}[name]
     lines = ["@cute.jit", head, f'    """{what} = {_shown(root)}"""']
     used = ir.free_vars(root)
-    loads = {n.buffer for n in ir.walk(root) if isinstance(n, ir.Load)}
-    lines += [f"    buf_{b} = aux_tensors[{inputs.tensors.index(b)}]" for b in inputs.tensors if b in loads]
+    reads = [n for n in ir.walk(root) if isinstance(n, ir.Load)]
+    loads = {n.buffer for n in reads}
+    clamped = {v for n in reads for i in n.index for v in ir.free_vars(i)} & set(inputs.bounds)
     params = {n.name for n in ir.walk(root) if isinstance(n, ir.Param)}
     for i, (kind, b, d) in enumerate(inputs.scalar_slots()):
         if kind == "param" and b in params:
@@ -276,6 +260,8 @@ def _hook(name: str, root: ir.Node, buffers, inputs: HookInputs, plan, helpers: 
                          f"cute.AddressSpace.gmem, assumed_align={buffers[b].dtype.itemsize})")
         elif kind == "stride" and b in loads:
             lines.append(f"    s_{b}_{d} = aux_scalars[{i}]")
+        elif kind == "last" and b in clamped:
+            lines.append(f"    {b}_last = aux_scalars[{i}]")
     lane_vars = [v for v in ("score", "b", "h", "q", "kv") if v in used]
     if name == "score_mod_bwd":
         lane_vars = ["grad"] + lane_vars
@@ -284,7 +270,8 @@ def _hook(name: str, root: ir.Node, buffers, inputs: HookInputs, plan, helpers: 
         lines.append(f"    {v}_lanes = lanes({src}, {T})")
     lines.append(f"    out = cute.make_rmem_tensor({shape_of}.shape, {out_type})")
     lines.append(f"    for i in cutlass.range_constexpr(cute.size({shape_of}.shape)):")
-    lines += [f"        {v} = {v}_lanes[i]" for v in lane_vars]
+    lines += [f"        {v} = cute.math.min({v}_lanes[i], {v}_last)" if v in clamped else f"        {v} = {v}_lanes[i]"
+              for v in lane_vars]
     lines += [f"        {line}" for line in low.lines]
     lines.append(f"        out[i] = {result}")
     lines.append("    return out.load()")

@@ -5,9 +5,9 @@ TESTED). attncc's own analysis feeds it: the hooks are printed from the pattern'
 compiler/cute.py (mask_mod, score_mod, score_mod_bwd from the derivative IR); the block-sparse
 tensors are attncc's BlockMask at FA4's 128x128 tile (built symbolically, no dense evaluation),
 the transposed lists for the backward, with FA4's dQ write order for a deterministic backward;
-params travel as FA4's runtime aux_scalars (a new value recompiles nothing), buffers read at
-b and h only as addresses among them (compiler/cute.HookInputs), other buffers as aux_tensors. Plain full attention and equal-length causal attention run FA4's own dense and
-causal kernels, with no hooks; masks that are exact unions of bands or segments (compiler/bands.py:
+params travel as FA4's runtime aux_scalars (a new value recompiles nothing), and so do buffers, as
+addresses and strides (compiler/cute.HookInputs; FA4 gets no aux_tensors). Plain full attention
+and equal-length causal attention run FA4's own dense and causal kernels, with no hooks; masks that are exact unions of bands or segments (compiler/bands.py:
 sliding windows, prefix LM, documents, chunks) run FA4's own local and varlen kernels (`Native`),
 which on SM90 also give the deterministic backward its block-sparse kernels lack. FA4's compiled
 kernels are cached on disk (its AOT cache, under attncc's cache directory unless
@@ -151,7 +151,7 @@ def _specs(pattern: Pattern) -> dict[str, BufferSpec]:
 
 
 def hook_inputs(pattern: Pattern, s: Shapes, device) -> cute.HookInputs:
-    """Which params and buffers the hooks read from aux_scalars and aux_tensors, in order."""
+    """What the hooks read from aux_scalars, in order."""
     return cute.hook_inputs(pattern, _roots(pattern, s), _specs(pattern), _plan(pattern, s, device))
 
 
@@ -226,11 +226,10 @@ class Call:
     causal: bool
     sparse: object | None         # BlockSparseTensorsTorch of the forward, or None (dense)
     lists: tuple | None           # (forward KernelMeta, BackwardMeta) the sparse tensors come from
-    aux_tensors: list | None
     aux_scalars: tuple | None
     source: str
     inputs: cute.HookInputs
-    pointees: tuple  # the tensors whose addresses are among aux_scalars (kept alive with the call)
+    buffers: tuple  # the tensors whose addresses are among aux_scalars (kept alive with the call)
     native: Native | None = None  # the mask as FA4's own local / varlen masks, where it is one
     _backward_sparse: dict = field(default_factory=dict)
 
@@ -280,8 +279,9 @@ def call_text(causal: bool, sparse: bool, hooks: list[str], inputs: cute.HookInp
              "  out, lse = flash_attn.cute.interface._flash_attn_fwd(q, k, v, softmax_scale=scale,",
              f"      causal={causal}, " + ", ".join(f"{n}={n}" for n in hooks if n != "score_mod_bwd") + ",",
              f"      block_sparse_tensors={lists},",
-             f"      aux_tensors={len(inputs.tensors)} buffer(s), aux_scalars={len(inputs.params)} param(s)"
-             + (f" and {len(inputs.pointers)} buffer address(es) with strides" if inputs.pointers else "")
+             f"      aux_scalars={len(inputs.params)} param(s)"
+             + (f", {len(inputs.pointers)} buffer address(es) with their strides" if inputs.pointers else "")
+             + (", the last valid " + " and ".join(inputs.bounds) if inputs.bounds else "")
              + " (runtime values), return_lse=True)",
              "  dq, dk, dv = flash_attn.cute.interface._flash_attn_bwd(..., deterministic=..., the same hooks"
              + (" and score_mod_bwd" if "score_mod_bwd" in hooks else "") + ",",
@@ -336,8 +336,8 @@ def prepare(pattern: Pattern, s: Shapes, device, native: bool = True) -> Call:
                            full_block_cnt=meta.full_num, full_block_idx=meta.full_idx,
                            block_size=(TILE.BLOCK_M, TILE.BLOCK_N))
     inputs = cute.hook_inputs(pattern, _roots(pattern, s), _specs(pattern), bwd.plan)
-    held = {n: (meta.buffers[n].view(torch.uint8) if meta.buffers[n].dtype == torch.bool else meta.buffers[n])
-            .contiguous() for n in (*inputs.tensors, *(b for b, _ in inputs.pointers))}
+    held = {b: (meta.buffers[b].view(torch.uint8) if meta.buffers[b].dtype == torch.bool else meta.buffers[b])
+            .contiguous() for b, _ in inputs.pointers}
     types = dict(inputs.params)
     scalars = []
     for kind, name, d in inputs.scalar_slots():
@@ -345,11 +345,12 @@ def prepare(pattern: Pattern, s: Shapes, device, native: bool = True) -> Call:
             scalars.append(getattr(fa.cutlass, types[name].split(".")[1])(pattern.params[name]))
         elif kind == "address":
             scalars.append(fa.address(held[name]))
-        else:
+        elif kind == "stride":
             scalars.append(fa.cutlass.Int32(held[name].stride(d)))
-    call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd),
-                [held[n] for n in inputs.tensors] or None, tuple(scalars) or None, source, inputs,
-                tuple(held[b] for b, _ in inputs.pointers), None if dense or not native else native_plan(pattern, s, device))
+        else:
+            scalars.append(fa.cutlass.Int32((s.Q if name == "q" else s.KV) - 1))
+    call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), tuple(scalars) or None, source,
+                inputs, tuple(held.values()), None if dense or not native else native_plan(pattern, s, device))
     _CALLS.put(key, (meta, bwd, call))
     return call
 
@@ -377,13 +378,13 @@ def forward(call: Call, q, k, v, scale: float):
     if native is not None and native.segments is not None:
         out, lse, *_ = fa.interface._flash_attn_fwd(
             *map(_fold, (q, k, v)), softmax_scale=scale, causal=False, score_mod=call.mod("score_mod"),
-            aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, return_lse=True, **native.varlen_args())
+            aux_scalars=call.aux_scalars, return_lse=True, **native.varlen_args())
         return _unfold(out, q.shape[0]), lse.view(q.shape[:3])
     out, lse, *_ = fa.interface._flash_attn_fwd(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=call.causal,
         score_mod=call.mod("score_mod"), mask_mod=None if native else call.mod("mask_mod"),
-        block_sparse_tensors=None if native else call.sparse, aux_tensors=call.aux_tensors,
-        aux_scalars=call.aux_scalars, return_lse=True, **(window_args(*native.windows()[0]) if native else {}))
+        block_sparse_tensors=None if native else call.sparse, aux_scalars=call.aux_scalars, return_lse=True,
+        **(window_args(*native.windows()[0]) if native else {}))
     return out.transpose(1, 2), lse
 
 
@@ -441,7 +442,7 @@ def backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, determinis
     dq, dk, dv = fa.interface._flash_attn_bwd(
         t(q), t(k), t(v), t(out), t(dout), lse.contiguous(), scale, call.causal, deterministic=deterministic,
         score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"), mask_mod=call.mod("mask_mod"),
-        aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars,
+        aux_scalars=call.aux_scalars,
         block_sparse_tensors=call.backward_sparse(deterministic),
         dlse=None if dlse is None else dlse.contiguous())
     return t(dq), t(dk), t(dv)
@@ -455,7 +456,7 @@ def _native_backward(call: Call, q, k, v, out, lse, dout, dlse, scale: float, de
     fa = _fa()
     native = call.native
     hooks = dict(score_mod=call.mod("score_mod"), score_mod_bwd=call.mod("score_mod_bwd"),
-                 aux_tensors=call.aux_tensors, aux_scalars=call.aux_scalars, deterministic=deterministic)
+                 aux_scalars=call.aux_scalars, deterministic=deterministic)
     if native.segments is not None:
         grads = fa.interface._flash_attn_bwd(
             *map(_fold, (q, k, v, out, dout)), lse.reshape(-1, lse.shape[-1]).contiguous(), scale, False,
