@@ -2,13 +2,13 @@
 held out of the fit — on CPU (block maps are built here; nothing runs on a GPU).
 
     python benchmarks/refit.py RESULTS.json [...] [--profile h200] [--hold-out prefixlm2048,alibi]
-                               [--out-dir DIR] [--partial-grid 128x128:1.6,1.8,2.0]
+                               [--backends fa4] [--out-dir DIR] [--partial-grid 128x128:1.6,1.8,2.0]
 
 RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms), bf16
 at the shape each records (older files: B4 H16 D128 and their N), all of one head dim class (the
 class's figures are refitted: cost.HEAD_DIM_CLASSES). compiler/cost.fit refits each backend's PARTIAL factor, prologue,
 occupancy and operator costs to every row except the held-out patterns' (the profile's rates are
-kept); the table gives, per pattern, the Spearman rank correlation, the measured time of the
+kept; --backends: only these backends' figures are refitted); the table gives, per pattern, the Spearman rank correlation, the measured time of the
 simulator's pick against the best measured and the rms log error, under the profile as shipped and
 as refitted. Copy the printed coefficients into compiler/profiles/<profile>.json to adopt them.
 --partial-grid SHAPE:F1,F2,...: instead, the same scores with the Triton PARTIAL factor of tile
@@ -97,6 +97,7 @@ def main(argv=None) -> dict:
     ap.add_argument("results", nargs="+")
     ap.add_argument("--profile", default="h200", help="a shipped profile's key, or a profile's JSON file")
     ap.add_argument("--hold-out", default="", help="comma list of patterns left out of the fit")
+    ap.add_argument("--backends", default="", help="comma list of the backends refitted (default: every one timed)")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--partial-grid", default=None, help="SHAPE:F1,F2,... (see above)")
     args = ap.parse_args(argv)
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
     if args.partial_grid:
         return partial_grid(timings, shipped, args.partial_grid)
     refitted, errors = shipped, {}
-    for backend in sorted({t.backend for _, t in timings}):
+    for backend in sorted(set(filter(None, args.backends.split(","))) or {t.backend for _, t in timings}):
         fitted = [t for name, t in timings if name not in held]
         spec, errors[backend] = cost.fit(refitted, backend, fitted)
         refitted = refitted.with_spec(backend, fitted[0].D, spec)

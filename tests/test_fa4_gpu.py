@@ -35,6 +35,11 @@ PATTERNS = {
     "relbias": lambda N, H: ac.Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv < 900),
                                        lambda s, b, h, q, kv, t=_table(N): s + t[q - kv + N - 1]),
     "empty_rows": lambda N, H: ac.Pattern(lambda b, h, q, kv: (q - kv >= 64) & (q - kv < 512)),
+    # buffers read at h only, and at q and kv (clamped on the padded positions of N=1999's last tile)
+    "per_head": lambda N, H: ac.patterns.per_head([ac.patterns.causal() if h % 2 else ac.patterns.sliding_window(300)
+                                                   for h in range(H)]),
+    "global_softcap": lambda N, H: ac.patterns.global_tokens(torch.arange(N, device="cuda") % 97 == 5, window=200,
+                                                             causal=True) & ac.patterns.softcap(30.0, causal=False),
 }
 SHAPES = [(2, 8, 8, 2048, 128), (1, 8, 2, 1999, 64)]
 
@@ -57,7 +62,7 @@ def test_forward_and_lse_match_reference(name, shape):
 
 
 @pytest.mark.parametrize("name", ["causal", "swa", "document", "softcap", "alibi", "relbias", "empty_rows", "full",
-                                  "prefix_lm", "sinks", "chunked", "dilated4_softcap"])
+                                  "prefix_lm", "sinks", "chunked", "dilated4_softcap", "global_softcap"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["B2H8N2048D128", "gqa4-N1999-D64"])
 def test_gradients_match_reference_and_are_deterministic(name, shape):
     B, Hq, Hkv, N, D = shape
@@ -149,8 +154,8 @@ def test_learnable_buffer_gradients_on_fa4():
     q, k, v = qkv(2, H, 4, N, 128)
     q.requires_grad_()
     w = torch.randn(2, H, N, 128, device="cuda")
-    assert compile(pat, q, k, v).config["backend"] == "fa4"
-    ours = torch.autograd.grad((attention(q, k, v, pat).float() * w).sum(), (q, slopes, table))
+    assert compile(pat, q, k, v, kernel_options=FA4).config["backend"] == "fa4"  # (auto picks by the GPU's profile)
+    ours = torch.autograd.grad((attention(q, k, v, pat, kernel_options=FA4).float() * w).sum(), (q, slopes, table))
     leaves = [t.detach().double().requires_grad_() for t in (q, slopes, table)]
     ref_pat = pat.bind(slopes=leaves[1], table=leaves[2])
     ref = torch.autograd.grad((ac.reference(leaves[0], k.double(), v.double(), ref_pat) * w.double()).sum(), leaves)
