@@ -355,7 +355,10 @@ def test_expression_ops_count_distinct_weighted_operators_and_the_pairwise_ones(
     assert cost.expression_ops(shared).mask == 4.0
     softcap, alibi = cost.expression_ops(ac.patterns.softcap(30.0)), cost.expression_ops(ac.patterns.alibi(4))
     assert (softcap.score, softcap.score_pairwise) == (5.0, 5.0)  # truediv 2, tanh 2, mul
-    assert (alibi.score, alibi.score_pairwise) == (5.0, 3.0)  # slope[h] is read once per program
+    # slope[h] is read once per Triton program and, a value of h alone, once per tile by FA4's hooks
+    assert (alibi.score, alibi.score_pairwise) == (3.0, 3.0)
+    strided = cost.expression_ops(ac.patterns.strided_heads(8, 64))  # h % 8 likewise
+    assert strided.mask == cost.expression_ops(ac.Pattern(lambda b, h, q, kv: (q >= kv) & ((kv % 8 == 3) | (q - kv <= 64)))).mask
     _, meta = META_CACHE.get(ac.patterns.softcap(30.0), Shapes(1, 4, 4, 512, 512, 64, 64), T, torch.device("cpu"))
     assert meta.expression_ops == softcap
     def blocks(size):  # the same tiles at N = 4096, a dearer mask in the second

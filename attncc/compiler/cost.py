@@ -184,15 +184,18 @@ def profile_for(device: torch.device | None = None, target: str | None = None,
 OP_WEIGHTS = {"floordiv": 4.0, "mod": 4.0, "truediv": 2.0, "pow": 4.0, "exp": 2.0, "log": 2.0,
               "sqrt": 2.0, "tanh": 2.0, "sigmoid": 3.0}
 LOAD_WEIGHT = 2.0
+TILE_INVARIANT = frozenset({"b", "h"})  # FA4 calls its hooks for one (b, h) at a time
 
 
 @dataclass(frozen=True)
 class ExpressionOps:
     """Weighted operator counts (OP_WEIGHTS, else 1; LOAD_WEIGHT a buffer read) of the distinct
     nodes of a kernel's token mask, which PARTIAL tiles evaluate, and of its score mod, which every
-    live tile does: all of them, and the pairwise ones (reading the score, or both q and kv) —
-    Triton evaluates the others once per row or column of a tile (broadcast), FA4's hooks once
-    per element."""
+    live tile does: those FA4's hooks compute per element (`mask`, `score`: every node that reads q,
+    kv or the score; a value of b and h alone, alibi's `slope[h]`, is the same for all of a tile's
+    elements and computed once), and
+    the pairwise ones (reading the score, or both q and kv) — Triton evaluates the others once per
+    row or column of a tile (broadcast)."""
     mask: float = 0.0
     mask_pairwise: float = 0.0
     score: float = 0.0
@@ -207,7 +210,8 @@ def expression_ops(pattern: Pattern) -> ExpressionOps:
             if isinstance(node, (ir.Op, ir.Load)):
                 weight = LOAD_WEIGHT if isinstance(node, ir.Load) else OP_WEIGHTS.get(node.op, 1.0)
                 reads = ir.free_vars(node)
-                total += weight  # FA4's hooks (compiler/cute.py) divide even by powers of two
+                if not reads <= TILE_INVARIANT:
+                    total += weight  # FA4's hooks (compiler/cute.py) divide even by powers of two
                 if ir.SCORE_VAR in reads or {"q", "kv"} <= reads:
                     shift = ir.kind_of(node) == "int" and ir.power_of_two_divisor(node) is not None
                     pairwise += 1.0 if shift else weight  # the Triton kernels shift (lowering.floor_op)
@@ -556,7 +560,7 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     ops = meta.expression_ops
     lines.append(f"per score element: mask {ops.mask:g} weighted operators ({ops.mask_pairwise:g} pairwise), on "
                  f"PARTIAL tiles; score mod {ops.score:g} ({ops.score_pairwise:g} pairwise), on every live tile "
-                 f"(Triton pays the pairwise ones, FA4's hooks all)")
+                 f"(Triton pays the pairwise ones, FA4's hooks all but values of b and h alone)")
     flop_ms, byte_ms = roofline_ms(pairs, B, s.Hq, s.Hkv, s.Q, s.KV, s.D, s.Dv, dtype, profile)
     roof = max(flop_ms, byte_ms)
     lines.append(f"roofline: {_fmt_ms(roof)} (matrix {_fmt_ms(flop_ms)}, memory {_fmt_ms(byte_ms)})")
