@@ -193,9 +193,8 @@ class ExpressionOps:
     nodes of a kernel's token mask, which PARTIAL tiles evaluate, and of its score mod, which every
     live tile does: those FA4's hooks compute per element (`mask`, `score`: every node that reads q,
     kv or the score; a value of b and h alone, alibi's `slope[h]`, is the same for all of a tile's
-    elements and computed once), and
-    the pairwise ones (reading the score, or both q and kv) — Triton evaluates the others once per
-    row or column of a tile (broadcast)."""
+    elements and computed once), and the pairwise ones (reading the score, or both q and kv) —
+    Triton evaluates the others once per row or column of a tile (broadcast)."""
     mask: float = 0.0
     mask_pairwise: float = 0.0
     score: float = 0.0

@@ -7,12 +7,13 @@ tensors are attncc's BlockMask at FA4's 128x128 tile (built symbolically, no den
 the transposed lists for the backward, with FA4's dQ write order for a deterministic backward;
 params travel as FA4's runtime aux_scalars (a new value recompiles nothing), and so do buffers, as
 addresses and strides (compiler/cute.HookInputs; FA4 gets no aux_tensors). Plain full attention
-and equal-length causal attention run FA4's own dense and causal kernels, with no hooks; masks that are exact unions of bands or segments (compiler/bands.py:
-sliding windows, prefix LM, documents, chunks) run FA4's own local and varlen kernels (`Native`),
-which on SM90 also give the deterministic backward its block-sparse kernels lack. FA4's compiled
-kernels are cached on disk (its AOT cache, under attncc's cache directory unless
-FLASH_ATTENTION_CUTE_DSL_CACHE_* say otherwise), keyed by a hash of the hooks' source, so a known
-pattern's first call in a new process compiles nothing.
+and equal-length causal attention run FA4's own dense and causal kernels, with no hooks; masks
+that are exact unions of bands or segments (compiler/bands.py: sliding windows, prefix LM,
+documents, chunks) run FA4's own local and varlen kernels (`Native`), which on SM90 also give the
+deterministic backward its block-sparse kernels lack. FA4's compiled kernels are cached on disk
+(its AOT cache, under attncc's cache directory unless FLASH_ATTENTION_CUTE_DSL_CACHE_* say
+otherwise), keyed by a hash of the hooks' source, so a known pattern's first call in a new process
+compiles nothing.
 
 Layout: attncc's tensors are [B, H, N, D]; FA4 reads [B, N, H, D], as transposed views.
 """
