@@ -158,6 +158,27 @@ def _name(pattern, tensor):
     return next(n for n, t in pattern.buffers.items() if t is tensor)
 
 
+def test_zero_dim_learnable_scalars_get_their_gradients():
+    """A 0-dim tensor that requires grad (a learnable temperature, or one element `w[1]` of a
+    learnable w) is read as a one-element buffer viewing it, so its gradient flows back; a 0-dim
+    tensor without grad stays a constant."""
+    temp = torch.tensor(0.7, requires_grad=True)
+    w = torch.tensor([0.5, 2.0], requires_grad=True)
+    fixed = torch.tensor(3.0)
+    pat = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s * temp + w[1] * (kv - q) / 64 + fixed)
+    assert sorted(t.shape for t in pat.buffers.values()) == [(1,), (1,)] and "3.0" in str(pat.score)
+    q, k, v = qkv(1, 2, 2, 40, 40, 16, seed=4)
+    g = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(5))
+    ours = torch.autograd.grad((ac.attention(q, k, v, pat) * g).sum(), (temp, w))
+    t64, w64 = temp.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref_pat = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s * t64 + w64[1] * (kv - q) / 64 + 3.0)
+    qd, kd, vd = (t.detach().double() for t in (q, k, v))
+    want = torch.autograd.grad((ac.reference(qd, kd, vd, ref_pat) * g.double()).sum(), (t64, w64))
+    assert ours[0].shape == () and ours[1].shape == (2,) and ours[1][0] == 0
+    for a, b in zip(ours, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-4
+
+
 def test_buffer_gradients_only_where_asked_and_through_lse():
     slopes = torch.rand(4).requires_grad_()
     pat = ac.Pattern(score_mod=lambda s, b, h, q, kv: s + slopes[h] * (kv - q))

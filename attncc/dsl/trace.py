@@ -64,6 +64,7 @@ class Tracer:
     def __init__(self, reserved: dict[str, torch.Tensor] | None = None):
         self.buffers: dict[str, torch.Tensor] = dict(reserved or {})
         self.params: dict[str, ir.Value] = {}
+        self.scalar_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (0-dim x, x.view(1))
 
     def buffer_name(self, tensor: torch.Tensor, hint: str | None) -> str:
         for name, t in self.buffers.items():
@@ -241,12 +242,29 @@ def _lift(x: Any) -> ir.Node:
     if isinstance(x, numbers.Real):  # numpy scalars, e.g. a length from np.cumsum
         return ir.const(python_number(x))
     if isinstance(x, torch.Tensor):
+        if x.dim() == 0 and x.requires_grad:
+            return _learnable_scalar(x)
         if x.dim() == 0:
             v = x.item()
             return ir.const(bool(v) if x.dtype == torch.bool else v)
         raise _fail(f"a captured tensor of shape {tuple(x.shape)} was used in arithmetic; index it "
                     "with the traced indices (e.g. buf[q_idx]) to read one element")
     raise _fail(f"cannot use a value of type {type(x).__name__} in a pattern")
+
+
+def _learnable_scalar(x: torch.Tensor) -> ir.Node:
+    """A 0-dim tensor that requires grad (a learnable temperature, or `w[0]` of a learnable `w`),
+    read as element 0 of a one-element buffer viewing it, so its gradient flows back to it; a
+    constant (what other 0-dim tensors become) would silently get none."""
+    active = _active()
+    if not active:
+        raise _fail("a 0-dim tensor that requires grad can only be used inside a traced mask_mod/score_mod")
+    tracer = active[-1]
+    view = tracer.scalar_views.get(id(x), (x, None))[1]
+    if view is None:
+        view = x.view(1)
+        tracer.scalar_views[id(x)] = (x, view)  # x kept alive, so its id stays its own
+    return ir.load(tracer.buffer_name(view, _guess_name(x)), (ir.const(0),))
 
 
 def python_number(x: numbers.Real) -> int | float:
