@@ -203,3 +203,21 @@ def test_residue_fold_on_views_with_gqa(layout):
     ours = checked_grads(pat, q, k, v, w, {})
     again = grads(lambda q, k, v: attention(q, k, v, pat), q, k, v, w)
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                                   torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_buffers_of_every_dtype_read_through_pointers(dtype):
+    """Buffers reach the hooks as addresses (compiler/cute.HookInputs): a per-(b, h) table and a
+    per-key buffer of each dtype, read in the mask and the score mod, at N=1999 (a ragged last
+    tile: the q / kv clamps), against the float64 oracle."""
+    B, H, N = 2, 4, 1999
+    g = torch.Generator(device="cuda").manual_seed(7)
+    table = (torch.randn(B, H, device="cuda", generator=g) * 3).to(dtype)
+    keys = (torch.randn(N, device="cuda", generator=g) * 3).to(dtype)
+    pat = ac.Pattern(lambda b, h, q, kv: (q >= kv) & ((keys[kv] != 0) | (q - kv < 300)),
+                     lambda s, b, h, q, kv: s + 0.25 * table[b, h] + 0.01 * keys[kv])
+    q, k, v = qkv(B, H, H, N, 64)
+    assert compile(pat, q, k, v, kernel_options=FA4).config["backend"] == "fa4"
+    out = attention(q, k, v, pat, kernel_options=FA4)
+    assert rel(out, ac.reference(q, k, v, pat)) < 2e-2
