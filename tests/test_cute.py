@@ -17,8 +17,11 @@ from attncc.compiler.codegen import kernel_roots
 from attncc.compiler.lowering import BufferSpec
 from attncc.compiler.numerics import numeric_plan
 from attncc.dsl import ir, ops
+from attncc.runtime import fa4
+from attncc.runtime.inputs import Shapes
 
 import cute_shim
+import fa4_emulator
 import ir_terms
 from test_ops import as_mask, sample
 
@@ -35,15 +38,8 @@ def hooks_of(pattern: ac.Pattern):
     source = cute.generate(pattern, roots, specs, plan, "test")
     ns = cute_shim.load(source)
     inputs = cute.hook_inputs(pattern, roots, specs, plan)
-    held = {n: (t.view(torch.uint8) if t.dtype == torch.bool else t).contiguous() for n, t in buffers.items()}
-    types = {"cutlass." + k: cute_shim._Type(T) for k, T in (("Int32", "i32"), ("Int64", "i64"),
-                                                            ("Float32", "f32"), ("Float64", "f64"))}
-    params = dict(inputs.params)
-    last = {"q": Q - 1, "kv": KV - 1}
-    scalars = tuple(types[params[n]](pattern.params[n]) if kind == "param" else
-                    cute_shim.address_of(held[n]) if kind == "address" else
-                    cute_shim.Num(held[n].stride(d) if kind == "stride" else last[n], "i32")
-                    for kind, n, d in inputs.scalar_slots())
+    scalars, _ = fa4.aux_scalars(fa4_emulator.namespace(), inputs, pattern.params, buffers,
+                                 Shapes(B, H, H, Q, KV, 16, 16))
     return ns, source, None, scalars or None
 
 

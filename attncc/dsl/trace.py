@@ -260,11 +260,9 @@ def _learnable_scalar(x: torch.Tensor) -> ir.Node:
     if not active:
         raise _fail("a 0-dim tensor that requires grad can only be used inside a traced mask_mod/score_mod")
     tracer = active[-1]
-    view = tracer.scalar_views.get(id(x), (x, None))[1]
-    if view is None:
-        view = x.view(1)
-        tracer.scalar_views[id(x)] = (x, view)  # x kept alive, so its id stays its own
-    return ir.load(tracer.buffer_name(view, _guess_name(x)), (ir.const(0),))
+    if id(x) not in tracer.scalar_views:  # x kept alive with its view, so its id stays its own
+        tracer.scalar_views[id(x)] = (x, x.view(1))
+    return ir.load(tracer.buffer_name(tracer.scalar_views[id(x)][1], _guess_name(x)), (ir.const(0),))
 
 
 def python_number(x: numbers.Real) -> int | float:

@@ -337,23 +337,32 @@ def prepare(pattern: Pattern, s: Shapes, device, native: bool = True) -> Call:
                            full_block_cnt=meta.full_num, full_block_idx=meta.full_idx,
                            block_size=(TILE.BLOCK_M, TILE.BLOCK_N))
     inputs = cute.hook_inputs(pattern, _roots(pattern, s), _specs(pattern), bwd.plan)
-    held = {b: (meta.buffers[b].view(torch.uint8) if meta.buffers[b].dtype == torch.bool else meta.buffers[b])
-            .contiguous() for b, _ in inputs.pointers}
+    scalars, held = aux_scalars(fa, inputs, pattern.params, meta.buffers, s)
+    call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), scalars or None, source,
+                inputs, held, None if dense or not native else native_plan(pattern, s, device))
+    _CALLS.put(key, (meta, bwd, call))
+    return call
+
+
+def aux_scalars(fa, inputs: cute.HookInputs, params: dict, buffers: dict, s: Shapes) -> tuple[tuple, tuple]:
+    """(FA4's aux_scalars for the hooks' `inputs`, the buffer tensors their addresses point into):
+    each param's value in its CuTe type, each buffer's address and strides (bool buffers as
+    uint8, all contiguous), Q - 1 / KV - 1. `fa`: what _fa() returns (its `cutlass` and `address`);
+    `buffers` on the device the kernels run on."""
+    held = {b: (buffers[b].view(torch.uint8) if buffers[b].dtype == torch.bool else buffers[b]).contiguous()
+            for b, _ in inputs.pointers}
     types = dict(inputs.params)
     scalars = []
     for kind, name, d in inputs.scalar_slots():
         if kind == "param":
-            scalars.append(getattr(fa.cutlass, types[name].split(".")[1])(pattern.params[name]))
+            scalars.append(getattr(fa.cutlass, types[name].split(".")[1])(params[name]))
         elif kind == "address":
             scalars.append(fa.address(held[name]))
         elif kind == "stride":
             scalars.append(fa.cutlass.Int32(held[name].stride(d)))
         else:
             scalars.append(fa.cutlass.Int32((s.Q if name == "q" else s.KV) - 1))
-    call = Call(hooks, dense == "causal", sparse, None if dense else (meta, bwd), tuple(scalars) or None, source,
-                inputs, tuple(held.values()), None if dense or not native else native_plan(pattern, s, device))
-    _CALLS.put(key, (meta, bwd, call))
-    return call
+    return tuple(scalars), tuple(held.values())
 
 
 def _load_hooks(source: str) -> ModuleType:
