@@ -114,8 +114,9 @@ def run_pattern(name: str, shape: Shape, device: torch.device) -> dict:
             continue
         err = ((out[:1].double() - ref).norm() / ref.norm()).item()
         measured = time_ms(lambda: kern(q, k, v), device)
-        _, meta = META_CACHE.get(kern.pattern, s, kern.tiles, device)
-        predicted = cost.simulate(meta, B, H, D, kern.tiles, kern.backend, profile).ms \
+        ks = s if kern.fold is None else kern.fold.shapes(s)  # what the kernels run (fa4 folds dilated)
+        _, meta = META_CACHE.get(kern.pattern, ks, kern.tiles, device)
+        predicted = cost.simulate(meta, ks.B, ks.Hq, D, kern.tiles, kern.backend, profile).ms \
             if profile.models(kern.backend, D) else float("nan")
         rows.append({"config": label, "measured_ms": measured, "predicted_ms": predicted, "rel_err": err})
         print(f"{name}: {label} measured {measured:.3f} ms, predicted {predicted:.3f} ms, rel err {err:.1e}",
@@ -131,6 +132,15 @@ def run_pattern(name: str, shape: Shape, device: torch.device) -> dict:
             "auto": config_label(auto.backend, auto.tiles)}  # what ran (after any refusal's retry)
 
 
+def kernel_form(pattern, s, backend: str):
+    """(kernel pattern, shapes) a forced `backend` runs `pattern` at shapes `s` in: the fa4 backend
+    folds residue classes into heads where it can (runtime/fold.py), Triton keeps a token layout."""
+    from attncc.runtime.fold import fold_for
+
+    fold = fold_for(pattern, s, {}) if backend == "fa4" else None
+    return (pattern.kernel_pattern, s) if fold is None else (fold.pattern, fold.shapes(s))
+
+
 def predict_pattern(name: str, shape: Shape, profile_key: str) -> dict:
     """Every candidate's predicted ms for `name` at `shape` in bf16 on a shipped profile, block
     maps built on the CPU (nothing runs): predictions to commit before a GPU run measures them."""
@@ -140,16 +150,19 @@ def predict_pattern(name: str, shape: Shape, profile_key: str) -> dict:
 
     B, H, N, D = shape.B, shape.Hq, shape.N, shape.D
     cpu = torch.device("cpu")
-    pattern = build(name, N, H, cpu).attncc.kernel_pattern
+    pattern = build(name, N, H, cpu).attncc
     s = Shapes(B, H, shape.Hkv, N, N, D, D)
     profile = cost.load_profile(profile_key)
     configs = [("triton", t) for t in triton_candidates(D)]
-    if fa4.refusal_on(pattern, s, TARGETS[profile_key][1], torch.bfloat16, cpu, assume_installed=True) is None:
+    if fa4.refusal_on(pattern.kernel_pattern, s, TARGETS[profile_key][1], torch.bfloat16, cpu,
+                      assume_installed=True) is None:
         configs.append(("fa4", fa4.TILE))
     rows = []
     for backend, tiles in configs:
-        _, meta = META_CACHE.get(pattern, s, tiles, cpu)
-        rows.append({"config": config_label(backend, tiles), "predicted_ms": cost.simulate(meta, B, H, D, tiles, backend, profile).ms})
+        kp, ks = kernel_form(pattern, s, backend)
+        _, meta = META_CACHE.get(kp, ks, tiles, cpu)
+        rows.append({"config": config_label(backend, tiles),
+                     "predicted_ms": cost.simulate(meta, ks.B, ks.Hq, D, tiles, backend, profile).ms})
     return {"pattern": name, "N": N, "shape": vars(shape), "profile": profile_key, "rows": rows,
             "pick": min(rows, key=lambda r: r["predicted_ms"])["config"]}
 

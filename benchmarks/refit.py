@@ -4,8 +4,8 @@ held out of the fit — on CPU (block maps are built here; nothing runs on a GPU
     python benchmarks/refit.py RESULTS.json [...] [--profile h200] [--hold-out prefixlm2048,alibi]
                                [--backends fa4] [--out-dir DIR] [--partial-grid 128x128:1.6,1.8,2.0]
 
-RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms), bf16
-at the shape each records (older files: B4 H16 D128 and their N), all of one head dim class (the
+RESULTS: benchmarks/costmodel.py's JSON files (per pattern, each configuration's measured ms; a
+pattern at a shape in several files counts from the last file given), bf16 at the shape each records (older files: B4 H16 D128 and their N), all of one head dim class (the
 class's figures are refitted: cost.HEAD_DIM_CLASSES). compiler/cost.fit refits each backend's PARTIAL factor, prologue,
 occupancy and operator costs to every row except the held-out patterns' (the profile's rates are
 kept; --backends: only these backends' figures are refitted); the table gives, per pattern, the Spearman rank correlation, the measured time of the
@@ -31,7 +31,7 @@ from attncc.compiler.codegen import TileConfig  # noqa: E402
 from attncc.runtime import fa4  # noqa: E402
 from attncc.runtime.inputs import Shapes  # noqa: E402
 from attncc.runtime.kernel import META_CACHE  # noqa: E402
-from benchmarks.costmodel import ranking  # noqa: E402
+from benchmarks.costmodel import kernel_form, ranking  # noqa: E402
 from benchmarks.patterns import build  # noqa: E402
 from benchmarks.report import write_table  # noqa: E402
 
@@ -59,9 +59,20 @@ def timings_of(results: list[dict]) -> list[tuple[str, cost.Timing]]:
                                       build(r["pattern"], N, s.Hq, torch.device("cpu")).attncc)
         for row in r["rows"]:
             backend, tiles = tiles_of(row["config"])
-            _, meta = META_CACHE.get(pattern.kernel_pattern, s, tiles, torch.device("cpu"))
-            out.append((r["pattern"], cost.Timing(meta, s.B, s.Hq, s.D, tiles, backend, row["measured_ms"])))
+            kp, ks = kernel_form(pattern, s, backend)
+            _, meta = META_CACHE.get(kp, ks, tiles, torch.device("cpu"))
+            out.append((r["pattern"], cost.Timing(meta, ks.B, ks.Hq, ks.D, tiles, backend, row["measured_ms"])))
     return out
+
+
+def latest(files) -> list[dict]:
+    """The cases of several costmodel results, a pattern at a shape recorded twice counting from the
+    later file (a re-measurement after a kernel change supersedes the earlier one)."""
+    cases = {}
+    for results in files:
+        for r in results:
+            cases[(r["pattern"], r["N"], json.dumps(r.get("shape"), sort_keys=True))] = r
+    return list(cases.values())
 
 
 def scores(timings: list[tuple[str, cost.Timing]], profile: cost.Profile) -> dict:
@@ -102,7 +113,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--partial-grid", default=None, help="SHAPE:F1,F2,... (see above)")
     args = ap.parse_args(argv)
     held = set(filter(None, args.hold_out.split(",")))
-    timings = [t for path in args.results for t in timings_of(json.loads(open(path).read()))]
+    timings = timings_of(latest(json.loads(open(path).read()) for path in args.results))
     path = Path(args.profile)
     shipped = cost.load_profile(path.stem, path.parent) if path.suffix == ".json" else cost.load_profile(args.profile)
     if args.partial_grid:

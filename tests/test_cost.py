@@ -216,6 +216,32 @@ def test_refit_recovers_a_profile_from_recorded_timings_and_scores_held_out_patt
     assert refit.tiles_of("fa4 128x128") == ("fa4", TileConfig(128, 128, 4, 1))
 
 
+def test_benchmarks_model_a_forced_fa4_call_in_the_form_it_runs_and_refit_takes_the_latest_times():
+    """dilated on fa4 runs folded (runtime/fold.py): its predictions and refit's timings use the folded
+    block map and shapes, as ac.compile does; on Triton it stays in its token layout. A case measured
+    again in a later results file replaces the earlier one."""
+    import sys
+
+    sys.path.insert(0, str(cost.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import refit
+    from benchmarks.costmodel import kernel_form
+    from benchmarks.patterns import build
+
+    pattern = build("dilated", 1024, 2, torch.device("cpu")).attncc
+    s = Shapes(2, 2, 2, 1024, 1024, 64, 64)
+    kp, ks = kernel_form(pattern, s, "fa4")
+    assert (ks.B * ks.Hq, ks.Q, ks.KV) == (2 * 2 * 4, 256, 256) and "residues mod 4" in kp.name
+    assert kernel_form(pattern, s, "triton") == (pattern.kernel_pattern, s)
+    old = [{"pattern": "causal", "N": 512, "shape": {"B": 1, "Hq": 2, "Hkv": 2, "D": 64},
+            "rows": [{"config": "fa4 128x128", "measured_ms": 2.0}]}]
+    new = [{**old[0], "rows": [{"config": "fa4 128x128", "measured_ms": 1.0}]},
+           {**old[0], "pattern": "dilated", "N": 1024, "rows": [{"config": "fa4 128x128", "measured_ms": 0.5}]}]
+    cases = refit.latest([old, new])
+    assert [(c["pattern"], c["rows"][0]["measured_ms"]) for c in cases] == [("causal", 1.0), ("dilated", 0.5)]
+    (_, causal), (_, dilated) = refit.timings_of(cases)
+    assert (causal.B, causal.H, dilated.B * dilated.H) == (1, 2, 1 * 2 * 4)  # dilated timed as folded
+
+
 def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch):
     from attncc.cli import main
     from attncc.runtime import calibrate
