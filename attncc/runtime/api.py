@@ -131,7 +131,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
         rankings[fold is not None] = ranked
         return ranked[0] if ranked else (backend, choose_tiles(ks, q.dtype, q.device, options))
-    pattern, ks, layout, fold, (backend, tiles) = kernel_form(pattern, s, options, choose, (q, k, v))
+    model = (profile_for(q.device), q.device) if q.is_cuda else None
+    pattern, ks, layout, fold, (backend, tiles) = kernel_form(pattern, s, options, choose, (q, k, v), model)
     fallbacks = () if backend != "triton" else tuple(t for b, t in rankings[fold is not None][1:] if b == "triton")
     tma = choose_tma(ks, q.device, options)
     if layout is not None and tma:
@@ -146,27 +147,43 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     return pattern, s, scale, choice
 
 
-def kernel_form(pattern: Pattern, s, options: dict, choose, tensors: tuple):
+def kernel_form(pattern: Pattern, s, options: dict, choose, tensors: tuple, model=None):
     """(the pattern the kernels run, their shapes, the token layout or None, the residue fold or
     None, choose's (backend, forward tiles) for them) for a call of `pattern` at shapes s on
     `tensors` (q, k, v: their memory layout picks the fold's mapping), where
     choose(kernel pattern, shapes, layout, fold) picks the backend and tiles of a form: folded where
-    runtime/fold.fold_for folds it, except that a token layout stays where the folded call would not
-    run on fa4 (attncc's Triton kernels gather the layout's rows in place, while their folded output
-    is copied back: dilated on the H100, 0.756 ms in the layout against 0.888 folded,
-    benchmarks/results/2026-12-06-nvidia-h100-fold-ways.md); else in the layout's coordinates where
-    the pattern has one (checked against the lengths); else the pattern itself."""
+    runtime/fold.fold_for folds it and the folded call runs on fa4 or has no token layout to keep;
+    else in the layout's coordinates where the pattern has one (checked against the lengths); else
+    the pattern itself. Where both a fold and a layout run on Triton, the form of least predicted
+    time on `model` ((profile, the device block maps are built on) or None), the fold's copies
+    (Fold.copied_bytes) at the profile's bandwidth included; unmodelled (choices.modelled_ms: no
+    model, a dtype or head dim the profile lacks), the layout (attncc's Triton kernels gather its
+    rows in place; the folded output is copied back: dilated on the H100, 0.756 ms in the layout
+    against 0.888 folded, benchmarks/results/2026-12-06-nvidia-h100-fold-ways.md)."""
     from .fold import fold_for
 
     fold = fold_for(pattern, s, options, tensors)
     if fold is not None:
-        picked = choose(fold.pattern, fold.shapes(s), None, fold)
-        if pattern.layout is None or picked[0] == "fa4":
-            return fold.pattern, fold.shapes(s), None, fold, picked
+        folded = fold.pattern, fold.shapes(s), None, fold, choose(fold.pattern, fold.shapes(s), None, fold)
+        if pattern.layout is None or folded[4][0] == "fa4":
+            return folded
     if pattern.layout is not None:
         pattern.layout.check(s.Q, s.KV)
     kp = pattern.kernel_pattern
-    return kp, s, pattern.layout, None, choose(kp, s, pattern.layout, None)
+    laid = kp, s, pattern.layout, None, choose(kp, s, pattern.layout, None)
+    if fold is not None and model is not None:
+        from .choices import modelled_ms
+
+        profile, lists = model
+        dtype = tensors[0].dtype
+        as_folded = modelled_ms(fold.pattern, fold.shapes(s), *folded[4], dtype, profile, lists)
+        as_laid = modelled_ms(kp, s, *laid[4], dtype, profile, lists)
+        if as_folded is not None and as_laid is not None:
+            out_bytes = s.B * s.Hq * s.Q * s.Dv * tensors[0].element_size()
+            copy_ms = fold.copied_bytes(tensors, out_bytes) / (profile.hbm_tbps * 1e12) * 1e3
+            if as_folded + copy_ms < as_laid:
+                return folded
+    return laid
 
 
 def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layout, fold):
@@ -333,8 +350,15 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     pattern.require_bound()
     options = check_options(kernel_options)
     kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options),
-                                               (q, k, v))
+                                               (q, k, v), _target_model(target))
     return TargetKernel(kp, ks, q.dtype, target, options, layout, fold, chosen)
+
+
+def _target_model(target: str):
+    """kernel_form's `model` for the GPU `target` names: its shipped profile, block maps on the CPU."""
+    from ..compiler.cost import load_profile
+
+    return load_profile(target), torch.device("cpu")
 
 
 def _target_choice(dtype, target: str, options: dict):
@@ -500,7 +524,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     if target is not None:
         lists = torch.device("cpu")
         kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options),
-                                                   (q, k, v))
+                                                   (q, k, v), _target_model(target))
         why_not_fa4 = fa4.refusal_on(kp, ks, TARGETS[target][1], q.dtype, lists, assume_installed=True)
     else:
         lists = q.device

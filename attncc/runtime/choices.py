@@ -235,6 +235,19 @@ def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.d
     return ranked[0] if ranked else None
 
 
+def modelled_ms(pattern: Pattern, s: Shapes, backend: str, tiles: TileConfig, dtype: torch.dtype, profile,
+                lists_device: torch.device) -> float | None:
+    """The forward's predicted ms of `backend` at `tiles` (compiler/cost.simulate, block maps built on
+    `lists_device`), or None outside what `profile` models: a dtype other than fp16/bf16, D and Dv of
+    two head dim classes, a backend it lacks there."""
+    from ..compiler.cost import head_dim_class
+    from .kernel import META_CACHE
+
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim_class(s.D) != head_dim_class(s.Dv):
+        return None
+    return META_CACHE.predicted_ms(pattern, s, tiles, lists_device, backend, profile)
+
+
 def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
                       backend: str, profile, lists_device: torch.device | None = None) -> list[tuple[str, TileConfig]]:
     """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES,

@@ -62,6 +62,13 @@ class Fold:
         B, SH, m = x.shape[:3]
         return x.transpose(1, 2).reshape(B, m * n, SH // n, *x.shape[3:]).transpose(1, 2)
 
+    def copied_bytes(self, tensors: tuple, out_bytes: int) -> int:
+        """Bytes a folded Triton call moves besides its kernels: its output (`out_bytes`) copied back
+        to natural order, read and written (Triton's output is allocated folded, unfold copies it),
+        and each of `tensors` (q, k, v) the mapping cannot read as a view, likewise."""
+        inputs = sum(x.numel() * x.element_size() for x in tensors if not _folds_as_view(x, self.stride, self.by_batch))
+        return 2 * (out_bytes + inputs)
+
     def describe(self) -> str:
         n = self.stride
         views = (f"[B*H, {n}, N/{n}, D] (batch b*H + h, head r = token % {n})" if self.by_batch
