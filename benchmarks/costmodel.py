@@ -133,12 +133,11 @@ def run_pattern(name: str, shape: Shape, device: torch.device) -> dict:
 
 
 def kernel_form(pattern, s, backend: str):
-    """(kernel pattern, shapes) a forced `backend` runs `pattern` at shapes `s` in: the fa4 backend
-    folds residue classes into heads where it can (runtime/fold.py), Triton keeps a token layout."""
-    from attncc.runtime.fold import fold_for
+    """(kernel pattern, shapes) a forced `backend` runs `pattern` at shapes `s` in (runtime/api.kernel_form,
+    unmodelled: folded on fa4 or without a token layout, else in the layout or natural order)."""
+    from attncc.runtime import api
 
-    fold = fold_for(pattern, s, {}) if backend == "fa4" else None
-    return (pattern.kernel_pattern, s) if fold is None else (fold.pattern, fold.shapes(s))
+    return api.kernel_form(pattern, s, {}, lambda kp, ks, layout, fold: (backend, None), ())[:2]
 
 
 def predict_pattern(name: str, shape: Shape, profile_key: str) -> dict:

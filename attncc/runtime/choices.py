@@ -238,14 +238,21 @@ def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.d
 def modelled_ms(pattern: Pattern, s: Shapes, backend: str, tiles: TileConfig, dtype: torch.dtype, profile,
                 lists_device: torch.device) -> float | None:
     """The forward's predicted ms of `backend` at `tiles` (compiler/cost.simulate, block maps built on
-    `lists_device`), or None outside what `profile` models: a dtype other than fp16/bf16, D and Dv of
-    two head dim classes, a backend it lacks there."""
-    from ..compiler.cost import head_dim_class
+    `lists_device`), or None outside what `profile` models: outside `_profiled`, a backend it lacks
+    there."""
     from .kernel import META_CACHE
 
-    if dtype not in (torch.float16, torch.bfloat16) or head_dim_class(s.D) != head_dim_class(s.Dv):
+    if not _profiled(s, dtype):
         return None
     return META_CACHE.predicted_ms(pattern, s, tiles, lists_device, backend, profile)
+
+
+def _profiled(s: Shapes, dtype: torch.dtype) -> bool:
+    """Whether profiles price calls of these shapes and dtype: fp16/bf16, D and Dv of one head dim
+    class (cost.HEAD_DIM_CLASSES)."""
+    from ..compiler.cost import head_dim_class
+
+    return dtype in (torch.float16, torch.bfloat16) and head_dim_class(s.D) == head_dim_class(s.Dv)
 
 
 def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
@@ -257,12 +264,10 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
     profile has Triton's figures for, and fa4's where the rules picked fa4; the table of choose_tiles
     decides there). Block masks are built on `lists_device` (default: `device`) and cached."""
     from . import fa4
-    from ..compiler.cost import head_dim_class
     from .kernel import META_CACHE
 
     if (backend not in ("triton", "fa4") or options.get("backend", "auto") not in ("auto", "triton")
-            or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)
-            or head_dim_class(s.D) != head_dim_class(s.Dv) or not profile.models("triton", s.D)
+            or device.type != "cuda" or not _profiled(s, dtype) or not profile.models("triton", s.D)
             or (backend == "fa4" and not profile.models("fa4", s.D)) or any(k in options for k in TILE_OPTIONS)):
         return []
     candidates = [("triton", t) for t in triton_candidates(s.D)] + ([("fa4", fa4.TILE)] if backend == "fa4" else [])
