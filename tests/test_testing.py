@@ -74,3 +74,19 @@ def test_check_pattern_passes_kernel_options():
     with pytest.raises(AssertionError, match="fa4 runs on CUDA tensors only"):
         ac.testing.check_pattern(ac.patterns.sliding_window(5), max_examples=1, max_len=40, grad=False,
                                  device="cpu", kernel_options={"backend": "fa4"})
+
+
+def test_lse_near_zero_is_compared_by_its_absolute_error(monkeypatch):
+    """Found by fuzzing: one live key whose score rounds near 0 (lse -2.1e-4, off by 5e-11 in
+    float32) is no mismatch; an lse off by 1e-3 (each softmax weight of its row off by 0.1%) is."""
+    pattern = ac.Pattern(lambda b, h, q, kv: q - h >= kv, score_mod=lambda s, b, h, q, kv: s + (kv - q) * (1.0 / (h + 2)))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 6, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
+    row = testing.compare(pattern, q, k, v)
+    assert 0 < row["lse_err"] < 1e-6
+    from attncc.runtime import api
+
+    exact = api.attention
+    monkeypatch.setattr(api, "attention", lambda *a, **o: (lambda out, lse: (out, lse + 1e-3))(*exact(*a, **o)))
+    with pytest.raises(AssertionError, match="lse 1.00e-03"):
+        testing.compare(pattern, q, k, v)
