@@ -239,6 +239,19 @@ def test_packed_decode_pads_sequences_with_fewer_queries(splits, decode_runs):
     check_each_sequence(out, lse, q, k, v, lens_q, lens_k, pattern)
 
 
+def test_packed_lists_are_not_reused_across_query_counts_or_sequence_counts(decode_runs):
+    """Found by fuzzing: packed calls with the same totals (q and k shapes) but another Q_LEN (the
+    most queries of a sequence) reused the previous call's tile lists, built for queries starting
+    one position later: a tile only the earlier query sees was skipped (relative error 0.5).
+    Another number of sequences with the same totals raised a shape error."""
+    pattern = ac.Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv <= 1))  # query 192 of 195 keys: key 191
+    for lens_q, lens_k in (([2, 2], [195, 195]), ([1, 3], [195, 195]), ([1, 1, 2], [195, 5, 190])):
+        q, k, v, cu_q, cu_k = packed(lens_q, lens_k)
+        out, lse = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+        check_each_sequence(out, lse, q, k, v, lens_q, lens_k, pattern)
+    assert [c["packed"] for c in decode_runs] == [True] * 3
+
+
 def test_compile_returns_the_packed_decode_kernel():
     pattern = ac.patterns.sinks(2, 6)
     q, k, v, cu_q, cu_k = packed([1, 2], [30, 9])

@@ -68,6 +68,8 @@ class DecodeMeta(TileLists):
         [lengths_from, lengths_to); `known`: the same lengths on the host (else one
         synchronisation reads them)."""
         lens = torch.tensor(known) if known is not None else kv_lens.cpu().long()
+        if lens.shape != self.lengths_from.shape:
+            return False
         return bool(((lens >= self.lengths_from) & (lens < self.lengths_to)).all())
 
     def at(self, kv_lens: torch.Tensor, Q_LEN: int) -> "DecodeMeta":
@@ -260,9 +262,10 @@ class DecodeKernel:
     def _lists(self, common: tuple, shapes: Shapes, q, k, v, page_table, kv_lens, known) -> DecodeMeta:
         """The span lists of a paged (or packed) call, reused from the cache while they serve its
         lengths (`known`: the lengths on the host, where vouched), else built."""
-        # a packed call's total keys grow every step, and its table's width with them (token_pages)
-        dims = (k.shape[1], k.shape[3], v.shape[3]) if self.packed else (tuple(k.shape), tuple(v.shape),
-                                                                           page_table.shape[1])
+        # a packed call's total keys grow every step, and its table's width with them (token_pages);
+        # its sequences and their queries (Q_LEN) are not in q's shape, which holds only their sum
+        dims = (shapes.B, shapes.Q, k.shape[1], k.shape[3], v.shape[3]) if self.packed else (
+            tuple(k.shape), tuple(v.shape), page_table.shape[1])
         span_key = common + ("span", dims)
         lists = DECODE_CACHE.get(span_key)
         if lists is None or not lists.serves(kv_lens, known):
