@@ -10,6 +10,7 @@ import torch
 import attncc as ac
 from attncc.dsl import ir
 from attncc.runtime import sequences
+from attncc.testing import compare
 
 
 def oracle(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, pattern, seed: int = 0):
@@ -352,6 +353,21 @@ def test_split_kv_matches_the_reference(name, splits):
     live = torch.isfinite(ref_lse)
     assert rel(out, ref) < 1e-5 and rel(lse[live], ref_lse[live]) < 1e-5
     assert torch.equal(torch.isfinite(lse), live)
+
+
+def test_split_kv_score_reads_stay_in_bounds_in_the_padding():
+    """Found by fuzzing: with KV not a multiple of the splits, a score mod reading a buffer at kv
+    (here a per-key bias; a packed call's sequence ids likewise) was refused as reading past the
+    buffer in the last chunk's padding, which the mask drops: the pattern now sees it at KV - 1."""
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(10, generator=g)
+    pattern = ac.Pattern(lambda b, h, q, kv: q >= kv, score_mod=lambda s, b, h, q, kv: s + bias[kv])
+    q, k, v = (torch.randn(1, 2, 10, 16, generator=g) for _ in range(3))
+    compare(pattern, q, k, v, kernel_options={"kv_splits": 3})
+    q, k, v, cu_q, cu_k = packed([0, 2], [1, 4])
+    out, lse = ac.attention(q, k, v, PATTERNS["alibi"](), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
+                            kernel_options={"kv_splits": 3, "decode": False})
+    check_each_sequence(out, lse, q, k, v, [0, 2], [1, 4], PATTERNS["alibi"]())
 
 
 def test_split_kv_gradients_empty_rows_and_paged_calls():

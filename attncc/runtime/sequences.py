@@ -253,7 +253,7 @@ def token_pages(cu_k: torch.Tensor, page_size: int, headroom: int = 0) -> tuple[
 def split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, splits: int):
     """(q, k, v, pattern) of the call that runs `splits` kv chunks as batch rows: row b * S + s
     holds batch b's keys s * C .. s * C + C - 1 (C = ceil(KV / splits), S = ceil(KV / C), the
-    last chunk zero-padded and masked off)."""
+    last chunk zero-padded and masked off, the pattern evaluated there at key KV - 1)."""
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"kernel_options['kv_splits'] must be a positive int, got {splits!r}")
     KV = k.shape[2]
@@ -267,7 +267,10 @@ def split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern
 
     position = ir.op("add", _KV, ir.op("mul", ir.op("mod", _B, ir.const(S)), ir.const(C)))
     live = ir.op("lt", position, ir.const(KV))
-    split = remap_positions(pattern, ir.op("floordiv", _B, ir.const(S)), _Q, position, live, {})
+    # the padding's keys are masked off by `live`; the pattern sees them at KV - 1, so its buffer
+    # reads stay in bounds there (a score mod is evaluated on masked positions too)
+    inside = ir.op("min", position, ir.const(KV - 1))
+    split = remap_positions(pattern, ir.op("floordiv", _B, ir.const(S)), _Q, inside, live, {})
     return q.repeat_interleave(S, dim=0), chunks(k), chunks(v), split, S
 
 
