@@ -12,7 +12,7 @@ from attncc.dsl import ir
 from attncc.runtime import cache
 from attncc.runtime.api import attention, compile
 from attncc.runtime.kernel import META_CACHE, kernel_meta, param_values
-from attncc.testing import compare, random_patterns, shapes
+from attncc.testing import compare, compare_grads, random_patterns, shapes
 
 def SETTINGS(n):
     return settings(max_examples=n, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -159,6 +159,18 @@ def test_param_rebinding_reuses_the_kernel_and_rebuilds_only_metadata():
     # the param is data the kernel loads, never a kernel argument Triton could specialise on
     source = compile(pat, q, k, v).source
     assert "p_W = tl.load(Params + 0).to(tl.int32)" in source and "p_W:" not in source
+
+
+def test_a_param_the_ir_simplifies_away_is_not_passed_on():
+    """Found by fuzzing: strided_heads with one shard keeps its window param W, but its mask folds
+    to q >= kv; the kernels passed p_W along without loading it (NameError in every kernel)."""
+    pat = ac.patterns.strided_heads(1, 2)
+    assert pat.params == {"W": 2} and "W" not in str(pat.mask)
+    q, k, v = qkv(1, 2, 1, 40, 40, 16)
+    compare(pat, q, k, v)
+    compare_grads(pat, q, k, v)
+    compare(pat, q[:, :, :3], k, v, kernel_options={"decode": True, "kv_splits": 2})
+    assert "p_W" not in compile(pat, q, k, v).source.split('"""', 2)[2]  # named in the docstring only
 
 
 def test_changed_buffer_content_rebuilds_metadata():

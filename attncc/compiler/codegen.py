@@ -93,7 +93,7 @@ def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec],
     roots = kernel_roots(pattern, kind)
     mask, score = roots[:2]
     bufs = [buffers[n] for n in sorted(buffers)]
-    extra = [f"p_{p}" for p in pattern.params]
+    extra = [f"p_{p}" for p in _used_params(pattern, plan)]
     buffer_args = []
     for spec in bufs:
         buffer_args += [f"buf_{spec.name}"] + [f"buf_{spec.name}_s{d}" for d in range(spec.ndim)]
@@ -141,8 +141,14 @@ _PARAM_LOADS = {"i32": ".to(tl.int32)", "i64": "", "f32": ".to(tl.float64, bitca
                 "f64": ".to(tl.float64, bitcast=True)"}
 
 
+def _used_params(pattern: Pattern, plan: NumericPlan) -> list[str]:
+    """The params this kernel's expressions read (the plan types each): a param the IR simplified
+    away (strided_heads with one shard drops its window) is neither loaded nor passed on."""
+    return [name for name in pattern.params if ir.Param(name, pattern.param_kind(name)) in plan.types]
+
+
 def _load_params(pattern: Pattern, plan: NumericPlan) -> str:
-    """Prologue lines reading each param from the Params array in the type the plan gives it."""
+    """Prologue lines reading each used param from the Params array in the type the plan gives it."""
     lines = []
     for i, name in enumerate(pattern.params):
         node = ir.Param(name, pattern.param_kind(name))
