@@ -141,19 +141,18 @@ _PARAM_LOADS = {"i32": ".to(tl.int32)", "i64": "", "f32": ".to(tl.float64, bitca
                 "f64": ".to(tl.float64, bitcast=True)"}
 
 
-def _used_params(pattern: Pattern, plan: NumericPlan) -> list[str]:
-    """The params this kernel's expressions read (the plan types each): a param the IR simplified
-    away (strided_heads with one shard drops its window) is neither loaded nor passed on."""
-    return [name for name in pattern.params if ir.Param(name, pattern.param_kind(name)) in plan.types]
+def _used_params(pattern: Pattern, plan: NumericPlan) -> dict[str, tuple[int, str]]:
+    """name -> (its slot in the Params array, the plan's type) of each param this kernel's
+    expressions read: a param the IR simplified away (strided_heads with one shard drops its
+    window) is neither loaded nor passed on."""
+    nodes = {name: ir.Param(name, pattern.param_kind(name)) for name in pattern.params}
+    return {name: (i, plan.types[node]) for i, (name, node) in enumerate(nodes.items()) if node in plan.types}
 
 
 def _load_params(pattern: Pattern, plan: NumericPlan) -> str:
     """Prologue lines reading each used param from the Params array in the type the plan gives it."""
-    lines = []
-    for i, name in enumerate(pattern.params):
-        node = ir.Param(name, pattern.param_kind(name))
-        if node in plan.types:
-            lines.append(f"p_{name} = tl.load(Params + {i}){_PARAM_LOADS[plan.types[node]]}")
+    lines = [f"p_{name} = tl.load(Params + {i}){_PARAM_LOADS[t]}"
+             for name, (i, t) in _used_params(pattern, plan).items()]
     if not lines:
         return ""
     head = "\n    # params: runtime values (never compiled in), one load each; floats travel as float64 bits"
@@ -167,11 +166,9 @@ def _shown(node: ir.Node) -> str:
 
 def _describe(pattern: Pattern, bufs: list[BufferSpec], plan: NumericPlan, roots: tuple[ir.Node, ...]) -> str:
     """The pattern as the kernel sees it: params and buffers are arguments, so no values here."""
-    lines = []
-    for name in pattern.params:
-        node = ir.Param(name, pattern.param_kind(name))
-        lines.append(f"param {name}: {pattern.param_kind(name)}, the runtime value p_{name}"
-                     + (f" ({plan.types[node]})" if node in plan.types else " (unused)"))
+    used = _used_params(pattern, plan)
+    lines = [f"param {name}: {pattern.param_kind(name)}, the runtime value p_{name}"
+             + (f" ({used[name][1]})" if name in used else " (unused)") for name in pattern.params]
     lines += [f"buffer {b.name}: {str(b.dtype).replace('torch.', '')}, {b.ndim}-d, the pointer buf_{b.name}"
               for b in bufs]
     lines += [f"mask = {_shown(roots[0])}", f"score = {_shown(roots[1])}"]
