@@ -68,8 +68,6 @@ class DecodeMeta(TileLists):
         [lengths_from, lengths_to); `known`: the same lengths on the host (else one
         synchronisation reads them)."""
         lens = torch.tensor(known) if known is not None else kv_lens.cpu().long()
-        if lens.shape != self.lengths_from.shape:
-            return False
         return bool(((lens >= self.lengths_from) & (lens < self.lengths_to)).all())
 
     def at(self, kv_lens: torch.Tensor, Q_LEN: int) -> "DecodeMeta":
