@@ -242,6 +242,10 @@ def test_dense_decode_matches_the_reference():
     assert paged() and paged(decode=True) and not paged(decode=False)  # a paged call reads its pages in place
     with pytest.raises(ValueError, match="decode=True cannot run this call: Q_LEN = 65"):
         rule(65, 8192, decode=True)
+    # ac.attention skips the choice on shapes alone where no option says otherwise: the same verdicts
+    for Q in (1, 8, 64, 65, 300):
+        for KV in (None, 100, 1023, 1024, 4096, 5000, 1 << 20):
+            assert choices.decode_shaped(Q, KV) == rule(Q, KV), (Q, KV)
 
 
 @pytest.mark.parametrize("splits", [1, 3])  # the exact path on a worklist / inlined in the program

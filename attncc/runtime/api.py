@@ -10,8 +10,13 @@ from ..compiler.blockmask import BlockMask, build_block_mask
 from ..compiler.domain import check_domain
 from ..dsl import ir
 from ..dsl.pattern import Pattern, block_pair
+from .autograd import needs_grad
 from .cache import LRU
+from .choices import choose_decode, decode_shaped
+from .decode import DecodeKernel, packed_verdict
+from .fold import view_class
 from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
+from .kernel import Kernel, pattern_key
 
 _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the reference
 
@@ -193,7 +198,6 @@ def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layou
     kernel.after_resource_refusal). s: the call's shapes."""
     from .calibrate import time_ms
     from .choices import KernelChoice, choose_backward_tiles
-    from .kernel import Kernel
 
     backward = choose_backward_tiles(s if fold is None else fold.shapes(s), q.dtype, q.device, {})
     timed = []
@@ -242,7 +246,6 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     pattern) runs with one pipeline stage fewer, `kern.config` saying so, unless kernel_options
     set its tiles: then a ValueError names them.
     """
-    from .kernel import Kernel
 
     paged = page_table is not None or kv_lens is not None
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -374,9 +377,6 @@ def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool
     skipping the choice (block-map lookups, FA4's refusal, the cost model): a few microseconds
     instead of a millisecond of Python before each launch. reuse=False (paged and packed calls,
     whose rewritten pattern is new every call): never kept."""
-    from .fold import view_class
-    from .kernel import Kernel, pattern_key
-
     s = check_qkv(q, k, v)
     pat = as_pattern(pattern)
     key = None
@@ -422,18 +422,15 @@ def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens,
     it (never under torch.compile nor with gradients required), else None. Reused while the
     pattern's value, shapes, dtypes, scale and options repeat (a step's layers, the next steps):
     on the CPU 89 instead of 205 us of Python per call before the launch."""
-    from .autograd import needs_grad
-    from .choices import choose_decode
-    from .decode import DecodeKernel
-    from .kernel import pattern_key
-
     options = kernel_options or {}
     if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return None  # the other paths say what is wrong
-    pattern = as_pattern(pattern)
     if paged and (page_table is None or kv_lens is None):
         return None
     KV = None if paged else k.shape[2]
+    if options.get("decode") is None and not decode_shaped(q.shape[2], KV):
+        return None  # a training-shaped call: skip the rest of the choice (a third of its Python)
+    pattern = as_pattern(pattern)
     if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v)):
         return None
     key = pattern_key(pattern) + (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
@@ -448,11 +445,6 @@ def _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q,
     any sequence, Q_LEN, where each sequence has 0 or at least Q_LEN keys: sequences.decode_queries)
     where runtime/choices.choose_decode takes it (as for a paged call), else None (the dense kernels
     over the packed call). Checks the cu_seqlens once per version (decode.packed_verdict)."""
-    from .autograd import needs_grad
-    from .choices import choose_decode
-    from .decode import DecodeKernel, packed_verdict
-    from .kernel import pattern_key
-
     options = kernel_options or {}
     if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return None  # the other paths say what is wrong
@@ -486,7 +478,6 @@ def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kern
 def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
     """(Kernel, Shapes) for these inputs, what the torch.compile custom ops call: never the SDPA
     dispatch (the op returns the LSE, which SDPA does not)."""
-    from .kernel import Kernel
 
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, True)
     return Kernel(pattern, s, q.device, scale, choice), s
@@ -509,7 +500,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from ..compiler import cost
     from .calibrate import profile_for
-    from .choices import TARGETS, check_options, choose_decode, triton_candidates
+    from .choices import TARGETS, check_options, triton_candidates
     from . import fa4
 
     s = check_qkv(q, k, v)
@@ -545,7 +536,6 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
     if choose_decode(pattern, s.Q, s.KV, options, False):
-        from .decode import DecodeKernel
 
         splits = ("chosen at run time (cost.decode_splits)" if target is not None
                   else DecodeKernel(pattern, q, k, v, kernel_options=kernel_options).config["kv_splits"])

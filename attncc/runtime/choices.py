@@ -503,7 +503,14 @@ def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad:
         raise ValueError(f"kernel_options decode=True cannot run this call: {why}")
     if forced is False or why or grad:
         return False
-    return bool(forced or KV is None or (KV >= DECODE_MIN_KEYS and KV >= 16 * Q))
+    return bool(forced or decode_shaped(Q, KV))
+
+
+def decode_shaped(Q: int, KV: int | None) -> bool:
+    """Whether choose_decode takes a call of Q queries over KV keys (None: paged or packed) unless
+    options or gradients say otherwise: at most DECODE_MAX_Q queries and, dense, at least
+    DECODE_MIN_KEYS keys and 16 per query. A test of shapes alone, cheap enough for every call."""
+    return Q <= DECODE_MAX_Q and (KV is None or (KV >= DECODE_MIN_KEYS and KV >= 16 * Q))
 
 
 def choose_decode_tiles(rows: int, head_dim: int, device: torch.device, options: dict) -> TileConfig:
