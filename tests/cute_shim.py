@@ -50,6 +50,8 @@ class Num:
             if not math.isfinite(self.v):
                 raise ValueError("float -> int of a non-finite value")
             return Num(math.trunc(self.v), T)
+        if self.T == "u8" and T != "u8":  # as CuTe-DSL 4.8.1 converted on the H100: signed (200 -> -56)
+            return Num(self.v - 256 if self.v >= 128 else self.v, T)
         return Num(self.v, T)
 
     def __bool__(self):
@@ -121,7 +123,10 @@ class Num:
             raise TypeError("& / | on non-Booleans")
         return Num(f(self.v, o.v), "i1")
 
-    def __and__(self, o): return self._logic(o, lambda x, y: x and y)
+    def __and__(self, o):
+        if self.T == o.T == "i32":  # bitwise, as the hooks mask a widened Uint8 (compiler/cute.py)
+            return Num(self.v & o.v, "i32")
+        return self._logic(o, lambda x, y: x and y)
     def __or__(self, o): return self._logic(o, lambda x, y: x or y)
 
     def _cmp(self, o, f):
