@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncc as ac
+from attncc.compiler.codegen import TileConfig
 from attncc.runtime import choices, sequences
 from test_sequences import dense_sequence, oracle, paged_inputs, rel
 
@@ -242,6 +243,14 @@ def test_dense_decode_matches_the_reference():
     assert paged() and paged(decode=True) and not paged(decode=False)  # a paged call reads its pages in place
     with pytest.raises(ValueError, match="decode=True cannot run this call: Q_LEN = 65"):
         rule(65, 8192, decode=True)
+    # 128-key tiles become 64 where each split reads at most 1024 keys, unless options set BLOCK_N
+    t128 = TileConfig(32, 128, 4, 3)
+    assert choices.decode_tiles_for_splits(t128, 64, 32, {}) == TileConfig(32, 64, 4, 3)  # B1 8K: 256 keys a split
+    assert choices.decode_tiles_for_splits(t128, 8, 1, {}) == TileConfig(32, 64, 4, 3)  # 1024 keys
+    assert choices.decode_tiles_for_splits(t128, 9, 1, {}) == t128  # 1152 keys
+    assert choices.decode_tiles_for_splits(t128, 1024, 32, {}) == t128  # B1 128K: 4096 keys a split
+    assert choices.decode_tiles_for_splits(t128, 64, 32, {"BLOCK_N": 128}) == t128
+    assert choices.decode_tiles_for_splits(TileConfig(16, 64, 4, 3), 8, 8, {}) == TileConfig(16, 64, 4, 3)
     # ac.attention skips the choice on shapes alone where no option says otherwise: the same verdicts
     for Q in (1, 8, 64, 65, 300):
         for KV in (None, 100, 1023, 1024, 4096, 5000, 1 << 20):

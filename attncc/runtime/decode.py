@@ -31,9 +31,9 @@ from ..compiler.domain import check_domain
 from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.pattern import Pattern
 from ..dsl.trace import PatternError
-from . import cache
+from . import autograd, cache, choices, kernel
 from .inputs import Shapes, check_qkv, check_scale
-from .sequences import check_paged, paged_pattern, query_offsets, vouched_lengths
+from .sequences import check_paged, paged_pattern, query_offsets, query_rows, token_pages, vouched_lengths
 from .tiles import TileLists
 
 MAX_SPLITS = 65535  # the grid's second axis
@@ -116,7 +116,6 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     lengths in the PARTIAL tiles between. The positions of the whole span pass the domain check
     (else span 1: the exact lists of this call). q_offset and kv_len are this call's."""
     from .calibrate import profile_for
-    from .kernel import param_values
 
     if kv_lens is None:
         q_offset = torch.zeros(s.B, dtype=torch.int32, device=device)
@@ -142,7 +141,7 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, keys, device)
     return DecodeMeta(**TileLists.fields(full_num, full_idx, partial_num, partial_idx), q_offset=q_offset,
                       kv_len=kv_len, max_len=s.KV, splits=splits, live_tiles=live, block_mask=bm, buffers=buffers,
-                      params=param_values(pattern.params, device), plan=plan,
+                      params=kernel.param_values(pattern.params, device), plan=plan,
                       lengths_from=None if lo is None else lo.cpu(), lengths_to=None if hi is None else hi.cpu())
 
 
@@ -185,11 +184,10 @@ def packed_verdict(q, k, v, cu_seqlens_q, cu_seqlens_k) -> tuple[torch.Tensor, t
     ValueError): Q_LEN is sequences.decode_queries' verdict, None where the decode kernel cannot
     read the call. Checked once per version of the cu_seqlens (a decode step's other layers: a
     lookup, no host synchronisation)."""
-    from .kernel import buffer_key
     from .sequences import check_varlen, decode_queries
 
     tensors = isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)
-    key = (buffer_key(cu_seqlens_q), buffer_key(cu_seqlens_k)) + tuple(
+    key = (kernel.buffer_key(cu_seqlens_q), kernel.buffer_key(cu_seqlens_k)) + tuple(
         (tuple(t.shape), t.dtype, t.device) for t in (q, k, v)) if tensors else None
     hit = PACKED_VERDICTS.get(key) if tensors else None
     if hit is None:
@@ -235,14 +233,12 @@ class DecodeKernel:
                  scale: float | None = None, kernel_options: dict | None = None,
                  page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                  cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
-        from .choices import check_options, choose_decode_tiles
-
         pattern.require_bound()
         self.pattern, self.kernel_options = pattern, dict(kernel_options or {})
         options = dict(self.kernel_options)
         self.forced_splits = _check_splits(options.pop("kv_splits", None))
         options.pop("decode", None)
-        options = check_options(options)
+        options = choices.check_options(options)
         self.paged, self.packed = page_table is not None, cu_seqlens_q is not None or cu_seqlens_k is not None
         if any(t.dim() != 4 for t in (q, k, v)):
             raise ValueError(f"q, k, v must have 4 dims, got shapes {[tuple(t.shape) for t in (q, k, v)]}")
@@ -251,10 +247,14 @@ class DecodeKernel:
                 raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
         Q_LEN = packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k)[2] if self.packed else q.shape[2]
         group = max(1, q.shape[1] // max(1, k.shape[2] if self.paged else k.shape[1]))
-        self.tiles = choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]), q.device, options)
+        self.tiles = choices.choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]), q.device, options)
         self.scale = check_scale(scale, q.shape[-1])
         self.device, self.interpret = q.device, q.device.type != "cuda"
         self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
+        tiles = choices.decode_tiles_for_splits(self.tiles, self._meta.live_tiles, self._meta.splits, options)
+        if tiles != self.tiles:  # short splits: smaller tiles, chosen once for this kernel's life
+            self.tiles = tiles
+            self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
         self.module = self._module(self._meta)
 
     def _lists(self, common: tuple, shapes: Shapes, q, k, v, page_table, kv_lens, known) -> DecodeMeta:
@@ -279,9 +279,6 @@ class DecodeKernel:
         sequences.token_pages; its padding, where some sequence has fewer than Q_LEN queries: the
         packed row int64 [S, Q_LEN] each query slot reads and the slots int64 [total_q] that hold
         the queries, from sequences.query_rows; else None)."""
-        from .kernel import buffer_key, pattern_key
-        from .sequences import query_rows, token_pages
-
         mode = "packed" if self.packed else "paged" if self.paged else "dense"
         given = ("packed" if cu_seqlens_q is not None or cu_seqlens_k is not None else
                  "paged" if page_table is not None or kv_lens is not None else "dense")
@@ -292,7 +289,7 @@ class DecodeKernel:
                 "packed": "packed sequences: pass cu_seqlens_q and cu_seqlens_k",
                 "dense": "dense k, v: no page_table or cu_seqlens"}[mode])
         if self.packed:
-            inputs = (buffer_key(cu_seqlens_q), buffer_key(cu_seqlens_k), tuple(q.shape), tuple(k.shape),
+            inputs = (kernel.buffer_key(cu_seqlens_q), kernel.buffer_key(cu_seqlens_k), tuple(q.shape), tuple(k.shape),
                       tuple(v.shape))
 
             def build():  # new cu_seqlens (the next step): checked, lists reused while they serve
@@ -308,7 +305,7 @@ class DecodeKernel:
         elif self.paged:
             if not all(isinstance(t, torch.Tensor) for t in (q, k, v, page_table, kv_lens)):
                 check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument
-            inputs = (buffer_key(page_table), buffer_key(kv_lens), tuple(k.shape), tuple(v.shape))
+            inputs = (kernel.buffer_key(page_table), kernel.buffer_key(kv_lens), tuple(k.shape), tuple(v.shape))
 
             def build():  # new versions of the table or lengths (the next step): checked, lists reused
                 shapes = check_paged(q, k, v, page_table, kv_lens)
@@ -322,7 +319,7 @@ class DecodeKernel:
             def build():
                 return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None), \
                     None, None, None
-        common = pattern_key(self.pattern) + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
+        common = kernel.pattern_key(self.pattern) + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
                                               self.tiles, self.forced_splits)
         key = common + inputs
         if q.device != self.device:
@@ -334,9 +331,7 @@ class DecodeKernel:
         return hit[:5]
 
     def _module(self, meta: DecodeMeta):
-        from .kernel import kernel_module
-
-        return kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret, kind="decode")
+        return kernel.kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret, kind="decode")
 
     @property
     def config(self) -> dict:
@@ -365,10 +360,9 @@ class DecodeKernel:
         return self.run(q, k, v, page_table, kv_lens, return_lse, cu_seqlens_q, cu_seqlens_k)
 
     def run(self, q, k, v, page_table, kv_lens, return_lse: bool, cu_seqlens_q=None, cu_seqlens_k=None):
-        from . import autograd
-        from .api import attention
-
         if autograd.needs_grad(self.pattern, q, k, v):  # decode is inference: the path with a backward
+            from .api import attention  # (api imports this module)
+
             return attention(q, k, v, self.pattern, scale=self.scale, return_lse=return_lse,
                              kernel_options={**self.kernel_options, "decode": False},
                              page_table=page_table, kv_lens=kv_lens, cu_seqlens_q=cu_seqlens_q,
@@ -379,10 +373,7 @@ class DecodeKernel:
     def forward(self, q, k, v, page_table=None, kv_lens=None, cu_seqlens_q=None, cu_seqlens_k=None):
         """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd (packed:
         [1, Hq, total_q, Dv] and [1, Hq, total_q])."""
-        from .choices import forced_tiles
-        from .kernel import after_resource_refusal, interpretable, launch, refuse_if_recorded
-
-        qi, ki, vi = interpretable(self.interpret, q, k, v)
+        qi, ki, vi = kernel.interpretable(self.interpret, q, k, v)
         while True:
             shapes, meta, table, _, pad = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
             module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
@@ -394,13 +385,13 @@ class DecodeKernel:
                 qs, extra = qi, {}
             table = table.contiguous() if table is not None else None
             try:
-                refuse_if_recorded(module)
-                out, lse = launch(self.interpret, module.forward, qs, ki, vi, meta, self.scale, meta.buffers, table,
-                                  **extra)
+                kernel.refuse_if_recorded(module)
+                out, lse = kernel.launch(self.interpret, module.forward, qs, ki, vi, meta, self.scale, meta.buffers,
+                                         table, **extra)
                 break
             except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
-                self.tiles = after_resource_refusal(e, self.tiles, forced_tiles(self.kernel_options)[0],
-                                                    module=module)[0]
+                self.tiles = kernel.after_resource_refusal(e, self.tiles, choices.forced_tiles(self.kernel_options)[0],
+                                                           module=module)[0]
                 self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
                 self.module = self._module(self._meta)
         if self.packed:  # back to the packed rows, in order (padding dropped)
