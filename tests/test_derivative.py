@@ -1,5 +1,6 @@
 """compiler/derivative.py: score-mod derivatives as IR, against torch's autograd in float64."""
 import math
+import os
 import subprocess
 import sys
 
@@ -108,14 +109,38 @@ for pattern in (ac.patterns.sliding_window(512), ac.patterns.alibi(4)):
     for backend in ("fa4", "triton"):
         ac.compile(pattern, q, k, v, target="h200", kernel_options={"backend": backend}).source
 assert "sympy" not in sys.modules, "an additive score mod imported sympy"
-ac.compile(ac.patterns.softcap(20.0), q, k, v, target="h200", kernel_options={"backend": "fa4"}).source
-assert "sympy" in sys.modules  # tanh's derivative is simplified
-print("ok")
+kern = ac.compile(ac.patterns.softcap(20.0), q, k, v, target="h200", kernel_options={"backend": "fa4"})
+assert "1.0 - " in kern.source  # the simplified derivative, 1 - tanh(score / cap) ** 2
+print("sympy" in sys.modules)  # tanh's derivative is simplified: by sympy, or from the disk cache
 """
 
 
-def test_additive_score_mods_compile_without_importing_sympy():
+def test_additive_score_mods_compile_without_importing_sympy(tmp_path):
     """d(score + bias)/d(score) is the constant 1: its simplification imports nothing (sympy's
-    import is 0.2-0.3 s of a first call in a new process)."""
-    done = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    import is 0.2-0.3 s of a first call in a new process); softcap's derivative imports sympy in
+    the first process only: the next reads its simplification from the disk cache."""
+    env = {**os.environ, "ATTNCC_CACHE_DIR": str(tmp_path)}
+    for imported in ("True", "False"):
+        done = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == imported
+
+
+def test_simplifications_are_memoised_by_shape(tmp_path, monkeypatch):
+    """A simplification is kept (memory, then disk) by the expression's shape: another score mod
+    of the same shape over other leaves gets its own leaves back, and a process that forgot its
+    memo reads the same result from disk."""
+    from attncc.compiler import derivative as module
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(module, "_SIMPLIFIED", {})
+    cap, width = ir.Param("cap", "float"), ir.Param("width", "float")
+    softcap = lambda c: ir.op("mul", c, ir.op("tanh", ir.op("truediv", SCORE, c)))  # noqa: E731
+    first = derivative(softcap(cap), SCORE)
+    assert str(first) == "1.0 - tanh(score / cap) ** 2" and len(list(tmp_path.rglob("*.txt"))) == 1
+    assert str(derivative(softcap(width), SCORE)) == "1.0 - tanh(score / width) ** 2"
+    monkeypatch.setattr(module, "_SIMPLIFIED", {})
+    assert derivative(softcap(cap), SCORE) == first  # from disk: the same nodes
+    kept = ir.op("where", ir.op("gt", SCORE, ir.const(0.0)), SCORE, ir.op("mul", SCORE, SCORE))
+    assert "where" in str(derivative(kept, SCORE))  # outside sympy's operators: kept, nothing stored
+    assert len(list(tmp_path.rglob("*.txt"))) == 1

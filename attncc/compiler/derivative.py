@@ -6,13 +6,16 @@ IR, so the backward kernels print it with the same lowering as the mods themselv
 exact zero throughout (integers, booleans, floor / ceil / round / int / comparisons, and anything
 not depending on `wrt`), so zero terms never reach the kernel. A small algebraic pass through sympy
 (`simplify`) then cancels what forward mode leaves behind (`cap * ((1 - t*t) * (1 / cap))` ->
-`1 - t ** 2` for soft-capping) where that makes the expression smaller.
+`1 - t ** 2` for soft-capping) where that makes the expression smaller. Its results are kept in
+attncc's disk cache by the expression's shape (leaves abstracted), so a process that meets a
+known score mod never imports sympy (0.3 s of a first call).
 
 Conventions are torch's autograd: min / max split ties evenly, abs has derivative 0 at 0, the
 derivative of `where(c, x, y)` is that of the branch taken.
 """
 from __future__ import annotations
 
+import json
 import math
 
 from ..dsl import ir, ops
@@ -84,28 +87,77 @@ _SELF = __import__("sys").modules[__name__]
 
 def simplify(node: ir.Node) -> ir.Node:
     """A smaller equivalent of `node` where sympy finds one (only + - * / ** exp log sqrt tanh and
-    leaves: anything else, or a larger result, returns `node` unchanged)."""
+    leaves: anything else, or a larger result, returns `node` unchanged). Memoised in memory and
+    on disk by `node`'s shape: its leaves numbered in order of first appearance."""
     if not isinstance(node, ir.Op) or sum(1 for _ in ir.walk(node)) > _SIMPLIFY_LIMIT:
         return node  # a leaf (the 1 of every additive score mod) needs no sympy import (0.3 s)
-    import sympy
-
-    leaves: dict = {}
+    leaves: dict[ir.Node, int] = {}
     try:
-        expr = _to_sympy(node, sympy, leaves, {})
-        back = _from_sympy(sympy.powsimp(expr), sympy, {s: n for n, s in leaves.items()})
+        shape = json.dumps(_shape(node, leaves))
     except _Unsupported:
         return node
-    if ir.kind_of(back) != "float":
-        back = ir.op("mul", ONE, back)
-    size = lambda n: sum(1 for _ in ir.walk(n))  # noqa: E731
-    return back if size(back) < size(node) else node
+    found = _SIMPLIFIED.get(shape)
+    if found is None:
+        from ..runtime import cache  # (the runtime imports the compiler)
+
+        found = _SIMPLIFIED[shape] = json.loads(cache.load_text(
+            {"kind": "derivative-simplify", "shape": shape}, lambda: json.dumps(_simplified_shape(node, leaves))))
+    return node if found is None else _rebuild(found, list(leaves))
+
+
+_SIMPLIFIED: dict[str, list | None] = {}  # a shape -> its simplified shape (None: keep it)
 
 
 class _Unsupported(Exception):
     pass
 
 
+def _shape(n: ir.Node, leaves: dict[ir.Node, int]) -> list:
+    """n as nested lists: ["c", value] constants, ["x", i] leaves (what sympy sees as symbols:
+    variables, params, loads, integer terms; numbered into `leaves`), [op, *args] operators."""
+    if isinstance(n, ir.Const):
+        if isinstance(n.value, bool) or not math.isfinite(float(n.value)):
+            raise _Unsupported
+        return ["c", n.value]
+    if not isinstance(n, ir.Op) or ir.kind_of(n) == "int":
+        return ["x", leaves.setdefault(n, len(leaves))]
+    if n.op not in _SYMPY_OPS:
+        raise _Unsupported
+    return [n.op] + [_shape(a, leaves) for a in n.args]
+
+
+def _rebuild(shape: list, leaves: list[ir.Node]) -> ir.Node:
+    """_shape's inverse, through ir.op / ir.const."""
+    if shape[0] == "c":
+        return ir.const(shape[1])
+    if shape[0] == "x":
+        return leaves[shape[1]]
+    return ir.op(shape[0], *(_rebuild(a, leaves) for a in shape[1:]))
+
+
+def _simplified_shape(node: ir.Node, leaves: dict[ir.Node, int]) -> list | None:
+    """The shape of sympy's simplification of `node` over the same leaves, or None where it finds
+    nothing smaller."""
+    import sympy
+
+    symbols = {n: sympy.Symbol(f"x{i}") for n, i in leaves.items()}
+    try:
+        back = _from_sympy(sympy.powsimp(_to_sympy(node, sympy, dict(symbols), {})), sympy,
+                           {s: n for n, s in symbols.items()})
+    except _Unsupported:
+        return None
+    if ir.kind_of(back) != "float":
+        back = ir.op("mul", ONE, back)
+    size = lambda n: sum(1 for _ in ir.walk(n))  # noqa: E731
+    if size(back) >= size(node):
+        return None
+    known = dict(leaves)
+    shape = _shape(back, known)
+    return shape if len(known) == len(leaves) else None  # a leaf of its own (none expected): keep node
+
+
 _SYMPY_FUNCS = ("exp", "log", "sqrt", "tanh")
+_SYMPY_OPS = ("add", "sub", "mul", "truediv", "neg", "pow") + _SYMPY_FUNCS
 
 
 def _to_sympy(n: ir.Node, sympy, leaves: dict, memo: dict):

@@ -257,6 +257,14 @@ def load_kernel_module(key_parts: Mapping[str, str], generate: Callable[[], str]
     return module
 
 
+def load_text(key_parts: Mapping[str, str], generate: Callable[[], str]) -> str:
+    """A cached text that is not a module (a derivative's simplification): from the disk cache
+    (verified like a module's source), else generate() it and store it. Keyed like modules."""
+    key = cache_key(key_parts)
+    with _LOCK:
+        return _read_or_generate(cache_dir() / key[:2] / f"{key}.txt", generate)
+
+
 def _refusal_path(module: types.ModuleType) -> pathlib.Path | None:
     key = getattr(module, _KEY_ATTR, None)
     return None if key is None else cache_dir() / "refused" / key
