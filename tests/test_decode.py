@@ -245,12 +245,14 @@ def test_dense_decode_matches_the_reference():
         rule(65, 8192, decode=True)
     # 128-key tiles become 64 where each split reads at most 1024 keys, unless options set BLOCK_N
     t128 = TileConfig(32, 128, 4, 3)
-    assert choices.decode_tiles_for_splits(t128, 64, 32, {}) == TileConfig(32, 64, 4, 3)  # B1 8K: 256 keys a split
-    assert choices.decode_tiles_for_splits(t128, 8, 1, {}) == TileConfig(32, 64, 4, 3)  # 1024 keys
-    assert choices.decode_tiles_for_splits(t128, 9, 1, {}) == t128  # 1152 keys
-    assert choices.decode_tiles_for_splits(t128, 1024, 32, {}) == t128  # B1 128K: 4096 keys a split
-    assert choices.decode_tiles_for_splits(t128, 64, 32, {"BLOCK_N": 128}) == t128
-    assert choices.decode_tiles_for_splits(TileConfig(16, 64, 4, 3), 8, 8, {}) == TileConfig(16, 64, 4, 3)
+    t64 = TileConfig(32, 64, 4, 3)
+    assert choices.decode_tiles_for_splits(t128, 256, {}) == t64  # B1 8K, 32 splits
+    assert choices.decode_tiles_for_splits(t128, 1024, {}) == t64
+    assert choices.decode_tiles_for_splits(t128, 1152, {}) == t128
+    assert choices.decode_tiles_for_splits(t128, 1152, {}, shrunk=True) == t64  # no switching back at the edge
+    assert choices.decode_tiles_for_splits(t128, 4096, {}, shrunk=True) == t128  # B1 128K: 4096 keys a split
+    assert choices.decode_tiles_for_splits(t128, 256, {"BLOCK_N": 128}) == t128
+    assert choices.decode_tiles_for_splits(TileConfig(16, 64, 4, 3), 256, {}) == TileConfig(16, 64, 4, 3)
     # ac.attention skips the choice on shapes alone where no option says otherwise: the same verdicts
     for Q in (1, 8, 64, 65, 300):
         for KV in (None, 100, 1023, 1024, 4096, 5000, 1 << 20):
@@ -360,3 +362,36 @@ def test_repeated_decode_calls_reuse_one_kernel(monkeypatch):
     ac.attention(q, kc, vc, ac.patterns.sinks(3, 10), page_table=table, kv_lens=kv_lens, kernel_options={"kv_splits": 2})
     assert [p.params for p in made] == [ac.patterns.sinks(3, 10).params, ac.patterns.sinks(3, 12).params,
                                         ac.patterns.sinks(3, 10).params]
+
+
+def test_decode_tiles_follow_the_splits_as_a_loop_grows(monkeypatch):
+    """A decode loop's kernel takes 64-key tiles while each split reads few keys and 128 once its
+    sequences have grown (choices.decode_tiles_for_splits, asked again at each new lists); CPU
+    tiles are 32 keys, so choose_decode_tiles is made to answer 128 as on the GPU."""
+    real = choices.choose_decode_tiles
+    monkeypatch.setattr(choices, "choose_decode_tiles",
+                        lambda *a: TileConfig(real(*a).BLOCK_M, 128, 4, 1))
+    Hq, Hkv, D = 2, 1, 16
+    cache = ac.KVCache(num_pages=160, page_size=64, heads=Hkv, head_dim=D, batch=1, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(1, Hkv, 300, D, generator=g), torch.randn(1, Hkv, 300, D, generator=g)
+    cache.append(keys, values)
+    pattern, options = ac.patterns.causal(), {"kv_splits": 2}
+    seen = []
+    for grow in (0, 1, 4800, 1):
+        if grow:
+            new_k, new_v = torch.randn(1, Hkv, grow, D, generator=g), torch.randn(1, Hkv, grow, D, generator=g)
+            cache.append(new_k, new_v)
+            keys, values = torch.cat([keys, new_k], 2), torch.cat([values, new_v], 2)
+        q = torch.randn(1, Hq, 1, D, generator=g)
+        out = cache.attention(q, pattern, kernel_options=options)
+        assert rel(out[0], oracle(q[0], keys[0], values[0], pattern)[0]) < 1e-5, grow
+        seen.append(api_kernel(q, cache, pattern, options).config["BLOCK_N"])
+    assert seen == [64, 64, 128, 128]  # 2 splits of 150 keys; of 2550 (past twice 1024)
+
+
+def api_kernel(q, cache, pattern, options):
+    """The DecodeKernel ac.attention reuses for this call (api._decode_kernel)."""
+    from attncc.runtime import api
+
+    return api._decode_kernel(pattern, q, cache.k, cache.v, None, options, cache.page_table, cache.kv_lens, True)

@@ -536,14 +536,17 @@ def choose_decode_tiles(rows: int, head_dim: int, device: torch.device, options:
 DECODE_SHORT_SPLIT_KEYS = 1024  # a split's keys up to which 64-key tiles beat 128 (decode_tiles_for_splits)
 
 
-def decode_tiles_for_splits(tiles: TileConfig, live_tiles: int, splits: int, options: dict) -> TileConfig:
-    """choose_decode_tiles' tiles once the splits are known: 128-key tiles become 64 where each
-    split reads at most DECODE_SHORT_SPLIT_KEYS keys (live_tiles * 128 / splits), unless options
-    set BLOCK_N. Measured on an H100 (2026-12-07, .probe/tiles.py: paged, Hq 32 / Hkv 8, D 128,
-    Q_LEN 8, bf16, CUDA graphs, TB/s 128 -> 64): causal B1 8K (S 32) 1.40 -> 1.64, B4 8K (S 8)
-    2.07 -> 2.22, sinks + 1K window B1 (S 8) 0.28 -> 0.34; equal where splits are long (B16 8K,
-    S 2: 2.78 / 2.80; B1 128K, S 32: 2.84 / 2.85; B64, one split), where the H200 preferred 128
-    (2026-12-01 sweep: B64 8K 4.15 against 3.54; B1 128K 3.72 against 3.27)."""
-    if tiles.BLOCK_N != 128 or "BLOCK_N" in options or live_tiles * 128 > DECODE_SHORT_SPLIT_KEYS * splits:
+def decode_tiles_for_splits(tiles: TileConfig, split_keys: float, options: dict, shrunk: bool = False) -> TileConfig:
+    """choose_decode_tiles' `tiles` once the splits are known: 128-key tiles become 64 where each
+    split reads at most DECODE_SHORT_SPLIT_KEYS keys (`split_keys`: the most live keys of a
+    (sequence, kv head) over the splits), unless options set BLOCK_N; `shrunk` (the lists were of
+    64-key tiles, which count fewer dead keys and may take fewer splits): up to twice as many, so
+    a decode loop does not switch back and forth at the edge. Measured on an H100
+    (2026-12-07, .probe/tiles.py: paged, Hq 32 / Hkv 8, D 128, Q_LEN 8, bf16, CUDA graphs, TB/s
+    128 -> 64): causal B1 8K (S 32) 1.40 -> 1.64, B4 8K (S 8) 2.07 -> 2.22, sinks + 1K window B1
+    (S 8) 0.28 -> 0.34; equal where splits are long (B16 8K, S 2: 2.78 / 2.80; B1 128K, S 32:
+    2.84 / 2.85; B64, one split), where the H200 preferred 128 (2026-12-01 sweep: B64 8K 4.15
+    against 3.54; B1 128K 3.72 against 3.27)."""
+    if tiles.BLOCK_N != 128 or "BLOCK_N" in options or split_keys > DECODE_SHORT_SPLIT_KEYS * (2 if shrunk else 1):
         return tiles
     return TileConfig(tiles.BLOCK_M, 64, tiles.num_warps, tiles.num_stages)

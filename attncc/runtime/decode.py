@@ -247,15 +247,27 @@ class DecodeKernel:
                 raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
         Q_LEN = packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k)[2] if self.packed else q.shape[2]
         group = max(1, q.shape[1] // max(1, k.shape[2] if self.paged else k.shape[1]))
-        self.tiles = choices.choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]), q.device, options)
+        self.tiles = self._base_tiles = choices.choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]),
+                                                                    q.device, options)
+        self._tile_options = options
         self.scale = check_scale(scale, q.shape[-1])
         self.device, self.interpret = q.device, q.device.type != "cuda"
         self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
-        tiles = choices.decode_tiles_for_splits(self.tiles, self._meta.live_tiles, self._meta.splits, options)
-        if tiles != self.tiles:  # short splits: smaller tiles, chosen once for this kernel's life
-            self.tiles = tiles
+        if self._refit_tiles(self._meta):
             self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
         self.module = self._module(self._meta)
+
+    def _refit_tiles(self, meta: DecodeMeta) -> bool:
+        """Whether the tiles changed to fit the splits of lists `meta` (built with self.tiles):
+        choices.decode_tiles_for_splits, asked again whenever new lists are built (a decode loop's
+        lengths grow past the short splits), never after a resource refusal changed the tiles."""
+        if self._base_tiles is None:
+            return False
+        split_keys = meta.live_tiles * self.tiles.BLOCK_N / meta.splits
+        tiles = choices.decode_tiles_for_splits(self._base_tiles, split_keys, self._tile_options,
+                                                shrunk=self.tiles != self._base_tiles)
+        changed, self.tiles = tiles != self.tiles, tiles
+        return changed
 
     def _lists(self, common: tuple, shapes: Shapes, q, k, v, page_table, kv_lens, known) -> DecodeMeta:
         """The span lists of a paged (or packed) call, reused from the cache while they serve its
@@ -374,8 +386,15 @@ class DecodeKernel:
         """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd (packed:
         [1, Hq, total_q, Dv] and [1, Hq, total_q])."""
         qi, ki, vi = kernel.interpretable(self.interpret, q, k, v)
+        refit = True
         while True:
             shapes, meta, table, _, pad = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
+            if meta is not self._meta and refit:  # other lists: the tiles may fit their splits better
+                refit = False
+                if self._refit_tiles(meta):
+                    self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
+                    self.module = self._module(self._meta)
+                    continue
             module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
             if self.packed:  # [1, Hq, total_q, D] -> [S, Hq, Q_LEN, D]: a view, or padded (no synchronisation)
                 qs = qi[0].unflatten(1, (shapes.B, shapes.Q)) if pad is None else qi[0][:, pad[0]]
@@ -392,6 +411,7 @@ class DecodeKernel:
             except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
                 self.tiles = kernel.after_resource_refusal(e, self.tiles, choices.forced_tiles(self.kernel_options)[0],
                                                            module=module)[0]
+                self._base_tiles = None  # the tiles that ran out of resources stay out: no refitting
                 self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
                 self.module = self._module(self._meta)
         if self.packed:  # back to the packed rows, in order (padding dropped)
