@@ -519,7 +519,8 @@ def choose_decode_tiles(rows: int, head_dim: int, device: torch.device, options:
     BLOCK_M: the rows of a kv head (Hq / Hkv * Q_LEN) rounded up to a power of two, 16 to 64 (more
     rows take several row blocks). CPU: BLOCK_N 32, so test shapes span several tiles and pages
     of 16 and 64 keys are read both ways (two pages per tile, two tiles per page). CUDA: BLOCK_N
-    128 for 32 rows or more, else 64 (32 above D = 128), 4 warps, 3 stages (2 above D = 128).
+    128 for 32 rows or more, else 64 (32 above D = 128), 4 warps, 3 stages (2 above D = 128);
+    decode_tiles_for_splits halves 128 where the splits turn out short.
     Measured on the H200 (benchmarks/decode_sweep.py, Hq 32 / Hkv 8, D 128, bf16, paged, pages of
     64; benchmarks/results/2026-12-01-nvidia-h200-decode-sweep.md) against 32/64/128 keys, 4/8
     warps, 2-4 stages: at Q_LEN 8 (32 rows) BLOCK_N 128 led (B64 8K keys 4.15 TB/s against 3.54
