@@ -221,3 +221,24 @@ def test_buffers_of_every_dtype_read_through_pointers(dtype):
     assert compile(pat, q, k, v, kernel_options=FA4).config["backend"] == "fa4"
     out = attention(q, k, v, pat, kernel_options=FA4)
     assert rel(out, ac.reference(q, k, v, pat)) < 2e-2
+
+
+def test_integer_operators_on_negative_operands():
+    """Floor division and modulo of negative integers as torch computes them (floor, the sign of the
+    divisor), abs, min and max, in the mask and the score mod: the CuTe-DSL's own `//` and `%`
+    semantics are what the printer relies on (compiler/cute.py), and the emulator's shim only
+    mirrors what was observed (a uint8 widening once differed on the device)."""
+    def mask(b, h, q, kv):
+        d = q - kv  # negative above the diagonal
+        return ((d // 7) % 3 != 1) & (torch.abs(d % -5) < 4) & (torch.minimum(d, kv - q) > -700)
+
+    def score(s, b, h, q, kv):
+        d = kv - q
+        return s + 0.1 * (d // 3 % 4) + 0.05 * torch.maximum(d % 6, (-d) // 11 % 5)
+    pat = ac.Pattern(mask, score)
+    for shape in SHAPES:
+        q, k, v = qkv(*shape)
+        assert compile(pat, q, k, v, kernel_options=FA4).config["backend"] == "fa4"
+        out, lse = attention(q, k, v, pat, kernel_options=FA4, return_lse=True)
+        ref, ref_lse = ac.reference(q, k, v, pat, return_lse=True)
+        assert rel(out, ref) < 2e-2 and rel(lse, ref_lse) < 2e-2, shape
