@@ -153,7 +153,7 @@ class CuteLowering(Lowering):
         T = self.plan.types[n]
         if T == "bool":
             return f"({text} != 0)"
-        if spec.dtype == torch.uint8:  # CuTe-DSL 4.8.1 widens by the target's sign (extsi into Int32): 255 -> -1
+        if spec.dtype == torch.uint8:  # CuTe-DSL 4.8.1 widens by the target's sign (extsi to Int32): 255 -> -1
             text = f"(({text}).to(cutlass.Int32) & cutlass.Int32(255))"
             return text if T == "i32" else self.cast(text, T)
         return text if _DTYPE_TYPE.get(spec.dtype) == T else self.cast(text, T)
