@@ -301,8 +301,8 @@ class DecodeKernel:
                 "packed": "packed sequences: pass cu_seqlens_q and cu_seqlens_k",
                 "dense": "dense k, v: no page_table or cu_seqlens"}[mode])
         if self.packed:
-            inputs = (kernel.buffer_key(cu_seqlens_q), kernel.buffer_key(cu_seqlens_k), tuple(q.shape), tuple(k.shape),
-                      tuple(v.shape))
+            inputs = (kernel.buffer_key(cu_seqlens_q), kernel.buffer_key(cu_seqlens_k), tuple(q.shape),
+                      tuple(k.shape), tuple(v.shape))
 
             def build():  # new cu_seqlens (the next step): checked, lists reused while they serve
                 cu_q, cu_k, Q_LEN = packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k)
@@ -332,7 +332,7 @@ class DecodeKernel:
                 return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None), \
                     None, None, None
         common = kernel.pattern_key(self.pattern) + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
-                                              self.tiles, self.forced_splits)
+                                                     self.tiles, self.forced_splits)
         key = common + inputs
         if q.device != self.device:
             raise ValueError(f"q is on {q.device}, but this kernel was compiled for {self.device}")
