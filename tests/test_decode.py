@@ -395,3 +395,16 @@ def api_kernel(q, cache, pattern, options):
     from attncc.runtime import api
 
     return api._decode_kernel(pattern, q, cache.k, cache.v, None, options, cache.page_table, cache.kv_lens, True)
+
+
+def test_explain_names_the_decode_kernel():
+    """ac.explain of a call the decode kernel runs lists the forward configurations for comparison,
+    none marked as running, and names the decode kernel's tiles and splits."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 4, 16, generator=g), torch.randn(1, 2, 5000, 16, generator=g)
+    text = ac.explain(ac.patterns.causal(), q, k, k)
+    config = ac.compile(ac.patterns.causal(), q, k, k).config
+    assert config["kernel"] == "decode" and "<- runs" not in text and "which do not run this call" in text
+    assert f"{config['BLOCK_M']}x{config['BLOCK_N']} tiles, kv_splits {config['kv_splits']}" in text
+    meta = torch.empty(1, 4, 4, 16, device="meta"), torch.empty(1, 2, 5000, 16, device="meta")
+    assert "chosen at run time" in ac.explain(ac.patterns.causal(), meta[0], meta[1], meta[1], target="h200")

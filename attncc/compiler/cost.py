@@ -534,9 +534,11 @@ def _fmt_ms(ms: float) -> str:
 
 
 def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[str, TileConfig],
-           candidates: list[tuple[str, TileConfig]], png: str | None = None) -> str:
+           candidates: list[tuple[str, TileConfig]], png: str | None = None, forward_runs: bool = True) -> str:
     """The text `ac.explain` returns (see its docstring); with `png`, also a picture there: the
-    block map of (b, h) = (0, 0) at the chosen tiles beside each query tile's predicted load."""
+    block map of (b, h) = (0, 0) at the chosen tiles beside each query tile's predicted load.
+    forward_runs=False: another kernel runs the call (the decode kernel): the forward
+    configurations are listed for comparison, none marked."""
     from ..runtime.kernel import META_CACHE
 
     lines = [f"pattern: {pattern.name or 'custom'}  (mask: {_short(pattern.mask)}; score: {_short(pattern.score)})",
@@ -563,7 +565,8 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     flop_ms, byte_ms = roofline_ms(pairs, B, s.Hq, s.Hkv, s.Q, s.KV, s.D, s.Dv, dtype, profile)
     roof = max(flop_ms, byte_ms)
     lines.append(f"roofline: {_fmt_ms(roof)} (matrix {_fmt_ms(flop_ms)}, memory {_fmt_ms(byte_ms)})")
-    lines += ["", "configurations (forward), predicted:"]
+    lines += ["", "configurations (forward), predicted:" if forward_runs else
+              "configurations of the forward kernels (which do not run this call), predicted:"]
     unmodelled = sorted({b for b, _ in candidates if not profile.models(b, s.D)})
     if unmodelled:
         lines.append(f"  (not modelled at head dim {s.D} on this profile: {', '.join(unmodelled)}; "
@@ -589,11 +592,11 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
                       f"on the {profile.name}")
     rows.sort(key=lambda r: r[0])
     for ms, backend, tiles in rows:
-        mark = "  <- runs" if (backend, tiles) == chosen else ""
+        mark = "  <- runs" if (backend, tiles) == chosen and forward_runs else ""
         effective = 2.0 * (s.D + s.Dv) * pairs / (ms * 1e-3) / 1e12 if ms > 0 else math.inf
         lines.append(f"  {backend:7s} {tiles}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
                      f"{effective:.0f} effective TFLOP/s{mark}")
-    if rows and (rows[0][1], rows[0][2]) != chosen:
+    if rows and (rows[0][1], rows[0][2]) != chosen and forward_runs:
         lines.append(f"the simulator would pick {rows[0][1]} {rows[0][2]}; the marked one runs (runtime/choices.py: "
                      "kernel_options, or a call outside the measured profiles)")
     return "\n".join(lines)

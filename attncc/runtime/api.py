@@ -530,17 +530,20 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         candidates.append(chosen)
     if fa4_ok and profile.models("fa4", ks.D):
         candidates.append(("fa4", fa4.TILE))
-    text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png)
+    decode = choose_decode(pattern, s.Q, s.KV, options, False)
+    text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png, forward_runs=not decode)
     if fold is not None:
         text += f"\nruns folded: {fold.describe()}; the report above is the folded call's"
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
-    if choose_decode(pattern, s.Q, s.KV, options, False):
-
-        splits = ("chosen at run time (cost.decode_splits)" if target is not None
-                  else DecodeKernel(pattern, q, k, v, kernel_options=kernel_options).config["kv_splits"])
-        text += (f"\nruns: attncc's split-KV decode kernel (runtime/decode.py), kv_splits {splits}, "
-                 "not the forward configurations above")
+    if decode:
+        config = None if target is not None else DecodeKernel(pattern, q, k, v, kernel_options=kernel_options).config
+        how = ("tiles and kv_splits chosen at run time (choices.choose_decode_tiles, cost.decode_splits)"
+               if config is None else
+               f"{config['BLOCK_M']}x{config['BLOCK_N']} tiles, kv_splits {config['kv_splits']}")
+        text += f"\nruns: attncc's split-KV decode kernel (runtime/decode.py), {how}"
+        text += "\n" + _backward_line(kp, ks, q.dtype, lists, options, profile, chosen[0])
+        return text + ("\n\n" + _parallel_text(plan, s, q.dtype, profile) if plan is not None else "")
     if not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
     elif chosen[0] == "fa4" and fa4.dense_kind(kp, ks) is None and options.get("fa4_native", True):
@@ -553,11 +556,13 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
                  "token layout's rows in place (runtime/choices.fa4_measured_faster)" if layout is not None
                  else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
     text += "\n" + _backward_line(kp, ks, q.dtype, lists, options, profile, chosen[0])
-    if plan is not None:
-        from .parallel import explain_text
+    return text + ("\n\n" + _parallel_text(plan, s, q.dtype, profile) if plan is not None else "")
 
-        text += "\n\n" + explain_text(plan, s, q.dtype, profile)
-    return text
+
+def _parallel_text(plan, s, dtype, profile) -> str:
+    from .parallel import explain_text  # (parallel imports this module)
+
+    return explain_text(plan, s, dtype, profile)
 
 
 def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dict, profile, backend: str) -> str:
