@@ -596,6 +596,9 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
         effective = 2.0 * (s.D + s.Dv) * pairs / (ms * 1e-3) / 1e12 if ms > 0 else math.inf
         lines.append(f"  {backend:7s} {tiles}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
                      f"{effective:.0f} effective TFLOP/s{mark}")
+    if rows and rows[0][0] < roof:
+        lines.append("  (below the roofline: the per-tile costs, fitted on compute-bound calls, miss this call's "
+                     "memory traffic; such predictions rank, they do not time)")
     if rows and (rows[0][1], rows[0][2]) != chosen and forward_runs:
         lines.append(f"the simulator would pick {rows[0][1]} {rows[0][2]}; the marked one runs (runtime/choices.py: "
                      "kernel_options, or a call outside the measured profiles)")
