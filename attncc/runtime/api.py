@@ -246,7 +246,6 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     pattern) runs with one pipeline stage fewer, `kern.config` saying so, unless kernel_options
     set its tiles: then a ValueError names them.
     """
-
     paged = page_table is not None or kv_lens is not None
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if target is not None:
@@ -478,7 +477,6 @@ def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kern
 def prepare_kernel(pattern: Pattern, q, k, v, scale, kernel_options: dict):
     """(Kernel, Shapes) for these inputs, what the torch.compile custom ops call: never the SDPA
     dispatch (the op returns the LSE, which SDPA does not)."""
-
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, True)
     return Kernel(pattern, s, q.device, scale, choice), s
 
@@ -536,15 +534,13 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         text += f"\nruns folded: {fold.describe()}; the report above is the folded call's"
     if chosen[0] == "sdpa-cudnn":
         text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
-    if decode:
+    if decode:  # fa4 does not run decode calls: no word on it
         config = None if target is not None else DecodeKernel(pattern, q, k, v, kernel_options=kernel_options).config
         how = ("tiles and kv_splits chosen at run time (choices.choose_decode_tiles, cost.decode_splits)"
                if config is None else
                f"{config['BLOCK_M']}x{config['BLOCK_N']} tiles, kv_splits {config['kv_splits']}")
         text += f"\nruns: attncc's split-KV decode kernel (runtime/decode.py), {how}"
-        text += "\n" + _backward_line(kp, ks, q.dtype, lists, options, profile, chosen[0])
-        return text + ("\n\n" + _parallel_text(plan, s, q.dtype, profile) if plan is not None else "")
-    if not fa4_ok:
+    elif not fa4_ok:
         text += f"\nfa4 cannot run this call: {why_not_fa4}"
     elif chosen[0] == "fa4" and fa4.dense_kind(kp, ks) is None and options.get("fa4_native", True):
         native = fa4.native_plan(kp, ks, lists)
@@ -556,13 +552,11 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
                  "token layout's rows in place (runtime/choices.fa4_measured_faster)" if layout is not None
                  else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
     text += "\n" + _backward_line(kp, ks, q.dtype, lists, options, profile, chosen[0])
-    return text + ("\n\n" + _parallel_text(plan, s, q.dtype, profile) if plan is not None else "")
+    if plan is not None:
+        from .parallel import explain_text
 
-
-def _parallel_text(plan, s, dtype, profile) -> str:
-    from .parallel import explain_text  # (parallel imports this module)
-
-    return explain_text(plan, s, dtype, profile)
+        text += "\n\n" + explain_text(plan, s, q.dtype, profile)
+    return text
 
 
 def _backward_line(pattern: Pattern, s, dtype, lists: torch.device, options: dict, profile, backend: str) -> str:
