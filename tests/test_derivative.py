@@ -144,3 +144,15 @@ def test_simplifications_are_memoised_by_shape(tmp_path, monkeypatch):
     kept = ir.op("where", ir.op("gt", SCORE, ir.const(0.0)), SCORE, ir.op("mul", SCORE, SCORE))
     assert "where" in str(derivative(kept, SCORE))  # outside sympy's operators: kept, nothing stored
     assert len(list(tmp_path.rglob("*.txt"))) == 1
+
+
+def test_a_constant_sympy_folds_past_float_range_keeps_the_expression(tmp_path, monkeypatch):
+    """1e300 * 1e300 folds to a float that overflows: the simplification is refused (the forward-mode
+    derivative stays), never raised."""
+    from attncc.compiler import derivative as module
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(module, "_SIMPLIFIED", {})
+    big = ir.const(1e300)
+    expr = ir.op("mul", ir.op("mul", SCORE, big), ir.op("mul", big, ir.op("exp", SCORE)))
+    assert "exp(score)" in str(derivative(expr, SCORE))

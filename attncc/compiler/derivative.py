@@ -152,7 +152,10 @@ def _simplified_shape(node: ir.Node, leaves: dict[ir.Node, int]) -> list | None:
     if size(back) >= size(node):
         return None
     known = dict(leaves)
-    shape = _shape(back, known)
+    try:
+        shape = _shape(back, known)
+    except _Unsupported:  # a constant sympy folded past float range: keep node
+        return None
     return shape if len(known) == len(leaves) else None  # a leaf of its own (none expected): keep node
 
 
