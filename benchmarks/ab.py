@@ -2,11 +2,12 @@
 (base, this, base, this per pattern; the better of each pair), bf16 at the main shape.
 
     python benchmarks/ab.py --extract REV        # here: git archive REV's attncc to .ab/attncc_base
-    python benchmarks/ab.py [--patterns swa1024,document,...]   # on the GPU (carry .ab)
+    python benchmarks/ab.py [--patterns swa1024,document,...] [--backward]   # on the GPU (carry .ab)
 
 Run-to-run spread on the H200 is about 5%: a fresh process's first measurements (idle clocks) run
 low, so the GPU is warmed first and each version is timed twice. Both are forced onto attncc's own
-kernel (never the cuDNN dispatch).
+kernel (never the cuDNN dispatch). --backward times forward+backward (3.5x the forward's FLOPs)
+and checks that both versions' gradients agree.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--extract", metavar="REV", help="prepare .ab/attncc_base from git revision REV and exit")
     ap.add_argument("--patterns", default="swa1024,document,dilated,prefixlm2048,alibi,softcap,causal,natten2d,natten3d")
+    ap.add_argument("--backward", action="store_true", help="time forward+backward instead of the forward")
     args = ap.parse_args()
     if args.extract:
         return extract(args.extract)
@@ -64,19 +66,33 @@ def main() -> None:
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    dout = torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, generator=g)
+    if args.backward:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
     triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=500, rep=500)
     versions = {"base": (attncc_base, patterns(attncc_base, N, H, dev)), "this": (attncc, patterns(attncc, N, H, dev))}
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} B={B} H={H} N={N} D={D}")
+    flops = 4 * D * (3.5 if args.backward else 1.0)
+    print(f"{'forward+backward' if args.backward else 'forward'}, effective TFLOP/s")
     print("| pattern | base | this | this/base |\n|---|---:|---:|---:|")
     for name in args.patterns.split(","):
         live = count_live_pairs(build(name, N, H, device=dev).mask_mod, 1, 1, N, N, device=dev)[0] * B * H
-        best = {}
+        best, grads = {}, {}
         for which in ("base", "this", "base", "this"):
             ac, pats = versions[which]
-            fn = lambda: ac.attention(q, k, v, pats[name], kernel_options={"backend": "attncc"})
+
+            def fn():
+                out = ac.attention(q, k, v, pats[name], kernel_options={"backend": "attncc"})
+                if args.backward:
+                    return torch.autograd.grad(out, (q, k, v), dout)
+                return out
+            grads[which] = fn()
             ms = triton.testing.do_bench(fn, warmup=100, rep=400)
-            best[which] = max(best.get(which, 0.0), 4 * D * live / (ms * 1e-3) / 1e12)
-        print(f"| {name} | {best['base']:.0f} | {best['this']:.0f} | {best['this'] / best['base']:.3f} |", flush=True)
+            best[which] = max(best.get(which, 0.0), flops * live / (ms * 1e-3) / 1e12)
+        same = all(torch.equal(a, b) for a, b in zip(grads["base"], grads["this"])) if args.backward else \
+            torch.equal(grads["base"], grads["this"])
+        print(f"| {name} | {best['base']:.0f} | {best['this']:.0f} | {best['this'] / best['base']:.3f} |"
+              f"{'' if same else ' outputs differ'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,21 @@ def test_random_large_integer_masks_agree(a, c, W, m, Q, KV):
     assert torch.equal(bm == 0, ~tiles.any(3).any(1)) or bool(((bm == 0) <= ~tiles.any(3).any(1)).all())
 
 
+@pytest.mark.parametrize("c", [0, 3 * 2 ** 24 - 1, 3 * 2 ** 24, 2 ** 30 - 1, 2 ** 30])
+def test_abs_bounds_as_unsigned_compares_agree_near_int32_limits(c):
+    """|e| <= c prints as one add and an unsigned compare (e + c as uint32 <= 2c) for 0 <= c < 2**30;
+    e here spans +-1.6e9, so e + c wraps past 2**31 for large c: every form agrees with the oracle."""
+    e = lambda q, kv: (q - kv) * 2 ** 24  # noqa: E731  (int32: |e| < 2**31)
+    forms = {"le": lambda b, h, q, kv: abs(e(q, kv)) <= c, "lt": lambda b, h, q, kv: abs(e(q, kv)) < c,
+             "ge": lambda b, h, q, kv: c >= abs(e(q, kv)), "gt": lambda b, h, q, kv: c > abs(e(q, kv))}
+    for name, fn in forms.items():
+        pat = ac.Pattern(fn)
+        q, k, v = qkv(1, 1, 1, 97, 101)
+        compare(pat, q, k, v)
+        rewritten = 0 <= (c - 1 if name in ("lt", "gt") else c) < 2 ** 30
+        assert ("tl.uint32, bitcast=True" in ac.compile(pat, q, k, v).source) == rewritten, name
+
+
 def test_plan_types():
     q, kv = ir.Var("q"), ir.Var("kv")
     big = ir.op("mul", ir.op("mul", q, kv), ir.const(100000))

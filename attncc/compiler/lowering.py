@@ -118,6 +118,21 @@ def _unify(types: list[str]) -> str:
     return "i32" if "i32" in types else "bool"
 
 
+def _abs_bound(n: ir.Op) -> tuple[ir.Op, int] | None:
+    """(abs node, c) when n says |e| <= c for an integer constant 0 <= c < 2**30 (as <=, <, >=, >)."""
+    x, y = n.args
+    op = n.op
+    if op in ("ge", "gt"):
+        x, y, op = y, x, {"ge": "le", "gt": "lt"}[op]
+    if not (isinstance(x, ir.Op) and x.op == "abs" and isinstance(y, ir.Const)):
+        return None
+    c = y.value
+    if isinstance(c, bool) or not isinstance(c, int):
+        return None
+    c = c - 1 if op == "lt" else c
+    return (x, c) if 0 <= c < 2 ** 30 else None
+
+
 class Lowering:
     """Lowers expressions to Triton text; repeated or deep subexpressions become temporaries.
 
@@ -221,6 +236,16 @@ class Lowering:
             u, v = (self.typed(c, self.compute[x]) for c in x.args)
             return f"(({u} % {v}) {symbol} 0)"
         return f"({a[0]} {symbol} {a[1]})"
+
+    def ordering(self, n: ir.Op, a: list[str]) -> str:
+        bound = _abs_bound(n)
+        if bound is not None and self.compute[n] == "i32" and self.compute.get(bound[0]) == "i32":
+            # |e| <= c as one add and an unsigned compare: e + c lands in [0, 2c] exactly when
+            # -c <= e <= c; below -c it is negative, so as uint32 >= 2**31 > 2c (0 <= c < 2**30)
+            e = self.typed(bound[0].args[0], "i32")
+            c = bound[1]
+            return f"(({e} + {c}).to(tl.uint32, bitcast=True) <= {2 * c})"
+        return f"({a[0]} {ir.SYMBOL[n.op]} {a[1]})"
 
     def floor_op(self, n: ir.Op, a: list[str]) -> str:
         if self.compute[n] in ("f32", "f64"):

@@ -112,7 +112,7 @@ COMPARE_NAMES = ("eq", "ne", "lt", "le", "gt", "ge")
 
 def _compare(name, spelling, fold, torch_fn, mirror):
     equality = name in ("eq", "ne")
-    triton = (lambda P, n, a: P.equality(n, a)) if equality else "({0} " + spelling + " {1})"
+    triton = (lambda P, n, a: P.equality(n, a)) if equality else (lambda P, n, a: P.ordering(n, a))
     return Operator(name, 2, "bool", "any" if equality else "number", spelling, "infix", 4, fold, torch_fn,
                     lambda I, box, x, y: I.compare(box, name, x, y), triton, commutative=equality, mirror=mirror)
 
