@@ -51,13 +51,14 @@ def main() -> None:
     ap.add_argument("--extract", metavar="REV", help="prepare .ab/attncc_base from git revision REV and exit")
     ap.add_argument("--patterns", default="swa1024,document,dilated,prefixlm2048,alibi,softcap,causal,natten2d,natten3d")
     ap.add_argument("--backward", action="store_true", help="time forward+backward instead of the forward")
+    ap.add_argument("--base-dir", default=BASE, help="the folder holding attncc_base (default .ab)")
     args = ap.parse_args()
     if args.extract:
         return extract(args.extract)
     import torch
     import triton
 
-    sys.path[:0] = [BASE, ROOT]
+    sys.path[:0] = [args.base_dir, ROOT]
     import attncc
     import attncc_base
     from benchmarks.patterns import build, count_live_pairs

@@ -3,7 +3,7 @@ machine (no GPU needed) — a developer's probe, not a test of speed.
 
     python benchmarks/registers.py [--patterns swa1024,causal] [--kind backward|forward|decode]
                                    [--tiles 128,64,8,3] [--dkdv 64,128,8,3] [--dq 128,64,8,3]
-                                   [--splits 1] [--arch 90]
+                                   [--splits 1] [--arch 90] [--loops]
 
 Each pattern's kernels are generated at B1 H2 N8192 D128 bf16 (decode: Hq 32 / Hkv 8, one query,
 dense keys; --tiles its BLOCK_M packed rows, e.g. 16,64,4,3, and --splits its kv splits). The
@@ -13,10 +13,14 @@ Triton for sm_{arch}a through the generated launcher itself (its launches turned
 warm-ups against a stand-in driver), and each kernel's PTX is assembled again by Triton's bundled
 ptxas -v for its figures. On the H200 (2026-12-02) the dK/dV kernel at 64x128/8/3 reported 255
 registers with spills and 164,864 bytes of shared memory; this probe gives the same on a CPU.
+--loops also disassembles each kernel (Triton's bundled nvdisasm) and counts the instructions of
+each loop body, the most frequent opcodes beside: a static measure of what a change to a template
+or to the mask's printing costs per tile (the FULL loop comes first, then the PARTIAL one).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -92,12 +96,41 @@ def ptxas_figures(kernel, arch: int) -> dict:
             "spill_loads": int(spills.group(2)), "shared": int(kernel.metadata.shared)}
 
 
+def sass(kernel) -> str:
+    """The kernel's SASS, by nvdisasm from its cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        return subprocess.run([os.path.join(os.path.dirname(PTXAS), "nvdisasm"), "-c", path],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def loop_bodies(text: str) -> list[tuple[int, collections.Counter]]:
+    """(instructions, opcode counts) of each loop in SASS `text`: from a label to a branch back to it."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\.L\w+):", line))}
+    found = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?(\.L\w+)", line)
+        if not (m and labels.get(m.group(1), i) < i):
+            continue
+        ops = collections.Counter()
+        for body_line in lines[labels[m.group(1)]:i + 1]:
+            op = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", body_line)
+            if op:
+                ops[op.group(1)] += 1
+        if sum(ops.values()) > 1:
+            found.append((sum(ops.values()), ops))
+    return found
+
+
 def tiles(text: str) -> TileConfig:
     return TileConfig(*(int(x) for x in text.split(",")))
 
 
 def probe(name: str, kind: str, forward_tiles: TileConfig, backward_tiles: BackwardTiles, arch: int,
-          splits: int = 1) -> list[dict]:
+          splits: int = 1, loops: bool = False) -> list[dict]:
     """One row per kernel of `name`'s `kind` module."""
     cpu = torch.device("cpu")
     natural = build(name, N, H).attncc
@@ -125,7 +158,8 @@ def probe(name: str, kind: str, forward_tiles: TileConfig, backward_tiles: Backw
                                layout=rows)
         launch = lambda: module.backward(q, k, v, out, lse, dout, None, dq_meta, dkdv_meta, 0.088,  # noqa: E731
                                          dq_meta.buffers)
-    return [{"pattern": name, "kernel": kernel_name, **ptxas_figures(kernel, arch)}
+    return [{"pattern": name, "kernel": kernel_name, **ptxas_figures(kernel, arch),
+             **({"loops": loop_bodies(sass(kernel))} if loops else {})}
             for kernel_name, kernel in compiled_kernels(launch, arch)]
 
 
@@ -138,10 +172,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dkdv", type=tiles, default=TileConfig(64, 128, 8, 3))
     ap.add_argument("--dq", type=tiles, default=TileConfig(128, 64, 8, 3))
     ap.add_argument("--arch", type=int, default=90, help="compute capability, 90 for Hopper (sm_90a)")
+    ap.add_argument("--loops", action="store_true", help="count each loop's instructions in the SASS")
     args = ap.parse_args(argv)
     forward = args.tiles or (TileConfig(16, 64, 4, 3) if args.kind == "decode" else TileConfig(128, 64, 8, 3))
     rows = [row for name in args.patterns.split(",")
-            for row in probe(name, args.kind, forward, BackwardTiles(args.dkdv, args.dq), args.arch, args.splits)]
+            for row in probe(name, args.kind, forward, BackwardTiles(args.dkdv, args.dq), args.arch, args.splits,
+                             args.loops)]
     config = {"forward": forward, "decode": f"{forward}, {args.splits} splits",
               "backward": f"dkdv {args.dkdv}, dq {args.dq}"}[args.kind]
     print(f"sm_{args.arch}a, {args.kind}, {config}\n\n| pattern | kernel | registers | spill stores / loads (bytes) "
@@ -149,6 +185,12 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"| {r['pattern']} | {r['kernel']} | {r['registers']} | {r['spill_stores']} / {r['spill_loads']} | "
               f"{r['shared']} |")
+    if args.loops:
+        print("\n| pattern | kernel | loop | instructions | most frequent |\n|---|---|---:|---:|---|")
+        for r in rows:
+            for i, (n, ops) in enumerate(r["loops"]):
+                top = ", ".join(f"{op} {c}" for op, c in ops.most_common(6))
+                print(f"| {r['pattern']} | {r['kernel']} | {i} | {n} | {top} |")
     return rows
 
 
