@@ -83,7 +83,7 @@ def main() -> None:
             ac, pats = versions[which]
 
             def fn():
-                out = ac.attention(q, k, v, pats[name], kernel_options={"backend": "attncc"})
+                out = ac.attention(q, k, v, pats[name], kernel_options={"backend": "triton"})
                 if args.backward:
                     return torch.autograd.grad(out, (q, k, v), dout)
                 return out
