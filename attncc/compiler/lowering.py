@@ -12,7 +12,10 @@ Conventions inside the generated functions:
   or float64 (float64 where a score-free float decides something discrete); operands are cast
   where their types differ, and float constants in float64 are built in float64.
 - `//` and `%` follow torch's floor semantics; Triton's truncate towards zero, so operands not
-  proved non-negative go through the `floordiv` / `floormod` helpers (floats: as torch, from fmod).
+  proved non-negative go through the `floordiv` / `floormod` helpers (floats: as torch, from fmod);
+  by a power of two 2**k they are `x >> k` and `x & (2**k - 1)`, exact for every sign.
+- `|e| <= c` (also `<`, and mirrored) for an int32 e and an integer constant 0 <= c < 2**30 is
+  `(e + c)` read as uint32 `<= 2c`: one add and one compare (neighbourhood and band masks).
 - `x / y` in float32 with y constant over the tile (params, b, h) is `x * (1.0 / y)`: one
   reciprocal per program. `tanh` in float32 is the GPU's `tanh.approx.f32` for 16-bit inputs on
   CUDA (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1`, which also runs in Triton's
