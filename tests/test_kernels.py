@@ -334,3 +334,31 @@ def test_backward_tiles_picked_by_the_model_on_first_use(monkeypatch):
     for a, b in zip(ours, want):
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-4
     assert len(asked) == 1
+
+
+@pytest.mark.parametrize("regs, shared, warps, spills, cap", [
+    (144, 49152, 4, 0, 128),     # natten2d's 64x32/4/2 on an H100: 3 programs by registers, 4 by shared memory
+    (172, 49152, 4, 24, 128),    # natten3d's: 2 -> 4, a few spilled bytes are kept
+    (172, 49152, 4, 40, None),   # more spilled: no cap
+    (120, 49152, 4, 0, None),    # registers already allow what shared memory does
+    (194, 131072, 8, 0, None),   # 128x64/8/3: one program either way
+    (96, 8192, 4, 0, None),      # shared memory would allow 25: the next level needs fewer than 128
+])
+def test_register_cap_lets_the_programs_shared_memory_allows_in(monkeypatch, regs, shared, warps, spills, cap):
+    """The forward's launcher caps registers at its first CUDA launch (register_cap): only where
+    registers, not shared memory, limit programs per SM, never below 128, kept if few bytes spill."""
+    from types import SimpleNamespace
+
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    module = compile(ac.patterns.causal(), q, k, v).module
+    tried = []
+
+    def warmup(*args, grid, maxnreg, **options):
+        tried.append(maxnreg)
+        return SimpleNamespace(_init_handles=lambda: None, n_spills=spills)
+    monkeypatch.setattr(module, "attention_forward", SimpleNamespace(warmup=warmup))
+    monkeypatch.setattr(module.torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(shared_memory_per_multiprocessor=233472))  # H100 / H200
+    first = SimpleNamespace(n_regs=regs, metadata=SimpleNamespace(shared=shared))
+    assert module.register_cap(first, (), (1, 1), {"num_warps": warps}, None) == cap
+    assert all(c >= 128 and c % 8 == 0 for c in tried) and len(tried) <= 1
