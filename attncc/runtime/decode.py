@@ -252,9 +252,16 @@ class DecodeKernel:
         self._tile_options = options
         self.scale = check_scale(scale, q.shape[-1])
         self.device, self.interpret = q.device, q.device.type != "cuda"
-        self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
+        call = (q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
+        self._shapes, self._meta = self._entry(*call)[:2]
         if self._refit_tiles(self._meta):
-            self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
+            self._shapes, self._meta = self._entry(*call)[:2]
+        self.module = self._module(self._meta)
+
+    def _adopt(self, *call) -> None:
+        """Make `call`'s lists at the current tiles, and their module, the kernel's own (after the
+        tiles changed)."""
+        self._shapes, self._meta = self._entry(*call)[:2]
         self.module = self._module(self._meta)
 
     def _refit_tiles(self, meta: DecodeMeta) -> bool:
@@ -386,14 +393,14 @@ class DecodeKernel:
         """(out [B, Hq, Q_LEN, Dv] in q's dtype, lse float32 [B, Hq, Q_LEN]), no autograd (packed:
         [1, Hq, total_q, Dv] and [1, Hq, total_q])."""
         qi, ki, vi = kernel.interpretable(self.interpret, q, k, v)
+        call = (q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
         refit = True
         while True:
-            shapes, meta, table, _, pad = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
+            shapes, meta, table, _, pad = self._entry(*call)
             if meta is not self._meta and refit:  # other lists: the tiles may fit their splits better
                 refit = False
                 if self._refit_tiles(meta):
-                    self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
-                    self.module = self._module(self._meta)
+                    self._adopt(*call)
                     continue
             module = self.module if meta.plan.signature == self._meta.plan.signature else self._module(meta)
             if self.packed:  # [1, Hq, total_q, D] -> [S, Hq, Q_LEN, D]: a view, or padded (no synchronisation)
@@ -412,8 +419,7 @@ class DecodeKernel:
                 self.tiles = kernel.after_resource_refusal(e, self.tiles, choices.forced_tiles(self.kernel_options)[0],
                                                            module=module)[0]
                 self._base_tiles = None  # the tiles that ran out of resources stay out: no refitting
-                self._shapes, self._meta = self._entry(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)[:2]
-                self.module = self._module(self._meta)
+                self._adopt(*call)
         if self.packed:  # back to the packed rows, in order (padding dropped)
             out, lse = out.transpose(0, 1).flatten(1, 2), lse.transpose(0, 1).flatten(1, 2)
             if pad is not None:
