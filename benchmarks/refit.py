@@ -86,15 +86,16 @@ def scores(timings: list[tuple[str, cost.Timing]], profile: cost.Profile) -> dic
 
 def partial_grid(timings: list[tuple[str, cost.Timing]], profile: cost.Profile, grid: str) -> dict:
     """Scores (pick / best, Spearman per pattern; rms of the rms log errors) with the Triton PARTIAL
-    factor of one tile shape set to each value of `grid` ("128x128:1.6,1.8")."""
+    factor of one tile shape set to each value of `grid` ("128x128:1.6,1.8") at the timings' head dim
+    class."""
     shape, values = grid.split(":")
-    triton = profile.backends["triton"]
+    D = timings[0][1].D  # the timings' head dim class: its figures are the ones varied
+    triton = profile.spec("triton", D)
     factors = triton["partial_factor"] if isinstance(triton["partial_factor"], dict) else {
         "default": triton["partial_factor"]}
     out = {}
     for value in map(float, values.split(",")):
-        trial = replace(profile, backends={**profile.backends, "triton": {
-            **triton, "partial_factor": {**factors, shape: value}}})
+        trial = profile.with_spec("triton", D, {**triton, "partial_factor": {**factors, shape: value}})
         sc = scores(timings, trial)
         rms = (sum(v["rms_log_err"] ** 2 for v in sc.values()) / len(sc)) ** 0.5
         out[value] = sc

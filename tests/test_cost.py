@@ -216,6 +216,24 @@ def test_refit_recovers_a_profile_from_recorded_timings_and_scores_held_out_patt
     assert refit.tiles_of("fa4 128x128") == ("fa4", TileConfig(128, 128, 4, 1))
 
 
+def test_refits_partial_grid_varies_the_figures_of_the_timings_head_dim_class():
+    """At D=64 the grid sets the D=64 class's factor (it once set D=128's, so every value scored alike)."""
+    import sys
+
+    sys.path.insert(0, str(cost.Path(ac.__file__).resolve().parents[1]))
+    from benchmarks import refit
+
+    shipped = cost.load_profile("h100")
+    d64 = shipped.spec("triton", 64)
+    truth = shipped.with_spec("triton", 64, {**d64, "partial_factor": {**d64["partial_factor"], "64x64": 1.5}})
+    results = [{"pattern": name, "N": 1024, "shape": {"B": 1, "Hq": 2, "Hkv": 2, "D": 64},
+                "rows": [{"config": "triton 64x64/4/3", "measured_ms": 1.0}]} for name in ("causal", "swa1024")]
+    for row, (_, t) in zip([r["rows"][0] for r in results], refit.timings_of(results)):
+        row["measured_ms"] = cost.simulate(t.meta, t.B, t.H, t.D, t.tiles, "triton", truth).ms
+    scores = refit.partial_grid(refit.timings_of(results), shipped, "64x64:1.5,2.5")
+    assert max(v["rms_log_err"] for v in scores[1.5].values()) < 1e-9 < min(v["rms_log_err"] for v in scores[2.5].values())
+
+
 def test_benchmarks_model_a_forced_fa4_call_in_the_form_it_runs_and_refit_takes_the_latest_times():
     """dilated on fa4 runs folded (runtime/fold.py): its predictions and refit's timings use the folded
     block map and shapes, as ac.compile does; on Triton it stays in its token layout. A case measured
