@@ -304,6 +304,64 @@ def test_calibrate_needs_a_gpu(capsys, monkeypatch):
     assert main(["calibrate"]) == 1 and "no CUDA device" in capsys.readouterr().err
 
 
+def test_calibrate_prices_cudnn_where_it_runs(tmp_path, monkeypatch):
+    """On a GPU with cuDNN, calibrate times SDPA's cuDNN kernel on full attention (its rate) and
+    causal (its PARTIAL factor and prologue), nothing else; here faked on the CPU: plain patterns
+    pass sdpa_refusal and SDPA's math kernel stands in for cuDNN's."""
+    from attncc.runtime import choices, kernel
+    from attncc.runtime.calibrate import calibrate
+
+    real = choices.sdpa_refusal
+    monkeypatch.setattr(choices, "sdpa_refusal", lambda pattern, s, device_type, dtype, return_lse, **kw: real(
+        pattern, s, "cuda", torch.bfloat16, return_lse, assume_installed=True))
+    timed = []
+
+    def sdpa(q, k, v, scale, causal):
+        timed.append(causal)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    monkeypatch.setattr(kernel, "_sdpa", sdpa)
+    path = calibrate(torch.device("cpu"), B=1, H=1, N=64, D=32, out=tmp_path / "p.json",
+                     candidates=(TileConfig(32, 32, 4, 1),))
+    data = json.loads(path.read_text())
+    spec = data["backends"][cost.SDPA_CUDNN]["head_dims"]["64"]  # D=32: the class of 64
+    assert spec["tflops"]["default"] > 0 and spec["partial_factor"] >= 1.0 and spec["program_us"] >= 0
+    assert set(timed) == {False, True}  # full and causal, the only patterns cuDNN runs
+    assert "cuDNN's to causal" in data["provenance"]
+    profile = cost.read_profile(path)
+    assert profile.models(cost.SDPA_CUDNN, 32) and not profile.models(cost.SDPA_CUDNN, 128)
+
+
+def test_the_profiles_choose_between_cudnn_fa4_and_triton_on_plain_attention():
+    """B4 H16 N8192 bf16: without FA4 cuDNN (H200 606 / 547 TFLOP/s full / causal at D=128; H100 637 /
+    558) beats Triton's best (~540 / ~480); with it FA4 (H200 651 / 614 measured; H100 causal 1.72 ms
+    against cuDNN's 1.97). Forced Triton, or a profile without cuDNN's figures (generic, D=256): no
+    cuDNN candidate, the rules' backend stands."""
+    from attncc.runtime import choices
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for key in ("h200", "h100"):
+        profile = cost.load_profile(key)
+        for D in (128, 64):
+            s = Shapes(B=4, Hq=16, Hkv=16, Q=8192, KV=8192, D=D, Dv=D)
+            table = choices.choose_tiles(s, torch.bfloat16, cuda, {})
+            for pattern in (ac.Pattern(name="full"), ac.patterns.causal()):
+                def pick(backend, options=None, cudnn=True):
+                    return choices.cost_choice(pattern, s, torch.bfloat16, cuda, options or {}, backend, profile, cpu,
+                                               cudnn=cudnn)
+                assert pick("sdpa-cudnn") == ("sdpa-cudnn", table), (key, D)
+                assert pick("fa4")[0] == "fa4", (key, D)
+                assert pick("triton", {"backend": "triton"})[0] == "triton"
+                assert pick("fa4", cudnn=False)[0] == "fa4"
+                ranked = choices.ranked_candidates(pattern, s, torch.bfloat16, cuda, {}, "fa4", profile, cpu, cudnn=True)
+                assert [b for b, _ in ranked].count("sdpa-cudnn") == 1
+        s256 = Shapes(B=4, Hq=16, Hkv=16, Q=8192, KV=8192, D=256, Dv=256)
+        assert choices.cost_choice(ac.patterns.causal(), s256, torch.bfloat16, cuda, {}, "sdpa-cudnn", profile, cpu,
+                                   cudnn=True) is None  # not modelled there: the rules' cuDNN
+    s = Shapes(B=4, Hq=16, Hkv=16, Q=8192, KV=8192, D=128, Dv=128)
+    assert choices.cost_choice(ac.patterns.causal(), s, torch.bfloat16, cuda, {}, "sdpa-cudnn",
+                               cost.load_profile("generic"), cpu, cudnn=True) is None
+
+
 def test_the_h200_profile_picks_what_measured_fastest():
     """benchmarks/results/2026-12-01-nvidia-h200-costmodel.md: fa4 on every pattern it runs; among
     Triton's tiles 128x64 on long rows (full, softcap), 64x64 on short ones (swa1024, document)."""

@@ -14,6 +14,10 @@ Model (forward):
 - The roofline is the larger of the live pairs' FLOPs at the profile's peak matrix rate and the
   bytes of q, k, v and o at its HBM bandwidth.
 
+SDPA's cuDNN kernel (plain full and causal attention only) is priced by the same model at the
+tiles attncc keeps for the calls it cannot take (a query tile of 128 rows a program, as cuDNN's
+own), its rate measured on full attention and its PARTIAL factor and prologue fitted to causal.
+
 Backward: attncc's Triton backward (`simulate_backward`) and FA4's own dense / causal / local /
 varlen backward (`simulate_fa4_backward`, by band geometry: compiler/bands.py).
 
@@ -245,6 +249,9 @@ class Prediction:
     ms: float
     work: torch.Tensor
     slots: int
+
+
+SDPA_CUDNN = "sdpa-cudnn"  # SDPA's cuDNN kernel: plain full or equal-length causal attention
 
 
 def simulate(meta, B: int, H: int, D: int, tiles: TileConfig, backend: str, profile: Profile) -> Prediction:
@@ -582,7 +589,7 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     if png is not None:
         from ..viz import save_load_png
 
-        if chosen_pred is None and candidates:  # sdpa-cudnn runs: picture the first candidate's load
+        if chosen_pred is None and candidates:  # the chosen one is not modelled: picture the first candidate's load
             _, m = META_CACHE.get(pattern, s, candidates[0][1], device)
             chosen_pred = simulate(m, B, H, s.D, candidates[0][1], candidates[0][0], profile)
         classes = bm.to_dense()[0, 0]
@@ -594,7 +601,8 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     for ms, backend, tiles in rows:
         mark = "  <- runs" if (backend, tiles) == chosen and forward_runs else ""
         effective = 2.0 * (s.D + s.Dv) * pairs / (ms * 1e-3) / 1e12 if ms > 0 else math.inf
-        lines.append(f"  {backend:7s} {tiles}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
+        label = "sdpa-cudnn (cuDNN's own tiles)" if backend == SDPA_CUDNN else f"{backend:7s} {tiles}"
+        lines.append(f"  {label}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
                      f"{effective:.0f} effective TFLOP/s{mark}")
     if rows and rows[0][0] < roof:
         lines.append("  (below the roofline: the per-tile costs, fitted on compute-bound calls, miss this call's "

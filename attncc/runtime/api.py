@@ -111,7 +111,8 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .calibrate import profile_for
     from .choices import (AUTOTUNE_TOP, KernelChoice, backward_modelled, check_options, choose_backend,
-                          choose_backward_tiles, choose_tiles, choose_tma, forced_tiles, ranked_candidates)
+                          choose_backward_tiles, choose_tiles, choose_tma, forced_tiles, ranked_candidates,
+                          sdpa_refusal)
     from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
@@ -131,7 +132,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
 
     def choose(kp, ks, layout, fold):  # (backend, forward tiles) of the kernels' form of the call
         backend = choose_backend(kp, ks, q, options, return_lse, layout)
-        ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile_for(q.device))
+        cudnn = sdpa_refusal(kp, ks, q.device.type, q.dtype, return_lse) is None
+        ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile_for(q.device), cudnn=cudnn)
         if options.get("autotune") and ranked:
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
         rankings[fold is not None] = ranked
@@ -498,7 +500,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from ..compiler import cost
     from .calibrate import profile_for
-    from .choices import TARGETS, check_options, triton_candidates
+    from .choices import SDPA_CUDNN, TARGETS, check_options, choose_tiles, sdpa_refusal, triton_candidates
     from . import fa4
 
     s = check_qkv(q, k, v)
@@ -515,6 +517,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options),
                                                    (q, k, v), _target_model(target))
         why_not_fa4 = fa4.refusal_on(kp, ks, TARGETS[target][1], q.dtype, lists, assume_installed=True)
+        cudnn = sdpa_refusal(kp, ks, "cuda", q.dtype, False, assume_installed=True) is None
     else:
         lists = q.device
         kp, _, _, choice = _prepare(pattern, q, k, v, None, options, False)
@@ -522,18 +525,24 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         ks = s if fold is None else fold.shapes(s)
         chosen = (choice.backend, choice.tiles)
         why_not_fa4 = fa4.refusal(kp, ks, q)
+        cudnn = sdpa_refusal(kp, ks, q.device.type, q.dtype, False) is None
     fa4_ok = why_not_fa4 is None
     candidates = [("triton", t) for t in triton_candidates(ks.D)]
     if chosen[0] == "triton" and chosen[1] not in triton_candidates(ks.D):
         candidates.append(chosen)
     if fa4_ok and profile.models("fa4", ks.D):
         candidates.append(("fa4", fa4.TILE))
+    if chosen[0] == SDPA_CUDNN or cudnn:  # listed where it runs or could, at the tiles it keeps for the rest
+        candidates.append(chosen if chosen[0] == SDPA_CUDNN else
+                          (SDPA_CUDNN, choose_tiles(ks, q.dtype, torch.device("cuda"), options)))
     decode = choose_decode(pattern, s.Q, s.KV, options, False)
     text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png, forward_runs=not decode)
     if fold is not None:
         text += f"\nruns folded: {fold.describe()}; the report above is the folded call's"
-    if chosen[0] == "sdpa-cudnn":
-        text += "\nruns: sdpa-cudnn (SDPA's cuDNN kernel, not modelled)"
+    if chosen[0] == SDPA_CUDNN:
+        text += ("\nruns: sdpa-cudnn (SDPA's cuDNN kernel" + ("" if profile.models(SDPA_CUDNN, ks.D) else
+                                                            f", not modelled at head dim {ks.D} in this profile") +
+                 "; a call asking for the LSE runs the Triton kernels at its tiles)")
     if decode:  # fa4 does not run decode calls: no word on it
         config = None if target is not None else DecodeKernel(pattern, q, k, v, kernel_options=kernel_options).config
         how = ("tiles and kv_splits chosen at run time (choices.choose_decode_tiles, cost.decode_splits)"

@@ -12,7 +12,10 @@ tile shape the simulator compares at D's class (choices.triton_candidates) and f
   backward of full attention, and the pair's rates in the prior profile's backward spec (the
   H200's where it has none) are scaled by predicted / measured; FA4's backward rate likewise from
   its own (where fa4 runs); their PARTIAL factors, prologues and operator costs are the prior
-  profile's (fitting them needs sparse timings at every pair: benchmarks/refit_backward.py --tiles).
+  profile's (fitting them needs sparse timings at every pair: benchmarks/refit_backward.py --tiles);
+- SDPA's cuDNN kernel (where it runs) like a tile shape: its rate from full attention, its
+  PARTIAL factor and prologue fitted to causal (the only other pattern it runs), priced at the
+  tiles attncc keeps for the calls it cannot take (choices.choose_tiles).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones: the GPU's current profile with the figures of
 D's head dim class (cost.HEAD_DIM_CLASSES) replaced, so calibrating 64, 128 and 256 in turn (what
@@ -155,7 +158,7 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     replaced: its base figures where that is its class, else its `head_dims` entry for the class.
     `log`, if given, is called with a line per measurement."""
     from . import fa4
-    from .choices import BACKWARD_CANDIDATES, triton_candidates
+    from .choices import BACKWARD_CANDIDATES, choose_tiles, sdpa_refusal, triton_candidates
 
     cls = cost.head_dim_class(D)
     if cls is None:
@@ -172,6 +175,8 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     configs = [("triton", t) for t in candidates]
     if device.type == "cuda" and fa4.refusal(full, s, q) is None:
         configs.append(("fa4", fa4.TILE))
+    if sdpa_refusal(full, s, device.type, dtype, False) is None:
+        configs.append((cost.SDPA_CUDNN, choose_tiles(s, dtype, device, {})))
     backends: dict = {}
     fitted = fit_patterns(N)
     timings: list[cost.Timing] = []
@@ -184,6 +189,8 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
                                              "programs_per_sm": dict(prior.get("programs_per_sm", {"default": 1}))})
         spec["tflops"][cost.shape_key(tiles)] = float(f"{2.0 * (D + D) * B * H * N * N / (ms * 1e-3) / 1e12:.4g}")
         for pname, pattern in fitted.items():
+            if backend == cost.SDPA_CUDNN and sdpa_refusal(pattern, s, device.type, dtype, False) is not None:
+                continue  # cuDNN runs plain full and causal attention only
             ms, kern = _measure(pattern, q, k, v, backend, tiles)
             log(f"{backend} {tiles}: {pname} {ms:.3f} ms")
             _, meta = META_CACHE.get(kern.pattern, s, kern.tiles, device)
@@ -201,7 +208,8 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
     statement = (
         f"head dim class {cls}: measured by attncc calibrate on {name}, {datetime.date.today()}, torch "
         f"{torch.__version__}: rates from full attention B{B} H{H} N{N} D{D}; PARTIAL factors, prologues, "
-        f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration (rms log error "
+        f"occupancy and operator costs fitted to {', '.join(fitted)} at each configuration"
+        + (" (cuDNN's to causal, the only one it runs)" if cost.SDPA_CUDNN in backends else "") + " (rms log error "
         + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
         + "); the Triton backward's rates from full attention's backward at each tile pair"
         + (", FA4's backward rate from its own" if "fa4" in backends else "")

@@ -4,12 +4,14 @@ kernel_options that override them.
 
 The cost model (compiler/cost.py, on the GPU's profile) decides where a profile measures the
 candidates (16-bit CUDA, at the head dim classes it has figures for: up to 64, 128, 256): the
-forward's backend between triton and fa4 and its tiles (ranked_candidates), the backward after
-FA4's forward (fa4_backward_model_refusal) and the Triton backward's tiles (model_backward_tiles).
-Rules decide the rest, each saying where its numbers come from (H100 2026-11-22 and 2026-12-06,
-H200 2026-12-01..03): whether fa4 may run at all (fa4.refusal, fa4_measured_faster: not with a
-token layout), cuDNN for plain full / causal attention (not modelled), the tile tables outside the
-profiled range (CPU, float32, head dims a profile lacks), TMA, and the decode path.
+forward's backend among triton, fa4 and SDPA's cuDNN and its tiles (ranked_candidates), the
+backward after FA4's forward (fa4_backward_model_refusal) and the Triton backward's tiles
+(model_backward_tiles). Rules decide the rest, each saying where its numbers come from (H100
+2026-11-22 and 2026-12-06, H200 2026-12-01..03): whether fa4 may run at all (fa4.refusal,
+fa4_measured_faster: not with a token layout), the backend where the profile lacks the figures
+(fa4 where it runs, else cuDNN for plain full / causal attention, else triton: _pick_backend), the
+tile tables outside the profiled range (CPU, float32, head dims a profile lacks), TMA, and the
+decode path.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler.codegen import BackwardTiles, TileConfig
+from ..compiler.cost import SDPA_CUDNN
 from ..compiler.layout import Layout
 from ..dsl.ir import TRUE, Var, op
 from ..dsl.pattern import Pattern
@@ -76,7 +79,7 @@ _OPTIONS = TILE_OPTIONS + BACKWARD_TILE_OPTIONS + ("backend", "tma", "determinis
 # handled by ac.attention before a kernel is chosen (runtime/decode.py, runtime/sequences.split_kv),
 # refused by ac.compile unless the decode kernel runs
 CALL_OPTIONS = ("kv_splits", "decode")
-BACKENDS = ("triton", "fa4", "sdpa-cudnn")
+BACKENDS = ("triton", "fa4", SDPA_CUDNN)
 
 
 def choose_tiles(s: Shapes, dtype: torch.dtype, device: torch.device, options: dict) -> TileConfig:
@@ -228,10 +231,11 @@ AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulato
 
 
 def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
-                backend: str, profile, lists_device: torch.device | None = None) -> tuple[str, TileConfig] | None:
+                backend: str, profile, lists_device: torch.device | None = None,
+                cudnn: bool = False) -> tuple[str, TileConfig] | None:
     """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`),
     or None where the rules' `backend` (_pick_backend's) stands; see ranked_candidates."""
-    ranked = ranked_candidates(pattern, s, dtype, device, options, backend, profile, lists_device)
+    ranked = ranked_candidates(pattern, s, dtype, device, options, backend, profile, lists_device, cudnn)
     return ranked[0] if ranked else None
 
 
@@ -256,21 +260,28 @@ def _profiled(s: Shapes, dtype: torch.dtype) -> bool:
 
 
 def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
-                      backend: str, profile, lists_device: torch.device | None = None) -> list[tuple[str, TileConfig]]:
+                      backend: str, profile, lists_device: torch.device | None = None,
+                      cudnn: bool = False) -> list[tuple[str, TileConfig]]:
     """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES,
-    and fa4's where the rules picked fa4 (`backend`: it can run and no layout keeps it off). Empty
-    where the model does not choose: another backend picked or forced, tile options given, or
-    outside where the profile models the call (16-bit CUDA, D and Dv of one head dim class that the
-    profile has Triton's figures for, and fa4's where the rules picked fa4; the table of choose_tiles
-    decides there). Block masks are built on `lists_device` (default: `device`) and cached."""
+    fa4's where the rules picked fa4 (`backend`: it can run and no layout keeps it off), and SDPA's
+    cuDNN where `cudnn` (sdpa_refusal found nothing against it), the backend is automatic and the
+    profile has its rates (its tiles: the table's, which the Triton kernels run for the calls cuDNN
+    cannot take, such as one asking for the LSE). Empty where the model does not choose: a backend
+    forced (but triton), tile options given, or outside where the profile models the call (16-bit
+    CUDA, D and Dv of one head dim class that the profile has Triton's figures for, and those of the
+    backend the rules picked; the rules' backend and choose_tiles' table decide there). Block masks
+    are built on `lists_device` (default: `device`) and cached."""
     from . import fa4
     from .kernel import META_CACHE
 
-    if (backend not in ("triton", "fa4") or options.get("backend", "auto") not in ("auto", "triton")
+    auto = options.get("backend", "auto") == "auto"
+    if (backend not in ("triton", "fa4", SDPA_CUDNN) or not (auto or options["backend"] == "triton")
             or device.type != "cuda" or not _profiled(s, dtype) or not profile.models("triton", s.D)
-            or (backend == "fa4" and not profile.models("fa4", s.D)) or any(k in options for k in TILE_OPTIONS)):
+            or (backend != "triton" and not profile.models(backend, s.D)) or any(k in options for k in TILE_OPTIONS)):
         return []
     candidates = [("triton", t) for t in triton_candidates(s.D)] + ([("fa4", fa4.TILE)] if backend == "fa4" else [])
+    if cudnn and auto and profile.models(SDPA_CUDNN, s.D):
+        candidates.append((SDPA_CUDNN, choose_tiles(s, dtype, device, options)))
     return sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
                                                                      profile))
 
@@ -360,7 +371,8 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
         lambda: sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True), f" on the {TARGETS[target][0]}")
     from ..compiler.cost import load_profile
 
-    picked = cost_choice(pattern, s, dtype, cuda, options, backend, load_profile(target), cpu)
+    cudnn = sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True) is None
+    picked = cost_choice(pattern, s, dtype, cuda, options, backend, load_profile(target), cpu, cudnn)
     if picked is not None:
         return picked
     return backend, fa4.TILE if backend == "fa4" else choose_tiles(s, dtype, cuda, options)
@@ -405,8 +417,9 @@ def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, 
     128, FlashAttention-4 installed, every operator lowerable to CuTe) and measured faster
     (`fa4_measured_faster`), else "sdpa-cudnn" for plain full or equal-length causal attention,
     else "triton", which runs everything (the CPU interpreter, float32, any head dim, any
-    operator). Buffer gradients come from the same backend-independent pass
-    (runtime/buffer_grads.py) on every backend.
+    operator). Where the GPU's profile prices them, ranked_candidates then chooses among this
+    backend, the Triton tiles and cuDNN by predicted time. Buffer gradients come from the same
+    backend-independent pass (runtime/buffer_grads.py) on every backend.
     """
     from . import fa4
 

@@ -471,10 +471,10 @@ class Kernel:
     @property
     def predicted_ms(self) -> float | None:
         """The simulator's forward time at this kernel's shapes, on the profile of its GPU (the
-        matching one, else "generic"); None on CPU, for sdpa-cudnn, or a backend the profile lacks."""
+        matching one, else "generic"); None on CPU, or for a backend the profile lacks at this head dim."""
         from .calibrate import profile_for
 
-        if self.device.type != "cuda" or self.backend == "sdpa-cudnn":
+        if self.device.type != "cuda":
             return None
         return META_CACHE.predicted_ms(self.pattern, self._shapes, self.tiles, self.device, self.backend,
                                        profile_for(self.device))

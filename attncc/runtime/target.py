@@ -62,7 +62,7 @@ class TargetKernel:
 
     @property
     def predicted_ms(self) -> float | None:
-        """The simulator's forward ms on the target's profile (None for sdpa-cudnn, not modelled)."""
+        """The simulator's forward ms on the target's profile (None where it lacks the backend at this head dim)."""
         from .kernel import META_CACHE
 
         return META_CACHE.predicted_ms(self.pattern, self._shapes, self.tiles, _CPU, self.backend,
