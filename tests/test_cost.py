@@ -362,6 +362,35 @@ def test_the_profiles_choose_between_cudnn_fa4_and_triton_on_plain_attention():
                                cost.load_profile("generic"), cpu, cudnn=True) is None
 
 
+def test_fa4_enters_the_ranking_of_a_token_layout_with_its_copies_priced():
+    """fa4 reads a token layout's rows from permuted copies of q, k, v and the output (read and
+    written once each at the profile's bandwidth: 0.224 ms at B4 H16 N8192 D128 bf16 on the H200);
+    with them it ranks last on natten2d (measured 2.65 ms with its copies against Triton's 0.91),
+    and the model picks Triton's 64x32 as before."""
+    from attncc.runtime import choices, fa4
+
+    s = Shapes(B=4, Hq=16, Hkv=16, Q=8192, KV=8192, D=128, Dv=128)
+    profile = cost.load_profile("h200")
+    copies = choices.layout_copies_ms(s, 2, profile)
+    assert copies == pytest.approx(2 * 4 * 16 * 8192 * 512 * 2 / 4.8e12 * 1e3)
+    natten = ac.patterns.natten2d(64, 128, 17)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    kp = natten.kernel_pattern
+    ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu, fa4_copies_ms=copies)
+    assert ranked[0] == ("triton", TileConfig(64, 32, 4, 2)) and ranked[-1] == ("fa4", fa4.TILE)
+    assert ("fa4", fa4.TILE) not in choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu)
+    assert ("fa4", fa4.TILE) not in choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {"backend": "triton"},
+                                                              "triton", profile, cpu, fa4_copies_ms=copies)
+    fast = profile.with_spec("fa4", 128, {**profile.spec("fa4", 128), "tflops": {"128x128": 20000}})  # a fa4 20x as fast
+    for copies_ms, rank in ((0.0, 0), (10.0, -1)):  # the copies are part of its price
+        ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", fast, cpu, fa4_copies_ms=copies_ms)
+        assert ranked[rank] == ("fa4", fa4.TILE)
+    assert choices.choose_on_target(kp, s, torch.bfloat16, "h200", {}, natten.layout) == ("triton", TileConfig(64, 32, 4, 2))
+    q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    text = ac.explain(natten, q, q, q, target="h200")
+    assert "+ 0.224 ms of permuted copies" in text and "fa4 could run this call on permuted copies" in text
+
+
 def test_the_h200_profile_picks_what_measured_fastest():
     """benchmarks/results/2026-12-01-nvidia-h200-costmodel.md: fa4 on every pattern it runs; among
     Triton's tiles 128x64 on long rows (full, softcap), 64x64 on short ones (swa1024, document)."""

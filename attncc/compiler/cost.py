@@ -109,6 +109,16 @@ class Profile:
             new = {**old, "head_dims": {**old.get("head_dims", {}), str(cls): spec}}
         return replace(self, backends={**self.backends, backend: new})
 
+    def figures(self, backend: str, D: int) -> str:
+        """`backend`'s figures at head dim D (spec) as text, to key cached predictions by: a profile
+        altered under its name (with_spec, as refits and tests make) is priced afresh. Kept on this
+        (immutable) profile after the first call."""
+        memo = self.__dict__.setdefault("_figures", {})
+        cls = head_dim_class(D)
+        if (backend, cls) not in memo:
+            memo[backend, cls] = json.dumps(self.spec(backend, D), sort_keys=True)
+        return memo[backend, cls]
+
     def rate(self, backend: str, tiles: TileConfig, D: int | None = None) -> float:
         """TFLOP/s one SM's worth of programs of this tile shape reach, divided by the SM count."""
         table = self.spec(backend, D)["tflops"]
@@ -541,11 +551,13 @@ def _fmt_ms(ms: float) -> str:
 
 
 def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[str, TileConfig],
-           candidates: list[tuple[str, TileConfig]], png: str | None = None, forward_runs: bool = True) -> str:
+           candidates: list[tuple[str, TileConfig]], png: str | None = None, forward_runs: bool = True,
+           copies_ms: dict | None = None) -> str:
     """The text `ac.explain` returns (see its docstring); with `png`, also a picture there: the
     block map of (b, h) = (0, 0) at the chosen tiles beside each query tile's predicted load.
     forward_runs=False: another kernel runs the call (the decode kernel): the forward
-    configurations are listed for comparison, none marked."""
+    configurations are listed for comparison, none marked. copies_ms: {backend: ms} a backend pays
+    beside its kernel (fa4's permuted copies of a token layout), added to its prediction."""
     from ..runtime.kernel import META_CACHE
 
     lines = [f"pattern: {pattern.name or 'custom'}  (mask: {_short(pattern.mask)}; score: {_short(pattern.score)})",
@@ -580,10 +592,11 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
                      f"`attncc calibrate --head-dim {s.D}` measures them)")
     candidates = [c for c in candidates if profile.models(c[0], s.D)]
     rows, chosen_pred = [], None
+    copies_ms = copies_ms or {}
     for backend, tiles in candidates:
         _, m = META_CACHE.get(pattern, s, tiles, device)
         pred = simulate(m, B, H, s.D, tiles, backend, profile)
-        rows.append((pred.ms, backend, tiles))
+        rows.append((pred.ms + copies_ms.get(backend, 0.0), backend, tiles))
         if (backend, tiles) == chosen:
             chosen_pred = pred
     if png is not None:
@@ -602,6 +615,8 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
         mark = "  <- runs" if (backend, tiles) == chosen and forward_runs else ""
         effective = 2.0 * (s.D + s.Dv) * pairs / (ms * 1e-3) / 1e12 if ms > 0 else math.inf
         label = "sdpa-cudnn (cuDNN's own tiles)" if backend == SDPA_CUDNN else f"{backend:7s} {tiles}"
+        if backend in copies_ms:
+            label += f" + {_fmt_ms(copies_ms[backend])} of permuted copies"
         lines.append(f"  {label}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
                      f"{effective:.0f} effective TFLOP/s{mark}")
     if rows and rows[0][0] < roof:

@@ -110,9 +110,10 @@ def _softmax_attention(scores: torch.Tensor, live: torch.Tensor, v: torch.Tensor
 
 def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .calibrate import profile_for
+    from . import fa4
     from .choices import (AUTOTUNE_TOP, KernelChoice, backward_modelled, check_options, choose_backend,
-                          choose_backward_tiles, choose_tiles, choose_tma, forced_tiles, ranked_candidates,
-                          sdpa_refusal)
+                          choose_backward_tiles, choose_tiles, choose_tma, forced_tiles, layout_copies_ms,
+                          ranked_candidates, sdpa_refusal)
     from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
@@ -131,9 +132,12 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     rankings = {}  # folded or not -> the simulator's ranking of that form's configurations
 
     def choose(kp, ks, layout, fold):  # (backend, forward tiles) of the kernels' form of the call
-        backend = choose_backend(kp, ks, q, options, return_lse, layout)
+        backend, profile = choose_backend(kp, ks, q, options, return_lse, layout), profile_for(q.device)
         cudnn = sdpa_refusal(kp, ks, q.device.type, q.dtype, return_lse) is None
-        ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile_for(q.device), cudnn=cudnn)
+        copies = (layout_copies_ms(ks, q.element_size(), profile) if layout is not None and q.is_cuda
+                  and options.get("backend", "auto") == "auto" and fa4.refusal(kp, ks, q) is None else None)
+        ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile, cudnn=cudnn,
+                                   fa4_copies_ms=copies)
         if options.get("autotune") and ranked:
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
         rankings[fold is not None] = ranked
@@ -500,7 +504,8 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     from ..compiler import cost
     from .calibrate import profile_for
-    from .choices import SDPA_CUDNN, TARGETS, check_options, choose_tiles, sdpa_refusal, triton_candidates
+    from .choices import (SDPA_CUDNN, TARGETS, check_options, choose_tiles, layout_copies_ms, sdpa_refusal,
+                          triton_candidates)
     from . import fa4
 
     s = check_qkv(q, k, v)
@@ -535,8 +540,10 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     if chosen[0] == SDPA_CUDNN or cudnn:  # listed where it runs or could, at the tiles it keeps for the rest
         candidates.append(chosen if chosen[0] == SDPA_CUDNN else
                           (SDPA_CUDNN, choose_tiles(ks, q.dtype, torch.device("cuda"), options)))
+    copies = {"fa4": layout_copies_ms(ks, q.element_size(), profile)} if layout is not None and fa4_ok else {}
     decode = choose_decode(pattern, s.Q, s.KV, options, False)
-    text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png, forward_runs=not decode)
+    text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png, forward_runs=not decode,
+                       copies_ms=copies)
     if fold is not None:
         text += f"\nruns folded: {fold.describe()}; the report above is the folded call's"
     if chosen[0] == SDPA_CUDNN:
@@ -557,9 +564,10 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
             text += (f"\nfa4 runs the mask as FA4's own masks (compiler/bands.py), "
                      f"{'forward and backward' if native.whole() else 'in the backward'}: {native.describe()}")
     elif chosen[0] != "fa4":
-        text += ("\nfa4 could run this call, but it would read permuted copies; attncc's Triton kernels gather the "
-                 "token layout's rows in place (runtime/choices.fa4_measured_faster)" if layout is not None
-                 else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
+        text += ("\nfa4 could run this call on permuted copies of q, k, v and the output (priced above at the "
+                 "profile's bandwidth); attncc's Triton kernels gather the token layout's rows in place"
+                 + ("" if profile.models("fa4", ks.D) else " (runtime/choices.fa4_measured_faster)")
+                 if layout is not None else "\nfa4 could run this call; the marked one runs (runtime/choices.py)")
     text += "\n" + _backward_line(kp, ks, q.dtype, lists, options, profile, chosen[0])
     if plan is not None:
         from .parallel import explain_text

@@ -6,12 +6,13 @@ The cost model (compiler/cost.py, on the GPU's profile) decides where a profile 
 candidates (16-bit CUDA, at the head dim classes it has figures for: up to 64, 128, 256): the
 forward's backend among triton, fa4 and SDPA's cuDNN and its tiles (ranked_candidates), the
 backward after FA4's forward (fa4_backward_model_refusal) and the Triton backward's tiles
-(model_backward_tiles). Rules decide the rest, each saying where its numbers come from (H100
-2026-11-22 and 2026-12-06, H200 2026-12-01..03): whether fa4 may run at all (fa4.refusal,
-fa4_measured_faster: not with a token layout), the backend where the profile lacks the figures
-(fa4 where it runs, else cuDNN for plain full / causal attention, else triton: _pick_backend), the
-tile tables outside the profiled range (CPU, float32, head dims a profile lacks), TMA, and the
-decode path.
+(model_backward_tiles); fa4 on a pattern with a token layout is priced with its permuted copies
+(layout_copies_ms). Rules decide the rest, each saying where its numbers come from (H100
+2026-11-22 and 2026-12-06, H200 2026-12-01..03): whether fa4 can run at all (fa4.refusal), the
+backend where the profile lacks the figures (fa4 where it runs and no token layout keeps it off,
+fa4_measured_faster, else cuDNN for plain full / causal attention, else triton: _pick_backend),
+the tile tables outside the profiled range (CPU, float32, head dims a profile lacks), TMA, and
+the decode path.
 """
 from __future__ import annotations
 
@@ -231,12 +232,21 @@ AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulato
 
 
 def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
-                backend: str, profile, lists_device: torch.device | None = None,
-                cudnn: bool = False) -> tuple[str, TileConfig] | None:
+                backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
+                fa4_copies_ms: float | None = None) -> tuple[str, TileConfig] | None:
     """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`),
     or None where the rules' `backend` (_pick_backend's) stands; see ranked_candidates."""
-    ranked = ranked_candidates(pattern, s, dtype, device, options, backend, profile, lists_device, cudnn)
+    ranked = ranked_candidates(pattern, s, dtype, device, options, backend, profile, lists_device, cudnn,
+                               fa4_copies_ms)
     return ranked[0] if ranked else None
+
+
+def layout_copies_ms(s: Shapes, element_size: int, profile) -> float:
+    """What a backend that cannot gather a token layout's rows in place (fa4) pays a forward for
+    the layout, at `profile`'s bandwidth: q, k and v copied into the layout's order and the output
+    back, each read and written once (s: the call's shapes)."""
+    elements = s.B * (s.Hq * s.Q * (s.D + s.Dv) + s.Hkv * s.KV * (s.D + s.Dv))
+    return 2.0 * elements * element_size / (profile.hbm_tbps * 1e12) * 1e3
 
 
 def modelled_ms(pattern: Pattern, s: Shapes, backend: str, tiles: TileConfig, dtype: torch.dtype, profile,
@@ -260,17 +270,19 @@ def _profiled(s: Shapes, dtype: torch.dtype) -> bool:
 
 
 def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
-                      backend: str, profile, lists_device: torch.device | None = None,
-                      cudnn: bool = False) -> list[tuple[str, TileConfig]]:
-    """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES,
-    fa4's where the rules picked fa4 (`backend`: it can run and no layout keeps it off), and SDPA's
-    cuDNN where `cudnn` (sdpa_refusal found nothing against it), the backend is automatic and the
-    profile has its rates (its tiles: the table's, which the Triton kernels run for the calls cuDNN
-    cannot take, such as one asking for the LSE). Empty where the model does not choose: a backend
-    forced (but triton), tile options given, or outside where the profile models the call (16-bit
-    CUDA, D and Dv of one head dim class that the profile has Triton's figures for, and those of the
-    backend the rules picked; the rules' backend and choose_tiles' table decide there). Block masks
-    are built on `lists_device` (default: `device`) and cached."""
+                      backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
+                      fa4_copies_ms: float | None = None) -> list[tuple[str, TileConfig]]:
+    """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES;
+    fa4's where the rules picked fa4 (`backend`), or where it could run a pattern with a token
+    layout on permuted copies (`fa4_copies_ms`: their cost, layout_copies_ms, added to its
+    prediction) and the backend is automatic; and SDPA's cuDNN where `cudnn` (sdpa_refusal found
+    nothing against it) and the backend is automatic (its tiles: the table's, which the Triton
+    kernels run for the calls cuDNN cannot take, such as one asking for the LSE). A backend enters
+    where the profile has its figures. Empty where the model does not choose: a backend forced (but
+    triton), tile options given, or outside where the profile models the call (16-bit CUDA, D and
+    Dv of one head dim class that the profile has Triton's figures for, and those of the backend the
+    rules picked; the rules' backend and choose_tiles' table decide there). Block masks are built
+    on `lists_device` (default: `device`) and cached."""
     from . import fa4
     from .kernel import META_CACHE
 
@@ -279,11 +291,14 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
             or device.type != "cuda" or not _profiled(s, dtype) or not profile.models("triton", s.D)
             or (backend != "triton" and not profile.models(backend, s.D)) or any(k in options for k in TILE_OPTIONS)):
         return []
-    candidates = [("triton", t) for t in triton_candidates(s.D)] + ([("fa4", fa4.TILE)] if backend == "fa4" else [])
+    candidates = [("triton", t) for t in triton_candidates(s.D)]
+    if backend == "fa4" or (fa4_copies_ms is not None and auto and profile.models("fa4", s.D)):
+        candidates.append(("fa4", fa4.TILE))
     if cudnn and auto and profile.models(SDPA_CUDNN, s.D):
         candidates.append((SDPA_CUDNN, choose_tiles(s, dtype, device, options)))
+    extra = {"fa4": fa4_copies_ms or 0.0}
     return sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
-                                                                     profile))
+                                                                     profile) + extra.get(c[0], 0.0))
 
 
 # forward configurations the simulator compares (the fa4 one where fa4 can run), per head dim class
@@ -371,8 +386,11 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
         lambda: sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True), f" on the {TARGETS[target][0]}")
     from ..compiler.cost import load_profile
 
+    profile = load_profile(target)
     cudnn = sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True) is None
-    picked = cost_choice(pattern, s, dtype, cuda, options, backend, load_profile(target), cpu, cudnn)
+    copies = (layout_copies_ms(s, dtype.itemsize, profile) if layout is not None
+              and fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True) is None else None)
+    picked = cost_choice(pattern, s, dtype, cuda, options, backend, profile, cpu, cudnn, copies)
     if picked is not None:
         return picked
     return backend, fa4.TILE if backend == "fa4" else choose_tiles(s, dtype, cuda, options)
@@ -451,7 +469,8 @@ def _pick_backend(forced: str, cuda: bool, fa4_refusal, fa4_faster, cudnn_refusa
 def fa4_measured_faster(layout) -> bool:
     """Whether the fa4 backend beat attncc's Triton kernels for this kind of call: everywhere it
     runs except patterns with a token layout (which attncc's Triton kernels gather in place, while
-    FA4 needs permuted copies). Forward ms, H200, 2026-12-01 (`benchmarks/costmodel.py`, B4 H16
+    FA4 needs permuted copies). The rule where the profile cannot say (ranked_candidates prices
+    fa4's copies where it can). Forward ms, H200, 2026-12-01 (`benchmarks/costmodel.py`, B4 H16
     N8192 D128 bf16, every candidate in one process; benchmarks/results/2026-12-01-nvidia-h200-
     costmodel.md), fa4 against the best Triton tiles: full 3.29 vs 4.43, causal 1.71 vs 2.32,
     swa1024 0.54 vs 0.72, document 0.70 vs 0.87, softcap 2.17 vs 2.80 (tanh: since the hooks divide

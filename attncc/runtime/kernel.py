@@ -207,12 +207,13 @@ class _MetaCache:
                      profile) -> float | None:
         """compiler.cost.simulate's forward ms for this entry on `backend` and `profile` (None where the
         profile lacks the backend), computed once (list scheduling of every program is milliseconds
-        of Python: never per call)."""
+        of Python: never per call) per backend figures: a profile altered in place of its name
+        (Profile.with_spec, as refits and tests make) is priced afresh."""
         if not profile.models(backend, s.D):
             return None
         with self.lock:
             entry = self._entry(pattern, s, config, device)
-            key = (backend, config, s.B, s.Hq, s.D, profile.key, profile.provenance)
+            key = (backend, config, s.B, s.Hq, s.D, profile.key, profile.sms, profile.figures(backend, s.D))
             if key not in entry[4]:
                 entry[4][key] = cost.simulate(entry[2], s.B, s.Hq, s.D, config, backend, profile).ms
             return entry[4][key]
