@@ -376,15 +376,22 @@ def test_fa4_enters_the_ranking_of_a_token_layout_with_its_copies_priced():
     natten = ac.patterns.natten2d(64, 128, 17)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     kp = natten.kernel_pattern
-    ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu, fa4_copies_ms=copies)
+    asked = []
+    runs = (copies, lambda: asked.append(1) or True)
+    ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu, fa4_on_copies=runs)
     assert ranked[0] == ("triton", TileConfig(64, 32, 4, 2)) and ranked[-1] == ("fa4", fa4.TILE)
+    assert not asked  # ranked last, fa4 is not asked whether it runs (importing FA4 costs a first call a second)
     assert ("fa4", fa4.TILE) not in choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu)
     assert ("fa4", fa4.TILE) not in choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {"backend": "triton"},
-                                                              "triton", profile, cpu, fa4_copies_ms=copies)
+                                                              "triton", profile, cpu, fa4_on_copies=runs)
     fast = profile.with_spec("fa4", 128, {**profile.spec("fa4", 128), "tflops": {"128x128": 20000}})  # a fa4 20x as fast
     for copies_ms, rank in ((0.0, 0), (10.0, -1)):  # the copies are part of its price
-        ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", fast, cpu, fa4_copies_ms=copies_ms)
+        ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", fast, cpu,
+                                           fa4_on_copies=(copies_ms, lambda: True))
         assert ranked[rank] == ("fa4", fa4.TILE)
+    refused = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", fast, cpu,
+                                        fa4_on_copies=(0.0, lambda: False))  # first, then asked: it cannot run
+    assert ("fa4", fa4.TILE) not in refused and len(refused) == 5
     assert choices.choose_on_target(kp, s, torch.bfloat16, "h200", {}, natten.layout) == ("triton", TileConfig(64, 32, 4, 2))
     q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     text = ac.explain(natten, q, q, q, target="h200")

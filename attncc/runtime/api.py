@@ -134,10 +134,10 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     def choose(kp, ks, layout, fold):  # (backend, forward tiles) of the kernels' form of the call
         backend, profile = choose_backend(kp, ks, q, options, return_lse, layout), profile_for(q.device)
         cudnn = sdpa_refusal(kp, ks, q.device.type, q.dtype, return_lse) is None
-        copies = (layout_copies_ms(ks, q.element_size(), profile) if layout is not None and q.is_cuda
-                  and options.get("backend", "auto") == "auto" and fa4.refusal(kp, ks, q) is None else None)
+        on_copies = None if layout is None else (layout_copies_ms(ks, q.element_size(), profile),
+                                                 lambda: fa4.refusal(kp, ks, q) is None)
         ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile, cudnn=cudnn,
-                                   fa4_copies_ms=copies)
+                                   fa4_on_copies=on_copies)
         if options.get("autotune") and ranked:
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
         rankings[fold is not None] = ranked

@@ -233,11 +233,11 @@ AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulato
 
 def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
                 backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
-                fa4_copies_ms: float | None = None) -> tuple[str, TileConfig] | None:
+                fa4_on_copies=None) -> tuple[str, TileConfig] | None:
     """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`),
     or None where the rules' `backend` (_pick_backend's) stands; see ranked_candidates."""
     ranked = ranked_candidates(pattern, s, dtype, device, options, backend, profile, lists_device, cudnn,
-                               fa4_copies_ms)
+                               fa4_on_copies)
     return ranked[0] if ranked else None
 
 
@@ -271,14 +271,15 @@ def _profiled(s: Shapes, dtype: torch.dtype) -> bool:
 
 def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
                       backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
-                      fa4_copies_ms: float | None = None) -> list[tuple[str, TileConfig]]:
+                      fa4_on_copies=None) -> list[tuple[str, TileConfig]]:
     """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES;
-    fa4's where the rules picked fa4 (`backend`), or where it could run a pattern with a token
-    layout on permuted copies (`fa4_copies_ms`: their cost, layout_copies_ms, added to its
-    prediction) and the backend is automatic; and SDPA's cuDNN where `cudnn` (sdpa_refusal found
-    nothing against it) and the backend is automatic (its tiles: the table's, which the Triton
-    kernels run for the calls cuDNN cannot take, such as one asking for the LSE). A backend enters
-    where the profile has its figures. Empty where the model does not choose: a backend forced (but
+    fa4's where the rules picked fa4 (`backend`), or, with the backend automatic, on a pattern
+    with a token layout (`fa4_on_copies` = (the ms of its permuted copies, layout_copies_ms, added
+    to its prediction; a callable saying whether fa4 can run the call), asked only where fa4 ranks
+    among the first AUTOTUNE_TOP: it may import FlashAttention-4, a second of a first call); and
+    SDPA's cuDNN where `cudnn` (sdpa_refusal found nothing against it) and the backend is automatic
+    (its tiles: the table's, which the Triton kernels run for the calls cuDNN cannot take, such as
+    one asking for the LSE). A backend enters where the profile has its figures. Empty where the model does not choose: a backend forced (but
     triton), tile options given, or outside where the profile models the call (16-bit CUDA, D and
     Dv of one head dim class that the profile has Triton's figures for, and those of the backend the
     rules picked; the rules' backend and choose_tiles' table decide there). Block masks are built
@@ -292,13 +293,17 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
             or (backend != "triton" and not profile.models(backend, s.D)) or any(k in options for k in TILE_OPTIONS)):
         return []
     candidates = [("triton", t) for t in triton_candidates(s.D)]
-    if backend == "fa4" or (fa4_copies_ms is not None and auto and profile.models("fa4", s.D)):
+    on_copies = backend != "fa4" and fa4_on_copies is not None and auto and profile.models("fa4", s.D)
+    if backend == "fa4" or on_copies:
         candidates.append(("fa4", fa4.TILE))
     if cudnn and auto and profile.models(SDPA_CUDNN, s.D):
         candidates.append((SDPA_CUDNN, choose_tiles(s, dtype, device, options)))
-    extra = {"fa4": fa4_copies_ms or 0.0}
-    return sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
-                                                                     profile) + extra.get(c[0], 0.0))
+    extra = {"fa4": fa4_on_copies[0] if on_copies else 0.0}
+    ranked = sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
+                                                                       profile) + extra.get(c[0], 0.0))
+    if on_copies and ("fa4", fa4.TILE) in ranked[:AUTOTUNE_TOP] and not fa4_on_copies[1]():
+        ranked.remove(("fa4", fa4.TILE))
+    return ranked
 
 
 # forward configurations the simulator compares (the fa4 one where fa4 can run), per head dim class
@@ -388,9 +393,10 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
 
     profile = load_profile(target)
     cudnn = sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True) is None
-    copies = (layout_copies_ms(s, dtype.itemsize, profile) if layout is not None
-              and fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True) is None else None)
-    picked = cost_choice(pattern, s, dtype, cuda, options, backend, profile, cpu, cudnn, copies)
+    on_copies = None if layout is None else (
+        layout_copies_ms(s, dtype.itemsize, profile),
+        lambda: fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True) is None)
+    picked = cost_choice(pattern, s, dtype, cuda, options, backend, profile, cpu, cudnn, on_copies)
     if picked is not None:
         return picked
     return backend, fa4.TILE if backend == "fa4" else choose_tiles(s, dtype, cuda, options)
