@@ -396,6 +396,8 @@ def test_fa4_enters_the_ranking_of_a_token_layout_with_its_copies_priced():
     q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
     text = ac.explain(natten, q, q, q, target="h200")
     assert "+ 0.224 ms of permuted copies" in text and "fa4 could run this call on permuted copies" in text
+    forced = ac.compile(natten, q, q, q, target="h200", kernel_options={"backend": "fa4"})
+    assert forced.predicted_ms == pytest.approx(META_CACHE.predicted_ms(kp, s, fa4.TILE, cpu, "fa4", profile) + copies)
 
 
 def test_the_h200_profile_picks_what_measured_fastest():

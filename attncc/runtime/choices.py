@@ -241,6 +241,19 @@ def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.d
     return ranked[0] if ranked else None
 
 
+def predicted_forward_ms(pattern: Pattern, s: Shapes, tiles: TileConfig, lists_device: torch.device, backend: str,
+                         profile, layout) -> float | None:
+    """A chosen forward's predicted ms: the simulator's (None where `profile` lacks `backend` at
+    this head dim), plus fa4's permuted copies where it runs a token layout (layout_copies_ms; fa4
+    runs 16-bit tensors only)."""
+    from .kernel import META_CACHE
+
+    ms = META_CACHE.predicted_ms(pattern, s, tiles, lists_device, backend, profile)
+    if ms is not None and backend == "fa4" and layout is not None:
+        ms += layout_copies_ms(s, 2, profile)
+    return ms
+
+
 def layout_copies_ms(s: Shapes, element_size: int, profile) -> float:
     """What a backend that cannot gather a token layout's rows in place (fa4) pays a forward for
     the layout, at `profile`'s bandwidth: q, k and v copied into the layout's order and the output

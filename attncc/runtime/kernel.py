@@ -472,13 +472,15 @@ class Kernel:
     @property
     def predicted_ms(self) -> float | None:
         """The simulator's forward time at this kernel's shapes, on the profile of its GPU (the
-        matching one, else "generic"); None on CPU, or for a backend the profile lacks at this head dim."""
+        matching one, else "generic"), fa4's copies of a token layout included; None on CPU, or for a
+        backend the profile lacks at this head dim."""
         from .calibrate import profile_for
+        from .choices import predicted_forward_ms
 
         if self.device.type != "cuda":
             return None
-        return META_CACHE.predicted_ms(self.pattern, self._shapes, self.tiles, self.device, self.backend,
-                                       profile_for(self.device))
+        return predicted_forward_ms(self.pattern, self._shapes, self.tiles, self.device, self.backend,
+                                    profile_for(self.device), self.layout)
 
     @property
     def source(self) -> str:

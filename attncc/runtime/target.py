@@ -62,11 +62,12 @@ class TargetKernel:
 
     @property
     def predicted_ms(self) -> float | None:
-        """The simulator's forward ms on the target's profile (None where it lacks the backend at this head dim)."""
-        from .kernel import META_CACHE
+        """The simulator's forward ms on the target's profile, fa4's copies of a token layout included
+        (None where it lacks the backend at this head dim)."""
+        from .choices import predicted_forward_ms
 
-        return META_CACHE.predicted_ms(self.pattern, self._shapes, self.tiles, _CPU, self.backend,
-                                       cost.load_profile(self.target))
+        return predicted_forward_ms(self.pattern, self._shapes, self.tiles, _CPU, self.backend,
+                                    cost.load_profile(self.target), self.layout)
 
     @property
     def source(self) -> str:
