@@ -556,7 +556,10 @@ def test_backward_model_scales_with_the_work_and_shows_in_explain():
     dilated = ac.explain(ac.patterns.dilated(1024, 4), q, q, q, target="h200",  # runs attncc's Triton backward
                          kernel_options={"fold": False})
     assert "backward: attncc's Triton dK/dV" in dilated and "not what runs" not in dilated
-    assert "backward: FA4's own kernels, 1 call(s), deterministic: no model at head dim 128 in the 'h100' profile" in \
+    q64 = torch.empty(4, 16, 8192, 64, dtype=torch.bfloat16, device="meta")  # FA4's backward at D=64: not modelled
+    assert "backward: FA4's own kernels, 1 call(s), deterministic: no model at head dim 64 in the 'h100' profile" in \
+        ac.explain(ac.patterns.causal(), q64, q64, q64, target="h100")
+    assert "backward: FA4's own kernels, 1 call(s), deterministic: predicted" in \
         ac.explain(ac.patterns.causal(), q, q, q, target="h100")
 
 
