@@ -3,8 +3,8 @@
     python benchmarks/costmodel.py [--patterns causal,swa1024,...] [--shape main] [--N 8192] [--out-dir DIR] [--smoke]
     python benchmarks/costmodel.py --predict h200 --patterns sinks,chunked   # on any machine: predictions only
 
-For each pattern, every candidate forward configuration (runtime/choices.triton_candidates of the head dim, and
-the fa4 backend where it runs) is timed (do_bench median, bf16, at one of BENCHMARKS.md's shapes,
+For each pattern, every candidate forward configuration (runtime/choices.triton_candidates of the head dim, the
+fa4 backend where it runs, and SDPA's cuDNN kernel on plain full / causal attention) is timed (do_bench median, bf16, at one of BENCHMARKS.md's shapes,
 benchmarks/patterns.SHAPES: main B4 H16 N8192 D128, gqa Hq32/Hkv8, long B1 N32768, odd N8000;
 --N overrides its N) and
 predicted on the profile of the GPU (its name's profile, else "generic"); each output is checked
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import attncc as ac  # noqa: E402
 from attncc.compiler import cost  # noqa: E402
 from attncc.runtime.calibrate import profile_for, time_ms  # noqa: E402
-from attncc.runtime.choices import triton_candidates  # noqa: E402
+from attncc.runtime.choices import SDPA_CUDNN, choose_tiles, sdpa_refusal, triton_candidates  # noqa: E402
 from attncc.runtime.inputs import check_qkv  # noqa: E402
 from attncc.runtime.kernel import META_CACHE  # noqa: E402
 from benchmarks.patterns import SHAPES, SMOKE_SHAPES, Shape, build  # noqa: E402
@@ -83,11 +83,14 @@ def candidates(pattern, q, k, v) -> list[tuple[str, dict]]:
     """(label, kernel_options) of every configuration compared."""
     from attncc.runtime import fa4
 
+    s = check_qkv(q, k, v)
     out = [(config_label("triton", t),
             {"backend": "triton", "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N, "num_warps": t.num_warps,
              "num_stages": t.num_stages}) for t in triton_candidates(q.shape[-1])]
-    if q.is_cuda and fa4.refusal(pattern.kernel_pattern, check_qkv(q, k, v), q) is None:
+    if q.is_cuda and fa4.refusal(pattern.kernel_pattern, s, q) is None:
         out.append((config_label("fa4", fa4.TILE), {"backend": "fa4"}))
+    if sdpa_refusal(pattern.kernel_pattern, s, q.device.type, q.dtype, False) is None:
+        out.append((config_label(SDPA_CUDNN, choose_tiles(s, q.dtype, q.device, {})), {"backend": SDPA_CUDNN}))
     return out
 
 
@@ -156,6 +159,8 @@ def predict_pattern(name: str, shape: Shape, profile_key: str) -> dict:
     if fa4.refusal_on(pattern.kernel_pattern, s, TARGETS[profile_key][1], torch.bfloat16, cpu,
                       assume_installed=True) is None:
         configs.append(("fa4", fa4.TILE))
+    if sdpa_refusal(pattern.kernel_pattern, s, "cuda", torch.bfloat16, False, assume_installed=True) is None:
+        configs.append((SDPA_CUDNN, choose_tiles(s, torch.bfloat16, torch.device("cuda"), {})))
     rows = []
     for backend, tiles in configs:
         kp, ks = kernel_form(pattern, s, backend)

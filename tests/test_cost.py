@@ -162,7 +162,8 @@ def test_the_validation_benchmark_runs_in_smoke_mode(tmp_path):
     assert result["refused"] == []
     # another of BENCHMARKS.md's shapes: GQA, predicted and (tiny, interpreted) measured
     gqa = costmodel.main(["--predict", "h200", "--shape", "gqa", "--N", "1024", "--patterns", "causal"])["results"][0]
-    assert gqa["shape"] == {"B": 4, "Hq": 32, "Hkv": 8, "N": 1024, "D": 128} and len(gqa["rows"]) == 6
+    assert gqa["shape"] == {"B": 4, "Hq": 32, "Hkv": 8, "N": 1024, "D": 128} and len(gqa["rows"]) == 7  # and cuDNN
+    assert gqa["rows"][-1]["config"] == "sdpa-cudnn 128x64/8/3"
     small = costmodel.main(["--smoke", "--shape", "gqa", "--patterns", "causal"])["results"][0]
     assert small["shape"]["Hkv"] == 2 and all(r["rel_err"] < 1e-4 for r in small["rows"])
 
