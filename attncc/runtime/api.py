@@ -188,7 +188,7 @@ def kernel_form(pattern: Pattern, s, options: dict, choose, tensors: tuple, mode
         profile, lists = model
         dtype = tensors[0].dtype
         as_folded = modelled_ms(fold.pattern, fold.shapes(s), *folded[4], dtype, profile, lists)
-        as_laid = modelled_ms(kp, s, *laid[4], dtype, profile, lists)
+        as_laid = modelled_ms(kp, s, *laid[4], dtype, profile, lists, pattern.layout)
         if as_folded is not None and as_laid is not None:
             out_bytes = s.B * s.Hq * s.Q * s.Dv * tensors[0].element_size()
             copy_ms = fold.copied_bytes(tensors, out_bytes) / (profile.hbm_tbps * 1e12) * 1e3

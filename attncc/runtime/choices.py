@@ -263,15 +263,13 @@ def layout_copies_ms(s: Shapes, element_size: int, profile) -> float:
 
 
 def modelled_ms(pattern: Pattern, s: Shapes, backend: str, tiles: TileConfig, dtype: torch.dtype, profile,
-                lists_device: torch.device) -> float | None:
-    """The forward's predicted ms of `backend` at `tiles` (compiler/cost.simulate, block maps built on
+                lists_device: torch.device, layout=None) -> float | None:
+    """The forward's predicted ms of `backend` at `tiles` (predicted_forward_ms, block maps built on
     `lists_device`), or None outside what `profile` models: outside `_profiled`, a backend it lacks
     there."""
-    from .kernel import META_CACHE
-
     if not _profiled(s, dtype):
         return None
-    return META_CACHE.predicted_ms(pattern, s, tiles, lists_device, backend, profile)
+    return predicted_forward_ms(pattern, s, tiles, lists_device, backend, profile, layout)
 
 
 def _profiled(s: Shapes, dtype: torch.dtype) -> bool:
@@ -292,11 +290,12 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
     among the first AUTOTUNE_TOP: it may import FlashAttention-4, a second of a first call); and
     SDPA's cuDNN where `cudnn` (sdpa_refusal found nothing against it) and the backend is automatic
     (its tiles: the table's, which the Triton kernels run for the calls cuDNN cannot take, such as
-    one asking for the LSE). A backend enters where the profile has its figures. Empty where the model does not choose: a backend forced (but
-    triton), tile options given, or outside where the profile models the call (16-bit CUDA, D and
-    Dv of one head dim class that the profile has Triton's figures for, and those of the backend the
-    rules picked; the rules' backend and choose_tiles' table decide there). Block masks are built
-    on `lists_device` (default: `device`) and cached."""
+    one asking for the LSE). A backend enters where the profile has its figures. Empty where the
+    model does not choose: a backend forced (but triton), tile options given, or outside where the
+    profile models the call (16-bit CUDA, D and Dv of one head dim class that the profile has
+    Triton's figures for, and those of the backend the rules picked; the rules' backend and
+    choose_tiles' table decide there). Block masks are built on `lists_device` (default: `device`)
+    and cached."""
     from . import fa4
     from .kernel import META_CACHE
 
