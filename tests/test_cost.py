@@ -372,26 +372,29 @@ def test_fa4_enters_the_ranking_of_a_token_layout_with_its_copies_priced():
 
     s = Shapes(B=4, Hq=16, Hkv=16, Q=8192, KV=8192, D=128, Dv=128)
     profile = cost.load_profile("h200")
-    copies = choices.layout_copies_ms(s, 2, profile)
+    copies = choices.layout_copies_ms(s, profile)
     assert copies == pytest.approx(2 * 4 * 16 * 8192 * 512 * 2 / 4.8e12 * 1e3)
     natten = ac.patterns.natten2d(64, 128, 17)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     kp = natten.kernel_pattern
     asked = []
-    runs = (copies, lambda: asked.append(1) or True)
-    ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu, fa4_on_copies=runs)
+    runs = lambda: asked.append(1) or True  # noqa: E731
+    ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu, layout=natten.layout,
+                                       fa4_runs=runs)
     assert ranked[0] == ("triton", TileConfig(64, 32, 4, 2)) and ranked[-1] == ("fa4", fa4.TILE)
     assert not asked  # ranked last, fa4 is not asked whether it runs (importing FA4 costs a first call a second)
     assert ("fa4", fa4.TILE) not in choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", profile, cpu)
     assert ("fa4", fa4.TILE) not in choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {"backend": "triton"},
-                                                              "triton", profile, cpu, fa4_on_copies=runs)
+                                                              "triton", profile, cpu, layout=natten.layout,
+                                                              fa4_runs=runs)
     fast = profile.with_spec("fa4", 128, {**profile.spec("fa4", 128), "tflops": {"128x128": 20000}})  # a fa4 20x as fast
-    for copies_ms, rank in ((0.0, 0), (10.0, -1)):  # the copies are part of its price
-        ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", fast, cpu,
-                                           fa4_on_copies=(copies_ms, lambda: True))
+    free, dear = dataclasses.replace(fast, hbm_tbps=1e6), dataclasses.replace(fast, hbm_tbps=0.01)
+    for bandwidth, rank in ((free, 0), (dear, -1)):  # the copies (~0 ms, then ~100 ms) are part of its price
+        ranked = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", bandwidth, cpu,
+                                           layout=natten.layout, fa4_runs=lambda: True)
         assert ranked[rank] == ("fa4", fa4.TILE)
-    refused = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", fast, cpu,
-                                        fa4_on_copies=(0.0, lambda: False))  # first, then asked: it cannot run
+    refused = choices.ranked_candidates(kp, s, torch.bfloat16, cuda, {}, "triton", free, cpu, layout=natten.layout,
+                                        fa4_runs=lambda: False)  # first, then asked: it cannot run
     assert ("fa4", fa4.TILE) not in refused and len(refused) == 5
     assert choices.choose_on_target(kp, s, torch.bfloat16, "h200", {}, natten.layout) == ("triton", TileConfig(64, 32, 4, 2))
     q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")

@@ -112,8 +112,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     from .calibrate import profile_for
     from . import fa4
     from .choices import (AUTOTUNE_TOP, KernelChoice, backward_modelled, check_options, choose_backend,
-                          choose_backward_tiles, choose_tiles, choose_tma, forced_tiles, layout_copies_ms,
-                          ranked_candidates, sdpa_refusal)
+                          choose_backward_tiles, choose_tiles, choose_tma, forced_tiles, ranked_candidates,
+                          sdpa_refusal)
     from .kernel import TRITON_KEY
 
     if not isinstance(return_lse, bool):
@@ -134,10 +134,8 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     def choose(kp, ks, layout, fold):  # (backend, forward tiles) of the kernels' form of the call
         backend, profile = choose_backend(kp, ks, q, options, return_lse, layout), profile_for(q.device)
         cudnn = sdpa_refusal(kp, ks, q.device.type, q.dtype, return_lse) is None
-        on_copies = None if layout is None else (layout_copies_ms(ks, q.element_size(), profile),
-                                                 lambda: fa4.refusal(kp, ks, q) is None)
-        ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile, cudnn=cudnn,
-                                   fa4_on_copies=on_copies)
+        ranked = ranked_candidates(kp, ks, q.dtype, q.device, options, backend, profile, cudnn=cudnn, layout=layout,
+                                   fa4_runs=lambda: fa4.refusal(kp, ks, q) is None)
         if options.get("autotune") and ranked:
             ranked = [_fastest(kp, s, q, k, v, scale, ranked[:AUTOTUNE_TOP], layout, fold)]
         rankings[fold is not None] = ranked
@@ -540,7 +538,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     if chosen[0] == SDPA_CUDNN or cudnn:  # listed where it runs or could, at the tiles it keeps for the rest
         candidates.append(chosen if chosen[0] == SDPA_CUDNN else
                           (SDPA_CUDNN, choose_tiles(ks, q.dtype, torch.device("cuda"), options)))
-    copies = {"fa4": layout_copies_ms(ks, q.element_size(), profile)} if layout is not None and fa4_ok else {}
+    copies = {"fa4": layout_copies_ms(ks, profile)} if layout is not None and fa4_ok else {}
     decode = choose_decode(pattern, s.Q, s.KV, options, False)
     text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png, forward_runs=not decode,
                        copies_ms=copies)

@@ -233,11 +233,11 @@ AUTOTUNE_TOP = 3  # kernel_options autotune=True times this many of the simulato
 
 def cost_choice(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
                 backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
-                fa4_on_copies=None) -> tuple[str, TileConfig] | None:
+                layout=None, fa4_runs=None) -> tuple[str, TileConfig] | None:
     """The (backend, forward tiles) of least predicted time (compiler/cost.simulate on `profile`),
     or None where the rules' `backend` (_pick_backend's) stands; see ranked_candidates."""
     ranked = ranked_candidates(pattern, s, dtype, device, options, backend, profile, lists_device, cudnn,
-                               fa4_on_copies)
+                               layout, fa4_runs)
     return ranked[0] if ranked else None
 
 
@@ -250,16 +250,16 @@ def predicted_forward_ms(pattern: Pattern, s: Shapes, tiles: TileConfig, lists_d
 
     ms = META_CACHE.predicted_ms(pattern, s, tiles, lists_device, backend, profile)
     if ms is not None and backend == "fa4" and layout is not None:
-        ms += layout_copies_ms(s, 2, profile)
+        ms += layout_copies_ms(s, profile)
     return ms
 
 
-def layout_copies_ms(s: Shapes, element_size: int, profile) -> float:
-    """What a backend that cannot gather a token layout's rows in place (fa4) pays a forward for
-    the layout, at `profile`'s bandwidth: q, k and v copied into the layout's order and the output
-    back, each read and written once (s: the call's shapes)."""
+def layout_copies_ms(s: Shapes, profile) -> float:
+    """What fa4, which cannot gather a token layout's rows in place, pays a forward for the layout
+    at `profile`'s bandwidth: q, k and v copied into the layout's order and the output back, each
+    read and written once (s: the call's shapes; 16-bit elements, all fa4 runs)."""
     elements = s.B * (s.Hq * s.Q * (s.D + s.Dv) + s.Hkv * s.KV * (s.D + s.Dv))
-    return 2.0 * elements * element_size / (profile.hbm_tbps * 1e12) * 1e3
+    return 2.0 * elements * 2 / (profile.hbm_tbps * 1e12) * 1e3
 
 
 def modelled_ms(pattern: Pattern, s: Shapes, backend: str, tiles: TileConfig, dtype: torch.dtype, profile,
@@ -282,12 +282,12 @@ def _profiled(s: Shapes, dtype: torch.dtype) -> bool:
 
 def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: torch.device, options: dict,
                       backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
-                      fa4_on_copies=None) -> list[tuple[str, TileConfig]]:
-    """The configurations the cost model chooses among, fastest predicted first: TRITON_CANDIDATES;
-    fa4's where the rules picked fa4 (`backend`), or, with the backend automatic, on a pattern
-    with a token layout (`fa4_on_copies` = (the ms of its permuted copies, layout_copies_ms, added
-    to its prediction; a callable saying whether fa4 can run the call), asked only where fa4 ranks
-    among the first AUTOTUNE_TOP: it may import FlashAttention-4, a second of a first call); and
+                      layout=None, fa4_runs=None) -> list[tuple[str, TileConfig]]:
+    """The configurations the cost model chooses among, fastest predicted first
+    (predicted_forward_ms): TRITON_CANDIDATES; fa4's where the rules picked fa4 (`backend`), or,
+    with the backend automatic, on a pattern with the token `layout` (priced with its permuted
+    copies; `fa4_runs()` says whether fa4 can run the call, asked only where fa4 ranks among the
+    first AUTOTUNE_TOP: it may import FlashAttention-4, a second of a first call); and
     SDPA's cuDNN where `cudnn` (sdpa_refusal found nothing against it) and the backend is automatic
     (its tiles: the table's, which the Triton kernels run for the calls cuDNN cannot take, such as
     one asking for the LSE). A backend enters where the profile has its figures. Empty where the
@@ -305,15 +305,15 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
             or (backend != "triton" and not profile.models(backend, s.D)) or any(k in options for k in TILE_OPTIONS)):
         return []
     candidates = [("triton", t) for t in triton_candidates(s.D)]
-    on_copies = backend != "fa4" and fa4_on_copies is not None and auto and profile.models("fa4", s.D)
+    on_copies = backend != "fa4" and layout is not None and fa4_runs is not None and auto and profile.models(
+        "fa4", s.D)
     if backend == "fa4" or on_copies:
         candidates.append(("fa4", fa4.TILE))
     if cudnn and auto and profile.models(SDPA_CUDNN, s.D):
         candidates.append((SDPA_CUDNN, choose_tiles(s, dtype, device, options)))
-    extra = {"fa4": fa4_on_copies[0] if on_copies else 0.0}
-    ranked = sorted(candidates, key=lambda c: META_CACHE.predicted_ms(pattern, s, c[1], lists_device or device, c[0],
-                                                                       profile) + extra.get(c[0], 0.0))
-    if on_copies and ("fa4", fa4.TILE) in ranked[:AUTOTUNE_TOP] and not fa4_on_copies[1]():
+    ranked = sorted(candidates, key=lambda c: predicted_forward_ms(pattern, s, c[1], lists_device or device, c[0],
+                                                                   profile, layout))
+    if on_copies and ("fa4", fa4.TILE) in ranked[:AUTOTUNE_TOP] and not fa4_runs():
         ranked.remove(("fa4", fa4.TILE))
     return ranked
 
@@ -405,10 +405,8 @@ def choose_on_target(pattern: Pattern, s: Shapes, dtype: torch.dtype, target: st
 
     profile = load_profile(target)
     cudnn = sdpa_refusal(pattern, s, "cuda", dtype, False, assume_installed=True) is None
-    on_copies = None if layout is None else (
-        layout_copies_ms(s, dtype.itemsize, profile),
-        lambda: fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True) is None)
-    picked = cost_choice(pattern, s, dtype, cuda, options, backend, profile, cpu, cudnn, on_copies)
+    picked = cost_choice(pattern, s, dtype, cuda, options, backend, profile, cpu, cudnn, layout,
+                         lambda: fa4.refusal_on(pattern, s, capability, dtype, cpu, assume_installed=True) is None)
     if picked is not None:
         return picked
     return backend, fa4.TILE if backend == "fa4" else choose_tiles(s, dtype, cuda, options)
