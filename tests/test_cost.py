@@ -363,6 +363,41 @@ def test_the_profiles_choose_between_cudnn_fa4_and_triton_on_plain_attention():
                                cost.load_profile("generic"), cpu, cudnn=True) is None
 
 
+def test_a_calls_host_time_floors_the_ranking_of_backends(tmp_path):
+    """A small plain call is bound by its host time (H100, 2026-12-07, B2 H4 N1024 D128 causal:
+    cuDNN 0.037 ms a call, attncc's Triton kernels 0.2, though their kernel is predicted faster):
+    with the profiles' call_us cuDNN ranks first there; without them Triton would. The main shape
+    is unmoved, the Triton tiles keep their order (the kernel's time breaks the tie), and explain
+    says where a host time binds."""
+    from attncc.runtime import choices
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    small = Shapes(B=2, Hq=4, Hkv=4, Q=1024, KV=1024, D=128, Dv=128)
+    main = Shapes(B=4, Hq=16, Hkv=16, Q=8192, KV=8192, D=128, Dv=128)
+    for key in ("h100", "h200"):
+        profile = cost.load_profile(key)
+        assert profile.call_us["triton"] > profile.call_us["sdpa-cudnn"] > 0
+        unfloored = dataclasses.replace(profile, call_us={})
+        for pattern in (ac.Pattern(name="full"), ac.patterns.causal()):
+            def ranked(prof, s):
+                return choices.ranked_candidates(pattern, s, torch.bfloat16, cuda, {}, "sdpa-cudnn", prof, cpu,
+                                                 cudnn=True)
+            floored, free = ranked(profile, small), ranked(unfloored, small)
+            assert floored[0][0] == "sdpa-cudnn" and free[0][0] == "triton", (key, pattern.name)
+            assert [c for c in floored if c[0] == "triton"] == [c for c in free if c[0] == "triton"]
+            assert ranked(profile, main)[0] == ranked(unfloored, main)[0]
+    q = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16, device="meta")
+    text = ac.explain(ac.patterns.causal(), q, q, q, target="h100")
+    triton = [line for line in text.splitlines() if line.lstrip().startswith("triton ")]
+    assert len(triton) == 5 and all(line.endswith("a call no faster than its host time, 0.118 ms") for line in triton)
+    with pytest.raises(ValueError, match="call_us"):
+        bad = json.loads((cost.PROFILES / "h100.json").read_text())
+        bad["call_us"] = {"triton": -1}
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        cost.read_profile(path)
+
+
 def test_fa4_enters_the_ranking_of_a_token_layout_with_its_copies_priced():
     """fa4 reads a token layout's rows from permuted copies of q, k, v and the output (read and
     written once each at the profile's bandwidth: 0.224 ms at B4 H16 N8192 D128 bf16 on the H200);

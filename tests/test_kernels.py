@@ -104,9 +104,24 @@ def test_pointer_and_descriptor_loads_agree():
     q, k, v = qkv(1, 3, 1, 45, 77, 24)
     pat = ac.patterns.sliding_window(30)
     with_tma = attention(q, k, v, pat, kernel_options={"tma": True})
-    assert compile(pat, q, k, v, kernel_options={"tma": True}).module.descriptor(k, 32, 32, True) is not None
+    assert compile(pat, q, k, v, kernel_options={"tma": True}).module.descriptor(k, 32, 32) is not None
     assert torch.equal(with_tma, attention(q, k, v, pat))
     compare(pat, q, k, v)
+
+
+def test_launch_plans_follow_each_calls_shapes_and_strides():
+    """The forward keeps one launch plan per call signature: a second call at the same shapes
+    reuses it, a call with other strides (a transposed q) or lengths gets its own; all exact."""
+    pat = ac.patterns.sliding_window(20)
+    q, k, v = qkv(1, 2, 1, 50, 50, 16)
+    kern = compile(pat, q, k, v)
+    kern.module.LAUNCHES.clear()
+    compare(pat, q, k, v)
+    kern(q, k, v)
+    assert len(kern.module.LAUNCHES) == 1
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert torch.equal(kern(q_t, k, v), kern(q, k, v)) and len(kern.module.LAUNCHES) == 2
+    compare(pat, *qkv(1, 2, 1, 37, 61, 16, seed=1))
 
 
 def test_ragged_full_tile_moves_to_the_partial_loop():

@@ -346,3 +346,35 @@ def test_paged_and_varlen_calls_at_real_sizes(splits):
             want, _ = oracle(q[b, :, -n:], chunks[b][0], chunks[b][1], pattern)
             assert rel(packed[0, :, row:row + n], want) < 2e-2
             row += n
+
+
+def test_forward_and_backward_replay_in_a_cuda_graph():
+    """Captured in a CUDA graph after a warm-up call (which compiles the kernels and decides the
+    register cap), attncc's forward and backward replay on new inputs copied into the captured
+    ones and give eager calls' numbers: a small call's host time (about 0.1 ms) is then gone."""
+    pat = ac.patterns.sliding_window(256)
+    q, k, v = qkv(2, 8, 2, 2048, 128)
+    kern = compile(pat, q, k, v, kernel_options=OURS)
+    static = [t.clone().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.autograd.grad(kern(*static), static, dout)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kern(*static)
+        grads = torch.autograd.grad(out, static, dout)
+    for seed in (1, 2):
+        fresh = [torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=torch.Generator("cuda").manual_seed(
+            seed * 3 + i)) for i, t in enumerate(static)]
+        for t, f in zip(static, fresh):
+            t.detach().copy_(f)
+        graph.replay()
+        eager = [t.clone().requires_grad_() for t in fresh]
+        eager_out = kern(*eager)
+        assert torch.equal(out, eager_out)
+        for g, e in zip(grads, torch.autograd.grad(eager_out, eager, dout)):
+            assert torch.equal(g, e)

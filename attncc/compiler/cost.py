@@ -13,6 +13,10 @@ Model (forward):
   running at its SM's rate divided by the programs sharing it. The prediction is the makespan.
 - The roofline is the larger of the live pairs' FLOPs at the profile's peak matrix rate and the
   bytes of q, k, v and o at its HBM bandwidth.
+- A call also costs its host time (`call_us` per backend: Python, allocations and launches,
+  measured back to back on a tiny call): calls come no faster than that however small their
+  kernels, so backends are ranked by the larger of the two (Profile.ranking), the kernel's time
+  breaking ties. The prediction itself is the kernel's.
 
 SDPA's cuDNN kernel (plain full and causal attention only) is priced by the same model at the
 tiles attncc keeps for the calls it cannot take (a query tile of 128 rows a program, as cuDNN's
@@ -32,7 +36,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,7 +70,8 @@ class Profile:
     falls back to the base class's figures: a backend without an entry for a class is not modelled
     there, nor is its backward without a "backward" entry; `spec`);
     `link_tbps` a GPU-to-GPU link's usable one-way bandwidth (context parallelism; absent from a
-    profile: 0.025, a PCIe-class guess)."""
+    profile: 0.025, a PCIe-class guess); `call_us` {backend: host microseconds of one call}
+    (absent: 0, no floor)."""
     key: str
     name: str
     sms: int
@@ -77,6 +82,7 @@ class Profile:
     match: tuple = ()
     link_tbps: float = 0.025
     head_dim: int = 128
+    call_us: dict = field(default_factory=dict)
 
     def spec(self, backend: str, D: int | None = None) -> dict | None:
         """`backend`'s figures at head dim D (None: the base class), or None where the profile does
@@ -108,6 +114,16 @@ class Profile:
         else:
             new = {**old, "head_dims": {**old.get("head_dims", {}), str(cls): spec}}
         return replace(self, backends={**self.backends, backend: new})
+
+    def call_ms(self, backend: str) -> float:
+        """The host time of one call of `backend` in ms (`call_us`; 0 where the profile lacks it)."""
+        return self.call_us.get(backend, 0.0) * 1e-3
+
+    def ranking(self, backend: str, ms: float) -> tuple[float, float]:
+        """The key candidates are ranked by: the larger of the kernel's predicted `ms` and a call's
+        host time (call_ms), then the kernel's ms (H100, B2 H4 N1024 D128 causal: cuDNN's call 0.037
+        ms against the Triton kernels' 0.2, kernels predicted at 0.020 and 0.012 ms)."""
+        return max(ms, self.call_ms(backend)), ms
 
     def figures(self, backend: str, D: int) -> str:
         """`backend`'s figures at head dim D (spec) as text, to key cached predictions by: a profile
@@ -170,9 +186,14 @@ def read_profile(path: Path) -> Profile:
             if not rates or not all(v > 0 for v in rates.values()):
                 raise ValueError(f"hardware profile {path}: backend {backend!r} needs positive tflops per tile shape"
                                  f" (head dim class {cls})")
+    call_us = data.get("call_us", {})
+    if not isinstance(call_us, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in call_us.values()):
+        raise ValueError(f"hardware profile {path}: call_us must map backends to non-negative microseconds, "
+                         f"got {call_us!r}")
     return Profile(key, data["name"], int(data["sms"]), data["peak_matrix_tflops"], float(data["hbm_tbps"]),
                    data["backends"], data["provenance"], tuple(data.get("match", ())),
-                   float(data.get("link_tbps", Profile.link_tbps)), head_dim)
+                   float(data.get("link_tbps", Profile.link_tbps)), head_dim,
+                   {b: float(v) for b, v in call_us.items()})
 
 
 def profile_for(device: torch.device | None = None, target: str | None = None,
@@ -610,15 +631,17 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
         save_load_png(png, classes, load,
                       f"{pattern.name or 'custom'}: {chosen[0]} {chosen[1].BLOCK_M}x{chosen[1].BLOCK_N} "
                       f"on the {profile.name}")
-    rows.sort(key=lambda r: r[0])
+    rows.sort(key=lambda r: profile.ranking(r[1], r[0]))
     for ms, backend, tiles in rows:
         mark = "  <- runs" if (backend, tiles) == chosen and forward_runs else ""
         effective = 2.0 * (s.D + s.Dv) * pairs / (ms * 1e-3) / 1e12 if ms > 0 else math.inf
         label = "sdpa-cudnn (cuDNN's own tiles)" if backend == SDPA_CUDNN else f"{backend:7s} {tiles}"
         if backend in copies_ms:
             label += f" + {_fmt_ms(copies_ms[backend])} of permuted copies"
+        host = profile.call_ms(backend)
+        bound = f"; a call no faster than its host time, {_fmt_ms(host)}" if host > ms else ""
         lines.append(f"  {label}: {_fmt_ms(ms)}, {ms / roof if roof else math.inf:.2f}x roofline, "
-                     f"{effective:.0f} effective TFLOP/s{mark}")
+                     f"{effective:.0f} effective TFLOP/s{bound}{mark}")
     if rows and rows[0][0] < roof:
         lines.append("  (below the roofline: the per-tile costs, fitted on compute-bound calls, miss this call's "
                      "memory traffic; such predictions rank, they do not time)")

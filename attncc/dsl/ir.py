@@ -380,11 +380,13 @@ def _idempotent(name, a, b):
 
 
 def _where(name, c, a, b):
-    if c is TRUE:
-        return a
-    if c is FALSE:
-        return b
-    return a if a is b else None
+    """where(True, a, b) -> a, where(False, a, b) -> b, where(c, a, a) -> a. The branch taken keeps
+    the where's kind: an integer beside a float branch becomes a float (x * 1.0), as torch
+    promotes it (1 / -(b + b) at b = 0: -inf in floats, where -0.0 exists; inf in integers)."""
+    pick = a if c is TRUE else b if c is FALSE else a if a is b else None
+    if pick is not None and kind_of(pick) == "int" and "float" in (kind_of(a), kind_of(b)):
+        return op("mul", pick, const(1.0))
+    return pick
 
 
 def _integer_rounding(name, a):

@@ -15,7 +15,9 @@ tile shape the simulator compares at D's class (choices.triton_candidates) and f
   profile's (fitting them needs sparse timings at every pair: benchmarks/refit_backward.py --tiles);
 - SDPA's cuDNN kernel (where it runs) like a tile shape: its rate from full attention, its
   PARTIAL factor and prologue fitted to causal (the only other pattern it runs), priced at the
-  tiles attncc keeps for the calls it cannot take (choices.choose_tiles).
+  tiles attncc keeps for the calls it cannot take (choices.choose_tiles);
+- each backend's `call_us`: a tiny call's host time, calls made back to back (call_us), the least
+  a call costs however small its kernels (cost.Profile.ranking).
 The profile is written as JSON (default: <attncc cache>/profiles/<name>.json), where
 `cost.profile_for` finds it before the shipped ones: the GPU's current profile with the figures of
 D's head dim class (cost.HEAD_DIM_CLASSES) replaced, so calibrating 64, 128 and 256 in turn (what
@@ -75,6 +77,28 @@ def _measure(pattern, q, k, v, backend: str, tiles: TileConfig) -> tuple[float, 
                        num_stages=tiles.num_stages)
     kern = compile_(pattern, q, k, v, kernel_options=options)
     return time_ms(lambda: kern(q, k, v), q.device), kern
+
+
+def call_us(backend: str, tiles: TileConfig, D: int, device: torch.device, calls: int = 300) -> float:
+    """Host microseconds of one forward call of `backend` (`tiles`) made back to back on a tiny
+    call (full attention, B1 H2 N256 at head dim D, bf16), where the host's Python, allocations
+    and launches, not the kernel, set the pace: the profile's `call_us` (cost.Profile.ranking)."""
+    from .api import compile as compile_
+
+    q, k, v = (torch.randn(1, 2, 256, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    options = {"backend": backend}
+    if backend == "triton":
+        options.update(BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, num_warps=tiles.num_warps,
+                       num_stages=tiles.num_stages)
+    kern = compile_(Pattern(name="full"), q, k, v, kernel_options=options)
+    for _ in range(20):
+        kern(q, k, v)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        kern(q, k, v)
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def fit_patterns(N: int) -> dict:
@@ -213,10 +237,13 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
         + ", ".join(f"{b} {e:.3f}" for b, e in errors.items())
         + "); the Triton backward's rates from full attention's backward at each tile pair"
         + (", FA4's backward rate from its own" if "fa4" in backends else "")
-        + f", their other coefficients from the {base.key!r} profile (else the H200's).")
+        + f", their other coefficients from the {base.key!r} profile (else the H200's)"
+        + ("; call_us: a tiny call's host time back to back (calibrate.call_us)." if device.type == "cuda" else "."))
     for spec in backends.values():
         spec["provenance"] = statement
     data = _merged(base, backends, cls)
+    if device.type == "cuda":  # one call's host time per backend, at the first of its configurations
+        data["call_us"].update({b: float(f"{call_us(b, t, D, device):.3g}") for b, t in dict(reversed(configs)).items()})
     data.update({"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
         torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0]})
     data["provenance"] = _provenance(data, base)
@@ -247,4 +274,4 @@ def _merged(base: cost.Profile, measured: dict, cls: int) -> dict:
         base = base.with_spec(backend, cls, spec)
     return {"name": base.name, "match": list(base.match), "sms": base.sms,
             "peak_matrix_tflops": base.peak_matrix_tflops, "hbm_tbps": base.hbm_tbps, "link_tbps": base.link_tbps,
-            "head_dim": base.head_dim, "backends": base.backends}
+            "head_dim": base.head_dim, "backends": base.backends, "call_us": dict(base.call_us)}

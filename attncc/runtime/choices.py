@@ -284,7 +284,7 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
                       backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
                       layout=None, fa4_runs=None) -> list[tuple[str, TileConfig]]:
     """The configurations the cost model chooses among, fastest predicted first
-    (predicted_forward_ms): TRITON_CANDIDATES; fa4's where the rules picked fa4 (`backend`), or,
+    (predicted_forward_ms, floored by a call's host time: Profile.ranking): TRITON_CANDIDATES; fa4's where the rules picked fa4 (`backend`), or,
     with the backend automatic, on a pattern with the token `layout` (priced with its permuted
     copies; `fa4_runs()` says whether fa4 can run the call, asked only where fa4 ranks among the
     first AUTOTUNE_TOP: it may import FlashAttention-4, a second of a first call); and
@@ -311,8 +311,8 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
         candidates.append(("fa4", fa4.TILE))
     if cudnn and auto and profile.models(SDPA_CUDNN, s.D):
         candidates.append((SDPA_CUDNN, choose_tiles(s, dtype, device, options)))
-    ranked = sorted(candidates, key=lambda c: predicted_forward_ms(pattern, s, c[1], lists_device or device, c[0],
-                                                                   profile, layout))
+    ranked = sorted(candidates, key=lambda c: profile.ranking(c[0], predicted_forward_ms(
+        pattern, s, c[1], lists_device or device, c[0], profile, layout)))
     if on_copies and ("fa4", fa4.TILE) in ranked[:AUTOTUNE_TOP] and not fa4_runs():
         ranked.remove(("fa4", fa4.TILE))
     return ranked
