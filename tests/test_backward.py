@@ -209,6 +209,16 @@ def test_torch_compile_fullgraph_matches_eager():
     value = compiled(q, k, v)
     assert torch.equal(value.detach(), loss(q, k, v).detach())
     assert all(torch.equal(a, b) for a, b in zip(eager, torch.autograd.grad(value, (q, k, v))))
+    from attncc.runtime import api
+    made = []
+    real = api._prepare
+    api._prepare = lambda *a, **kw: made.append(1) or real(*a, **kw)
+    try:  # a repeated compiled call reuses its Kernel: no choice, no block-map lookups before the launch
+        again = compiled(q, k, v)
+        torch.autograd.grad(again, (q, k, v))
+    finally:
+        api._prepare = real
+    assert torch.equal(again.detach(), value.detach()) and not made
     full = torch.compile(lambda q, k, v: ac.attention(q, k, v).sum(), backend="aot_eager", fullgraph=True)
     assert torch.allclose(full(q, k, v), ac.attention(q, k, v).sum())
 
