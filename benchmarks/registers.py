@@ -3,9 +3,9 @@ machine (no GPU needed) — a developer's probe, not a test of speed.
 
     python benchmarks/registers.py [--patterns swa1024,causal] [--kind backward|forward|decode]
                                    [--tiles 128,64,8,3] [--dkdv 64,128,8,3] [--dq 128,64,8,3]
-                                   [--splits 1] [--arch 90] [--loops]
+                                   [--splits 1] [--arch 90] [--head-dim 128] [--loops]
 
-Each pattern's kernels are generated at B1 H2 N8192 D128 bf16 (decode: Hq 32 / Hkv 8, one query,
+Each pattern's kernels are generated at B1 H2 N8192 D128 (--head-dim) bf16 (decode: Hq 32 / Hkv 8, one query,
 dense keys; --tiles its BLOCK_M packed rows, e.g. 16,64,4,3, and --splits its kv splits). The
 sizes only set Triton's specialisations, which match the suite's (every stride and length
 divisible by 16). The kernels are compiled by
@@ -130,8 +130,8 @@ def tiles(text: str) -> TileConfig:
 
 
 def probe(name: str, kind: str, forward_tiles: TileConfig, backward_tiles: BackwardTiles, arch: int,
-          splits: int = 1, loops: bool = False) -> list[dict]:
-    """One row per kernel of `name`'s `kind` module."""
+          splits: int = 1, loops: bool = False, D: int = D) -> list[dict]:
+    """One row per kernel of `name`'s `kind` module at head dim D."""
     cpu = torch.device("cpu")
     natural = build(name, N, H).attncc
     pattern, rows = natural.kernel_pattern, natural.layout  # a token layout: the Triton kernels gather its rows
@@ -172,15 +172,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dkdv", type=tiles, default=TileConfig(64, 128, 8, 3))
     ap.add_argument("--dq", type=tiles, default=TileConfig(128, 64, 8, 3))
     ap.add_argument("--arch", type=int, default=90, help="compute capability, 90 for Hopper (sm_90a)")
+    ap.add_argument("--head-dim", type=int, default=D, help="the head dim of q, k and v")
     ap.add_argument("--loops", action="store_true", help="count each loop's instructions in the SASS")
     args = ap.parse_args(argv)
     forward = args.tiles or (TileConfig(16, 64, 4, 3) if args.kind == "decode" else TileConfig(128, 64, 8, 3))
     rows = [row for name in args.patterns.split(",")
             for row in probe(name, args.kind, forward, BackwardTiles(args.dkdv, args.dq), args.arch, args.splits,
-                             args.loops)]
+                             args.loops, args.head_dim)]
     config = {"forward": forward, "decode": f"{forward}, {args.splits} splits",
               "backward": f"dkdv {args.dkdv}, dq {args.dq}"}[args.kind]
-    print(f"sm_{args.arch}a, {args.kind}, {config}\n\n| pattern | kernel | registers | spill stores / loads (bytes) "
+    print(f"sm_{args.arch}a, {args.kind}, D={args.head_dim}, {config}\n\n| pattern | kernel | registers | spill stores / loads (bytes) "
           "| shared memory (bytes) |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['pattern']} | {r['kernel']} | {r['registers']} | {r['spill_stores']} / {r['spill_loads']} | "
