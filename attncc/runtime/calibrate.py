@@ -248,7 +248,9 @@ def calibrate(device: torch.device, *, B: int = 4, H: int = 16, N: int = 8192, D
         spec["provenance"] = statement
     data = _merged(base, backends, cls)
     if device.type == "cuda":  # one call's host time per backend, at the first of its configurations
-        data["call_us"].update({b: float(f"{call_us(b, t, D, device):.3g}") for b, t in dict(reversed(configs)).items()})
+        for backend, tiles in dict(reversed(configs)).items():
+            data["call_us"][backend] = float(f"{call_us(backend, tiles, D, device):.3g}")
+            log(f"{backend}: a tiny call's host time {data['call_us'][backend]:g} us")
     data.update({"name": name, "match": [name] if device.type == "cuda" else [], "capability": list(
         torch.cuda.get_device_capability(device)) if device.type == "cuda" else [0, 0]})
     data["provenance"] = _provenance(data, base)
