@@ -124,6 +124,37 @@ def test_launch_plans_follow_each_calls_shapes_and_strides():
     compare(pat, *qkv(1, 2, 1, 37, 61, 16, seed=1))
 
 
+def test_a_chosen_forward_that_spills_leaves_for_the_next_ranked_tiles():
+    """Where the model's tiles compile to a forward that spills more than SPILL_LIMIT bytes a
+    thread (module.SPILLS, written on CUDA by the first launch), the next calls run its
+    next-ranked tiles; the call that found out keeps its exact result; forced tiles stay."""
+    from attncc.compiler.codegen import TileConfig
+    from attncc.runtime.kernel import SPILL_LIMIT
+
+    pat = ac.patterns.sliding_window(20)
+    q, k, v = qkv(1, 2, 1, 70, 70, 16)
+    kern = compile(pat, q, k, v)
+    chosen, runner_up = kern.tiles, TileConfig(16, 32, 4, 1)
+    assert chosen != runner_up
+    kern._fallbacks = [runner_up]
+    spills = kern.module.SPILLS  # the chosen tiles' module's (shared by every kernel at these tiles)
+    try:
+        spills[q.device] = SPILL_LIMIT  # at the limit: kept
+        compare(pat, q, k, v)
+        kern(q, k, v)
+        assert kern.tiles == chosen
+        spills[q.device] = SPILL_LIMIT + 8
+        first = kern(q, k, v)
+        assert kern.tiles == runner_up and kern.config["BLOCK_M"] == 16 and not kern._fallbacks
+        assert torch.allclose(kern(q, k, v), first, atol=1e-5)
+        forced = compile(pat, q, k, v, kernel_options={"BLOCK_M": chosen.BLOCK_M, "BLOCK_N": chosen.BLOCK_N})
+        forced._fallbacks = [runner_up]
+        forced(q, k, v)
+        assert forced.tiles == chosen
+    finally:
+        spills.clear()
+
+
 def test_ragged_full_tile_moves_to_the_partial_loop():
     q, k, v = qkv(1, 1, 1, 40, 70, 16)  # KV 70 = 2 whole 32-tiles + a ragged one, all live
     kern = compile(None, q, k, v)

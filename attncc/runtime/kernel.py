@@ -383,6 +383,13 @@ def after_resource_refusal(error: Exception, tiles: TileConfig, forced: bool, ot
     return smaller or tiles, smaller_other or other
 
 
+# Bytes of local memory a thread of a forward may spill before the model's next-ranked tiles replace
+# the chosen ones (Kernel._leave_spilling_tiles). H100, 2026-12-06, D=64: global_tokens at
+# 64x128/4/3 spilled 1 KB a thread (benchmarks/registers.py) and ran 13.8 ms against 1.9 predicted
+# and 1.26 at 64x32/4/2; natten3d's register-capped forward spills 24 bytes and is faster for the cap.
+SPILL_LIMIT = 256
+
+
 class Kernel:
     """A compiled attention for one pattern: `.source`, `.config`, `.block_mask`, `__call__`.
 
@@ -565,10 +572,19 @@ class Kernel:
                 refuse_if_recorded(module)
                 out, lse = launch(self.interpret, module.forward, q, k, v, meta, self.scale, meta.buffers,
                                   tma=self.tma)
+                self._leave_spilling_tiles(module, q.device)
                 return out.to(dtype), lse
             except Exception as e:  # noqa: BLE001 — only Triton's resource refusals are handled
                 self._use_tiles(after_resource_refusal(e, self.tiles, self._tiles_forced, module=module,
                                                        fallbacks=self._fallbacks)[0])
+
+    def _leave_spilling_tiles(self, module, device) -> None:
+        """Where the cost model chose these tiles and their forward, compiled, spills more than
+        SPILL_LIMIT bytes a thread (module.SPILLS; the simulator knows nothing of spills), later
+        calls run its next-ranked tiles (this call's result stands: spills cost time, not
+        exactness); tiles kernel_options set are kept."""
+        if not self._tiles_forced and self._fallbacks and module.SPILLS.get(device, 0) > SPILL_LIMIT:
+            self._use_tiles(self._fallbacks.pop(0))
 
     def backward(self, q, k, v, out, lse, dout, dlse, s: Shapes):
         """(dq, dk, dv) in q's, k's, v's dtypes from the generated backward kernels; dout the
