@@ -314,9 +314,11 @@ def _as_float(x: Proxy) -> Proxy:
 
 
 def _as_int(x: Proxy) -> Proxy:
-    """`.long()` / `.int()` / `.to(torch.int64)`: booleans as 0/1, floats truncated towards zero."""
+    """`.long()` / `.int()` / `.to(torch.int64)`: booleans as 0/1, floats truncated towards zero; a
+    buffer read, whose dtype the IR leaves open, keeps the conversion (`int(buf[i])`): a bool
+    buffer's `buf[q].long() + buf[kv].long()` is 2 where both are set, its `buf[q] + buf[kv]` True."""
     kind = ir.kind_of(x.node)
-    if kind == "float":
+    if kind in ("float", "any"):
         return _apply("int", x)
     return Proxy(_bool_as_int(x.node), x.tracer, x.params) if kind == "bool" else x
 
