@@ -155,6 +155,25 @@ def test_a_chosen_forward_that_spills_leaves_for_the_next_ranked_tiles():
         spills.clear()
 
 
+def test_bool_buffer_reads_follow_torchs_arithmetic():
+    """A bool buffer's values: + and * are or / and (as torch computes them), .long() makes them
+    0 / 1 integers (flags[q].long() + flags[kv].long() == 2 where both are set), and what torch
+    refuses on booleans (-, unary -, //, %, abs, **) is refused when the kernels are planned."""
+    flags = torch.rand(48, generator=torch.Generator().manual_seed(3)) > 0.5
+    q, k, v = qkv(1, 2, 1, 48, 48, 16)
+    qi, ki = torch.arange(48)[:, None], torch.arange(48)[None, :]
+    for mask in (lambda b, h, q, kv: flags[q] + flags[kv] == 1, lambda b, h, q, kv: flags[q] * flags[kv],
+                 lambda b, h, q, kv: flags[q].long() + flags[kv].long() == 2,
+                 lambda b, h, q, kv: (flags[q].int() - flags[kv].int() == 0) | (q == kv)):
+        pat = ac.Pattern(mask)
+        assert torch.equal(ac.create_mask(pat, 1, 1, 48, 48)[0, 0], torch.broadcast_to(mask(0, 0, qi, ki), (48, 48)))
+        compare(pat, q, k, v)
+    for mask in (lambda b, h, q, kv: flags[q] - flags[kv] == 0, lambda b, h, q, kv: -flags[q] == kv,
+                 lambda b, h, q, kv: flags[q].abs() == 1):
+        with pytest.raises(ac.PatternError, match="torch does not compute"):
+            compile(ac.Pattern(mask), q, k, v)
+
+
 def test_ragged_full_tile_moves_to_the_partial_loop():
     q, k, v = qkv(1, 1, 1, 40, 70, 16)  # KV 70 = 2 whole 32-tiles + a ragged one, all live
     kern = compile(None, q, k, v)
