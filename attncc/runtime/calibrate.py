@@ -67,15 +67,20 @@ def time_ms(fn, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _measure(pattern, q, k, v, backend: str, tiles: TileConfig) -> tuple[float, object]:
-    """(ms, the kernel) of the forward of `pattern` forced onto backend/tiles."""
+def _forced(pattern, q, k, v, backend: str, tiles: TileConfig):
+    """The compiled forward of `pattern` forced onto backend (and, on triton, tiles)."""
     from .api import compile as compile_
 
     options = {"backend": backend}
     if backend == "triton":
         options.update(BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, num_warps=tiles.num_warps,
                        num_stages=tiles.num_stages)
-    kern = compile_(pattern, q, k, v, kernel_options=options)
+    return compile_(pattern, q, k, v, kernel_options=options)
+
+
+def _measure(pattern, q, k, v, backend: str, tiles: TileConfig) -> tuple[float, object]:
+    """(ms, the kernel) of the forward of `pattern` forced onto backend/tiles."""
+    kern = _forced(pattern, q, k, v, backend, tiles)
     return time_ms(lambda: kern(q, k, v), q.device), kern
 
 
@@ -85,14 +90,8 @@ def call_us(backend: str, tiles: TileConfig, D: int, device: torch.device, calls
     call (full attention, B1 H2 N256 at head dim D, bf16), where the host's Python, allocations
     and launches, not the kernel, set the pace: the least of `repeats` runs of `calls` calls
     (noise on a shared host only adds). The profile's `call_us` (cost.Profile.ranking)."""
-    from .api import compile as compile_
-
     q, k, v = (torch.randn(1, 2, 256, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-    options = {"backend": backend}
-    if backend == "triton":
-        options.update(BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, num_warps=tiles.num_warps,
-                       num_stages=tiles.num_stages)
-    kern = compile_(Pattern(name="full"), q, k, v, kernel_options=options)
+    kern = _forced(Pattern(name="full"), q, k, v, backend, tiles)
     for _ in range(20):
         kern(q, k, v)
     best = float("inf")
