@@ -211,6 +211,13 @@ def _sigmoid(x):
     return 1.0 / (1.0 + _exp(-x)) if x > -700 else 0.0
 
 
+def _where(c, a, b):
+    """torch.where's value: the branch taken, a float where either branch is (-(b + b) at b = 0
+    is then -0.0, whose reciprocal is -inf)."""
+    pick = a if c else b
+    return float(pick) if type(pick) is int and float in (type(a), type(b)) else pick
+
+
 PY = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,
@@ -219,7 +226,7 @@ PY = {
     "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
     "and": lambda a, b: bool(a) and bool(b), "or": lambda a, b: bool(a) or bool(b), "not": lambda a: not a,
     "min": lambda a, b: _nan_min(a, b, min), "max": lambda a, b: _nan_min(a, b, max),
-    "neg": lambda a: -a, "abs": abs, "where": lambda c, a, b: a if c else b,
+    "neg": lambda a: -a, "abs": abs, "where": lambda c, a, b: _where(c, a, b),
     "exp": _exp, "exp2": _exp2,
     "log": _log, "log2": lambda x: _log(x, math.log2),
     "sqrt": lambda x: math.nan if math.isnan(x) or x < 0 else math.sqrt(x),
