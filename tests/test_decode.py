@@ -206,6 +206,29 @@ def test_lists_serve_one_length_where_the_span_leaves_the_domain():
         kern(q, kc, vc, page_table=table, kv_lens=torch.tensor([32, 25], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_lengths_changed_where_python_cannot_see_are_exact_or_nan(splits):
+    """kv_lens rewritten without a new version (as a CUDA graph's replay of a decode step meets
+    lengths its capture did not see): the kernel reads the queries' positions from kv_lens itself,
+    so lengths the lists serve stay exact; a sequence whose length left them gets NaN rows, never
+    a wrong number."""
+    pattern = ac.patterns.sinks(2, 9)
+    q, kc, vc, table, kv_lens = paged_inputs([20, 40], Q_LEN=2, num_pages=8)
+    table = torch.cat((table, torch.tensor([[6, 7], [5, 4]], dtype=torch.int32)), 1)[:, :4]  # room to grow
+    kern = ac.compile(pattern, q, kc, vc, page_table=table, kv_lens=kv_lens, kernel_options={"kv_splits": splits})
+    kern(q, kc, vc, page_table=table, kv_lens=kv_lens)
+    hi = kern._meta.lengths_to.tolist()
+    for grown in ([21, 45], [hi[0] - 1, hi[1]]):  # served; then sequence 1 one past its span
+        kv_lens.data.copy_(torch.tensor(grown))  # no version bump: the cached lists are reused
+        out, lse = kern(q, kc, vc, page_table=table, kv_lens=kv_lens, return_lse=True)
+        for b, n in enumerate(grown):
+            if n >= hi[b]:
+                assert out[b].isnan().all() and lse[b].isnan().all()
+                continue
+            want, want_lse = oracle(q[b], dense_sequence(kc, table, b, n), dense_sequence(vc, table, b, n), pattern)
+            assert rel(out[b], want) < 1e-5 and rel(lse[b], want_lse) < 1e-5, (grown, b)
+
+
 def test_gradients_take_the_other_path():
     lens = [37, 20]
     q, kc, vc, table, kv_lens = paged_inputs(lens, Hq=2, Hkv=1)

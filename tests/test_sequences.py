@@ -324,22 +324,55 @@ def test_a_kvcache_vouches_for_its_lengths_until_they_change_elsewhere(monkeypat
     cache = ac.KVCache(num_pages=12, page_size=16, heads=2, head_dim=16, batch=2, dtype=torch.float32)
     cache.append(*torch.randn(2, 2, 2, 20, 16))
     lens, table = cache.kv_lens, cache.page_table
-    assert sequences.vouched_lengths(lens, table, 12) == (20, 20)
-    assert sequences.vouched_lengths(lens, table, 11) is None  # a smaller cache: its pages are checked
-    assert sequences.vouched_lengths(lens.clone(), table, 12) is None  # another tensor
+    assert sequences.vouched_lengths(lens, table, 12, 16) == (20, 20)
+    assert sequences.vouched_lengths(lens, table, 11, 16) is None  # a smaller cache: its pages are checked
+    assert sequences.vouched_lengths(lens, table, 12, 8) is None  # smaller pages: the lengths may not fit
+    assert sequences.vouched_lengths(lens.clone(), table, 12, 16) is None  # another tensor
     q = torch.randn(2, 4, 1, 16)
     monkeypatch.setattr(torch, "stack", None)  # the device check's one synchronisation: not taken
     assert sequences.check_paged(q, cache.k, cache.v, table, lens).KV == 20
     monkeypatch.undo()
     lens[1] = 3  # written behind the cache's back: no longer vouched, checked on the device
-    assert sequences.vouched_lengths(lens, table, 12) is None
+    assert sequences.vouched_lengths(lens, table, 12, 16) is None
     assert sequences.check_paged(q, cache.k, cache.v, table, lens).KV == 20
     table[0, 0] = 99
     lens[1] = 20
     with pytest.raises(ValueError, match=r"page_table\[0, 0\] = 99 is not a page of the 12-page cache"):
         sequences.check_paged(q, cache.k, cache.v, table, lens)
     cache.release(0)
-    assert sequences.vouched_lengths(cache.kv_lens, cache.page_table, 12) == (0, 20)
+    assert sequences.vouched_lengths(cache.kv_lens, cache.page_table, 12, 16) == (0, 20)
+
+
+def test_another_caches_tables_are_checked_against_this_cache():
+    """A KVCache's page_table and kv_lens passed with another cache of the same pages but smaller
+    pages: the lengths overflow its table, refused before any read."""
+    cache = ac.KVCache(num_pages=12, page_size=64, heads=2, head_dim=16, batch=1, dtype=torch.float32)
+    cache.append(*torch.randn(2, 1, 2, 100, 16))
+    other = ac.KVCache(num_pages=12, page_size=16, heads=2, head_dim=16, batch=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"page_table\[0, 2\] = -1 is not a page of the 12-page cache"):
+        ac.attention(torch.randn(1, 4, 1, 16), other.k, other.v, ac.patterns.causal(), page_table=cache.page_table,
+                     kv_lens=cache.kv_lens)
+
+
+def test_a_kvcache_serves_under_inference_mode(monkeypatch):
+    """Built and used in torch.inference_mode (a serving loop's): its lengths are still vouched for
+    (no synchronisation a step), and the calls are exact."""
+    g = torch.Generator().manual_seed(5)
+    pattern = ac.patterns.sinks(2, 8)
+    with torch.inference_mode():
+        cache = ac.KVCache(num_pages=8, page_size=16, heads=2, head_dim=16, batch=2, dtype=torch.float32)
+        k, v = torch.randn(2, 2, 2, 25, 16, generator=g)
+        cache.append(k, v)
+        assert sequences.vouched_lengths(cache.kv_lens, cache.page_table, 8, 16) == (25, 25)
+        q = torch.randn(2, 4, 1, 16, generator=g)
+        out = cache.attention(q, pattern)
+    for b in range(2):
+        assert rel(out[b], oracle(q[b], k[b], v[b], pattern)[0]) < 1e-5
+    lens = torch.tensor([25, 25], dtype=torch.int32)
+    with torch.inference_mode():  # an inference tensor has no version: never vouched for, always checked
+        lens = lens.clone()
+        sequences.vouch(lens, cache.page_table, 8, 16, [25, 25])
+        assert sequences.vouched_lengths(lens, cache.page_table, 8, 16) is None
 
 
 @pytest.mark.parametrize("name, splits", [("sinks_window", 5), ("alibi", 64), ("causal", 2)])

@@ -44,15 +44,18 @@ class DecodeMeta(TileLists):
     """What the decode kernel reads besides q, k, v.
 
     TileLists of each (sequence, kv head): counts int32 [B|1, Hkv|1], kv tiles [.., width].
-    q_offset / kv_len: int32 [B], each sequence's first query position and its keys; max_len: the
+    kv_len: int32 [B], each sequence's keys; span: int32 [B, 2] on the device, the lengths [from,
+    to) the lists serve (paged and packed calls, whose queries are each sequence's last Q_LEN
+    tokens: the kernel takes their positions from kv_len and gives NaN rows to a length outside
+    its span, as a CUDA graph replayed past the lists' steps would bring; None: dense); max_len: the
     longest (the dense call's KV_LEN); splits: the kernel's S; live_tiles: the most FULL + PARTIAL
     tiles of any (sequence, kv head); block_mask: the per-(b, h) map the lists merge (one query
     tile of Q_LEN rows); buffers, params, plan: as in KernelMeta (runtime/kernel.py).
     lengths_from / lengths_to: int64 [B] on the CPU, the paged calls whose lengths lie between
     serve these lists (build_meta's span; None for a dense call).
     """
-    q_offset: torch.Tensor
     kv_len: torch.Tensor
+    span: torch.Tensor | None
     max_len: int
     splits: int
     live_tiles: int
@@ -70,10 +73,9 @@ class DecodeMeta(TileLists):
         lens = torch.tensor(known) if known is not None else kv_lens.cpu().long()
         return bool(((lens >= self.lengths_from) & (lens < self.lengths_to)).all())
 
-    def at(self, kv_lens: torch.Tensor, Q_LEN: int) -> "DecodeMeta":
-        """This metadata with the query offsets and lengths of the call with kv_lens."""
-        kv_len = kv_lens.contiguous()
-        return replace(self, kv_len=kv_len, q_offset=query_offsets(kv_len, Q_LEN))
+    def at(self, kv_lens: torch.Tensor) -> "DecodeMeta":
+        """This metadata with the lengths of the call with kv_lens."""
+        return replace(self, kv_len=kv_lens.contiguous())
 
 
 def group_classes(bm: BlockMask, Hkv: int, KV_LEN: int) -> torch.Tensor:
@@ -114,11 +116,10 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     FULL for the queries of every such length at the keys below the current one, EMPTY only where
     it is EMPTY for all of them up to the longest; the kernel evaluates the mask and the real
     lengths in the PARTIAL tiles between. The positions of the whole span pass the domain check
-    (else span 1: the exact lists of this call). q_offset and kv_len are this call's."""
+    (else span 1: the exact lists of this call). kv_len is this call's."""
     from .calibrate import profile_for
 
     if kv_lens is None:
-        q_offset = torch.zeros(s.B, dtype=torch.int32, device=device)
         kv_len = torch.full((s.B,), s.KV, dtype=torch.int32, device=device)
         bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, s.Q, tiles.BLOCK_N, device)
         check_domain(pattern, (pattern.score,), s.B, s.Hq, s.Q, s.KV, device)
@@ -126,7 +127,6 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
         keys, lo, hi = s.KV, None, None
     else:
         kv_len = kv_lens.contiguous()
-        q_offset = query_offsets(kv_len, s.Q)
         lo = kv_len.long()
         bm, classes, keys, hi = _span_classes(pattern, s, tiles, lo, span, capacity, device)
     full_num, full_idx = tile_lists(classes, FULL)
@@ -139,10 +139,13 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     # the kernel evaluates `pattern` at positions below `keys` (paged) or s.Q (dense)
     positions_q = keys if kv_lens is not None else s.Q
     plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, keys, device)
-    return DecodeMeta(**TileLists.fields(full_num, full_idx, partial_num, partial_idx), q_offset=q_offset,
-                      kv_len=kv_len, max_len=s.KV, splits=splits, live_tiles=live, block_mask=bm, buffers=buffers,
+    span = None if lo is None else torch.stack((lo, hi), 1).to(torch.int32).contiguous()
+    served = None if span is None else span.cpu().long()
+    return DecodeMeta(**TileLists.fields(full_num, full_idx, partial_num, partial_idx), kv_len=kv_len, span=span,
+                      max_len=s.KV, splits=splits, live_tiles=live, block_mask=bm, buffers=buffers,
                       params=kernel.param_values(pattern.params, device), plan=plan,
-                      lengths_from=None if lo is None else lo.cpu(), lengths_to=None if hi is None else hi.cpu())
+                      lengths_from=None if served is None else served[:, 0],
+                      lengths_to=None if served is None else served[:, 1])
 
 
 def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tensor, span: int,
@@ -290,7 +293,7 @@ class DecodeKernel:
             lists = build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, kv_lens,
                                DECODE_SPAN, page_table.shape[1] * page_size)
             DECODE_CACHE.put(span_key, lists)
-        return lists.at(kv_lens, shapes.Q)
+        return lists.at(kv_lens)
 
     def _entry(self, q, k, v, page_table, kv_lens, cu_seqlens_q=None, cu_seqlens_k=None) -> tuple:
         """(Shapes, DecodeMeta, page table, kv_lens, padding) for these inputs, from the cache: a miss
@@ -329,7 +332,7 @@ class DecodeKernel:
             def build():  # new versions of the table or lengths (the next step): checked, lists reused
                 shapes = check_paged(q, k, v, page_table, kv_lens)
                 meta = self._lists(common, shapes, q, k, v, page_table, kv_lens,
-                                   vouched_lengths(kv_lens, page_table, k.shape[0]))
+                                   vouched_lengths(kv_lens, page_table, k.shape[0], k.shape[1]))
                 return shapes, meta, page_table, kv_lens, None  # the key holds their ids
         else:
             shapes = check_qkv(q, k, v)

@@ -24,8 +24,9 @@ class KVCache:
         self.page_size = page_size
         self.k = torch.zeros(num_pages, page_size, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(num_pages, page_size, heads, head_dim_v or head_dim, dtype=dtype, device=device)
-        self.page_table = torch.full((batch, num_pages), -1, dtype=torch.int32, device=self.k.device)
-        self.kv_lens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        with torch.inference_mode(False):  # versioned even in a serving loop's inference mode: see _vouch
+            self.page_table = torch.full((batch, num_pages), -1, dtype=torch.int32, device=self.k.device)
+            self.kv_lens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
         self._lens = [0] * batch                      # host copies: bookkeeping without device syncs
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: page 0 is taken first
@@ -73,7 +74,7 @@ class KVCache:
         """Tell the paged calls the lengths it keeps on the host (runtime/sequences.vouch)."""
         from .sequences import vouch
 
-        vouch(self.kv_lens, self.page_table, self.k.shape[0], self._lens)
+        vouch(self.kv_lens, self.page_table, self.k.shape[0], self.page_size, self._lens)
 
     def release(self, b: int) -> None:
         """Free sequence b's pages; it starts again empty."""

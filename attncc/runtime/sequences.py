@@ -67,28 +67,35 @@ def remap_positions(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live:
                            {**pattern.buffers, **buffers}, pattern.name)
 
 
-_VOUCHED: dict[int, tuple] = {}  # id(kv_lens) -> (weakref, version, page_table weakref, version, pages, lengths)
+_VOUCHED: dict[int, tuple] = {}  # id(kv_lens) -> (weakref, version, page_table weakref, version, pages,
+#                                   page size, lengths)
 
 
-def vouch(kv_lens: torch.Tensor, page_table: torch.Tensor, num_pages: int, lengths: list[int]) -> None:
-    """Record that kv_lens holds `lengths` and that the pages page_table gives those lengths are
-    below num_pages, as both tensors are now (ac.KVCache, which writes both, after each change):
-    check_paged and the decode kernel's cache then take the lengths from here, with no
-    synchronisation, until either tensor changes (their versions) or is another tensor."""
+def vouch(kv_lens: torch.Tensor, page_table: torch.Tensor, num_pages: int, page_size: int,
+          lengths: list[int]) -> None:
+    """Record that kv_lens holds `lengths` and that the pages page_table gives those lengths (pages
+    of page_size tokens) are below num_pages, as both tensors are now (ac.KVCache, which writes
+    both, after each change): check_paged and the decode kernel's cache then take the lengths
+    from here, with no synchronisation, until either tensor changes (their versions) or is
+    another tensor. Tensors made under torch.inference_mode have no versions: never vouched for."""
     for key in [k for k, entry in _VOUCHED.items() if entry[0]() is None]:
         del _VOUCHED[key]
+    if kv_lens.is_inference() or page_table.is_inference():
+        _VOUCHED.pop(id(kv_lens), None)
+        return
     _VOUCHED[id(kv_lens)] = (weakref.ref(kv_lens), kv_lens._version, weakref.ref(page_table), page_table._version,
-                             num_pages, tuple(lengths))
+                             num_pages, page_size, tuple(lengths))
 
 
-def vouched_lengths(kv_lens, page_table, num_pages: int) -> tuple[int, ...] | None:
+def vouched_lengths(kv_lens, page_table, num_pages: int, page_size: int) -> tuple[int, ...] | None:
     """The lengths `vouch` recorded for exactly these tensors at their current versions, for a
-    cache of at least the pages vouched for; else None."""
+    cache of at least the pages vouched for and of the same page size; else None."""
     entry = _VOUCHED.get(id(kv_lens))
     if entry is None or entry[0]() is not kv_lens or entry[2]() is not page_table:
         return None
-    fresh = (entry[1], entry[3]) == (kv_lens._version, page_table._version) and num_pages >= entry[4]
-    return entry[5] if fresh else None
+    fresh = (entry[1], entry[3]) == (kv_lens._version, page_table._version) and num_pages >= entry[4] \
+        and page_size == entry[5]
+    return entry[6] if fresh else None
 
 
 def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table, kv_lens) -> Shapes:
@@ -111,7 +118,7 @@ def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
         raise ValueError(f"page_table must have shape [B={B}, max_pages], got {list(page_table.shape)}")
     kv_lens = _int_tensor("kv_lens", kv_lens, (B,), q.device)
     capacity = page_table.shape[1] * page_size
-    known = vouched_lengths(kv_lens, page_table, num_pages)
+    known = vouched_lengths(kv_lens, page_table, num_pages, page_size)
     if known is not None and all(n == 0 or Q_LEN <= n <= capacity for n in known):
         return Shapes(B, Hq, Hkv, Q_LEN, max(1, *known), D, v_cache.shape[3])
     lens = kv_lens.long()
