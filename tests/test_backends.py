@@ -124,3 +124,7 @@ def test_compile_for_a_target_describes_the_kernel_on_any_machine():
         kern(q, k, v)
     with pytest.raises(ValueError, match="target must be one of"):
         ac.compile(None, q, k, v, target="a100")
+    with pytest.raises(ValueError, match="meta tensors, which a kernel cannot run on"):  # no target: nothing to run on
+        ac.compile(None, q, k, v)
+    q32 = torch.empty(4, 16, 8192, 128, device="meta")  # float32: the profiles model 16-bit calls only
+    assert ac.compile(None, q32, q32, q32, target="h200").predicted_ms is None

@@ -37,7 +37,8 @@ def fa4_kernel(pattern, q, k, v, **options):
     choice = KernelChoice(fa4.TILE, choose_backward_tiles(s, q.dtype, q.device, options), "fa4",
                           deterministic=options.get("deterministic", True),
                           fa4_native=options.get("fa4_native", True), fold=fold)
-    return Kernel(pattern.kernel_pattern if fold is None else fold.pattern, s, q.device, 1 / math.sqrt(s.D), choice)
+    return Kernel(pattern.kernel_pattern if fold is None else fold.pattern, s, q.device, 1 / math.sqrt(s.D), choice,
+                  q.dtype)
 
 
 def inputs(B=1, Hq=1, Hkv=1, N=136, D=16, seed=0):  # two 128-row tiles, the second ragged
@@ -199,6 +200,10 @@ def test_the_backward_is_routed_by_what_fa4_does_well():
     sparse = fa4_kernel(ac.patterns.dilated(40, 3), q, k, v)  # no band: only the block-sparse backward
     assert sparse.config["backward"].startswith("triton (FA4's block-sparse backward is not deterministic")
     assert fa4_kernel(ac.patterns.dilated(40, 3), q, k, v, deterministic=False).config["backward"] == "fa4"
+    # backward_source is the file of the backward that runs: attncc's Triton kernels, or FA4's hooks
+    assert "@triton.jit" in sparse.backward_source and "aux_scalars" not in sparse.backward_source
+    banded = fa4_kernel(ac.patterns.prefix_lm(50), q, k, v)
+    assert banded.backward_source == banded.source and "aux_scalars" in banded.source
     qg, kg, vg = inputs(Hq=2, Hkv=1)
     assert "GQA" in fa4_kernel(ac.patterns.alibi(2), qg, kg, vg).config["backward"]
     assert fa4_kernel(ac.patterns.causal(), qg, kg, vg).config["backward"] == "fa4"  # reads no h

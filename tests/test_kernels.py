@@ -386,7 +386,7 @@ def test_backward_tiles_picked_by_the_model_on_first_use(monkeypatch):
     table = choices.choose_backward_tiles(s, torch.bfloat16, torch.device("cuda"), {})  # D=16's CUDA table
     choice = choices.KernelChoice(choices.choose_tiles(s, q.dtype, q.device, {}), table, "triton",
                                   backward_by_model=True)
-    kern = Kernel(pattern.kernel_pattern, s, q.device, 1 / math.sqrt(16), choice)
+    kern = Kernel(pattern.kernel_pattern, s, q.device, 1 / math.sqrt(16), choice, q.dtype)
     assert not asked  # the forward alone never asks
     picked = choices.model_backward_tiles(pattern.kernel_pattern, s, q.device, cost.load_profile("h200"), table)
     assert picked in choices.BACKWARD_CANDIDATES[64]

@@ -119,6 +119,9 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     s = check_qkv(q, k, v)
+    if q.device.type == "meta":
+        raise ValueError("q, k, v are meta tensors, which a kernel cannot run on: ac.compile(..., target=\"h200\") "
+                         "or target=\"h100\" describes the kernel a GPU would run (config, source, predicted_ms)")
     for name, d in (("q", s.D), ("v", s.Dv)):
         if not 16 <= d <= 256:
             raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
@@ -206,7 +209,8 @@ def _fastest(pattern: Pattern, s, q, k, v, scale: float, candidates: list, layou
     backward = choose_backward_tiles(s if fold is None else fold.shapes(s), q.dtype, q.device, {})
     timed = []
     for backend, tiles in candidates:
-        kern = Kernel(pattern, s, q.device, scale, KernelChoice(tiles, backward, backend, False, layout, fold=fold))
+        kern = Kernel(pattern, s, q.device, scale, KernelChoice(tiles, backward, backend, False, layout, fold=fold),
+                      q.dtype)
         with torch.no_grad():
             ms = time_ms(lambda: kern.run(q, k, v, s, False), q.device)
         timed.append((ms, backend, kern.tiles))
@@ -270,7 +274,7 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
                          "only (at most 64 queries per sequence, kernel_options without decode=False or another "
                          "backend); ac.attention runs the rest")
     pattern, s, scale, choice = _prepare(pattern, q, k, v, scale, kernel_options, False)
-    return Kernel(pattern, s, q.device, scale, choice)
+    return Kernel(pattern, s, q.device, scale, choice, q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
@@ -389,7 +393,7 @@ def _kernel_for(pattern, q, k, v, scale, kernel_options, return_lse, reuse: bool
 
     def make():
         kernel_pattern, _, scale_, choice = _prepare(pat, q, k, v, scale, kernel_options, return_lse)
-        return Kernel(kernel_pattern, s, q.device, scale_, choice)
+        return Kernel(kernel_pattern, s, q.device, scale_, choice, q.dtype)
     return _reused(_KERNELS, key, make), s
 
 

@@ -403,12 +403,14 @@ class Kernel:
     as heads). `__call__`, `forward` and `backward` take and return natural order: folds are views,
     attncc's Triton kernels gather and scatter a layout's rows (token_row in .source), the other
     backends run on permuted copies. `predicted_ms` is the cost model's forward prediction
-    (compiler/cost.py; None on CPU and for sdpa-cudnn). `shapes` are the call's (natural) shapes.
+    (compiler/cost.py; None on CPU and outside what the profile models). `shapes` are the call's
+    (natural) shapes.
     """
 
     def __init__(self, pattern: Pattern, shapes: Shapes, device: torch.device, scale: float,
-                 choice: KernelChoice):
+                 choice: KernelChoice, dtype: torch.dtype):
         self.pattern = pattern
+        self.dtype = dtype  # the inputs' dtype the choice was made for (other dtypes run too)
         self.scale = scale
         self.backend = choice.backend
         self._backward_tiles = choice.backward_tiles
@@ -479,15 +481,15 @@ class Kernel:
     @property
     def predicted_ms(self) -> float | None:
         """The simulator's forward time at this kernel's shapes, on the profile of its GPU (the
-        matching one, else "generic"), fa4's copies of a token layout included; None on CPU, or for a
-        backend the profile lacks at this head dim."""
+        matching one, else "generic"), fa4's copies of a token layout included; None on CPU and
+        outside what the profile models (float32, a backend it lacks at this head dim)."""
         from .calibrate import profile_for
-        from .choices import predicted_forward_ms
+        from .choices import modelled_ms
 
         if self.device.type != "cuda":
             return None
-        return predicted_forward_ms(self.pattern, self._shapes, self.tiles, self.device, self.backend,
-                                    profile_for(self.device), self.layout)
+        return modelled_ms(self.pattern, self._shapes, self.backend, self.tiles, self.dtype, profile_for(self.device),
+                           self.device, self.layout)
 
     @property
     def source(self) -> str:
@@ -500,8 +502,9 @@ class Kernel:
     @property
     def backward_source(self) -> str:
         """The generated source of the backward kernels (dK/dV and dQ) at this kernel's shapes (the
-        fa4 backend: the same hooks module, whose score_mod_bwd FA4's backward calls)."""
-        if self.backend == "fa4":
+        fa4 backend: the same hooks module, whose score_mod_bwd FA4's backward calls, where FA4's
+        backward runs; attncc's Triton backward where config["backward"] says it runs)."""
+        if self.backend == "fa4" and self._fa4_backward_refusal(self._fa4, self._shapes) is None:
             return self.source
         return cache.source_of(self._backward_module(self._shapes)[2])
 

@@ -63,11 +63,11 @@ class TargetKernel:
     @property
     def predicted_ms(self) -> float | None:
         """The simulator's forward ms on the target's profile, fa4's copies of a token layout included
-        (None where it lacks the backend at this head dim)."""
-        from .choices import predicted_forward_ms
+        (None outside what it models: float32, a backend it lacks at this head dim)."""
+        from .choices import modelled_ms
 
-        return predicted_forward_ms(self.pattern, self._shapes, self.tiles, _CPU, self.backend,
-                                    cost.load_profile(self.target), self.layout)
+        return modelled_ms(self.pattern, self._shapes, self.backend, self.tiles, self._dtype,
+                           cost.load_profile(self.target), _CPU, self.layout)
 
     @property
     def source(self) -> str:
