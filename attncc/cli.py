@@ -369,7 +369,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--bind", action="append", default=[], metavar="NAME=VALUE",
                        help="a param's value, or a buffer's values as comma-separated numbers (repeatable)")
         if sizes:
-            p.add_argument("--q-len", type=_positive, default=128, help="query length (default 128)")
+            p.add_argument("--q-len", type=_positive, default=None,
+                           help="query length (default: the tokens of the pattern's layout, else 128)")
             p.add_argument("--kv-len", type=_positive, default=None, help="key length (default: --q-len)")
             p.add_argument("--heads", type=_positive, default=2, help="query heads (default 2)")
             p.add_argument("--head-dim", type=_head_dim, default=None,
@@ -440,9 +441,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.verb == "calibrate":
             return cmd_calibrate(args)
+        pattern = load_pattern(args.pattern, args.bind)
+        if args.q_len is None:  # a neighbourhood's canvas, say, whole
+            args.q_len = pattern.layout.n if pattern.layout is not None else 128
         if args.kv_len is None:
             args.kv_len = args.q_len
-        pattern = load_pattern(args.pattern, args.bind)
         return COMMANDS[args.verb](pattern, args)
     except (ac.DSLError, ac.PatternError, InputError) as e:
         print(f"attncc {args.verb}: {e}", file=sys.stderr)

@@ -269,3 +269,11 @@ def test_viz_samples_masks_too_large_to_draw(capsys):
                        "--block", "8192", "--width", "8")
     assert code == 0 and "sampled every 245 queries and 245 keys" in out
     assert "9.5% of pairs attend" in out
+
+
+def test_viz_draws_a_layouts_whole_canvas_by_default(capsys):
+    """A pattern with a token layout (a 16x16 neighbourhood) is drawn over its 256 tokens, not 128."""
+    assert cli.main(["viz", "attncc.patterns:neighborhood((16, 16), 5)"]) == 0
+    assert "== mask, 256 x 256 tokens" in capsys.readouterr().out
+    assert cli.main(["viz", "attncc.patterns:neighborhood((16, 16), 5)", "--q-len", "64"]) == 0
+    assert "== mask, 64 x 64 tokens" in capsys.readouterr().out

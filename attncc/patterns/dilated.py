@@ -1,4 +1,6 @@
-"""Dilated (strided) local attention: `|q - kv| <= W and (q - kv) % d == 0`.
+"""Dilated (strided) local attention: `|q - kv| <= W and (q - kv) % d == 0` (the dilated sliding
+window of Longformer, Beltagy et al. 2020, "Longformer: The Long-Document Transformer"; the
+strided pattern of Sparse Transformers, Child et al. 2019).
 
 `W` is a param (rebinding never recompiles). The dilation `d` is a compile-time constant: it
 decides the sparsity structure, and a constant lets Triton strength-reduce `% d` (a mask for

@@ -1,4 +1,6 @@
-"""Document (packed sequence) masking: tokens attend only within their own document.
+"""Document (packed sequence) masking: tokens attend only within their own document (packing
+without cross-contamination, Krell et al. 2021, "Efficient Sequence Packing without
+Cross-contamination"; the document mask of Llama 3's pre-training, Grattafiori et al. 2024).
 
 `doc[i]` is the document id of token i. Causal within documents by default:
 `doc[q] == doc[kv] and q >= kv` (indices absolute, as everywhere in the catalogue).
