@@ -115,6 +115,7 @@ def test_compile_for_a_target_describes_the_kernel_on_any_machine():
     assert "def mask_mod(" in kern.source and kern.predicted_ms > 0
     forced = ac.compile(ac.patterns.sliding_window(1024), q, k, v, target="h200", kernel_options={"backend": "triton"})
     assert (forced.config["BLOCK_M"], forced.config["BLOCK_N"]) == (64, 64) and "@triton.jit" in forced.source
+    assert forced.config["tma"] is False  # pointer loads at D <= 128, as kern.config on the GPU says
     assert forced.block_mask.BLOCK_M == 64
     natten = ac.patterns.natten2d(64, 128, 17)
     gathered = ac.compile(natten, q, k, v, target="h200")

@@ -15,7 +15,7 @@ from ..compiler.codegen import BackwardTiles, generate
 from ..compiler.lowering import BufferSpec
 from ..dsl.pattern import Pattern
 from . import fa4
-from .choices import TARGETS, pick_backward_tiles, tile_tuple
+from .choices import TARGETS, choose_tma, pick_backward_tiles, tile_tuple
 from .inputs import Shapes
 
 _CPU = torch.device("cpu")
@@ -52,7 +52,8 @@ class TargetKernel:
         t = self.tiles
         out = {"backend": self.backend, "target": self.target, "BLOCK_M": t.BLOCK_M, "BLOCK_N": t.BLOCK_N}
         if self.backend != "fa4":
-            out.update(num_warps=t.num_warps, num_stages=t.num_stages)
+            out.update(num_warps=t.num_warps, num_stages=t.num_stages,
+                       tma=choose_tma(self._shapes, torch.device("cuda"), self._options))
         if self.backend != "sdpa-cudnn":  # fa4: where attncc's Triton backward runs after FA4's forward
             b = self.backward_tiles
             out.update(dkdv_tiles=tile_tuple(b.dkdv), dq_tiles=tile_tuple(b.dq))
