@@ -3,7 +3,8 @@
 `check_pattern(pat)` runs the compiled kernel on random inputs of random shapes (odd lengths,
 Q_LEN != KV_LEN, GQA, several head dims) and compares output, LSE and gradients (q, k, v and the
 pattern's float buffers) with `attncc.reference`, and the block classification with the dense mask.
-`random_patterns()` is a hypothesis strategy over random IR patterns for attncc's own tests.
+Hypothesis strategies for users' own tests: `patterns()` (random IR patterns: affine and modular
+masks with a score mod; attncc's own tests call it `random_patterns`), `shapes()` and `inputs()`.
 """
 from __future__ import annotations
 
@@ -153,12 +154,44 @@ def shapes(draw, max_len: int = 160, head_dims=(16, 24, 32, 64), max_q: int | No
     return draw(st.integers(1, max_batch)), hkv * group, hkv, q_len, kv_len, draw(st.sampled_from(head_dims))
 
 
-def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max_examples: int = 10,
-                  max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0, grad: bool = True,
+_random_shapes = shapes  # check_pattern's `shapes` argument shadows the strategy's name
+
+
+@st.composite
+def inputs(draw, shape: tuple | None = None, dtype: torch.dtype = torch.float32, device="cpu",
+           max_len: int = 160) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) of normal random values: q [B, Hq, Q_LEN, D], k and v [B, Hkv, KV_LEN, D] of
+    `shape` = (B, Hq, Hkv, Q_LEN, KV_LEN, D), or of a shape drawn by `shapes(max_len)`."""
+    B, Hq, Hkv, Q, KV, D = shape if shape is not None else draw(_random_shapes(max_len))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    return tuple(torch.randn(*dims, generator=gen).to(device, dtype) for dims in ((B, Hq, Q, D), (B, Hkv, KV, D),
+                                                                                    (B, Hkv, KV, D)))
+
+
+def _shape_cases(given_shapes) -> st.SearchStrategy:
+    """check_pattern's `shapes`: a strategy of (B, Hq, Hkv, Q_LEN, KV_LEN, D), or a list of them."""
+    if isinstance(given_shapes, st.SearchStrategy):
+        return given_shapes
+    listed = [tuple(x) for x in given_shapes]
+    for x in listed:
+        if len(x) != 6 or not all(isinstance(n, int) and n >= 1 for n in x) or x[1] % x[2]:
+            raise ValueError(f"shapes must be (B, Hq, Hkv, Q_LEN, KV_LEN, D) of positive ints with Hq a multiple "
+                             f"of Hkv, got {x!r}")
+    if not listed:
+        raise ValueError("shapes is empty")
+    return st.sampled_from(listed)
+
+
+def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int = 10, grad: bool = True, *,
+                  device=None, max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0,
                   kernel_options: dict | None = None) -> CheckReport:
     """Property-test `pattern`: kernel vs `attncc.reference` on random shapes and inputs: output
     and LSE, with `grad` the gradients of q, k, v and of the pattern's float buffers (each taken as
     learnable), and the block classification (FULL / EMPTY tiles) against the dense mask.
+
+    shapes: None (random: odd lengths, Q_LEN != KV_LEN, GQA, head dims `head_dims`, lengths up to
+    `max_len`), a list of (B, Hq, Hkv, Q_LEN, KV_LEN, D), or a hypothesis strategy of them.
+    dtypes: the input dtypes drawn from (default float32; bf16 / fp16 at their tolerances).
 
     Runs on `device` (default: CUDA if available, else CPU through Triton's interpreter, where keep
     `max_len` small). A pattern with a token layout is tested both in natural order at random
@@ -172,6 +205,9 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
     from .runtime.api import as_pattern
 
     pattern = as_pattern(pattern)
+    dtypes = (torch.float32,) if dtypes is None else tuple(dtypes)
+    if not dtypes or any(d not in TOLERANCE for d in dtypes):
+        raise ValueError(f"dtypes must be some of {sorted(map(str, TOLERANCE))}, got {dtypes!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     roots = (evaluate.token_mask(pattern), pattern.score)
@@ -193,18 +229,26 @@ def check_pattern(pattern: Pattern, *, device=None, dtypes=(torch.float32,), max
     first_failure: list[float] = []
     failing: set = set()
     layout = pattern.layout
-    cases = shapes(max_len, head_dims, **caps).map(lambda shape: (shape, False))
-    if layout is not None:
-        natural = pattern.with_layout(None)
-        in_layout = shapes(max_len, head_dims, **{**caps, "max_q": None, "max_kv": None}, length=layout.n)
-        cases = st.one_of(cases, in_layout.map(lambda shape: (shape, True)))
+    natural = pattern if layout is None else pattern.with_layout(None)
+    if shapes is not None and not isinstance(shapes, st.SearchStrategy):
+        undefined = [x for x in map(tuple, shapes) if len(x) == 6 and not defined(x[0], x[1], x[3], x[4])]
+        if undefined:
+            raise ValueError(f"{pattern!r} is not defined at shapes {undefined} (its buffers are too short)")
+    if shapes is not None:  # the given shapes; those of a layout's length run in the layout
+        cases = _shape_cases(shapes).map(lambda x: (x, layout is not None and x[3] == x[4] == layout.n))
+    else:
+        cases = _random_shapes(max_len, head_dims, **caps).map(lambda shape: (shape, False))
+        if layout is not None:
+            in_layout = _random_shapes(max_len, head_dims, **{**caps, "max_q": None, "max_kv": None},
+                                       length=layout.n)
+            cases = st.one_of(cases, in_layout.map(lambda shape: (shape, True)))
 
     @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=cases, dtype=st.sampled_from(list(dtypes)), data_seed=st.integers(0, 2**31 - 1))
     def run(case, dtype, data_seed):
         shape, use_layout = case
-        pat = pattern if use_layout or layout is None else natural
+        pat = pattern if use_layout else natural
         B, Hq, Hkv, Q, KV, D = shape
         # shrinking runs the kernel again and again: stop it after SHRINK_SECONDS (the smallest
         # failing example found by then is the one reported)
@@ -297,4 +341,7 @@ def random_patterns(draw) -> Pattern:
     mask = draw(affine_masks())
     score = SCORE_MODS[draw(st.sampled_from(sorted(SCORE_MODS)))]
     return Pattern.from_ir(mask=mask, score=score)
+
+
+patterns = random_patterns  # the public name (DESIGN: hypothesis strategies for random patterns)
 

@@ -90,3 +90,32 @@ def test_lse_near_zero_is_compared_by_its_absolute_error(monkeypatch):
     monkeypatch.setattr(api, "attention", lambda *a, **o: (lambda out, lse: (out, lse + 1e-3))(*exact(*a, **o)))
     with pytest.raises(AssertionError, match="lse 1.00e-03"):
         testing.compare(pattern, q, k, v)
+
+
+def test_given_shapes_dtypes_and_the_strategies():
+    """check_pattern(pattern, shapes, dtypes): the listed shapes (those of a layout's length in the
+    layout), the dtypes drawn from; patterns() and inputs() serve a user's own hypothesis tests."""
+    from hypothesis import given, settings
+
+    pat = ac.patterns.natten2d(8, 16, 3)
+    report = testing.check_pattern(pat, [(1, 2, 1, 37, 50, 16), (1, 1, 1, 128, 128, 32)],
+                                   [torch.float32, torch.bfloat16], max_examples=6, grad=False)
+    assert {r["q"] for r in report.rows} <= {(1, 2, 37, 16), (1, 1, 128, 32)}
+    assert all(r["layout"] == (r["q"][2] == 128) for r in report.rows)
+    assert len(testing.check_pattern(ac.patterns.causal(), [(1, 1, 1, 9, 9, 16)], None, max_examples=2).rows) == 2
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        testing.check_pattern(ac.patterns.causal(), [(1, 3, 2, 9, 9, 16)])
+    with pytest.raises(ValueError, match="dtypes must be some of"):
+        testing.check_pattern(ac.patterns.causal(), dtypes=[torch.float64])
+    doc = ac.patterns.lengths_to_ids([30, 25, 20])
+    with pytest.raises(ValueError, match="not defined at shapes"):
+        testing.check_pattern(ac.patterns.document(ids=doc), [(1, 1, 1, 80, 80, 16)])
+
+    @settings(max_examples=3, deadline=None, database=None)
+    @given(pattern=testing.patterns(), qkv=testing.inputs(max_len=40))
+    def users_test(pattern, qkv):
+        q, k, v = qkv
+        assert q.shape[1] % k.shape[1] == 0 and k.shape == v.shape and q.dtype == torch.float32
+        testing.compare(pattern, q, k, v)
+
+    users_test()
