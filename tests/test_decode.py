@@ -332,6 +332,17 @@ def test_bad_page_tables_are_refused_before_any_read():
         run(kernel_options={"kv_splits": 0})
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_a_batch_of_empty_sequences_with_no_pages(decode):
+    """kv_lens all 0 and a page table of width 0: zeros and lse -inf, on the decode kernel and on
+    the gathering path alike."""
+    kc, vc = torch.randn(2, 4, 16, 2, 16)
+    out, lse = ac.attention(torch.randn(2, 4, 1, 16), kc, vc, ac.patterns.causal(), return_lse=True,
+                            page_table=torch.zeros(2, 0, dtype=torch.int32), kv_lens=torch.zeros(2, dtype=torch.int32),
+                            kernel_options={"decode": decode})
+    assert (out == 0).all() and (lse == -torch.inf).all()
+
+
 def test_the_decode_benchmark_runs_in_smoke_mode(tmp_path):
     import pathlib
     import sys

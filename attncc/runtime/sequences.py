@@ -141,8 +141,9 @@ def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
 def _token_pages(page_table: torch.Tensor, lens: torch.Tensor, page_size: int, L: int):
     """(used bool [B, L]: token t < kv_len, pages int64 [B, L]: the page holding token t)."""
     slots = torch.arange(L, device=lens.device)
-    index = (slots // page_size)[None, :].expand(lens.shape[0], L).clamp(max=page_table.shape[1] - 1)
-    return slots[None, :] < lens[:, None], page_table.long().gather(1, index)
+    table = page_table.long() if page_table.shape[1] else lens.new_zeros(lens.shape[0], 1)  # no pages: none used
+    index = (slots // page_size)[None, :].expand(lens.shape[0], L).clamp(max=table.shape[1] - 1)
+    return slots[None, :] < lens[:, None], table.gather(1, index)
 
 
 def query_offsets(kv_lens: torch.Tensor, Q_LEN: int) -> torch.Tensor:
