@@ -23,7 +23,9 @@ attends the first text_len text keys and text queries attend every video key and
 (text_len is a param; keys past them, padding, are attended by nothing), as in
 `sliding_tile`. With text_len = 0 Q_LEN = KV_LEN = frames * s (not checked: a Pattern carries
 no length). The official code rounds windows to its 128-token blocks; this is the token-level
-mask of the paper's definition.
+mask of the paper's definition. It takes no token layout: its spatial distance is the flattened
+within-frame index, so the natural frame-major order already keeps each band's keys in one run of
+tokens per frame (a brick layout, as `neighborhood` picks, would only scatter them).
 """
 from __future__ import annotations
 
