@@ -31,6 +31,7 @@ def test_fa4_is_refused_with_its_reason():
                                      kw.pop("dtype", torch.bfloat16), "cpu", assume_installed=True)
     assert on() is None
     assert "SM90" in on(cap=(8, 0)) and "sm_80" in on(cap=(8, 0))
+    assert "sm_100" in on(cap=(10, 0))  # Blackwell: FA4's SM100 kernels were never checked against attncc's lists
     assert "float32" in on(dtype=torch.float32)
     assert "up to 128" in on(s=dataclasses.replace(S, D=256, Dv=256))
     assert "multiples of 8" in on(s=dataclasses.replace(S, D=60, Dv=60))

@@ -447,7 +447,7 @@ def choose_backend(pattern: Pattern, s: Shapes, q: torch.Tensor, options: dict, 
     """The backend for this call (`pattern` in kernel order, `layout` its token layout or None);
     kernel_options["backend"] forces one (a ValueError saying why when it cannot run the call).
 
-    auto: on CUDA, "fa4" where it can run (runtime/fa4.refusal: SM90+, 16-bit, head dims up to
+    auto: on CUDA, "fa4" where it can run (runtime/fa4.refusal: SM90, 16-bit, head dims up to
     128, FlashAttention-4 installed, every operator lowerable to CuTe) and measured faster
     (`fa4_measured_faster`), else "sdpa-cudnn" for plain full or equal-length causal attention,
     else "triton", which runs everything (the CPU interpreter, float32, any head dim, any

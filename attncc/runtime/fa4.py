@@ -99,8 +99,9 @@ def refusal_on(pattern: Pattern, s: Shapes, capability: tuple[int, int], dtype: 
     (None: it can): the GPU, dtype and head dims first, then that FA4 imports here (unless
     assume_installed: for `attncc show --target`), then that every operator and read of the
     pattern has a CuTe lowering (block masks are built on `device`)."""
-    if capability[0] < 9:
-        return f"fa4 needs an SM90 (Hopper) or newer GPU; this one is sm_{capability[0]}{capability[1]}"
+    if capability[0] != 9:  # FA4's other generations differ in tiles, sparsity blocks and determinism
+        return (f"fa4 runs on SM90 (Hopper) GPUs, where attncc's 128x128 block masks and its backward routing "
+                f"were built and checked; this one is sm_{capability[0]}{capability[1]}")
     if dtype not in (torch.float16, torch.bfloat16):
         return f"fa4 runs float16 and bfloat16 only, not {dtype}"
     for name, d in (("q", s.D), ("v", s.Dv)):
