@@ -129,6 +129,7 @@ def test_explain_on_cpu_and_the_cli(capsys):
     text = ac.explain(ac.patterns.sliding_window(40), q, k, v)
     assert "a generic CUDA GPU" in text and "triton  32x32" in text and "<- runs" in text
     assert "fa4 cannot run this call: fa4 runs on CUDA tensors only" in text
+    assert "torch.float32 is not what the profiles model" in text  # the times shown are 16-bit kernels'
     assert ac.compile(ac.patterns.sliding_window(40), q, k, v).predicted_ms is None  # CPU: no GPU to predict
     from attncc.cli import main
 

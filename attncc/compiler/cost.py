@@ -607,6 +607,9 @@ def report(pattern: Pattern, s, dtype, device, profile: Profile, chosen: tuple[s
     lines.append(f"roofline: {_fmt_ms(roof)} (matrix {_fmt_ms(flop_ms)}, memory {_fmt_ms(byte_ms)})")
     lines += ["", "configurations (forward), predicted:" if forward_runs else
               "configurations of the forward kernels (which do not run this call), predicted:"]
+    if dtype not in (torch.float16, torch.bfloat16):
+        lines.append(f"  ({dtype} is not what the profiles model (16-bit calls): the times below are of 16-bit "
+                     f"kernels, and the tile table, not the simulator, chooses)")
     unmodelled = sorted({b for b, _ in candidates if not profile.models(b, s.D)})
     if unmodelled:
         lines.append(f"  (not modelled at head dim {s.D} on this profile: {', '.join(unmodelled)}; "
