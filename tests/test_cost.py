@@ -459,6 +459,14 @@ def test_the_h200_profile_picks_what_measured_fastest():
     assert choices.cost_choice(swa, s, torch.bfloat16, cpu, {}, "fa4", profile) is None  # the interpreter's table
     assert choices.cost_choice(swa, s, torch.float32, cuda, {}, "fa4", profile, cpu) is None  # not measured
     assert choices.cost_choice(swa, s, torch.bfloat16, cuda, {"BLOCK_M": 128}, "fa4", profile, cpu) is None
+    # tile fields kernel_options set are kept, the simulator picks the rest (natten2d: 64x32 tiles at 3 stages)
+    natten = ac.patterns.natten2d(64, 128, 17)
+    kp = natten.kernel_pattern
+    assert choices.cost_choice(kp, s, torch.bfloat16, cuda, {"num_stages": 3}, "triton", profile, cpu,
+                               layout=natten.layout) == ("triton", TileConfig(64, 32, 4, 3))
+    assert choices.check_options({"num_warps": 4})["backend"] == "triton"  # Triton's tiles: never dropped for fa4
+    with pytest.raises(ValueError, match="the fa4 backend runs FlashAttention-4's own"):
+        choices.check_options({"BLOCK_N": 64, "backend": "fa4"})
 
 
 def test_fit_recovers_the_partial_factor_prologue_and_occupancy():

@@ -244,7 +244,8 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     FA4's own block-sparse backward, whose dQ accumulation order varies; see fa4.backward_refusal),
     fa4_native (default True: masks that are unions of bands or segments run FA4's own local and
     varlen kernels, compiler/bands.py; False: its hooks and block lists, as every other mask), BLOCK_M,
-    BLOCK_N, num_warps, num_stages (the Triton forward), dkdv_tiles and dq_tiles (the Triton
+    BLOCK_N, num_warps, num_stages (the Triton forward: any of them runs the triton backend, the
+    simulator choosing the fields not set; with backend "fa4" a ValueError), dkdv_tiles and dq_tiles (the Triton
     backward's two kernels, each (BLOCK_M, BLOCK_N, num_warps, num_stages)), tma (True: read
     k/v through tensor descriptors where the strides allow, on Hopper or CPU; default: on CUDA for
     head dims above 128, where it measured faster) and autotune (True: time the cost simulator's

@@ -284,14 +284,15 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
                       backend: str, profile, lists_device: torch.device | None = None, cudnn: bool = False,
                       layout=None, fa4_runs=None) -> list[tuple[str, TileConfig]]:
     """The configurations the cost model chooses among, fastest predicted first
-    (predicted_forward_ms, floored by a call's host time: Profile.ranking): TRITON_CANDIDATES; fa4's where the rules picked fa4 (`backend`), or,
+    (predicted_forward_ms, floored by a call's host time: Profile.ranking): TRITON_CANDIDATES, with
+    the tile fields kernel_options set; fa4's where the rules picked fa4 (`backend`), or,
     with the backend automatic, on a pattern with the token `layout` (priced with its permuted
     copies; `fa4_runs()` says whether fa4 can run the call, asked only where fa4 ranks among the
     first AUTOTUNE_TOP: it may import FlashAttention-4, a second of a first call); and
     SDPA's cuDNN where `cudnn` (sdpa_refusal found nothing against it) and the backend is automatic
     (its tiles: the table's, which the Triton kernels run for the calls cuDNN cannot take, such as
     one asking for the LSE). A backend enters where the profile has its figures. Empty where the
-    model does not choose: a backend forced (but triton), tile options given, or outside where the
+    model does not choose: a backend forced (but triton), or outside where the
     profile models the call (16-bit CUDA, D and Dv of one head dim class that the profile has
     Triton's figures for, and those of the backend the rules picked; the rules' backend and
     choose_tiles' table decide there). Block masks are built on `lists_device` (default: `device`)
@@ -300,11 +301,18 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
     from .kernel import META_CACHE
 
     auto = options.get("backend", "auto") == "auto"
+    tiles_set = any(k in options for k in TILE_OPTIONS)  # Triton's tiles asked for: Triton only
     if (backend not in ("triton", "fa4", SDPA_CUDNN) or not (auto or options["backend"] == "triton")
+            or (tiles_set and backend != "triton")
             or device.type != "cuda" or not _profiled(s, dtype) or not profile.models("triton", s.D)
-            or (backend != "triton" and not profile.models(backend, s.D)) or any(k in options for k in TILE_OPTIONS)):
+            or (backend != "triton" and not profile.models(backend, s.D))):
         return []
-    candidates = [("triton", t) for t in triton_candidates(s.D)]
+    # tile fields kernel_options set are kept, the simulator chooses the rest (check_options made
+    # such a call's backend triton); candidates the options leave as they are first (ties: equal shapes)
+    own = triton_candidates(s.D)
+    kept = sorted(dict.fromkeys(_overridden(t, options) for t in own), key=lambda t: t not in own)
+    candidates = [("triton", t) for t in kept]
+    auto = auto and not tiles_set
     on_copies = backend != "fa4" and layout is not None and fa4_runs is not None and auto and profile.models(
         "fa4", s.D)
     if backend == "fa4" or on_copies:
@@ -439,6 +447,12 @@ def check_options(options) -> dict:
     if options.get("backend", "auto") not in ("auto",) + BACKENDS:
         raise ValueError(f"kernel_options['backend'] must be one of {('auto',) + BACKENDS}, "
                          f"got {options['backend']!r}")
+    tile_fields = [k for k in TILE_OPTIONS if k in options]
+    if tile_fields and options.get("backend") == "fa4":
+        raise ValueError(f"kernel_options {tile_fields} set the tiles of attncc's Triton kernels; the fa4 backend "
+                         "runs FlashAttention-4's own (128x128)")
+    if tile_fields and options.get("backend", "auto") == "auto":
+        options["backend"] = "triton"  # Triton's tiles were asked for: they must not be dropped for another backend
     return options
 
 
