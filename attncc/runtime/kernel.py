@@ -384,10 +384,11 @@ def after_resource_refusal(error: Exception, tiles: TileConfig, forced: bool, ot
 
 
 # Bytes of local memory a thread of a forward may spill before the model's next-ranked tiles replace
-# the chosen ones (Kernel._leave_spilling_tiles). H100, 2026-12-06, D=64: global_tokens at
-# 64x128/4/3 spilled 1 KB a thread (benchmarks/registers.py) and ran 13.8 ms against 1.9 predicted
-# and 1.26 at 64x32/4/2; natten3d's register-capped forward spills 24 bytes and is faster for the cap.
-SPILL_LIMIT = 256
+# the chosen ones (Kernel._leave_spilling_tiles). H100, 2026-12-07 (.probe/spill_guard.py, B4 H16
+# N8192 D=64 bf16): global_tokens at 64x128/4/3 spills 168 bytes a thread at run time and runs
+# 13.8 ms; the guard moves it to 64x32/4/2, 1.26 ms. No pick of the suite's patterns spills at D=64
+# or 128 (.probe/spills.py); natten3d's register-capped forward spills 24 bytes and is faster for it.
+SPILL_LIMIT = 64
 
 
 class Kernel:
