@@ -107,3 +107,13 @@ def test_moba_topk():
 def test_paged_decode():
     r = example("paged_decode").main(["--small"])
     assert r["worst_err"] < r["tolerance"] and r["pages_used"] == 3 + 1 + 4  # 33, 8 and 50 tokens in 16-token pages
+
+
+def test_the_demo(capsys):
+    """`make demo` (examples/demo.py): the pattern, its IR, the mask, the kernel's source and its
+    checks against the oracle, which it asserts itself."""
+    example("demo").main()
+    out = capsys.readouterr().out
+    for part in ("== pattern", "== IR", "== generated Triton source", "@triton.jit", "== block map",
+                 "vs ac.reference: relative error", "== W = 40: same kernel"):
+        assert part in out, part
