@@ -288,15 +288,18 @@ def test_calibrate_writes_a_profile_that_profile_for_finds(tmp_path, monkeypatch
     assert measured["tflops"]["32x32"] > 0 and set(measured["backward"]["tflops"]) == {
         "default", "dkdv 64x128", "dq 128x64", "dkdv 32x64", "dq 64x32"}  # D=64's three pairs, no D=128 keys
     assert "head dim class 64" in d64["provenance"]
-    data["match"] = ["My GPU"]  # as calibrate writes it on a GPU named so
+    data["match"], data["capability"] = ["My GPU"], [9, 0]  # as calibrate writes it on a GPU named so
     out.write_text(json.dumps(data))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "My GPU 80GB")
     monkeypatch.setattr(calibrate, "user_profiles", lambda: tmp_path / "profiles")
     found = calibrate.profile_for(torch.device("cuda"))
     assert found.key == "my-gpu" and found.rate("triton", TileConfig(32, 32, 4, 1)) == spec["tflops"]["32x32"]
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert calibrate.profile_for(torch.device("cuda")).key == "h200"  # the shipped one
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert calibrate.profile_for(torch.device("cuda")).key == "generic"  # the name, not the capability: not ours
 
 
 def test_calibrate_needs_a_gpu(capsys, monkeypatch):

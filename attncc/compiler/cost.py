@@ -71,7 +71,7 @@ class Profile:
     there, nor is its backward without a "backward" entry; `spec`);
     `link_tbps` a GPU-to-GPU link's usable one-way bandwidth (context parallelism; absent from a
     profile: 0.025, a PCIe-class guess); `call_us` {backend: host microseconds of one call}
-    (absent: 0, no floor)."""
+    (absent: 0, no floor); `capability` the compute capability it was measured on ((): any)."""
     key: str
     name: str
     sms: int
@@ -83,6 +83,7 @@ class Profile:
     link_tbps: float = 0.025
     head_dim: int = 128
     call_us: dict = field(default_factory=dict)
+    capability: tuple = ()
 
     def spec(self, backend: str, D: int | None = None) -> dict | None:
         """`backend`'s figures at head dim D (None: the base class), or None where the profile does
@@ -193,22 +194,22 @@ def read_profile(path: Path) -> Profile:
     return Profile(key, data["name"], int(data["sms"]), data["peak_matrix_tflops"], float(data["hbm_tbps"]),
                    data["backends"], data["provenance"], tuple(data.get("match", ())),
                    float(data.get("link_tbps", Profile.link_tbps)), head_dim,
-                   {b: float(v) for b, v in call_us.items()})
+                   {b: float(v) for b, v in call_us.items()}, tuple(data.get("capability", ())))
 
 
 def profile_for(device: torch.device | None = None, target: str | None = None,
                 user_dir: Path | None = None) -> Profile:
-    """The shipped profile `target` names; else the one matching the CUDA device's name, looked
-    for first in `user_dir` (where `attncc calibrate` writes), then among the shipped ones; else
-    "generic"."""
+    """The shipped profile `target` names; else the one matching the CUDA device's name and compute
+    capability (where the profile gives one), looked for first in `user_dir` (where `attncc
+    calibrate` writes), then among the shipped ones; else "generic"."""
     if target is not None:
         return load_profile(target)
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(device)
+        name, capability = torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
         for directory in ([user_dir] if user_dir is not None and user_dir.is_dir() else []) + [PROFILES]:
             for path in sorted(directory.glob("*.json")):
                 prof = load_profile(path.stem, directory)
-                if any(m in name for m in prof.match):
+                if any(m in name for m in prof.match) and prof.capability in ((), capability):
                     return prof
     return load_profile("generic")
 
