@@ -168,10 +168,8 @@ def inputs(draw, shape: tuple | None = None, dtype: torch.dtype = torch.float32,
                                                                                     (B, Hkv, KV, D)))
 
 
-def _shape_cases(given_shapes) -> st.SearchStrategy:
-    """check_pattern's `shapes`: a strategy of (B, Hq, Hkv, Q_LEN, KV_LEN, D), or a list of them."""
-    if isinstance(given_shapes, st.SearchStrategy):
-        return given_shapes
+def _listed_shapes(given_shapes) -> list[tuple[int, ...]]:
+    """check_pattern's `shapes` given as a list of (B, Hq, Hkv, Q_LEN, KV_LEN, D), checked."""
     listed = [tuple(x) for x in given_shapes]
     for x in listed:
         if len(x) != 6 or not all(isinstance(n, int) and n >= 1 for n in x) or x[1] % x[2]:
@@ -179,7 +177,7 @@ def _shape_cases(given_shapes) -> st.SearchStrategy:
                              f"of Hkv, got {x!r}")
     if not listed:
         raise ValueError("shapes is empty")
-    return st.sampled_from(listed)
+    return listed
 
 
 def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int = 10, grad: bool = True, *,
@@ -230,12 +228,15 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
     failing: set = set()
     layout = pattern.layout
     natural = pattern if layout is None else pattern.with_layout(None)
-    if shapes is not None and not isinstance(shapes, st.SearchStrategy):
-        undefined = [x for x in map(tuple, shapes) if len(x) == 6 and not defined(x[0], x[1], x[3], x[4])]
-        if undefined:
-            raise ValueError(f"{pattern!r} is not defined at shapes {undefined} (its buffers are too short)")
     if shapes is not None:  # the given shapes; those of a layout's length run in the layout
-        cases = _shape_cases(shapes).map(lambda x: (x, layout is not None and x[3] == x[4] == layout.n))
+        drawn = shapes
+        if not isinstance(shapes, st.SearchStrategy):
+            listed = _listed_shapes(shapes)
+            undefined = [x for x in listed if not defined(x[0], x[1], x[3], x[4])]
+            if undefined:
+                raise ValueError(f"{pattern!r} is not defined at shapes {undefined} (its buffers are too short)")
+            drawn = st.sampled_from(listed)
+        cases = drawn.map(lambda x: (x, layout is not None and x[3] == x[4] == layout.n))
     else:
         cases = _random_shapes(max_len, head_dims, **caps).map(lambda shape: (shape, False))
         if layout is not None:
@@ -344,4 +345,3 @@ def random_patterns(draw) -> Pattern:
 
 
 patterns = random_patterns  # the public name (DESIGN: hypothesis strategies for random patterns)
-

@@ -312,12 +312,12 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
     own = triton_candidates(s.D)
     kept = sorted(dict.fromkeys(_overridden(t, options) for t in own), key=lambda t: t not in own)
     candidates = [("triton", t) for t in kept]
-    auto = auto and not tiles_set
-    on_copies = backend != "fa4" and layout is not None and fa4_runs is not None and auto and profile.models(
+    others = auto and not tiles_set  # fa4 on a layout's copies and cuDNN may enter
+    on_copies = backend != "fa4" and layout is not None and fa4_runs is not None and others and profile.models(
         "fa4", s.D)
     if backend == "fa4" or on_copies:
         candidates.append(("fa4", fa4.TILE))
-    if cudnn and auto and profile.models(SDPA_CUDNN, s.D):
+    if cudnn and others and profile.models(SDPA_CUDNN, s.D):
         candidates.append((SDPA_CUDNN, choose_tiles(s, dtype, device, options)))
     ranked = sorted(candidates, key=lambda c: profile.ranking(c[0], predicted_forward_ms(
         pattern, s, c[1], lists_device or device, c[0], profile, layout)))
