@@ -185,6 +185,17 @@ def test_span_lists_are_sound_for_every_length_they_serve(data):
     merged, truth = _classes(meta, B, Hkv, KB), _classes(exact, B, Hkv, KB)
     assert bool(((merged != FULL) | (truth == FULL)).all()), "a FULL tile that is not FULL for a served length"
     assert bool(((truth == EMPTY) | (merged != EMPTY)).all()), "a live tile the lists leave out"
+    # the PARTIAL tiles at or past a served length end their list, and partial_tail holds them all
+    # (the kernel drops them by it), its width fixed by the span and tiles (one compiled kernel)
+    assert meta.partial_tail.shape[-1] == 1 << (max(1, -(-(span - 1) // tiles.BLOCK_N)) - 1).bit_length()
+    num, idx = meta.partial_num.expand(B, Hkv), meta.partial_idx.expand(B, Hkv, -1)
+    for b, n in enumerate(served):
+        for h in range(Hkv):
+            listed = idx[b, h, :int(num[b, h])].tolist()
+            past = [t for t in listed if t * tiles.BLOCK_N >= n]
+            if past:
+                assert listed[-len(past):] == past
+                assert meta.partial_tail.expand(B, Hkv, -1)[b, h].tolist()[-len(past):] == past
 
 
 def test_the_span_stops_at_the_page_tables_capacity():

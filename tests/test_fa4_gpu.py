@@ -183,18 +183,28 @@ def test_token_layout_on_fa4():
     checked_grads(pat, q, k, v, w, FA4)
 
 
+@pytest.mark.parametrize("route", ["fa4", "model"])
 @pytest.mark.parametrize("layout", ["BHND", "BNHD"])
-def test_residue_fold_on_views_with_gqa(layout):
+def test_residue_fold_on_views_with_gqa(layout, route, monkeypatch):
     """A dilated window on q, k, v laid out as models make them ([B, N, H, D] memory) or head-major,
     GQA: folded as views (the classes and heads as heads), FA4's own local kernel, forward, LSE and
-    gradients against float64, deterministic."""
+    gradients against float64, deterministic. route "fa4": FA4's own local backward (the cost model's
+    routing set aside); "model": the backward the model picks (on an H100 attncc's Triton backward,
+    predicted 0.090 ms against FA4's 0.102)."""
+    from attncc.runtime import api, kernel
+    from attncc.runtime.cache import LRU
+
+    monkeypatch.setattr(api, "_KERNELS", LRU(16))  # no kernel (nor its backward's routing) from another case
+    if route == "fa4":
+        monkeypatch.setattr(kernel, "fa4_backward_model_refusal", lambda *args, **kwargs: None)
     B, Hq, Hkv, N, D = 2, 8, 2, 4096, 128
     q, k, v = qkv(B, Hq, Hkv, N, D)
     if layout == "BNHD":
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     pat = ac.patterns.dilated(1024, 4) & ac.patterns.causal()
     config = compile(pat, q, k, v).config
-    assert config["backend"] == "fa4" and config["fa4_kernel"] == "local" and config["backward"] == "fa4", config
+    assert config["backend"] == "fa4" and config["fa4_kernel"] == "local", config
+    assert config["backward"] == "fa4" if route == "fa4" else config["backward"].split()[0] in ("fa4", "triton"), config
     assert "[B, 4*H, N/4, D]" in config["fold"], config  # GQA: only this mapping
     out, lse = attention(q, k, v, pat, return_lse=True)
     ref, ref_lse = ac.reference(q, k, v, pat, return_lse=True)

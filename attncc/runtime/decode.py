@@ -52,7 +52,10 @@ class DecodeMeta(TileLists):
     tiles of any (sequence, kv head); block_mask: the per-(b, h) map the lists merge (one query
     tile of Q_LEN rows); buffers, params, plan: as in KernelMeta (runtime/kernel.py).
     lengths_from / lengths_to: int64 [B] on the CPU, the paged calls whose lengths lie between
-    serve these lists (build_meta's span; None for a dense call).
+    serve these lists (build_meta's span; None for a dense call). partial_tail (paged and packed
+    calls): int32 [B|1, Hkv|1, width], the last PARTIAL tiles of each list (tail_tiles), among
+    them every tile at or past a sequence's length that the list holds for the longer lengths it
+    serves; the kernel drops those at or past its length, which hold none of its keys.
     """
     kv_len: torch.Tensor
     span: torch.Tensor | None
@@ -65,6 +68,7 @@ class DecodeMeta(TileLists):
     plan: NumericPlan
     lengths_from: torch.Tensor | None = None
     lengths_to: torch.Tensor | None = None
+    partial_tail: torch.Tensor | None = None
 
     def serves(self, kv_lens: torch.Tensor, known: tuple[int, ...] | None = None) -> bool:
         """Whether these lists serve a paged call with lengths kv_lens (int [B]): each in
@@ -102,6 +106,24 @@ def tile_lists(classes: torch.Tensor, value: int) -> tuple[torch.Tensor, torch.T
     return num.contiguous(), torch.where(slots < num[..., None], first, 0).int().contiguous()
 
 
+def tail_tiles(partial_num: torch.Tensor, partial_idx: torch.Tensor, lo: torch.Tensor, BLOCK_N: int,
+               span: int) -> torch.Tensor:
+    """DecodeMeta.partial_tail of lists (partial_num int32 [B|1, Hkv|1], partial_idx [.., width])
+    serving lengths from lo (int64 [B]) up to lo + span - 1: the last entries of each list, -1 where
+    it has fewer. As wide as the most tiles at or past lo that a span can add (they end the
+    ascending lists: keys lo .. lo + span - 2), a power of two: one width, so one compiled
+    kernel, for every span of these tiles."""
+    width = 1 << (max(1, -(-(span - 1) // BLOCK_N)) - 1).bit_length()
+    slots = torch.arange(partial_idx.shape[-1], device=partial_idx.device)
+    first_past = lo.to(partial_idx.device).view(-1, 1, 1) if partial_idx.shape[0] > 1 else lo.min().view(1, 1, 1)
+    past = (slots < partial_num[..., None]) & (partial_idx.long() * BLOCK_N >= first_past)
+    if past.numel() and int(past.sum(-1).max()) > width:
+        raise RuntimeError(f"attncc internal error: span lists hold more than {width} tiles past their shortest "
+                           "length")
+    at = partial_num.long()[..., None] - width + torch.arange(width, device=partial_idx.device)
+    return torch.where(at >= 0, partial_idx.gather(-1, at.clamp_min(0)), -1).int().contiguous()
+
+
 DECODE_SPAN = 64  # decode steps one paged block map serves: each length may grow by up to 63
 
 
@@ -119,6 +141,7 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     (else span 1: the exact lists of this call). kv_len is this call's."""
     from .calibrate import profile_for
 
+    steps = span
     if kv_lens is None:
         kv_len = torch.full((s.B,), s.KV, dtype=torch.int32, device=device)
         bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, s.Q, tiles.BLOCK_N, device)
@@ -139,13 +162,14 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     # the kernel evaluates `pattern` at positions below `keys` (paged) or s.Q (dense)
     positions_q = keys if kv_lens is not None else s.Q
     plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, keys, device)
+    tail = None if lo is None else tail_tiles(partial_num, partial_idx, lo, tiles.BLOCK_N, steps)
     span = None if lo is None else torch.stack((lo, hi), 1).to(torch.int32).contiguous()
     served = None if span is None else span.cpu().long()
     return DecodeMeta(**TileLists.fields(full_num, full_idx, partial_num, partial_idx), kv_len=kv_len, span=span,
                       max_len=s.KV, splits=splits, live_tiles=live, block_mask=bm, buffers=buffers,
                       params=kernel.param_values(pattern.params, device), plan=plan,
                       lengths_from=None if served is None else served[:, 0],
-                      lengths_to=None if served is None else served[:, 1])
+                      lengths_to=None if served is None else served[:, 1], partial_tail=tail)
 
 
 def _span_classes(pattern: Pattern, s: Shapes, tiles: TileConfig, lo: torch.Tensor, span: int,
