@@ -2,6 +2,11 @@
 
 Same signatures and semantics as torch.nn.attention.flex_attention; mask_mod and score_mod are
 traced into an attncc Pattern and run by attncc's generated kernels (`attncc.attention`).
+Where attncc's semantics (README, "Semantics") differ from torch eager's, on purpose: a float that
+decides a comparison, a floor or an integer conversion is computed in float64 (torch: float32,
+so `kv * 0.6 <= q` may differ at a boundary); integers never wrap (a uint8 / int8 buffer's
+arithmetic is exact in int32 / int64, where torch wraps); float16 / bfloat16 buffers are read
+into float32 arithmetic. float64 q, k, v and head dims outside 16..256 are refused.
 
 - `create_block_mask` returns a FlexBlockMask: a subclass of torch's BlockMask (torch's methods,
   torch's own flex_attention and isinstance checks all work) whose tiles come from attncc's
@@ -23,12 +28,15 @@ traced into an attncc Pattern and run by attncc's generated kernels (`attncc.att
   Accepted without effect: PRESCALE_QK, ROWS_GUARANTEED_SAFE, BLOCKS_ARE_CONTIGUOUS, WRITE_DQ,
   FORCE_USE_FLEX_ATTENTION, OUTPUT_LOGSUMEXP, OUTPUT_MAX (the outputs follow return_lse /
   return_aux), BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, kpack, matrix_instr_nonkdim,
-  waves_per_eu, num_consumer_groups, num_buffers_warp_spec, and every bwd_ key (no backward yet).
+  waves_per_eu, num_consumer_groups, num_buffers_warp_spec, and every bwd_ key (attncc's backward
+  chooses its own tiles).
   Any other key is a ValueError naming it.
 - Traced patterns are cached. The key is the function's code with the current values of its
   closure cells, defaults and the globals its code reads, recursively through functions and
-  functools.partial: numbers and strings by value, tensors by identity and version (an in-place
-  write re-traces), trusted modules (torch, math, numpy, attncc, ...) and builtins by name.
+  functools.partial: numbers and strings by value, tensors by identity, version and requires_grad
+  (an in-place write re-traces; a write through `.data` or from outside torch leaves the version
+  as it was and is not seen: write in place, or pass a new tensor), trusted modules (torch, math,
+  numpy, attncc, ...) and builtins by name.
   A value outside these (an nn.Module, a bound method's self, any other object whose attributes
   may change unseen) makes the function uncacheable: it is traced on every call.
 - Inputs that require grad train through attncc's backward kernels (and torch.compile), and so
@@ -319,7 +327,7 @@ def _key(v, pins: list, active: frozenset) -> tuple:
             version = v._version
         except RuntimeError:  # an inference tensor: writes to it leave no trace
             raise _Uncacheable from None
-        return (torch.Tensor, id(v), version, tuple(v.shape), v.dtype, v.device)
+        return (torch.Tensor, id(v), version, tuple(v.shape), v.dtype, v.device, v.requires_grad)
     if isinstance(v, (tuple, list)):
         return (type(v), tuple(_key(x, pins, active) for x in v))
     if isinstance(v, dict):

@@ -299,6 +299,25 @@ def test_trace_cache_follows_closures_globals_and_tensors():
     assert int(after.to_dense().sum()) == 3 * int(before.to_dense().sum())
 
 
+def test_a_captured_scalar_made_learnable_after_a_first_call_gets_its_gradient():
+    """The trace cache keys captured tensors by requires_grad too: a temperature traced as a
+    constant (no grad) is traced again as a learnable scalar once it requires grad."""
+    q, k, v, *_ = inputs(1, 1, 1, 12, 12, 16, 16)
+    q.requires_grad_(True)
+    temp = torch.tensor(1.5)
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        return score * temp
+    with torch.no_grad():
+        ac_flex.flex_attention(q, k, v, score_mod=scaled)
+    temp.requires_grad_(True)
+    ac_flex.flex_attention(q, k, v, score_mod=scaled).sum().backward()
+    ref = temp.detach().double().requires_grad_(True)
+    s = (q.detach().double() @ k.double().transpose(-1, -2)) * 16 ** -0.5 * ref
+    (torch.softmax(s, -1) @ v.double()).sum().backward()
+    assert temp.grad is not None and abs(temp.grad.item() - ref.grad.item()) < 1e-4
+
+
 def test_trace_cache_score_mod_scalar_change():
     q, k, v, *_ = inputs(1, 2, 2, 48, 48, 16, 16)
     for cap in (2.0, 5.0):

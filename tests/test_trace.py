@@ -154,6 +154,28 @@ def test_dtype_conversions():
     assert torch.equal(ac.create_mask(ac.Pattern(mask), None, None, Q, KV)[0, 0], mask(None, None, qi, ki))
 
 
+def test_booleans_combine_as_torch_combines_bool_tensors():
+    """bool + bool and torch.maximum are `or`, bool * bool and torch.minimum `and` (bool tensors stay
+    bool in torch), for mask expressions, bool buffers and Python bools alike; a bool met with a number
+    reads as 0/1; -, //, %, ** and abs on two booleans are refused, as torch refuses them."""
+    flag = torch.tensor([True, False, False, True, True, False, True])
+    masks = [lambda b, h, q, kv: ((q >= kv) + (kv % 3 == 0)) == 1,
+             lambda b, h, q, kv: ((q >= kv) * (kv % 3 == 0) + True) & ((q > kv) * (q < 5) + 1 == 2),
+             lambda b, h, q, kv: (flag[kv] + (q >= kv)) == 1,
+             lambda b, h, q, kv: (flag[q] * flag[kv] + (kv < 2)) == 1,
+             lambda b, h, q, kv: torch.maximum(q >= kv, kv % 4 == 0) ^ torch.minimum(q > 2, flag[kv])]
+    qi, ki = IDX[2][0, 0], IDX[3][0, 0]
+    for mask in masks:
+        assert torch.equal(ac.create_mask(ac.Pattern(mask), None, None, Q, KV)[0, 0], mask(None, None, qi, ki))
+    score = ac.Pattern(score_mod=lambda s, b, h, q, kv: s + ((q >= kv) + (kv % 3 == 0)) * 1.0)
+    got = ev.evaluate(score.score, {ir.SCORE_VAR: torch.zeros((), dtype=torch.float64), "q": qi, "kv": ki}, {}, {})
+    assert torch.equal(got, ((qi >= ki) | (ki % 3 == 0)).double())
+    for bad in (lambda b, h, q, kv: ((q >= kv) - (kv > 0)) > 0, lambda b, h, q, kv: -(q >= kv) < 0,
+                lambda b, h, q, kv: (flag[q] % flag[kv]) == 0, lambda b, h, q, kv: abs(q >= kv) > 0):
+        with pytest.raises(PatternError, match="on booleans is not supported"):
+            ac.Pattern(bad)
+
+
 def test_scalars_and_zero_dim_tensors_are_constants():
     limit = torch.tensor(3)
     pat = ac.Pattern(lambda b, h, q, kv: (q - kv < limit) & (2 * q >= kv + 1.5) & True)

@@ -287,10 +287,21 @@ def _merge_params(into: dict[str, ir.Value], params: dict[str, ir.Value]) -> Non
             raise _fail(f"param {name!r} declared twice with different defaults {old!r} and {value!r}")
 
 
+# torch keeps bool tensors combined with each other bool: + and maximum are `or`, * and minimum `and`;
+# -, //, %, ** and abs refuse them. A bool met with a number reads as 0/1.
+_BOOL_ALGEBRA = {"add": "or", "max": "or", "mul": "and", "min": "and"}
+_NO_BOOL = {"sub": "-", "neg": "-", "floordiv": "//", "mod": "%", "pow": "**", "abs": "abs"}
+
+
 def _apply(name: str, *args: Any) -> Proxy:
     tracer, params = _context(args)
     nodes = [_lift(a) for a in args]
-    if name in ops.TABLE and ops.TABLE[name].operands == "number":
+    if (name in _BOOL_ALGEBRA or name in _NO_BOOL) and all(_is_bool(n, tracer) for n in nodes):
+        if name in _NO_BOOL:
+            raise _fail(f"'{_NO_BOOL[name]}' on booleans is not supported (torch refuses it too); "
+                        "convert them first, e.g. with .long()")
+        name = _BOOL_ALGEBRA[name]
+    elif name in ops.TABLE and ops.TABLE[name].operands == "number":
         nodes = [_bool_as_int(n) for n in nodes]
     if name in ("and", "or", "not", "xor"):
         if any(ir.kind_of(n) in ("int", "float") for n in nodes):
@@ -303,6 +314,13 @@ def _apply(name: str, *args: Any) -> Proxy:
         return Proxy(ir.op(name, *nodes), tracer, params)
     except ir.IRError as e:
         raise _fail(str(e)) from None
+
+
+def _is_bool(n: ir.Node, tracer: Tracer | None) -> bool:
+    """Whether n is a boolean as torch sees it: a mask expression or constant, or a read of a bool buffer."""
+    if isinstance(n, ir.Load) and tracer is not None and n.buffer in tracer.buffers:
+        return tracer.buffers[n.buffer].dtype == torch.bool
+    return ir.kind_of(n) == "bool"
 
 
 def _bool_as_int(n: ir.Node) -> ir.Node:
