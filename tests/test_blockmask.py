@@ -280,6 +280,36 @@ def test_buffer_bounds_checked_at_build_time():
     assert ac.create_block_mask(safe, None, None, 64, 64, block_size=16).sparsity() == 0.0
 
 
+def _sound(pattern: Pattern, B: int, H: int, N: int, block: int) -> None:
+    """The classifier's FULL tiles are FULL and its EMPTY tiles EMPTY in the dense mask."""
+    got = ac.create_block_mask(pattern, B, H, N, N, block_size=block).to_dense()
+    truth = tile_truth(pattern, B, H, N, N, block, block)
+    assert bool(((got != 2) | (truth == 2)).all()) and bool(((got != 0) | (truth == 0)).all())
+
+
+def test_a_tile_constant_index_known_only_to_a_range_reads_the_range():
+    """`win[(b % W) % 4]` with a negative W: the index is constant on each tile but the analysis
+    bounds it only to [0, 3]; it read win[lower bound] and called live tiles EMPTY."""
+    win = torch.tensor([0, 2, 30, 40])
+    W = ac.param("W", -3)
+    _sound(Pattern(lambda b, h, q, kv: (q - kv).abs() <= win[(b % W) % 4]), 2, 1, 48, 16)
+    _sound(ac.parse("buffer win\nmask = abs(q - kv) <= win[(b % -3) % 4]").bind(win=win), 2, 1, 48, 16)
+
+
+def test_functions_that_narrow_bounds_never_prove_a_comparison_of_a_nan():
+    """abs, min/max, % and monotone functions narrow bounds; a value that may be NaN (an infinity
+    in reach, a buffer's NaN) compares false, so they must not make such tiles FULL."""
+    buf = torch.randn(64, dtype=torch.float64)
+    buf[::7] = float("nan")
+    inf = float("inf")
+    for pattern in (Pattern(lambda b, h, q, kv: buf[kv].abs() >= 0.0),
+                    Pattern(lambda b, h, q, kv: (q * inf - kv * inf).abs() >= 0),
+                    Pattern(lambda b, h, q, kv: torch.minimum(q * inf - kv * inf, torch.tensor(1.0)) <= 1),
+                    Pattern(lambda b, h, q, kv: torch.sigmoid(buf[kv]) >= 0.0),
+                    Pattern(lambda b, h, q, kv: buf[kv] ** 2 >= 0.0)):
+        _sound(pattern, 1, 1, 64, 16)
+
+
 def test_sizes_may_be_numpy_integers():
     import numpy as np
 

@@ -187,8 +187,33 @@ def _fix_nan(box: Box, n: Num) -> Num:
     bad = torch.isnan(n.lo) | torch.isnan(n.hi)
     if not bool(bad.any()):
         return n
-    return Num(torch.where(bad, -INF, n.lo), torch.where(bad, INF, n.hi), _and(n.att, ~bad),
-               _and(n.dense, ~bad), n.deps, n.is_int)
+    return _widened(n, bad)
+
+
+def _widened(n: Num, where: torch.Tensor) -> Num:
+    """n, but the whole line (-inf, inf), attained nowhere, on the tiles `where` is true."""
+    return Num(torch.where(where, -INF, n.lo), torch.where(where, INF, n.hi), _and(n.att, ~where),
+               _and(n.dense, ~where), n.deps, n.is_int)
+
+
+def _unsure(*xs: Num) -> torch.Tensor:
+    """Where some x may be NaN: a NaN arises only where a value reaches an infinity (inf - inf,
+    0 * inf, ...; a float buffer's NaN entries load() reads as the whole line), and arithmetic
+    then widens the bounds to (-inf, inf) (_fix_nan, corners). A function that narrows its
+    argument's bounds (abs, min/max, %, monotone functions, even powers) must not narrow an
+    infinite one: `abs(x) >= 0` is false where x is NaN."""
+    return torch.stack(torch.broadcast_tensors(*(~torch.isfinite(b) for x in xs for b in (x.lo, x.hi)))).any(0)
+
+
+def _narrowing(fn):
+    """Wrap a narrowing transfer function: its result widened where an argument may be NaN."""
+    def wrapped(box: Box, *args):
+        nums = [a for a in args if isinstance(a, Num)]
+        unsure = _unsure(*nums)
+        out = fn(box, *args)
+        return _widened(out, unsure) if bool(unsure.any()) else out
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
 
 
 def add(box: Box, x: Num, y: Num, sign: int = 1) -> Num:
@@ -247,6 +272,7 @@ def floordiv(box: Box, x: Num, y: Num) -> Num:
     return Num(lo, hi, x.att, _and(is_int, x.dense), x.deps, is_int)
 
 
+@_narrowing
 def mod(box: Box, x: Num, y: Num) -> Num:
     is_int = x.is_int and y.is_int
     if not (is_int and _positive_point(y)) or bool(_big(x).any()):
@@ -279,6 +305,7 @@ def _mod_bound(box: Box, x: Num, y: Num, is_int: bool) -> Num:
     return Num(lo, hi, False, False, x.deps | y.deps, is_int)
 
 
+@_narrowing
 def absolute(box: Box, x: Num) -> Num:
     nonneg, nonpos = x.lo >= 0, x.hi <= 0
     if x.lin is not None and bool(nonneg.all()):
@@ -290,6 +317,7 @@ def absolute(box: Box, x: Num) -> Num:
     return Num(lo, hi, _pick(nonneg | nonpos, x.att, x.dense), x.dense, x.deps, x.is_int)
 
 
+@_narrowing
 def minmax(box: Box, x: Num, y: Num, is_min: bool) -> Num:
     f = torch.minimum if is_min else torch.maximum
     below = x.hi <= y.lo if is_min else x.lo >= y.hi   # x alone decides the result
@@ -302,12 +330,14 @@ def minmax(box: Box, x: Num, y: Num, is_min: bool) -> Num:
     return _combine(f(x.lo, y.lo), f(x.hi, y.hi), x, y, is_int, _and(x.dense, y.dense))
 
 
+@_narrowing
 def monotone(box: Box, fn, x: Num) -> Num:
     """A non-decreasing float function applied to the bounds."""
     lo, hi = fn(x.lo), fn(x.hi)
     return _fix_nan(box, Num(lo, hi, x.att, False, x.deps, False))
 
 
+@_narrowing
 def power(box: Box, x: Num, y: Num) -> Num:
     is_int = x.is_int and y.is_int
     k = y.const
@@ -428,12 +458,14 @@ def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
     deps = frozenset().union(*(i.deps for i in index))
     if is_int and _huge(box, node.buffer):   # not exact in float64: leave it to exact evaluation
         return Num(box.tensor(-INF), box.tensor(INF), False, False, deps, True)
-    varying = [d for d, i in enumerate(index) if i.deps]
+    # an index that does not vary with q, kv may still be known only to a range (b % W for a
+    # negative param W): read as varying over that range, never as its lower bound
+    varying = [d for d, i in enumerate(index) if i.deps or not bool((i.lo == i.hi).all())]
     if not varying:
-        return point(box, buf[tuple(i.lo.long() for i in index)].double(), is_int)
+        return _fix_nan(box, point(box, buf[tuple(i.lo.long() for i in index)].double(), is_int))
     if len(varying) > 1:
         lo, hi = buf.min().double(), buf.max().double()
-        return Num(lo, hi, False, False, deps, is_int)
+        return _fix_nan(box, Num(lo, hi, False, False, deps, is_int))
     d = varying[0]
     points = [i.lo.long() for j, i in enumerate(index) if j != d]
     start, stop = index[d].lo, index[d].hi
@@ -447,7 +479,9 @@ def load(box: Box, node: ir.Load, index: list[Num]) -> Num:
             steps = range_reduce(box.tables, box.buffers, node.buffer, d, "step", points, start,
                                  torch.maximum(stop - 1, start))
             dense = _and(index[d].dense, (stop == start) | (steps <= 1))
-    return Num(lo, hi, index[d].dense, dense, deps, is_int)
+    if not index[d].deps:  # one unknown value of the range on each tile: no bound attained, not dense
+        return _fix_nan(box, Num(lo, hi, False, False, deps, is_int))
+    return _fix_nan(box, Num(lo, hi, index[d].dense, dense, deps, is_int))
 
 
 # ----------------------------------------------------------------------------------------------
