@@ -250,3 +250,16 @@ def test_a_pattern_with_a_block_predicate_says_so_in_its_name():
     assert pat.name == "causal with block predicate top_blocks"
     assert ac.Pattern(block_mask_mod=top_blocks).name == "top_blocks"
     assert ac.Pattern(causal, block_mask_mod=lambda b, h, qb, kb: qb >= kb).name == "causal with block predicate"
+
+
+def test_params_zero_and_negative_zero_are_different_values():
+    """0.0 == -0.0, but 1 / W tells them apart: a call after bind(C=-0.0) must not reuse the
+    cached metadata (and param values) of a call with C=0.0, nor the reverse."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (45, 67, 67))
+    C = ac.param("C", 0.0)
+    pat = ac.Pattern(score_mod=lambda s, b, h, qi, ki: torch.where(s / (s * 0.0 + C) > 0, s, -s))
+    assert pat.bind(C=0.0) != pat.bind(C=-0.0)
+    for c in (0.0, -0.0, 0.0):
+        p = pat.bind(C=c)
+        assert (ac.attention(q, k, v, p).double() - ac.reference(q, k, v, p)).abs().max() < 1e-5, c

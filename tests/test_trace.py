@@ -176,6 +176,21 @@ def test_booleans_combine_as_torch_combines_bool_tensors():
             ac.Pattern(bad)
 
 
+def test_bitwise_ops_on_integer_buffers_and_16_bit_casts_are_refused():
+    """torch's & | ^ ~ on an integer buffer's values are bitwise, and .to(bfloat16) rounds: both
+    were traced silently as logic and as an unrounded float."""
+    flags = torch.tensor([1, 2, 3, 0, 2, 1, 3])
+    for bad in (lambda b, h, q, kv: (flags[q] & flags[kv]) > 0, lambda b, h, q, kv: ~flags[q] < 0,
+                lambda b, h, q, kv: (flags[q] | (kv > 2)) == 1):
+        with pytest.raises(PatternError, match="bitwise"):
+            ac.Pattern(bad)
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(PatternError, match="16-bit rounding"):
+            ac.Pattern(lambda b, h, q, kv: (kv + 0.1).to(dtype) > q)
+    on = flags > 1  # a bool buffer keeps its logic
+    assert str(ac.Pattern(lambda b, h, q, kv: on[q] & ~on[kv]).mask) == "on[q] and not on[kv]"
+
+
 def test_scalars_and_zero_dim_tensors_are_constants():
     limit = torch.tensor(3)
     pat = ac.Pattern(lambda b, h, q, kv: (q - kv < limit) & (2 * q >= kv + 1.5) & True)

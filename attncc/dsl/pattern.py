@@ -210,7 +210,7 @@ class Pattern:
     # -- value semantics
     def _key(self):
         return (self.mask, self.score, self.block, self.block_size if self.has_block_mask else None,
-                tuple((k, type(v), v) for k, v in self.params.items()),
+                params_key(self.params),
                 tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in self.buffers.items()))
 
     def __eq__(self, other) -> bool:
@@ -312,6 +312,12 @@ def _check_buffer(name: str, t) -> None:
         raise PatternError(f"buffer {name!r} has unsupported dtype {t.dtype}")
     if t.dim() == 0 or t.numel() == 0:
         raise PatternError(f"buffer {name!r} must have at least one dimension and one element")
+
+
+def params_key(params: dict) -> tuple:
+    """Param values as a hashable key that tells apart what compares equal but computes differently:
+    0.0 and -0.0 (1 / W), 1 and 1.0 (the kernel's integer or float arithmetic)."""
+    return tuple((k, type(v), repr(v) if isinstance(v, float) else v) for k, v in params.items())
 
 
 def _same_tensor(a, b) -> bool:

@@ -178,6 +178,9 @@ class Proxy:
 
     def to(self, *args, **kwargs):
         dtype = kwargs.get("dtype", args[0] if args else None)
+        if dtype in (torch.float16, torch.bfloat16):  # refused rather than computed unrounded
+            raise _fail(f".to({dtype}) in a pattern would be computed in float32 / float64 without its "
+                        "16-bit rounding; use .float() (or compute the rounding yourself)")
         if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
             return _as_float(self)
         if dtype == torch.bool:
@@ -304,7 +307,8 @@ def _apply(name: str, *args: Any) -> Proxy:
     elif name in ops.TABLE and ops.TABLE[name].operands == "number":
         nodes = [_bool_as_int(n) for n in nodes]
     if name in ("and", "or", "not", "xor"):
-        if any(ir.kind_of(n) in ("int", "float") for n in nodes):
+        if any(ir.kind_of(n) in ("int", "float") or (isinstance(n, ir.Load) and not _is_bool(n, tracer))
+               for n in nodes):
             raise _fail("bitwise &, |, ^, ~ on integers is not supported; they mean and/or/xor/not on masks")
         name = "ne" if name == "xor" else name
     if name == "where":

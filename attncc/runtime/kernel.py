@@ -26,7 +26,7 @@ from ..compiler.layout import Layout
 from ..compiler.lowering import BufferSpec
 from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.ir import TRUE
-from ..dsl.pattern import Pattern
+from ..dsl.pattern import Pattern, params_key
 from . import autograd, cache, fa4
 from .choices import (BACKWARD_TILE_OPTIONS, TILE_OPTIONS, KernelChoice, fa4_backward_model_refusal, fewer_registers,
                       fewer_stages, model_backward_tiles, tile_tuple)
@@ -177,7 +177,7 @@ def buffer_key(t: torch.Tensor) -> tuple:
 
 def pattern_key(pattern: Pattern) -> tuple:
     """What a pattern's metadata depends on: its IR, param values and buffer contents (by version)."""
-    return (pattern.mask, pattern.score, pattern.block, pattern.block_size, tuple(pattern.params.items()),
+    return (pattern.mask, pattern.score, pattern.block, pattern.block_size, params_key(pattern.params),
             tuple((n, buffer_key(t)) for n, t in pattern.buffers.items()))
 
 
