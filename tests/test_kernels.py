@@ -168,10 +168,32 @@ def test_bool_buffer_reads_follow_torchs_arithmetic():
         pat = ac.Pattern(mask)
         assert torch.equal(ac.create_mask(pat, 1, 1, 48, 48)[0, 0], torch.broadcast_to(mask(0, 0, qi, ki), (48, 48)))
         compare(pat, q, k, v)
-    for mask in (lambda b, h, q, kv: flags[q] - flags[kv] == 0, lambda b, h, q, kv: -flags[q] == kv,
-                 lambda b, h, q, kv: flags[q].abs() == 1):
-        with pytest.raises(ac.PatternError, match="torch does not compute"):
+    for i, mask in enumerate((lambda b, h, q, kv: flags[q] - flags[kv] == 0, lambda b, h, q, kv: -flags[q] == kv,
+                              lambda b, h, q, kv: flags[q].abs() == 1)):
+        with pytest.raises(ac.PatternError, match="on booleans is not supported"):  # the tracer knows the dtype
             compile(ac.Pattern(mask), q, k, v)
+        with pytest.raises(ac.PatternError, match="torch does not compute"):  # the DSL learns it when planned
+            compile(ac.parse("buffer flags\nmask = " + {0: "flags[q] - flags[kv] == 0", 1: "-flags[q] == kv",
+                                                            2: "abs(flags[q]) == 1"}[i]).bind(flags=flags), q, k, v)
+
+
+def test_powers_that_decide_are_torchs_bit_for_bit_or_refused():
+    """A float ** in a mask is computed in float64 as torch computes it: ** 0.5 is sqrt (exact:
+    the kernels had exp2(0.5 * log2 q), 2.9999999999999996 at q = 9), ** 2 and ** 3 products; other
+    exponents, whose kernel and torch results differ in the last bits, are refused. In a score mod
+    the pow helper keeps torch's special cases (1 ** nan and (-1) ** inf are 1)."""
+    q, k, v = qkv(1, 1, 1, 48, 64, 16)
+    for mask in (lambda b, h, q, kv: q ** 0.5 == (q ** 0.5).floor(),
+                 lambda b, h, q, kv: (q * 0.1) ** 2 + (kv * 0.3) ** 3 <= 100.0,
+                 lambda b, h, q, kv: (q ** 0.5 <= kv ** 0.5 - 1) | (q == kv)):
+        compare(ac.Pattern(mask), q, k, v)
+    with pytest.raises(ac.PatternError, match="bit for bit"):
+        compile(ac.Pattern(lambda b, h, q, kv: (q * 0.1) ** 4 == ((q * 0.1) ** 2) ** 2), q, k, v)
+    for score in (lambda s, b, h, q, kv: s + 1.0 ** (s * float("nan")),
+                  lambda s, b, h, q, kv: s + (-1.0) ** (1 / (s * 0))):
+        out = attention(q, k, v, ac.Pattern(score_mod=score))
+        assert not out.isnan().any()
+        assert (out - ac.reference(q, k, v, ac.Pattern(score_mod=score))).abs().max() < 1e-5
 
 
 def test_ragged_full_tile_moves_to_the_partial_loop():

@@ -47,7 +47,11 @@ def evaluate(node: ir.Node, env: Mapping[str, torch.Tensor], params: Mapping[str
             val = _load(n, buffers, [memo[id(i)] for i in n.index], device, float_dtype, check_bounds, clamp_loads)
         else:
             row = ops.TABLE[n.op]
-            val = row.torch(*_operands(row, n, [memo[id(a)] for a in n.args], float_dtype))
+            args = _operands(row, n, [memo[id(a)] for a in n.args], float_dtype)
+            if n.op == "pow" and isinstance(n.args[1], ir.Const):  # `x ** c` as torch computes it for a
+                val = torch.pow(args[0], n.args[1].value)      # number c (** 0.5 is sqrt, ** 2 is x * x)
+            else:
+                val = row.torch(*args)
         memo[id(n)] = val
     return memo[id(node)]
 

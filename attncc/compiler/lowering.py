@@ -19,8 +19,9 @@ Conventions inside the generated functions:
 - `x / y` in float32 with y constant over the tile (params, b, h) is `x * (1.0 / y)`: one
   reciprocal per program. `tanh` in float32 is the GPU's `tanh.approx.f32` for 16-bit inputs on
   CUDA (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1`, which also runs in Triton's
-  interpreter (libdevice does not). `a ** k` for an integer constant k is a product by repeated
-  squaring; other powers go through the `pow_` helper (torch's sign rules).
+  interpreter (libdevice does not). `a ** 0.5` is `tl.sqrt` (torch's too), `a ** k` for an integer
+  constant k a product by repeated squaring; other powers go through the `pow_` helper (torch's
+  sign and special-value rules); numerics refuses those where a float64 decision reads them.
 - A subexpression used twice, or nested deeper than MAX_DEPTH, becomes a named temporary, so a
   1,000-term `or` is a few dozen lines and never hits Python's parser limits.
 """
@@ -81,12 +82,14 @@ def round_half_even(x):
     return tl.where(up, r + 1.0, r)''',
     "pow_": '''@triton.jit
 def pow_(a, b):
-    """a ** b with torch's rules: negative bases take integer powers, x ** 0 is 1."""
+    """a ** b with torch's rules: negative bases take integer powers, x ** 0 and 1 ** y are 1 (NaN
+    too), (-1) ** +-inf is 1."""
     r = tl.exp2(b * tl.log2(tl.abs(a)))
     whole = tl.floor(b) == b
     odd = whole & (tl.floor(b * 0.5) * 2.0 != b)
     r = tl.where(a < 0, tl.where(whole, tl.where(odd, -r, r), float("nan")), r)
-    return tl.where(b == 0, 1.0, r)''',
+    r = tl.where(a == -1.0, tl.where(tl.abs(b) == float("inf"), 1.0, r), r)
+    return tl.where(b == 0, 1.0, tl.where(a == 1.0, 1.0, r))''',
     "tanh": '''@triton.jit
 def tanh(x, FAST_TANH: tl.constexpr):
     """tanh(x): one MUFU instruction (max rel. error ~2^-11) when FAST_TANH, else exact-ish."""
@@ -266,6 +269,8 @@ class Lowering:
         base, expo = n.args
         C = self.compute[n]
         k = expo.value if isinstance(expo, ir.Const) and not isinstance(expo.value, bool) else None
+        if k == 0.5:  # torch's x ** 0.5 is sqrt (exact), not pow
+            return f"tl.sqrt({a[0]})"
         if k is None or not float(k).is_integer() or abs(k) > 64:
             return f"pow_({a[0]}, {a[1]})"
         k = int(k)

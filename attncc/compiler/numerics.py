@@ -53,12 +53,33 @@ def numeric_plan(roots: tuple[ir.Node, ...], params: dict, buffers: dict, B: int
     kinds = concrete_kinds(nodes, buffers)
     ranges = _int_ranges(nodes, kinds, params, buffers, B, H, Q_LEN, KV_LEN, device)
     discrete = _discrete_floats(nodes, kinds)
+    _check_exact_powers(discrete, kinds)
     types = {n: _type(n, kinds[n], ranges, discrete) for n in nodes}
     nonneg = frozenset(n for n, (lo, _) in ranges.items() if lo >= 0)
     offsets = {n: _offset_type(n, buffers) for n in nodes if isinstance(n, ir.Load)}
     code = ";".join(",".join(f"{types[n]}{'+' if n in nonneg else ''}{offsets.get(n, '')}"
                              for n in ir.walk(root)) for root in roots)
     return NumericPlan(types, nonneg, offsets, hashlib.sha256(code.encode()).hexdigest()[:16])
+
+
+EXACT_EXPONENTS = (0, 0.5, 1, 2, 3, -1, -2)  # x ** c that the kernels compute bit for bit as torch does
+
+
+def _check_exact_powers(discrete, kinds) -> None:
+    """A float `**` computed in float64 (it decides something discrete) must be one the kernels
+    compute exactly as torch: a constant exponent of EXACT_EXPONENTS (sqrt, products, quotients).
+    Others go through exp2(y * log2(x)) in the kernels and a libm pow in torch, which differ in
+    the last bits (a comparison at the boundary would flip): refused."""
+    for n in discrete:
+        if isinstance(n, ir.Op) and n.op == "pow" and kinds[n] == "float":
+            expo = n.args[1]
+            if not (isinstance(expo, ir.Const) and not isinstance(expo.value, bool)
+                    and expo.value in EXACT_EXPONENTS):
+                raise PatternError(
+                    f"{n} decides a comparison, rounding or conversion, so it is computed in float64 as "
+                    f"torch computes it; the kernels match torch's ** bit for bit only for the constant "
+                    f"exponents {', '.join(map(str, EXACT_EXPONENTS))}: write the power as a product "
+                    f"(x * x * x * x), which computes as written")
 
 
 def _nodes(roots) -> list[ir.Node]:
