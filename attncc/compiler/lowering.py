@@ -270,7 +270,7 @@ class Lowering:
         C = self.compute[n]
         k = expo.value if isinstance(expo, ir.Const) and not isinstance(expo.value, bool) else None
         if k == 0.5:  # torch's x ** 0.5 is sqrt (exact), not pow
-            return f"tl.sqrt({a[0]})"
+            return getattr(ops.TABLE["sqrt"], self.column).format(a[0])
         if k is None or not float(k).is_integer() or abs(k) > 64:
             return f"pow_({a[0]}, {a[1]})"
         k = int(k)
