@@ -196,6 +196,20 @@ def test_powers_that_decide_are_torchs_bit_for_bit_or_refused():
         assert (out - ac.reference(q, k, v, ac.Pattern(score_mod=score))).abs().max() < 1e-5
 
 
+def test_per_program_masks_and_scores_run():
+    """A mask or a float comparison that reads neither q nor kv, and a score that does not read the
+    score, are one value per program: the kernels give them the tile's shape (Triton's interpreter
+    had refused `tensor & float-comparison scalar`, and the softmax reduced a scalar score)."""
+    q, k, v = qkv(1, 2, 1, 40, 40, 16)
+    gate = torch.tensor([0.2, 0.9])
+    for pat in (ac.Pattern(lambda b, h, q, kv: (q >= kv) & (gate[h] > 0.5)), ac.parse("mask = h * 1.0 > 0.5"),
+                ac.parse("score = h * 1.0"), ac.parse("score = 0.0"),
+                ac.Pattern(score_mod=lambda s, b, h, q, kv: q * 0.01),
+                ac.Pattern(score_mod=lambda s, b, h, q, kv: gate[h] * kv)):
+        compare(pat, q, k, v)
+    compare_grads(ac.parse("score = h * 1.0"), q, k, v)
+
+
 def test_ragged_full_tile_moves_to_the_partial_loop():
     q, k, v = qkv(1, 1, 1, 40, 70, 16)  # KV 70 = 2 whole 32-tiles + a ragged one, all live
     kern = compile(None, q, k, v)

@@ -222,6 +222,11 @@ class Lowering:
         if spell is None:
             raise ir.IRError(f"operator {n.op!r} has no {self.column} lowering")
         text = spell.format(*a) if isinstance(spell, str) else spell(self, n, a)
+        if n.op in ops.COMPARE and C in ("f32", "f64") and self.column == "triton" \
+                and not ir.free_vars(n) & _TILE_VARS:
+            # a per-program float comparison: Triton's interpreter gives a bool scalar that `&` with a
+            # tensor refuses; `!= 0` makes it one it takes (the compiler folds it away)
+            text = f"({text} != 0)"
         if C != T and T != "bool":
             text = self.cast(text, T)  # computed wide (integers: proved to fit the narrow type)
         return text
@@ -320,6 +325,11 @@ def lower_function(name: str, args: str, root: ir.Node, doc: str, buffers: Mappi
     """A `@triton.jit def name(args)` returning the lowering of `root`; adds the helpers it calls."""
     low = Lowering(buffers, plan)
     result = low.lower(root)
+    free = ir.free_vars(root)
+    if name == "mask_mod" and not free & {"q", "kv"}:  # per program: as a tile of the pairs' shape
+        result = f"tl.where(({result}) != 0, (q >= 0) & (kv >= 0), False)"
+    elif name != "mask_mod" and ir.SCORE_VAR not in free:  # a score (or gradient) of the scores' shape
+        result = f"(tl.full(score.shape, 0.0, score.dtype) + ({result})).to(score.dtype)"
     body = [f"    {line}" for line in low.lines] + [f"    return {result}"]
     helpers |= {h for h in HELPERS if any(f"{h}(" in line for line in body)}
     return "\n".join(["@triton.jit", f"def {name}({args}):", f'    """{doc}"""', *body])
