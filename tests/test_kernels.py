@@ -196,6 +196,16 @@ def test_powers_that_decide_are_torchs_bit_for_bit_or_refused():
         assert (out - ac.reference(q, k, v, ac.Pattern(score_mod=score))).abs().max() < 1e-5
 
 
+def test_score_mods_at_float_edges_follow_torch():
+    """A float // by zero is a / b (+-inf) as in torch (the helper gave NaN rows' worth of wrong
+    branches); tanh near 0 keeps its precision without the 16-bit fast path (a softcap of 1e6 was off
+    by 0.04 in the score)."""
+    q, k, v = qkv(1, 2, 1, 45, 67, 16)
+    for score in (lambda s, b, h, q, kv: torch.where(s // (s * 0.0) > 0, s, 3 * s),
+                  lambda s, b, h, q, kv: 1000 * torch.tanh(s / 1000), lambda s, b, h, q, kv: 1e6 * torch.tanh(s * 1e-6)):
+        compare(ac.Pattern(score_mod=score), q, k, v)
+
+
 def test_per_program_masks_and_scores_run():
     """A mask or a float comparison that reads neither q nor kv, and a score that does not read the
     score, are one value per program: the kernels give them the tile's shape (Triton's interpreter

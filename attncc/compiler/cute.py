@@ -57,13 +57,13 @@ def floormod_i(a, b):
     return a - (a // b) * b''',
     "floordiv_f": '''@cute.jit
 def floordiv_f(a, b):
-    """a // b for floats as torch computes it: from fmod, not floor(a / b)."""
+    """a // b for floats as torch computes it: from fmod, not floor(a / b); by zero a / b (+-inf, NaN)."""
     mod = cute.math.rem(a, b)
     div = (a - mod) / b
     div = (div - 1.0) if ((mod != 0.0) & ((b < 0.0) != (mod < 0.0))) else div
     fl = cute.math.floor(div)
     fl = (fl + 1.0) if (div - fl > 0.5) else fl
-    return fl if (div != 0.0) else (a / b) * 0.0''',
+    return (a / b) if (b == 0.0) else (fl if (div != 0.0) else (a / b) * 0.0)''',
     "floormod_f": '''@cute.jit
 def floormod_f(a, b):
     """a % b for floats with the sign of b (torch), from fmod."""

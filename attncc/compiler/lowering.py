@@ -18,7 +18,7 @@ Conventions inside the generated functions:
   `(e + c)` read as uint32 `<= 2c`: one add and one compare (neighbourhood and band masks).
 - `x / y` in float32 with y constant over the tile (params, b, h) is `x * (1.0 / y)`: one
   reciprocal per program. `tanh` in float32 is the GPU's `tanh.approx.f32` for 16-bit inputs on
-  CUDA (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1`, which also runs in Triton's
+  CUDA (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1` (a series below |x| = 1/8, where that cancels), which also runs in Triton's
   interpreter (libdevice does not). `a ** 0.5` is `tl.sqrt` (torch's too), `a ** k` for an integer
   constant k a product by repeated squaring; other powers go through the `pow_` helper (torch's
   sign and special-value rules); numerics refuses those where a float64 decision reads them.
@@ -66,13 +66,13 @@ def floormod(a, b):
     return tl.where((rem != 0) & ((rem < 0) != (b < 0)), rem + b, rem)''',
     "floordiv_f": '''@triton.jit
 def floordiv_f(a, b):
-    """a // b for floats as torch computes it: from fmod, not floor(a / b)."""
+    """a // b for floats as torch computes it: from fmod, not floor(a / b); by zero a / b (+-inf, NaN)."""
     mod = a % b
     div = (a - mod) / b
     div = tl.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1.0, div)
     fl = tl.floor(div)
     fl = tl.where(div - fl > 0.5, fl + 1.0, fl)
-    return tl.where(div != 0, fl, (a / b) * 0.0)''',
+    return tl.where(b == 0, a / b, tl.where(div != 0, fl, (a / b) * 0.0))''',
     "round_half_even": '''@triton.jit
 def round_half_even(x):
     """x rounded to the nearest integer, ties to even (torch.round); exact for every float."""
@@ -92,12 +92,14 @@ def pow_(a, b):
     return tl.where(b == 0, 1.0, tl.where(a == 1.0, 1.0, r))''',
     "tanh": '''@triton.jit
 def tanh(x, FAST_TANH: tl.constexpr):
-    """tanh(x): one MUFU instruction (max rel. error ~2^-11) when FAST_TANH, else exact-ish."""
+    """tanh(x): one MUFU instruction (max rel. error ~2^-11) when FAST_TANH, else to a few ulp."""
     if FAST_TANH:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
-    else:
-        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0''',
+    else:  # 2 / (1 + exp(-2x)) - 1 cancels near 0 (1e6 * tanh(s * 1e-6) was off by 0.04): a series there
+        x2 = x * x
+        series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
+        return tl.where(tl.abs(x) < 0.125, series, 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0)''',
 }
 
 
