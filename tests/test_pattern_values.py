@@ -263,3 +263,13 @@ def test_params_zero_and_negative_zero_are_different_values():
     for c in (0.0, -0.0, 0.0):
         p = pat.bind(C=c)
         assert (ac.attention(q, k, v, p).double() - ac.reference(q, k, v, p)).abs().max() < 1e-5, c
+
+
+def test_int_params_must_fit_int64():
+    """The kernels take int params as int64: a value past it is refused when bound (it was accepted,
+    then failed at launch)."""
+    pat = ac.Pattern(lambda b, h, q, kv: q - kv < ac.param("W", 5))
+    assert pat.bind(W=2 ** 63 - 1).params["W"] == 2 ** 63 - 1
+    for bad in (2 ** 63, -2 ** 63 - 1):
+        with pytest.raises(PatternError, match="must fit int64"):
+            pat.bind(W=bad)

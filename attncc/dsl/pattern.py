@@ -299,6 +299,8 @@ def _coerce_param(name: str, kind: str, value) -> ir.Value:
             if not value.is_integer():
                 raise PatternError(f"param {name!r} is an integer param; got {value!r}")
             value = int(value)
+        if not -2 ** 63 <= value < 2 ** 63:  # the kernels take int params as int64
+            raise PatternError(f"int param {name!r} must fit int64, got {value}")
         return value
     return float(value)
 
