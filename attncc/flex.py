@@ -39,10 +39,12 @@ into float32 arithmetic. float64 q, k, v and head dims outside 16..256 are refus
   numpy, attncc, ...) and builtins by name.
   A value outside these (an nn.Module, a bound method's self, any other object whose attributes
   may change unseen) makes the function uncacheable: it is traced on every call.
-- Inputs that require grad train through attncc's backward kernels (and torch.compile), and so
+- Inputs that require grad train through attncc's backward kernels, and so
   do float tensors a score mod captures when they require grad (a learnable bias, slopes).
   Not supported: return_aux max_scores, q and k/v of different batch sizes, mods that cannot be traced
-  (PatternError, pointing at the line).
+  (PatternError, pointing at the line), and calling this flex_attention inside torch.compile (Dynamo
+  cannot trace the tracing: an error, with or without fullgraph); build the pattern outside
+  (`attncc.Pattern(mask_mod, score_mod)`) and compile `attncc.attention`, which runs fullgraph.
 """
 from __future__ import annotations
 

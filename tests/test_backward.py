@@ -308,3 +308,32 @@ def test_backward_source_is_readable():
     assert "def attention_backward_dkdv" in src and "def attention_backward_dq" in src
     assert "def score_grad" in src and "tanh" in src and "DKDV_BLOCK_M, DKDV_BLOCK_N" in src
     assert "def attention_forward" not in src and "def attention_forward" in kern.source
+
+
+def test_a_buffer_written_between_forward_and_backward_is_torchs_inplace_error():
+    """The backward reads the pattern's buffers again: one written in place after the forward (a
+    bias table stepped, doc ids of the next batch copied in) must not give gradients of a forward
+    that never ran. They are saved for backward, so torch's version check refuses."""
+    q, k, v = qkv(1, 2, 2, 24, 24, 16)
+    table = torch.randn(9, requires_grad=True)
+    ids = torch.arange(24) // 7
+    for pattern, write in ((ac.Pattern(score_mod=lambda s, b, h, qi, ki: s + table[(qi - ki).abs().clamp(max=8)]),
+                            lambda: table.add_(1.0)),
+                           (ac.Pattern(lambda b, h, qi, ki: ids[qi] == ids[ki]), lambda: ids.copy_(ids.flip(0)))):
+        out = ac.attention(q, k, v, pattern)
+        with torch.no_grad():
+            write()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+def test_ties_of_min_and_max_at_zero_split_the_gradient_in_the_reference_too():
+    """maximum(s, c) at s == c == 0: the kernels and torch give 1/2 to each side; the reference's
+    signed-zero fix had given 1 to both."""
+    q, k, v = qkv(1, 2, 2, 16, 16, 16)
+    with torch.no_grad():
+        q.zero_()
+    c = torch.zeros(2, requires_grad=True)
+    for fn in (torch.maximum, torch.minimum):
+        pattern = ac.Pattern(score_mod=lambda s, b, h, qi, ki: fn(s, c[h]))
+        ac.testing.compare_grads(pattern, q, k, v)

@@ -73,7 +73,8 @@ def _torch_min_max(f, smaller: bool):
             return out
         zeros = (a == 0) & (b == 0)
         signed = -((-a) + (-b)) if smaller else a + b  # -0 + +0 is +0: max; -(+0 + -0) is -0: min
-        return torch.where(zeros, signed, out)
+        # halved: the same zero, and a tie's gradient split 1/2, 1/2 as torch.maximum and the kernels do
+        return torch.where(zeros, signed * 0.5, out)
     return g
 
 

@@ -37,14 +37,18 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kernel, s, names, *buffers):
         out, lse = kernel.forward(q, k, v, s)
-        ctx.save_for_backward(q, k, v, out, lse)
+        # every buffer the backward reads again is saved too, so a write to one between forward and
+        # backward (a bias table stepped, doc ids copied in for the next batch) is torch's in-place
+        # error at backward instead of gradients of a forward that never ran
+        read = [t for t in kernel.pattern.buffers.values() if isinstance(t, torch.Tensor)]
+        ctx.save_for_backward(q, k, v, out, lse, *read)
         ctx.kernel, ctx.shapes, ctx.names = kernel, s, names
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors[:5]  # unpacking all of them checks the buffers' versions
         dq, dk, dv = ctx.kernel.backward(q, k, v, out, lse, dout, dlse, ctx.shapes)
         wanted = [n for n, need in zip(ctx.names, ctx.needs_input_grad[6:]) if need]
         grads = {}
