@@ -201,8 +201,10 @@ def _unsure(*xs: Num) -> torch.Tensor:
     0 * inf, ...; a float buffer's NaN entries load() reads as the whole line), and arithmetic
     then widens the bounds to (-inf, inf) (_fix_nan, corners). A function that narrows its
     argument's bounds (abs, min/max, %, monotone functions, even powers) must not narrow an
-    infinite one: `abs(x) >= 0` is false where x is NaN."""
-    return torch.stack(torch.broadcast_tensors(*(~torch.isfinite(b) for x in xs for b in (x.lo, x.hi)))).any(0)
+    infinite one: `abs(x) >= 0` is false where x is NaN. Integers are never NaN (their infinite
+    bounds, past 2**53, are only not exact)."""
+    flags = [~torch.isfinite(b) for x in xs if not x.is_int for b in (x.lo, x.hi)]
+    return torch.stack(torch.broadcast_tensors(*flags)).any(0) if flags else torch.tensor(False)
 
 
 def _narrowing(fn):
