@@ -18,8 +18,8 @@ Conventions inside the generated functions:
   `(e + c)` read as uint32 `<= 2c`: one add and one compare (neighbourhood and band masks).
 - `x / y` in float32 with y constant over the tile (params, b, h) is `x * (1.0 / y)`: one
   reciprocal per program. `tanh` in float32 is the GPU's `tanh.approx.f32` for 16-bit inputs on
-  CUDA (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1` (a series below |x| = 1/8, where that cancels), which also runs in Triton's
-  interpreter (libdevice does not). `a ** 0.5` is `tl.sqrt` (torch's too), `a ** k` for an integer
+  CUDA (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1` (a series below |x| = 1/8, where that
+  cancels), which also runs in Triton's interpreter (libdevice does not). `a ** 0.5` is `tl.sqrt` (torch's too), `a ** k` for an integer
   constant k a product by repeated squaring; other powers go through the `pow_` helper (torch's
   sign and special-value rules); numerics refuses those where a float64 decision reads them.
 - A subexpression used twice, or nested deeper than MAX_DEPTH, becomes a named temporary, so a
@@ -328,9 +328,10 @@ def lower_function(name: str, args: str, root: ir.Node, doc: str, buffers: Mappi
     low = Lowering(buffers, plan)
     result = low.lower(root)
     free = ir.free_vars(root)
-    if name == "mask_mod" and not free & {"q", "kv"}:  # per program: as a tile of the pairs' shape
+    if name == "mask_mod" and not free & {"q", "kv"} and not isinstance(root, ir.Const):  # per program:
+        # as a tile of the pairs' shape (a constant is one Triton takes as it is)
         result = f"tl.where(({result}) != 0, (q >= 0) & (kv >= 0), False)"
-    elif name != "mask_mod" and ir.SCORE_VAR not in free:  # a score (or gradient) of the scores' shape
+    elif name == "score_mod" and ir.SCORE_VAR not in free:  # a score free of the score: the scores' shape
         result = f"(tl.full(score.shape, 0.0, score.dtype) + ({result})).to(score.dtype)"
     body = [f"    {line}" for line in low.lines] + [f"    return {result}"]
     helpers |= {h for h in HELPERS if any(f"{h}(" in line for line in body)}
