@@ -42,9 +42,10 @@ into float32 arithmetic. float64 q, k, v and head dims outside 16..256 are refus
 - Inputs that require grad train through attncc's backward kernels, and so
   do float tensors a score mod captures when they require grad (a learnable bias, slopes).
   Not supported: return_aux max_scores, q and k/v of different batch sizes, mods that cannot be traced
-  (PatternError, pointing at the line), and calling this flex_attention inside torch.compile (Dynamo
-  cannot trace the tracing: an error, with or without fullgraph); build the pattern outside
-  (`attncc.Pattern(mask_mod, score_mod)`) and compile `attncc.attention`, which runs fullgraph.
+  (PatternError, pointing at the line). Inside torch.compile, flex_attention is not traced by Dynamo
+  (torch.compiler.disable: it cannot trace the tracing of the mods) and runs attncc's kernels as
+  they are, gradients included; for one graph with attncc's kernels as custom ops, build the pattern
+  outside (`attncc.Pattern(mask_mod, score_mod)`) and compile `attncc.attention` (fullgraph).
 """
 from __future__ import annotations
 
@@ -182,6 +183,7 @@ def _device(device) -> torch.device:
     return device
 
 
+@torch.compiler.disable  # Dynamo cannot trace the tracing: a graph break, eager attncc kernels
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    score_mod: Callable | None = None, block_mask: BlockMask | None = None,
                    scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,

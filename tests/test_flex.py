@@ -318,6 +318,28 @@ def test_a_captured_scalar_made_learnable_after_a_first_call_gets_its_gradient()
     assert temp.grad is not None and abs(temp.grad.item() - ref.grad.item()) < 1e-4
 
 
+def test_flex_attention_inside_torch_compile():
+    """torch.compile around attncc.flex.flex_attention (as FlexAttention is used): Dynamo does not
+    trace into it (torch.compiler.disable; it had failed tracing the mods), the call runs attncc's
+    kernels with gradients, and a changed closure value is seen on the next call."""
+    q, k, v, *_ = inputs(1, 2, 2, 32, 32, 16, 16)
+    q.requires_grad_(True)
+    bias = torch.randn(32, requires_grad=True)
+    cap = 2.0
+
+    def f(q, k, v):
+        return ac_flex.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: cap * torch.tanh(s / cap) + bias[ki])
+    want = f(q, k, v)
+    want_grads = torch.autograd.grad(want.sum(), (q, bias))
+    compiled = torch.compile(f)
+    got = compiled(q, k, v)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, bias)), want_grads):
+        torch.testing.assert_close(a, b)
+    cap = 5.0
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
 def test_trace_cache_score_mod_scalar_change():
     q, k, v, *_ = inputs(1, 2, 2, 48, 48, 16, 16)
     for cap in (2.0, 5.0):
