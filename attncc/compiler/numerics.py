@@ -103,7 +103,7 @@ def concrete_kinds(nodes, buffers) -> dict[ir.Node, str]:
             kind = "bool" if t.dtype == torch.bool else "float" if t.is_floating_point() else "int"
         elif kind == "any":
             kind = ir.result_kind(ops.TABLE[n.op].kind, [out[c] for c in n.args], n.args)
-        if isinstance(n, ir.Op) and n.op in _NOT_ON_BOOLS and all(out[c] == "bool" for c in n.args):
+        if isinstance(n, ir.Op) and n.op in ops.NOT_ON_BOOLS and all(out[c] == "bool" for c in n.args):
             raise PatternError(f"{n}: torch does not compute {n.op} of booleans (here a bool buffer's values); "
                                f"read them as integers first (.long())" + (", or use ^" if n.op == "sub" else ""))
         out[n] = kind
@@ -111,9 +111,6 @@ def concrete_kinds(nodes, buffers) -> dict[ir.Node, str]:
 
 
 # what torch refuses on bool tensors alone (bool + bool and bool * bool it computes as or / and)
-_NOT_ON_BOOLS = frozenset({"neg", "sub", "abs", "floordiv", "mod", "pow"})
-
-
 def _int_ranges(nodes, kinds, params, buffers, B, H, Q_LEN, KV_LEN, device) -> dict[ir.Node, tuple[float, float]]:
     """(lo, hi) over the whole domain of every integer node (float64 bounds)."""
     box = whole_domain(B, H, Q_LEN, KV_LEN, params, buffers, device)

@@ -242,6 +242,7 @@ TABLE: dict[str, Operator] = {row.name: row for row in ROWS}
 
 COMPARE = tuple(r.name for r in ROWS if r.mirror is not None)
 LOGIC = ("and", "or")
+NOT_ON_BOOLS = frozenset({"neg", "sub", "abs", "floordiv", "mod", "pow"})  # torch refuses these on bool tensors
 FLOAT_FUNCS = tuple(r.name for r in ROWS if r.kind == "float" and r.form == "call")
 ROUNDING = ("floor", "ceil", "round")
 # functions the text DSL can call by name, with their arity (clamp is spelled out as min/max)

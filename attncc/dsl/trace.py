@@ -291,17 +291,16 @@ def _merge_params(into: dict[str, ir.Value], params: dict[str, ir.Value]) -> Non
 
 
 # torch keeps bool tensors combined with each other bool: + and maximum are `or`, * and minimum `and`;
-# -, //, %, ** and abs refuse them. A bool met with a number reads as 0/1.
+# ops.NOT_ON_BOOLS refuse them. A bool met with a number reads as 0/1.
 _BOOL_ALGEBRA = {"add": "or", "max": "or", "mul": "and", "min": "and"}
-_NO_BOOL = {"sub": "-", "neg": "-", "floordiv": "//", "mod": "%", "pow": "**", "abs": "abs"}
 
 
 def _apply(name: str, *args: Any) -> Proxy:
     tracer, params = _context(args)
     nodes = [_lift(a) for a in args]
-    if (name in _BOOL_ALGEBRA or name in _NO_BOOL) and all(_is_bool(n, tracer) for n in nodes):
-        if name in _NO_BOOL:
-            raise _fail(f"'{_NO_BOOL[name]}' on booleans is not supported (torch refuses it too); "
+    if (name in _BOOL_ALGEBRA or name in ops.NOT_ON_BOOLS) and all(_is_bool(n, tracer) for n in nodes):
+        if name in ops.NOT_ON_BOOLS:
+            raise _fail(f"'{ops.TABLE[name].spelling}' on booleans is not supported (torch refuses it too); "
                         "convert them first, e.g. with .long()")
         name = _BOOL_ALGEBRA[name]
     elif name in ops.TABLE and ops.TABLE[name].operands == "number":

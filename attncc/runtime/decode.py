@@ -141,7 +141,6 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     (else span 1: the exact lists of this call). kv_len is this call's."""
     from .calibrate import profile_for
 
-    steps = span
     if kv_lens is None:
         kv_len = torch.full((s.B,), s.KV, dtype=torch.int32, device=device)
         bm = build_block_mask(pattern, s.B, s.Hq, s.Q, s.KV, s.Q, tiles.BLOCK_N, device)
@@ -162,7 +161,7 @@ def build_meta(pattern: Pattern, s: Shapes, tiles: TileConfig, device: torch.dev
     # the kernel evaluates `pattern` at positions below `keys` (paged) or s.Q (dense)
     positions_q = keys if kv_lens is not None else s.Q
     plan = numeric_plan(kernel_roots(pattern), pattern.params, buffers, s.B, s.Hq, positions_q, keys, device)
-    tail = None if lo is None else tail_tiles(partial_num, partial_idx, lo, tiles.BLOCK_N, steps)
+    tail = None if lo is None else tail_tiles(partial_num, partial_idx, lo, tiles.BLOCK_N, span)
     span = None if lo is None else torch.stack((lo, hi), 1).to(torch.int32).contiguous()
     served = None if span is None else span.cpu().long()
     return DecodeMeta(**TileLists.fields(full_num, full_idx, partial_num, partial_idx), kv_len=kv_len, span=span,
