@@ -6,7 +6,6 @@ functions are also the suite's definition for counting live (q, kv) pairs (`coun
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,10 +38,12 @@ class Shape:
 # class), and their tiny CPU versions
 SHAPES = {"main": Shape(4, 16, 16, 8192, 128), "d64": Shape(4, 16, 16, 8192, 64),
           "gqa": Shape(4, 32, 8, 8192, 128), "long": Shape(1, 16, 16, 32768, 128),
-          "odd": Shape(4, 16, 16, 8000, 128), "d256": Shape(2, 16, 16, 8192, 256)}
+          "odd": Shape(4, 16, 16, 8000, 128), "d256": Shape(2, 16, 16, 8192, 256),
+          "video": Shape(2, 16, 16, 16384, 128)}
 SMOKE_SHAPES = {"main": Shape(1, 2, 2, 256, 32), "d64": Shape(1, 2, 2, 256, 16),
                 "gqa": Shape(1, 4, 2, 256, 32), "long": Shape(1, 2, 2, 512, 32),
-                "odd": Shape(1, 2, 2, 250, 32), "d256": Shape(1, 2, 2, 128, 160)}
+                "odd": Shape(1, 2, 2, 250, 32), "d256": Shape(1, 2, 2, 128, 160),
+                "video": Shape(1, 2, 2, 512, 32)}
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Sizes:
     prefix: int = 2048                                 # prefixlm2048: kv < prefix or q >= kv
     doc_lengths: tuple[int, int] = (256, 3072)         # document: randint(low, high) lengths
     canvas: tuple[int, int, int] = (64, 128, 17)       # natten2d: rows, cols, window (rows*cols = N)
-    video: tuple = ((8, 32, 32), (5, 9, 9))            # natten3d: (frames, rows, cols), kernel
+    video: tuple = ((32, 32), (5, 9, 9))               # natten3d: (rows, cols) of a frame, kernel; N // (rows * cols) frames
     dilation: tuple[int, int] = (2048, 4)              # dilated: |q - kv| <= W and (q - kv) % d == 0
     cap: float = 30.0                                  # softcap: cap * tanh(score / cap)
     sinks: tuple[int, int] = (4, 1024)                 # sinks: q >= kv and (kv < S or q - kv <= W)
@@ -62,7 +63,7 @@ class Sizes:
 
 
 BENCH = Sizes()
-SMOKE = Sizes(window=32, prefix=64, doc_lengths=(16, 96), canvas=(16, 16, 5), video=((4, 8, 8), (3, 3, 5)),
+SMOKE = Sizes(window=32, prefix=64, doc_lengths=(16, 96), canvas=(16, 16, 5), video=((8, 8), (3, 3, 5)),
               dilation=(64, 4), sinks=(2, 24), chunk=48, global_tokens=(64, 8), shards=(4, 8))
 
 
@@ -135,10 +136,12 @@ def build(name: str, n: int, num_heads: int, device: torch.device | str = "cpu",
         return BenchPattern(name, ac.patterns.natten2d(rows, cols, kernel), natten, None, None,
                             {"rows": rows, "cols": cols, "kernel": kernel})
     if name == "natten3d":
-        dims, ks = sizes.video
-        if math.prod(dims) != n:
-            raise ValueError(f"natten3d is defined on a {dims} video, so N must be {math.prod(dims)}, got {n}")
-        F, R, C = dims
+        (R, C), ks = sizes.video
+        if n % (R * C) or n // (R * C) < ks[0]:
+            raise ValueError(f"natten3d is defined on videos of {R}x{C} frames (at least {ks[0]}), so N must be a "
+                             f"multiple of {R * C} (at least {ks[0] * R * C}), got {n}")
+        F = n // (R * C)
+        dims = (F, R, C)
 
         def natten3d(b, h, q_idx, kv_idx):  # clamped window centres per axis (NATTEN, odd kernels)
             live = None

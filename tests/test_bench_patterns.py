@@ -264,3 +264,13 @@ def test_suite_runs_the_decode_section_after_its_rows(tmp_path, monkeypatch):
     _stand_in(monkeypatch, lambda q, k, v, pattern, **kw: ac.reference(q, k, v, pattern).to(q.dtype))
     result, _ = _run(tmp_path, "--patterns", "causal", "--no-first-call", "--decode")
     assert calls == [["--out-dir", str(tmp_path), "--smoke"]] and result["decode"] == [{"pattern": "causal"}]
+
+
+def test_natten3d_frames_follow_the_length():
+    """The suite's 3-D case is a clip of 32x32 frames (8 at the main shape, 16 at the video shape)."""
+    assert bp.build("natten3d", 16384, 2).params["video"] == (16, 32, 32)
+    assert bp.build("natten3d", 8192, 2).params["video"] == (8, 32, 32)
+    assert bp.build("natten3d", 512, 2, sizes=bp.SMOKE).params["video"] == (8, 8, 8)
+    for bad in (8000, 4096):  # not whole frames; fewer frames than the kernel
+        with pytest.raises(ValueError, match="natten3d"):
+            bp.build("natten3d", bad, 2)
