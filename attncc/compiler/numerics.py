@@ -110,7 +110,6 @@ def concrete_kinds(nodes, buffers) -> dict[ir.Node, str]:
     return out
 
 
-# what torch refuses on bool tensors alone (bool + bool and bool * bool it computes as or / and)
 def _int_ranges(nodes, kinds, params, buffers, B, H, Q_LEN, KV_LEN, device) -> dict[ir.Node, tuple[float, float]]:
     """(lo, hi) over the whole domain of every integer node (float64 bounds)."""
     box = whole_domain(B, H, Q_LEN, KV_LEN, params, buffers, device)
@@ -123,7 +122,8 @@ def _int_ranges(nodes, kinds, params, buffers, B, H, Q_LEN, KV_LEN, device) -> d
             lo, hi = float(num.lo.min()), float(num.hi.max())
             if not (-INT64_SAFE <= lo and hi <= INT64_SAFE):
                 bad = hi if hi > INT64_SAFE else lo
-                raise PatternError(f"the integer expression {n} may reach {bad:.4g}, beyond what int64 holds; "
+                raise PatternError(f"the integer expression {n} may reach {bad:.4g}, beyond what int64 holds "
+                                   f"(attncc vouches for |values| <= 2**63 - 2**13, its bounds being float64); "
                                    "bound it (clamp, %) before it grows")
             out[n] = (lo, hi)
     return out
