@@ -311,6 +311,9 @@ def test_kvcache_serves_a_decode_loop():
     with pytest.raises(ValueError, match="out of pages: appending 100 token"):  # 6 more pages, 5 free
         cache.append(*torch.randn(2, 1, 2, 100, 16), seqs=[1])
     assert cache.kv_lens.tolist() == [33, 8, 43]  # nothing written
+    for bad in (-1, 3, 1.0):  # never another sequence's pages (-1 is not the last one)
+        with pytest.raises(ValueError, match="b must be a sequence index below 3"):
+            cache.release(bad)
     cache.release(2)  # its 3 pages come back
     cache.append(*torch.randn(2, 1, 2, 100, 16), seqs=[1])
     assert cache.kv_lens.tolist() == [33, 108, 0] and (cache.page_table[2] == -1).all()

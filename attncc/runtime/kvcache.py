@@ -78,6 +78,8 @@ class KVCache:
 
     def release(self, b: int) -> None:
         """Free sequence b's pages; it starts again empty."""
+        if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < len(self._lens):
+            raise ValueError(f"b must be a sequence index below {len(self._lens)}, got {b!r}")
         self._free += reversed(self._pages[b])
         self._pages[b] = []
         self._lens[b] = 0
