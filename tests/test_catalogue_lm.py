@@ -347,3 +347,36 @@ def test_softcap_refuses_a_cap_that_is_not_a_positive_finite_number():
     for bad in (0, -3.0, float("inf"), float("nan"), True, "30"):
         with pytest.raises(ValueError, match="cap must be a finite number > 0"):
             ac.patterns.softcap(bad)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ac.patterns.sliding_window(-1), "window must be a non-negative int"),
+    (lambda: ac.patterns.sliding_window(2.5), "window must be a non-negative int"),
+    (lambda: ac.patterns.sliding_window(4, causal=1), "causal must be True or False"),
+    (lambda: ac.patterns.dilated(-3, 2), "window must be a non-negative int"),
+    (lambda: ac.patterns.dilated(4, 2, seq_len=True), "seq_len must be a positive int"),
+    (lambda: ac.patterns.dilated(4, 2, seq_len=0), "seq_len must be a positive int"),
+    (lambda: ac.patterns.prefix_lm(-2), "prefix must be a non-negative int"),
+    (lambda: ac.patterns.causal(0.5), "offset must be an int"),
+    (lambda: ac.patterns.chunked(4, causal="no"), "causal must be True or False"),
+    (lambda: ac.patterns.softcap(causal=None), "causal must be True or False"),
+    (lambda: ac.patterns.global_tokens(torch.zeros(8, dtype=torch.bool), 2, causal="x"), "causal must be True"),
+    (lambda: ac.patterns.alibi(2.5), "num_heads must be a positive int"),
+    (lambda: ac.patterns.alibi(-2), "num_heads must be a positive int"),
+    (lambda: ac.patterns.alibi(True), "num_heads must be a positive int"),
+    (lambda: ac.patterns.relative_bias(torch.zeros(7), bidirectional=False), "bidirectional=False needs num_buckets"),
+    (lambda: ac.patterns.relative_bias(torch.zeros(32, 2), num_buckets=32, bidirectional="no"),
+     "bidirectional must be True or False"),
+])
+def test_constructor_arguments_are_checked_never_read_loosely(build, message):
+    """A typo gives a ValueError naming the argument, never another pattern (a negative window
+    masking every row, a float window, a flag read by truthiness)."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_numpy_integers_are_taken_as_ints():
+    import numpy as np
+
+    assert ac.patterns.sliding_window(np.int64(8)) == ac.patterns.sliding_window(8)
+    assert ac.patterns.causal(np.int32(-3)) == ac.patterns.causal(-3)

@@ -67,6 +67,27 @@ def test_layout_errors_are_clear():
     assert (pat & ac.patterns.softcap(3.0, causal=False)).layout == pat.layout
     assert pat.bind().layout == pat.layout and pat.with_layout(None).layout is None
     assert default_layout((96,)) is None and default_layout((10, 14)) is None
+    x = torch.randn(1, 2, 100, 3)
+    for wrong in (x, x[:, :, :50]):  # never a silently dropped tail, nor an IndexError
+        for move in (pat.layout.permute, pat.layout.unpermute):
+            with pytest.raises(ValueError, match="permutes 96 tokens along dim 2"):
+                move(wrong)
+    assert torch.equal(pat.layout.unpermute(pat.layout.permute(x[:, :, :96])), x[:, :, :96])
+    assert torch.equal(pat.layout.permute(x[:, :, :96].transpose(1, 2), dim=1).transpose(1, 2),
+                       pat.layout.permute(x[:, :, :96]))
+
+
+def test_neighbourhoods_whose_dilation_leaves_ragged_classes_get_bricks_without_it():
+    """A dilation that does not divide its axis (classes of unequal length, as NATTEN allows):
+    that axis keeps natural order within bricks; the other axes' classes still sit together."""
+    pat = ac.patterns.neighborhood((8, 48), 3, dilation=(1, 5))
+    assert pat.layout == Layout((8, 48), (8, 16), (1, 1))  # a 128-token brick, 48 % 5 != 0
+    assert ac.patterns.neighborhood((16, 48), 3, dilation=(2, 5)).layout.dilation == (2, 1)
+    for canvas, dilation in (((17, 16), (2, 1)), (257, 2), ((4, 8, 9), (1, 1, 2))):
+        ac.patterns.neighborhood(canvas, 3, dilation=dilation)  # built (these raised from torch)
+    n = 8 * 48
+    q, k, v = qkv(1, 2, 1, n, n, 16)
+    ac.testing.compare(pat, q.detach(), k.detach(), v.detach())
 
 
 def test_torch_compile_with_a_layout():
@@ -149,7 +170,7 @@ def test_neighbourhood_bricks_are_chosen_by_exact_tile_counts():
     nb = importlib.import_module("attncc.patterns.neighborhood")  # the module, not the function
 
     dims, ks, ds = (4, 16, 16), (3, 5, 5), (1, 1, 1)
-    windows = [nb._axis_pairs(n, k, d, 1, False) for n, k, d in zip(dims, ks, ds)]
+    windows = [nb._axis_pairs(n, k, d, 1, False, d) for n, k, d in zip(dims, ks, ds)]
     plain = ac.patterns.neighborhood(dims, ks)
     for brick in [(2, 8, 8), (4, 4, 8), (1, 8, 16), (4, 8, 4)]:
         bm = build_block_mask(plain.with_layout(Layout(dims, brick)).kernel_pattern, None, None, 1024, 1024, 128, 64)

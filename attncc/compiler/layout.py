@@ -138,12 +138,20 @@ class Layout:
             raise ValueError(f"{self!r} permutes {self.n} tokens, but Q_LEN = {n_q}, KV_LEN = {n_kv}")
 
     def permute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
-        """x (natural token order along `dim`) in kernel order: x.index_select(dim, perm)."""
+        """x (natural token order along `dim`, n tokens) in kernel order: x.index_select(dim, perm)."""
+        self._check_tokens(x, dim)
         return x.index_select(dim, self._on(x.device, self.perm))
 
     def unpermute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
-        """x (kernel order along `dim`) back in natural token order."""
+        """x (kernel order along `dim`, n tokens) back in natural token order."""
+        self._check_tokens(x, dim)
         return x.index_select(dim, self._on(x.device, self.inverse))
+
+    def _check_tokens(self, x: torch.Tensor, dim: int) -> None:
+        """ValueError unless x holds this layout's n tokens along `dim` (none dropped, none missing)."""
+        if not isinstance(x, torch.Tensor) or not -x.dim() <= dim < x.dim() or x.shape[dim] != self.n:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self!r} permutes {self.n} tokens along dim {dim}, got {got}")
 
     def _on(self, device: torch.device, index: torch.Tensor) -> torch.Tensor:
         """`index` on `device`, copied there once (a copy per call would wait for the GPU)."""

@@ -2,11 +2,12 @@
 import torch
 
 from ..dsl.pattern import Pattern
+from ._checks import count, flag
 
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """float32 [H]: slope_h = 2^(-8 (h + 1) / H)."""
-    h = torch.arange(num_heads, dtype=torch.float32, device=device)
+    h = torch.arange(count("num_heads", num_heads, 1), dtype=torch.float32, device=device)
     return torch.exp2(-8.0 * (h + 1) / num_heads)
 
 
@@ -16,5 +17,5 @@ def alibi(num_heads: int, causal: bool = True, device=None) -> Pattern:
     num_heads: H, for slope_h = 2^(-8 (h + 1) / H) (alibi_slopes, a float buffer: learnable when it
     requires grad); causal: mask the future; device: where the slopes live."""
     slope = alibi_slopes(num_heads, device)
-    mask = (lambda b, h, q, kv: q >= kv) if causal else None
+    mask = (lambda b, h, q, kv: q >= kv) if flag("causal", causal) else None
     return Pattern(mask, lambda s, b, h, q, kv: s + slope[h] * (kv - q), name="alibi")

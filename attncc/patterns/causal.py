@@ -5,6 +5,7 @@ bottom-right alignment use `causal(offset=KV_LEN - Q_LEN)`: `q + offset >= kv`.
 """
 from ..dsl.pattern import Pattern
 from ..dsl.trace import param
+from ._checks import integer
 
 
 def causal(offset: int = 0) -> Pattern:
@@ -12,7 +13,7 @@ def causal(offset: int = 0) -> Pattern:
 
     offset: int param (rebinding never recompiles): 0 aligns query i with key i; KV_LEN - Q_LEN
     aligns the queries with the last keys (bottom-right, as in decoding)."""
-    if offset == 0:
+    if integer("offset", offset) == 0:
         return Pattern(lambda b, h, q, kv: q >= kv, name="causal")
     off = param("offset", offset)
     return Pattern(lambda b, h, q, kv: q + off >= kv, name="causal")

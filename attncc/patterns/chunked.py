@@ -7,7 +7,7 @@ sparsity structure, and a constant lets Triton strength-reduce `// C` (a shift f
 Llama 4 uses 8192) where a runtime divisor would cost an integer division per score.
 """
 from ..dsl.pattern import Pattern
-from ._checks import count
+from ._checks import count, flag
 
 
 def chunked(chunk: int, causal: bool = True) -> Pattern:
@@ -15,6 +15,6 @@ def chunked(chunk: int, causal: bool = True) -> Pattern:
 
     chunk: C, a compile-time int >= 1 (it shapes the block map); causal: within the chunk."""
     C = count("chunk", chunk, 1)
-    if causal:
+    if flag("causal", causal):
         return Pattern(lambda b, h, q, kv: (q // C == kv // C) & (q >= kv), name="chunked")
     return Pattern(lambda b, h, q, kv: q // C == kv // C, name="chunked")

@@ -17,14 +17,16 @@ token order.
 from ..compiler.layout import default_layout
 from ..dsl.pattern import Pattern
 from ..dsl.trace import param
+from ._checks import count
 
 
 def dilated(window: int, dilation: int, seq_len: int | None = None) -> Pattern:
     """mask = abs(q - kv) <= W and (q - kv) % d == 0; `seq_len`: run in the residue layout
     (needs Q_LEN == KV_LEN == seq_len; ignored unless seq_len % dilation == 0)."""
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilation must be a positive int, got {dilation!r}")
-    W = param("W", window)
+    count("dilation", dilation, 1)
+    if seq_len is not None:
+        count("seq_len", seq_len, 1)
+    W = param("W", count("window", window))
     pattern = Pattern(lambda b, h, q, kv: (abs(q - kv) <= W) & ((q - kv) % dilation == 0), name="dilated")
     if seq_len is not None and seq_len % dilation == 0:
         pattern = pattern.with_layout(default_layout((seq_len,), dilation))

@@ -12,7 +12,7 @@ import torch
 
 from ..dsl.pattern import Pattern
 from ..dsl.trace import param
-from ._checks import count
+from ._checks import count, flag
 
 
 def global_tokens(is_global: torch.Tensor, window: int | None = None, causal: bool = False) -> Pattern:
@@ -26,6 +26,7 @@ def global_tokens(is_global: torch.Tensor, window: int | None = None, causal: bo
                else type(is_global).__name__)
         raise ValueError(f"is_global must be a 1-D bool tensor [N] marking the global positions, got {got}")
     W = None if window is None else param("W", count("window", window))
+    flag("causal", causal)
 
     def mask(b, h, q, kv):
         live = is_global[q] | is_global[kv]

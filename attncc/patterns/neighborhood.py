@@ -149,9 +149,12 @@ def _brick_layout(dims, ks, ds, ss, cs) -> Layout | None:
     compute at 128 x 64 (PARTIAL ones weighted PARTIAL_WEIGHT; `tile_counts`). E.g. NATTEN's 5x9x9
     on an 8x32x32 video: 8x4x4 bricks, 1152 live tiles per (b, h) (tile efficiency 35%), against
     2200 with 2x8x8 (20%). Falls back to compiler/layout.default_layout where no brick of
-    that size divides the axes with a box for its first half."""
-    windows = [_axis_pairs(*axis) for axis in zip(dims, ks, ds, ss, cs)]
-    sides = [[b for b in range(1, n // d + 1) if (n // d) % b == 0] for n, d in zip(dims, ds)]
+    that size divides the axes with a box for its first half. An axis whose dilation does not
+    divide it keeps its tokens in natural order within bricks (its residue classes are of unequal
+    lengths, which a Layout cannot store one after another)."""
+    ls = tuple(d if n % d == 0 else 1 for n, d in zip(dims, ds))  # the layout's dilation per axis
+    windows = [_axis_pairs(*axis) for axis in zip(dims, ks, ds, ss, cs, ls)]
+    sides = [[b for b in range(1, n // d + 1) if (n // d) % b == 0] for n, d in zip(dims, ls)]
     best, best_cost, weight = None, None, PARTIAL_WEIGHT
     for brick in itertools.product(*sides):
         counts = tile_counts(windows, brick) if math.prod(brick) == BRICK_TOKENS else None
@@ -160,9 +163,9 @@ def _brick_layout(dims, ks, ds, ss, cs) -> Layout | None:
         cost = counts[1] + weight * (counts[0] - counts[1])
         if best_cost is None or cost < best_cost:
             best, best_cost = brick, cost
-    if best is None or (len(dims) == 1 and ds == (1,)):
-        return default_layout(dims, ds)
-    return Layout(dims, best, ds)
+    if best is None or (len(dims) == 1 and ls == (1,)):
+        return default_layout(dims, ls)
+    return Layout(dims, best, ls)
 
 
 def tile_counts(windows: list[torch.Tensor], brick: tuple[int, ...]) -> tuple[int, int] | None:
@@ -183,11 +186,11 @@ def tile_counts(windows: list[torch.Tensor], brick: tuple[int, ...]) -> tuple[in
     return live, full
 
 
-def _axis_pairs(n: int, k: int, d: int, s: int, causal: bool) -> torch.Tensor:
+def _axis_pairs(n: int, k: int, d: int, s: int, causal: bool, layout_d: int) -> torch.Tensor:
     """bool [n, n]: whether the key at layout coordinate j is in the window of the query at i along
-    one axis (layout order: the d residue classes one after another)."""
+    one axis (layout order: the layout_d residue classes one after another; layout_d divides n)."""
     pos = torch.arange(n)
-    natural = (pos % (n // d)) * d + pos // (n // d) if d > 1 else pos
+    natural = (pos % (n // layout_d)) * layout_d + pos // (n // layout_d) if layout_d > 1 else pos
     rule = Pattern(lambda b, h, q, kv: all_of([axis_window(q, kv, n, k, d, s, causal)]))
     live = evaluate(token_mask(rule), {"q": natural[:, None], "kv": natural[None, :]}, {}, {})
     return live.bool().expand(n, n)

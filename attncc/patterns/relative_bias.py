@@ -31,6 +31,7 @@ import math
 import torch
 
 from ..dsl.pattern import Pattern
+from ._checks import flag
 
 
 def t5_buckets(relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32,
@@ -61,7 +62,11 @@ def relative_bias(table: torch.Tensor, num_buckets: int | None = None, max_dista
         raise ValueError("table must be a float tensor of 1 or 2 dims, got "
                          + (f"{table.dtype} {tuple(table.shape)}" if isinstance(table, torch.Tensor)
                             else type(table).__name__))
+    flag("bidirectional", bidirectional)
     if num_buckets is None:
+        if not bidirectional:
+            raise ValueError("bidirectional=False needs num_buckets (T5's one-sided buckets); a table of 2N - 1 "
+                             "relative positions covers both directions: mask the future with & causal()")
         if max_distance is not None:
             raise ValueError("max_distance needs num_buckets (it bounds T5's log-spaced buckets)")
         width = table.shape[-1]

@@ -4,6 +4,7 @@ Each query sees itself and the W keys before it. `W` is a param: rebinding never
 """
 from ..dsl.pattern import Pattern
 from ..dsl.trace import param
+from ._checks import count, flag
 
 
 def sliding_window(window: int, causal: bool = True) -> Pattern:
@@ -11,7 +12,7 @@ def sliding_window(window: int, causal: bool = True) -> Pattern:
     al. 2020; Mistral 7B, Jiang et al. 2023).
 
     window: W, an int param (the query itself and the W keys before it); causal: one-sided."""
-    W = param("W", window)
-    if causal:
+    W = param("W", count("window", window))
+    if flag("causal", causal):
         return Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv <= W), name="sliding_window")
     return Pattern(lambda b, h, q, kv: abs(q - kv) <= W, name="sliding_window")

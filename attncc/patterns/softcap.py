@@ -1,6 +1,7 @@
 """Logit soft-capping (Gemma 2, Grok): `score -> cap * tanh(score / cap)`, causal by default."""
 from ..dsl.pattern import Pattern
 from ..dsl.trace import param
+from ._checks import flag
 
 
 def softcap(cap: float = 30.0, causal: bool = True) -> Pattern:
@@ -11,5 +12,5 @@ def softcap(cap: float = 30.0, causal: bool = True) -> Pattern:
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < float(cap) < float("inf"):
         raise ValueError(f"cap must be a finite number > 0, got {cap!r}")
     c = param("cap", float(cap))
-    mask = (lambda b, h, q, kv: q >= kv) if causal else None
+    mask = (lambda b, h, q, kv: q >= kv) if flag("causal", causal) else None
     return Pattern(mask, lambda s, b, h, q, kv: c * (s / c).tanh(), name="softcap")
