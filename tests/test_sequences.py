@@ -312,7 +312,7 @@ def test_kvcache_serves_a_decode_loop():
         cache.append(*torch.randn(2, 1, 2, 100, 16), seqs=[1])
     assert cache.kv_lens.tolist() == [33, 8, 43]  # nothing written
     for bad in (-1, 3, 1.0):  # never another sequence's pages (-1 is not the last one)
-        with pytest.raises(ValueError, match="b must be a sequence index below 3"):
+        with pytest.raises(ValueError, match="b must be a sequence index"):
             cache.release(bad)
     cache.release(2)  # its 3 pages come back
     cache.append(*torch.randn(2, 1, 2, 100, 16), seqs=[1])
@@ -430,3 +430,48 @@ def test_split_kv_gradients_empty_rows_and_paged_calls():
         ac.attention(x, x, x, kernel_options={"kv_splits": 0})
     with pytest.raises(ValueError, match="options of ac.attention calls"):
         ac.compile(ac.patterns.causal(), x, x, x, kernel_options={"kv_splits": 2})
+
+
+def test_a_kvcache_append_is_all_or_nothing(monkeypatch):
+    """Indices given as tensors are ints (a repeated one refused, as in a list); an append that
+    fails part-way leaves lengths, pages and table as they were (its host lengths ran ahead of the
+    tokens written, and later calls read unwritten slots)."""
+    g = torch.Generator().manual_seed(0)
+    cache = ac.KVCache(num_pages=4, page_size=16, heads=2, head_dim=16, batch=2, dtype=torch.float32)
+    cache.append(*torch.randn(2, 2, 2, 15, 16, generator=g))
+    with pytest.raises(ValueError, match="distinct sequence indices"):
+        cache.append(*torch.randn(2, 2, 2, 1, 16, generator=g), seqs=torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="list of sequence indices"):
+        cache.append(*torch.randn(2, 2, 2, 1, 16, generator=g), seqs=[0.0, 1.0])
+    cache.append(*torch.randn(2, 1, 2, 1, 16, generator=g), seqs=torch.tensor([1]))
+    before = (list(cache._lens), [list(p) for p in cache._pages], list(cache._free), cache.page_table.clone())
+    real, calls = cache._to_device, []
+
+    def failing(values, dtype):  # the k, v write fails after the table took a page
+        calls.append(dtype)
+        if len(calls) == 1:
+            raise RuntimeError("device error")
+        return real(values, dtype)
+    monkeypatch.setattr(cache, "_to_device", failing)
+    with pytest.raises(RuntimeError, match="device error"):
+        cache.append(*torch.randn(2, 2, 2, 2, 16, generator=g))
+    monkeypatch.undo()
+    after = (cache._lens, cache._pages, cache._free, cache.page_table)
+    assert after[:3] == before[:3] and torch.equal(after[3], before[3])
+    assert cache.kv_lens.tolist() == [15, 16]
+    assert sequences.vouched_lengths(cache.kv_lens, cache.page_table, 4, 16) == (15, 16)
+
+
+def test_a_kvcache_made_in_inference_mode_takes_appends_outside_it():
+    with torch.inference_mode():
+        cache = ac.KVCache(num_pages=4, page_size=16, heads=2, head_dim=16, batch=1, dtype=torch.float32)
+        cache.append(*torch.randn(2, 1, 2, 10, 16))
+    cache.append(*torch.randn(2, 1, 2, 1, 16))
+    assert cache.kv_lens.tolist() == [11] and cache._lens == [11]
+    for bad, message in (({"head_dim": 8}, "head_dim must be an int in 16..256"),
+                         ({"head_dim_v": 0}, "head_dim_v must be an int in 16..256"),
+                         ({"dtype": torch.float64}, "dtype must be one of")):
+        with pytest.raises(ValueError, match=message):
+            ac.KVCache(**{"num_pages": 4, "page_size": 16, "heads": 2, "head_dim": 16, "batch": 1, **bad})
+    cache.release(torch.tensor(0))  # an index as a 0-d tensor
+    assert cache._lens == [0]

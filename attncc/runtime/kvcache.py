@@ -1,7 +1,11 @@
 """KVCache: the paged keys and values of a batch of sequences, for ac.attention's paged calls."""
 from __future__ import annotations
 
+import operator
+
 import torch
+
+from .inputs import KERNEL_DTYPES
 
 
 class KVCache:
@@ -16,15 +20,22 @@ class KVCache:
 
     def __init__(self, num_pages: int, page_size: int, heads: int, head_dim: int, batch: int, *,
                  dtype: torch.dtype = torch.bfloat16, device=None, head_dim_v: int | None = None):
-        for name, x in (("num_pages", num_pages), ("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+        for name, x in (("num_pages", num_pages), ("heads", heads), ("batch", batch)):
             if not isinstance(x, int) or isinstance(x, bool) or x < 1:
                 raise ValueError(f"{name} must be a positive int, got {x!r}")
+        for name, x in (("head_dim", head_dim), ("head_dim_v", head_dim if head_dim_v is None else head_dim_v)):
+            if not isinstance(x, int) or isinstance(x, bool) or not 16 <= x <= 256:
+                raise ValueError(f"{name} must be an int in 16..256 (attncc's kernels), got {x!r}")
         if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size!r}")
+        if dtype not in KERNEL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, KERNEL_DTYPES))}, got {dtype}")
         self.page_size = page_size
-        self.k = torch.zeros(num_pages, page_size, heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_pages, page_size, heads, head_dim_v or head_dim, dtype=dtype, device=device)
-        with torch.inference_mode(False):  # versioned even in a serving loop's inference mode: see _vouch
+        # normal tensors even when made under torch.inference_mode: writable in and out of it, and
+        # versioned (page_table, kv_lens: see _vouch)
+        with torch.inference_mode(False):
+            self.k = torch.zeros(num_pages, page_size, heads, head_dim, dtype=dtype, device=device)
+            self.v = torch.zeros(num_pages, page_size, heads, head_dim_v or head_dim, dtype=dtype, device=device)
             self.page_table = torch.full((batch, num_pages), -1, dtype=torch.int32, device=self.k.device)
             self.kv_lens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
         self._lens = [0] * batch                      # host copies: bookkeeping without device syncs
@@ -34,8 +45,12 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, seqs: list[int] | None = None) -> None:
         """Write n new tokens of each of `seqs` (default: every sequence): k [len(seqs), heads, n,
-        head_dim], v [.., head_dim_v]. A ValueError (nothing written) when pages run out."""
-        seqs = list(range(len(self._lens))) if seqs is None else list(seqs)
+        head_dim], v [.., head_dim_v]. A ValueError (nothing written) when pages run out; on any
+        error the cache is as before the call."""
+        try:
+            seqs = list(range(len(self._lens))) if seqs is None else [operator.index(b) for b in seqs]
+        except TypeError:
+            raise ValueError(f"seqs must be a list of sequence indices, got {seqs!r}") from None
         if k.dim() != 4 or k.shape[0] != len(seqs) or k.shape[1] != self.k.shape[2] or k.shape[3] != self.k.shape[3]:
             raise ValueError(f"k must be [{len(seqs)}, {self.k.shape[2]}, n, {self.k.shape[3]}], got {list(k.shape)}")
         if v.shape[:3] != k.shape[:3] or v.shape[3] != self.v.shape[3]:
@@ -48,18 +63,28 @@ class KVCache:
         if need > len(self._free):
             raise ValueError(f"the cache is out of pages: appending {n} token(s) needs {need} more, "
                              f"{len(self._free)} are free (release finished sequences)")
-        rows = []
+        lens, pages, free = list(self._lens), [list(p) for p in self._pages], list(self._free)
+        rows, taken = [], []
         for b in seqs:
-            while len(self._pages[b]) * P < self._lens[b] + n:
-                page = self._free.pop()
-                self.page_table[b, len(self._pages[b])] = page
-                self._pages[b].append(page)
-            rows += [self._pages[b][t // P] * P + t % P for t in range(self._lens[b], self._lens[b] + n)]
-            self._lens[b] += n
-        index = self._to_device(rows, torch.int64)
-        self.k.view(-1, *self.k.shape[2:])[index] = k.transpose(1, 2).flatten(0, 1).to(self.k.dtype)
-        self.v.view(-1, *self.v.shape[2:])[index] = v.transpose(1, 2).flatten(0, 1).to(self.v.dtype)
-        self.kv_lens.copy_(self._to_device(self._lens, torch.int32))
+            while len(pages[b]) * P < lens[b] + n:
+                taken.append((b, len(pages[b])))
+                pages[b].append(free.pop())
+            rows += [pages[b][t // P] * P + t % P for t in range(lens[b], lens[b] + n)]
+            lens[b] += n
+        try:
+            for b, slot in taken:
+                self.page_table[b, slot] = pages[b][slot]
+            index = self._to_device(rows, torch.int64)
+            self.k.view(-1, *self.k.shape[2:])[index] = k.transpose(1, 2).flatten(0, 1).to(self.k.dtype)
+            self.v.view(-1, *self.v.shape[2:])[index] = v.transpose(1, 2).flatten(0, 1).to(self.v.dtype)
+            self.kv_lens.copy_(self._to_device(lens, torch.int32))
+        except BaseException:  # the host bookkeeping unchanged; the pages taken given back in the table
+            for b, slot in taken:
+                self.page_table[b, slot] = -1
+            self.kv_lens.copy_(self._to_device(self._lens, torch.int32))
+            self._vouch()
+            raise
+        self._lens, self._pages, self._free = lens, pages, free
         self._vouch()
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -78,7 +103,11 @@ class KVCache:
 
     def release(self, b: int) -> None:
         """Free sequence b's pages; it starts again empty."""
-        if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < len(self._lens):
+        try:
+            b = operator.index(b)
+        except TypeError:
+            raise ValueError(f"b must be a sequence index (an int), got {b!r}") from None
+        if isinstance(b, bool) or not 0 <= b < len(self._lens):
             raise ValueError(f"b must be a sequence index below {len(self._lens)}, got {b!r}")
         self._free += reversed(self._pages[b])
         self._pages[b] = []
