@@ -455,3 +455,23 @@ def test_explain_names_the_decode_kernel():
             torch.empty(1, 8, 8192, 128, device="meta", dtype=torch.bfloat16))
     on_h200 = ac.explain(ac.patterns.causal(), meta[0], meta[1], meta[1], target="h200")
     assert "chosen at run time" in on_h200 and "below the roofline" in on_h200  # the forward model's blind spot
+
+
+@pytest.mark.parametrize("splits, page_size", [(None, 16), (1, 16), (3, 64)])
+def test_a_page_outside_the_cache_written_unseen_gives_nan_rows_never_a_read(splits, page_size):
+    """A table edited where attncc's checks cannot see it (.data here; a CUDA graph's replay on
+    the GPU): the kernel reads page 0 instead and the rows that see the bad page's keys are NaN;
+    rows that do not see it are exact (16-key pages under 32- or 64-key tiles: a page per key
+    range; 64-key pages: one per tile)."""
+    q, kc, vc, table, kv_lens = paged_inputs([150, 90], Q_LEN=3, num_pages=20, page_size=page_size)
+    opts = {} if splits is None else {"kv_splits": splits}
+    for pat, sees in ((ac.patterns.causal(), torch.ones(3, dtype=torch.bool)),
+                      (ac.patterns.sliding_window(20), torch.tensor([1, 0, 0]).bool())):  # 147 sees key 127
+        good = ac.attention(q, kc, vc, pat, page_table=table, kv_lens=kv_lens, kernel_options=opts)
+        for bad in (20, -7, 2 ** 31 - 1):
+            t = table.clone()
+            ac.attention(q, kc, vc, pat, page_table=t, kv_lens=kv_lens, kernel_options=opts)  # checked, cached
+            t.data[0, 128 // page_size - 1] = bad  # the page of keys [112, 128) (16) or [64, 128) (64)
+            out = ac.attention(q, kc, vc, pat, page_table=t, kv_lens=kv_lens, kernel_options=opts)
+            assert torch.equal(out[1], good[1])
+            assert out[0, :, sees].isnan().all() and torch.equal(out[0, :, ~sees], good[0, :, ~sees])

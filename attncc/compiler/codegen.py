@@ -125,7 +125,8 @@ def generate(kind: str, pattern: Pattern, buffers: Mapping[str, BufferSpec],
         "EXTRA_PARAMS": "".join(f"\n    {a}," for a in buffer_args)
         + ("\n    FAST_TANH: tl.constexpr," if fast_tanh else ""),
         "LOAD_PARAMS": _load_params(pattern, plan),
-        "NO_SPECIALIZE": ", ".join(repr(a) for a in ["Q_LEN", "KV_LEN", "FULL_WIDTH", "PARTIAL_WIDTH"]),
+        "NO_SPECIALIZE": ", ".join(repr(a) for a in ["Q_LEN", "KV_LEN", "FULL_WIDTH", "PARTIAL_WIDTH"]
+                                   + (["NUM_PAGES"] if kind == "decode" else [])),
         "HAS_SCORE_MOD": str(pattern.has_score_mod),
         "LAUNCH_EXTRA": "".join(f"\n        {a}," for a in launch_extra),
     })
