@@ -475,3 +475,24 @@ def test_a_kvcache_made_in_inference_mode_takes_appends_outside_it():
             ac.KVCache(**{"num_pages": 4, "page_size": 16, "heads": 2, "head_dim": 16, "batch": 1, **bad})
     cache.release(torch.tensor(0))  # an index as a 0-d tensor
     assert cache._lens == [0]
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_packed_decode_sees_cu_seqlens_written_unseen(splits, decode_runs):
+    """cu_seqlens rewritten where attncc's Python cannot see it (.data here; a CUDA graph's replay
+    on the GPU): the sequences whose entries changed get NaN rows (the kernel compares them with
+    those its pages and rows came from), the others stay exact; it returned the last step's
+    numbers."""
+    opts = {} if splits is None else {"kv_splits": splits}
+    pattern = ac.patterns.sinks(2, 9)
+    q, k, v, cu_q, cu_k = packed([1, 2, 2], [40, 30, 50])
+    ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, kernel_options=opts)
+    cu_k.data.copy_(torch.tensor([0, 45, 70, 120], dtype=torch.int32))  # sequences 0 and 1 changed
+    out = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, kernel_options=opts)
+    want = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q.clone(), cu_seqlens_k=cu_k.clone(), kernel_options=opts)
+    assert out[..., :3, :].isnan().all() and torch.equal(out[..., 3:, :], want[..., 3:, :])
+    cu_q.data.copy_(torch.tensor([0, 2, 3, 5], dtype=torch.int32))  # query rows moved: all but the last
+    cu_k.data.copy_(torch.tensor([0, 40, 70, 120], dtype=torch.int32))
+    out = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, kernel_options=opts)
+    assert out.isnan().any()
+    assert decode_runs

@@ -319,11 +319,12 @@ class DecodeKernel:
         return lists.at(kv_lens)
 
     def _entry(self, q, k, v, page_table, kv_lens, cu_seqlens_q=None, cu_seqlens_k=None) -> tuple:
-        """(Shapes, DecodeMeta, page table, kv_lens, padding) for these inputs, from the cache: a miss
-        checks them and builds (a packed call's table and lengths from its cu_seqlens by
+        """(Shapes, DecodeMeta, page table, kv_lens, padding, derived_from) for these inputs, from the
+        cache: a miss checks them and builds (a packed call's table and lengths from its cu_seqlens by
         sequences.token_pages; its padding, where some sequence has fewer than Q_LEN queries: the
         packed row int64 [S, Q_LEN] each query slot reads and the slots int64 [total_q] that hold
-        the queries, from sequences.query_rows; else None)."""
+        the queries, from sequences.query_rows; else None; derived_from: the cu_seqlens those came
+        from, int32 [S + 1, 2], which the kernel compares with the call's; else None)."""
         mode = "packed" if self.packed else "paged" if self.paged else "dense"
         given = ("packed" if cu_seqlens_q is not None or cu_seqlens_k is not None else
                  "paged" if page_table is not None or kv_lens is not None else "dense")
@@ -346,7 +347,8 @@ class DecodeKernel:
                 rows = query_rows(cu_q, Q_LEN)
                 # padded: the packed row each slot reads (padding: any), and the slots holding queries
                 pad = None if rows is None else (rows.clamp(min=0), (rows >= 0).flatten().nonzero().squeeze(1))
-                return shapes, meta, table, lens, pad, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
+                derived_from = torch.stack([cu_seqlens_q, cu_seqlens_k], 1).int().contiguous()  # the kernel compares
+                return shapes, meta, table, lens, pad, derived_from, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
         elif self.paged:
             if not all(isinstance(t, torch.Tensor) for t in (q, k, v, page_table, kv_lens)):
                 check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument
@@ -356,14 +358,14 @@ class DecodeKernel:
                 shapes = check_paged(q, k, v, page_table, kv_lens)
                 meta = self._lists(common, shapes, q, k, v, page_table, kv_lens,
                                    vouched_lengths(kv_lens, page_table, k.shape[0], k.shape[1]))
-                return shapes, meta, page_table, kv_lens, None  # the key holds their ids
+                return shapes, meta, page_table, kv_lens, None, None  # the key holds their ids
         else:
             shapes = check_qkv(q, k, v)
             inputs = (shapes,)
 
             def build():
                 return shapes, build_meta(self.pattern, shapes, self.tiles, q.device, self.forced_splits, None), \
-                    None, None, None
+                    None, None, None, None
         common = kernel.pattern_key(self.pattern) + (tuple(q.shape), q.dtype, k.dtype, v.dtype, str(q.device),
                                                      self.tiles, self.forced_splits)
         key = common + inputs
@@ -373,7 +375,7 @@ class DecodeKernel:
         if hit is None:
             hit = build()
             DECODE_CACHE.put(key, hit)
-        return hit[:5]
+        return hit[:6]
 
     def _module(self, meta: DecodeMeta):
         return kernel.kernel_module(self.pattern, self.tiles, meta.plan, interpret=self.interpret, kind="decode")
@@ -422,7 +424,7 @@ class DecodeKernel:
         call = (q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k)
         refit = True
         while True:
-            shapes, meta, table, _, pad = self._entry(*call)
+            shapes, meta, table, _, pad, derived_from = self._entry(*call)
             if meta is not self._meta and refit:  # other lists: the tiles may fit their splits better
                 refit = False
                 if self._refit_tiles(meta):
@@ -432,7 +434,8 @@ class DecodeKernel:
             if self.packed:  # [1, Hq, total_q, D] -> [S, Hq, Q_LEN, D]: a view, or padded (no synchronisation)
                 qs = qi[0].unflatten(1, (shapes.B, shapes.Q)) if pad is None else qi[0][:, pad[0]]
                 qs = qs.transpose(0, 1)
-                extra = {"token_pages": self.tiles.BLOCK_N}
+                extra = {"token_pages": self.tiles.BLOCK_N,
+                         "cu_seqlens": (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), derived_from)}
             else:
                 qs, extra = qi, {}
             table = table.contiguous() if table is not None else None
