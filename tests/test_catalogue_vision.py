@@ -293,3 +293,10 @@ def test_forward_in_the_interpreter(pattern, n):
 def test_backward_against_float64_autograd():
     pat = neighborhood((9, 11), (3, 4), dilation=(2, 1), stride=(1, 2), causal=(False, True))
     check_grads(pat, *qkv(1, 2, 1, 99, 99, 16))
+
+
+def test_per_head_keeps_a_shared_token_layout():
+    nb = ac.patterns.neighborhood((16, 16), 5)
+    assert ac.patterns.per_head([nb, nb]).layout == nb.layout
+    assert ac.patterns.per_head([nb, nb & ac.patterns.softcap(3.0, causal=False)]).layout == nb.layout
+    assert ac.patterns.per_head([nb, ac.patterns.causal()]).layout is None  # natural order for both

@@ -12,7 +12,9 @@ The sub-patterns see the global head index h (alibi slopes stay indexed by h), a
 defined at every head 0..H-1, its own or not (kernels read buffers in the branches they discard
 too: `alibi(4)`'s slopes serve at most 4 heads). Running with more than H heads is refused
 (head_group[h] leaves its buffer). Reassigning heads to groups is a `bind(head_group=...)` away
-and never recompiles. When every head has the same pattern, that pattern is returned as it is.
+and never recompiles. When every head has the same pattern, the result is that pattern (its IR,
+params, buffers and token layout) under the per_head name; with several, their shared token layout
+where they all have the same one, else none (natural order).
 
 The block mask stays exact per head: the mask reads h, so block masks are built per (b, h), and
 in each head's tiles the interval analysis reads head_group[h] as a single known value, so the
@@ -98,7 +100,7 @@ def per_head(patterns_by_head: Sequence[Pattern] | Mapping[int, Pattern] | Seque
                                    for g, p in enumerate(groups)) + ")"
     if len(groups) == 1:
         p = groups[0]
-        return Pattern.from_ir(p.mask, p.score, p.block, p.params, p.buffers, name, p.block_size)
+        return Pattern.from_ir(p.mask, p.score, p.block, p.params, p.buffers, name, p.block_size, p.layout)
 
     renamed = [_rename(p, _clashes(groups, first_head, g, rename), first_head[g]) for g, p in enumerate(groups)]
     params: dict = {}
@@ -127,8 +129,9 @@ def per_head(patterns_by_head: Sequence[Pattern] | Mapping[int, Pattern] | Seque
     else:  # several: each group's predicate folded into its mask at its own block size
         masks = [ir.op("and", p.mask, block_at_tokens(p.block, p.block_size)) for p in renamed]
         blocks, block_size = [ir.TRUE] * len(renamed), renamed[0].block_size
+    layouts = {p.layout for p in groups}
     return Pattern.from_ir(chain(masks), chain([p.score for p in renamed]), chain(blocks),
-                           params, buffers, name, block_size)
+                           params, buffers, name, block_size, layouts.pop() if len(layouts) == 1 else None)
 
 
 def _clashes(groups: list[Pattern], first_head: list[int], g: int, rename: bool) -> set[str]:
