@@ -87,7 +87,7 @@ def test_combining_params():
     with pytest.raises(PatternError, match="param 'W'"):
         ac.patterns.sliding_window(3) & ac.patterns.dilated(4, 2)
     with pytest.raises(PatternError, match="param 'W'"):
-        ac.patterns.sliding_window(3) | ac.patterns.sliding_window(3.0)
+        ac.patterns.sliding_window(3) | ac.Pattern(lambda b, h, q, kv: q - kv <= ac.param("W", 3.0))
 
 
 def test_combining_renames_clashing_buffers():

@@ -6,7 +6,10 @@ from ._checks import count, flag
 
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
-    """float32 [H]: slope_h = 2^(-8 (h + 1) / H)."""
+    """float32 [H]: slope_h = 2^(-8 (h + 1) / H), the paper's formula. For H not a power of two the
+    reference code (Press et al.'s get_slopes, as in BLOOM and MPT) interleaves the slopes of the
+    nearest powers of two instead: a model ported from it passes its slopes with
+    `alibi(H).bind(slope=its_slopes)`."""
     h = torch.arange(count("num_heads", num_heads, 1), dtype=torch.float32, device=device)
     return torch.exp2(-8.0 * (h + 1) / num_heads)
 
