@@ -2,8 +2,10 @@
 
 PATTERN is a quoted DSL text (`"mask = q >= kv"`), a pattern file (`causal.attn`), or
 `module:function` naming a Python mask_mod(b, h, q_idx, kv_idx), a score_mod(score, b, h, q_idx,
-kv_idx), a Pattern, or a function of no arguments returning a Pattern (`attncc.patterns:causal`),
-or a call with literal arguments (`"attncc.patterns:neighborhood((32, 32), 7)"`).
+kv_idx), a Pattern, or a function annotated `-> Pattern` called with no arguments
+(`attncc.patterns:causal`) or literal ones (`"attncc.patterns:neighborhood((32, 32), 7)"`); no other
+callable is called (`os:system(...)` is refused), but importing a module runs its code: a
+module:function PATTERN must be trusted (DSL text is the form for untrusted input).
 Exit codes: 0 ok, 1 a failure (or a feature this version does not have yet), 2 bad input.
 
 Verbs light up as the library grows: each looks for the function it needs (`attncc.compile`,
@@ -74,7 +76,20 @@ def _literal_call(text: str) -> tuple[list, dict]:
         raise InputError(f"the arguments {text} must be Python literals (numbers, strings, tuples, lists): {e}") from None
 
 
+def _returns_pattern(fn) -> bool:
+    """Whether `fn` is annotated to return an attncc Pattern (`-> Pattern`, also as a string)."""
+    try:
+        annotation = inspect.signature(fn).return_annotation
+    except (TypeError, ValueError):
+        return False
+    return annotation is ac.Pattern or (isinstance(annotation, str) and annotation.split(".")[-1] == "Pattern")
+
+
 def _from_python(spec: str) -> ac.Pattern:
+    """module:NAME (a Pattern), module:function(literals) or module:function with no arguments (a
+    function annotated `-> Pattern`), or module:mask_mod / score_mod (a Python function, traced).
+    Importing the module runs its code: trusted input only (DSL text is the safe form). Nothing
+    else is called: os:system('...') is refused before any call."""
     module_name, attr = spec.split(":", 1)
     call = None
     if "(" in attr:  # module:function(literal arguments), e.g. attncc.patterns:sinks(4, 256)
@@ -92,6 +107,10 @@ def _from_python(spec: str) -> ac.Pattern:
         return obj
     if not callable(obj):
         raise InputError(f"{spec} is a {type(obj).__name__}, not a function or Pattern")
+    refused = InputError(f"{module_name}:{attr} is not annotated to return an attncc Pattern (`-> Pattern`); the "
+                         "command line calls only such functions, or traces a Python mask_mod / score_mod")
+    if (call is not None or not inspect.isfunction(obj)) and not _returns_pattern(obj):
+        raise refused
     if call is not None:
         args, kwargs = _literal_call(call)
         try:
@@ -111,6 +130,8 @@ def _from_python(spec: str) -> ac.Pattern:
     if len(required) == 5:
         return ac.Pattern(score_mod=obj)
     if len(required) == 0:
+        if not _returns_pattern(obj):
+            raise refused
         result = obj()
         if isinstance(result, ac.Pattern):
             return result

@@ -38,7 +38,7 @@ def user_module(tmp_path, monkeypatch):
         def softcap(score, b, h, q_idx, kv_idx):
             return 20.0 * torch.tanh(score / 20.0)
 
-        def windowed(window=3):
+        def windowed(window=3) -> ac.Pattern:
             return ac.parse(f"param W = {window}\\nmask = q >= kv and q - kv <= W")
 
         PATTERN = ac.patterns.prefix_lm(4)
@@ -46,10 +46,13 @@ def user_module(tmp_path, monkeypatch):
         def needs_args(a, b):
             return a
 
-        def not_a_pattern():
+        def not_a_pattern() -> "ac.Pattern":
             return 42
 
-        def broken():
+        def unannotated():
+            return ac.patterns.causal()
+
+        def broken() -> ac.Pattern:
             raise RuntimeError("user code failed")
     """))
     monkeypatch.chdir(tmp_path)
@@ -79,6 +82,8 @@ def test_pattern_from_text_file_and_python(user_module):
     ("my_masks:nothing", "has no attribute"),
     ("my_masks:needs_args", "2 required arguments"),
     ("my_masks:not_a_pattern", "returned int"),
+    ("my_masks:unannotated", "not annotated to return an attncc Pattern"),
+    ("os:getpid", "not annotated to return an attncc Pattern"),
     ("attncc.patterns:sinks(__import__('os'))", "must be Python literals"),
     ("attncc.patterns:sinks(4)", "TypeError"),
     ("attncc.patterns:neighborhood((4, 4), 9)", "ValueError: kernel"),
@@ -277,3 +282,12 @@ def test_viz_draws_a_layouts_whole_canvas_by_default(capsys):
     assert "== mask, 256 x 256 tokens" in capsys.readouterr().out
     assert cli.main(["viz", "attncc.patterns:neighborhood((16, 16), 5)", "--q-len", "64"]) == 0
     assert "== mask, 64 x 64 tokens" in capsys.readouterr().out
+
+
+def test_only_pattern_factories_are_called(tmp_path, monkeypatch):
+    """A PATTERN naming any other function (os:system, builtins:exec) is refused before a call."""
+    monkeypatch.chdir(tmp_path)
+    for spec in (f"os:system('touch {tmp_path}/ran')", "builtins:exec('open(\\'ran\\', \\'w\\')')", "os:getcwd"):
+        with pytest.raises(cli.InputError, match="not annotated to return an attncc Pattern"):
+            cli.load_pattern(spec)
+    assert not (tmp_path / "ran").exists()
