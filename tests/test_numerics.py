@@ -56,6 +56,13 @@ def test_int64_overflow_is_refused():
     pat = ac.Pattern(lambda b, h, q, kv: (q * kv * 2 ** 52) % 7 == 0)
     with pytest.raises(PatternError, match="beyond what int64 holds"):
         ac.attention(*qkv(1, 1, 1, 64, 64), pat)
+    q, k, v = qkv(1, 1, 1, 8, 8)
+    for text in ("mask = q ** 40 >= kv", "mask = q * 4611686018427387904 * 4 >= kv"):  # a coefficient past int64
+        pat = ac.parse(text)
+        for run in (lambda: ac.attention(q, k, v, pat), lambda: ac.reference(q, k, v, pat),  # the dense paths
+                    lambda: ac.create_mask(pat, 1, 1, 8, 8), lambda: ac.create_block_mask(pat, 1, 1, 64, 64)):
+            with pytest.raises(PatternError, match="beyond what int64 holds"):  # wrapped, or OverflowError
+                run()
 
 
 def test_narrow_buffers_are_widened_before_arithmetic():

@@ -7,7 +7,9 @@ Over the domain b < B, h < H, q < Q_LEN, kv < KV_LEN a pattern is well defined o
   on the score;
 - sqrt, log and log2 of score-free values are of values >= 0, `**` is defined (no zero to a
   negative power, no negative base to a non-integer power);
-- a float converted to an integer (`int`, `.long()`) is finite and within +-2**62.
+- a float converted to an integer (`int`, `.long()`) is finite and within +-2**62;
+- every integer expression stays within int64 (numerics.check_int64: `q ** 40` is refused, never
+  wrapped).
 Except for buffer indices, a condition needs to hold only where the value reaches the result:
 `where(c, x, y)` discards x where c is false, so x's conditions are checked under c (its *path
 condition*; T5's log buckets compute log(0) in the branch they discard). Conditions on score-free
@@ -110,9 +112,12 @@ def check_domain(pattern: Pattern, roots: tuple[ir.Node, ...], B: int, H: int, Q
                 evaluate.buffer_of(n, pattern.buffers)
     shapes = {name: tuple(t.shape) for name, t in pattern.buffers.items()}
     todo = [c for root in roots for c in conditions(root, shapes)]
+    buffers = {k: t.to(device) for k, t in pattern.buffers.items()}
+    from .numerics import check_int64  # numerics builds on this module (whole_domain)
+
+    check_int64(roots, pattern.params, buffers, B, H, Q_LEN, KV_LEN, device)
     if not todo:
         return
-    buffers = {k: t.to(device) for k, t in pattern.buffers.items()}
     box = whole_domain(B, H, Q_LEN, KV_LEN, pattern.params, buffers, device)
     undecided = []
     for cond, what in todo:

@@ -160,6 +160,15 @@ def _lin_dense(a, c, nq: torch.Tensor, nk: torch.Tensor) -> Flag:
 
 def linear(box: Box, a, c, r) -> Num:
     """The exact abstraction of a*q + c*kv + r (a, c python ints or tensors, r constant per tile)."""
+    if any(isinstance(x, int) and not -2 ** 63 <= x < 2 ** 63 for x in (a, c, r)):
+        # a coefficient past int64 (q * 2**62 * 4): float64 bounds, no linear form; the int64 check
+        # refuses the expression wherever it can reach them
+        a, c, r = (float(x) if isinstance(x, int) else x for x in (a, c, r))
+        lq, hq = _scaled(a, box.q_lo, box.q_hi)
+        lk, hk = _scaled(c, box.kv_lo, box.kv_hi)
+        r_t = r if isinstance(r, torch.Tensor) else box.tensor(r)
+        deps = frozenset(v for v, coef in (("q", a), ("kv", c)) if isinstance(coef, torch.Tensor) or coef != 0)
+        return Num(r_t + lq + lk, r_t + hq + hk, True, False, deps, True)
     lq, hq = _scaled(a, box.q_lo, box.q_hi)
     lk, hk = _scaled(c, box.kv_lo, box.kv_hi)
     r_t = r if isinstance(r, torch.Tensor) else box.tensor(r)

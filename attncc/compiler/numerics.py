@@ -110,6 +110,14 @@ def concrete_kinds(nodes, buffers) -> dict[ir.Node, str]:
     return out
 
 
+def check_int64(roots: tuple[ir.Node, ...], params: dict, buffers: dict, B: int, H: int, Q_LEN: int, KV_LEN: int,
+                device=None) -> None:
+    """PatternError unless every integer expression of `roots` stays within int64 over the domain
+    (domain.check_domain runs it, so the reference and the block masks refuse what the kernels do)."""
+    nodes = _nodes(roots)
+    _int_ranges(nodes, concrete_kinds(nodes, buffers), params, buffers, B, H, Q_LEN, KV_LEN, device)
+
+
 def _int_ranges(nodes, kinds, params, buffers, B, H, Q_LEN, KV_LEN, device) -> dict[ir.Node, tuple[float, float]]:
     """(lo, hi) over the whole domain of every integer node (float64 bounds)."""
     box = whole_domain(B, H, Q_LEN, KV_LEN, params, buffers, device)
@@ -120,7 +128,8 @@ def _int_ranges(nodes, kinds, params, buffers, B, H, Q_LEN, KV_LEN, device) -> d
         if kinds[n] == "int":
             num = intervals.as_num(box, values[n])
             lo, hi = float(num.lo.min()), float(num.hi.max())
-            if not (-INT64_SAFE <= lo and hi <= INT64_SAFE):
+            # a buffer read holds what its (at most 64-bit) buffer holds, whatever its float64 bounds say
+            if not isinstance(n, ir.Load) and not (-INT64_SAFE <= lo and hi <= INT64_SAFE):
                 bad = hi if hi > INT64_SAFE else lo
                 raise PatternError(f"the integer expression {n} may reach {bad:.4g}, beyond what int64 holds "
                                    f"(attncc vouches for |values| <= 2**63 - 2**13, its bounds being float64); "
