@@ -381,3 +381,17 @@ def test_texts_past_the_size_limit_are_refused():
     text = "mask = " + " or ".join(f"kv == {i}" for i in range(MAX_TEXT // 8))
     with pytest.raises(ac.DSLError, match="the limit is 1,000,000"):
         ac.parse(text)
+
+
+def test_bitwise_spellings_on_integer_buffers_are_refused_once_bound():
+    """Text pasted from a FlexAttention mask_mod: `flags[q] & flags[kv]` on an int buffer is bitwise
+    in torch (1 & 2 == 0); attncc does not compute that, and read it as a logical and before."""
+    q = torch.randn(1, 1, 8, 16)
+    for text in ("buffer flags\nmask = flags[q] & flags[kv]", "buffer flags\nmask = ~flags[q] or q == kv",
+                 "buffer flags\nmask = flags[q] and q >= kv"):
+        pat = ac.parse(text).bind(flags=torch.tensor([1, 2, 0, 3, 1, 2, 0, 3]))
+        for run in (lambda: ac.attention(q, q, q, pat), lambda: ac.create_mask(pat, 1, 1, 8, 8)):
+            with pytest.raises(ac.PatternError, match="holds int values, and torch's &, |, ~ on them are bitwise"):
+                run()
+    live = ac.parse("buffer g\nmask = g[q] | g[kv]").bind(g=torch.tensor([True, False] * 4))  # booleans: fine
+    assert ac.create_mask(live, 1, 1, 8, 8)[0, 0].sum() == 48

@@ -106,6 +106,10 @@ def concrete_kinds(nodes, buffers) -> dict[ir.Node, str]:
         if isinstance(n, ir.Op) and n.op in ops.NOT_ON_BOOLS and all(out[c] == "bool" for c in n.args):
             raise PatternError(f"{n}: torch does not compute {n.op} of booleans (here a bool buffer's values); "
                                f"read them as integers first (.long())" + (", or use ^" if n.op == "sub" else ""))
+        if isinstance(n, ir.Op) and ops.TABLE[n.op].operands == "bool" and any(out[c] != "bool" for c in n.args):
+            bad = next(c for c in n.args if out[c] != "bool")
+            raise PatternError(f"{n}: {bad} holds {out[bad]} values, and torch's &, |, ~ on them are bitwise, which "
+                               f"attncc does not compute: compare them first (e.g. {bad} != 0)")
         out[n] = kind
     return out
 
