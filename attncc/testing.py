@@ -107,6 +107,9 @@ def compare_grads(pattern: Pattern, q, k, v, scale=None, seed: int = 0, kernel_o
     for name, a, b in zip(["q", "k", "v"] + learnable, ours, want):
         if b is None:
             continue
+        if a is None:
+            raise AssertionError(f"no gradient for d{name} from attncc's kernels where the oracle has one, for "
+                                 f"{pattern!r}, q {tuple(q.shape)}")
         finite = ~torch.isnan(b)
         if torch.isnan(a).logical_and(finite).any():
             raise AssertionError(f"NaN in d{name} where the oracle has none for {pattern!r}, q {tuple(q.shape)}")
@@ -172,9 +175,9 @@ def _listed_shapes(given_shapes) -> list[tuple[int, ...]]:
     """check_pattern's `shapes` given as a list of (B, Hq, Hkv, Q_LEN, KV_LEN, D), checked."""
     listed = [tuple(x) for x in given_shapes]
     for x in listed:
-        if len(x) != 6 or not all(isinstance(n, int) and n >= 1 for n in x) or x[1] % x[2]:
+        if len(x) != 6 or not all(isinstance(n, int) and n >= 1 for n in x) or x[1] % x[2] or not 16 <= x[5] <= 256:
             raise ValueError(f"shapes must be (B, Hq, Hkv, Q_LEN, KV_LEN, D) of positive ints with Hq a multiple "
-                             f"of Hkv, got {x!r}")
+                             f"of Hkv and D in 16..256 (the kernels' head dims), got {x!r}")
     if not listed:
         raise ValueError("shapes is empty")
     return listed
@@ -203,11 +206,22 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
     from .runtime.api import as_pattern
 
     pattern = as_pattern(pattern)
+    for name, value, least in (("max_examples", max_examples, 1), ("max_len", max_len, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(grad, bool):
+        raise ValueError(f"grad must be True or False, got {grad!r}")
+    head_dims = tuple(head_dims)
+    if not head_dims or not all(isinstance(d, int) and not isinstance(d, bool) and 16 <= d <= 256 for d in head_dims):
+        raise ValueError(f"head_dims must be ints in 16..256 (the kernels' head dims), got {head_dims!r}")
     dtypes = (torch.float32,) if dtypes is None else tuple(dtypes)
     if not dtypes or any(d not in TOLERANCE for d in dtypes):
         raise ValueError(f"dtypes must be some of {sorted(map(str, TOLERANCE))}, got {dtypes!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = (kernel_options or {}).get("backend")
+    if backend in ("fa4", "sdpa-cudnn") and torch.device(device).type != "cuda":
+        raise ValueError(f"kernel_options backend={backend!r} runs on CUDA only; check_pattern runs on {device}")
     roots = (evaluate.token_mask(pattern), pattern.score)
 
     def defined(B, H, Q, KV) -> bool:

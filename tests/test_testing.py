@@ -71,7 +71,7 @@ def test_check_pattern_passes_kernel_options():
     report = ac.testing.check_pattern(ac.patterns.sliding_window(5), max_examples=2, max_len=40, grad=False,
                                       kernel_options={"backend": "triton"})
     assert len(report.rows) == 2
-    with pytest.raises(AssertionError, match="fa4 runs on CUDA tensors only"):
+    with pytest.raises(ValueError, match="backend='fa4' runs on CUDA only"):
         ac.testing.check_pattern(ac.patterns.sliding_window(5), max_examples=1, max_len=40, grad=False,
                                  device="cpu", kernel_options={"backend": "fa4"})
 
@@ -119,3 +119,28 @@ def test_given_shapes_dtypes_and_the_strategies():
         testing.compare(pattern, q, k, v)
 
     users_test()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"head_dims": ()}, "head_dims must be ints in 16..256"), ({"head_dims": (8,)}, "head_dims must be ints"),
+    ({"shapes": [(1, 1, 1, 4, 4, 8)]}, "D in 16..256"), ({"max_len": 0}, "max_len must be a positive int"),
+    ({"max_examples": 0}, "max_examples must be a positive int"), ({"grad": "no"}, "grad must be True or False"),
+])
+def test_check_pattern_refuses_bad_arguments_as_such(bad, message):
+    """Bad arguments are a ValueError, never reported as a failure of the pattern."""
+    with pytest.raises(ValueError, match=message):
+        ac.testing.check_pattern(ac.patterns.causal(), **bad)
+
+
+def test_a_missing_buffer_gradient_is_named(monkeypatch):
+    table = torch.randn(2, 9, requires_grad=True)
+    pattern = ac.patterns.relative_bias(table)
+    real = ac.runtime.api.attention
+
+    def detached(q, k, v, p, **kw):  # a kernel that drops the table's gradient
+        return real(q, k, v, p.bind(**{n: t.detach() for n, t in p.buffers.items()}), **kw)
+    monkeypatch.setattr(ac.runtime.api, "attention", detached)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g) for _ in range(3))
+    with pytest.raises(AssertionError, match="no gradient for dtable from attncc's kernels"):
+        testing.compare_grads(pattern, q, k, v)
