@@ -151,7 +151,10 @@ def _bind(pattern: ac.Pattern, binds: list[str]) -> ac.Pattern:
         except ValueError:
             raise InputError(f"--bind {item!r}: VALUE must be a number or comma-separated numbers") from None
         if name in pattern.buffers:
-            values[name] = torch.tensor(numbers)
+            try:
+                values[name] = torch.tensor(numbers)
+            except (OverflowError, RuntimeError, ValueError) as e:  # integers past int64
+                raise InputError(f"--bind {item!r}: {e}") from None
         elif len(numbers) == 1:
             values[name] = numbers[0]
         else:

@@ -395,3 +395,13 @@ def test_bitwise_spellings_on_integer_buffers_are_refused_once_bound():
                 run()
     live = ac.parse("buffer g\nmask = g[q] | g[kv]").bind(g=torch.tensor([True, False] * 4))  # booleans: fine
     assert ac.create_mask(live, 1, 1, 8, 8)[0, 0].sum() == 48
+
+
+def test_traced_names_are_ascii_so_the_text_reads_back():
+    δ = torch.tensor([0, 0, 1, 1])
+    pat = ac.Pattern(lambda b, h, q, kv: δ[q] == δ[kv])  # the variable's name is not ASCII: a fresh one
+    assert list(pat.buffers) == ["buf"] and ac.parse(str(pat)).bind(buf=δ) == pat
+    with pytest.raises(ac.PatternError, match="ASCII identifier"):
+        ac.param("é", 3)
+    with pytest.raises(ac.DSLError, match="unexpected character"):  # digits are ASCII digits
+        ac.parse("mask = q >= \u0663")

@@ -70,7 +70,7 @@ class Tracer:
         for name, t in self.buffers.items():
             if t is tensor:
                 return name
-        base = hint if hint and hint.isidentifier() and hint not in RESERVED_NAMES else "buf"
+        base = hint if hint and hint.isidentifier() and hint.isascii() and hint not in RESERVED_NAMES else "buf"
         name, i = base, 0
         while name in self.buffers or name in RESERVED_NAMES:
             i += 1
@@ -518,8 +518,9 @@ def param(name: str, default: ir.Value) -> Proxy:
 
     Its value can be changed with `Pattern.bind(W=...)` without recompiling any kernel.
     """
-    if not name.isidentifier() or name in RESERVED_NAMES:
-        raise PatternError(f"invalid param name {name!r}")
+    if not (isinstance(name, str) and name.isidentifier() and name.isascii()) or name in RESERVED_NAMES:
+        raise PatternError(f"invalid param name {name!r} (an ASCII identifier, not a reserved name, as the DSL "
+                           "prints it)")
     if isinstance(default, numbers.Real) and not isinstance(default, bool):
         default = python_number(default)
     if isinstance(default, bool) or not isinstance(default, (int, float)):
