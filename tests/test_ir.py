@@ -335,3 +335,14 @@ def test_interning_from_several_threads():
     assert len(built) == 800
     for k, node in built:
         assert node is ir.op("add", ir.op("mul", q, ir.const(k)), ir.const(-k - 0.5))
+
+
+def test_deep_expressions_pickle_without_recursion():
+    """A 1000-term `or` (a nested chain) pickled node by node ran past the recursion limit."""
+    import attncc as ac
+
+    pat = ac.parse("mask = " + " or ".join(f"q - kv == {i}" for i in range(1000)))
+    again = pickle.loads(pickle.dumps(pat))
+    assert again == pat and again.mask is pat.mask  # interned: the very same nodes
+    odd = ac.parse("param W = 2.5\\nmask = q - kv <= W\\nscore = where(q > kv, score * W, -0.0)")
+    assert pickle.loads(pickle.dumps(odd)).score is odd.score  # -0.0 kept apart from 0.0

@@ -43,7 +43,16 @@ class Node:
         return node
 
     def __reduce__(self):
-        return (type(self), self.fields())
+        """Pickled as its distinct nodes in post-order, children by index: no recursion, so a
+        1000-term `or` pickles (nested reduction ran past Python's recursion limit)."""
+        order = list(walk(self))
+        index = {id(n): i for i, n in enumerate(order)}
+
+        def encode(f):
+            if isinstance(f, Node):
+                return _ChildRef(index[id(f)])
+            return tuple(encode(x) for x in f) if type(f) is tuple else f
+        return (_rebuild, ([(type(n), tuple(encode(f) for f in n.fields())) for n in order],))
 
     def fields(self) -> tuple:
         return tuple(getattr(self, s) for s in self.__slots__)
@@ -62,6 +71,23 @@ class Node:
 
     def __deepcopy__(self, memo):
         return self
+
+
+class _ChildRef(int):
+    """In a pickled expression: the position of a child among the nodes rebuilt before it."""
+
+
+def _rebuild(rows: list) -> "Node":
+    """The expression pickled by Node.__reduce__: each row (type, fields) after its children."""
+    built: list[Node] = []
+
+    def decode(f):
+        if type(f) is _ChildRef:
+            return built[f]
+        return tuple(decode(x) for x in f) if type(f) is tuple else f
+    for cls, fields in rows:
+        built.append(cls(*(decode(f) for f in fields)))
+    return built[-1]
 
 
 def _node(cls):
