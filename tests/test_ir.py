@@ -344,5 +344,5 @@ def test_deep_expressions_pickle_without_recursion():
     pat = ac.parse("mask = " + " or ".join(f"q - kv == {i}" for i in range(1000)))
     again = pickle.loads(pickle.dumps(pat))
     assert again == pat and again.mask is pat.mask  # interned: the very same nodes
-    odd = ac.parse("param W = 2.5\\nmask = q - kv <= W\\nscore = where(q > kv, score * W, -0.0)")
+    odd = ac.parse("param W = 2.5\nmask = q - kv <= W\nscore = where(q > kv, score * W, -0.0)")
     assert pickle.loads(pickle.dumps(odd)).score is odd.score  # -0.0 kept apart from 0.0
