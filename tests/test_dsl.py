@@ -405,3 +405,9 @@ def test_traced_names_are_ascii_so_the_text_reads_back():
         ac.param("é", 3)
     with pytest.raises(ac.DSLError, match="unexpected character"):  # digits are ASCII digits
         ac.parse("mask = q >= \u0663")
+
+
+def test_an_error_about_a_param_points_at_its_declaration():
+    with pytest.raises(ac.DSLError) as info:
+        ac.parse("mask = q >= kv\nparam W = 1e400\nscore = score * W")
+    assert (info.value.line, info.value.column) == (2, 7) and "param 'W' must be finite" in str(info.value)

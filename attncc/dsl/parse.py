@@ -79,6 +79,7 @@ class _Builder:
         self.params: dict[str, ir.Param] = {}
         self.values: dict[str, ir.Value] = {}
         self.buffers: dict[str, None] = {}
+        self.declared_at: dict[str, Pos] = {}  # where each param and buffer is declared
         self.context = "mask"
 
     # -- errors
@@ -147,8 +148,9 @@ class _Builder:
         try:
             return Pattern.from_ir(**exprs, params=self.values, buffers=self.buffers, name=self._name(),
                                    block_size=block_size)
-        except (PatternError, ir.IRError) as e:
-            raise self.error(str(e), _pos(statements[0])) from None
+        except (PatternError, ir.IRError) as e:  # at the declaration it names, if any
+            named = [pos for name, pos in self.declared_at.items() if f"'{name}'" in str(e)]
+            raise self.error(str(e), named[0] if named else _pos(statements[0])) from None
 
     def _name(self) -> str | None:
         first = next((line.strip() for line in self.lines if line.strip()), "")
@@ -170,6 +172,7 @@ class _Builder:
                 raise self.error(f"{str(n)!r} is a reserved name and cannot be a {head}'s name", _pos(n))
             if n in self.params or n in self.buffers:
                 raise self.error(f"{str(n)!r} is declared twice", _pos(n))
+            self.declared_at[str(n)] = _pos(n)
         if head == "buffer":
             self.buffers.update((str(n), None) for n in names)
             return
