@@ -22,7 +22,9 @@ def test_every_operator_in_a_compiled_kernel(name):
         pat = ac.Pattern.from_ir(mask=ir.op("or", node, ir.op("eq", q, kv)))
     else:
         pat = ac.Pattern.from_ir(score=ir.op("add", score, ir.op("mul", ir.const(0.1), node)))
-    compare(pat, *qkv(1, 4, 2, 999, 64, dtype=torch.float32), kernel_options=OURS)
+    # 200 tokens: the sample's operands grow with q, and past ~900 tokens exp / exp2 add up to 1e15 to
+    # a row's float32 scores, which then hold nothing of q.k (float64's reference still does)
+    compare(pat, *qkv(1, 4, 2, 200, 64, dtype=torch.float32), kernel_options=OURS)
     if name == "pow":  # a deciding ** takes the exponents whose float64 result torch and the kernels share
         node = ir.op("pow", node.args[0], ir.const(0.5))
     compare(ac.Pattern.from_ir(mask=as_mask(node)), *qkv(1, 4, 2, 999, 64), kernel_options=OURS)
