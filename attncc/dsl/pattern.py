@@ -140,7 +140,11 @@ class Pattern:
 
     # -- building new patterns
     def bind(self, **values) -> "Pattern":
-        """A copy with new param values (numbers) and/or buffer tensors; never changes the IR."""
+        """A copy with new param values (numbers) and/or buffer tensors; never changes the IR.
+
+        Values are checked for their kind (an int param takes ints) and, before anything runs, for
+        the domain conditions (compiler/domain.py), not for a catalogue constructor's own limits:
+        `sliding_window(8).bind(W=-1)` is the formula with W = -1 (every row empty)."""
         params, buffers = dict(self.params), dict(self.buffers)
         for key, value in values.items():
             if key in params:
