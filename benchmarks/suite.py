@@ -53,7 +53,8 @@ from benchmarks.patterns import SHAPES, SMOKE_SHAPES, Shape  # noqa: E402
 from benchmarks.report import cell, output_paths, write  # noqa: E402
 
 
-EXTRA_PATTERNS = ("full", "causal", "document", "swa1024")  # default for every shape but main
+EXTRA_PATTERNS = ("full", "causal", "document", "swa1024")  # default for every shape but main and video
+SHAPE_PATTERNS = {"video": ("natten3d",)}  # a shape made for one pattern: its default
 IMPLS = ("attncc", "flex", "cudnn", "fa2")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}
 BWD_FACTOR = 3.5  # forward+backward FLOPs per forward FLOP
@@ -401,8 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", default="main,d64,gqa,long,odd",
                    help=f"comma list of {', '.join(SHAPES)} (default: BENCHMARKS.md's)")
     p.add_argument("--patterns", default=None,
-                   help=f"comma list of {', '.join(bp.NAMES)} for every shape (default: all on main, "
-                        f"{', '.join(EXTRA_PATTERNS)} on the others); also, named only, "
+                   help=f"comma list of {', '.join(bp.NAMES)} for every shape (default: all on main, natten3d "
+                        f"on video, {', '.join(EXTRA_PATTERNS)} on the others); also, named only, "
                         f"{', '.join(bp.VALIDATION_NAMES)}")
     p.add_argument("--backward", action="store_true", help="also measure forward+backward")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and scaled pattern sizes (runs on CPU)")
@@ -431,7 +432,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown shape(s)/pattern(s): {', '.join(bad)}")
     args.rows = [(s, n) for s in args.shape_names
-                 for n in (names or (bp.NAMES if s == "main" else EXTRA_PATTERNS))]
+                 for n in (names or (bp.NAMES if s == "main" else SHAPE_PATTERNS.get(s, EXTRA_PATTERNS)))]
     return args
 
 

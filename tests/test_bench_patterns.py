@@ -267,7 +267,9 @@ def test_suite_runs_the_decode_section_after_its_rows(tmp_path, monkeypatch):
 
 
 def test_natten3d_frames_follow_the_length():
-    """The suite's 3-D case is a clip of 32x32 frames (8 at the main shape, 16 at the video shape)."""
+    """The suite's 3-D case is a clip of 32x32 frames (8 at the main shape, 16 at the video shape,
+    which runs natten3d alone unless told otherwise)."""
+    assert suite.parse_args(["--shapes", "video"]).rows == [("video", "natten3d")]
     assert bp.build("natten3d", 16384, 2).params["video"] == (16, 32, 32)
     assert bp.build("natten3d", 8192, 2).params["video"] == (8, 32, 32)
     assert bp.build("natten3d", 512, 2, sizes=bp.SMOKE).params["video"] == (8, 8, 8)
