@@ -306,6 +306,25 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
         dist.destroy_process_group()
 
 
+def test_a_stale_plan_and_a_score_undefined_somewhere_are_refused_by_every_rank():
+    """A mask buffer written in place after planning voids the plan's kv-shard skipping (2 ranks:
+    error 0.7, silently); a score mod undefined at some position is refused over the whole
+    sequence, in natural positions, before any rank communicates (only the owning rank raised)."""
+    ids = torch.arange(256) // 64
+    pattern = ac.patterns.document(ids=ids)
+    plan = ac.ShardPlan(pattern, 256, 256, 1)
+    x = torch.randn(1, 1, 256, 16)
+    ac.context_parallel_attention(x, x, x, pattern, plan)
+    ids.zero_()
+    with pytest.raises(ValueError, match=r"the mask's buffers \['doc'\] were written since the plan was built"):
+        ac.context_parallel_attention(x, x, x, pattern, plan)
+    table = torch.zeros(150)
+    scored = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s + table[q])
+    y = torch.randn(1, 1, 199, 16)
+    with pytest.raises(ac.PatternError, match="index q of buffer 'table' must stay inside dim 0 of size 150"):
+        ac.context_parallel_attention(y, y, y, scored, ac.ShardPlan(scored, 199, 199, 1))
+
+
 def test_the_benchmark_runs_in_smoke_mode(tmp_path):
     from benchmarks import context_parallel
 

@@ -139,6 +139,8 @@ class ShardPlan:
         kv_owner = q_owner if Q_LEN == KV_LEN else torch.arange(KB) * W // KB
         self.pattern, self.Q_LEN, self.KV_LEN, self.world_size, self.chunk = pattern, Q_LEN, KV_LEN, W, chunk
         self.layout = pattern.layout
+        # the versions of the buffers the mask read: an in-place write after this voids the plan's work
+        self.mask_versions = {n: pattern.buffers[n]._version for n in ir.buffers_of(evaluate.token_mask(pattern))}
         self.B, self.H, self.tolerance = (B if "b" in used else None), (H if "h" in used else None), tolerance
         self.q_runs = tuple(runs_of(q_owner, r, chunk, Q_LEN) for r in range(W))
         self.kv_runs = tuple(runs_of(kv_owner, r, chunk, KV_LEN) for r in range(W))

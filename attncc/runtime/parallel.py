@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..compiler import cost
+from ..compiler.domain import check_domain
 from ..compiler.evaluate import token_mask
 from ..compiler.sharding import ShardPlan
 from ..dsl import ir
@@ -63,6 +64,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if not _same_mask(pattern, plan.pattern):
         raise ValueError("the pattern's mask is not the one the plan was built for (its kv-shard skipping would be "
                          "wrong); build the plan from this pattern (a different score mod is fine)")
+    changed = [n for n, version in plan.mask_versions.items() if plan.pattern.buffers[n]._version != version]
+    if changed:
+        raise ValueError(f"the mask's buffers {changed} were written since the plan was built (its kv-shard "
+                         "skipping would be wrong); build the plan again")
     if comm not in MODES:
         raise ValueError(f"comm must be one of {MODES}, got {comm!r}")
     if not isinstance(return_lse, bool):
@@ -76,6 +81,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for name, size, used in (("B", s.B, plan.B), ("H", s.Hq, plan.H)):
         if used is not None and size != used:
             raise ValueError(f"the mask reads {name.lower()}: the plan was built for {name}={used}, q has {size}")
+    # the score over the whole sequence, as every rank sees it: one rank's refusal (or none) is all ranks'
+    check_domain(pattern, (pattern.score,), s.B, s.Hq, plan.Q_LEN, plan.KV_LEN, q.device)
     grads = [name for name, t in pattern.buffers.items() if t is not None and t.requires_grad]
     if grads and torch.is_grad_enabled():
         raise ValueError(f"context parallelism does not give gradients to the pattern's buffers {grads}")
