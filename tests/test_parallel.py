@@ -69,6 +69,39 @@ def _rank_main(rank: int, world: int, directory: str, jobs: list) -> None:
     dist.destroy_process_group()
 
 
+def _disagreeing_rank(rank: int, world: int, directory: str) -> None:
+    """Rank 1 plans with another tolerance (contiguous shards, rank 0's zigzag), then rank 1 passes
+    a q of the wrong length: each rank saves the error each call gave it."""
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
+    pattern, q, k, v, _ = case("causal")
+    errors = []
+    for tolerance, bad_rank in ((100.0, None), (None, 1)):
+        plan = ac.ShardPlan(pattern, q.shape[2], k.shape[2], world,
+                            **({"tolerance": tolerance} if tolerance and rank == 1 else {}))
+        local = [plan.shard(x, rank) for x in (q, k, v)]
+        if rank == bad_rank:
+            local[0] = local[0][:, :, 1:]
+        try:
+            ac.context_parallel_attention(*local, pattern, plan, kernel_options=OPTIONS)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    torch.save(errors, f"{directory}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_all_raise_before_any_exchange():
+    """Plans that differ between ranks (the same token counts at other positions: wrong numbers,
+    then a hang in the backward) and one rank's bad input (the others waited in the ring) give an
+    error on every rank."""
+    mp.get_context("forkserver").set_forkserver_preload(["attncc.runtime.kernel", __name__])
+    with tempfile.TemporaryDirectory() as directory:
+        mp.start_processes(_disagreeing_rank, args=(2, directory), nprocs=2, start_method="forkserver")
+        errors = [torch.load(f"{directory}/rank{r}.pt") for r in range(2)]
+    assert "rank(s) [1] hold another plan" in errors[0][0] and "rank(s) [0] hold another plan" in errors[1][0]
+    assert "rank(s) [1] refused their inputs" in errors[0][1] and "q has 58 tokens" in errors[1][1]
+
+
 def run_ranks(world: int, jobs: list) -> dict:
     """{(case, comm): [out, lse, dq, dk, dv] unsharded to natural order} from `world` processes,
     forked from a fresh server process that has imported attncc's runtime once (torch._dynamo

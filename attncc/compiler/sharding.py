@@ -19,6 +19,7 @@ arguments (the construction is deterministic).
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 
 import torch
@@ -149,6 +150,10 @@ class ShardPlan:
         live = self.work > 0
         distance = (torch.arange(W)[:, None] - torch.arange(W)[None, :]) % W
         self.ring_steps = 1 + int(torch.where(live, distance, 0).max())
+        # what every rank's plan must agree on (runtime/parallel._agree), as a nonzero int64
+        summary = repr((Q_LEN, KV_LEN, W, chunk, self.B, self.H, repr(self.layout), self.q_runs, self.kv_runs,
+                        self.work.tolist(), str(evaluate.token_mask(pattern))))
+        self.fingerprint = int.from_bytes(hashlib.sha256(summary.encode()).digest()[:8], "little", signed=True) or 1
         self._positions: dict = {}
         self._rows: dict = {}
 

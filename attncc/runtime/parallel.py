@@ -73,14 +73,14 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     rank, peer = _rank_in(plan, group)
-    s = check_qkv(q, k, v)
-    for name, t, kind in (("q", q, "q"), ("k", k, "kv"), ("v", v, "kv")):
-        if t.shape[2] != plan.tokens(rank, kind):
-            raise ValueError(f"{name} has {t.shape[2]} tokens at dim 2; rank {rank} of the plan owns "
-                             f"{plan.tokens(rank, kind)} (pass plan.shard({name}, {rank}))")
-    for name, size, used in (("B", s.B, plan.B), ("H", s.Hq, plan.H)):
-        if used is not None and size != used:
-            raise ValueError(f"the mask reads {name.lower()}: the plan was built for {name}={used}, q has {size}")
+    try:
+        s = _check_shards(q, k, v, plan, rank)
+        refused = None
+    except ValueError as e:  # said to the other ranks first, so none waits for this one in the ring
+        refused = e
+    _agree(plan, group, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"), refused is None)
+    if refused is not None:
+        raise refused
     # the score over the whole sequence, as every rank sees it: one rank's refusal (or none) is all ranks'
     check_domain(pattern, (pattern.score,), s.B, s.Hq, plan.Q_LEN, plan.KV_LEN, q.device)
     grads = [name for name, t in pattern.buffers.items() if t is not None and t.requires_grad]
@@ -92,6 +92,41 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                  dict(kernel_options or {}))
     out, lse = _ContextParallel.apply(q, k, v, call)
     return (out, lse) if return_lse else out
+
+
+def _check_shards(q, k, v, plan: ShardPlan, rank: int) -> Shapes:
+    """This rank's q, k, v against the plan (ValueError), and their sizes."""
+    s = check_qkv(q, k, v)
+    for name, t, kind in (("q", q, "q"), ("k", k, "kv"), ("v", v, "kv")):
+        if t.shape[2] != plan.tokens(rank, kind):
+            raise ValueError(f"{name} has {t.shape[2]} tokens at dim 2; rank {rank} of the plan owns "
+                             f"{plan.tokens(rank, kind)} (pass plan.shard({name}, {rank}))")
+    for name, size, used in (("B", s.B, plan.B), ("H", s.Hq, plan.H)):
+        if used is not None and size != used:
+            raise ValueError(f"the mask reads {name.lower()}: the plan was built for {name}={used}, q has {size}")
+    return s
+
+
+def _agree(plan: ShardPlan, group, device: torch.device, ok: bool) -> None:
+    """ValueError on every rank unless every rank of the group holds the same plan and took its
+    inputs (`ok`: this one did; one all-gather of 8 bytes a rank and call; a plan of one rank: nothing). Plans that
+    give each rank as many tokens but at other positions exchanged K/V read at the wrong positions:
+    wrong numbers, then a hang in the backward."""
+    if plan.world_size == 1:
+        return
+    mine = torch.tensor([plan.fingerprint if ok else 0], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(plan.world_size)]
+    dist.all_gather(every, mine, group=group)
+    if not ok:  # this rank raises its own error
+        return
+    seen = [int(t) for t in every]
+    refused = [r for r, f in enumerate(seen) if f == 0]
+    if refused:
+        raise ValueError(f"rank(s) {refused} refused their inputs (see that rank's error); no rank went on")
+    other = [r for r, f in enumerate(seen) if f != plan.fingerprint]
+    if other:
+        raise ValueError(f"rank(s) {other} hold another plan than this rank's: every rank must call with the same "
+                         "ShardPlan (the same pattern, lengths, world size, chunk and tolerance)")
 
 
 def predict_ms(plan: ShardPlan, s: Shapes, dtype: torch.dtype, profile: cost.Profile,
