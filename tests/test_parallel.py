@@ -115,7 +115,8 @@ def run_ranks(world: int, jobs: list) -> dict:
         pattern, q, k, _, _ = case(name)
         plan = ac.ShardPlan(pattern, q.shape[2], k.shape[2], world)
         parts = zip(*(r[name, comm] for r in ranks))
-        merged[name, comm] = [plan.unshard([p if p.dim() == 4 else p[..., None] for p in part]) for part in parts]
+        merged[name, comm] = [plan.unshard(list(part)) for part in parts]
+        merged[name, comm][1] = merged[name, comm][1][..., None]  # the LSE [B, H, N], as single_process keeps it
     return merged
 
 

@@ -188,10 +188,13 @@ class ShardPlan:
         return self._rows[key]
 
     def unshard(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """[B, H, N, D] in natural token order from every rank's shard (parts[r] from rank r)."""
+        """[B, H, N, D] in natural token order from every rank's shard (parts[r] from rank r); shards
+        [B, H, n_r] (an LSE) give [B, H, N]."""
         if not isinstance(parts, (list, tuple)) or len(parts) != self.world_size:
             raise ValueError(f"unshard takes a list of the {self.world_size} ranks' shards, got "
                              f"{len(parts) if isinstance(parts, (list, tuple)) else type(parts).__name__}")
+        if all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in parts):
+            return self.unshard([p[..., None] for p in parts])[..., 0]
         lengths = [p.shape[2] if isinstance(p, torch.Tensor) and p.dim() == 4 else None for p in parts]
         for kind in ("q", "kv"):
             if lengths == [self.tokens(r, kind) for r in range(self.world_size)]:
