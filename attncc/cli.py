@@ -189,7 +189,11 @@ def _inputs(args, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     gen = torch.Generator().manual_seed(0)
-    shapes = [(1, args.heads, n, args.head_dim or 64) for n in (args.q_len, args.kv_len, args.kv_len)]
+    kv_heads = getattr(args, "kv_heads", None) or args.heads
+    if args.heads % kv_heads:
+        raise InputError(f"--heads {args.heads} is not a multiple of --kv-heads {kv_heads} (GQA)")
+    shapes = [(1, h, n, args.head_dim or 64) for h, n in ((args.heads, args.q_len), (kv_heads, args.kv_len),
+                                                          (kv_heads, args.kv_len))]
     return tuple(torch.randn(s, generator=gen).to(device, dtype) for s in shapes)
 
 
@@ -397,6 +401,8 @@ def _parser() -> argparse.ArgumentParser:
     explain = verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
     explain.add_argument("--target", choices=("h200", "h100"), default=None,
                          help="explain a run on that GPU (its profile) from any machine")
+    explain.add_argument("--kv-heads", type=_positive, default=None,
+                         help="key/value heads (GQA; default: --heads)")
     explain.add_argument("--png", metavar="FILE.png", default=None,
                          help="also draw the block map and each query tile's predicted load")
     calibrate = verbs.add_parser("calibrate", help="measure this GPU's profile for the cost model (attncc explain)")

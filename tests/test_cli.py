@@ -290,3 +290,11 @@ def test_only_pattern_factories_are_called(tmp_path, monkeypatch):
         with pytest.raises(cli.InputError, match="not annotated to return an attncc Pattern"):
             cli.load_pattern(spec)
     assert not (tmp_path / "ran").exists()
+
+
+def test_explain_takes_kv_heads(capsys):
+    code, out, err = run(capsys, "explain", "mask = q >= kv", "--target", "h200", "--heads", "32", "--kv-heads", "4",
+                         "--q-len", "1024")
+    assert code == 0 and "Hq=32 Hkv=4" in out, err
+    code, _, err = run(capsys, "explain", "mask = q >= kv", "--target", "h200", "--heads", "6", "--kv-heads", "4")
+    assert code == 2 and "not a multiple of --kv-heads 4" in err
