@@ -758,3 +758,10 @@ def test_explain_at_other_head_dims_lists_that_class_or_says_it_is_not_modelled(
     q, k, v = (torch.empty(1, 4, 2048, 320, device="meta") for _ in range(3))
     text = ac.explain(ac.patterns.sliding_window(256), q, k, v, target="h200")
     assert "not modelled at head dim 320 on this profile: triton" in text and "<- runs" not in text
+
+
+def test_explain_names_one_kernel_for_a_decode_shaped_call():
+    """A dense call of one query over 4096 keys runs the decode kernel: explain said it ran cuDNN too."""
+    q, k = (torch.empty(1, 8, n, 128, device="meta", dtype=torch.bfloat16) for n in (1, 4096))
+    runs = [line for line in ac.explain(None, q, k, k, target="h200").splitlines() if line.startswith("runs:")]
+    assert len(runs) == 1 and "split-KV decode kernel" in runs[0]

@@ -549,7 +549,7 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
                        copies_ms=copies)
     if fold is not None:
         text += f"\nruns folded: {fold.describe()}; the report above is the folded call's"
-    if chosen[0] == SDPA_CUDNN:
+    if chosen[0] == SDPA_CUDNN and not decode:  # a decode call runs the decode kernel (below)
         text += ("\nruns: sdpa-cudnn (SDPA's cuDNN kernel" + ("" if profile.models(SDPA_CUDNN, ks.D) else
                                                             f", not modelled at head dim {ks.D} in this profile") +
                  "; a call asking for the LSE runs the Triton kernels at its tiles)")
