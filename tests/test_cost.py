@@ -765,3 +765,12 @@ def test_explain_names_one_kernel_for_a_decode_shaped_call():
     q, k = (torch.empty(1, 8, n, 128, device="meta", dtype=torch.bfloat16) for n in (1, 4096))
     runs = [line for line in ac.explain(None, q, k, k, target="h200").splitlines() if line.startswith("runs:")]
     assert len(runs) == 1 and "split-KV decode kernel" in runs[0]
+
+
+def test_compile_for_a_target_refuses_a_call_the_decode_kernel_would_run():
+    """It described the sdpa-cudnn kernel with a predicted time, where ac.attention runs the decode kernel."""
+    q, k = (torch.empty(1, 8, n, 128, device="meta", dtype=torch.bfloat16) for n in (1, 4096))
+    with pytest.raises(ValueError, match="runs attncc's split-KV decode kernel"):
+        ac.compile(None, q, k, k, target="h200")
+    q = torch.empty(1, 8, 128, 128, device="meta", dtype=torch.bfloat16)  # 128 queries: the forward kernels
+    assert ac.compile(None, q, k, k, target="h200").predicted_ms > 0

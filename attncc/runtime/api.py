@@ -226,7 +226,9 @@ def compile(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     target: a shipped profile ("h200", "h100"): a runtime/target.TargetKernel, the choice the
     automatic rules take on that GPU, with its config, source and predicted_ms, made on any
-    machine (q, k, v may be meta tensors; it cannot be called).
+    machine (q, k, v may be meta tensors; it cannot be called). A dense call that would run the
+    decode kernel there is a ValueError (its tiles and splits are chosen at run time; ac.explain
+    with the target describes it).
 
     Where ac.attention would run the split-KV decode kernel (runtime/choices.choose_decode: paged
     caches k, v [num_pages, page_size, Hkv, D] with page_table and kv_lens, which compile takes
@@ -360,6 +362,9 @@ def _target_kernel(pattern, q, k, v, kernel_options, target: str, paged: bool):
     pattern = as_pattern(pattern)
     pattern.require_bound()
     options = check_options(kernel_options)
+    if choose_decode(pattern, s.Q, s.KV, options, False):
+        raise ValueError(f"on a GPU this call (Q_LEN {s.Q} over {s.KV} keys) runs attncc's split-KV decode kernel, "
+                         "whose tiles and splits are chosen at run time: ac.explain(..., target=) describes it")
     kp, ks, layout, fold, chosen = kernel_form(pattern, s, options, _target_choice(q.dtype, target, options),
                                                (q, k, v), _target_model(target))
     return TargetKernel(kp, ks, q.dtype, target, options, layout, fold, chosen)
