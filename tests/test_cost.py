@@ -774,3 +774,14 @@ def test_compile_for_a_target_refuses_a_call_the_decode_kernel_would_run():
         ac.compile(None, q, k, k, target="h200")
     q = torch.empty(1, 8, 128, 128, device="meta", dtype=torch.bfloat16)  # 128 queries: the forward kernels
     assert ac.compile(None, q, k, k, target="h200").predicted_ms > 0
+
+
+def test_explain_says_when_the_model_does_not_price_the_call():
+    """Kernel.predicted_ms is None for float32 or D and Dv of other head-dim classes: explain said nothing."""
+    q, v = (torch.empty(1, 8, 1024, d, device="meta", dtype=torch.bfloat16) for d in (64, 128))
+    q32 = torch.empty(1, 8, 1024, 64, device="meta", dtype=torch.float32)
+    for args in ((q, q, v), (q32, q32, q32)):
+        assert ac.compile(ac.patterns.causal(), *args, target="h200").predicted_ms is None
+        assert "\nnot modelled: the profiles price fp16 / bf16 calls" in ac.explain(ac.patterns.causal(), *args,
+                                                                                     target="h200")
+    assert "not modelled:" not in ac.explain(ac.patterns.causal(), q, q, q, target="h200")

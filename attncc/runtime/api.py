@@ -12,7 +12,7 @@ from ..dsl import ir
 from ..dsl.pattern import Pattern, block_pair
 from .autograd import needs_grad
 from .cache import LRU
-from .choices import choose_decode, decode_shaped
+from .choices import choose_decode, decode_shaped, profiled
 from .decode import DecodeKernel, packed_verdict
 from .fold import view_class
 from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
@@ -552,6 +552,10 @@ def explain(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
     decode = choose_decode(pattern, s.Q, s.KV, options, False)
     text = cost.report(kp, ks, q.dtype, lists, profile, chosen, candidates, png, forward_runs=not decode,
                        copies_ms=copies)
+    if not profiled(ks, q.dtype):
+        text += (f"\nnot modelled: the profiles price fp16 / bf16 calls whose D and Dv share a head-dim class "
+                 f"(this call: {q.dtype}, D={ks.D}, Dv={ks.Dv}); the times above are the nearest modelled call's, "
+                 "to rank, not to time, and Kernel.predicted_ms is None")
     if fold is not None:
         text += f"\nruns folded: {fold.describe()}; the report above is the folded call's"
     if chosen[0] == SDPA_CUDNN and not decode:  # a decode call runs the decode kernel (below)

@@ -265,14 +265,14 @@ def layout_copies_ms(s: Shapes, profile) -> float:
 def modelled_ms(pattern: Pattern, s: Shapes, backend: str, tiles: TileConfig, dtype: torch.dtype, profile,
                 lists_device: torch.device, layout=None) -> float | None:
     """The forward's predicted ms of `backend` at `tiles` (predicted_forward_ms, block maps built on
-    `lists_device`), or None outside what `profile` models: outside `_profiled`, a backend it lacks
+    `lists_device`), or None outside what `profile` models: outside `profiled`, a backend it lacks
     there."""
-    if not _profiled(s, dtype):
+    if not profiled(s, dtype):
         return None
     return predicted_forward_ms(pattern, s, tiles, lists_device, backend, profile, layout)
 
 
-def _profiled(s: Shapes, dtype: torch.dtype) -> bool:
+def profiled(s: Shapes, dtype: torch.dtype) -> bool:
     """Whether profiles price calls of these shapes and dtype: fp16/bf16, D and Dv of one head dim
     class (cost.HEAD_DIM_CLASSES)."""
     from ..compiler.cost import head_dim_class
@@ -304,7 +304,7 @@ def ranked_candidates(pattern: Pattern, s: Shapes, dtype: torch.dtype, device: t
     tiles_set = any(k in options for k in TILE_OPTIONS)  # Triton's tiles asked for: Triton only
     if (backend not in ("triton", "fa4", SDPA_CUDNN) or not (auto or options["backend"] == "triton")
             or (tiles_set and backend != "triton")
-            or device.type != "cuda" or not _profiled(s, dtype) or not profile.models("triton", s.D)
+            or device.type != "cuda" or not profiled(s, dtype) or not profile.models("triton", s.D)
             or (backend != "triton" and not profile.models(backend, s.D))):
         return []
     # tile fields kernel_options set are kept, the simulator chooses the rest (check_options made
