@@ -160,23 +160,20 @@ def _lin_dense(a, c, nq: torch.Tensor, nk: torch.Tensor) -> Flag:
 
 def linear(box: Box, a, c, r) -> Num:
     """The exact abstraction of a*q + c*kv + r (a, c python ints or tensors, r constant per tile)."""
-    if any(isinstance(x, int) and not -2 ** 63 <= x < 2 ** 63 for x in (a, c, r)):
-        # a coefficient past int64 (q * 2**62 * 4): float64 bounds, no linear form; the int64 check
-        # refuses the expression wherever it can reach them
+    # a coefficient past int64 (q * 2**62 * 4): float64 bounds and no linear form; the int64 check
+    # refuses the expression wherever it can reach them
+    huge = any(isinstance(x, int) and not -2 ** 63 <= x < 2 ** 63 for x in (a, c, r))
+    if huge:
         a, c, r = (float(x) if isinstance(x, int) else x for x in (a, c, r))
-        lq, hq = _scaled(a, box.q_lo, box.q_hi)
-        lk, hk = _scaled(c, box.kv_lo, box.kv_hi)
-        r_t = r if isinstance(r, torch.Tensor) else box.tensor(r)
-        deps = frozenset(v for v, coef in (("q", a), ("kv", c)) if isinstance(coef, torch.Tensor) or coef != 0)
-        return Num(r_t + lq + lk, r_t + hq + hk, True, False, deps, True)
     lq, hq = _scaled(a, box.q_lo, box.q_hi)
     lk, hk = _scaled(c, box.kv_lo, box.kv_hi)
     r_t = r if isinstance(r, torch.Tensor) else box.tensor(r)
     lo, hi = r_t + lq + lk, r_t + hq + hk
-    dense = _lin_dense(a, c, box.nq, box.nk)
     deps = frozenset(v for v, coef in (("q", a), ("kv", c)) if isinstance(coef, torch.Tensor) or coef != 0)
+    if huge:
+        return Num(lo, hi, True, False, deps, True)
     const = r if not deps and not isinstance(r, torch.Tensor) else None
-    return Num(lo, hi, True, dense, deps, True, (a, c, r_t), const)
+    return Num(lo, hi, True, _lin_dense(a, c, box.nq, box.nk), deps, True, (a, c, r_t), const)
 
 
 def _lin_op(f, x: Num, y: Num) -> tuple:
