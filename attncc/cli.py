@@ -31,6 +31,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import attncc as ac  # noqa: E402
 from attncc.dsl import ir  # noqa: E402
+from attncc.runtime.inputs import kernel_head_dim  # noqa: E402
 from attncc.viz import ascii_block_map, ascii_mask, save_png  # noqa: E402
 
 _MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(.*\))?", re.S)
@@ -426,7 +427,7 @@ def _positive(text: str) -> int:
 
 def _head_dim(text: str) -> int:
     value = _positive(text)
-    if not 16 <= value <= 256:
+    if not kernel_head_dim(value):
         raise argparse.ArgumentTypeError(f"attncc's kernels take head dims 16..256, got {text}")
     return value
 

@@ -19,6 +19,7 @@ from .compiler import evaluate
 from .compiler.blockmask import EMPTY, FULL
 from .dsl import ir
 from .dsl.pattern import Pattern
+from .runtime.inputs import kernel_head_dim
 
 SHRINK_SECONDS = 30.0  # how long check_pattern looks for a smaller failing example
 # relative error bounds of ||out - ref|| / ||ref|| per input dtype (DESIGN.md section 7)
@@ -175,7 +176,7 @@ def _listed_shapes(given_shapes) -> list[tuple[int, ...]]:
     """check_pattern's `shapes` given as a list of (B, Hq, Hkv, Q_LEN, KV_LEN, D), checked."""
     listed = [tuple(x) for x in given_shapes]
     for x in listed:
-        if len(x) != 6 or not all(isinstance(n, int) and n >= 1 for n in x) or x[1] % x[2] or not 16 <= x[5] <= 256:
+        if len(x) != 6 or not all(isinstance(n, int) and n >= 1 for n in x) or x[1] % x[2] or not kernel_head_dim(x[5]):
             raise ValueError(f"shapes must be (B, Hq, Hkv, Q_LEN, KV_LEN, D) of positive ints with Hq a multiple "
                              f"of Hkv and D in 16..256 (the kernels' head dims), got {x!r}")
     if not listed:
@@ -212,7 +213,7 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
     if not isinstance(grad, bool):
         raise ValueError(f"grad must be True or False, got {grad!r}")
     head_dims = tuple(head_dims)
-    if not head_dims or not all(isinstance(d, int) and not isinstance(d, bool) and 16 <= d <= 256 for d in head_dims):
+    if not head_dims or not all(kernel_head_dim(d) for d in head_dims):
         raise ValueError(f"head_dims must be ints in 16..256 (the kernels' head dims), got {head_dims!r}")
     dtypes = (torch.float32,) if dtypes is None else tuple(dtypes)
     if not dtypes or any(d not in TOLERANCE for d in dtypes):

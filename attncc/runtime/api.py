@@ -15,7 +15,7 @@ from .cache import LRU
 from .choices import choose_decode, decode_shaped, profiled
 from .decode import DecodeKernel, packed_verdict
 from .fold import view_class
-from .inputs import REFERENCE_DTYPES, check_qkv, check_scale
+from .inputs import REFERENCE_DTYPES, check_qkv, check_scale, kernel_head_dim
 from .kernel import Kernel, pattern_key
 
 _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the reference
@@ -123,7 +123,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
         raise ValueError("q, k, v are meta tensors, which a kernel cannot run on: ac.compile(..., target=\"h200\") "
                          "or target=\"h100\" describes the kernel a GPU would run (config, source, predicted_ms)")
     for name, d in (("q", s.D), ("v", s.Dv)):
-        if not 16 <= d <= 256:
+        if not kernel_head_dim(d):
             raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
     if q.is_cuda:
         TRITON_KEY.start()

@@ -11,6 +11,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
+def kernel_head_dim(d) -> bool:
+    """Whether `d` is a head dim attncc's kernels take: an int in 16..256 (bools are not)."""
+    return isinstance(d, int) and not isinstance(d, bool) and 16 <= d <= 256
+
+
 @dataclass(frozen=True)
 class Shapes:
     """Sizes read off q [B, Hq, Q, D], k [B, Hkv, KV, D], v [B, Hkv, KV, Dv]."""

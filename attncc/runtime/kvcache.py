@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from .inputs import KERNEL_DTYPES
+from .inputs import KERNEL_DTYPES, kernel_head_dim
 
 
 class KVCache:
@@ -24,7 +24,7 @@ class KVCache:
             if not isinstance(x, int) or isinstance(x, bool) or x < 1:
                 raise ValueError(f"{name} must be a positive int, got {x!r}")
         for name, x in (("head_dim", head_dim), ("head_dim_v", head_dim if head_dim_v is None else head_dim_v)):
-            if not isinstance(x, int) or isinstance(x, bool) or not 16 <= x <= 256:
+            if not kernel_head_dim(x):
                 raise ValueError(f"{name} must be an int in 16..256 (attncc's kernels), got {x!r}")
         if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16, got {page_size!r}")
