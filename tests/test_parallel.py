@@ -375,3 +375,18 @@ def test_two_gpus_over_nccl_equal_one_gpu():
     from benchmarks.context_parallel import check_on_gpus
 
     check_on_gpus(world=2, tokens=8192)
+
+
+def test_the_whole_sequence_score_check_runs_once_per_plan_pattern_and_version(monkeypatch):
+    from attncc.runtime import parallel
+
+    table = torch.zeros(300)
+    pattern = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s + table[q])
+    plan, y, calls = ac.ShardPlan(pattern, 199, 199, 1), torch.randn(1, 1, 199, 16), []
+    real = parallel.check_domain
+    monkeypatch.setattr(parallel, "check_domain", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for _ in range(3):  # a model's layers: one check
+        ac.context_parallel_attention(y, y, y, pattern, plan)
+    table[0] = 1.0  # a new version of the score's buffer: checked again
+    ac.context_parallel_attention(y, y, y, pattern, plan)
+    assert len(calls) == 2

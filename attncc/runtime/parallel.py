@@ -38,10 +38,13 @@ from ..compiler.sharding import ShardPlan
 from ..dsl import ir
 from ..dsl.pattern import Pattern
 from .api import as_pattern, prepare_kernel
+from .cache import LRU
 from .inputs import Shapes, check_qkv, check_scale
+from .kernel import pattern_key
 from .sequences import merge_splits, remap_positions
 
 MODES = ("auto", "ring", "all-gather")
+_SCORES_CHECKED = LRU(64)  # the score domains context_parallel_attention proved, by plan, pattern and sizes
 _BACKWARD_FACTOR = 2.5  # backward compute / forward compute (FlashAttention-2's ratio)
 
 
@@ -81,8 +84,12 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _agree(plan, group, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"), refused is None)
     if refused is not None:
         raise refused
-    # the score over the whole sequence, as every rank sees it: one rank's refusal (or none) is all ranks'
-    check_domain(pattern, (pattern.score,), s.B, s.Hq, plan.Q_LEN, plan.KV_LEN, q.device)
+    # the score over the whole sequence, as every rank sees it: one rank's refusal (or none) is all
+    # ranks'; once per plan, pattern (buffers by version) and sizes, not on every layer's call
+    checked = (plan.fingerprint, pattern_key(pattern), s.B, s.Hq, str(q.device))
+    if _SCORES_CHECKED.get(checked) is None:
+        check_domain(pattern, (pattern.score,), s.B, s.Hq, plan.Q_LEN, plan.KV_LEN, q.device)
+        _SCORES_CHECKED.put(checked, pattern)  # the key holds buffer ids: the entry keeps them alive
     grads = [name for name, t in pattern.buffers.items() if t is not None and t.requires_grad]
     if grads and torch.is_grad_enabled():
         raise ValueError(f"context parallelism does not give gradients to the pattern's buffers {grads}")
