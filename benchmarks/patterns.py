@@ -53,7 +53,7 @@ class Sizes:
     prefix: int = 2048                                 # prefixlm2048: kv < prefix or q >= kv
     doc_lengths: tuple[int, int] = (256, 3072)         # document: randint(low, high) lengths
     canvas: tuple[int, int, int] = (64, 128, 17)       # natten2d: rows, cols, window (rows*cols = N)
-    video: tuple = ((32, 32), (5, 9, 9))               # natten3d: (rows, cols) of a frame, kernel; N // (rows * cols) frames
+    video: tuple = ((32, 32), (5, 9, 9))               # natten3d: frame (rows, cols), kernel; N // (rows*cols) frames
     dilation: tuple[int, int] = (2048, 4)              # dilated: |q - kv| <= W and (q - kv) % d == 0
     cap: float = 30.0                                  # softcap: cap * tanh(score / cap)
     sinks: tuple[int, int] = (4, 1024)                 # sinks: q >= kv and (kv < S or q - kv <= W)

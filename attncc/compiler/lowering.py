@@ -19,8 +19,8 @@ Conventions inside the generated functions:
 - `x / y` in float32 with y constant over the tile (params, b, h) is `x * (1.0 / y)`: one
   reciprocal per program. `tanh` in float32 is the GPU's `tanh.approx.f32` for 16-bit inputs on
   CUDA (constexpr FAST_TANH), else `2 / (1 + exp(-2x)) - 1` (a series below |x| = 1/8, where that
-  cancels), which also runs in Triton's interpreter (libdevice does not). `a ** 0.5` is `tl.sqrt` (torch's too), `a ** k` for an integer
-  constant k a product by repeated squaring; other powers go through the `pow_` helper (torch's
+  cancels), which also runs in Triton's interpreter (libdevice does not). `a ** 0.5` is `tl.sqrt`
+  (torch's too), `a ** k` for an integer constant k a product by repeated squaring; other powers go through the `pow_` helper (torch's
   sign and special-value rules); numerics refuses those where a float64 decision reads them.
 - A subexpression used twice, or nested deeper than MAX_DEPTH, becomes a named temporary, so a
   1,000-term `or` is a few dozen lines and never hits Python's parser limits.

@@ -347,8 +347,10 @@ class DecodeKernel:
                 rows = query_rows(cu_q, Q_LEN)
                 # padded: the packed row each slot reads (padding: any), and the slots holding queries
                 pad = None if rows is None else (rows.clamp(min=0), (rows >= 0).flatten().nonzero().squeeze(1))
-                derived_from = torch.stack([cu_seqlens_q, cu_seqlens_k], 1).int().contiguous()  # the kernel compares
-                return shapes, meta, table, lens, pad, derived_from, cu_seqlens_q, cu_seqlens_k  # the key holds their ids
+                # what the kernel compares with each call's cu_seqlens
+                derived_from = torch.stack([cu_seqlens_q, cu_seqlens_k], 1).int().contiguous()
+                # the key holds the cu_seqlens' ids: the entry keeps them alive
+                return shapes, meta, table, lens, pad, derived_from, cu_seqlens_q, cu_seqlens_k
         elif self.paged:
             if not all(isinstance(t, torch.Tensor) for t in (q, k, v, page_table, kv_lens)):
                 check_paged(q, k, v, page_table, kv_lens)  # raises, naming the argument

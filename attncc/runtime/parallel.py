@@ -116,9 +116,9 @@ def _check_shards(q, k, v, plan: ShardPlan, rank: int) -> Shapes:
 
 def _agree(plan: ShardPlan, group, device: torch.device, ok: bool) -> None:
     """ValueError on every rank unless every rank of the group holds the same plan and took its
-    inputs (`ok`: this one did; one all-gather of 8 bytes a rank and call; a plan of one rank: nothing). Plans that
-    give each rank as many tokens but at other positions exchanged K/V read at the wrong positions:
-    wrong numbers, then a hang in the backward."""
+    inputs (`ok`: this one did); one all-gather of 8 bytes a rank and call (a plan of one rank:
+    nothing). Plans that give each rank as many tokens but at other positions exchanged K/V read at
+    the wrong positions: wrong numbers, then a hang in the backward."""
     if plan.world_size == 1:
         return
     mine = torch.tensor([plan.fingerprint if ok else 0], dtype=torch.int64, device=device)
