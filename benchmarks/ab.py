@@ -3,11 +3,14 @@
 
     python benchmarks/ab.py --extract REV        # here: git archive REV's attncc to .ab/attncc_base
     python benchmarks/ab.py [--patterns swa1024,document,...] [--backward]   # on the GPU (carry .ab)
+    python benchmarks/ab.py --decode [causal:1:1,sinks:16:8,...]            # decode rows instead
 
 Run-to-run spread on the H200 is about 5%: a fresh process's first measurements (idle clocks) run
 low, so the GPU is warmed first and each version is timed twice. Both are forced onto attncc's own
 kernel (never the cuDNN dispatch). --backward times forward+backward (3.5x the forward's FLOPs)
-and checks that both versions' gradients agree.
+and checks that both versions' gradients agree. --decode times paged and packed decode calls instead
+(rows pattern:B:Q_LEN at an 8K-token cache, Hq 32 / Hkv 8, D 128, benchmarks/decode.py's masks,
+pages and effective bandwidth; CUDA-graph replays, the better of two per version).
 """
 from __future__ import annotations
 
@@ -46,12 +49,64 @@ def patterns(ac, N: int, H: int, device) -> dict:
             "causal": ac.patterns.causal()}
 
 
+DECODE_ROWS = "causal:1:1,causal:1:8,sinks:1:1,sinks:1:8,document:1:1,document:1:8,causal:16:8,document:16:8"
+
+
+def decode_ab(attncc, attncc_base, rows: str, KV: int = 8192) -> None:
+    """Paged and packed decode calls of both versions, interleaved, as TB/s of live KV bytes."""
+    import importlib
+
+    import torch
+    from benchmarks.decode import bandwidth, live_keys, native_mask, paged_copy, timed
+
+    dev = torch.device("cuda")
+    Hq, Hkv, D = 32, 8, 128
+    kernels = {m: importlib.import_module(f"{m.__name__}.runtime.decode").DecodeKernel for m in (attncc, attncc_base)}
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}: decode at KV {KV}, TB/s of live KV bytes")
+    print("| row | splits | paged base | paged this | this/base | packed base | packed this | this/base |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in rows.split(","):
+        name, B, q_len = spec.split(":")[0], *map(int, spec.split(":")[1:])
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(B, Hq, q_len, D, device=dev, dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(B, Hkv, KV, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
+        native = native_mask(name, KV, dev)
+        nbytes = B * Hkv * live_keys(native, q_len, KV, dev) * 2 * D * 2
+        table, caches = paged_copy(k, v, g)
+        lens = torch.full((B,), KV, dtype=torch.int32, device=dev)
+        packed = [t.transpose(0, 1).flatten(1, 2)[None] for t in (q, k, v)]
+        cu = dict(cu_seqlens_q=torch.arange(0, (B + 1) * q_len, q_len, dtype=torch.int32, device=dev),
+                  cu_seqlens_k=torch.arange(0, (B + 1) * KV, KV, dtype=torch.int32, device=dev))
+        calls = {}
+        for m in (attncc_base, attncc):
+            pat = m.Pattern(native, name=name)
+            paged = m.compile(pat, q, *caches, page_table=table, kv_lens=lens, kernel_options={"decode": True})
+            pk = kernels[m](pat, *packed, **cu)
+            calls[m] = {"paged": lambda paged=paged: paged(q, *caches, page_table=table, kv_lens=lens),
+                        "packed": lambda pk=pk: pk(*packed, **cu), "splits": paged.config["kv_splits"]}
+        best = {}
+        for m in (attncc_base, attncc, attncc_base, attncc):
+            for col in ("paged", "packed"):
+                tbps = bandwidth(timed(calls[m][col], dev)[0], nbytes)
+                best[m, col] = max(best.get((m, col), 0.0), tbps)
+        cells = []
+        for col in ("paged", "packed"):
+            same = torch.equal(calls[attncc_base][col](), calls[attncc][col]())
+            base, this = best[attncc_base, col], best[attncc, col]
+            cells += [f"{base:.2f}", f"{this:.2f}", f"{this / base:.3f}{'' if same else ' (outputs differ)'}"]
+        print(f"| {name} B{B} Q{q_len} | {calls[attncc]['splits']} | " + " | ".join(cells) + " |", flush=True)
+        del q, k, v, caches, packed, calls
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--extract", metavar="REV", help="prepare .ab/attncc_base from git revision REV and exit")
     ap.add_argument("--patterns", default="swa1024,document,dilated,prefixlm2048,alibi,softcap,causal,natten2d,natten3d")
     ap.add_argument("--backward", action="store_true", help="time forward+backward instead of the forward")
     ap.add_argument("--base-dir", default=BASE, help="the folder holding attncc_base (default .ab)")
+    ap.add_argument("--decode", nargs="?", const=DECODE_ROWS, default=None, metavar="ROWS",
+                    help=f"decode rows pattern:B:Q_LEN instead of the forward (default {DECODE_ROWS})")
     args = ap.parse_args()
     if args.extract:
         return extract(args.extract)
@@ -61,6 +116,8 @@ def main() -> None:
     sys.path[:0] = [args.base_dir, ROOT]
     import attncc
     import attncc_base
+    if args.decode:
+        return decode_ab(attncc, attncc_base, args.decode)
     from benchmarks.patterns import build, count_live_pairs
 
     B, H, N, D = 4, 16, 8192, 128

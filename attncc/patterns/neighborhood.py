@@ -135,8 +135,12 @@ def neighborhood(canvas, kernel, dilation=1, stride=1, causal=False) -> Pattern:
     return Pattern(mask, name="neighborhood").with_layout(_brick_layout(dims, ks, ds, ss, cs))
 
 
-BRICK_TOKENS = 128  # a brick is one 128-row query tile; a 64-key kv tile is its first half
+BRICK_TOKENS = 128  # a brick is one 128-row query tile; smaller tiles are its leading boxes
 
+# the tiles (BLOCK_M, BLOCK_N) bricks are compared at: 64 x 32, what the forward and the dK/dV
+# kernel (transposed) run for neighbourhoods on the H100 and H200 profiles, 64 x 64 (dQ), and
+# 128 x 64 (the generic profile's forward)
+BRICK_TILES = ((64, 32), (64, 64), (128, 64))
 
 # A PARTIAL tile against a FULL one when bricks are compared: a constant (the H200 profile's
 # Triton factor at 128 x 64 when the bricks were chosen, 2026-12-01), so a pattern's layout never
@@ -145,22 +149,25 @@ PARTIAL_WEIGHT = 3.0
 
 
 def _brick_layout(dims, ks, ds, ss, cs) -> Layout | None:
-    """The layout whose brick of BRICK_TOKENS tokens leaves this neighbourhood the fewest tiles to
-    compute at 128 x 64 (PARTIAL ones weighted PARTIAL_WEIGHT; `tile_counts`). E.g. NATTEN's 5x9x9
-    on an 8x32x32 video: 8x4x4 bricks, 1152 live tiles per (b, h) (tile efficiency 35%), against
-    2200 with 2x8x8 (20%). Falls back to compiler/layout.default_layout where no brick of
-    that size divides the axes with a box for its first half. An axis whose dilation does not
-    divide it keeps its tokens in natural order within bricks (its residue classes are of unequal
-    lengths, which a Layout cannot store one after another)."""
+    """The layout whose brick of BRICK_TOKENS tokens leaves this neighbourhood the fewest score
+    pairs to compute, summed over BRICK_TILES (PARTIAL tiles weighted PARTIAL_WEIGHT; `tile_counts`).
+    E.g. NATTEN's 5x9x9 on a 16x32x32 video: 8x4x4 bricks, tile efficiency 40% at 64 x 32 (23% at
+    128 x 64), against 29% (24%) with the 4x4x8 bricks that 128 x 64 alone prefers. Falls back to
+    compiler/layout.default_layout where no brick of that size divides the axes. An axis whose
+    dilation does not divide it keeps its tokens in natural order within bricks (its residue
+    classes are of unequal lengths, which a Layout cannot store one after another)."""
     ls = tuple(d if n % d == 0 else 1 for n, d in zip(dims, ds))  # the layout's dilation per axis
     windows = [_axis_pairs(*axis) for axis in zip(dims, ks, ds, ss, cs, ls)]
     sides = [[b for b in range(1, n // d + 1) if (n // d) % b == 0] for n, d in zip(dims, ls)]
-    best, best_cost, weight = None, None, PARTIAL_WEIGHT
+    best, best_cost = None, None
     for brick in itertools.product(*sides):
-        counts = tile_counts(windows, brick) if math.prod(brick) == BRICK_TOKENS else None
-        if counts is None:
+        if math.prod(brick) != BRICK_TOKENS:
             continue
-        cost = counts[1] + weight * (counts[0] - counts[1])
+        counts = [tile_counts(windows, brick, bm, bn) for bm, bn in BRICK_TILES]
+        if None in counts:
+            continue
+        cost = sum(bm * bn * (full + PARTIAL_WEIGHT * (live - full))
+                   for (bm, bn), (live, full) in zip(BRICK_TILES, counts))
         if best_cost is None or cost < best_cost:
             best, best_cost = brick, cost
     if best is None or (len(dims) == 1 and ls == (1,)):
@@ -168,17 +175,30 @@ def _brick_layout(dims, ks, ds, ss, cs) -> Layout | None:
     return Layout(dims, best, ls)
 
 
-def tile_counts(windows: list[torch.Tensor], brick: tuple[int, ...]) -> tuple[int, int] | None:
-    """(live, FULL) tiles per (b, h) of a neighbourhood in the layout of `brick`, query tiles one
-    brick, kv tiles its first half (None unless that half is a box: an even first axis > 1).
-    windows[a]: bool [n, n], `_axis_pairs` of axis a. Tiles are boxes, so a tile pair is live
-    (FULL) iff it is on every axis: the counts are products of per-axis counts of block pairs."""
-    split = next((a for a, b in enumerate(brick) if b > 1), None)
-    if split is None or brick[split] % 2:
+def tile_box(brick: tuple[int, ...], tokens: int) -> tuple[int, ...] | None:
+    """The box a tile of the first `tokens` positions of a brick covers (bricks are row-major), or
+    None where those positions are no box (e.g. 64 tokens of a 3x8x8 brick)."""
+    inner = 1
+    for a in range(len(brick) - 1, -1, -1):
+        if inner * brick[a] >= tokens:
+            if tokens % inner or brick[a] % (tokens // inner):
+                return None
+            return (1,) * a + (tokens // inner,) + tuple(brick[a + 1:])
+        inner *= brick[a]
+    return None
+
+
+def tile_counts(windows: list[torch.Tensor], brick: tuple[int, ...], block_m: int = BRICK_TOKENS,
+                block_n: int = BRICK_TOKENS // 2) -> tuple[int, int] | None:
+    """(live, FULL) tiles per (b, h) of a neighbourhood in the layout of `brick`, at tiles of
+    block_m queries and block_n keys (None unless both are boxes: `tile_box`). windows[a]: bool
+    [n, n], `_axis_pairs` of axis a. Tiles are boxes, so a tile pair is live (FULL) iff it is on
+    every axis: the counts are products of per-axis counts of block pairs."""
+    qbox, kvbox = tile_box(brick, block_m), tile_box(brick, block_n)
+    if qbox is None or kvbox is None:
         return None
-    kv = tuple(b // 2 if a == split else b for a, b in enumerate(brick))
     live = full = 1
-    for window, b, c in zip(windows, brick, kv):
+    for window, b, c in zip(windows, qbox, kvbox):
         n = window.shape[0]
         blocks = window.view(n // b, b, n // c, c)
         live *= int(blocks.any(3).any(1).sum())
