@@ -10,7 +10,8 @@ low, so the GPU is warmed first and each version is timed twice. Both are forced
 kernel (never the cuDNN dispatch). --backward times forward+backward (3.5x the forward's FLOPs)
 and checks that both versions' gradients agree. --decode times paged and packed decode calls instead
 (rows pattern:B:Q_LEN at an 8K-token cache, Hq 32 / Hkv 8, D 128, benchmarks/decode.py's masks,
-pages and effective bandwidth; CUDA-graph replays, the better of two per version).
+pages and effective bandwidth; CUDA-graph replays, the better of two per version; --smoke: 128-token
+caches on CPU, run with TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -52,26 +53,29 @@ def patterns(ac, N: int, H: int, device) -> dict:
 DECODE_ROWS = "causal:1:1,causal:1:8,sinks:1:1,sinks:1:8,document:1:1,document:1:8,causal:16:8,document:16:8"
 
 
-def decode_ab(attncc, attncc_base, rows: str, KV: int = 8192) -> None:
-    """Paged and packed decode calls of both versions, interleaved, as TB/s of live KV bytes."""
+def decode_ab(attncc, attncc_base, rows: str, KV: int = 8192, smoke: bool = False) -> None:
+    """Paged and packed decode calls of both versions, interleaved, as TB/s of live KV bytes
+    (smoke: tiny shapes on CPU, in Triton's interpreter; the times mean nothing)."""
     import importlib
 
     import torch
     from benchmarks.decode import bandwidth, live_keys, native_mask, paged_copy, timed
 
-    dev = torch.device("cuda")
-    Hq, Hkv, D = 32, 8, 128
+    dev = torch.device("cpu" if smoke else "cuda")
+    Hq, Hkv, D = (4, 2, 16) if smoke else (32, 8, 128)
+    dtype = torch.float32 if smoke else torch.bfloat16
     kernels = {m: importlib.import_module(f"{m.__name__}.runtime.decode").DecodeKernel for m in (attncc, attncc_base)}
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}: decode at KV {KV}, TB/s of live KV bytes")
+    gpu = "CPU" if smoke else torch.cuda.get_device_name()
+    print(f"{gpu} torch {torch.__version__}: decode at KV {KV}, TB/s of live KV bytes")
     print("| row | splits | paged base | paged this | this/base | packed base | packed this | this/base |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for spec in rows.split(","):
         name, B, q_len = spec.split(":")[0], *map(int, spec.split(":")[1:])
         g = torch.Generator(device=dev).manual_seed(0)
-        q = torch.randn(B, Hq, q_len, D, device=dev, dtype=torch.bfloat16, generator=g)
-        k, v = (torch.randn(B, Hkv, KV, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
+        q = torch.randn(B, Hq, q_len, D, device=dev, dtype=dtype, generator=g)
+        k, v = (torch.randn(B, Hkv, KV, D, device=dev, dtype=dtype, generator=g) for _ in range(2))
         native = native_mask(name, KV, dev)
-        nbytes = B * Hkv * live_keys(native, q_len, KV, dev) * 2 * D * 2
+        nbytes = B * Hkv * live_keys(native, q_len, KV, dev) * 2 * D * k.element_size()
         table, caches = paged_copy(k, v, g)
         lens = torch.full((B,), KV, dtype=torch.int32, device=dev)
         packed = [t.transpose(0, 1).flatten(1, 2)[None] for t in (q, k, v)]
@@ -96,7 +100,8 @@ def decode_ab(attncc, attncc_base, rows: str, KV: int = 8192) -> None:
             cells += [f"{base:.2f}", f"{this:.2f}", f"{this / base:.3f}{'' if same else ' (outputs differ)'}"]
         print(f"| {name} B{B} Q{q_len} | {calls[attncc]['splits']} | " + " | ".join(cells) + " |", flush=True)
         del q, k, v, caches, packed, calls
-        torch.cuda.empty_cache()
+        if not smoke:
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -107,6 +112,7 @@ def main() -> None:
     ap.add_argument("--base-dir", default=BASE, help="the folder holding attncc_base (default .ab)")
     ap.add_argument("--decode", nargs="?", const=DECODE_ROWS, default=None, metavar="ROWS",
                     help=f"decode rows pattern:B:Q_LEN instead of the forward (default {DECODE_ROWS})")
+    ap.add_argument("--smoke", action="store_true", help="with --decode: tiny shapes on CPU (Triton's interpreter)")
     args = ap.parse_args()
     if args.extract:
         return extract(args.extract)
@@ -117,7 +123,7 @@ def main() -> None:
     import attncc
     import attncc_base
     if args.decode:
-        return decode_ab(attncc, attncc_base, args.decode)
+        return decode_ab(attncc, attncc_base, args.decode, KV=128 if args.smoke else 8192, smoke=args.smoke)
     from benchmarks.patterns import build, count_live_pairs
 
     B, H, N, D = 4, 16, 8192, 128
