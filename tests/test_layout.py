@@ -178,7 +178,7 @@ def test_neighbourhood_bricks_are_chosen_by_exact_tile_counts():
                                   block_m, block_n)
             live, full = nb.tile_counts(windows, brick, block_m, block_n)
             assert (live, full) == (int(bm.full_kv_num.sum() + bm.partial_kv_num.sum()), int(bm.full_kv_num.sum()))
-    assert nb.tile_counts(windows, (1, 3, 1)) is None  # an odd first axis: its half is no box
+    assert nb.tile_counts(windows, (1, 3, 1)) is None  # a 3-token brick holds no 128-token tile
     assert nb.tile_box((3, 8, 8), 64) == (1, 8, 8) and nb.tile_box((3, 8, 8), 128) is None
     assert nb.tile_box((8, 4, 4), 32) == (2, 4, 4) and nb.tile_box((2, 8, 8), 32) == (1, 4, 8)
     video = ac.patterns.neighborhood((8, 32, 32), (5, 9, 9))
