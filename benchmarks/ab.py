@@ -59,7 +59,7 @@ def decode_ab(attncc, attncc_base, rows: str, KV: int = 8192, smoke: bool = Fals
     import importlib
 
     import torch
-    from benchmarks.decode import bandwidth, live_keys, native_mask, paged_copy, timed
+    from benchmarks.decode import bandwidth, live_keys, native_mask, packed_copy, paged_copy, timed
 
     dev = torch.device("cpu" if smoke else "cuda")
     Hq, Hkv, D = (4, 2, 16) if smoke else (32, 8, 128)
@@ -78,9 +78,7 @@ def decode_ab(attncc, attncc_base, rows: str, KV: int = 8192, smoke: bool = Fals
         nbytes = B * Hkv * live_keys(native, q_len, KV, dev) * 2 * D * k.element_size()
         table, caches = paged_copy(k, v, g)
         lens = torch.full((B,), KV, dtype=torch.int32, device=dev)
-        packed = [t.transpose(0, 1).flatten(1, 2)[None] for t in (q, k, v)]
-        cu = dict(cu_seqlens_q=torch.arange(0, (B + 1) * q_len, q_len, dtype=torch.int32, device=dev),
-                  cu_seqlens_k=torch.arange(0, (B + 1) * KV, KV, dtype=torch.int32, device=dev))
+        packed, cu = packed_copy(q, k, v)
         calls = {}
         for m in (attncc_base, attncc):
             pat = m.Pattern(native, name=name)

@@ -126,6 +126,15 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, g: torch.Generator):
     return table, caches
 
 
+def packed_copy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[list, dict]:
+    """([q, k, v] with the B sequences concatenated, [1, H, B * len, D], {cu_seqlens_q, cu_seqlens_k}
+    int32 [B + 1]): the dense batch as one packed call."""
+    B, q_len, kv = q.shape[0], q.shape[2], k.shape[2]
+    cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=q.device)  # noqa: E731
+    return [t.transpose(0, 1).flatten(1, 2)[None] for t in (q, k, v)], dict(cu_seqlens_q=cu(q_len),
+                                                                            cu_seqlens_k=cu(kv))
+
+
 def error_line(e: Exception) -> str:
     """The informative line of an exception's text: inductor ends its messages with advice on
     logging, the cause sits on the last line naming an error before it."""
@@ -185,9 +194,7 @@ def run_row(name, B, KV, q_len, splits, device, dtype, flex) -> dict:
     if not fits(2 * k.numel() * k.element_size(), device):
         row["packed"], row["packed_splits"] = "skipped (no memory for the packed copy)", "—"
         return _paged_columns(row, name, native, q, k, v, g, device, measure)
-    qp, kp, vp = (t.transpose(0, 1).flatten(1, 2)[None] for t in (q, k, v))
-    cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
-    lens = dict(cu_seqlens_q=cu(q_len), cu_seqlens_k=cu(KV))
+    (qp, kp, vp), lens = packed_copy(q, k, v)
     kern = DecodeKernel(ac.Pattern(native, name=name), qp, kp, vp, **lens)
     err = ((kern(qp, kp, vp, **lens)[0, :, :q_len].double() - want[0]).norm() / want.norm()).item()  # sequence 0
     if err > 2e-2:
