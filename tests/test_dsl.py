@@ -357,6 +357,26 @@ def test_hostile_texts_are_rejected_without_running_anything(text, monkeypatch):
     assert info.value.line >= 1 and info.value.column >= 1
 
 
+def test_deeply_nested_text_reads_back_up_to_the_depth_limit():
+    """A traced expression nested hundreds deep (a loop's `t = kv % (t + i)`) prints as nested
+    parentheses; parse reads it back node for node. Past MAX_DEPTH operators the text is refused
+    with the limit named, never a RecursionError."""
+    from attncc.dsl.parse import MAX_DEPTH
+
+    def mask(b, h, q, kv):
+        t = q
+        for i in range(MAX_DEPTH // 2 - 1):
+            t = kv % (t + i + 2)  # two operators a level
+        return t >= 1
+
+    traced = ac.Pattern(mask_mod=mask)
+    text = str(traced)
+    assert text.count("(") == MAX_DEPTH // 2 - 1 and ac.parse(text) == traced
+    too_deep = "mask = " + "kv % (" * MAX_DEPTH + "q" + ")" * MAX_DEPTH + " >= 1"
+    with pytest.raises(DSLError, match=f"nested too deeply .*{MAX_DEPTH}"):
+        ac.parse(too_deep)
+
+
 TOKENS = ["mask", "score", "block", "param", "buffer", "block_size", "=", "q", "kv", "b", "h", "qb", "kb",
           "score", "W", "doc", "doc[q]", "1", "0", "-1", "2.5", "1e3", "inf", "true", "(", ")", ",", "+", "-",
           "*", "/", "//", "%", "**", "<", ">=", "==", "!=", "and", "or", "not", "&", "|", "~", "where(",

@@ -307,6 +307,16 @@ def test_long_and_or_chains_build_and_print_without_deep_recursion():
     assert str(prepended) == " or ".join(f"kv == {3 * i}" for i in range(300))
 
 
+def test_deep_right_nested_expressions_print_in_linear_time():
+    """20,000 nested subtractions: one pass over an explicit stack (the old printer kept every
+    subexpression's whole text, quadratic in the depth)."""
+    node = q
+    for i in range(20000):
+        node = ir.op("sub", kv, node)
+    text = str(node)
+    assert text == "kv - (" * 19999 + "kv - q" + ")" * 19999
+
+
 def test_folding_min_max_propagates_nan_like_torch():
     for name in ("min", "max"):
         for args in ((ir.const(0), ir.const(math.nan)), (ir.const(math.nan), ir.const(1.0))):

@@ -542,48 +542,56 @@ def _prec(n: Node) -> int:
     return _ATOM
 
 
-_TEXT: dict[Node, str] = {}
-
-
+@lru_cache(maxsize=4096)
 def to_text(node: Node) -> str:
-    """Canonical DSL text of an expression; `parse` reads it back to the identical node."""
-    text = _TEXT.get(node)
-    if text is None:
-        for n in walk(node):  # children first, so printing never recurses deeply (long and/or chains)
-            if n not in _TEXT:
-                _TEXT[n] = _text(n)
-        text = _TEXT[node]
-    return text
+    """Canonical DSL text of an expression; `parse` reads it back to the identical node. Written
+    piece by piece from an explicit stack: time and memory linear in the text at any depth."""
+    out: list[str] = []
+    stack: list = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            stack.extend(reversed(_pieces(item)))
+    return "".join(out)
 
 
-def _text(node: Node) -> str:
+def _pieces(node: Node) -> list:
+    """`node`'s text as strings and child nodes (each to be written in its place)."""
     if isinstance(node, Var):
-        return node.name
+        return [node.name]
     if isinstance(node, Const):
-        return format_const(node.value)
+        return [format_const(node.value)]
     if isinstance(node, Param):
-        return node.name
+        return [node.name]
     if isinstance(node, Load):
-        return f"{node.buffer}[{', '.join(to_text(i) for i in node.index)}]"
+        return [f"{node.buffer}[", *_separated(node.index), "]"]
     row, args = ops.TABLE[node.op], node.args
     if row.form == "call":
-        return f"{row.spelling}({', '.join(to_text(a) for a in args)})"
+        return [f"{row.spelling}(", *_separated(args), ")"]
     p = row.prec
     if row.form == "prefix":
         space = " " if row.spelling.isalpha() else ""
-        return f"{row.spelling}{space}{_wrap(args[0], p, strict=False)}"
+        return [f"{row.spelling}{space}", *_wrap(args[0], p, strict=False)]
     if node.op == "pow":  # right-associative
-        return f"{_wrap(args[0], p, strict=True)} ** {_wrap(args[1], p, strict=False)}"
+        return [*_wrap(args[0], p, strict=True), " ** ", *_wrap(args[1], p, strict=False)]
     left_strict = node.op in COMPARE  # comparisons do not chain
-    return f"{_wrap(args[0], p, strict=left_strict)} {row.spelling} {_wrap(args[1], p, strict=True)}"
+    return [*_wrap(args[0], p, strict=left_strict), f" {row.spelling} ", *_wrap(args[1], p, strict=True)]
 
 
-def _wrap(child: Node, parent_prec: int, strict: bool) -> str:
-    text = to_text(child)
+def _separated(nodes) -> list:
+    pieces: list = []
+    for i, n in enumerate(nodes):
+        pieces += [", ", n] if i else [n]
+    return pieces
+
+
+def _wrap(child: Node, parent_prec: int, strict: bool) -> list:
     cp = _prec(child)
     if cp < parent_prec or (strict and cp == parent_prec):
-        return f"({text})"
-    return text
+        return ["(", child, ")"]
+    return [child]
 
 
 def tree(node: Node, depth: int = 1) -> str:

@@ -25,6 +25,7 @@ FUNCTIONS = {**ops.FUNCTIONS, "clamp": 3}  # clamp(x, lo, hi) is spelled out as 
 CONTEXT_VARS = {"mask": MASK_VARS, "score": SCORE_VARS, "block": BLOCK_VARS, "param": ()}
 STATEMENTS = ("param", "buffer", "mask", "score", "block", "block_size")
 _BINARY = ops.INFIX  # "+" -> "add", "<=" -> "le", ...
+MAX_DEPTH = 1000  # operators nested in one expression (printing a pattern is quadratic in its depth)
 _CHAINS = {"or_test": "or", "and_test": "and", "bor": "or", "band": "and"}
 _CHAIN_HINT = (" (comparisons do not chain, and `&`, `|` bind tighter than comparisons as in Python: "
                "write `a < b and c < d` or `(a < b) & (c < d)`)")
@@ -207,15 +208,26 @@ class _Builder:
 
     # -- expressions
     def _expr(self, tree, context: str) -> ir.Node:
+        """The IR of one expression's parse tree, built bottom-up without recursion (so text of any
+        nesting depth, e.g. a long traced expression's printed form, reads back)."""
         self.context = context
-        try:
-            return self._build(tree)
-        except RecursionError:
-            raise self.error("expression is nested too deeply", _pos(tree)) from None
+        self.built: dict[int, ir.Node] = {}
+        depth: dict[int, int] = {}
+        for sub in _subtrees_children_first(tree):
+            depth[id(sub)] = 1 + max((depth[id(c)] for c in sub.children if isinstance(c, lark.Tree)), default=0)
+            if depth[id(sub)] > MAX_DEPTH:
+                raise self.error(f"expression is nested too deeply (more than {MAX_DEPTH} levels of operators)",
+                                 _pos(sub))
+            self.built[id(sub)] = self._build_tree(sub)
+        return self._build(tree)
 
     def _build(self, t) -> ir.Node:
+        """An expression operand: a token, or a subtree `_expr` has already built."""
         if isinstance(t, lark.Token):
             return self._number(t) if t.type == "NUMBER" else self._variable(t)
+        return self.built[id(t)]
+
+    def _build_tree(self, t: lark.Tree) -> ir.Node:
         kind, kids = str(t.data), t.children
         if kind in _CHAINS:
             return self._chain([(None, k) for k in kids[1:]], kids[0], lambda _: _CHAINS[kind])
@@ -342,6 +354,16 @@ def _culprit(name: str, args: list) -> int | None:
     else:
         bad = [i for i, k in enumerate(kinds) if k == "bool"]
     return bad[0] if bad else None
+
+
+def _subtrees_children_first(tree) -> list:
+    """The parse trees under `tree` (itself included), every one after all of its subtrees."""
+    order, stack = [], [tree] if isinstance(tree, lark.Tree) else []
+    while stack:
+        t = stack.pop()
+        order.append(t)
+        stack.extend(c for c in t.children if isinstance(c, lark.Tree))
+    return order[::-1]
 
 
 def _pos(x) -> Pos:
