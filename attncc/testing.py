@@ -19,6 +19,7 @@ from .compiler import evaluate
 from .compiler.blockmask import EMPTY, FULL
 from .dsl import ir
 from .dsl.pattern import Pattern
+from .patterns._checks import count, flag
 from .runtime.inputs import kernel_head_dim
 
 SHRINK_SECONDS = 30.0  # how long check_pattern looks for a smaller failing example
@@ -207,11 +208,8 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
     from .runtime.api import as_pattern
 
     pattern = as_pattern(pattern)
-    for name, value, least in (("max_examples", max_examples, 1), ("max_len", max_len, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(grad, bool):
-        raise ValueError(f"grad must be True or False, got {grad!r}")
+    max_examples, max_len = count("max_examples", max_examples, 1), count("max_len", max_len, 1)
+    grad = flag("grad", grad)
     head_dims = tuple(head_dims)
     if not head_dims or not all(kernel_head_dim(d) for d in head_dims):
         raise ValueError(f"head_dims must be ints in 16..256 (the kernels' head dims), got {head_dims!r}")
