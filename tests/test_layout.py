@@ -5,7 +5,7 @@ import torch
 
 import attncc as ac
 from attncc.compiler.evaluate import evaluate
-from attncc.compiler.layout import Layout, default_layout
+from attncc.compiler.layout import Layout, cancel_digits, default_layout
 from attncc.dsl import ir
 from test_backward import check, qkv
 
@@ -20,6 +20,73 @@ def test_permutation_and_its_ir_agree(canvas, brick, dilation):
     assert torch.equal(evaluate(layout.natural(ir.Var("q")), {"q": p}, {}, {}), layout.perm)
     x = torch.randn(1, 2, layout.n, 3)
     assert torch.equal(layout.unpermute(layout.permute(x)), x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ac.patterns.neighborhood((8, 12), (3, 5), dilation=(2, 1)),
+    lambda: ac.patterns.neighborhood((4, 8, 8), (3, 3, 5), causal=(True, False, False)),
+    lambda: ac.patterns.neighborhood((12, 16), (5, 5), stride=(2, 4)),
+    lambda: ac.patterns.sliding_tile((8, 12, 12), (3, 3, 3), (2, 4, 4)),
+    lambda: ac.patterns.dilated(9, 3, seq_len=72),
+    lambda: ac.patterns.natten2d(8, 12, 3).with_layout(Layout((8, 12), (4, 4))),
+], ids=["dilated-2d", "causal-3d", "strided", "sliding-tile", "dilated-1d", "natten2d"])
+def test_composed_masks_read_brick_digits_and_mean_the_same(make):
+    """compose() cancels the natural index rebuilt from brick digits against the pattern's cuts
+    (`natural(q) // W`, `% W`): same mask at every pair, fewer operations, tiles decided without
+    evaluation."""
+    pat = make()
+    layout = pat.layout
+    nat = {"q": layout.natural(ir.Var("q")), "kv": layout.natural(ir.Var("kv"))}
+    swap = lambda n: nat.get(n.name) if isinstance(n, ir.Var) else None  # noqa: E731
+    plain = ir.substitute(ac.compiler.evaluate.token_mask(pat), swap)
+    composed = pat.kernel_pattern.mask
+    p = torch.arange(layout.n)
+    env = {"b": torch.tensor(0), "h": torch.tensor(0), "q": p[:, None], "kv": p[None, :]}
+    want = evaluate(plain, env, pat.params, pat.buffers).bool()
+    assert torch.equal(evaluate(composed, env, pat.params, pat.buffers).bool().expand_as(want), want)
+    assert len(str(composed)) < len(str(plain))
+
+
+def test_cancel_digits_only_where_the_remainder_is_proven():
+    q = ir.Var("q")
+    hi, lo = ir.op("floordiv", q, ir.const(8)), ir.op("mod", q, ir.const(8))
+    index = ir.op("add", ir.op("mul", ir.const(16), hi), lo)  # 16 * (q // 8) + q % 8, lo in [0, 8)
+    assert cancel_digits(ir.op("floordiv", index, ir.const(16))) is hi
+    assert cancel_digits(ir.op("mod", index, ir.const(16))) is lo
+    shifted = ir.op("add", index, ir.const(9))  # remainder q % 8 + 9 may reach 16: kept, divided alone
+    rest = ir.op("add", lo, ir.const(9))
+    assert cancel_digits(ir.op("floordiv", shifted, ir.const(16))) is ir.op(
+        "add", hi, ir.op("floordiv", rest, ir.const(16)))
+    assert cancel_digits(ir.op("mod", shifted, ir.const(16))) is ir.op("mod", rest, ir.const(16))
+    minus = ir.op("sub", ir.op("mul", ir.const(16), hi), lo)  # remainder -(q % 8) may be negative
+    assert cancel_digits(ir.op("mod", minus, ir.const(16))) is ir.op("mod", ir.op("neg", lo), ir.const(16))
+    # random sums of digits, constants and signs against plain evaluation
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(-700, 5000)
+    for _ in range(300):
+        terms = []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            a, c = (int(v) for v in torch.randint(1, 9, (2,), generator=g))
+            digit = [ir.op("floordiv", q, ir.const(a)), ir.op("mod", q, ir.const(a)),
+                     ir.op("mod", ir.op("floordiv", q, ir.const(a)), ir.const(c)), q][int(torch.randint(0, 4, (1,), generator=g))]
+            terms.append(ir.op("mul", ir.const(int(torch.randint(-3, 40, (1,), generator=g))), digit))
+        node = terms[0]
+        for t in terms[1:]:
+            node = ir.op("add", node, t)
+        node = ir.op("add", node, ir.const(int(torch.randint(-5, 6, (1,), generator=g))))
+        for how in ("floordiv", "mod"):
+            cut = ir.op(how, node, ir.const(int(torch.randint(1, 33, (1,), generator=g))))
+            for values in (x.clamp(min=0), x):  # q >= 0 is what the ranges assume
+                if values.min() < 0 and _proven_by_range(cut):
+                    continue
+                got = evaluate(cancel_digits(cut), {"q": values}, {}, {}).expand(values.shape)
+                assert torch.equal(got, evaluate(cut, {"q": values}, {}, {}).expand(values.shape)), str(cut)
+
+
+def _proven_by_range(cut) -> bool:
+    """Whether cancel_digits dropped the remainder's division (or modulo) on q >= 0's ranges."""
+    out = cancel_digits(cut)
+    return not any(isinstance(n, ir.Op) and n.op == cut.op and n.args[1] is cut.args[1] for n in ir.walk(out))
 
 
 def test_first_brick_is_a_box():
