@@ -1,7 +1,11 @@
 """Token layouts (compiler/layout.py): the permutation and its IR agree, patterns run in a layout
 give the natural-order results (forward, gradients, torch.compile), and bricks cut live tiles."""
+import math
+
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import attncc as ac
 from attncc.compiler.evaluate import evaluate
@@ -81,6 +85,53 @@ def test_cancel_digits_only_where_the_remainder_is_proven():
                     continue
                 got = evaluate(cancel_digits(cut), {"q": values}, {}, {}).expand(values.shape)
                 assert torch.equal(got, evaluate(cut, {"q": values}, {}, {}).expand(values.shape)), str(cut)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_random_masks_in_random_layouts_keep_their_meaning(data):
+    """Per-axis windows, clamped windows, causal cuts, residues and linear cuts of natural
+    coordinates, and/or-combined, composed with a random brick layout: the same mask at every pair."""
+    dims = data.draw(st.integers(1, 3))
+    brick = tuple(data.draw(st.sampled_from([1, 2, 4, 8])) for _ in range(dims))
+    dil = tuple(data.draw(st.sampled_from([1, 1, 2, 3])) for _ in range(dims))
+    canvas = tuple(b * d * data.draw(st.integers(1, 3)) for b, d in zip(brick, dil))
+    assume(2 <= math.prod(canvas) <= 1200)
+    terms = [(data.draw(st.sampled_from(["win", "clamped", "causal", "residue", "linear"])),
+              data.draw(st.integers(0, 4)), data.draw(st.integers(-2, 2)), data.draw(st.booleans()))
+             for _ in range(dims)]
+
+    def mask(b, h, q, kv):
+        cq, ck, rest_q, rest_k = [], [], q, kv
+        for size in reversed(canvas):
+            cq.insert(0, rest_q % size)
+            ck.insert(0, rest_k % size)
+            rest_q, rest_k = rest_q // size, rest_k // size
+        m = None
+        for a, (kind, k, c, conj) in enumerate(terms):
+            if kind == "win":
+                t = abs(cq[a] - ck[a]) <= k
+            elif kind == "clamped":
+                k = min(k, canvas[a] // 2)
+                t = abs(cq[a].clamp(k, canvas[a] - 1 - k) - ck[a]) <= k
+            elif kind == "causal":
+                t = cq[a] >= ck[a]
+            elif kind == "residue":
+                t = (cq[a] - ck[a]) % (k + 1) == 0
+            else:
+                t = c * cq[a] - ck[a] + k >= 0
+            m = t if m is None else (m & t) if conj else (m | t)
+        return m
+
+    pat = ac.Pattern(mask).with_layout(Layout(canvas, brick, dil))
+    n = pat.layout.n
+    nat = {"q": pat.layout.natural(ir.Var("q")), "kv": pat.layout.natural(ir.Var("kv"))}
+    plain = ir.substitute(ac.compiler.evaluate.token_mask(pat),
+                          lambda node: nat.get(node.name) if isinstance(node, ir.Var) else None)
+    p = torch.arange(n)
+    env = {"b": torch.tensor(0), "h": torch.tensor(0), "q": p[:, None], "kv": p[None, :]}
+    want = evaluate(plain, env, {}, {}).bool().expand(n, n)
+    assert torch.equal(evaluate(pat.kernel_pattern.mask, env, {}, {}).bool().expand(n, n), want)
 
 
 def _proven_by_range(cut) -> bool:
