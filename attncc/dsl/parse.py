@@ -25,7 +25,7 @@ FUNCTIONS = {**ops.FUNCTIONS, "clamp": 3}  # clamp(x, lo, hi) is spelled out as 
 CONTEXT_VARS = {"mask": MASK_VARS, "score": SCORE_VARS, "block": BLOCK_VARS, "param": ()}
 STATEMENTS = ("param", "buffer", "mask", "score", "block", "block_size")
 _BINARY = ops.INFIX  # "+" -> "add", "<=" -> "le", ...
-MAX_DEPTH = 1000  # operators nested in one expression (printing a pattern is quadratic in its depth)
+MAX_DEPTH = 1000  # operators nested in one expression: bounds the work a text can ask of the compiler
 _CHAINS = {"or_test": "or", "and_test": "and", "bor": "or", "band": "and"}
 _CHAIN_HINT = (" (comparisons do not chain, and `&`, `|` bind tighter than comparisons as in Python: "
                "write `a < b and c < d` or `(a < b) & (c < d)`)")
