@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import attncc as ac
@@ -87,7 +87,7 @@ def test_cancel_digits_only_where_the_remainder_is_proven():
                 assert torch.equal(got, evaluate(cut, {"q": values}, {}, {}).expand(values.shape)), str(cut)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_random_masks_in_random_layouts_keep_their_meaning(data):
     """Per-axis windows, clamped windows, causal cuts, residues and linear cuts of natural
