@@ -10,6 +10,11 @@ Where FlexAttention ran, the two block maps are compared tile by tile. Prints a 
 
     python benchmarks/blockmask.py                          # CPU, N = 8K, 32K, 128K, 1M
     python benchmarks/blockmask.py --device cuda --flex-plain-max 131072 --flex-compiled-max 1048576
+    python benchmarks/blockmask.py --patterns natten2d --kernel-order --block 64,32   # the map kernels run
+
+--kernel-order builds the block map in the kernels' token order (`pattern.kernel_pattern`: a
+pattern's layout composed in, natten2d's 16x8 bricks), which FlexAttention has no counterpart of:
+its columns stay empty.
 """
 from __future__ import annotations
 
@@ -98,6 +103,13 @@ def canvas(n: int) -> tuple[int, int, int]:
     return n // cols, cols, 17
 
 
+def _block(text: str) -> tuple[int, int]:
+    sizes = tuple(int(x) for x in text.split(","))
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"a tile size is N or BM,BN, got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
 def fmt_ms(seconds) -> str:
     return "—" if seconds is None else f"{seconds * 1e3:,.1f}"
 
@@ -110,7 +122,8 @@ def run_one(name: str, n: int, args, device: torch.device) -> dict:
     sizes = bp.Sizes(canvas=canvas(n)) if name == "natten2d" else bp.BENCH
     pat = bp.build(name, n, 1, device, sizes)
     row = {"pattern": name, "N": n}
-    build = lambda: ac.create_block_mask(pat.attncc, None, None, n, n, block_size=args.block, device=device)
+    pattern = pat.attncc.kernel_pattern if args.kernel_order else pat.attncc
+    build = lambda: ac.create_block_mask(pattern, None, None, n, n, block_size=args.block, device=device)
 
     def build_all():
         m = build()
@@ -127,10 +140,10 @@ def run_one(name: str, n: int, args, device: torch.device) -> dict:
     agree = []
     for kind, limit, compile_ in (("plain", args.flex_plain_max, False), ("compiled", args.flex_compiled_max, True)):
         row[kind] = row[kind + "_mem"] = row[kind + "_warm"] = None
-        if n > limit:
+        if n > limit or args.kernel_order:
             continue
         create = torch.compile(flex_create_block_mask) if compile_ else flex_create_block_mask
-        call = lambda: create(pat.mask_mod, None, None, n, n, device=device, BLOCK_SIZE=args.block)
+        call = lambda: create(pat.mask_mod, None, None, n, n, device=device, BLOCK_SIZE=args.block)  # (BM, BN)
         torch._dynamo.reset()   # the first compiled call pays for its compilation, as a user's would
         try:
             fb, row[kind], row[kind + "_mem"] = timed(call, device)
@@ -150,7 +163,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="8192,32768,131072,1048576")
     parser.add_argument("--patterns", default=",".join(PATTERNS))
-    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--block", type=_block, default=(128, 128), help="tile size, N or BM,BN (default 128)")
+    parser.add_argument("--kernel-order", action="store_true",
+                        help="the block map in the kernels' token order (a layout composed in); no flex columns")
     parser.add_argument("--repeat", type=int, default=3, help="timed attncc builds (median), each column")
     parser.add_argument("--flex-plain-max", type=int, default=16384,
                         help="largest N for the eager create_block_mask (it materialises the N x N mask)")
@@ -161,7 +176,8 @@ def main() -> None:
     rows = [run_one(name, int(n), args, device)
             for name in args.patterns.split(",") for n in args.sizes.split(",")]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"Block-mask construction, {gpu}, torch {torch.__version__}, tiles {args.block}x{args.block}, "
+    order = ", kernel token order" if args.kernel_order else ""
+    print(f"Block-mask construction, {gpu}, torch {torch.__version__}, tiles {args.block[0]}x{args.block[1]}{order}, "
           f"B = H = None; {time.strftime('%Y-%m-%d')}. Times in ms, peak memory growth in MiB.\n")
     print("| pattern | N | sparsity | attncc build | attncc + all index lists | attncc peak MiB "
           "| flex plain | flex plain MiB | flex compiled 1st call | flex compiled warm | flex compiled MiB | same map |")
