@@ -15,7 +15,7 @@ from .cache import LRU
 from .choices import choose_decode, decode_shaped, profiled
 from .decode import DecodeKernel, packed_verdict
 from .fold import view_class
-from .inputs import REFERENCE_DTYPES, check_qkv, check_scale, kernel_head_dim
+from .inputs import REFERENCE_DTYPES, check_kernel_head_dims, check_qkv, check_scale
 from .kernel import Kernel, pattern_key
 
 _REFERENCE_CHUNK = 1 << 26  # score elements materialised at once by the reference
@@ -122,9 +122,7 @@ def _prepare(pattern, q, k, v, scale, kernel_options, return_lse):
     if q.device.type == "meta":
         raise ValueError("q, k, v are meta tensors, which a kernel cannot run on: ac.compile(..., target=\"h200\") "
                          "or target=\"h100\" describes the kernel a GPU would run (config, source, predicted_ms)")
-    for name, d in (("q", s.D), ("v", s.Dv)):
-        if not kernel_head_dim(d):
-            raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
+    check_kernel_head_dims(s.D, s.Dv)
     if q.is_cuda:
         TRITON_KEY.start()
     pattern = as_pattern(pattern)

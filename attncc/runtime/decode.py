@@ -32,7 +32,7 @@ from ..compiler.numerics import NumericPlan, numeric_plan
 from ..dsl.pattern import Pattern
 from ..dsl.trace import PatternError
 from . import autograd, cache, choices, kernel
-from .inputs import Shapes, check_qkv, check_scale, kernel_head_dim
+from .inputs import Shapes, check_kernel_head_dims, check_qkv, check_scale
 from .sequences import check_paged, paged_pattern, query_offsets, query_rows, token_pages, vouched_lengths
 from .tiles import TileLists
 
@@ -268,9 +268,7 @@ class DecodeKernel:
         self.paged, self.packed = page_table is not None, cu_seqlens_q is not None or cu_seqlens_k is not None
         if any(t.dim() != 4 for t in (q, k, v)):
             raise ValueError(f"q, k, v must have 4 dims, got shapes {[tuple(t.shape) for t in (q, k, v)]}")
-        for name, d in (("q", q.shape[-1]), ("v", v.shape[-1])):
-            if not kernel_head_dim(d):
-                raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
+        check_kernel_head_dims(q.shape[-1], v.shape[-1])
         Q_LEN = packed_queries(q, k, v, cu_seqlens_q, cu_seqlens_k)[2] if self.packed else q.shape[2]
         group = max(1, q.shape[1] // max(1, k.shape[2] if self.paged else k.shape[1]))
         self.tiles = self._base_tiles = choices.choose_decode_tiles(group * Q_LEN, max(q.shape[-1], v.shape[-1]),

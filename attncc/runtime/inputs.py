@@ -16,6 +16,13 @@ def kernel_head_dim(d) -> bool:
     return isinstance(d, int) and not isinstance(d, bool) and 16 <= d <= 256
 
 
+def check_kernel_head_dims(D, Dv) -> None:
+    """ValueError unless q's head dim D and v's Dv are both ones attncc's kernels take."""
+    for name, d in (("q", D), ("v", Dv)):
+        if not kernel_head_dim(d):
+            raise ValueError(f"{name} has head dim {d}; attncc's kernels support 16..256")
+
+
 @dataclass(frozen=True)
 class Shapes:
     """Sizes read off q [B, Hq, Q, D], k [B, Hkv, KV, D], v [B, Hkv, KV, Dv]."""
