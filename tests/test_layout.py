@@ -39,16 +39,23 @@ def test_composed_masks_read_brick_digits_and_mean_the_same(make):
     (`natural(q) // W`, `% W`): same mask at every pair, fewer operations, tiles decided without
     evaluation."""
     pat = make()
+    plain = _assert_composed_mask_is_the_uncancelled_one(pat)
+    assert len(str(pat.kernel_pattern.mask)) < len(str(plain))
+
+
+def _assert_composed_mask_is_the_uncancelled_one(pat) -> ir.Node:
+    """Asserts the composed (digit-cancelled) mask equals, at every pair, the token mask with
+    natural(q), natural(kv) substituted and nothing cancelled; returns the latter."""
     layout = pat.layout
     nat = {"q": layout.natural(ir.Var("q")), "kv": layout.natural(ir.Var("kv"))}
-    swap = lambda n: nat.get(n.name) if isinstance(n, ir.Var) else None  # noqa: E731
-    plain = ir.substitute(ac.compiler.evaluate.token_mask(pat), swap)
-    composed = pat.kernel_pattern.mask
+    plain = ir.substitute(ac.compiler.evaluate.token_mask(pat),
+                          lambda node: nat.get(node.name) if isinstance(node, ir.Var) else None)
     p = torch.arange(layout.n)
     env = {"b": torch.tensor(0), "h": torch.tensor(0), "q": p[:, None], "kv": p[None, :]}
-    want = evaluate(plain, env, pat.params, pat.buffers).bool()
-    assert torch.equal(evaluate(composed, env, pat.params, pat.buffers).bool().expand_as(want), want)
-    assert len(str(composed)) < len(str(plain))
+    want = evaluate(plain, env, pat.params, pat.buffers).bool().expand(layout.n, layout.n)
+    got = evaluate(pat.kernel_pattern.mask, env, pat.params, pat.buffers).bool().expand(layout.n, layout.n)
+    assert torch.equal(got, want)
+    return plain
 
 
 def test_cancel_digits_only_where_the_remainder_is_proven():
@@ -123,15 +130,7 @@ def test_random_masks_in_random_layouts_keep_their_meaning(data):
             m = t if m is None else (m & t) if conj else (m | t)
         return m
 
-    pat = ac.Pattern(mask).with_layout(Layout(canvas, brick, dil))
-    n = pat.layout.n
-    nat = {"q": pat.layout.natural(ir.Var("q")), "kv": pat.layout.natural(ir.Var("kv"))}
-    plain = ir.substitute(ac.compiler.evaluate.token_mask(pat),
-                          lambda node: nat.get(node.name) if isinstance(node, ir.Var) else None)
-    p = torch.arange(n)
-    env = {"b": torch.tensor(0), "h": torch.tensor(0), "q": p[:, None], "kv": p[None, :]}
-    want = evaluate(plain, env, {}, {}).bool().expand(n, n)
-    assert torch.equal(evaluate(pat.kernel_pattern.mask, env, {}, {}).bool().expand(n, n), want)
+    _assert_composed_mask_is_the_uncancelled_one(ac.Pattern(mask).with_layout(Layout(canvas, brick, dil)))
 
 
 @pytest.mark.parametrize("make", [
