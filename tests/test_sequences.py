@@ -496,3 +496,33 @@ def test_packed_decode_sees_cu_seqlens_written_unseen(splits, decode_runs):
     out = ac.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, kernel_options=opts)
     assert out.isnan().any()
     assert decode_runs
+
+
+def test_a_token_layout_serves_its_own_length_and_other_calls_run_in_natural_order(decode_runs):
+    """A layout permutes one sequence of its n tokens: decode steps, chunked prefill (fewer queries
+    than keys), paged and packed calls of a pattern that has one run it in natural order, with
+    the reference's results (a causal 2-D neighbourhood, as an autoregressive image model uses)."""
+    from attncc.compiler.layout import Layout
+
+    pattern = ac.patterns.neighborhood((8, 16), (3, 5), causal=(True, True)).with_layout(Layout((8, 16), (4, 4)))
+    natural = pattern.with_layout(None)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, 5), (2, 128), (2, 128)))
+    for options in ({}, {"decode": True}):  # the dense kernels, then the decode kernel, over 128 keys
+        out = ac.attention(q, k, v, pattern, kernel_options=options)
+        assert rel(out, ac.reference(q.double(), k.double(), v.double(), natural)) < 1e-5
+    assert len(decode_runs) == 1
+    lens = [128, 77, 5]
+    qp, kc, vc, table, kv_lens = paged_inputs(lens, Q_LEN=5, num_pages=16)
+    out = ac.attention(qp, kc, vc, pattern, page_table=table, kv_lens=kv_lens)
+    for b, n in enumerate(lens):
+        want = oracle(qp[b], dense_sequence(kc, table, b, n), dense_sequence(vc, table, b, n), natural)[0]
+        assert rel(out[b], want) < 1e-5, b
+    lens_q, lens_k = [3, 128, 1], [40, 128, 9]  # a decode step, a whole image, one token
+    qs, ks, vs, cu_q, cu_k = packed(lens_q, lens_k)
+    out, lse = ac.attention(qs, ks, vs, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    check_each_sequence(out, lse, qs, ks, vs, lens_q, lens_k, natural)
+    full = ac.compile(pattern, *(t[:, :, :1].expand(-1, -1, 128, -1) for t in (q, k, v)))
+    assert full.layout == pattern.layout  # its own length runs in the layout
+    with pytest.raises(ValueError, match="the canvas and the call disagree"):
+        ac.attention(k[:, :, :100].repeat(1, 2, 1, 1), k[:, :, :100], v[:, :, :100], pattern)

@@ -138,6 +138,18 @@ class Layout:
         if n_q != self.n or n_kv != self.n:
             raise ValueError(f"{self!r} permutes {self.n} tokens, but Q_LEN = {n_q}, KV_LEN = {n_kv}")
 
+    def applies(self, n_q: int, n_kv: int) -> bool:
+        """Whether a dense call of n_q queries over n_kv keys runs in this layout: at n tokens each;
+        not where the lengths differ (decode steps, chunked prefill: the kernels run in natural
+        order, with the same results). A square call of another length is a ValueError: the
+        canvas and the call disagree (`with_layout(None)` runs it in natural order)."""
+        if n_q != n_kv:
+            return False
+        if n_q != self.n:
+            raise ValueError(f"{self!r} permutes {self.n} tokens, but Q_LEN = KV_LEN = {n_q}: the canvas and the "
+                             "call disagree (pattern.with_layout(None) runs it in natural token order)")
+        return True
+
     def permute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """x (natural token order along `dim`, n tokens) in kernel order: x.index_select(dim, perm)."""
         self._check_tokens(x, dim)

@@ -163,8 +163,9 @@ def kernel_form(pattern: Pattern, s, options: dict, choose, tensors: tuple, mode
     `tensors` (q, k, v: their memory layout picks the fold's mapping), where
     choose(kernel pattern, shapes, layout, fold) picks the backend and tiles of a form: folded where
     runtime/fold.fold_for folds it and the folded call runs on fa4 or has no token layout to keep;
-    else in the layout's coordinates where the pattern has one (checked against the lengths); else
-    the pattern itself. Where both a fold and a layout run on Triton, the form of least predicted
+    else in the layout's coordinates where the pattern has one and it applies to the lengths
+    (compiler/layout.Layout.applies: Q_LEN = KV_LEN = its tokens; natural order where they differ);
+    else the pattern itself. Where both a fold and a layout run on Triton, the form of least predicted
     time on `model` ((profile, the device block maps are built on) or None), the fold's copies
     (Fold.copied_bytes) at the profile's bandwidth included; unmodelled (choices.modelled_ms: no
     model, a dtype or head dim the profile lacks), the layout (attncc's Triton kernels gather its
@@ -172,13 +173,13 @@ def kernel_form(pattern: Pattern, s, options: dict, choose, tensors: tuple, mode
     against 0.888 folded, benchmarks/results/2026-12-06-nvidia-h100-fold-ways.md)."""
     from .fold import fold_for
 
+    if pattern.layout is not None and not pattern.layout.applies(s.Q, s.KV):
+        pattern = pattern.with_layout(None)  # a call of fewer queries than keys: natural order
     fold = fold_for(pattern, s, options, tensors)
     if fold is not None:
         folded = fold.pattern, fold.shapes(s), None, fold, choose(fold.pattern, fold.shapes(s), None, fold)
         if pattern.layout is None or folded[4][0] == "fa4":
             return folded
-    if pattern.layout is not None:
-        pattern.layout.check(s.Q, s.KV)
     kp = pattern.kernel_pattern
     laid = kp, s, pattern.layout, None, choose(kp, s, pattern.layout, None)
     if fold is not None and model is not None:

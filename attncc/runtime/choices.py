@@ -545,7 +545,8 @@ def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad:
     KV: the dense call's keys, None for a paged call (or a packed one, which reads its k, v as
     pages). Never when gradients are required (decode is inference: the call takes the dense
     kernels, paged caches gathered first), when kernel_options force a backend other than
-    "triton", or for more than DECODE_MAX_Q queries or a token layout. Otherwise always for paged
+    "triton", or for more than DECODE_MAX_Q queries (a pattern's token layout is not used:
+    the kernel reads the keys in natural order). Otherwise always for paged
     and packed calls (it reads the pages in place; the other paths copy them, or run a packed
     call as one block-diagonal mask) and for dense calls with at least DECODE_MIN_KEYS keys and 16
     per query. Not measured yet: the dense threshold is a guess at
@@ -557,8 +558,6 @@ def choose_decode(pattern: Pattern, Q: int, KV: int | None, options: dict, grad:
     why = None
     if Q > DECODE_MAX_Q:
         why = f"Q_LEN = {Q} is more than {DECODE_MAX_Q} queries"
-    elif pattern.layout is not None:
-        why = "the pattern has a token layout"
     elif options.get("backend", "auto") not in ("auto", "triton"):
         why = f"kernel_options force the {options['backend']} backend"
     if forced and why:

@@ -252,7 +252,8 @@ class DecodeKernel:
     kv_splits (default: cost.decode_splits), BLOCK_M, BLOCK_N, num_warps, num_stages
     (runtime/choices.choose_decode_tiles); the others apply to the fallback. Inference only: a
     call whose q, k, v or buffers require grad runs ac.attention's other path (the dense kernels,
-    paged caches gathered), which has a backward.
+    paged caches gathered), which has a backward. A pattern's token layout is not used: the
+    kernel reads the keys in natural order.
     """
 
     def __init__(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -260,6 +261,8 @@ class DecodeKernel:
                  page_table: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                  cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
         pattern.require_bound()
+        if pattern.layout is not None:  # decode reads the keys in natural order (same results)
+            pattern = pattern.with_layout(None)
         self.pattern, self.kernel_options = pattern, dict(kernel_options or {})
         options = dict(self.kernel_options)
         self.forced_splits = _check_splits(options.pop("kv_splits", None))

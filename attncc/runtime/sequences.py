@@ -51,13 +51,12 @@ def _int_tensor(name: str, t, shape: tuple | None, device) -> torch.Tensor:
 
 def remap_positions(pattern: Pattern, b: ir.Node, q: ir.Node, kv: ir.Node, live: ir.Node, buffers: dict,
                     what: str = "paged and variable-length calls") -> Pattern:
-    """`pattern` with b, q, kv replaced by expressions, its mask and-ed with `live`; `what` names
-    the calls in errors."""
+    """`pattern` with b, q, kv replaced by expressions, its mask and-ed with `live`, in natural
+    token order (a token layout serves single sequences of its length only); `what` names the
+    calls in errors."""
     if pattern.has_block_mask:
         raise ValueError(f"{what} do not take block predicates (qb, kb: tile granularity of the whole sequence); "
                          "write the mask on q and kv")
-    if pattern.layout is not None:
-        raise ValueError(f"{what} do not take a token layout")
     clash = sorted(set(buffers) & set(pattern.buffers))
     if clash:
         raise ValueError(f"the pattern's buffer names {clash} are reserved for {what}")
