@@ -86,13 +86,19 @@ def test_reference_matches_hand_written_attention(case, shape):
     assert ac.reference(q, k, v, make()).shape == out.shape
 
 
-def test_reference_chunked_over_heads_keeps_head_indices(monkeypatch):
-    """With a tiny chunk the reference loops head by head; h must still be the absolute head."""
-    q, k, v = qkv()
+@pytest.mark.parametrize("chunk", [1, 2 * 9, 4 * 9 * 5 + 1])  # row by row; 2 rows of a head; 4 heads of all rows
+def test_reference_chunks_keep_head_and_query_indices(monkeypatch, chunk):
+    """With a small chunk the reference loops over heads and query rows (memory bounded at any
+    length); h and q must still be the absolute head and query."""
+    q, k, v = qkv()  # Hq 4, Q 5, KV 9
     make, allowed, score_fn = CASES["alibi"]
-    monkeypatch.setattr(api, "_REFERENCE_CHUNK", 1)
-    out = ac.reference(q, k, v, make())
-    torch.testing.assert_close(out, naive_attention(q, k, v, torch.tensor(True), score_fn)[0], rtol=1e-12, atol=1e-12)
+    pattern = make() & ac.patterns.causal(offset=2)
+    causal = torch.arange(5)[:, None] + 2 >= torch.arange(9)[None]
+    want, want_lse = naive_attention(q, k, v, causal, score_fn)
+    monkeypatch.setattr(api, "_REFERENCE_CHUNK", chunk)
+    out, lse = ac.reference(q, k, v, pattern, return_lse=True)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
 
 
 def test_gqa_query_head_reads_kv_head_h_over_group():

@@ -61,6 +61,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     NaN as in SDPA's math path, except that masked-out positions never contribute: a NaN score or
     input at a live position makes its row NaN (lse too); a NaN or inf value (v) at a live
     position makes that entry of the output NaN; anything at a masked-out position, nothing.
+    Memory is bounded at any length (2**26 scores at a time: heads, or query rows, in chunks).
     """
     s = check_qkv(q, k, v, REFERENCE_DTYPES)
     pattern = as_pattern(pattern)
@@ -70,23 +71,26 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     check_domain(pattern, (mask_ir, pattern.score), s.B, s.Hq, s.Q, s.KV, q.device)
     out = torch.empty(s.B, s.Hq, s.Q, s.Dv, dtype=torch.float64, device=q.device)
     lse = torch.empty(s.B, s.Hq, s.Q, dtype=torch.float64, device=q.device)
-    heads = max(1, min(s.Hq, _REFERENCE_CHUNK // (s.Q * s.KV)))
+    # at most _REFERENCE_CHUNK scores at once: several heads of all rows, or rows of one head
+    rows = max(1, min(s.Q, _REFERENCE_CHUNK // s.KV))
+    heads = max(1, min(s.Hq, _REFERENCE_CHUNK // (rows * s.KV)))
     for b in range(s.B):
         for h0 in range(0, s.Hq, heads):
             h1 = min(s.Hq, h0 + heads)
             kv_heads = torch.arange(h0, h1, device=q.device) // s.group
-            qf = q[b, h0:h1].double()
             kf, vf = k[b, kv_heads].double(), v[b, kv_heads].double()
-            env = evaluate.index_env(1, h1 - h0, s.Q, s.KV, q.device)
-            env["b"] = env["b"] + b
-            env["h"] = env["h"] + h0
-            scores = scale * (qf @ kf.transpose(-1, -2)).unsqueeze(0)
-            if pattern.has_score_mod:
-                scores = evaluate.evaluate(pattern.score, {**env, "score": scores},
-                                           pattern.params, pattern.buffers).double()
-            live = evaluate.evaluate(mask_ir, env, pattern.params, pattern.buffers).bool()
-            live = live.expand(1, h1 - h0, s.Q, s.KV)[0]
-            out[b, h0:h1], lse[b, h0:h1] = _softmax_attention(scores.expand(1, h1 - h0, s.Q, s.KV)[0], live, vf)
+            for r0 in range(0, s.Q, rows):
+                r1 = min(s.Q, r0 + rows)
+                env = evaluate.index_env(1, h1 - h0, r1 - r0, s.KV, q.device)
+                env["b"], env["h"], env["q"] = env["b"] + b, env["h"] + h0, env["q"] + r0
+                scores = scale * (q[b, h0:h1, r0:r1].double() @ kf.transpose(-1, -2)).unsqueeze(0)
+                if pattern.has_score_mod:
+                    scores = evaluate.evaluate(pattern.score, {**env, "score": scores},
+                                               pattern.params, pattern.buffers).double()
+                live = evaluate.evaluate(mask_ir, env, pattern.params, pattern.buffers).bool()
+                shape = (h1 - h0, r1 - r0, s.KV)
+                out[b, h0:h1, r0:r1], lse[b, h0:h1, r0:r1] = _softmax_attention(
+                    scores.expand(1, *shape)[0], live.expand(1, *shape)[0], vf)
     return (out, lse) if return_lse else out
 
 
