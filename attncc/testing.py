@@ -30,13 +30,16 @@ GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2
 
 @dataclass
 class CheckReport:
-    """What check_pattern ran: one row per example (shape, dtype, errors)."""
+    """What check_pattern ran: one row per call (shape, dtype, errors; a serving step's row names
+    its "decode" mode, paged or packed)."""
     pattern: Pattern
     rows: list = field(default_factory=list)
 
     def __str__(self) -> str:
         worst = max((r["out_err"] for r in self.rows), default=float("nan"))
-        return f"{len(self.rows)} examples passed for {self.pattern!r}; worst relative error {worst:.2e}"
+        steps = sum("decode" in r for r in self.rows)
+        return (f"{len(self.rows) - steps} examples and {steps} serving steps passed for {self.pattern!r}; "
+                f"worst relative error {worst:.2e}")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
@@ -57,8 +60,15 @@ def compare(pattern: Pattern, q, k, v, scale=None, kernel_options: dict | None =
 
     out, lse = attention(q, k, v, pattern, scale=scale, return_lse=True, kernel_options=kernel_options)
     ref, ref_lse = reference(q, k, v, pattern, scale=scale, return_lse=True)
-    tol = TOLERANCE[q.dtype]
-    where = f"for {pattern!r} with q {tuple(q.shape)}, k {tuple(k.shape)}"
+    row = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype)}
+    return _against_oracle(pattern, out, lse, ref, ref_lse, q.dtype, row)
+
+
+def _against_oracle(pattern: Pattern, out, lse, ref, ref_lse, dtype, row: dict) -> dict:
+    """`row` with the errors of (out, lse) against the oracle's (ref, ref_lse); AssertionError on
+    a mismatch (the rules of `compare`)."""
+    tol = TOLERANCE[dtype]
+    where = f"for {pattern!r} with {row}"
     for name, got, want in (("output", out, ref), ("lse", lse, ref_lse)):
         if not torch.equal(torch.isnan(got), torch.isnan(want)):
             raise AssertionError(f"NaN in the {name} at {int(torch.isnan(got).sum())} places, in the oracle's at "
@@ -75,10 +85,62 @@ def compare(pattern: Pattern, q, k, v, scale=None, kernel_options: dict | None =
     # weight of its row, and a row of one score near 0 has an lse near 0 (rounding alone is then
     # a large relative error: fuzzing found lse -2.1e-4, off by 5e-11)
     lse_err = _rel(lse.double()[ok_lse], ref_lse[ok_lse], floor=1.0) if ok_lse.any() else 0.0
-    row = {"q": tuple(q.shape), "k": tuple(k.shape), "dtype": str(q.dtype), "out_err": out_err, "lse_err": lse_err}
+    row = {**row, "out_err": out_err, "lse_err": lse_err}
     if not (out_err <= tol and lse_err <= tol):
         raise AssertionError(f"{pattern!r}: relative error out {out_err:.2e}, lse {lse_err:.2e} > {tol:.0e} for {row}")
     return row
+
+
+def compare_decode(pattern: Pattern, q, k, v, kv_lens: list[int], packed: bool = False, page_size: int = 16,
+                   scale=None, seed: int = 0, kernel_options: dict | None = None) -> dict:
+    """A serving step, checked as `compare` checks a call: q [S, Hq, Q_LEN, D] the last Q_LEN
+    queries of S sequences whose keys and values are k, v [S, Hkv, >= max(kv_lens), D|Dv] up to
+    kv_lens[s] (each 0 or at least Q_LEN), run by ac.attention from paged caches (pages of
+    `page_size` keys, shuffled in a pool) or, `packed`, from the sequences concatenated
+    (cu_seqlens; an empty sequence then has no queries). The oracle: `reference` on each sequence
+    whole, its earlier queries random, at batch index s (the pattern's b is the sequence)."""
+    from .runtime.api import attention, reference
+
+    S, Hq, Q_LEN, D = q.shape
+    Hkv, Dv, dev = k.shape[1], v.shape[3], q.device
+    if (len(kv_lens) != S or any(n != 0 and n < Q_LEN for n in kv_lens) or not 0 < max(kv_lens) <= k.shape[2]):
+        raise ValueError(f"kv_lens {kv_lens} must be S = {S} lengths, each 0 or in [Q_LEN = {Q_LEN}, "
+                         f"{k.shape[2]}], not all 0")
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.zeros(S, Hq, Q_LEN, Dv, dtype=torch.float64, device=dev)
+    ref_lse = torch.full((S, Hq, Q_LEN), -torch.inf, dtype=torch.float64, device=dev)
+    for b, n in enumerate(kv_lens):
+        if n:
+            whole = torch.randn(b + 1, Hq, n, D, generator=gen).to(dev, q.dtype)
+            whole[b, :, n - Q_LEN:] = q[b]
+            o, lse = reference(whole, k[:b + 1, :, :n], v[:b + 1, :, :n], pattern, scale=scale, return_lse=True)
+            ref[b], ref_lse[b] = o[b, :, n - Q_LEN:], lse[b, :, n - Q_LEN:]
+    live = [b for b, n in enumerate(kv_lens) if n]
+    if packed:
+        cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)  # noqa: E731
+        out, lse = attention(torch.cat([q[b] for b in live], 1)[None],
+                             *(torch.cat([t[b, :, :kv_lens[b]] for b in live], 1)[None] for t in (k, v)),
+                             pattern, scale=scale, return_lse=True, kernel_options=kernel_options,
+                             cu_seqlens_q=cu([Q_LEN if n else 0 for n in kv_lens]), cu_seqlens_k=cu(kv_lens))
+        # [1, Hq, len(live) * Q_LEN, ...] -> [len(live), Hq, Q_LEN, ...]
+        out, lse = (t[0].unflatten(1, (len(live), Q_LEN)).transpose(0, 1) for t in (out, lse))
+        ref, ref_lse = ref[live], ref_lse[live]
+    else:
+        pages = [-(-n // page_size) for n in kv_lens]
+        pool = torch.randperm(sum(pages) + 1, generator=gen).tolist()  # one page never used
+        table = torch.full((S, max(1, max(pages))), -1, dtype=torch.int32)
+        caches = [torch.randn(len(pool), page_size, Hkv, d, generator=gen).to(dev, q.dtype) for d in (D, Dv)]
+        for b, n in enumerate(kv_lens):
+            for j in range(pages[b]):
+                table[b, j] = page = pool.pop()
+                m = min(page_size, n - j * page_size)
+                for cache, t in zip(caches, (k, v)):
+                    cache[page, :m] = t[b, :, j * page_size:j * page_size + m].transpose(0, 1)
+        out, lse = attention(q, *caches, pattern, scale=scale, return_lse=True, kernel_options=kernel_options,
+                             page_table=table.to(dev), kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev))
+    row = {"decode": "packed" if packed else "paged", "q": tuple(q.shape), "kv_lens": list(kv_lens),
+           "dtype": str(q.dtype)}
+    return _against_oracle(pattern, out, lse, ref, ref_lse, q.dtype, row)
 
 
 def compare_grads(pattern: Pattern, q, k, v, scale=None, seed: int = 0, kernel_options: dict | None = None) -> dict:
@@ -187,10 +249,13 @@ def _listed_shapes(given_shapes) -> list[tuple[int, ...]]:
 
 def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int = 10, grad: bool = True, *,
                   device=None, max_len: int = 160, head_dims=(16, 24, 32, 64), seed: int = 0,
-                  kernel_options: dict | None = None) -> CheckReport:
+                  kernel_options: dict | None = None, decode: bool = True) -> CheckReport:
     """Property-test `pattern`: kernel vs `attncc.reference` on random shapes and inputs: output
     and LSE, with `grad` the gradients of q, k, v and of the pattern's float buffers (each taken as
-    learnable), and the block classification (FULL / EMPTY tiles) against the dense mask.
+    learnable), and the block classification (FULL / EMPTY tiles) against the dense mask. With
+    `decode` each example also runs a serving step (`compare_decode`: up to 8 queries at the end
+    of each of B sequences of random lengths up to KV_LEN, from paged caches or packed, which the
+    split-KV decode kernel reads), unless the pattern has block predicates (which such calls refuse).
 
     shapes: None (random: odd lengths, Q_LEN != KV_LEN, GQA, head dims `head_dims`, lengths up to
     `max_len`), a list of (B, Hq, Hkv, Q_LEN, KV_LEN, D), or a hypothesis strategy of them.
@@ -209,7 +274,7 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
 
     pattern = as_pattern(pattern)
     max_examples, max_len = count("max_examples", max_examples, 1), count("max_len", max_len, 1)
-    grad = flag("grad", grad)
+    grad, decode = flag("grad", grad), flag("decode", decode) and not pattern.has_block_mask
     head_dims = tuple(head_dims)
     if not head_dims or not all(kernel_head_dim(d) for d in head_dims):
         raise ValueError(f"head_dims must be ints in 16..256 (the kernels' head dims), got {head_dims!r}")
@@ -279,6 +344,14 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
                 row.update(compare_grads(pat, q, k, v, seed=data_seed, kernel_options=kernel_options))
             check_classification(pat.kernel_pattern, B, Hq, Q, KV, (16, 32))
             report.rows.append({**row, "layout": use_layout})
+            if decode and defined(B, Hq, KV, KV):  # a serving step (its queries at positions up to KV - 1)
+                Q_LEN = 1 + data_seed % min(8, KV)
+                lens = [0 if int(torch.randint(5, (), generator=gen)) == 0 else
+                        int(torch.randint(Q_LEN, KV + 1, (), generator=gen)) for _ in range(B)]
+                lens[int(torch.randint(B, (), generator=gen))] = KV  # one sequence at the longest length
+                q1 = torch.randn(B, Hq, Q_LEN, D, generator=gen).to(device, dtype)
+                report.rows.append(compare_decode(pat, q1, k, v, lens, packed=bool(data_seed & 1), seed=data_seed,
+                                                  kernel_options=kernel_options))
         except Exception:
             first_failure[:] = first_failure or [time.monotonic()]
             failing.add((case, dtype, data_seed))

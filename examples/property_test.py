@@ -3,7 +3,9 @@
 1. `ac.testing.check_pattern` on a user pattern: causal attention plus a learnable relative-
    position bias table (a float buffer, so the gradients of q, k, v *and of the table* are
    checked against float64 autograd through `ac.reference`), on random shapes: odd lengths,
-   Q_LEN != KV_LEN, GQA. Prints the report and its examples.
+   Q_LEN != KV_LEN, GQA; each example also runs a serving step (a few queries at the end of
+   sequences of random lengths, from paged caches or packed, as the decode kernel reads them).
+   Prints the report and its examples.
 2. A deliberately wrong definition: "each query sees itself and the 7 tokens before it" written
    with an off-by-one (`q - kv <= 8`: 9 keys). check_pattern passes it, since the kernel computes
    exactly what the pattern says; a user test of `ac.create_mask` against the intended dense mask
@@ -55,7 +57,9 @@ def main(argv=None) -> dict:
     print(f"  {report}")
     for row in report.rows:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in row.items() if k.endswith("_err"))
-        print(f"  q {row['q']}, k {row['k']}, {row['dtype']}: {errs}")
+        call = (f"serving step ({row['decode']}) q {row['q']}, kv_lens {row['kv_lens']}" if "decode" in row
+                else f"q {row['q']}, k {row['k']}")
+        print(f"  {call}, {row['dtype']}: {errs}")
 
     # 2. an off-by-one the compiler cannot know about
     wrong = ac.Pattern(lambda b, h, q, kv: (q >= kv) & (q - kv <= 8), name="window, wrong")

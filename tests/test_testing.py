@@ -4,12 +4,15 @@ import torch
 
 import attncc as ac
 import attncc.testing as testing
+from attncc.dsl import ir
 
 
 def test_buffers_cap_the_lengths_and_heads_drawn():
     doc = ac.patterns.lengths_to_ids([30, 25, 20])          # 75 tokens, far below max_len
     report = testing.check_pattern(ac.patterns.document(ids=doc), max_examples=4, max_len=200)
-    assert report.rows and all(r["q"][2] <= 75 and r["k"][2] <= 75 for r in report.rows)
+    calls = [r for r in report.rows if "decode" not in r]
+    assert calls and all(r["q"][2] <= 75 and r["k"][2] <= 75 for r in calls)
+    assert all(max(r["kv_lens"]) <= 75 for r in report.rows if "decode" in r)
     report = testing.check_pattern(ac.patterns.alibi(2), max_examples=3, max_len=40)  # slopes for 2 heads
     assert all(r["q"][1] <= 2 for r in report.rows)
     with pytest.raises(ac.PatternError, match="must stay inside"):
@@ -33,7 +36,7 @@ def test_gradients_and_classification_are_checked(monkeypatch):
     table = torch.randn(2 * 40 - 1)
     pat = ac.Pattern(lambda b, h, q, kv: q >= kv, lambda s, b, h, q, kv: s + table[q - kv + 39])
     report = testing.check_pattern(pat, max_examples=3, max_len=40)
-    assert all("dtable_err" in r and "dq_err" in r for r in report.rows)
+    assert all("dtable_err" in r and "dq_err" in r for r in report.rows if "decode" not in r)
     # a kernel whose gradients are off by 1% must fail
     import attncc.runtime.kernel as kernel
 
@@ -63,14 +66,15 @@ def test_a_pattern_with_a_layout_is_checked_in_and_out_of_it():
     pat = ac.patterns.natten2d(8, 16, 3)
     assert pat.layout is not None
     report = testing.check_pattern(pat, max_examples=6, max_len=60, grad=False)
-    assert {r["layout"] for r in report.rows} == {True, False}
-    assert all(r["q"][2] == 128 for r in report.rows if r["layout"])
+    calls = [r for r in report.rows if "decode" not in r]
+    assert {r["layout"] for r in calls} == {True, False}
+    assert all(r["q"][2] == 128 for r in calls if r["layout"])
 
 
 def test_check_pattern_passes_kernel_options():
     report = ac.testing.check_pattern(ac.patterns.sliding_window(5), max_examples=2, max_len=40, grad=False,
                                       kernel_options={"backend": "triton"})
-    assert len(report.rows) == 2
+    assert len(report.rows) == 4 and str(report).startswith("2 examples and 2 serving steps passed")
     with pytest.raises(ValueError, match="backend='fa4' runs on CUDA only"):
         ac.testing.check_pattern(ac.patterns.sliding_window(5), max_examples=1, max_len=40, grad=False,
                                  device="cpu", kernel_options={"backend": "fa4"})
@@ -100,9 +104,13 @@ def test_given_shapes_dtypes_and_the_strategies():
     pat = ac.patterns.natten2d(8, 16, 3)
     report = testing.check_pattern(pat, [(1, 2, 1, 37, 50, 16), (1, 1, 1, 128, 128, 32)],
                                    [torch.float32, torch.bfloat16], max_examples=6, grad=False)
-    assert {r["q"] for r in report.rows} <= {(1, 2, 37, 16), (1, 1, 128, 32)}
-    assert all(r["layout"] == (r["q"][2] == 128) for r in report.rows)
-    assert len(testing.check_pattern(ac.patterns.causal(), [(1, 1, 1, 9, 9, 16)], None, max_examples=2).rows) == 2
+    calls = [r for r in report.rows if "decode" not in r]
+    assert {r["q"] for r in calls} <= {(1, 2, 37, 16), (1, 1, 128, 32)}
+    assert all(r["layout"] == (r["q"][2] == 128) for r in calls)
+    steps = [r for r in report.rows if "decode" in r]  # one serving step per example, from its shape
+    assert len(steps) == len(calls) and all(r["q"][1] in (1, 2) and max(r["kv_lens"]) in (50, 128) for r in steps)
+    assert len(testing.check_pattern(ac.patterns.causal(), [(1, 1, 1, 9, 9, 16)], None, max_examples=2,
+                                     decode=False).rows) == 2
     with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
         testing.check_pattern(ac.patterns.causal(), [(1, 3, 2, 9, 9, 16)])
     with pytest.raises(ValueError, match="dtypes must be some of"):
@@ -144,3 +152,24 @@ def test_a_missing_buffer_gradient_is_named(monkeypatch):
     q, k, v = (torch.randn(1, 2, 5, 16, generator=g) for _ in range(3))
     with pytest.raises(AssertionError, match="no gradient for dtable from attncc's kernels"):
         testing.compare_grads(pattern, q, k, v)
+
+
+def test_serving_steps_are_checked_paged_and_packed(monkeypatch):
+    """Each example also runs a decode step over paged caches or packed sequences (the split-KV
+    decode kernel), its queries at the end of each sequence; a decode kernel off by 1% fails it,
+    and a pattern with block predicates (which those calls refuse) runs none."""
+    report = testing.check_pattern(ac.patterns.sinks(2, 7), max_examples=6, max_len=60, grad=False)
+    steps = [r for r in report.rows if "decode" in r]
+    assert len(steps) == 6 and {r["decode"] for r in steps} == {"paged", "packed"}
+    assert all(1 <= r["q"][2] <= 8 and max(r["kv_lens"]) >= r["q"][2] for r in steps)
+    from attncc.runtime.decode import DecodeKernel
+
+    real = DecodeKernel.forward
+    monkeypatch.setattr(DecodeKernel, "forward", lambda self, *a, **kw: (lambda o: (o[0] * 1.01, o[1]))(
+        real(self, *a, **kw)))
+    monkeypatch.setattr(testing, "SHRINK_SECONDS", 3.0)  # any failing example will do here
+    with pytest.raises(AssertionError, match="'decode'"):
+        testing.check_pattern(ac.patterns.causal(), max_examples=2, max_len=40, grad=False)
+    blocky = ac.Pattern.from_ir(block=ir.op("ge", ir.Var("qb"), ir.Var("kb")), block_size=16)
+    report = testing.check_pattern(blocky, max_examples=2, max_len=40, grad=False)
+    assert report.rows and not any("decode" in r for r in report.rows)
