@@ -255,7 +255,8 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
     learnable), and the block classification (FULL / EMPTY tiles) against the dense mask. With
     `decode` each example also runs a serving step (`compare_decode`: up to 8 queries at the end
     of each of B sequences of random lengths up to KV_LEN, from paged caches or packed, which the
-    split-KV decode kernel reads), unless the pattern has block predicates (which such calls refuse).
+    split-KV decode kernel reads), unless the pattern has block predicates (which such calls refuse)
+    or `kernel_options` force a backend other than Triton (which the decode kernel is).
 
     shapes: None (random: odd lengths, Q_LEN != KV_LEN, GQA, head dims `head_dims`, lengths up to
     `max_len`), a list of (B, Hq, Hkv, Q_LEN, KV_LEN, D), or a hypothesis strategy of them.
@@ -274,7 +275,10 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
 
     pattern = as_pattern(pattern)
     max_examples, max_len = count("max_examples", max_examples, 1), count("max_len", max_len, 1)
-    grad, decode = flag("grad", grad), flag("decode", decode) and not pattern.has_block_mask
+    grad = flag("grad", grad)
+    # serving steps test the decode kernel, which runs where no other backend is forced
+    decode = (flag("decode", decode) and not pattern.has_block_mask
+              and (kernel_options or {}).get("backend", "auto") in ("auto", "triton"))
     head_dims = tuple(head_dims)
     if not head_dims or not all(kernel_head_dim(d) for d in head_dims):
         raise ValueError(f"head_dims must be ints in 16..256 (the kernels' head dims), got {head_dims!r}")
