@@ -305,6 +305,8 @@ def cmd_check(pattern: ac.Pattern, args) -> int:
         dims["kernel_options"] = {"backend": args.backend}
     if args.dtype:
         dims["dtypes"] = (getattr(torch, args.dtype),)
+    if not args.decode:
+        dims["decode"] = False
     try:
         print(check_pattern(pattern, max_examples=args.examples, max_len=args.q_len, **dims))
     except ValueError as e:  # what was asked cannot run here (fa4 on a CPU), not a failing pattern
@@ -399,6 +401,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--examples", type=_positive, default=5, help="random examples (default 5)")
     check.add_argument("--backend", choices=("auto", "triton", "fa4", "sdpa-cudnn"), default="auto",
                        help="the backend to test (default: the automatic choice)")
+    check.add_argument("--no-decode", dest="decode", action="store_false",
+                       help="skip the serving steps (paged / packed decode calls) run beside each example")
     explain = verb("explain", "the cost model's report: block map summary, tiles, predicted vs roofline time")
     explain.add_argument("--target", choices=("h200", "h100"), default=None,
                          help="explain a run on that GPU (its profile) from any machine")

@@ -194,6 +194,8 @@ def test_check_uses_check_pattern(capsys, monkeypatch):
     assert seen == [(ac.patterns.sliding_window(3), {"max_examples": 3, "max_len": 33})]
     run(capsys, "check", SWA, "--backend", "fa4", "--dtype", "bfloat16")
     assert seen[-1][1]["kernel_options"] == {"backend": "fa4"} and seen[-1][1]["dtypes"] == (torch.bfloat16,)
+    run(capsys, "check", SWA, "--no-decode")
+    assert seen[-1][1] == {"max_examples": 5, "max_len": 64, "decode": False}
 
     def failing(p, **kw):
         raise AssertionError("kernel differs")
