@@ -526,3 +526,26 @@ def test_a_token_layout_serves_its_own_length_and_other_calls_run_in_natural_ord
     assert full.layout == pattern.layout  # its own length runs in the layout
     with pytest.raises(ValueError, match="the canvas and the call disagree"):
         ac.attention(k[:, :, :100].repeat(1, 2, 1, 1), k[:, :, :100], v[:, :, :100], pattern)
+
+
+def test_paged_and_packed_calls_compile_with_fullgraph():
+    """Under torch.compile a paged or packed call is one custom op (inference only), with the eager
+    call's results; a call that needs gradients says to run it without grad or eagerly."""
+    pattern = ac.patterns.sinks(2, 9)
+    q, kc, vc, table, kv_lens = paged_inputs([37, 0, 50, 4])
+    paged = torch.compile(lambda q, kc, vc, t, n: ac.attention(q, kc, vc, pattern, page_table=t, kv_lens=n,
+                                                               return_lse=True), backend="aot_eager", fullgraph=True)
+    for got, want in zip(paged(q, kc, vc, table, kv_lens),
+                         ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens, return_lse=True)):
+        assert torch.equal(got, want)
+    lens_q, lens_k = [3, 1, 0], [40, 9, 0]
+    qs, ks, vs, cu_q, cu_k = packed(lens_q, lens_k)
+    packed_call = torch.compile(lambda *t: ac.attention(*t[:3], pattern, cu_seqlens_q=t[3], cu_seqlens_k=t[4],
+                                                        return_lse=True), backend="aot_eager", fullgraph=True)
+    out, lse = packed_call(qs, ks, vs, cu_q, cu_k)
+    check_each_sequence(out, lse, qs, ks, vs, lens_q, lens_k, pattern)
+    with pytest.raises(Exception, match="inference only"):
+        paged(q.clone().requires_grad_(), kc, vc, table, kv_lens)
+    with torch.no_grad():
+        assert torch.equal(paged(q.clone().requires_grad_(), kc, vc, table, kv_lens)[0],
+                           ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens))

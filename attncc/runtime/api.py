@@ -307,10 +307,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     place; kernel_options kv_splits sets its number of splits (default: the
     cost model's), decode=False / True forbids / forces it. It is inference only: where q, k, v or
     a buffer require grad, the call runs the dense kernels (paged caches gathered), which have a
-    backward.
+    backward. Under torch.compile a paged or packed call is one custom op, inference only.
     """
     paged = page_table is not None or kv_lens is not None
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if (paged or varlen) and torch.compiler.is_compiling():  # one custom op (runtime/compiled_op.py)
+        return _compiled_serving(q, k, v, as_pattern(pattern), scale, return_lse, kernel_options, page_table,
+                                 kv_lens, cu_seqlens_q, cu_seqlens_k)
     if varlen and not paged and cu_seqlens_q is not None and cu_seqlens_k is not None:
         decode = _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q, cu_seqlens_k)
         if decode is not None:
@@ -323,8 +326,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     if paged or varlen:
         from .sequences import paged_call, varlen_call
 
-        if torch.compiler.is_compiling():
-            raise ValueError("paged and variable-length calls do not run under torch.compile yet")
         if paged and varlen:
             raise ValueError("give page_table/kv_lens (paged caches) or cu_seqlens_q/cu_seqlens_k (packed "
                              "sequences), not both")
@@ -488,6 +489,21 @@ def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kern
 
     out, lse = attention_op(q, k, v, list(pattern.buffers.values()), pattern.uid, options_json(kernel_options),
                             scale)  # natural token order in and out: the Kernel folds or permutes
+    return (out, lse) if return_lse else out
+
+
+def _compiled_serving(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options, page_table, kv_lens,
+                      cu_seqlens_q, cu_seqlens_k):
+    """A paged or packed call under torch.compile: compiled_op.serving_op, inference only (the
+    eager call's gradients gather the pages into dense tensors, which a graph would rather do
+    itself)."""
+    from .compiled_op import options_json, serving_op
+
+    if needs_grad(pattern, q, k, v):
+        raise ValueError("paged and variable-length calls under torch.compile are inference only: call them "
+                         "under torch.no_grad() (or without torch.compile to get gradients)")
+    out, lse = serving_op(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k, list(pattern.buffers.values()),
+                          pattern.uid, options_json(kernel_options), scale)
     return (out, lse) if return_lse else out
 
 

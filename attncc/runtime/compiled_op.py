@@ -1,7 +1,8 @@
 """torch.compile: ac.attention as one custom op (with fake implementations and its autograd), so a
 model calling it compiles with fullgraph=True. The graph holds the pattern's `uid` and the kernel
 options (JSON) as constant strings; q, k, v and the pattern's buffers are the op's tensor
-arguments. The same kernels and backward as runtime/autograd.py's eager path.
+arguments. The same kernels and backward as runtime/autograd.py's eager path. Paged and packed
+calls (serving: inference only) are a second op that runs ac.attention's eager serving path.
 
 A module of its own because importing it imports torch._dynamo (for `assume_constant_result`):
 1.7-3 s that an eager call never pays (api imports it only while torch.compile traces a call).
@@ -25,13 +26,17 @@ def options_json(kernel_options: dict | None) -> str:
         raise ValueError(f"kernel_options must be JSON-like under torch.compile: {e}") from None
 
 
-def _kernel(q, k, v, uid: str, options: str, scale):
-    from .api import prepare_kernel
-
+def _pattern(uid: str) -> Pattern:
     pattern = Pattern.by_uid(uid)
     if pattern is None:
         raise RuntimeError(f"the pattern {uid} is gone (a compiled graph outlived its pattern)")
-    return prepare_kernel(pattern, q, k, v, scale, json.loads(options))
+    return pattern
+
+
+def _kernel(q, k, v, uid: str, options: str, scale):
+    from .api import prepare_kernel
+
+    return prepare_kernel(_pattern(uid), q, k, v, scale, json.loads(options))
 
 
 @torch.library.custom_op("attncc::attention", mutates_args=())
@@ -84,3 +89,24 @@ def _backward(ctx, dout, dlse):
 
 
 attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("attncc::serving_attention", mutates_args=())
+def serving_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_table: Optional[torch.Tensor],
+               kv_lens: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+               cu_seqlens_k: Optional[torch.Tensor], buffers: list[torch.Tensor], uid: str, options: str,
+               scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) of ac.attention's paged call
+    (page_table, kv_lens; k, v caches [num_pages, page_size, Hkv, D|Dv]) or packed call
+    (cu_seqlens_q, cu_seqlens_k; k, v [1, Hkv, total_k, D|Dv]) of the pattern `uid`."""
+    from .api import attention
+
+    out, lse = attention(q, k, v, _pattern(uid), scale=scale, return_lse=True, kernel_options=json.loads(options),
+                         page_table=page_table, kv_lens=kv_lens, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return out.contiguous(), lse.contiguous()
+
+
+@serving_op.register_fake
+def _(q, k, v, page_table, kv_lens, cu_seqlens_q, cu_seqlens_k, buffers, uid, options, scale):
+    B, H, Q = q.shape[:3]
+    return q.new_empty(B, H, Q, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
