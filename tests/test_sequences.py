@@ -549,3 +549,16 @@ def test_paged_and_packed_calls_compile_with_fullgraph():
     with torch.no_grad():
         assert torch.equal(paged(q.clone().requires_grad_(), kc, vc, table, kv_lens)[0],
                            ac.attention(q, kc, vc, pattern, page_table=table, kv_lens=kv_lens))
+
+
+def test_a_compiled_dense_decode_step_runs_the_decode_kernel(decode_runs):
+    pattern = ac.patterns.sinks(2, 9)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, 3), (2, 70), (2, 70)))
+    step = torch.compile(lambda q, k, v: ac.attention(q, k, v, pattern, kernel_options={"decode": True}),
+                         backend="aot_eager", fullgraph=True)
+    assert torch.equal(step(q, k, v), ac.attention(q, k, v, pattern, kernel_options={"decode": True}))
+    assert len(decode_runs) == 2  # compiled and eager
+    out = step(q.clone().requires_grad_(), k, v)  # gradients needed: the dense kernels' op (recompiled)
+    assert out.requires_grad and len(decode_runs) == 2
+    assert rel(out.detach(), ac.reference(q.double(), k.double(), v.double(), pattern)) < 1e-5

@@ -2,7 +2,8 @@
 model calling it compiles with fullgraph=True. The graph holds the pattern's `uid` and the kernel
 options (JSON) as constant strings; q, k, v and the pattern's buffers are the op's tensor
 arguments. The same kernels and backward as runtime/autograd.py's eager path. Paged and packed
-calls (serving: inference only) are a second op that runs ac.attention's eager serving path.
+calls and dense decode steps (serving: inference only) are a second op that runs ac.attention's
+eager serving path (the split-KV decode kernel).
 
 A module of its own because importing it imports torch._dynamo (for `assume_constant_result`):
 1.7-3 s that an eager call never pays (api imports it only while torch.compile traces a call).
@@ -97,8 +98,9 @@ def serving_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_table: Op
                cu_seqlens_k: Optional[torch.Tensor], buffers: list[torch.Tensor], uid: str, options: str,
                scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) of ac.attention's paged call
-    (page_table, kv_lens; k, v caches [num_pages, page_size, Hkv, D|Dv]) or packed call
-    (cu_seqlens_q, cu_seqlens_k; k, v [1, Hkv, total_k, D|Dv]) of the pattern `uid`."""
+    (page_table, kv_lens; k, v caches [num_pages, page_size, Hkv, D|Dv]), packed call
+    (cu_seqlens_q, cu_seqlens_k; k, v [1, Hkv, total_k, D|Dv]) or dense decode call (all four
+    None) of the pattern `uid`."""
     from .api import attention
 
     out, lse = attention(q, k, v, _pattern(uid), scale=scale, return_lse=True, kernel_options=json.loads(options),
