@@ -126,3 +126,30 @@ def test_a_serving_loop_over_a_kv_cache(monkeypatch):
         if step % 9 == 0 or step in (63, 64):
             check(out, lse, q, keys, values, pattern, cache.kv_lens)
     assert len(builds) == 2  # steps 0-63, then 64-69
+
+
+@pytest.mark.parametrize("make", [lambda: ac.patterns.sinks(4, 64), lambda: ac.patterns.alibi(4, device="cuda"),
+                                  lambda: ac.patterns.neighborhood((8, 16), (3, 5), causal=(True, True))],
+                         ids=["sinks", "alibi", "neighbourhood-in-a-layout"])
+def test_check_pattern_serving_steps_on_the_gpu(make):
+    """check_pattern's serving steps (paged and packed, the decode kernel) in bf16 on CUDA; a layout's
+    pattern serves them in natural order."""
+    report = ac.testing.check_pattern(make(), dtypes=[torch.bfloat16], max_examples=6, max_len=128, grad=False)
+    steps = [r for r in report.rows if "decode" in r]
+    assert len(steps) == 6 and {r["decode"] for r in steps} == {"paged", "packed"}
+
+
+def test_compiled_serving_calls_on_the_gpu():
+    """torch.compile(fullgraph=True) of a paged step and a dense decode step: the serving custom op,
+    the eager call's results."""
+    pattern = ac.patterns.sinks(4, 1024)
+    k_cache, v_cache, table, kv_lens, _, _ = paged([3000, 77, 8192], 64)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(3, HQ, 8, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    step = torch.compile(lambda q, kc, vc, t, n: ac.attention(q, kc, vc, pattern, page_table=t, kv_lens=n),
+                         fullgraph=True)
+    assert torch.equal(step(q, k_cache, v_cache, table, kv_lens),
+                       ac.attention(q, k_cache, v_cache, pattern, page_table=table, kv_lens=kv_lens))
+    k, v = (torch.randn(2, HKV, 8192, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    dense = torch.compile(lambda q, k, v: ac.attention(q, k, v, pattern), fullgraph=True)
+    assert torch.equal(dense(q[:2], k, v), ac.attention(q[:2], k, v, pattern))
