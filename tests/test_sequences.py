@@ -562,3 +562,8 @@ def test_a_compiled_dense_decode_step_runs_the_decode_kernel(decode_runs):
     out = step(q.clone().requires_grad_(), k, v)  # gradients needed: the dense kernels' op (recompiled)
     assert out.requires_grad and len(decode_runs) == 2
     assert rel(out.detach(), ac.reference(q.double(), k.double(), v.double(), pattern)) < 1e-5
+    split = torch.compile(lambda q, k, v: ac.attention(q, k, v, pattern, kernel_options={"kv_splits": 3}),
+                          backend="aot_eager", fullgraph=True)  # keys split, inference: the serving op too
+    assert torch.equal(split(q, k, v), ac.attention(q, k, v, pattern, kernel_options={"kv_splits": 3}))
+    with pytest.raises(Exception, match="kv_splits with gradients"):
+        split(q.clone().requires_grad_(), k, v)

@@ -307,12 +307,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     place; kernel_options kv_splits sets its number of splits (default: the
     cost model's), decode=False / True forbids / forces it. It is inference only: where q, k, v or
     a buffer require grad, the call runs the dense kernels (paged caches gathered), which have a
-    backward. Under torch.compile a paged or packed call, or a dense one the decode kernel takes, is
-    one custom op, inference only.
+    backward. Under torch.compile a paged or packed call, or a dense one the decode kernel takes or
+    kv_splits splits, is one custom op, inference only.
     """
     paged = page_table is not None or kv_lens is not None
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    if torch.compiler.is_compiling() and (paged or varlen or _dense_decode(pattern, q, k, kernel_options)):
+    if torch.compiler.is_compiling() and (paged or varlen or _serving_call(pattern, q, k, kernel_options)):
         return _compiled_serving(q, k, v, as_pattern(pattern), scale, return_lse, kernel_options, page_table,
                                  kv_lens, cu_seqlens_q, cu_seqlens_k)  # one custom op (runtime/compiled_op.py)
     if varlen and not paged and cu_seqlens_q is not None and cu_seqlens_k is not None:
@@ -341,8 +341,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     if (kernel_options or {}).get("kv_splits", 1) != 1:
         from .sequences import merge_splits, split_kv
 
-        if torch.compiler.is_compiling():
-            raise ValueError("kernel_options kv_splits does not run under torch.compile yet")
+        if torch.compiler.is_compiling():  # without gradients the serving op took it (_serving_call)
+            raise ValueError("kernel_options kv_splits with gradients does not run under torch.compile yet "
+                             "(without gradients it does)")
         check_qkv(q, k, v)
         options = dict(kernel_options)
         q2, k2, v2, split, S = split_kv(q, k, v, as_pattern(pattern), options.pop("kv_splits"))
@@ -493,19 +494,20 @@ def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kern
     return (out, lse) if return_lse else out
 
 
-def _dense_decode(pattern, q, k, kernel_options) -> bool:
-    """Whether a dense call runs the decode kernel (choose_decode; no gradients needed)."""
-    pattern = as_pattern(pattern)
+def _serving_call(pattern, q, k, kernel_options) -> bool:
+    """Whether a dense call without gradients runs the serving path: the decode kernel
+    (choose_decode) or the keys split (kernel_options kv_splits)."""
+    pattern, options = as_pattern(pattern), kernel_options or {}
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)) or needs_grad(pattern, q, k, k):
         return False
-    return choose_decode(pattern, q.shape[2], k.shape[2], kernel_options or {}, False)
+    return options.get("kv_splits", 1) != 1 or choose_decode(pattern, q.shape[2], k.shape[2], options, False)
 
 
 def _compiled_serving(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options, page_table, kv_lens,
                       cu_seqlens_q, cu_seqlens_k):
-    """A paged or packed call, or a dense one the decode kernel takes, under torch.compile:
-    compiled_op.serving_op, inference only (the eager call's gradients gather the pages into dense
-    tensors, which a graph would rather do itself)."""
+    """A paged or packed call, or a dense one the decode kernel takes or kv_splits splits, under
+    torch.compile: compiled_op.serving_op, inference only (the eager call's gradients gather the
+    pages into dense tensors, which a graph would rather do itself)."""
     from .compiled_op import options_json, serving_op
 
     if needs_grad(pattern, q, k, v):

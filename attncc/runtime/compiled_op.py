@@ -99,8 +99,8 @@ def serving_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_table: Op
                scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Q, Dv] in q's dtype, lse float32 [B, Hq, Q]) of ac.attention's paged call
     (page_table, kv_lens; k, v caches [num_pages, page_size, Hkv, D|Dv]), packed call
-    (cu_seqlens_q, cu_seqlens_k; k, v [1, Hkv, total_k, D|Dv]) or dense decode call (all four
-    None) of the pattern `uid`."""
+    (cu_seqlens_q, cu_seqlens_k; k, v [1, Hkv, total_k, D|Dv]) or dense call (all four None: a
+    decode step, or kernel_options kv_splits) of the pattern `uid`."""
     from .api import attention
 
     out, lse = attention(q, k, v, _pattern(uid), scale=scale, return_lse=True, kernel_options=json.loads(options),
