@@ -312,7 +312,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     """
     paged = page_table is not None or kv_lens is not None
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    if torch.compiler.is_compiling() and (paged or varlen or _serving_call(pattern, q, k, kernel_options)):
+    if torch.compiler.is_compiling() and (paged or varlen or _serving_call(pattern, q, k, v, kernel_options)):
         return _compiled_serving(q, k, v, as_pattern(pattern), scale, return_lse, kernel_options, page_table,
                                  kv_lens, cu_seqlens_q, cu_seqlens_k)  # one custom op (runtime/compiled_op.py)
     if varlen and not paged and cu_seqlens_q is not None and cu_seqlens_k is not None:
@@ -494,11 +494,11 @@ def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kern
     return (out, lse) if return_lse else out
 
 
-def _serving_call(pattern, q, k, kernel_options) -> bool:
+def _serving_call(pattern, q, k, v, kernel_options) -> bool:
     """Whether a dense call without gradients runs the serving path: the decode kernel
     (choose_decode) or the keys split (kernel_options kv_splits)."""
     pattern, options = as_pattern(pattern), kernel_options or {}
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)) or needs_grad(pattern, q, k, k):
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)) or needs_grad(pattern, q, k, v):
         return False
     return options.get("kv_splits", 1) != 1 or choose_decode(pattern, q.shape[2], k.shape[2], options, False)
 
