@@ -524,6 +524,8 @@ def test_a_token_layout_serves_its_own_length_and_other_calls_run_in_natural_ord
     check_each_sequence(out, lse, qs, ks, vs, lens_q, lens_k, natural)
     full = ac.compile(pattern, *(t[:, :, :1].expand(-1, -1, 128, -1) for t in (q, k, v)))
     assert full.layout == pattern.layout  # its own length runs in the layout
+    with pytest.raises(ValueError, match="compile the call at these lengths"):  # a kernel is bound to its form
+        full(q, k, v)
     with pytest.raises(ValueError, match="the canvas and the call disagree"):
         ac.attention(k[:, :, :100].repeat(1, 2, 1, 1), k[:, :, :100], v[:, :, :100], pattern)
 
