@@ -130,6 +130,23 @@ def test_simplification_rules(built, expected):
     assert built is expected
 
 
+def test_a_constant_where_keeps_its_kind():
+    """where(False, score, ibuf[q]) is the load promoted to float, as torch computes it (an int
+    load ** -1 would raise); beside an integer or another load the dtype is unknown: it stays."""
+    score, load = ir.Var("score"), ir.load("ibuf", (q,))
+    picked = ir.op("where", ir.FALSE, score, load)
+    assert picked is ir.op("mul", load, ir.const(1.0))
+    for other in (q, ir.load("fbuf", (q,))):
+        assert isinstance(ir.op("where", ir.FALSE, other, load), ir.Op)
+        assert ir.op("where", ir.FALSE, other, load).op == "where"
+    env = {"q": torch.arange(4), "score": torch.zeros(4)}
+    buffers = {"ibuf": torch.tensor([1, 2, -4, 5]), "fbuf": torch.tensor([0.5, 1.0, 2.0, 4.0])}
+    recip = ev.evaluate(ir.op("pow", picked, ir.const(-1)), env, {}, buffers)
+    assert recip.is_floating_point() and recip.tolist() == [1.0, 0.5, -0.25, 0.2]
+    kept = ev.evaluate(ir.op("where", ir.FALSE, ir.load("fbuf", (q,)), load), env, {}, buffers)
+    assert kept.is_floating_point() and kept.tolist() == [1.0, 2.0, -4.0, 5.0]
+
+
 def test_float_zeros_fold_only_where_ieee_keeps_every_value():
     """x + 0.0 is +0.0 at x = -0.0 (so 1 / (0.0 + -score) at score 0 is +inf, not -inf): only
     x - 0.0, x + -0.0 and -0.0 + x fold (hypothesis found pow(0.0 + (-0.0 - score), -1))."""

@@ -90,6 +90,10 @@ def test_random_block_predicate_reads_as_blocks_of_tokens(term, seed, bq, bk):
                                                           ("op", "where", (("const", False), ("var", "score"), ("var", "b"))))),)),
                              ("const", -1))),
          seed=0)  # where(False, score, b) is b promoted to float: 1 / -(b + b) at b = 0 is -inf (found by CI)
+@example(term=("op", "pow", (("op", "where", (("const", False), ("var", "score"),
+                                              ("load", "ibuf", ("op", "mod", (("var", "b"), ("const", 8)))))),
+                             ("const", -1))),
+         seed=0)  # where(False, score, ibuf[b % 8]) is the load promoted to float (found by CI, 2026-12-08)
 def test_random_score_function_traces_to_what_it_computes(term, seed):
     f = as_function(term, seed)
     params = {k: ac.param(k, v) for k, v in PARAMS.items()}

@@ -407,12 +407,19 @@ def _idempotent(name, a, b):
 
 def _where(name, c, a, b):
     """where(True, a, b) -> a, where(False, a, b) -> b, where(c, a, a) -> a. The branch taken keeps
-    the where's kind: an integer beside a float branch becomes a float (x * 1.0), as torch
-    promotes it (1 / -(b + b) at b = 0: -inf in floats, where -0.0 exists; inf in integers)."""
+    the where's kind, as torch promotes it: an integer, or a load (of unknown dtype), beside a
+    float branch becomes a float (x * 1.0: 1 / -(b + b) at b = 0 is -inf in floats, where -0.0
+    exists, inf in integers). Where the kind cannot be known (a load beside an integer or a load)
+    the where stays: the evaluators promote its branches."""
     pick = a if c is TRUE else b if c is FALSE else a if a is b else None
-    if pick is not None and kind_of(pick) == "int" and "float" in (kind_of(a), kind_of(b)):
+    if pick is None or a is b:
+        return pick
+    kind, other = kind_of(pick), kind_of(b if pick is a else a)
+    if kind == "float" or kind == other != "any":
+        return pick
+    if other == "float":
         return op("mul", pick, const(1.0))
-    return pick
+    return None
 
 
 def _integer_rounding(name, a):
