@@ -2,7 +2,8 @@
 
 `check_pattern(pat)` runs the compiled kernel on random inputs of random shapes (odd lengths,
 Q_LEN != KV_LEN, GQA, several head dims) and compares output, LSE and gradients (q, k, v and the
-pattern's float buffers) with `attncc.reference`, and the block classification with the dense mask.
+pattern's float buffers) with `attncc.reference`, and the block classification with the dense mask;
+beside each example a serving step (`compare_decode`: paged or packed, the decode kernel).
 Hypothesis strategies for users' own tests: `patterns()` (random IR patterns: affine and modular
 masks with a score mod; attncc's own tests call it `random_patterns`), `shapes()` and `inputs()`.
 """
