@@ -4,8 +4,9 @@ in a paged cache, attention under a sinks + sliding-window pattern through a pag
 `ac.KVCache` holds the pages: each step appends one token per sequence (taking a free page when a
 sequence fills its last one, so a sequence's pages end up scattered through the cache), runs
 `ac.attention(q, cache.k, cache.v, pattern, page_table=cache.page_table, kv_lens=cache.kv_lens)`
-and checks it against `ac.reference` on each sequence's own dense keys, the new token at the
-sequence's last position.
+under `torch.compile(fullgraph=True)` (one custom op in the graph, as a compiled model's decode
+step would call it) and checks it against `ac.reference` on each sequence's own dense keys, the
+new token at the sequence's last position.
 
     python examples/paged_decode.py            # GPU (bf16, 8 sequences, Hq 32 / Hkv 8, D 128) if there is one
     python examples/paged_decode.py --small    # tiny CPU run in Triton's interpreter (also ATTNCC_EXAMPLE_SMALL=1)
@@ -44,10 +45,11 @@ def main(argv=None) -> dict:
     for b, n in enumerate(lengths):  # the prompts
         new_tokens(n, [b])
     worst = 0.0
+    attend = torch.compile(lambda q: cache.attention(q, pattern), fullgraph=True)  # compiled once for all steps
     for step in range(steps):
         new_tokens(1, list(range(len(lengths))))  # this step's token of every sequence
         q = torch.randn(len(lengths), Hq, 1, D, device=device, generator=g).to(dtype)
-        out = cache.attention(q, pattern)  # = ac.attention(q, cache.k, cache.v, pattern, page_table=, kv_lens=)
+        out = attend(q)  # = ac.attention(q, cache.k, cache.v, pattern, page_table=, kv_lens=)
         for b in range(len(lengths)):
             k = torch.cat([x for x, _ in dense[b]], 1)[None]  # [1, Hkv, L, D]
             v = torch.cat([y for _, y in dense[b]], 1)[None]
