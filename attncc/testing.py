@@ -350,13 +350,7 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
             check_classification(pat.kernel_pattern, B, Hq, Q, KV, (16, 32))
             report.rows.append({**row, "layout": use_layout})
             if decode and defined(B, Hq, KV, KV):  # a serving step (its queries at positions up to KV - 1)
-                Q_LEN = 1 + data_seed % min(8, KV)
-                lens = [0 if int(torch.randint(5, (), generator=gen)) == 0 else
-                        int(torch.randint(Q_LEN, KV + 1, (), generator=gen)) for _ in range(B)]
-                lens[int(torch.randint(B, (), generator=gen))] = KV  # one sequence at the longest length
-                q1 = torch.randn(B, Hq, Q_LEN, D, generator=gen).to(device, dtype)
-                report.rows.append(compare_decode(pat, q1, k, v, lens, packed=bool(data_seed & 1), seed=data_seed,
-                                                  kernel_options=kernel_options))
+                report.rows.append(_serving_step(pat, Hq, k, v, gen, data_seed, kernel_options))
         except Exception:
             first_failure[:] = first_failure or [time.monotonic()]
             failing.add((case, dtype, data_seed))
@@ -369,6 +363,20 @@ def check_pattern(pattern: Pattern, shapes=None, dtypes=None, max_examples: int 
     except Exception as e:  # noqa: BLE001 — one failure: the same report, whatever it raised
         raise AssertionError(_failures(pattern, [e])) from None
     return report
+
+
+def _serving_step(pattern: Pattern, Hq: int, k, v, gen: torch.Generator, data_seed: int, kernel_options) -> dict:
+    """check_pattern's serving step beside an example whose keys are k, v [B, Hkv, KV, D]: 1-8
+    queries (by data_seed) at the end of B sequences of lengths 0 or in [Q_LEN, KV] (one of KV),
+    paged or packed (by data_seed's parity): compare_decode."""
+    B, _, KV, D = k.shape
+    Q_LEN = 1 + data_seed % min(8, KV)
+    lens = [0 if int(torch.randint(5, (), generator=gen)) == 0 else int(torch.randint(Q_LEN, KV + 1, (), generator=gen))
+            for _ in range(B)]
+    lens[int(torch.randint(B, (), generator=gen))] = KV  # one sequence at the longest length
+    q = torch.randn(B, Hq, Q_LEN, D, generator=gen).to(k.device, k.dtype)
+    return compare_decode(pattern, q, k, v, lens, packed=bool(data_seed & 1), seed=data_seed,
+                          kernel_options=kernel_options)
 
 
 def _largest(ok, top: int) -> int:
