@@ -133,10 +133,12 @@ class Layout:
         return Pattern.from_ir(mask, score, ir.TRUE, pattern.params, pattern.buffers,
                                f"{pattern.name or 'pattern'} in {self!r}")
 
-    def check(self, n_q: int, n_kv: int) -> None:
-        """ValueError unless both lengths are this layout's n (a layout permutes one sequence)."""
+    def check(self, n_q: int, n_kv: int, hint: str = "") -> None:
+        """ValueError unless both lengths are this layout's n (a layout permutes one sequence);
+        `hint`, what the caller advises, ends the message."""
         if n_q != self.n or n_kv != self.n:
-            raise ValueError(f"{self!r} permutes {self.n} tokens, but Q_LEN = {n_q}, KV_LEN = {n_kv}")
+            raise ValueError(f"{self!r} permutes {self.n} tokens, but Q_LEN = {n_q}, KV_LEN = {n_kv}"
+                             + (f": {hint}" if hint else ""))
 
     def applies(self, n_q: int, n_kv: int) -> bool:
         """Whether a dense call of n_q queries over n_kv keys runs in this layout: at n tokens each;
@@ -145,9 +147,8 @@ class Layout:
         canvas and the call disagree (`with_layout(None)` runs it in natural order)."""
         if n_q != n_kv:
             return False
-        if n_q != self.n:
-            raise ValueError(f"{self!r} permutes {self.n} tokens, but Q_LEN = KV_LEN = {n_q}: the canvas and the "
-                             "call disagree (pattern.with_layout(None) runs it in natural token order)")
+        self.check(n_q, n_kv, "the canvas and the call disagree (pattern.with_layout(None) runs it in natural "
+                              "token order)")
         return True
 
     def permute(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:

@@ -528,10 +528,9 @@ class Kernel:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes, return_lse: bool):
         """__call__ without its input checks, for callers that have made them (s = check_qkv(q, k, v))."""
-        if self.layout is not None and not s.Q == s.KV == self.layout.n:
-            raise ValueError(f"this kernel runs in {self.layout!r}, which permutes {self.layout.n} tokens, but "
-                             f"Q_LEN = {s.Q}, KV_LEN = {s.KV}: compile the call at these lengths (calls of "
-                             "fewer queries than keys run in natural order)")
+        if self.layout is not None:
+            self.layout.check(s.Q, s.KV, "this kernel runs in it; compile the call at these lengths (calls of "
+                                         "fewer queries than keys run in natural order)")
         if self.backend == "sdpa-cudnn" and not return_lse and s == self._call_shapes:  # SDPA's own backward
             (q, k, v), _ = self._kernel_order(s, q, k, v)
             return self._natural_order(_sdpa(q, k, v, self.scale, causal=self.pattern.mask is not TRUE))[0]
