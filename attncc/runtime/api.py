@@ -436,22 +436,32 @@ def _reused(kernels: LRU, key: tuple | None, make):
 _KERNELS = LRU(16)  # call key -> Kernel; each holds its block masks: a few recent calls, not a second cache
 
 
+def _four_dim(*tensors) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors)
+
+
+def _runs_decode(pattern, q, k, v, options: dict, paged: bool) -> bool:
+    """Whether runtime/choices.choose_decode takes this paged (or dense) call of 4-dim q, k, v."""
+    if not _four_dim(q, k, v):
+        return False  # the other paths say what is wrong
+    KV = None if paged else k.shape[2]
+    if options.get("decode") is None and not decode_shaped(q.shape[2], KV):
+        return False  # a training-shaped call: skip the rest of the choice (a third of its Python)
+    pattern = as_pattern(pattern)
+    return choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v))
+
+
 def _decode_kernel(pattern, q, k, v, scale, kernel_options, page_table, kv_lens, paged: bool):
     """The DecodeKernel (runtime/decode.py) for this call where runtime/choices.choose_decode picks
     it (never under torch.compile nor with gradients required), else None. Reused while the
     pattern's value, shapes, dtypes, scale and options repeat (a step's layers, the next steps):
     on the CPU 89 instead of 205 us of Python per call before the launch."""
     options = kernel_options or {}
-    if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+    if torch.compiler.is_compiling() or (paged and (page_table is None or kv_lens is None)):
         return None  # the other paths say what is wrong
-    if paged and (page_table is None or kv_lens is None):
+    if not _runs_decode(pattern, q, k, v, options, paged):
         return None
-    KV = None if paged else k.shape[2]
-    if options.get("decode") is None and not decode_shaped(q.shape[2], KV):
-        return None  # a training-shaped call: skip the rest of the choice (a third of its Python)
     pattern = as_pattern(pattern)
-    if not choose_decode(pattern, q.shape[2], KV, options, needs_grad(pattern, q, k, v)):
-        return None
     key = pattern_key(pattern) + (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
                                   q.device, scale, paged, tuple(sorted(options.items())))
     return _reused(_DECODE_KERNELS, key, lambda: DecodeKernel(
@@ -465,7 +475,7 @@ def _packed_decode_kernel(pattern, q, k, v, scale, kernel_options, cu_seqlens_q,
     where runtime/choices.choose_decode takes it (as for a paged call), else None (the dense kernels
     over the packed call). Checks the cu_seqlens once per version (decode.packed_verdict)."""
     options = kernel_options or {}
-    if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+    if torch.compiler.is_compiling() or not _four_dim(q, k, v):
         return None  # the other paths say what is wrong
     pattern = as_pattern(pattern)
     Q_LEN = packed_verdict(q, k, v, cu_seqlens_q, cu_seqlens_k)[2]
@@ -495,12 +505,12 @@ def _compiled_attention(q, k, v, pattern: Pattern, scale, return_lse: bool, kern
 
 
 def _serving_call(pattern, q, k, v, kernel_options) -> bool:
-    """Whether a dense call without gradients runs the serving path: the decode kernel
-    (choose_decode) or the keys split (kernel_options kv_splits)."""
-    pattern, options = as_pattern(pattern), kernel_options or {}
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)) or needs_grad(pattern, q, k, v):
-        return False
-    return options.get("kv_splits", 1) != 1 or choose_decode(pattern, q.shape[2], k.shape[2], options, False)
+    """Whether a dense call without gradients runs the serving path: the decode kernel (as the
+    eager call chooses it: _runs_decode) or the keys split (kernel_options kv_splits)."""
+    options = kernel_options or {}
+    if options.get("kv_splits", 1) == 1:
+        return _runs_decode(pattern, q, k, v, options, paged=False)  # the eager call's choice
+    return _four_dim(q, k, v) and not needs_grad(as_pattern(pattern), q, k, v)
 
 
 def _compiled_serving(q, k, v, pattern: Pattern, scale, return_lse: bool, kernel_options, page_table, kv_lens,
